@@ -1,0 +1,171 @@
+//! Disk images: raw files, VHD (fixed, dynamic, differencing), encryption and chains.
+//!
+//! Everything above this module (tapdisk's request pipeline, the NBD export, vhd-util)
+//! reads and writes disks through the [`Image`] trait. Images are `Send + Sync`: all I/O
+//! methods take `&self`, so a worker pool can run several requests against one image at
+//! once; drivers serialise their own metadata updates internally.
+//!
+//! Units: sector numbers and counts are 512-byte sectors ([`SECTOR_SIZE`]), as in the VHD
+//! format and the blkif protocol. Buffers passed to `read`/`write` are whole sectors.
+
+pub mod crypto;
+
+use std::io;
+
+/// The sector unit of every image API, the VHD format and the blkif protocol.
+pub const SECTOR_SIZE: u64 = 512;
+/// `SECTOR_SIZE` as a shift.
+pub const SECTOR_SHIFT: u32 = 9;
+
+/// What a consumer needs to know about an open image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ImageInfo {
+    /// Virtual size in 512-byte sectors.
+    pub size_sectors: u64,
+    /// Logical sector size advertised to consumers (always 512 for our drivers).
+    pub sector_size: u32,
+    /// The image (leaf) was opened read-only.
+    pub read_only: bool,
+}
+
+impl ImageInfo {
+    /// Virtual size in bytes.
+    pub fn size_bytes(&self) -> u64 {
+        self.size_sectors * SECTOR_SIZE
+    }
+}
+
+/// One run of sectors with the same allocation status (NBD `base:allocation`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    pub sector: u64,
+    pub nsectors: u64,
+    /// Data is stored somewhere in the chain (false: reads as zeros, a hole).
+    pub allocated: bool,
+}
+
+/// A virtual disk.
+pub trait Image: Send + Sync + std::fmt::Debug {
+    /// Size and flags; constant for the life of the open image.
+    fn info(&self) -> ImageInfo;
+    /// Read `buf.len() / 512` sectors starting at `sector`. Unallocated ranges come from
+    /// the parent chain, or read as zeros at the root.
+    fn read(&self, sector: u64, buf: &mut [u8]) -> Result<(), ImageError>;
+    /// Write whole sectors. Returns only once the data and the metadata that makes it
+    /// visible are written (not necessarily synced: see [`Image::flush`]).
+    fn write(&self, sector: u64, buf: &[u8]) -> Result<(), ImageError>;
+    /// Make every acknowledged write durable (fdatasync of the files involved).
+    fn flush(&self) -> Result<(), ImageError>;
+    /// Drop the contents of a range. Afterwards the range reads as zeros (or, for a
+    /// differencing VHD that cannot deallocate, as whatever the format allows: see the driver).
+    fn discard(&self, sector: u64, nsectors: u64) -> Result<(), ImageError>;
+    /// Allocation map of a range, as consecutive extents covering exactly the range.
+    fn block_status(&self, sector: u64, nsectors: u64) -> Result<Vec<Extent>, ImageError>;
+    /// Write final metadata (VHD footer, batmap) and sync. Further I/O fails. Idempotent.
+    fn close(&self) -> Result<(), ImageError>;
+}
+
+/// Errors of the image layer. `errno()` maps each to the errno that tapdisk reports.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("{path}: {op}")]
+    Io {
+        path: String,
+        op: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path}: corrupt image: {what}")]
+    Corrupt { path: String, what: String },
+    #[error("{path}: unsupported: {what}")]
+    Unsupported { path: String, what: String },
+    #[error("request at sector {sector} (+{nsectors}) is outside the disk ({size} sectors)")]
+    OutOfRange {
+        sector: u64,
+        nsectors: u64,
+        size: u64,
+    },
+    #[error("buffer of {0} bytes is not a whole number of sectors")]
+    Misaligned(usize),
+    #[error("image is read-only")]
+    ReadOnly,
+    #[error("image is closed")]
+    Closed,
+    #[error("no space: {0}")]
+    NoSpace(String),
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Crypto(#[from] crypto::CryptoError),
+}
+
+impl ImageError {
+    /// Build an [`ImageError::Io`] for `path`.
+    pub fn io(path: impl AsRef<std::path::Path>, op: &'static str, source: io::Error) -> Self {
+        ImageError::Io {
+            path: path.as_ref().display().to_string(),
+            op,
+            source,
+        }
+    }
+
+    /// The positive errno tapdisk and vhd-util report for this error.
+    pub fn errno(&self) -> i32 {
+        match self {
+            ImageError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            ImageError::Corrupt { .. } => libc::EINVAL,
+            ImageError::Unsupported { .. } => libc::EOPNOTSUPP,
+            ImageError::OutOfRange { .. } => libc::EINVAL,
+            ImageError::Misaligned(_) => libc::EINVAL,
+            ImageError::ReadOnly => libc::EPERM,
+            ImageError::Closed => libc::EBADF,
+            ImageError::NoSpace(_) => libc::ENOSPC,
+            ImageError::Invalid(_) => libc::EINVAL,
+            ImageError::Crypto(e) => e.errno(),
+        }
+    }
+}
+
+/// Check that `buf_len` bytes at `sector` fit a disk of `size` sectors and are whole sectors.
+pub fn check_range(sector: u64, buf_len: usize, size: u64) -> Result<u64, ImageError> {
+    if !(buf_len as u64).is_multiple_of(SECTOR_SIZE) {
+        return Err(ImageError::Misaligned(buf_len));
+    }
+    let nsectors = buf_len as u64 / SECTOR_SIZE;
+    check_sectors(sector, nsectors, size)?;
+    Ok(nsectors)
+}
+
+/// Check that `nsectors` at `sector` fit a disk of `size` sectors.
+pub fn check_sectors(sector: u64, nsectors: u64, size: u64) -> Result<(), ImageError> {
+    match sector.checked_add(nsectors) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(ImageError::OutOfRange {
+            sector,
+            nsectors,
+            size,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_range_rejects_overflow_and_partial_sectors() {
+        assert_eq!(check_range(0, 1024, 2).unwrap(), 2);
+        assert!(matches!(
+            check_range(1, 1024, 2),
+            Err(ImageError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            check_range(u64::MAX, 512, u64::MAX),
+            Err(ImageError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            check_range(0, 100, 2),
+            Err(ImageError::Misaligned(100))
+        ));
+    }
+}
