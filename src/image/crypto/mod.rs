@@ -101,3 +101,39 @@ impl XtsCipher {
         unimplemented!("issue 3")
     }
 }
+
+/// Where the keys of a chain come from.
+#[derive(Clone, Debug, Default)]
+pub enum KeySource {
+    /// No key: every image must be plaintext (a set keyhash is an error).
+    #[default]
+    None,
+    /// OpenXT key directories (`TAPDISK3_CRYPTO_KEYDIR`, comma-separated), searched per image.
+    Dirs(Vec<std::path::PathBuf>),
+    /// A key handed over by the caller (tap-ctl open -E); applies to every keyed image.
+    Explicit(KeyBytes),
+}
+
+/// One image of a chain as the key walk sees it (leaf first).
+#[derive(Clone, Debug)]
+pub struct KeyWalkEntry {
+    /// The path as opened (leaf) or as produced by parent-locator resolution (parents);
+    /// not canonicalised: key files are named after this path's basename.
+    pub path: std::path::PathBuf,
+    /// The image's keyhash (all zero for images without one).
+    pub keyhash: KeyHash,
+    /// A raw image (never keyed, ends the walk).
+    pub is_raw: bool,
+}
+
+/// For each entry of `chain` (leaf first), the cipher its data is encrypted with
+/// (`None` = plaintext). SKELETON: only the all-plaintext case; issue 3 fills in the rest.
+pub fn resolve_chain_keys(
+    chain: &[KeyWalkEntry],
+    _source: &KeySource,
+) -> Result<Vec<Option<std::sync::Arc<XtsCipher>>>, CryptoError> {
+    if chain.iter().any(|e| e.keyhash.is_set()) {
+        return Err(CryptoError::KeyLength(0));
+    }
+    Ok(vec![None; chain.len()])
+}
