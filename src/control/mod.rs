@@ -12,12 +12,14 @@
 //! | Path | Meaning |
 //! |---|---|
 //! | `<dir>/ctl<pid>` | control socket of tapdisk `<pid>` ([`socket_path`]) |
-//! | `<dir>/tapdisk/tapdisk-<minor>` | minor marker file |
+//! | `<dir>/tapdisk/tapdisk-<minor>` | minor marker file ([`minors::marker_path`]) |
 //! | `<dir>/nbd<pid>.<minor>` | NBD socket of a VBD ([`nbd_socket_path`]) |
 //!
 //! The tapdisk binary the client spawns is found through [`TAPDISK_ENV`] (`BLKTAP_TAPDISK`),
 //! else a `tapdisk` next to the current executable, else `/usr/libexec/tapdisk`.
 
+pub mod client;
+pub mod minors;
 pub mod msg;
 pub mod server;
 mod transport;
