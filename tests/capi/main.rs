@@ -19,8 +19,14 @@ fn target_dir() -> PathBuf {
 
 /// Compile the C test in `work`; returns its path.
 fn build_c_test(work: &Path) -> PathBuf {
-    let lib = target_dir().join("libblktap3.so");
-    assert!(lib.exists(), "{} missing (cargo build)", lib.display());
+    // `cargo test` builds the cdylib into deps/ (only `cargo build` copies it up).
+    let lib = [
+        target_dir().join("deps/libblktap3.so"),
+        target_dir().join("libblktap3.so"),
+    ]
+    .into_iter()
+    .find(|p| p.exists())
+    .expect("libblktap3.so not built");
     let out = Command::new("readelf")
         .arg("-d")
         .arg(&lib)
