@@ -907,6 +907,31 @@ mod tests {
     }
 
     #[test]
+    fn spawn_output_tty_and_not() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let script = d.path().join("fake-tapdisk");
+        std::fs::write(&script, "#!/bin/sh\necho \"$BLKTAP_CONTROL_DIR/ctl4321\"\n").unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let client = Client::with_dir(d.path()).with_tapdisk(&script);
+        for (tty, want) in [(true, "tapdisk spawned with pid 4321\n"), (false, "4321\n")] {
+            let (mut out, mut err) = (Vec::new(), Vec::new());
+            let mut inp: &[u8] = b"";
+            let st = {
+                let mut io = CliIo {
+                    stdout: &mut out,
+                    stderr: &mut err,
+                    stdin: &mut inp,
+                    tty,
+                };
+                run_with(&client, &s(&["spawn"]), &mut io)
+            };
+            assert_eq!(st, 0);
+            assert_eq!(String::from_utf8(out).unwrap(), want);
+        }
+    }
+
+    #[test]
     fn allocate_list_free_without_tapdisks() {
         let d = tempfile::tempdir().unwrap();
         let client = Client::with_dir(d.path());
