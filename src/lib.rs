@@ -14,5 +14,7 @@
 //!  xen         gntdev, evtchn, xenstore + simulations (the only home of `unsafe`)
 //! ```
 
+pub mod capi;
+pub mod control;
 pub mod image;
 pub mod util;
