@@ -14,5 +14,6 @@
 //!  xen         gntdev, evtchn, xenstore + simulations (the only home of `unsafe`)
 //! ```
 
+pub mod blkif;
 pub mod image;
 pub mod util;
