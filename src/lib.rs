@@ -17,3 +17,4 @@
 pub mod blkif;
 pub mod image;
 pub mod util;
+pub mod xen;

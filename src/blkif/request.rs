@@ -9,7 +9,7 @@
 use super::abi::{
     self, op, rd_u16, rd_u32, rd_u64, wr_u16, wr_u32, wr_u64, Abi, DISCARD_SECURE,
     MAX_INDIRECT_PAGES_PER_REQUEST, MAX_INDIRECT_SEGMENTS_ABI, MAX_SEGMENTS_PER_REQUEST, PAGE_SIZE,
-    SECTORS_PER_PAGE, SECTOR_SIZE, SEGMENT_SIZE, SEGMENTS_PER_INDIRECT_PAGE,
+    SECTORS_PER_PAGE, SECTOR_SIZE, SEGMENTS_PER_INDIRECT_PAGE, SEGMENT_SIZE,
 };
 
 /// Response status (`BLKIF_RSP_*`).
@@ -186,11 +186,7 @@ impl Request {
     pub fn nr_sectors(&self) -> u64 {
         match self.op {
             Operation::Discard { nr_sectors, .. } => nr_sectors,
-            _ => self
-                .segments()
-                .iter()
-                .map(|s| u64::from(s.sectors()))
-                .sum(),
+            _ => self.segments().iter().map(|s| u64::from(s.sectors())).sum(),
         }
     }
 
@@ -266,7 +262,9 @@ pub enum RequestError {
         last: u8,
     },
     /// The request reaches past the end of the disk (or overflows).
-    #[error("request at sector {sector} for {sectors} sectors is beyond the disk end {disk_sectors}")]
+    #[error(
+        "request at sector {sector} for {sectors} sectors is beyond the disk end {disk_sectors}"
+    )]
     OutOfRange {
         sector: u64,
         sectors: u64,
@@ -491,7 +489,10 @@ fn parse_indirect(abi: Abi, b: &[u8], cfg: &ParseConfig) -> Result<Parsed, Rejec
     let inner = b[1];
     let reject = |op, error| Rejected { id, op, error };
     if cfg.max_indirect_segments == 0 {
-        return Err(reject(op::INDIRECT, RequestError::NotSupported(op::INDIRECT)));
+        return Err(reject(
+            op::INDIRECT,
+            RequestError::NotSupported(op::INDIRECT),
+        ));
     }
     let op = match inner {
         op::READ => Operation::Read,
@@ -620,7 +621,11 @@ impl WireRequest<'_> {
                 wr_u64(b, l.indirect_id, id);
                 wr_u64(b, l.indirect_sector, sector);
                 wr_u16(b, l.indirect_handle, handle);
-                for (i, g) in grefs.iter().take(MAX_INDIRECT_PAGES_PER_REQUEST).enumerate() {
+                for (i, g) in grefs
+                    .iter()
+                    .take(MAX_INDIRECT_PAGES_PER_REQUEST)
+                    .enumerate()
+                {
                     wr_u32(b, l.indirect_grefs + 4 * i, *g);
                 }
             }

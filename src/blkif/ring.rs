@@ -95,11 +95,11 @@ impl SharedMem for HeapMem {
         self.words.len() * 4
     }
     fn load_u32(&self, off: usize, order: Ordering) -> u32 {
-        assert!(off % 4 == 0, "unaligned ring index access");
+        assert!(off.is_multiple_of(4), "unaligned ring index access");
         self.words[off / 4].load(order)
     }
     fn store_u32(&self, off: usize, val: u32, order: Ordering) {
-        assert!(off % 4 == 0, "unaligned ring index access");
+        assert!(off.is_multiple_of(4), "unaligned ring index access");
         self.words[off / 4].store(val, order)
     }
     fn read_bytes(&self, off: usize, buf: &mut [u8]) {
@@ -308,7 +308,8 @@ impl<M: SharedMem> BackRing<M> {
         let old = Wrapping(self.mem.load_u32(sring::RSP_PROD, Ordering::Relaxed));
         let new = self.rsp_prod_pvt;
         // wmb(): response bodies before the new rsp_prod (Release store).
-        self.mem.store_u32(sring::RSP_PROD, new.0, Ordering::Release);
+        self.mem
+            .store_u32(sring::RSP_PROD, new.0, Ordering::Release);
         // mb(): the rsp_prod store before the rsp_event load.
         fence(Ordering::SeqCst);
         let event = Wrapping(self.mem.load_u32(sring::RSP_EVENT, Ordering::Relaxed));
@@ -322,8 +323,11 @@ impl<M: SharedMem> BackRing<M> {
         if self.unconsumed_requests()? > 0 {
             return Ok(true);
         }
-        self.mem
-            .store_u32(sring::REQ_EVENT, (self.req_cons + Wrapping(1)).0, Ordering::Relaxed);
+        self.mem.store_u32(
+            sring::REQ_EVENT,
+            (self.req_cons + Wrapping(1)).0,
+            Ordering::Relaxed,
+        );
         // mb(): the req_event store before re-reading req_prod.
         fence(Ordering::SeqCst);
         Ok(self.unconsumed_requests()? > 0)
@@ -405,7 +409,8 @@ impl<M: SharedMem> FrontRing<M> {
         let old = Wrapping(self.mem.load_u32(sring::REQ_PROD, Ordering::Relaxed));
         let new = self.req_prod_pvt;
         // wmb(): request bodies before req_prod.
-        self.mem.store_u32(sring::REQ_PROD, new.0, Ordering::Release);
+        self.mem
+            .store_u32(sring::REQ_PROD, new.0, Ordering::Release);
         // mb(): req_prod store before the req_event load.
         fence(Ordering::SeqCst);
         let event = Wrapping(self.mem.load_u32(sring::REQ_EVENT, Ordering::Relaxed));
@@ -459,6 +464,6 @@ impl<M: SharedMem> FrontRing<M> {
 
 /// Read one of the four header indices (diagnostics, stats, tests).
 pub fn header_index<M: SharedMem>(mem: &M, off: usize) -> u32 {
-    debug_assert!(off < 16 && off % 4 == 0);
+    debug_assert!(off < 16 && off.is_multiple_of(4));
     mem.load_u32(off, Ordering::Acquire)
 }
