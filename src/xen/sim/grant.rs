@@ -54,7 +54,7 @@ impl SimDomain {
             .ok_or(io::ErrorKind::InvalidInput)?;
         nix::unistd::ftruncate(
             &memfd,
-            i64::try_from(len).map_err(|_| io::ErrorKind::InvalidInput)?,
+            libc::off_t::try_from(len).map_err(|_| io::ErrorKind::InvalidInput)?,
         )?;
         let mem = MappedRegion::map_fd(memfd.as_fd(), 0, len, true)?;
         Ok(SimDomain {
@@ -426,7 +426,7 @@ impl GrantMapper for SimGrants {
             let at = NonZeroUsize::new(region.as_ptr() as usize + i * XEN_PAGE_SIZE)
                 .ok_or(io::ErrorKind::InvalidInput)?;
             let off =
-                i64::try_from(page * XEN_PAGE_SIZE).map_err(|_| io::ErrorKind::InvalidInput)?;
+                libc::off_t::try_from(page * XEN_PAGE_SIZE).map_err(|_| io::ErrorKind::InvalidInput)?;
             let one = NonZeroUsize::new(XEN_PAGE_SIZE).ok_or(io::ErrorKind::InvalidInput)?;
             // SAFETY: MAP_FIXED replaces one page of our own reservation (in bounds: i < n);
             // no Rust reference into the reservation exists.
