@@ -92,7 +92,15 @@ fn x86_64_layout_numbers() {
     assert_eq!((l.size, l.id, l.sector, l.seg), (112, 8, 16, 24));
     assert_eq!(l.response_size, 16);
     assert_eq!(l.discard_nr_sectors, 24);
-    assert_eq!((l.indirect_id, l.indirect_sector, l.indirect_handle, l.indirect_grefs), (8, 16, 24, 28));
+    assert_eq!(
+        (
+            l.indirect_id,
+            l.indirect_sector,
+            l.indirect_handle,
+            l.indirect_grefs
+        ),
+        (8, 16, 24, 28)
+    );
 }
 
 #[test]
@@ -101,7 +109,15 @@ fn x86_32_layout_numbers() {
     assert_eq!((l.size, l.id, l.sector, l.seg), (108, 4, 12, 20));
     assert_eq!(l.response_size, 12);
     assert_eq!(l.discard_nr_sectors, 20);
-    assert_eq!((l.indirect_id, l.indirect_sector, l.indirect_handle, l.indirect_grefs), (4, 12, 20, 24));
+    assert_eq!(
+        (
+            l.indirect_id,
+            l.indirect_sector,
+            l.indirect_handle,
+            l.indirect_grefs
+        ),
+        (4, 12, 20, 24)
+    );
 }
 
 #[test]
@@ -122,12 +138,24 @@ fn ring_entries_per_order() {
 fn header_and_constants() {
     assert_eq!(abi::SRING_HEADER_SIZE, 64);
     assert_eq!(
-        (abi::sring::REQ_PROD, abi::sring::REQ_EVENT, abi::sring::RSP_PROD, abi::sring::RSP_EVENT),
+        (
+            abi::sring::REQ_PROD,
+            abi::sring::REQ_EVENT,
+            abi::sring::RSP_PROD,
+            abi::sring::RSP_EVENT
+        ),
         (0, 4, 8, 12)
     );
     assert_eq!(abi::SEGMENTS_PER_INDIRECT_PAGE, 512);
     assert_eq!(
-        (abi::op::READ, abi::op::WRITE, abi::op::WRITE_BARRIER, abi::op::FLUSH_DISKCACHE, abi::op::DISCARD, abi::op::INDIRECT),
+        (
+            abi::op::READ,
+            abi::op::WRITE,
+            abi::op::WRITE_BARRIER,
+            abi::op::FLUSH_DISKCACHE,
+            abi::op::DISCARD,
+            abi::op::INDIRECT
+        ),
         (0, 1, 2, 3, 5, 6)
     );
     assert_eq!(Abi::X86_32.protocol_name(), "x86_32-abi");

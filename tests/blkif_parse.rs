@@ -9,7 +9,11 @@ use proptest::prelude::*;
 const ABIS: [Abi; 2] = [Abi::X86_32, Abi::X86_64];
 
 fn seg(gref: u32, first: u8, last: u8) -> Segment {
-    Segment { gref, first_sect: first, last_sect: last }
+    Segment {
+        gref,
+        first_sect: first,
+        last_sect: last,
+    }
 }
 
 fn slot(abi: Abi, r: &WireRequest<'_>) -> Vec<u8> {
@@ -20,7 +24,14 @@ fn slot(abi: Abi, r: &WireRequest<'_>) -> Vec<u8> {
 }
 
 fn direct(op: u8, nr: u8, sector: u64, segs: &[Segment]) -> WireRequest<'_> {
-    WireRequest::Direct { op, nr_segments: nr, handle: 7, id: 0xdead_beef_0000_0001, sector, segments: segs }
+    WireRequest::Direct {
+        op,
+        nr_segments: nr,
+        handle: 7,
+        id: 0xdead_beef_0000_0001,
+        sector,
+        segments: segs,
+    }
 }
 
 fn parse(abi: Abi, r: &WireRequest<'_>, cfg: &ParseConfig) -> Result<Parsed, Rejected> {
@@ -63,9 +74,20 @@ fn zero_or_twelve_segments_rejected_for_read_write() {
     let segs: Vec<Segment> = (0..11).map(|i| seg(i, 0, 7)).collect();
     let cfg = ParseConfig::new(1 << 20);
     for abi in ABIS {
-        for (o, n) in [(op::READ, 0), (op::WRITE, 0), (op::READ, 12), (op::WRITE, 255)] {
+        for (o, n) in [
+            (op::READ, 0),
+            (op::WRITE, 0),
+            (op::READ, 12),
+            (op::WRITE, 255),
+        ] {
             let e = err(parse(abi, &direct(o, n, 0, &segs), &cfg));
-            assert_eq!(e.error, RequestError::BadSegmentCount { op: o, count: u32::from(n) });
+            assert_eq!(
+                e.error,
+                RequestError::BadSegmentCount {
+                    op: o,
+                    count: u32::from(n)
+                }
+            );
             assert_eq!(e.status(), Status::Error);
             assert_eq!(e.op, o);
             assert_eq!(e.id, 0xdead_beef_0000_0001);
@@ -83,7 +105,11 @@ fn barrier_and_flush_allow_zero_segments() {
         let r = ready(parse(abi, &direct(op::FLUSH_DISKCACHE, 0, 0, &[]), &cfg));
         assert_eq!(r.op, Operation::Flush);
         // With data they are writes.
-        let r = ready(parse(abi, &direct(op::FLUSH_DISKCACHE, 1, 8, &[seg(1, 0, 7)]), &cfg));
+        let r = ready(parse(
+            abi,
+            &direct(op::FLUSH_DISKCACHE, 1, 8, &[seg(1, 0, 7)]),
+            &cfg,
+        ));
         assert_eq!(r.nr_sectors(), 8);
     }
 }
@@ -95,7 +121,14 @@ fn segment_sector_rules() {
         for (f, l) in [(3, 2), (0, 8), (8, 8), (7, 255)] {
             let segs = [seg(1, 0, 7), seg(2, f, l)];
             let e = err(parse(abi, &direct(op::WRITE, 2, 0, &segs), &cfg));
-            assert_eq!(e.error, RequestError::BadSegment { index: 1, first: f, last: l });
+            assert_eq!(
+                e.error,
+                RequestError::BadSegment {
+                    index: 1,
+                    first: f,
+                    last: l
+                }
+            );
         }
         let r = ready(parse(abi, &direct(op::WRITE, 1, 0, &[seg(1, 7, 7)]), &cfg));
         assert_eq!(r.segments()[0].page_offset(), 3584);
@@ -110,8 +143,19 @@ fn disk_end_enforced_including_overflow() {
         // 92 + 8 = 100: fits exactly.
         ready(parse(abi, &direct(op::READ, 1, 92, &[seg(1, 0, 7)]), &cfg));
         let e = err(parse(abi, &direct(op::READ, 1, 93, &[seg(1, 0, 7)]), &cfg));
-        assert!(matches!(e.error, RequestError::OutOfRange { sector: 93, sectors: 8, disk_sectors: 100 }));
-        let e = err(parse(abi, &direct(op::READ, 1, u64::MAX - 3, &[seg(1, 0, 7)]), &cfg));
+        assert!(matches!(
+            e.error,
+            RequestError::OutOfRange {
+                sector: 93,
+                sectors: 8,
+                disk_sectors: 100
+            }
+        ));
+        let e = err(parse(
+            abi,
+            &direct(op::READ, 1, u64::MAX - 3, &[seg(1, 0, 7)]),
+            &cfg,
+        ));
         assert!(matches!(e.error, RequestError::OutOfRange { .. }));
         let e = err(parse(abi, &direct(op::FLUSH_DISKCACHE, 0, 101, &[]), &cfg));
         assert!(matches!(e.error, RequestError::OutOfRange { .. }));
@@ -130,7 +174,13 @@ fn read_only_disk_rejects_writes_but_not_reads_or_empty_flush() {
             assert_eq!(e.error, RequestError::ReadOnly);
             assert_eq!(e.status(), Status::Error);
         }
-        let d = WireRequest::Discard { flag: 0, handle: 0, id: 5, sector: 0, nr_sectors: 8 };
+        let d = WireRequest::Discard {
+            flag: 0,
+            handle: 0,
+            id: 5,
+            sector: 0,
+            nr_sectors: 8,
+        };
         assert_eq!(err(parse(abi, &d, &cfg)).error, RequestError::ReadOnly);
     }
 }
@@ -153,12 +203,31 @@ fn unknown_and_unsupported_ops_get_eopnotsupp() {
             let e = err(parse(abi, &direct(o, 0, 0, &[]), &cfg));
             assert_eq!(e.error, RequestError::NotSupported(o));
         }
-        let d = WireRequest::Discard { flag: 1, handle: 0, id: 9, sector: 0, nr_sectors: 8 };
+        let d = WireRequest::Discard {
+            flag: 1,
+            handle: 0,
+            id: 9,
+            sector: 0,
+            nr_sectors: 8,
+        };
         let e = err(parse(abi, &d, &cfg));
-        assert_eq!((e.id, e.op, e.status()), (9, op::DISCARD, Status::NotSupported));
-        let i = WireRequest::Indirect { indirect_op: op::READ, nr_segments: 16, handle: 0, id: 3, sector: 0, grefs: &[1] };
+        assert_eq!(
+            (e.id, e.op, e.status()),
+            (9, op::DISCARD, Status::NotSupported)
+        );
+        let i = WireRequest::Indirect {
+            indirect_op: op::READ,
+            nr_segments: 16,
+            handle: 0,
+            id: 3,
+            sector: 0,
+            grefs: &[1],
+        };
         let e = err(parse(abi, &i, &cfg));
-        assert_eq!((e.id, e.op, e.status()), (3, op::INDIRECT, Status::NotSupported));
+        assert_eq!(
+            (e.id, e.op, e.status()),
+            (3, op::INDIRECT, Status::NotSupported)
+        );
     }
 }
 
@@ -166,13 +235,34 @@ fn unknown_and_unsupported_ops_get_eopnotsupp() {
 fn discard_parses_range_and_secure_flag() {
     let cfg = ParseConfig::new(1000);
     for abi in ABIS {
-        let d = WireRequest::Discard { flag: 1, handle: 2, id: 77, sector: 10, nr_sectors: 990 };
+        let d = WireRequest::Discard {
+            flag: 1,
+            handle: 2,
+            id: 77,
+            sector: 10,
+            nr_sectors: 990,
+        };
         let r = ready(parse(abi, &d, &cfg));
-        assert_eq!(r.op, Operation::Discard { secure: true, nr_sectors: 990 });
+        assert_eq!(
+            r.op,
+            Operation::Discard {
+                secure: true,
+                nr_sectors: 990
+            }
+        );
         assert_eq!((r.id, r.sector, r.nr_sectors()), (77, 10, 990));
         assert_eq!(r.wire_op(), op::DISCARD);
-        let d = WireRequest::Discard { flag: 0, handle: 2, id: 78, sector: 10, nr_sectors: 991 };
-        assert!(matches!(err(parse(abi, &d, &cfg)).error, RequestError::OutOfRange { .. }));
+        let d = WireRequest::Discard {
+            flag: 0,
+            handle: 2,
+            id: 78,
+            sector: 10,
+            nr_sectors: 991,
+        };
+        assert!(matches!(
+            err(parse(abi, &d, &cfg)).error,
+            RequestError::OutOfRange { .. }
+        ));
     }
 }
 
@@ -188,9 +278,21 @@ fn indirect_request_two_stage_parse() {
     let cfg = ParseConfig::new(1 << 30);
     let segs: Vec<Segment> = (0..256).map(|i| seg(1000 + i, 0, 7)).collect();
     for abi in ABIS {
-        let w = WireRequest::Indirect { indirect_op: op::WRITE, nr_segments: 256, handle: 3, id: 42, sector: 2048, grefs: &[11, 12, 13] };
-        let Ok(Parsed::Indirect(h)) = parse(abi, &w, &cfg) else { panic!("indirect expected") };
-        assert_eq!((h.id, h.op, h.sector, h.handle, h.nr_segments), (42, Operation::Write, 2048, 3, 256));
+        let w = WireRequest::Indirect {
+            indirect_op: op::WRITE,
+            nr_segments: 256,
+            handle: 3,
+            id: 42,
+            sector: 2048,
+            grefs: &[11, 12, 13],
+        };
+        let Ok(Parsed::Indirect(h)) = parse(abi, &w, &cfg) else {
+            panic!("indirect expected")
+        };
+        assert_eq!(
+            (h.id, h.op, h.sector, h.handle, h.nr_segments),
+            (42, Operation::Write, 2048, 3, 256)
+        );
         // One page holds 512 segments: only the first gref is used.
         assert_eq!(h.grefs, vec![11]);
         assert_eq!(h.pages_len(), 2048);
@@ -201,12 +303,25 @@ fn indirect_request_two_stage_parse() {
         assert_eq!(r.wire_op(), op::WRITE);
         // Short page data is refused.
         let e = h.complete(&[0u8; 100], &cfg).unwrap_err();
-        assert_eq!(e.error, RequestError::IndirectPagesShort { need: 2048, got: 100 });
+        assert_eq!(
+            e.error,
+            RequestError::IndirectPagesShort {
+                need: 2048,
+                got: 100
+            }
+        );
         // A bad segment inside the indirect page.
         let mut bad = segs.clone();
         bad[200] = seg(5, 4, 2);
         let e = h.complete(&indirect_pages(&bad), &cfg).unwrap_err();
-        assert_eq!(e.error, RequestError::BadSegment { index: 200, first: 4, last: 2 });
+        assert_eq!(
+            e.error,
+            RequestError::BadSegment {
+                index: 200,
+                first: 4,
+                last: 2
+            }
+        );
         assert_eq!(e.op, op::WRITE);
     }
 }
@@ -216,27 +331,56 @@ fn indirect_limits() {
     let mut cfg = ParseConfig::new(1 << 30);
     cfg.max_indirect_segments = 1024;
     for abi in ABIS {
-        let mk = |iop: u8, n: u16| WireRequest::Indirect { indirect_op: iop, nr_segments: n, handle: 0, id: 1, sector: 0, grefs: &[1, 2, 3, 4, 5, 6, 7, 8] };
-        let Ok(Parsed::Indirect(h)) = parse(abi, &mk(op::READ, 1024), &cfg) else { panic!() };
+        let mk = |iop: u8, n: u16| WireRequest::Indirect {
+            indirect_op: iop,
+            nr_segments: n,
+            handle: 0,
+            id: 1,
+            sector: 0,
+            grefs: &[1, 2, 3, 4, 5, 6, 7, 8],
+        };
+        let Ok(Parsed::Indirect(h)) = parse(abi, &mk(op::READ, 1024), &cfg) else {
+            panic!()
+        };
         assert_eq!(h.grefs, vec![1, 2]);
-        let Ok(Parsed::Indirect(h)) = parse(abi, &mk(op::READ, 513), &cfg) else { panic!() };
+        let Ok(Parsed::Indirect(h)) = parse(abi, &mk(op::READ, 513), &cfg) else {
+            panic!()
+        };
         assert_eq!(h.grefs.len(), 2);
         for n in [0u16, 1025, 4097, u16::MAX] {
             let e = err(parse(abi, &mk(op::READ, n), &cfg));
-            assert_eq!(e.error, RequestError::BadSegmentCount { op: op::READ, count: u32::from(n) });
+            assert_eq!(
+                e.error,
+                RequestError::BadSegmentCount {
+                    op: op::READ,
+                    count: u32::from(n)
+                }
+            );
         }
-        for iop in [op::WRITE_BARRIER, op::FLUSH_DISKCACHE, op::DISCARD, op::INDIRECT, 99] {
+        for iop in [
+            op::WRITE_BARRIER,
+            op::FLUSH_DISKCACHE,
+            op::DISCARD,
+            op::INDIRECT,
+            99,
+        ] {
             let e = err(parse(abi, &mk(iop, 8), &cfg));
             assert_eq!(e.error, RequestError::BadIndirectOp(iop));
             assert_eq!(e.status(), Status::Error);
         }
         let mut ro = cfg;
         ro.read_only = true;
-        assert_eq!(err(parse(abi, &mk(op::WRITE, 8), &ro)).error, RequestError::ReadOnly);
+        assert_eq!(
+            err(parse(abi, &mk(op::WRITE, 8), &ro)).error,
+            RequestError::ReadOnly
+        );
         // Even minimal segments past the end are refused at header time.
         let mut small = cfg;
         small.disk_sectors = 10;
-        assert!(matches!(err(parse(abi, &mk(op::READ, 11), &small)).error, RequestError::OutOfRange { .. }));
+        assert!(matches!(
+            err(parse(abi, &mk(op::READ, 11), &small)).error,
+            RequestError::OutOfRange { .. }
+        ));
     }
     assert_eq!(INDIRECT_PAGE_DATA, 2 << 20);
 }
@@ -252,14 +396,21 @@ fn abis_are_not_interchangeable() {
         Ok(Parsed::Indirect(h)) => h.id,
         Err(e) => e.id,
     };
-    assert_eq!(id32, 0x0000_0001_0000_0000, "x86_32 reads pad + low half of the x86_64 id");
+    assert_eq!(
+        id32, 0x0000_0001_0000_0000,
+        "x86_32 reads pad + low half of the x86_64 id"
+    );
     assert_ne!(id32, 0xdead_beef_0000_0001);
 }
 
 #[test]
 fn response_encoding_both_abis() {
     for abi in ABIS {
-        let r = Response { id: 0x0102_0304_0506_0708, op: op::WRITE, status: Status::NotSupported.to_i16() };
+        let r = Response {
+            id: 0x0102_0304_0506_0708,
+            op: op::WRITE,
+            status: Status::NotSupported.to_i16(),
+        };
         let mut b = [0xffu8; 16];
         r.encode(abi, &mut b);
         assert_eq!(&b[..8], &0x0102_0304_0506_0708u64.to_le_bytes());
@@ -285,11 +436,18 @@ pub fn check_any_slot(abi: Abi, bytes: &[u8], cfg: &ParseConfig) {
             for s in r.segments() {
                 assert!(s.first_sect <= s.last_sect && s.last_sect <= 7);
             }
-            assert!(r.sector.checked_add(r.nr_sectors()).is_some_and(|e| e <= cfg.disk_sectors));
+            assert!(r
+                .sector
+                .checked_add(r.nr_sectors())
+                .is_some_and(|e| e <= cfg.disk_sectors));
             if cfg.read_only {
                 let harmless = r.op == Operation::Read
-                    || (matches!(r.op, Operation::Flush | Operation::WriteBarrier) && r.segments().is_empty());
-                assert!(harmless, "write-type request accepted on a read-only disk: {r:?}");
+                    || (matches!(r.op, Operation::Flush | Operation::WriteBarrier)
+                        && r.segments().is_empty());
+                assert!(
+                    harmless,
+                    "write-type request accepted on a read-only disk: {r:?}"
+                );
             }
         }
         Ok(Parsed::Indirect(h)) => {

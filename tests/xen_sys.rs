@@ -34,7 +34,11 @@ fn grant_copy_segment_layout() {
     assert_eq!(offset_of!(GntdevGrantCopySegment, status), 20);
     assert_eq!(offset_of!(GntCopyForeign, offset), 4);
     assert_eq!(offset_of!(GntCopyForeign, domid), 6);
-    let expect = if cfg!(target_pointer_width = "64") { 16 } else { 8 };
+    let expect = if cfg!(target_pointer_width = "64") {
+        16
+    } else {
+        8
+    };
     assert_eq!(size_of::<IoctlGntdevGrantCopy>(), expect);
 }
 

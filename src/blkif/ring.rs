@@ -225,8 +225,8 @@ impl<M: SharedMem> BackRing<M> {
         (self.req_cons - self.rsp_prod_pvt).0
     }
 
-    fn slot_off(&self, idx: Wrapping<u32>, size: usize) -> usize {
-        SRING_HEADER_SIZE + (idx.0 & (self.entries - 1)) as usize * size
+    fn slot_off(&self, idx: Wrapping<u32>, stride: usize) -> usize {
+        SRING_HEADER_SIZE + (idx.0 & (self.entries - 1)) as usize * stride
     }
 
     /// `RING_HAS_UNCONSUMED_REQUESTS`, after checking `req_prod` for overflow
@@ -296,7 +296,8 @@ impl<M: SharedMem> BackRing<M> {
         let size = self.abi.response_size();
         let mut b = [0u8; 16];
         rsp.encode(self.abi, &mut b);
-        let off = self.slot_off(self.rsp_prod_pvt, size);
+        // Slots are a C union of request and response: the stride is the request size.
+        let off = self.slot_off(self.rsp_prod_pvt, self.abi.request_size());
         self.mem.write_bytes(off, &b[..size]);
         self.rsp_prod_pvt += 1;
         Ok(())
@@ -439,7 +440,9 @@ impl<M: SharedMem> FrontRing<M> {
             return Ok(None);
         }
         let size = self.abi.response_size();
-        let off = SRING_HEADER_SIZE + (self.rsp_cons.0 & (self.entries - 1)) as usize * size;
+        // Union slots: the stride is the request size (see BackRing::push_raw_response).
+        let off = SRING_HEADER_SIZE
+            + (self.rsp_cons.0 & (self.entries - 1)) as usize * self.abi.request_size();
         let mut b = [0u8; 16];
         self.mem.read_bytes(off, &mut b[..size]);
         self.rsp_cons += 1;

@@ -228,8 +228,8 @@ impl GrantMapper for GntDev {
         // SAFETY: initialised above and updated by the kernel; aligned.
         let index = unsafe { base.cast::<IoctlGntdevMapGrantRef>().read().index };
         let len = refs.len() * XEN_PAGE_SIZE;
-        let offset =
-            libc::off_t::try_from(index).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
+        let offset = libc::off_t::try_from(index)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
         let mapped = MappedRegion::map_fd(self.fd.as_fd(), offset, len, writable);
         let region = match mapped {
             Ok(r) => r,

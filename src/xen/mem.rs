@@ -44,7 +44,12 @@ impl MappedRegion {
     }
 
     /// Map `len` bytes of `fd` at `offset` (`MAP_SHARED`).
-    pub fn map_fd<F: AsFd>(fd: F, offset: libc::off_t, len: usize, writable: bool) -> io::Result<Self> {
+    pub fn map_fd<F: AsFd>(
+        fd: F,
+        offset: libc::off_t,
+        len: usize,
+        writable: bool,
+    ) -> io::Result<Self> {
         let nz = std::num::NonZeroUsize::new(len).ok_or(io::ErrorKind::InvalidInput)?;
         let mut prot = ProtFlags::PROT_READ;
         if writable {

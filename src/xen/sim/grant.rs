@@ -425,8 +425,8 @@ impl GrantMapper for SimGrants {
         for (i, page) in pages.iter().enumerate() {
             let at = NonZeroUsize::new(region.as_ptr() as usize + i * XEN_PAGE_SIZE)
                 .ok_or(io::ErrorKind::InvalidInput)?;
-            let off =
-                libc::off_t::try_from(page * XEN_PAGE_SIZE).map_err(|_| io::ErrorKind::InvalidInput)?;
+            let off = libc::off_t::try_from(page * XEN_PAGE_SIZE)
+                .map_err(|_| io::ErrorKind::InvalidInput)?;
             let one = NonZeroUsize::new(XEN_PAGE_SIZE).ok_or(io::ErrorKind::InvalidInput)?;
             // SAFETY: MAP_FIXED replaces one page of our own reservation (in bounds: i < n);
             // no Rust reference into the reservation exists.
