@@ -6,7 +6,9 @@ use std::thread;
 
 use blktap3::xen::sim::{serve_wire, MemXenStore};
 use blktap3::xen::xenstore::wire::{self, Message, MsgType, WireError};
-use blktap3::xen::xenstore::{transaction, Access, Committed, Perm, Tx, XenStore, XsClient, XsError};
+use blktap3::xen::xenstore::{
+    transaction, Access, Committed, Perm, Tx, XenStore, XsClient, XsError,
+};
 use blktap3::xen::DomId;
 use nix::errno::Errno;
 use proptest::prelude::*;
@@ -26,7 +28,9 @@ fn header_layout_is_four_host_endian_u32() {
 
 #[test]
 fn decode_needs_whole_messages_and_rejects_garbage() {
-    let b = Message::new(MsgType::Read, 1, 0, b"/x\0".to_vec()).encode().unwrap();
+    let b = Message::new(MsgType::Read, 1, 0, b"/x\0".to_vec())
+        .encode()
+        .unwrap();
     for n in 0..b.len() {
         assert_eq!(wire::decode(&b[..n]).unwrap(), None, "prefix {n}");
     }
@@ -36,8 +40,12 @@ fn decode_needs_whole_messages_and_rejects_garbage() {
     let mut bad = b.clone();
     bad[0..4].copy_from_slice(&20u32.to_ne_bytes());
     assert_eq!(wire::decode(&bad), Err(WireError::UnknownType(20)));
-    assert!(Message::new(MsgType::Write, 1, 0, vec![0; 4097]).encode().is_err());
-    assert!(Message::new(MsgType::Write, 1, 0, vec![0; 4096]).encode().is_ok());
+    assert!(Message::new(MsgType::Write, 1, 0, vec![0; 4097])
+        .encode()
+        .is_err());
+    assert!(Message::new(MsgType::Write, 1, 0, vec![0; 4096])
+        .encode()
+        .is_ok());
 }
 
 #[test]
@@ -47,7 +55,10 @@ fn payload_helpers() {
     assert_eq!(wire::split_strings(b"a\0b").unwrap(), vec!["a", "b"]);
     assert_eq!(wire::split_strings(b"\xff\0"), Err(WireError::NotUtf8));
     assert_eq!(wire::join_strings(&["x", "y"]), b"x\0y\0");
-    assert_eq!(wire::split_write(b"/p\0v\0al").unwrap(), ("/p", &b"v\0al"[..]));
+    assert_eq!(
+        wire::split_write(b"/p\0v\0al").unwrap(),
+        ("/p", &b"v\0al"[..])
+    );
     assert_eq!(wire::split_write(b"/p"), Err(WireError::BadStrings));
     assert_eq!(wire::single_string(b"/p\0").unwrap(), "/p");
     assert_eq!(wire::single_string(b"/p\0q\0"), Err(WireError::BadStrings));
@@ -57,7 +68,13 @@ fn payload_helpers() {
     assert_eq!(wire::errno_name(Errno::EXDEV), "EINVAL");
     assert_eq!(wire::parse_tx_id(b"17\0").unwrap(), 17);
     assert!(wire::parse_tx_id(b"-1\0").is_err());
-    assert_eq!(Perm::parse("r5").unwrap(), Perm { dom: DomId(5), access: Access::Read });
+    assert_eq!(
+        Perm::parse("r5").unwrap(),
+        Perm {
+            dom: DomId(5),
+            access: Access::Read
+        }
+    );
     assert_eq!(Perm::parse("b0").unwrap().to_wire(), "b0");
     for bad in ["", "x1", "r", "r-1", "r70000", "rr1"] {
         assert!(Perm::parse(bad).is_err(), "{bad:?}");
@@ -122,8 +139,20 @@ fn client_against_fake_xenstored() {
     let mut d = xs.directory(Tx::NONE, "/a").unwrap();
     d.sort();
     assert_eq!(d, vec!["b", "c"]);
-    assert!(matches!(xs.directory(Tx::NONE, "/zz"), Err(XsError::Errno(Errno::ENOENT))));
-    let perms = [Perm { dom: DomId(0), access: Access::None }, Perm { dom: DomId(3), access: Access::Read }];
+    assert!(matches!(
+        xs.directory(Tx::NONE, "/zz"),
+        Err(XsError::Errno(Errno::ENOENT))
+    ));
+    let perms = [
+        Perm {
+            dom: DomId(0),
+            access: Access::None,
+        },
+        Perm {
+            dom: DomId(3),
+            access: Access::Read,
+        },
+    ];
     xs.set_perms(Tx::NONE, "/a/b", &perms).unwrap();
     assert_eq!(xs.get_perms(Tx::NONE, "/a/b").unwrap(), perms);
     xs.rm(Tx::NONE, "/a").unwrap();
@@ -162,7 +191,10 @@ fn client_transactions_and_conflict_over_the_wire() {
     .unwrap();
     assert_eq!(tries, 2);
     assert_eq!(xs.read(Tx::NONE, "/n").unwrap().unwrap(), b"5!");
-    assert!(matches!(xs.end(Tx(999), true), Err(XsError::Errno(Errno::ENOENT))));
+    assert!(matches!(
+        xs.end(Tx(999), true),
+        Err(XsError::Errno(Errno::ENOENT))
+    ));
 }
 
 #[test]
@@ -187,11 +219,18 @@ fn watch_events_interleaved_with_replies_are_queued_not_lost() {
     }
     assert_eq!(all[0].path, "/dev", "registration event first");
     for i in 0..20 {
-        assert!(all.iter().any(|e| e.path == format!("/dev/{i}") && e.token == "t1"), "event {i} lost");
+        assert!(
+            all.iter()
+                .any(|e| e.path == format!("/dev/{i}") && e.token == "t1"),
+            "event {i} lost"
+        );
     }
     assert!(all.iter().any(|e| e.path == "/dev/other"));
     xs.unwatch("/dev", "t1").unwrap();
-    assert!(matches!(xs.unwatch("/dev", "t1"), Err(XsError::Errno(Errno::ENOENT))));
+    assert!(matches!(
+        xs.unwatch("/dev", "t1"),
+        Err(XsError::Errno(Errno::ENOENT))
+    ));
 }
 
 #[test]
@@ -200,7 +239,10 @@ fn client_as_unprivileged_domain_sees_eacces() {
     let dom0 = store.connect(DomId(0)).unwrap();
     dom0.write(Tx::NONE, "/secret", b"s").unwrap();
     let (xs, _h) = client(&store, DomId(7));
-    assert!(matches!(xs.read(Tx::NONE, "/secret"), Err(XsError::Errno(Errno::EACCES))));
+    assert!(matches!(
+        xs.read(Tx::NONE, "/secret"),
+        Err(XsError::Errno(Errno::EACCES))
+    ));
     assert_eq!(XsError::Errno(Errno::EACCES).errno(), Errno::EACCES);
 }
 
@@ -227,6 +269,9 @@ fn client_rejects_a_server_speaking_garbage() {
     let xs = XsClient::from_fd(a.into());
     // Our request payload is "/x\0" but the reply claims 100000 bytes: a protocol error.
     let e = xs.read(Tx::NONE, "/x").unwrap_err();
-    assert!(matches!(e, XsError::Protocol(WireError::TooLong(100_000))), "{e:?}");
+    assert!(
+        matches!(e, XsError::Protocol(WireError::TooLong(100_000))),
+        "{e:?}"
+    );
     drop(h.join());
 }

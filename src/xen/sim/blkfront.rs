@@ -731,12 +731,16 @@ impl<X: XenStore> SimBlkfront<X> {
         }
     }
 
-    /// Close like blkfront on shutdown: Closing, wait for the backend to close, Closed; then
-    /// unbind and revoke the ring grants.
+    /// Close like blkfront on shutdown: Closing, wait for the backend's Closing, Closed, wait
+    /// for the backend's Closed; then unbind and revoke the ring grants.
     pub fn disconnect(&mut self) -> Result<(), BlkfrontError> {
         self.set_state(XenbusState::Closing)?;
         self.wait_backend("backend Closing", |s| s >= XenbusState::Closing)?;
         self.set_state(XenbusState::Closed)?;
+        // The backend unmaps and unbinds, then reports Closed (or removes its directory).
+        self.wait_backend("backend Closed", |s| {
+            s == XenbusState::Closed || s == XenbusState::Unknown
+        })?;
         if let Some(p) = self.port.take() {
             let _ = self.evt.unbind(p);
         }
