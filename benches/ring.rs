@@ -44,7 +44,11 @@ fn run_ring(case: &Case, dur: Duration) -> (u64, u64, Duration) {
             .map(|_| {
                 let p = dom.alloc_page().unwrap();
                 dom.mem().write_at(p * PAGE_SIZE, &[0x5a; PAGE_SIZE]);
-                Segment { gref: dom.grant(p, BE, true).0, first_sect: 0, last_sect: 7 }
+                Segment {
+                    gref: dom.grant(p, BE, true).0,
+                    first_sect: 0,
+                    last_sect: 7,
+                }
             })
             .collect();
         let ind = indirect.then(|| {
@@ -66,8 +70,22 @@ fn run_ring(case: &Case, dur: Duration) -> (u64, u64, Duration) {
     while t0.elapsed() < dur {
         for (segs, ind) in &slots {
             let req = match ind {
-                Some(g) => WireRequest::Indirect { indirect_op: op::WRITE, nr_segments: segs.len() as u16, handle: 0, id, sector: id * 8, grefs: std::slice::from_ref(g) },
-                None => WireRequest::Direct { op: op::WRITE, nr_segments: segs.len() as u8, handle: 0, id, sector: id * 8, segments: segs },
+                Some(g) => WireRequest::Indirect {
+                    indirect_op: op::WRITE,
+                    nr_segments: segs.len() as u16,
+                    handle: 0,
+                    id,
+                    sector: id * 8,
+                    grefs: std::slice::from_ref(g),
+                },
+                None => WireRequest::Direct {
+                    op: op::WRITE,
+                    nr_segments: segs.len() as u8,
+                    handle: 0,
+                    id,
+                    sector: id * 8,
+                    segments: segs,
+                },
             };
             front.push_request(&req).unwrap();
             id = (id + 1) % (1 << 20);
@@ -77,7 +95,12 @@ fn run_ring(case: &Case, dur: Duration) -> (u64, u64, Duration) {
             let r = match item.unwrap() {
                 Parsed::Ready(r) => r,
                 Parsed::Indirect(h) => {
-                    let seg = CopySeg { gref: GrantRef(h.grefs[0]), page_off: 0, len: PAGE_SIZE as u16, buf_off: 0 };
+                    let seg = CopySeg {
+                        gref: GrantRef(h.grefs[0]),
+                        page_off: 0,
+                        len: PAGE_SIZE as u16,
+                        buf_off: 0,
+                    };
                     grants.copy_from_guest(FE, &[seg], &mut ipage).unwrap();
                     h.complete(&ipage, &cfg).unwrap()
                 }
@@ -87,7 +110,12 @@ fn run_ring(case: &Case, dur: Duration) -> (u64, u64, Duration) {
                 .segments()
                 .iter()
                 .map(|s| {
-                    let c = CopySeg { gref: GrantRef(s.gref), page_off: s.page_offset(), len: s.len(), buf_off: off };
+                    let c = CopySeg {
+                        gref: GrantRef(s.gref),
+                        page_off: s.page_offset(),
+                        len: s.len(),
+                        buf_off: off,
+                    };
                     off += usize::from(s.len());
                     c
                 })
@@ -119,14 +147,40 @@ fn run_memcpy(bytes_per_req: usize, reqs: u64) -> Duration {
 }
 
 fn main() {
-    let secs: f64 = std::env::var("RING_BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(0.5);
+    let secs: f64 = std::env::var("RING_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0.5);
     let dur = Duration::from_secs_f64(secs);
-    println!("{:<24} {:>12} {:>10} {:>14} {:>8}", "case", "req/s", "GB/s", "memcpy GB/s", "ratio");
-    for case in [Case { name: "4 KiB direct", segs: 1 }, Case { name: "44 KiB direct", segs: 11 }, Case { name: "1 MiB indirect", segs: 256 }] {
+    println!(
+        "{:<24} {:>12} {:>10} {:>14} {:>8}",
+        "case", "req/s", "GB/s", "memcpy GB/s", "ratio"
+    );
+    for case in [
+        Case {
+            name: "4 KiB direct",
+            segs: 1,
+        },
+        Case {
+            name: "44 KiB direct",
+            segs: 11,
+        },
+        Case {
+            name: "1 MiB indirect",
+            segs: 256,
+        },
+    ] {
         let (reqs, bytes, el) = run_ring(&case, dur);
         let mc = run_memcpy(case.segs * PAGE_SIZE, reqs);
         let gbs = bytes as f64 / el.as_secs_f64() / 1e9;
         let mgbs = bytes as f64 / mc.as_secs_f64() / 1e9;
-        println!("{:<24} {:>12.0} {:>10.2} {:>14.2} {:>8.2}", case.name, reqs as f64 / el.as_secs_f64(), gbs, mgbs, gbs / mgbs);
+        println!(
+            "{:<24} {:>12.0} {:>10.2} {:>14.2} {:>8.2}",
+            case.name,
+            reqs as f64 / el.as_secs_f64(),
+            gbs,
+            mgbs,
+            gbs / mgbs
+        );
     }
 }

@@ -8,21 +8,21 @@ use blktap3::xen::sys::*;
 
 #[test]
 fn gntdev_ioctl_numbers_match_c() {
-    assert_eq!(IOCTL_GNTDEV_MAP_GRANT_REF as u64, 0x0018_4700);
-    assert_eq!(IOCTL_GNTDEV_UNMAP_GRANT_REF as u64, 0x0010_4701);
+    assert_eq!(IOCTL_GNTDEV_MAP_GRANT_REF, 0x0018_4700);
+    assert_eq!(IOCTL_GNTDEV_UNMAP_GRANT_REF, 0x0010_4701);
     if cfg!(target_pointer_width = "64") {
-        assert_eq!(IOCTL_GNTDEV_GRANT_COPY as u64, 0x0010_4708);
+        assert_eq!(IOCTL_GNTDEV_GRANT_COPY, 0x0010_4708);
     } else {
-        assert_eq!(IOCTL_GNTDEV_GRANT_COPY as u64, 0x0008_4708);
+        assert_eq!(IOCTL_GNTDEV_GRANT_COPY, 0x0008_4708);
     }
 }
 
 #[test]
 fn evtchn_ioctl_numbers_match_c() {
-    assert_eq!(IOCTL_EVTCHN_BIND_INTERDOMAIN as u64, 0x0008_4501);
-    assert_eq!(IOCTL_EVTCHN_BIND_UNBOUND_PORT as u64, 0x0004_4502);
-    assert_eq!(IOCTL_EVTCHN_UNBIND as u64, 0x0004_4503);
-    assert_eq!(IOCTL_EVTCHN_NOTIFY as u64, 0x0004_4504);
+    assert_eq!(IOCTL_EVTCHN_BIND_INTERDOMAIN, 0x0008_4501);
+    assert_eq!(IOCTL_EVTCHN_BIND_UNBOUND_PORT, 0x0004_4502);
+    assert_eq!(IOCTL_EVTCHN_UNBIND, 0x0004_4503);
+    assert_eq!(IOCTL_EVTCHN_NOTIFY, 0x0004_4504);
 }
 
 #[test]
