@@ -95,31 +95,13 @@ fn run_ring(case: &Case, dur: Duration) -> (u64, u64, Duration) {
             let r = match item.unwrap() {
                 Parsed::Ready(r) => r,
                 Parsed::Indirect(h) => {
-                    let seg = CopySeg {
-                        gref: GrantRef(h.grefs[0]),
-                        page_off: 0,
-                        len: PAGE_SIZE as u16,
-                        buf_off: 0,
-                    };
-                    grants.copy_from_guest(FE, &[seg], &mut ipage).unwrap();
+                    grants
+                        .copy_from_guest(FE, &indirect_copy_segs(&h), &mut ipage)
+                        .unwrap();
                     h.complete(&ipage, &cfg).unwrap()
                 }
             };
-            let mut off = 0;
-            let cs: Vec<CopySeg> = r
-                .segments()
-                .iter()
-                .map(|s| {
-                    let c = CopySeg {
-                        gref: GrantRef(s.gref),
-                        page_off: s.page_offset(),
-                        len: s.len(),
-                        buf_off: off,
-                    };
-                    off += usize::from(s.len());
-                    c
-                })
-                .collect();
+            let cs = request_copy_segs(&r, BufLayout::Packed);
             grants.copy_from_guest(FE, &cs, &mut buf).unwrap();
             black_box(&buf);
             back.push_response(r.id, r.wire_op(), Status::Okay).unwrap();

@@ -599,3 +599,49 @@ fn relative_watches_report_relative_paths() {
         "{ev:?}"
     );
 }
+
+#[test]
+fn request_copy_segs_layouts() {
+    use blktap3::blkif::{abi::op, parse_request, Abi, ParseConfig, Parsed, Segment, WireRequest};
+    let segs = [
+        Segment {
+            gref: 10,
+            first_sect: 2,
+            last_sect: 7,
+        },
+        Segment {
+            gref: 11,
+            first_sect: 0,
+            last_sect: 0,
+        },
+    ];
+    let mut slot = [0u8; 112];
+    WireRequest::Direct {
+        op: op::WRITE,
+        nr_segments: 2,
+        handle: 0,
+        id: 1,
+        sector: 0,
+        segments: &segs,
+    }
+    .encode(Abi::X86_64, &mut slot);
+    let Ok(Parsed::Ready(r)) = parse_request(Abi::X86_64, &slot, &ParseConfig::new(100)) else {
+        panic!()
+    };
+    let packed = request_copy_segs(&r, BufLayout::Packed);
+    assert_eq!(
+        packed,
+        vec![
+            seg(GrantRef(10), 1024, 3072, 0),
+            seg(GrantRef(11), 0, 512, 3072)
+        ]
+    );
+    let paged = request_copy_segs(&r, BufLayout::PagePerSegment);
+    assert_eq!(
+        paged,
+        vec![
+            seg(GrantRef(10), 1024, 3072, 1024),
+            seg(GrantRef(11), 0, 512, 4096)
+        ]
+    );
+}
