@@ -16,5 +16,7 @@
 
 pub mod capi;
 pub mod control;
+pub mod blkif;
 pub mod image;
 pub mod util;
+pub mod xen;
