@@ -56,15 +56,6 @@ fn xor_block(b: &mut Block, t: u128) {
     b.0 = (u128::from_le_bytes(b.0) ^ t).to_le_bytes();
 }
 
-/// Multiply a tweak by x^8: eight doublings at once. The 8 bits shifted out (h) fold back
-/// as the carry-less product h * (x^7 + x^2 + x + 1), at most 15 bits, so no second
-/// reduction is needed.
-#[inline(always)]
-fn mul_x8(t: u128) -> u128 {
-    let h = t >> 120;
-    (t << 8) ^ h ^ (h << 1) ^ (h << 2) ^ (h << 7)
-}
-
 /// Tweak lanes advanced in parallel: block j of a run uses lane j % LANES, and each lane
 /// steps by x^LANES, so the doubling chain is LANES independent dependency chains.
 const LANES: usize = 4;
@@ -369,19 +360,6 @@ mod tests {
 
     fn hex(s: &str) -> Vec<u8> {
         super::super::parse_hex_vec(s).unwrap()
-    }
-
-    #[test]
-    fn mul_x8_is_eight_doublings() {
-        let mut t = 0x8f00_0000_0000_0000_0000_0000_0000_00f1u128;
-        for _ in 0..200 {
-            let mut r = t;
-            for _ in 0..8 {
-                r = mul_x(r);
-            }
-            assert_eq!(mul_x8(t), r);
-            t = mul_x(t) ^ (t >> 3);
-        }
     }
 
     #[test]
