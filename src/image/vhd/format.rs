@@ -191,6 +191,8 @@ pub struct Footer {
     pub uuid: [u8; 16],
     pub saved: u8,
     pub hidden: u8,
+    /// Reserved bytes 86..512, kept verbatim (they are covered by the checksum).
+    pub reserved: [u8; 426],
 }
 
 impl Footer {
@@ -217,6 +219,7 @@ impl Footer {
             uuid,
             saved: 0,
             hidden: 0,
+            reserved: [0; 426],
         };
         f.checksum = f.compute_checksum();
         f
@@ -241,6 +244,7 @@ impl Footer {
             uuid: arr(b, 68),
             saved: b[84],
             hidden: b[85],
+            reserved: arr(b, 86),
         }
     }
 
@@ -262,6 +266,7 @@ impl Footer {
         b[68..84].copy_from_slice(&self.uuid);
         b[84] = self.saved;
         b[85] = self.hidden;
+        b[86..].copy_from_slice(&self.reserved);
         b
     }
 
@@ -369,6 +374,8 @@ pub struct DynHeader {
     /// UTF-16BE, 512 bytes.
     pub prt_name: [u8; 512],
     pub loc: [Locator; 8],
+    /// Reserved bytes 768..1024, kept verbatim (covered by the checksum).
+    pub res2: [u8; 256],
 }
 
 impl DynHeader {
@@ -387,6 +394,7 @@ impl DynHeader {
             res1: 0,
             prt_name: [0; 512],
             loc: [Locator::default(); 8],
+            res2: [0; 256],
         };
         h.checksum = h.compute_checksum();
         h
@@ -418,6 +426,7 @@ impl DynHeader {
             res1: be32(b, 60),
             prt_name: arr(b, 64),
             loc,
+            res2: arr(b, 768),
         }
     }
 
@@ -442,6 +451,7 @@ impl DynHeader {
             put32(&mut b, o + 12, l.res);
             put64(&mut b, o + 16, l.data_offset);
         }
+        b[768..].copy_from_slice(&self.res2);
         b
     }
 
