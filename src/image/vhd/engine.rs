@@ -174,10 +174,10 @@ fn corrupt(path: &Path, what: impl Into<String>) -> ImageError {
     }
 }
 
-/// Read and validate a footer at `off`.
-fn read_footer_at(file: &dyn BlockFile, off: u64) -> Result<Footer, String> {
+/// Read and validate a footer of `n` bytes at `off` (511: the short footer, last byte 0).
+fn read_footer_at(file: &dyn BlockFile, off: u64, n: usize) -> Result<Footer, String> {
     let mut b = [0u8; FOOTER_SIZE];
-    file.read_at(&mut b, off).map_err(|e| e.to_string())?;
+    file.read_at(&mut b[..n], off).map_err(|e| e.to_string())?;
     let f = Footer::decode(&b);
     f.validate().map_err(|e| e.to_string())?;
     Ok(f)
@@ -195,17 +195,17 @@ pub fn find_footer(
     }
     let mut why = String::new();
     if !use_backup {
-        match read_footer_at(file, len - FOOTER_SIZE as u64) {
+        match read_footer_at(file, len - FOOTER_SIZE as u64, FOOTER_SIZE) {
             Ok(f) => return Ok((f, FooterSource::Primary)),
             Err(e) => why = e,
         }
         if len % 512 == 511 {
-            if let Ok(f) = read_footer_at(file, len - 511) {
+            if let Ok(f) = read_footer_at(file, len - 511, 511) {
                 return Ok((f, FooterSource::Short));
             }
         }
     }
-    match read_footer_at(file, 0) {
+    match read_footer_at(file, 0, FOOTER_SIZE) {
         // A fixed disk has no backup: sector 0 is guest data.
         Ok(f) if f.kind() != Some(DiskType::Fixed) => Ok((f, FooterSource::Backup)),
         _ if use_backup => Err(corrupt(path, "no valid backup footer")),
