@@ -394,7 +394,7 @@ fn discard_deallocates_to_parent_and_updates_batmap() {
     let img = open_vhd_chain(&base, &rw()).unwrap();
     img.discard(0, 8).unwrap();
     let st = img.block_status(0, 16).unwrap();
-    assert_eq!(st[0].allocated, false);
+    assert!(!st[0].allocated);
     assert_eq!(st[0].nsectors, 8);
     let mut b = vec![1u8; 4096];
     img.read(0, &mut b).unwrap();
