@@ -66,6 +66,9 @@ use crate::image::{check_range, check_sectors, Extent, Image, ImageError, ImageI
 const BITMAP_CACHE: usize = 8192;
 /// Default number of blocks reserved per extension (16 MiB with 2 MiB blocks).
 pub const DEFAULT_PREALLOC_BLOCKS: u32 = 8;
+/// Largest BAT accepted (64 MiB in memory; 32 TiB of 2 MiB blocks, far above the 2 TiB
+/// format limit): bounds what an absurd header can make us allocate.
+pub const MAX_BAT_ENTRIES: u64 = 1 << 24;
 /// Highest sector a block may end at (BAT entries are 32-bit sector numbers).
 const MAX_SECTOR: u64 = u32::MAX as u64;
 
@@ -340,6 +343,18 @@ impl VhdImage {
                 format!("BAT of {max_bat} entries is too small for the disk size"),
             ));
         }
+        if u64::from(max_bat) * bs > MAX_SECTOR.saturating_add(1) * SECTOR_SIZE {
+            return Err(corrupt(
+                path,
+                format!("BAT of {max_bat} blocks of {bs} bytes exceeds 2 TiB"),
+            ));
+        }
+        if u64::from(max_bat) > MAX_BAT_ENTRIES {
+            return Err(ImageError::Unsupported {
+                path: path.display().to_string(),
+                what: format!("BAT of {max_bat} entries of {bs} bytes"),
+            });
+        }
         let bat_bytes = u64::from(max_bat) * 4;
         let bat_off = header.table_offset;
         if bat_off.checked_add(bat_bytes).is_none_or(|e| e > len) {
@@ -402,6 +417,7 @@ impl VhdImage {
                 let need_secs = batmap_sectors(max_bat);
                 let ok = h.validate().is_ok()
                     && h.batmap_size >= need_secs
+                    && h.batmap_size <= need_secs.saturating_mul(2).saturating_add(8)
                     && h.batmap_offset >= hdr_off + BATMAP_HEADER_SIZE as u64
                     && h.batmap_offset
                         .checked_add(u64::from(h.batmap_size) * SECTOR_SIZE)
