@@ -139,7 +139,16 @@ impl BlockFile for OsFile {
     fn get_xattr(&self, name: &str) -> io::Result<Option<Vec<u8>>> {
         match xattr::get(&self.path, name) {
             Ok(v) => Ok(v),
-            Err(e) if e.raw_os_error() == Some(libc::ENODATA) => Ok(None),
+            // Absent, or a filesystem without user xattrs (where none can have been set):
+            // both read as "not set". (tapdisk fails the open on ENOTSUP; we don't.)
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ENODATA) | Some(libc::ENOTSUP)
+                ) =>
+            {
+                Ok(None)
+            }
             Err(e) => Err(e),
         }
     }
