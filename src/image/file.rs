@@ -141,12 +141,7 @@ impl BlockFile for OsFile {
             Ok(v) => Ok(v),
             // Absent, or a filesystem without user xattrs (where none can have been set):
             // both read as "not set". (tapdisk fails the open on ENOTSUP; we don't.)
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::ENODATA) | Some(libc::ENOTSUP)
-                ) =>
-            {
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENODATA) | Some(libc::ENOTSUP)) => {
                 Ok(None)
             }
             Err(e) => Err(e),
