@@ -18,7 +18,7 @@
 //!
 //! 1. *A BAT entry never points at a block whose bitmap is not zero on disk.* Blocks are
 //!    carved out of a **reserve** `[next_db, reserve_end)`. A reserve is created by
-//!    [`extend`](VhdImage::ensure_allocated): explicitly zero every bitmap sector of the
+//!    `extend` (called from `ensure_allocated`): explicitly zero every bitmap sector of the
 //!    blocks it will hold that lies inside the old file (stale data from a crashed session,
 //!    an old footer), extend the file with `ftruncate` (the new range reads as zeros), write
 //!    a valid footer at the new end, then **fdatasync**. Only after that sync returns are
