@@ -1341,7 +1341,6 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "needs the real XtsCipher bodies (crypto issue 3); run with --ignored after merge"]
     fn encryption_covers_only_bitmap_set_sectors_and_never_the_callers_buffer() {
         let key = [0x42u8; 32];
         let rw = VhdOpenOptions {
