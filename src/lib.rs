@@ -14,7 +14,9 @@
 //!  xen         gntdev, evtchn, xenstore + simulations (the only home of `unsafe`)
 //! ```
 
+pub mod blkif;
 pub mod capi;
 pub mod control;
 pub mod image;
 pub mod util;
+pub mod xen;
