@@ -18,5 +18,6 @@ pub mod blkif;
 pub mod capi;
 pub mod control;
 pub mod image;
+pub mod tapback;
 pub mod util;
 pub mod xen;
