@@ -56,11 +56,14 @@ fn fake_tapdisk(dir: &Path, pid: i32, st: Arc<Mutex<TapState>>) {
                     let key = (blkif.domid, blkif.devid);
                     let err = if minor != MINOR {
                         libc::ENODEV
-                    } else if s.rings.contains_key(&key) {
-                        libc::EALREADY
                     } else {
-                        s.rings.insert(key, blkif.clone());
-                        0
+                        match s.rings.entry(key) {
+                            std::collections::btree_map::Entry::Occupied(_) => libc::EALREADY,
+                            std::collections::btree_map::Entry::Vacant(v) => {
+                                v.insert(blkif.clone());
+                                0
+                            }
+                        }
                     };
                     s.connects.push((minor, blkif, err));
                     if err == 0 {
