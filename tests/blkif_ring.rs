@@ -180,11 +180,13 @@ fn final_check_rearms_req_event_so_the_next_request_notifies() {
     assert!(b.final_check_for_requests().unwrap());
 }
 
+type Racer = Box<dyn FnMut(&HeapMem) + Send>;
+
 /// Shared memory that lets a "frontend" act at the exact moment the backend writes req_event
 /// (the race the final check closes), or mutates slots right after the backend reads them.
 struct Hooked {
     inner: Arc<HeapMem>,
-    on_req_event: Mutex<Option<Box<dyn FnMut(&HeapMem) + Send>>>,
+    on_req_event: Mutex<Option<Racer>>,
     scribble_after_read: AtomicBool,
     slot_reads: AtomicUsize,
 }

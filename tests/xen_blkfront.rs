@@ -182,23 +182,6 @@ fn run_backend(
     }
 }
 
-fn copy_segs(r: &Request) -> Vec<CopySeg> {
-    let mut off = 0usize;
-    r.segments()
-        .iter()
-        .map(|s| {
-            let c = CopySeg {
-                gref: GrantRef(s.gref),
-                page_off: s.page_offset(),
-                len: s.len(),
-                buf_off: off,
-            };
-            off += usize::from(s.len());
-            c
-        })
-        .collect()
-}
-
 fn serve(
     item: Taken,
     grants: &impl GrantCopier,
@@ -211,17 +194,7 @@ fn serve(
     let req = match item {
         Ok(Parsed::Ready(r)) => r,
         Ok(Parsed::Indirect(h)) => {
-            let segs: Vec<CopySeg> = h
-                .grefs
-                .iter()
-                .enumerate()
-                .map(|(i, g)| CopySeg {
-                    gref: GrantRef(*g),
-                    page_off: 0,
-                    len: PAGE_SIZE as u16,
-                    buf_off: i * PAGE_SIZE,
-                })
-                .collect();
+            let segs = indirect_copy_segs(&h);
             let mut pages = vec![0u8; h.grefs.len() * PAGE_SIZE];
             if grants.copy_from_guest(FE, &segs, &mut pages).is_err() {
                 return (h.id, h.op.wire_op(), Status::Error);
@@ -241,7 +214,7 @@ fn serve(
     };
     let start = (req.sector * 512) as usize;
     let len = req.data_len() as usize;
-    let segs = copy_segs(&req);
+    let segs = request_copy_segs(&req, BufLayout::Packed);
     let ok = match req.op {
         Operation::Read => {
             buf[..len].copy_from_slice(&disk.lock().unwrap()[start..start + len]);

@@ -84,21 +84,16 @@ fn payload_helpers() {
 /// What the fuzz target checks (also run here on random bytes).
 fn check_stream(bytes: &[u8]) {
     let mut buf = bytes;
-    loop {
-        match wire::decode(buf) {
-            Ok(Some((m, used))) => {
-                assert!(used >= wire::HEADER_SIZE && used <= buf.len());
-                assert!(m.payload.len() <= wire::PAYLOAD_MAX);
-                let re = m.encode().unwrap();
-                assert_eq!(&re[..], &buf[..used]);
-                let _ = wire::split_strings(&m.payload);
-                let _ = wire::split_write(&m.payload);
-                let _ = wire::parse_error(&m.payload);
-                let _ = wire::parse_tx_id(&m.payload);
-                buf = &buf[used..];
-            }
-            Ok(None) | Err(_) => break,
-        }
+    while let Ok(Some((m, used))) = wire::decode(buf) {
+        assert!(used >= wire::HEADER_SIZE && used <= buf.len());
+        assert!(m.payload.len() <= wire::PAYLOAD_MAX);
+        let re = m.encode().unwrap();
+        assert_eq!(&re[..], &buf[..used]);
+        let _ = wire::split_strings(&m.payload);
+        let _ = wire::split_write(&m.payload);
+        let _ = wire::parse_error(&m.payload);
+        let _ = wire::parse_tx_id(&m.payload);
+        buf = &buf[used..];
     }
 }
 

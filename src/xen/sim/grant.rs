@@ -221,6 +221,10 @@ impl SimXen {
     /// stop the others. Checks, as Xen: the domain exists, the ref is in use and granted to
     /// `me`, a read-only grant is never written, `offset + len` stays inside the page.
     pub fn grant_copy(&self, me: DomId, ops: &mut [SimCopyOp], buf: &mut [u8]) {
+        self.copy_ops(me, ops, &mut LocalBuf::Rw(buf));
+    }
+
+    fn copy_ops(&self, me: DomId, ops: &mut [SimCopyOp], buf: &mut LocalBuf<'_>) {
         for op in ops.iter_mut() {
             op.status = self.copy_one(me, op, buf);
         }
@@ -249,21 +253,22 @@ impl SimXen {
         Ok((d, e.page * XEN_PAGE_SIZE + usize::from(off)))
     }
 
-    fn copy_one(&self, me: DomId, op: &SimCopyOp, buf: &mut [u8]) -> GrantStatus {
+    fn copy_one(&self, me: DomId, op: &SimCopyOp, buf: &mut LocalBuf<'_>) -> GrantStatus {
         let len = usize::from(op.len);
-        let local = |off: usize| {
-            off.checked_add(len)
-                .filter(|&e| e <= buf.len())
-                .map(|_| off)
-        };
+        let buf_len = buf.len();
+        let local = |off: usize| off.checked_add(len).filter(|&e| e <= buf_len).map(|_| off);
         match (op.source, op.dest) {
             (SimCopyPtr::Foreign(dom, gref, off), SimCopyPtr::Local(b)) => {
                 let Some(b) = local(b) else {
                     return GrantStatus::BadVirtAddr;
                 };
+                let LocalBuf::Rw(dst) = buf else {
+                    // The local side is read-only: as if the page were not writable.
+                    return GrantStatus::BadVirtAddr;
+                };
                 match self.resolve(me, dom, gref, off, op.len, false) {
                     Ok((d, at)) => {
-                        d.mem.read_at(at, &mut buf[b..b + len]);
+                        d.mem.read_at(at, &mut dst[b..b + len]);
                         GrantStatus::Okay
                     }
                     Err(s) => s,
@@ -275,7 +280,7 @@ impl SimXen {
                 };
                 match self.resolve(me, dom, gref, off, op.len, true) {
                     Ok((d, at)) => {
-                        d.mem.write_at(at, &buf[b..b + len]);
+                        d.mem.write_at(at, &buf.as_slice()[b..b + len]);
                         GrantStatus::Okay
                     }
                     Err(s) => s,
@@ -283,6 +288,24 @@ impl SimXen {
             }
             // Local↔local is EINVAL in gntdev; foreign↔foreign is not used by backends.
             _ => GrantStatus::GeneralError,
+        }
+    }
+}
+
+/// The caller's buffer in a simulated copy.
+enum LocalBuf<'a> {
+    Ro(&'a [u8]),
+    Rw(&'a mut [u8]),
+}
+
+impl LocalBuf<'_> {
+    fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            LocalBuf::Ro(b) => b,
+            LocalBuf::Rw(b) => b,
         }
     }
 }
@@ -302,7 +325,7 @@ impl SimGrants {
         &self,
         dom: DomId,
         segs: &[CopySeg],
-        buf: &mut [u8],
+        mut buf: LocalBuf<'_>,
         to_guest: bool,
     ) -> Result<(), CopyError> {
         let mut ops: Vec<SimCopyOp> = segs
@@ -323,7 +346,7 @@ impl SimGrants {
                 }
             })
             .collect();
-        self.xen.grant_copy(self.me, &mut ops, buf);
+        self.xen.copy_ops(self.me, &mut ops, &mut buf);
         first_failure(ops.iter().map(|o| o.status.to_i16()))
     }
 }
@@ -336,15 +359,12 @@ impl GrantCopier for SimGrants {
         dst: &mut [u8],
     ) -> Result<(), CopyError> {
         check_copy_segs(segs, dst.len())?;
-        self.run(dom, segs, dst, false)
+        self.run(dom, segs, LocalBuf::Rw(dst), false)
     }
 
     fn copy_to_guest(&self, dom: DomId, segs: &[CopySeg], src: &[u8]) -> Result<(), CopyError> {
         check_copy_segs(segs, src.len())?;
-        // The simulated hypervisor takes one buffer for both directions; for to-guest copies
-        // it only reads from it, so a private copy keeps `src` immutable.
-        let mut tmp = src.to_vec();
-        self.run(dom, segs, &mut tmp, true)
+        self.run(dom, segs, LocalBuf::Ro(src), true)
     }
 }
 
