@@ -164,12 +164,14 @@ impl TapdiskOps for FakeTap {
             .is_some_and(|v| v.iter().any(|e| e.minor == minor))
         {
             libc::ENODEV
-        } else if st.rings.contains_key(&(blkif.domid, blkif.devid)) {
-            libc::EALREADY
         } else {
-            st.rings
-                .insert((blkif.domid, blkif.devid), (pid, minor, blkif.clone()));
-            0
+            match st.rings.entry((blkif.domid, blkif.devid)) {
+                std::collections::btree_map::Entry::Occupied(_) => libc::EALREADY,
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    v.insert((pid, minor, blkif.clone()));
+                    0
+                }
+            }
         };
         st.calls.push(Call::Connect {
             pid,
