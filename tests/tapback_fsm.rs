@@ -968,3 +968,31 @@ fn garbage_directory_entries_are_ignored() {
     pump(&mut b);
     assert!(b.devices().is_empty());
 }
+
+#[test]
+fn vbd_without_an_open_image_is_waited_for() {
+    let rig = Rig::new();
+    rig.tap.add_vbd(PID, 3, "", 10);
+    let v = rig.add_vbd(5, 1, PID, 3);
+    let mut b = rig.backend(BackendConfig::default());
+    pump(&mut b);
+    rig.fe_publish(&v, 1, 2);
+    pump(&mut b);
+    assert!(status(&b, &v).pending.unwrap().contains("no image open"));
+    assert!(rig.tap.connects().is_empty());
+    // tap-ctl open happens; the retry timer picks it up.
+    rig.tap.st().vbds.get_mut(&PID).unwrap()[0].params = "vhd:/a".to_owned();
+    b.tick(Instant::now() + Duration::from_secs(11));
+    assert_eq!(rig.bstate(&v).as_deref(), Some("4"));
+}
+
+#[test]
+fn recreated_device_directory_is_advertised_again() {
+    let (rig, v, mut b) = one();
+    connected(&rig, &v, &mut b, 1, 2);
+    // The toolstack drops the keys we wrote (as if the directory were re-created) and the
+    // next trigger restores the advertisement.
+    rig.dom0.rm(Tx::NONE, &v.b("max-ring-page-order")).unwrap();
+    pump(&mut b);
+    assert_eq!(rig.read(&v.b("max-ring-page-order")).as_deref(), Some("3"));
+}

@@ -358,11 +358,15 @@ impl Device {
             self.front_watch = Some((wpath, token));
             self.fpath = Some(f);
         }
-        if !self.advertised {
+        // Checked every time (not just once) so that a device directory the toolstack
+        // removed and re-created between two of our looks is advertised again.
+        let order = cx.cfg.max_ring_order.to_string();
+        if !self.advertised
+            || self.read_b(cx.xs, keys::MAX_RING_PAGE_ORDER)?.as_deref() != Some(order.as_str())
+        {
             let key = self.bkey(keys::MAX_RING_PAGE_ORDER);
             let perms = self.perms(cx.self_dom);
             let b = &self.bpath;
-            let order = cx.cfg.max_ring_order.to_string();
             let alive = transaction(cx.xs, |tx| {
                 if cx.xs.read(tx, b)?.is_none() {
                     return Ok(false);

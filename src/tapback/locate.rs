@@ -111,10 +111,15 @@ fn verify<T: TapdiskOps + ?Sized>(
     source: &'static str,
 ) -> std::result::Result<TapLocation, String> {
     match t.list_pid(pid) {
-        Ok(vbds) if vbds.iter().any(|v| v.minor == minor) => Ok(TapLocation { pid, minor, source }),
-        Ok(_) => Err(format!(
-            "{source}: tapdisk {pid} does not serve minor {minor}"
-        )),
+        Ok(vbds) => match vbds.iter().find(|v| v.minor == minor) {
+            Some(v) if v.params.is_empty() => Err(format!(
+                "{source}: tapdisk {pid} minor {minor} has no image open"
+            )),
+            Some(_) => Ok(TapLocation { pid, minor, source }),
+            None => Err(format!(
+                "{source}: tapdisk {pid} does not serve minor {minor}"
+            )),
+        },
         Err(e) => Err(format!("{source}: tapdisk {pid}: {e}")),
     }
 }
