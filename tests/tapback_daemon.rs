@@ -309,6 +309,17 @@ fn binary_daemonises_and_writes_its_pid() {
     // The daemon is alive, in its own session, and serving.
     assert_eq!(nix::unistd::getsid(Some(npid)).unwrap(), npid);
     e.wait_bstate("2");
+    // A second instance with the same pid file refuses to start.
+    let out = e
+        .tapback(&["-d", "-p", pidfile.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(libc::EEXIST), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("pid {pid}")));
+    assert_eq!(
+        std::fs::read_to_string(&pidfile).unwrap().trim(),
+        pid.to_string()
+    );
     nix::sys::signal::kill(npid, nix::sys::signal::Signal::SIGTERM).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     while pidfile.exists() {

@@ -212,24 +212,55 @@ pub fn open_xenstore() -> Result<XsClient> {
     }
 }
 
-/// The pid file, removed when dropped.
-struct PidFile(PathBuf);
+/// The pid file, held under an exclusive `flock` while we run (a second tapback with the same
+/// pid file refuses to start) and removed when dropped.
+struct PidFile {
+    path: PathBuf,
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
 
 impl PidFile {
     fn write(path: &Path) -> Result<PidFile> {
-        std::fs::write(path, format!("{}\n", std::process::id())).map_err(|e| {
-            TapbackError::Io {
-                op: format!("write {}", path.display()),
-                source: e,
+        let io = |op: &str, source: std::io::Error| TapbackError::Io {
+            op: format!("{op} {}", path.display()),
+            source,
+        };
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|e| io("open", e))?;
+        let mut lock = match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        {
+            Ok(l) => l,
+            Err((mut f, Errno::EWOULDBLOCK)) => {
+                let mut other = String::new();
+                let _ = std::io::Read::read_to_string(&mut f, &mut other);
+                return Err(TapbackError::Io {
+                    op: format!(
+                        "{} is held by a running tapback (pid {})",
+                        path.display(),
+                        other.trim()
+                    ),
+                    source: std::io::Error::from_raw_os_error(libc::EEXIST),
+                });
             }
-        })?;
-        Ok(PidFile(path.to_owned()))
+            Err((_, e)) => return Err(io("lock", e.into())),
+        };
+        lock.set_len(0).map_err(|e| io("truncate", e))?;
+        writeln!(lock, "{}", std::process::id()).map_err(|e| io("write", e))?;
+        Ok(PidFile {
+            path: path.to_owned(),
+            _lock: lock,
+        })
     }
 }
 
 impl Drop for PidFile {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 
