@@ -4,6 +4,8 @@ mod tapback_common;
 
 use std::time::{Duration, Instant};
 
+use proptest::prelude::*;
+
 use blktap3::blkif::XenbusState;
 use blktap3::control::msg::BlkifProto;
 use blktap3::tapback::{BackendConfig, MAX_RING_ORDER};
@@ -889,6 +891,7 @@ fn own_domid_from_xenstore_and_other_name() {
     let xs = Rec {
         inner: rig.store.connect(DomId(3)).unwrap(),
         log: std::sync::Arc::clone(&rig.log),
+        before_commit: std::sync::Arc::default(),
     };
     let mut b = blktap3::tapback::Backend::new(
         xs,
@@ -995,4 +998,101 @@ fn recreated_device_directory_is_advertised_again() {
     rig.dom0.rm(Tx::NONE, &v.b("max-ring-page-order")).unwrap();
     pump(&mut b);
     assert_eq!(rig.read(&v.b("max-ring-page-order")).as_deref(), Some("3"));
+}
+
+#[test]
+fn feature_transaction_is_retried_on_conflict() {
+    let (rig, v, mut b) = one();
+    // Just before tapback commits its feature transaction, the toolstack touches the device.
+    let other = rig.store.connect(BE).unwrap();
+    let key = v.b("sectors");
+    *rig.before_commit.lock().unwrap() = Some(Box::new(move || {
+        other.write(Tx::NONE, &key, b"999").unwrap();
+    }));
+    connected(&rig, &v, &mut b, 1, 2);
+    assert_eq!(rig.read(&v.b("sectors")).as_deref(), Some("2048"));
+    let ops = rig.ops();
+    let retry = ops
+        .iter()
+        .position(|o| o.op == "retry")
+        .expect("a conflict");
+    assert!(ops[retry..].iter().any(|o| o.op == "commit"));
+    assert_eq!(rig.tap.connects().len(), 1, "the ring is connected once");
+}
+
+fn value() -> impl Strategy<Value = Option<String>> {
+    prop_oneof![
+        Just(None),
+        "[0-9]{1,3}".prop_map(Some),
+        "[0-9a-z_-]{0,12}".prop_map(Some),
+        Just(Some("x86_64-abi".to_owned())),
+        Just(Some("x86_32-abi".to_owned())),
+        Just(Some("4294967296".to_owned())),
+        Just(Some("0".to_owned())),
+        Just(Some("1".to_owned())),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(96))]
+
+    /// Whatever the frontend writes, tapback never panics, and it connects exactly when the
+    /// values are valid, with exactly those values.
+    #[test]
+    fn random_frontend_values(
+        order in value(),
+        refs in proptest::collection::vec(value(), 8),
+        port in value(),
+        proto in value(),
+        persistent in value(),
+    ) {
+        let (rig, v, mut b) = one();
+        let mut kv: Vec<(String, String)> = Vec::new();
+        let mut put = |k: &str, val: &Option<String>| {
+            if let Some(x) = val {
+                kv.push((k.to_owned(), x.clone()));
+            }
+        };
+        put("ring-page-order", &order);
+        put("ring-ref", &refs[0]);
+        for (i, r) in refs.iter().enumerate() {
+            put(&format!("ring-ref{i}"), r);
+        }
+        put("event-channel", &port);
+        put("protocol", &proto);
+        put("feature-persistent", &persistent);
+        kv.push(("state".to_owned(), "3".to_owned()));
+        let kvr: Vec<(&str, &str)> = kv.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+        rig.fe_write(&v, &kvr);
+        pump(&mut b);
+
+        let num = |x: &Option<String>| x.as_deref().and_then(|s| s.parse::<u32>().ok());
+        let want_order = match &order { None => Some(0), Some(_) => num(&order).filter(|o| *o <= 3) };
+        let want = want_order.and_then(|o| {
+            let refs: Option<Vec<u32>> = if o == 0 {
+                num(&refs[0]).map(|r| vec![r])
+            } else {
+                (0..1usize << o).map(|i| num(&refs[i])).collect()
+            };
+            let port = num(&port).filter(|p| *p != 0)?;
+            let proto_ok = matches!(proto.as_deref(), None | Some("x86_64-abi") | Some("x86_32-abi") | Some(""));
+            let pers_ok = matches!(persistent.as_deref(), None | Some("0") | Some("1"));
+            (proto_ok && pers_ok).then_some((o, refs?, port))
+        });
+        let st = status(&b, &v);
+        match want {
+            Some((o, r, p)) => {
+                prop_assert_eq!(rig.bstate(&v), Some("4".to_owned()), "{:?}", st);
+                let (_, _, blkif) = rig.tap.ring(5, 51712).unwrap();
+                prop_assert_eq!(blkif.order, o);
+                prop_assert_eq!(blkif.ring_refs(), &r[..]);
+                prop_assert_eq!(blkif.port, p);
+            }
+            None => {
+                prop_assert!(st.failed.is_some(), "{:?}", st);
+                prop_assert!(rig.tap.connects().is_empty());
+                prop_assert_eq!(rig.bstate(&v), Some("5".to_owned()));
+            }
+        }
+    }
 }

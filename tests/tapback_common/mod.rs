@@ -223,11 +223,14 @@ pub struct Op {
     pub path: String,
 }
 
+/// Something to run just before the next transaction commit (to provoke a conflict).
+pub type Hook = Arc<Mutex<Option<Box<dyn FnOnce() + Send>>>>;
+
 /// A xenstore connection that logs every mutating operation.
-#[derive(Debug)]
 pub struct Rec<X> {
     pub inner: X,
     pub log: Arc<Mutex<Vec<Op>>>,
+    pub before_commit: Hook,
 }
 
 impl<X: AsFd> AsFd for Rec<X> {
@@ -278,6 +281,12 @@ impl<X: XenStore> XenStore for Rec<X> {
         Ok(t)
     }
     fn end(&self, tx: Tx, commit: bool) -> Result<Committed, XsError> {
+        if commit {
+            let hook = self.before_commit.lock().unwrap().take();
+            if let Some(h) = hook {
+                h();
+            }
+        }
         let r = self.inner.end(tx, commit)?;
         self.note(
             match (commit, r) {
@@ -309,6 +318,7 @@ pub struct Rig {
     pub dom0: MemXsConn,
     pub tap: FakeTap,
     pub log: Arc<Mutex<Vec<Op>>>,
+    pub before_commit: Hook,
 }
 
 /// A device as the toolstack set it up.
@@ -350,6 +360,7 @@ impl Rig {
             dom0,
             tap: FakeTap::default(),
             log: Arc::default(),
+            before_commit: Arc::default(),
         }
     }
 
@@ -357,6 +368,7 @@ impl Rig {
         let xs = Rec {
             inner: self.store.connect(BE).unwrap(),
             log: Arc::clone(&self.log),
+            before_commit: Arc::clone(&self.before_commit),
         };
         Backend::new(xs, self.tap.clone(), cfg, Instant::now()).unwrap()
     }
