@@ -1096,3 +1096,20 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn garbage_own_domid_is_a_clear_error() {
+    let rig = Rig::new();
+    rig.dom0
+        .write(Tx::NONE, "/local/domain/0/domid", b"zero")
+        .unwrap();
+    let r = blktap3::tapback::Backend::new(
+        rig.store.connect(BE).unwrap(),
+        rig.tap.clone(),
+        BackendConfig::default(),
+        Instant::now(),
+    );
+    let e = r.err().unwrap();
+    assert_eq!(e.errno(), libc::EINVAL);
+    assert!(e.to_string().contains("domid"), "{e}");
+}

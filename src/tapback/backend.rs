@@ -85,11 +85,10 @@ impl<X: XenStore, T: TapdiskOps> Backend<X, T> {
             None => DomId(0),
             Some(v) => {
                 let s = String::from_utf8_lossy(&v).into_owned();
-                DomId(parse_uint::<u16>(&s).map_err(|_| {
-                    TapbackError::Xs(XsError::Protocol(
-                        crate::xen::xenstore::wire::WireError::NotUtf8,
-                    ))
-                })?)
+                DomId(
+                    parse_uint::<u16>(&s)
+                        .map_err(|_| TapbackError::config("domid", format!("bad value {s:?}")))?,
+                )
             }
         };
         let base = format!("backend/{}", cfg.name);
