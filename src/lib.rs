@@ -14,9 +14,10 @@
 //!  xen         gntdev, evtchn, xenstore + simulations (the only home of `unsafe`)
 //! ```
 
+pub mod blkif;
 pub mod capi;
 pub mod control;
-pub mod blkif;
 pub mod image;
+pub mod tapback;
 pub mod util;
 pub mod xen;
