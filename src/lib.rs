@@ -16,3 +16,4 @@
 
 pub mod image;
 pub mod util;
+pub mod vhdutil;
