@@ -6,6 +6,7 @@
 //! follow blktap's `vhd/lib/vhd-util-*.c` (see the per-command modules). The binary in
 //! `src/bin/vhd-util.rs` only builds an [`Io`] over stdout/stderr and calls [`main`].
 
+pub mod cli;
 pub mod dump;
 pub mod getopt;
 pub mod progress;
