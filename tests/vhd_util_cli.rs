@@ -32,6 +32,10 @@ fn every_command_has_help() {
         assert_eq!(o.status, 0, "{cmd} --help");
         let text = format!("{}{}", o.stdout, o.stderr);
         assert!(
+            !text.contains("invalid COMMAND") && !text.contains("COMMAND :="),
+            "{cmd} is not a command: {text:?}"
+        );
+        assert!(
             text.contains("options") || text.contains("usage"),
             "{cmd} --help printed {text:?}"
         );
@@ -45,7 +49,9 @@ fn create_usage_errors() {
     // Missing -n, missing -s: usage on stdout, EINVAL.
     let o = run(&["create", "-s", "10"]);
     assert_eq!(o.status, 22);
-    assert!(o.stdout.starts_with("options: <-n name> <-s size (MB)> [-r reserve]"));
+    assert!(o
+        .stdout
+        .starts_with("options: <-n name> <-s size (MB)> [-r reserve]"));
     let o = run(&["create", "-n", &f]);
     assert_eq!(o.status, 22);
     assert!(!path(d.path(), "a.vhd").exists());
@@ -56,7 +62,10 @@ fn create_usage_errors() {
     // -S smaller than -s.
     let o = run(&["create", "-n", &f, "-s", "10", "-S", "4"]);
     assert_eq!(o.status, 22);
-    assert_eq!(o.stdout, "Error: <-S size> must be greater than <-s size>\n");
+    assert_eq!(
+        o.stdout,
+        "Error: <-S size> must be greater than <-s size>\n"
+    );
     // A size that is not a number is refused (blktap would silently use 0).
     let o = run(&["create", "-n", &f, "-s", "10M"]);
     assert_eq!(o.status, 22);
@@ -85,7 +94,10 @@ fn create_dynamic_and_query_every_field() {
 
     assert_eq!(ok(&["query", "-n", &f, "-v"]), "10\n");
     assert_eq!(ok(&["query", "-n", &f, "-s"]), "3584\n");
-    assert_eq!(ok(&["query", "-n", &f, "-p"]), format!("{f} has no parent\n"));
+    assert_eq!(
+        ok(&["query", "-n", &f, "-p"]),
+        format!("{f} has no parent\n")
+    );
     assert_eq!(ok(&["query", "-n", &f, "-f"]), "hidden: 0\n");
     assert_eq!(ok(&["query", "-n", &f, "-m"]), "marker: 0\n");
     assert_eq!(ok(&["query", "-n", &f, "-d"]), "chain depth: 1\n");
@@ -133,7 +145,9 @@ fn query_errors() {
     // No -n.
     let o = run(&["query", "-v"]);
     assert_eq!(o.status, 22);
-    assert!(o.stdout.starts_with("options: <-n name> [-v print virtual size (in MB)]"));
+    assert!(o
+        .stdout
+        .starts_with("options: <-n name> [-v print virtual size (in MB)]"));
     // -h is not an error for query.
     assert_eq!(run(&["query", "-h"]).status, 0);
 }
@@ -151,7 +165,11 @@ fn set_hidden_and_marker() {
     assert_eq!(bytes[bytes.len() - 512 + 85], 1);
     ok(&["set", "-n", &f, "-f", "marker", "-v", "1"]);
     assert_eq!(ok(&["query", "-n", &f, "-m"]), "marker: 1\n");
-    assert_eq!(std::fs::read(&f).unwrap()[2048 + 28], 1, "marker in batmap header");
+    assert_eq!(
+        std::fs::read(&f).unwrap()[2048 + 28],
+        1,
+        "marker in batmap header"
+    );
     assert_eq!(ok(&["check", "-n", &f]), format!("{f} is valid\n"));
 
     let o = run(&["set", "-n", &f, "-f", "bogus", "-v", "1"]);
@@ -185,7 +203,10 @@ fn snapshot_chain_query_and_depth_limit() {
     assert_eq!(be32(&bytes, bytes.len() - 512 + 60), 4);
     assert_eq!(ok(&["query", "-n", &s1, "-p"]), format!("{base}\n"));
     assert_eq!(ok(&["query", "-n", &s1, "-p", "-u"]), "./base.vhd\n");
-    assert_eq!(ok(&["query", "-n", &s1, "-d", "-v"]), "10\nchain depth: 2\n");
+    assert_eq!(
+        ok(&["query", "-n", &s1, "-d", "-v"]),
+        "10\nchain depth: 2\n"
+    );
     assert_eq!(ok(&["query", "-n", &s1, "-s"]), "5120\n");
 
     // s1 is empty, so a snapshot of s1 links to base unless -e is given.
@@ -219,7 +240,13 @@ fn snapshot_chain_query_and_depth_limit() {
     let o = run(&["snapshot", "-n", &s3]);
     assert_eq!(o.status, 22);
     assert!(o.stdout.starts_with("options: <-n name> <-p parent name>"));
-    let o = run(&["snapshot", "-n", &p(d.path(), "x.vhd"), "-p", &p(d.path(), "none.vhd")]);
+    let o = run(&[
+        "snapshot",
+        "-n",
+        &p(d.path(), "x.vhd"),
+        "-p",
+        &p(d.path(), "none.vhd"),
+    ]);
     assert_eq!(o.status, 2);
 }
 
@@ -342,7 +369,10 @@ fn check_valid_corrupt_and_parents() {
     );
     assert!(o.stdout.contains("VHD Footer Summary:"));
     // -i ignores the missing primary footer (the backup is good).
-    assert_eq!(ok(&["check", "-n", &bad, "-i"]), format!("{bad} is valid\n"));
+    assert_eq!(
+        ok(&["check", "-n", &bad, "-i"]),
+        format!("{bad} is valid\n")
+    );
 
     // BAT entry pointing into the headers.
     let clobber = p(d.path(), "clobber.vhd");
@@ -353,14 +383,18 @@ fn check_valid_corrupt_and_parents() {
     let o = run(&["check", "-n", &clobber]);
     assert_eq!(o.status, 22);
     assert!(
-        o.stdout.starts_with("block 0 (offset 0x2) clobbers headers\n"),
+        o.stdout
+            .starts_with("block 0 (offset 0x2) clobbers headers\n"),
         "{}",
         o.stdout
     );
 
     // Stats mode.
     let o = ok(&["check", "-n", &base, "-s"]);
-    assert_eq!(o, "base.vhd: secs allocated: 0x0 secs written: 0x0 (0.00%)\n");
+    assert_eq!(
+        o,
+        "base.vhd: secs allocated: 0x0 secs written: 0x0 (0.00%)\n"
+    );
 
     let missing = p(d.path(), "none.vhd");
     let o = run(&["check", "-n", &missing]);
@@ -378,7 +412,9 @@ fn read_headers_bat_and_batmap() {
     ok(&["create", "-n", &base, "-s", "10"]);
     ok(&["snapshot", "-n", &leaf, "-p", &base]);
     let o = ok(&["read", "-n", &base, "-p"]);
-    assert!(o.starts_with("VHD Footer Summary:\n-------------------\nCookie              : conectix\n"));
+    assert!(
+        o.starts_with("VHD Footer Summary:\n-------------------\nCookie              : conectix\n")
+    );
     for want in [
         "Features            : (0x00000002) <RESV>\n",
         "File format version : Major: 1, Minor: 0\n",
@@ -425,7 +461,10 @@ fn read_headers_bat_and_batmap() {
         ok(&["read", "-n", &base, "-i", "5"]),
         "block 0: sec: 5: 0\n"
     );
-    assert_eq!(ok(&["read", "-n", &base, "-m", "0"]), "block 0 not allocated\n");
+    assert_eq!(
+        ok(&["read", "-n", &base, "-m", "0"]),
+        "block 0 not allocated\n"
+    );
     assert_eq!(ok(&["read", "-n", &base, "-e", "0", "-c", "100"]), "");
     let o = run(&["read", "-n", &base, "-a"]);
     assert_eq!(o.status, 0);
@@ -467,7 +506,10 @@ fn repair_rewrites_a_damaged_footer() {
     assert_eq!(std::fs::read(&f).unwrap(), good);
     let o = run(&["repair"]);
     assert_eq!(o.status, 22);
-    assert_eq!(o.stdout, "options: <-n name> <-b use the back-up footer> [-h help]\n");
+    assert_eq!(
+        o.stdout,
+        "options: <-n name> <-b use the back-up footer> [-h help]\n"
+    );
 }
 
 #[test]
@@ -491,7 +533,9 @@ fn resize_fast_within_preallocation() {
     // Neither -f nor -j: usage.
     let o = run(&["resize", "-n", &f, "-s", "60"]);
     assert_eq!(o.status, 22);
-    assert!(o.stdout.starts_with("options: <-n name> <-s size (in MB)> (<-j journal>|<-f fast>)"));
+    assert!(o
+        .stdout
+        .starts_with("options: <-n name> <-s size (in MB)> (<-j journal>|<-f fast>)"));
 }
 
 #[test]
@@ -521,7 +565,9 @@ fn modify_zero_and_physical_size_and_reparent() {
     assert_eq!(o.stdout, "failed to zero VHD: -38\n");
     let o = run(&["modify"]);
     assert_eq!(o.status, 22);
-    assert!(o.stdout.starts_with("*** Dangerous operations, use with care ***\n"));
+    assert!(o
+        .stdout
+        .starts_with("*** Dangerous operations, use with care ***\n"));
 }
 
 #[test]

@@ -3,7 +3,6 @@
 
 use super::getopt::{getopt, Parsed};
 use super::Io;
-use std::io::Write;
 
 /// `EINVAL` as blktap returns it from a command (negative errno convention).
 pub const EINVAL: i32 = -libc::EINVAL;

@@ -138,7 +138,12 @@ pub fn phys_size(img: &VhdImage) -> Result<u64, ImageError> {
 }
 
 /// Read `len` bytes at `off` of a file (a private copy for validation).
-pub fn read_exact(file: &dyn BlockFile, path: &Path, off: u64, len: usize) -> Result<Vec<u8>, ImageError> {
+pub fn read_exact(
+    file: &dyn BlockFile,
+    path: &Path,
+    off: u64,
+    len: usize,
+) -> Result<Vec<u8>, ImageError> {
     let mut b = vec![0u8; len];
     file.read_at(&mut b, off)
         .map_err(|e| ImageError::io(path, "read", e))?;

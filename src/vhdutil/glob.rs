@@ -251,7 +251,10 @@ mod tests {
             glob(&format!("{base}/{{a.vhd,c.*}}")),
             vec![format!("{base}/a.vhd"), format!("{base}/c.raw")]
         );
-        assert_eq!(glob(&format!("{base}/*/*.vhd")), vec![format!("{base}/sub/z.vhd")]);
+        assert_eq!(
+            glob(&format!("{base}/*/*.vhd")),
+            vec![format!("{base}/sub/z.vhd")]
+        );
         assert!(glob(&format!("{base}/*.none")).is_empty());
     }
 }

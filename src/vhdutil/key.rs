@@ -10,7 +10,6 @@
 //! - `-s` refuses fixed VHDs and VHDs with any allocated block;
 //! - messages go to stderr prefixed with the C function name, as blktap's `ERR()` does.
 
-use std::io::Write;
 use std::path::Path;
 
 use super::cli::{OptsExt, UsageSpec, EINVAL};
@@ -52,7 +51,11 @@ fn cerr(e: &CryptoError) -> i32 {
 /// Read a key file for `-s`/`-c`: whole file, 32 or 64 bytes, consistent with its name.
 fn read_key_checked(io: &mut Io, keypath: &str) -> Result<crate::image::crypto::KeyBytes, i32> {
     let key = read_keyfile_whole(Path::new(keypath)).map_err(|e| {
-        verr!(io, "vhd_util_read_key: failed to open {keypath}: {}", e.errno());
+        verr!(
+            io,
+            "vhd_util_read_key: failed to open {keypath}: {}",
+            e.errno()
+        );
         cerr(&e)
     })?;
     if let Ok(bits) = key_bits_from_filename(Path::new(keypath)) {
@@ -80,7 +83,10 @@ fn parse_nonce(io: &mut Io, nonce: Option<&str>) -> Result<[u8; 32], i32> {
     match nonce {
         None => Ok([0u8; 32]),
         Some(n) => parse_hex::<32>(n).map_err(|_| {
-            verr!(io, "vhd_util_set_hex: invalid size for hex string or invalid hex digit");
+            verr!(
+                io,
+                "vhd_util_set_hex: invalid size for hex string or invalid hex digit"
+            );
             EINVAL
         }),
     }
@@ -98,7 +104,10 @@ fn set_key(
         return EINVAL;
     }
     if img.bat().iter().any(|&e| e != BAT_UNUSED) {
-        verr!(io, "vhd_util_set_key: can't save key hashes for non-empty vhds");
+        verr!(
+            io,
+            "vhd_util_set_key: can't save key hashes for non-empty vhds"
+        );
         return EINVAL;
     }
     let nonce = match parse_nonce(io, nonce) {
@@ -113,7 +122,10 @@ fn set_key(
                 hash,
             },
             Err(_) => {
-                verr!(io, "vhd_util_set_hex: invalid size for hex string or invalid hex digit");
+                verr!(
+                    io,
+                    "vhd_util_set_hex: invalid size for hex string or invalid hex digit"
+                );
                 return EINVAL;
             }
         }
@@ -137,7 +149,11 @@ fn check_key(io: &mut Io, img: &VhdImage, keypath: &str) -> i32 {
     let kh = match img.keyhash() {
         Ok(k) => k,
         Err(e) => {
-            verr!(io, "vhd_util_check_key: failed to read keyhash: {}", neg(&e));
+            verr!(
+                io,
+                "vhd_util_check_key: failed to read keyhash: {}",
+                neg(&e)
+            );
             return neg(&e);
         }
     };

@@ -6,11 +6,21 @@
 //! follow blktap's `vhd/lib/vhd-util-*.c` (see the per-command modules). The binary in
 //! `src/bin/vhd-util.rs` only builds an [`Io`] over stdout/stderr and calls [`main`].
 
+pub mod chain;
 pub mod cli;
+pub mod common;
+pub mod create;
 pub mod dump;
 pub mod getopt;
+pub mod glob;
+pub mod key;
 pub mod progress;
+pub mod query;
+pub mod read;
+pub mod scan;
 pub mod scanfmt;
+pub mod set;
+pub mod snapshot;
 
 use std::io::Write;
 
@@ -50,17 +60,42 @@ pub struct Command {
 }
 
 /// The command table, in blktap's order (the usage line lists them in this order).
-pub const COMMANDS: &[Command] = &[];
+pub const COMMANDS: &[Command] = &[
+    Command {
+        name: "create",
+        func: create::run,
+    },
+    Command {
+        name: "snapshot",
+        func: snapshot::run,
+    },
+    Command {
+        name: "query",
+        func: query::run,
+    },
+    Command {
+        name: "read",
+        func: read::run,
+    },
+    Command {
+        name: "set",
+        func: set::run,
+    },
+    Command {
+        name: "scan",
+        func: scan::run,
+    },
+    Command {
+        name: "key",
+        func: key::run,
+    },
+];
 
 /// `usage: vhd-util COMMAND [OPTIONS]` and the command list.
 pub fn print_help(io: &mut Io) {
     let names: Vec<&str> = COMMANDS.iter().map(|c| c.name).collect();
     vout!(io, "usage: vhd-util COMMAND [OPTIONS]");
     vout!(io, "COMMAND := {{ {} }}", names.join(" | "));
-    vout!(
-        io,
-        "Run 'vhd-util COMMAND --help' (or -h) for the options of a command."
-    );
 }
 
 /// Run vhd-util with `args` (without the program name). Returns the exit status.

@@ -1,12 +1,10 @@
 //! `vhd-util query`: one line per requested field, in blktap's fixed order
 //! (`-v -s -p -f -m -d -a -S`), with blktap's messages (`vhd-util-query.c`).
 
-use std::io::Write;
-
 use super::cli::{OptsExt, UsageSpec, EINVAL};
 use super::common::{self, neg};
 use super::Io;
-use crate::{vout, image::vhd::format::BAT_UNUSED};
+use crate::{image::vhd::format::BAT_UNUSED, vout};
 
 pub const USAGE: UsageSpec = UsageSpec {
     cmd: "query",
@@ -41,7 +39,7 @@ pub fn run(io: &mut Io, args: &[String]) -> i32 {
         }
     };
     let mut err = 0;
-    let mut keep = |err: &mut i32, r: i32| {
+    let keep = |err: &mut i32, r: i32| {
         if *err == 0 {
             *err = r;
         }

@@ -4,14 +4,13 @@
 //! encrypted: `TAPDISK3_CRYPTO_KEYDIR`), so they return guest plaintext; `-d` and `-m`
 //! dump raw on-disk bytes as blktap does.
 
-use std::io::Write;
 use std::path::Path;
 
 use super::cli::{OptsExt, UsageSpec};
 use super::common::{self, neg};
 use super::dump::{
-    batmap_summary, conv, footer_summary, header_summary, locators_summary, BatmapView,
-    FooterView, HeaderView, LocatorView,
+    batmap_summary, conv, footer_summary, header_summary, locators_summary, BatmapView, FooterView,
+    HeaderView, LocatorView,
 };
 use super::getopt::strtoull;
 use super::Io;
@@ -92,11 +91,15 @@ pub fn header_view(h: &DynHeader) -> HeaderView {
 }
 
 fn print_headers(io: &mut Io, img: &VhdImage, hex: bool) -> i32 {
-    let _ = io.out.write_all(footer_summary(&footer_view(&img.footer()), hex).as_bytes());
+    let _ = io
+        .out
+        .write_all(footer_summary(&footer_view(&img.footer()), hex).as_bytes());
     let Some(h) = img.header() else {
         return 0;
     };
-    let _ = io.out.write_all(header_summary(&header_view(&h), hex).as_bytes());
+    let _ = io
+        .out
+        .write_all(header_summary(&header_view(&h), hex).as_bytes());
     if img.is_differencing() {
         let locs: Vec<LocatorView> = h
             .loc
@@ -131,7 +134,13 @@ fn print_headers(io: &mut Io, img: &VhdImage, hex: bool) -> i32 {
                 crate::image::vhd::format::batmap_checksum(&map, curr, bh.batmap_version)
             } else {
                 // The engine zeroes a map whose checksum failed; recompute from disk.
-                raw_batmap_checksum(img, bh.batmap_offset, bh.batmap_size, curr, bh.batmap_version)
+                raw_batmap_checksum(
+                    img,
+                    bh.batmap_offset,
+                    bh.batmap_size,
+                    curr,
+                    bh.batmap_version,
+                )
             },
             keyhash: match img.keyhash() {
                 Ok(k) if k.cookie == 1 => Ok(Some((k.nonce, k.hash))),
@@ -190,8 +199,12 @@ fn dump_headers(io: &mut Io, name: &str, hex: bool) {
         let _ = file.read_at(&mut hb, footer.data_offset);
     }
     let header = DynHeader::decode(&hb);
-    let _ = io.out.write_all(footer_summary(&footer_view(&footer), hex).as_bytes());
-    let _ = io.out.write_all(header_summary(&header_view(&header), hex).as_bytes());
+    let _ = io
+        .out
+        .write_all(footer_summary(&footer_view(&footer), hex).as_bytes());
+    let _ = io
+        .out
+        .write_all(header_summary(&header_view(&header), hex).as_bytes());
 }
 
 struct Ctx<'a> {
@@ -230,7 +243,11 @@ fn logical_to_physical(io: &mut Io, c: &Ctx, sector: u64, count: u64) -> i32 {
         return -libc::EINVAL;
     }
     if sector.saturating_add(count).saturating_mul(512) > c.curr {
-        verr!(io, "sector {} past end of file", conv(c.hex, sector.saturating_add(count)));
+        verr!(
+            io,
+            "sector {} past end of file",
+            conv(c.hex, sector.saturating_add(count))
+        );
         return ERANGE;
     }
     for cur in sector..sector + count {
@@ -327,7 +344,13 @@ fn walk_bitmap(io: &mut Io, c: &Ctx, sector: u64, count: u64, extents: bool) -> 
             .and_then(|x| x.1.as_ref())
             .is_some_and(|b| bit_test(b, sec));
         if !extents {
-            vout!(io, "block {}: sec: {}: {}", conv(c.hex, blk), conv(c.hex, sec), u8::from(bit));
+            vout!(
+                io,
+                "block {}: sec: {}: {}",
+                conv(c.hex, blk),
+                conv(c.hex, sec),
+                u8::from(bit)
+            );
         } else if bit {
             if run == 0 {
                 start = cur;
@@ -368,7 +391,12 @@ fn test_batmap(io: &mut Io, c: &Ctx, block: u64, count: u64) -> i32 {
         return -libc::EINVAL;
     };
     for cur in block..block + count {
-        verr!(io, "batmap for block {}: {}", conv(c.hex, cur), u8::from(bit_test(&map, cur)));
+        verr!(
+            io,
+            "batmap for block {}: {}",
+            conv(c.hex, cur),
+            u8::from(bit_test(&map, cur))
+        );
     }
     0
 }
@@ -388,7 +416,12 @@ fn print_data(io: &mut Io, c: &Ctx, block: u64, count: u64) -> i32 {
             continue;
         }
         let off = (u64::from(e) + bm) * 512;
-        match common::read_exact(c.img.file().as_ref(), c.img.path(), off, h.block_size as usize) {
+        match common::read_exact(
+            c.img.file().as_ref(),
+            c.img.path(),
+            off,
+            h.block_size as usize,
+        ) {
             Ok(b) => {
                 let _ = io.out.write_all(&b);
             }

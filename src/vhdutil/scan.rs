@@ -2,12 +2,12 @@
 //! (`vhd-util-scan.c`). Line formats are in [`super::scanfmt`]. `-l VG` (LVM) is not
 //! supported and refused with EOPNOTSUPP.
 
-use std::io::Write;
-
 use super::cli::{OptsExt, UsageSpec, EINVAL};
 use super::common::{self, neg};
 use super::glob::glob;
-use super::scanfmt::{basename, format_line, pretty_lines, ScanEntry, ScanFailure, ScanFlags, ScanInfo};
+use super::scanfmt::{
+    basename, format_line, pretty_lines, ScanEntry, ScanFailure, ScanFlags, ScanInfo,
+};
 use super::Io;
 use crate::image::vhd::format::DiskType;
 use crate::{verr, vout};
@@ -104,7 +104,9 @@ fn scan_one(t: &Target, o: Opts) -> (ScanEntry, Option<(String, bool)>) {
     if img.disk_type() == DiskType::Differencing {
         let raw = common::parent_is_raw(&img);
         let found = if o.fast {
-            img.header().map(|h| h.parent_name()).filter(|s| !s.is_empty())
+            img.header()
+                .map(|h| h.parent_name())
+                .filter(|s| !s.is_empty())
         } else {
             common::parent_path(&img).ok().flatten().map(|(p, _)| {
                 let s = p.to_string_lossy().into_owned();
@@ -183,7 +185,11 @@ pub fn run(io: &mut Io, args: &[String]) -> i32 {
         match stat_target(n, false) {
             Ok(t) => targets.push(t),
             Err(e) => {
-                vout!(io, "{}", format_line(&fail(n, e, "failure scanning target"), o.out, 0, false));
+                vout!(
+                    io,
+                    "{}",
+                    format_line(&fail(n, e, "failure scanning target"), o.out, 0, false)
+                );
                 if !o.nofail {
                     verr!(io, "scan failed: {e}. Check syslog for details");
                     return e;
@@ -208,9 +214,7 @@ pub fn run(io: &mut Io, args: &[String]) -> i32 {
         }
         if o.parents {
             if let Some((pp, raw)) = add {
-                let dup = targets
-                    .iter()
-                    .any(|t| basename(&t.name) == basename(&pp));
+                let dup = targets.iter().any(|t| basename(&t.name) == basename(&pp));
                 if !dup {
                     match stat_target(&pp, raw) {
                         Ok(t) => targets.push(t),

@@ -1,7 +1,5 @@
 //! `vhd-util set -n NAME -f hidden|marker -v 0..255` (`vhd-util-set-field.c`).
 
-use std::io::Write;
-
 use super::cli::{OptsExt, UsageSpec, EINVAL};
 use super::common::{self, neg};
 use super::getopt::strtol;
