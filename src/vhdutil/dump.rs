@@ -62,6 +62,9 @@ pub struct LocatorView {
     pub decoded: Option<String>,
 }
 
+/// `(nonce, hash)` of a set keyhash, `None` when unset, `Err(errno)` if unreadable.
+pub type KeyhashView = Result<Option<([u8; 32], [u8; 32])>, i32>;
+
 /// Batmap header fields.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BatmapView {
@@ -71,7 +74,7 @@ pub struct BatmapView {
     pub checksum: u32,
     pub computed_checksum: u32,
     /// `(nonce, hash)` when the keyhash cookie is 1; `Err(errno)` if it cannot be read.
-    pub keyhash: Result<Option<([u8; 32], [u8; 32])>, i32>,
+    pub keyhash: KeyhashView,
 }
 
 pub const PLAT_CODE_NONE: u32 = 0;

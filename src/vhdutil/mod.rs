@@ -7,16 +7,23 @@
 //! `src/bin/vhd-util.rs` only builds an [`Io`] over stdout/stderr and calls [`main`].
 
 pub mod chain;
+pub mod check;
 pub mod cli;
+pub mod coalesce;
 pub mod common;
+pub mod copy;
 pub mod create;
 pub mod dump;
+pub mod fill;
 pub mod getopt;
 pub mod glob;
 pub mod key;
+pub mod modify;
 pub mod progress;
 pub mod query;
 pub mod read;
+pub mod repair;
+pub mod resize;
 pub mod scan;
 pub mod scanfmt;
 pub mod set;
@@ -60,35 +67,26 @@ pub struct Command {
 }
 
 /// The command table, in blktap's order (the usage line lists them in this order).
+const fn cmd(name: &'static str, func: CommandFn) -> Command {
+    Command { name, func }
+}
+
 pub const COMMANDS: &[Command] = &[
-    Command {
-        name: "create",
-        func: create::run,
-    },
-    Command {
-        name: "snapshot",
-        func: snapshot::run,
-    },
-    Command {
-        name: "query",
-        func: query::run,
-    },
-    Command {
-        name: "read",
-        func: read::run,
-    },
-    Command {
-        name: "set",
-        func: set::run,
-    },
-    Command {
-        name: "scan",
-        func: scan::run,
-    },
-    Command {
-        name: "key",
-        func: key::run,
-    },
+    cmd("create", create::run),
+    cmd("snapshot", snapshot::run),
+    cmd("query", query::run),
+    cmd("read", read::run),
+    cmd("set", set::run),
+    cmd("repair", repair::run),
+    cmd("resize", resize::run),
+    cmd("fill", fill::run),
+    cmd("coalesce", coalesce::run),
+    cmd("modify", modify::run),
+    cmd("scan", scan::run),
+    cmd("check", check::run),
+    cmd("revert", resize::run_revert),
+    cmd("key", key::run),
+    cmd("copy", copy::run),
 ];
 
 /// `usage: vhd-util COMMAND [OPTIONS]` and the command list.

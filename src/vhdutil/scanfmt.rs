@@ -129,68 +129,75 @@ pub fn pretty_lines(entries: &[ScanEntry], flags: ScanFlags) -> Vec<String> {
     let n = imgs.len();
     let mut parent_of: Vec<Option<usize>> = vec![None; n];
     let mut children: Vec<Vec<usize>> = vec![Vec::new(); n];
-    for i in 0..n {
+    for (i, slot) in parent_of.iter_mut().enumerate() {
         if let Some(p) = info(i).and_then(|x| x.parent.as_deref()) {
             if let Ok(j) = imgs.binary_search_by(|e| e.name.as_bytes().cmp(p.as_bytes())) {
-                parent_of[i] = Some(j);
+                *slot = Some(j);
                 children[j].push(i);
             }
         }
     }
-    let hidden = |i: usize| info(i).map(|x| x.hidden != 0).unwrap_or(false);
-    let mut printed = vec![false; n];
-    let mut lines = Vec::new();
+    let hidden: Vec<bool> = (0..n)
+        .map(|i| info(i).map(|x| x.hidden != 0).unwrap_or(false))
+        .collect();
+    let mut t = Tree {
+        imgs: &imgs,
+        children: &children,
+        parent_of: &parent_of,
+        hidden: &hidden,
+        flags: ScanFlags {
+            pretty: true,
+            ..flags
+        },
+        printed: vec![false; n],
+        lines: Vec::new(),
+    };
+    let roots: Vec<usize> = (0..n).filter(|&i| parent_of[i].is_none()).collect();
+    for &i in roots.iter().filter(|&&i| hidden[i]) {
+        t.walk(i, 0);
+    }
+    for &i in &roots {
+        t.walk(i, 0);
+    }
+    for i in 0..n {
+        t.walk(i, 0);
+    }
+    t.lines
+}
 
-    fn walk(
-        i: usize,
-        depth: usize,
-        ctx: &mut (Vec<bool>, Vec<String>),
-        imgs: &[&ScanEntry],
-        children: &[Vec<usize>],
-        parent_of: &[Option<usize>],
-        hidden: &dyn Fn(usize) -> bool,
-        flags: ScanFlags,
-    ) {
-        if ctx.0[i] {
+/// The `-p` tree under construction.
+struct Tree<'a> {
+    imgs: &'a [&'a ScanEntry],
+    children: &'a [Vec<usize>],
+    parent_of: &'a [Option<usize>],
+    hidden: &'a [bool],
+    flags: ScanFlags,
+    printed: Vec<bool>,
+    lines: Vec<String>,
+}
+
+impl Tree<'_> {
+    fn walk(&mut self, i: usize, depth: usize) {
+        if self.printed[i] {
             return;
         }
-        ctx.0[i] = true;
-        let has_parent = imgs[i]
+        self.printed[i] = true;
+        let has_parent = self.imgs[i]
             .result
             .as_ref()
             .map(|x| x.parent.is_some())
             .unwrap_or(false);
-        let not_found = flags.pretty && has_parent && parent_of[i].is_none();
-        ctx.1
-            .push(format_line(imgs[i], flags, depth * 3, not_found));
+        let not_found = has_parent && self.parent_of[i].is_none();
+        self.lines
+            .push(format_line(self.imgs[i], self.flags, depth * 3, not_found));
         for pass_hidden in [false, true] {
-            for &c in &children[i] {
-                if hidden(c) == pass_hidden {
-                    walk(c, depth + 1, ctx, imgs, children, parent_of, hidden, flags);
+            for &c in self.children[i].iter() {
+                if self.hidden[c] == pass_hidden {
+                    self.walk(c, depth + 1);
                 }
             }
         }
     }
-
-    let mut ctx = (std::mem::take(&mut printed), std::mem::take(&mut lines));
-    let flags = ScanFlags {
-        pretty: true,
-        ..flags
-    };
-    for i in 0..n {
-        if parent_of[i].is_none() && hidden(i) {
-            walk(i, 0, &mut ctx, &imgs, &children, &parent_of, &hidden, flags);
-        }
-    }
-    for i in 0..n {
-        if parent_of[i].is_none() {
-            walk(i, 0, &mut ctx, &imgs, &children, &parent_of, &hidden, flags);
-        }
-    }
-    for i in 0..n {
-        walk(i, 0, &mut ctx, &imgs, &children, &parent_of, &hidden, flags);
-    }
-    ctx.1
 }
 
 #[cfg(test)]
