@@ -1,0 +1,303 @@
+//! vhd-util data commands end to end: create -> snapshot -> write (through the library)
+//! -> coalesce -> compare, on plain and encrypted chains, raw parents, fill, copy, and
+//! qemu-img as the independent reader of what we write.
+
+mod vhd_util_common;
+use vhd_util_common::*;
+
+use std::path::{Path, PathBuf};
+
+use blktap3::image::chain::{open_vhd_chain, OpenOptions};
+use blktap3::image::crypto::KeySource;
+use blktap3::image::Image;
+
+const MIB: usize = 1 << 20;
+
+fn open_rw(path: &str, keydir: Option<&Path>) -> impl Image {
+    let opts = OpenOptions {
+        read_only: false,
+        keys: keydir.map_or(KeySource::None, |d| KeySource::Dirs(vec![d.to_path_buf()])),
+        ..Default::default()
+    };
+    open_vhd_chain(Path::new(path), &opts).expect("open chain")
+}
+
+fn write(path: &str, keydir: Option<&Path>, sector: u64, data: &[u8]) {
+    let img = open_rw(path, keydir);
+    img.write(sector, data).unwrap();
+    img.close().unwrap();
+}
+
+fn read_all(path: &str, keydir: Option<&Path>) -> Vec<u8> {
+    let opts = OpenOptions {
+        keys: keydir.map_or(KeySource::None, |d| KeySource::Dirs(vec![d.to_path_buf()])),
+        ..Default::default()
+    };
+    let img = open_vhd_chain(Path::new(path), &opts).expect("open chain");
+    let mut buf = vec![0u8; (img.info().size_sectors * 512) as usize];
+    img.read(0, &mut buf).unwrap();
+    img.close().unwrap();
+    buf
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+/// qemu-img's view of a dynamic VHD as raw bytes.
+fn qemu_raw(vhd: &str, dir: &Path) -> Option<Vec<u8>> {
+    if !have("qemu-img") {
+        return None;
+    }
+    let out = dir.join("qemu-out.raw");
+    let _ = std::fs::remove_file(&out);
+    let (st, msg) = peer(
+        "qemu-img",
+        &["convert", "-f", "vpc", "-O", "raw", vhd, &out.to_string_lossy()],
+    );
+    assert_eq!(st, 0, "qemu-img convert: {msg}");
+    Some(std::fs::read(&out).unwrap())
+}
+
+fn qemu_virtual_size(vhd: &str) -> Option<u64> {
+    if !have("qemu-img") {
+        return None;
+    }
+    let (st, out) = peer("qemu-img", &["info", "-f", "vpc", vhd]);
+    assert_eq!(st, 0, "{out}");
+    // "virtual size: 10 MiB (10485760 bytes)"
+    let line = out.lines().find(|l| l.starts_with("virtual size:"))?;
+    let i = line.find('(')? + 1;
+    let j = line.find(" bytes)")?;
+    line[i..j].parse().ok()
+}
+
+#[test]
+fn coalesce_plain_chain_and_compare() {
+    let d = tmpdir();
+    let base = p(d.path(), "base.vhd");
+    let leaf = p(d.path(), "leaf.vhd");
+    ok(&["create", "-n", &base, "-s", "8"]);
+    let a = pattern(3 * MIB, 1);
+    write(&base, None, 0, &a);
+    ok(&["snapshot", "-n", &leaf, "-p", &base]);
+    // Leaf writes: a partial run inside block 0, a run crossing blocks 1/2, a lone
+    // sector in block 3.
+    let b1 = pattern(8 * 512, 7);
+    let b2 = pattern(64 * 512, 9);
+    let b3 = pattern(512, 11);
+    write(&leaf, None, 100, &b1);
+    write(&leaf, None, 4096 - 32, &b2);
+    write(&leaf, None, 3 * 4096 + 5, &b3);
+    let mut expect = vec![0u8; 8 * MIB];
+    expect[..a.len()].copy_from_slice(&a);
+    for (s, buf) in [(100usize, &b1), (4096 - 32, &b2), (3 * 4096 + 5, &b3)] {
+        expect[s * 512..s * 512 + buf.len()].copy_from_slice(buf);
+    }
+    assert_eq!(read_all(&leaf, None), expect, "leaf view before coalesce");
+    // Blocks 0 (two runs), 1 and 3.
+    assert_eq!(ok(&["query", "-n", &leaf, "-a"]), "3\n");
+
+    // Exactly the sectors the leaf holds are copied; no newline after the message.
+    assert_eq!(ok(&["coalesce", "-n", &leaf]), "Coalesced 73 sectors");
+    assert_eq!(read_all(&base, None), expect, "base after coalesce");
+    assert_eq!(ok(&["check", "-n", &base]), format!("{base} is valid\n"));
+    assert_eq!(ok(&["check", "-n", &leaf, "-p"]), format!("{leaf} is valid\n{base} is valid\n"));
+    if let Some(q) = qemu_raw(&base, d.path()) {
+        assert_eq!(q, expect, "qemu-img reads the coalesced base");
+    }
+    assert_eq!(qemu_virtual_size(&base).unwrap_or(8 << 20), 8 << 20);
+
+    // blktap's -p progress on stdout, then the message.
+    let o = ok(&["coalesce", "-n", &leaf, "-p"]);
+    assert!(o.starts_with("\r  0.00%"), "{o:?}");
+    assert!(o.ends_with("\r100.00%\nCoalesced 73 sectors"), "{o:?}");
+
+    // Not a differencing disk.
+    let o = run(&["coalesce", "-n", &base]);
+    assert_eq!(o.status, 22);
+    assert_eq!(
+        o.stdout,
+        "coalescing of non-differencing disks is not supported\nerror coalescing: -22\n"
+    );
+    let o = run(&["coalesce"]);
+    assert_eq!(o.status, 22);
+    assert_eq!(o.stdout, "options: <-n name> [-s sparse] [-p progress] [-h help]\n");
+}
+
+#[test]
+fn coalesce_into_raw_parent() {
+    let d = tmpdir();
+    let raw = p(d.path(), "disk.img");
+    let a = pattern(4 * MIB, 3);
+    std::fs::write(&raw, &a).unwrap();
+    let leaf = p(d.path(), "leaf.vhd");
+    ok(&["snapshot", "-n", &leaf, "-p", &raw, "-m"]);
+    let b = pattern(1024, 5);
+    write(&leaf, None, 4000, &b);
+    assert_eq!(ok(&["coalesce", "-n", &leaf]), "Coalesced 2 sectors");
+    let mut expect = a.clone();
+    expect[4000 * 512..4000 * 512 + 1024].copy_from_slice(&b);
+    assert_eq!(std::fs::read(&raw).unwrap(), expect);
+}
+
+fn keyfile_for(dir: &Path, vhd_base: &str, bytes: usize, seed: u8) -> PathBuf {
+    let bits = bytes * 8;
+    let f = dir.join(format!("{vhd_base},aes-xts-plain,{bits}.key"));
+    std::fs::write(&f, pattern(bytes, seed)).unwrap();
+    f
+}
+
+#[test]
+fn coalesce_encrypted_chain_same_and_different_keys() {
+    let d = tmpdir();
+    let keys = d.path().join("keys");
+    std::fs::create_dir(&keys).unwrap();
+    let kd = keys.to_string_lossy().into_owned();
+    let base = p(d.path(), "base.vhd");
+    let leaf = p(d.path(), "leaf.vhd");
+    ok(&["create", "-n", &base, "-s", "4"]);
+    let bk = keyfile_for(&keys, "base", 64, 1);
+    ok(&["key", "-s", "-n", &base, "-k", &bk.to_string_lossy()]);
+    let a = pattern(MIB, 21);
+    write(&base, Some(&keys), 0, &a);
+    // Ciphertext on disk: the plaintext pattern is not in the file.
+    let raw = std::fs::read(&base).unwrap();
+    assert!(!raw.windows(64).any(|w| w == &a[512..576]));
+
+    // OpenXT 8: the snapshot has no keyhash and uses the base's key.
+    ok(&["snapshot", "-n", &leaf, "-p", &base]);
+    assert_eq!(ok(&["key", "-p", "-n", &leaf]), "none\n");
+    let b = pattern(4096, 33);
+    write(&leaf, Some(&keys), 10, &b);
+
+    // Without keys nothing is written and the error is ENOKEY.
+    let before = std::fs::read(&base).unwrap();
+    let o = run(&["coalesce", "-n", &leaf]);
+    assert_eq!(o.status, 126, "{} {}", o.stdout, o.stderr);
+    assert!(o.stdout.ends_with("error coalescing: -126\n"), "{}", o.stdout);
+    assert_eq!(std::fs::read(&base).unwrap(), before);
+
+    let env = [("TAPDISK3_CRYPTO_KEYDIR", kd.as_str())];
+    let o = run_env(&["coalesce", "-n", &leaf], &env);
+    assert_eq!(o.status, 0, "{} {}", o.stdout, o.stderr);
+    assert_eq!(o.stdout, "Coalesced 8 sectors");
+    let mut expect = vec![0u8; 4 * MIB];
+    expect[..a.len()].copy_from_slice(&a);
+    expect[10 * 512..10 * 512 + b.len()].copy_from_slice(&b);
+    assert_eq!(read_all(&base, Some(&keys)), expect);
+
+    // A second snapshot with its own key (xenmgr's temporary snapshots): data written
+    // with the leaf key, coalesced into the base under the base key.
+    let leaf2 = p(d.path(), "snap_x.vhd");
+    ok(&["snapshot", "-n", &leaf2, "-p", &base]);
+    let lk = keyfile_for(&keys, "snap_x", 32, 9);
+    ok(&["key", "-s", "-n", &leaf2, "-k", &lk.to_string_lossy()]);
+    let c = pattern(2048, 77);
+    write(&leaf2, Some(&keys), 2048, &c);
+    let o = run_env(&["coalesce", "-n", &leaf2], &env);
+    assert_eq!(o.status, 0, "{} {}", o.stdout, o.stderr);
+    assert_eq!(o.stdout, "Coalesced 4 sectors");
+    expect[2048 * 512..2048 * 512 + c.len()].copy_from_slice(&c);
+    assert_eq!(read_all(&base, Some(&keys)), expect);
+    assert_eq!(ok(&["check", "-n", &base]), format!("{base} is valid\n"));
+
+    // read -r decrypts through the image layer.
+    let o = run_env(&["read", "-n", &base, "-r", "10", "-c", "8"], &env);
+    assert_eq!(o.status, 0);
+    assert_eq!(o.raw, b);
+}
+
+#[test]
+fn fill_allocates_everything_and_keeps_content() {
+    let d = tmpdir();
+    let base = p(d.path(), "base.vhd");
+    let leaf = p(d.path(), "leaf.vhd");
+    ok(&["create", "-n", &base, "-s", "6"]);
+    let a = pattern(MIB, 2);
+    write(&base, None, 4096, &a);
+    ok(&["snapshot", "-n", &leaf, "-p", &base]);
+    let before = read_all(&leaf, None);
+    assert_eq!(ok(&["fill", "-n", &leaf]), "");
+    assert_eq!(ok(&["query", "-n", &leaf, "-a"]), "3\n");
+    assert_eq!(read_all(&leaf, None), before);
+    assert_eq!(ok(&["check", "-n", &leaf]), format!("{leaf} is valid\n"));
+
+    // -b: BAT and bitmaps only.
+    let e = p(d.path(), "empty.vhd");
+    ok(&["create", "-n", &e, "-s", "6"]);
+    assert_eq!(ok(&["fill", "-n", &e, "-b", "-f", "4096", "-t", "8191"]), "");
+    assert_eq!(ok(&["query", "-n", &e, "-a"]), "1\n");
+    assert_eq!(ok(&["fill", "-n", &e, "-b"]), "");
+    assert_eq!(ok(&["query", "-n", &e, "-a"]), "3\n");
+    assert_eq!(ok(&["check", "-n", &e, "-b"]), format!("{e} is valid\n"));
+    assert_eq!(read_all(&e, None), vec![0u8; 6 * MIB]);
+    if let Some(q) = qemu_raw(&e, d.path()) {
+        assert_eq!(q, vec![0u8; 6 * MIB]);
+    }
+    let o = run(&["fill", "-n", &e, "-f", "10"]);
+    assert_eq!(o.status, 22);
+    assert!(o.stdout.starts_with("-f/-t can only be used with -b\n"));
+}
+
+#[test]
+fn copy_flattens_and_optionally_encrypts() {
+    let d = tmpdir();
+    let base = p(d.path(), "base.vhd");
+    let leaf = p(d.path(), "leaf.vhd");
+    ok(&["create", "-n", &base, "-s", "4"]);
+    write(&base, None, 0, &pattern(MIB, 4));
+    ok(&["snapshot", "-n", &leaf, "-p", &base]);
+    write(&leaf, None, 3000, &pattern(4096, 6));
+    let want = read_all(&leaf, None);
+
+    let plain = p(d.path(), "copy.vhd");
+    assert_eq!(ok(&["copy", "-n", &leaf, "-N", &plain]), "");
+    assert_eq!(ok(&["query", "-n", &plain, "-p"]), format!("{plain} has no parent\n"));
+    assert_eq!(read_all(&plain, None), want);
+    if let Some(q) = qemu_raw(&plain, d.path()) {
+        assert_eq!(q, want);
+    }
+
+    let keys = d.path().join("keys");
+    std::fs::create_dir(&keys).unwrap();
+    let kf = keyfile_for(&keys, "enc", 64, 8);
+    let enc = p(d.path(), "enc.vhd");
+    ok(&["copy", "-n", &leaf, "-N", &enc, "-k", &kf.to_string_lossy()]);
+    assert_ne!(ok(&["key", "-p", "-n", &enc]), "none\n");
+    ok(&["key", "-c", "-n", &enc, "-k", &kf.to_string_lossy()]);
+    assert_eq!(read_all(&enc, Some(&keys)), want);
+
+    let o = run(&["copy", "-n", &leaf, "-N", &enc]);
+    assert_eq!(o.status, 22);
+    assert_eq!(
+        o.stdout,
+        format!("VHD file {enc} already exists, chose a different name\n")
+    );
+}
+
+#[test]
+fn qemu_reads_created_snapshotted_and_resized_disks() {
+    if !have("qemu-img") {
+        return;
+    }
+    let d = tmpdir();
+    let base = p(d.path(), "base.vhd");
+    ok(&["create", "-n", &base, "-s", "10", "-S", "64"]);
+    assert_eq!(qemu_virtual_size(&base), Some(10 << 20));
+    assert_eq!(qemu_raw(&base, d.path()).unwrap(), vec![0u8; 10 * MIB]);
+    ok(&["resize", "-n", &base, "-s", "40", "-f"]);
+    assert_eq!(qemu_virtual_size(&base), Some(40 << 20));
+    write(&base, None, 70_000, &pattern(4096, 1));
+    let q = qemu_raw(&base, d.path()).unwrap();
+    assert_eq!(&q[70_000 * 512..70_000 * 512 + 4096], &pattern(4096, 1)[..]);
+    let leaf = p(d.path(), "leaf.vhd");
+    ok(&["snapshot", "-n", &leaf, "-p", &base]);
+    // qemu opens our differencing disk's metadata (it does not follow VHD parents).
+    assert_eq!(qemu_virtual_size(&leaf), Some(40 << 20));
+    let fixed = p(d.path(), "fixed.vhd");
+    ok(&["create", "-n", &fixed, "-s", "6", "-r"]);
+    assert_eq!(qemu_virtual_size(&fixed), Some(6 << 20));
+}
