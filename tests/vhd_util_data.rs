@@ -55,7 +55,15 @@ fn qemu_raw(vhd: &str, dir: &Path) -> Option<Vec<u8>> {
     let _ = std::fs::remove_file(&out);
     let (st, msg) = peer(
         "qemu-img",
-        &["convert", "-f", "vpc", "-O", "raw", vhd, &out.to_string_lossy()],
+        &[
+            "convert",
+            "-f",
+            "vpc",
+            "-O",
+            "raw",
+            vhd,
+            &out.to_string_lossy(),
+        ],
     );
     assert_eq!(st, 0, "qemu-img convert: {msg}");
     Some(std::fs::read(&out).unwrap())
@@ -104,7 +112,10 @@ fn coalesce_plain_chain_and_compare() {
     assert_eq!(ok(&["coalesce", "-n", &leaf]), "Coalesced 73 sectors");
     assert_eq!(read_all(&base, None), expect, "base after coalesce");
     assert_eq!(ok(&["check", "-n", &base]), format!("{base} is valid\n"));
-    assert_eq!(ok(&["check", "-n", &leaf, "-p"]), format!("{leaf} is valid\n{base} is valid\n"));
+    assert_eq!(
+        ok(&["check", "-n", &leaf, "-p"]),
+        format!("{leaf} is valid\n{base} is valid\n")
+    );
     if let Some(q) = qemu_raw(&base, d.path()) {
         assert_eq!(q, expect, "qemu-img reads the coalesced base");
     }
@@ -124,7 +135,10 @@ fn coalesce_plain_chain_and_compare() {
     );
     let o = run(&["coalesce"]);
     assert_eq!(o.status, 22);
-    assert_eq!(o.stdout, "options: <-n name> [-s sparse] [-p progress] [-h help]\n");
+    assert_eq!(
+        o.stdout,
+        "options: <-n name> [-s sparse] [-p progress] [-h help]\n"
+    );
 }
 
 #[test]
@@ -177,7 +191,11 @@ fn coalesce_encrypted_chain_same_and_different_keys() {
     let before = std::fs::read(&base).unwrap();
     let o = run(&["coalesce", "-n", &leaf]);
     assert_eq!(o.status, 126, "{} {}", o.stdout, o.stderr);
-    assert!(o.stdout.ends_with("error coalescing: -126\n"), "{}", o.stdout);
+    assert!(
+        o.stdout.ends_with("error coalescing: -126\n"),
+        "{}",
+        o.stdout
+    );
     assert_eq!(std::fs::read(&base).unwrap(), before);
 
     let env = [("TAPDISK3_CRYPTO_KEYDIR", kd.as_str())];
@@ -228,7 +246,10 @@ fn fill_allocates_everything_and_keeps_content() {
     // -b: BAT and bitmaps only.
     let e = p(d.path(), "empty.vhd");
     ok(&["create", "-n", &e, "-s", "6"]);
-    assert_eq!(ok(&["fill", "-n", &e, "-b", "-f", "4096", "-t", "8191"]), "");
+    assert_eq!(
+        ok(&["fill", "-n", &e, "-b", "-f", "4096", "-t", "8191"]),
+        ""
+    );
     assert_eq!(ok(&["query", "-n", &e, "-a"]), "1\n");
     assert_eq!(ok(&["fill", "-n", &e, "-b"]), "");
     assert_eq!(ok(&["query", "-n", &e, "-a"]), "3\n");
@@ -255,7 +276,10 @@ fn copy_flattens_and_optionally_encrypts() {
 
     let plain = p(d.path(), "copy.vhd");
     assert_eq!(ok(&["copy", "-n", &leaf, "-N", &plain]), "");
-    assert_eq!(ok(&["query", "-n", &plain, "-p"]), format!("{plain} has no parent\n"));
+    assert_eq!(
+        ok(&["query", "-n", &plain, "-p"]),
+        format!("{plain} has no parent\n")
+    );
     assert_eq!(read_all(&plain, None), want);
     if let Some(q) = qemu_raw(&plain, d.path()) {
         assert_eq!(q, want);

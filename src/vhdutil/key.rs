@@ -173,6 +173,13 @@ fn check_key(io: &mut Io, img: &VhdImage, keypath: &str) -> i32 {
 }
 
 fn derive(io: &mut Io, pass: &str, keypath: &str, salt: Option<&str>, iter: Option<&str>) -> i32 {
+    if Path::new(keypath).symlink_metadata().is_ok() {
+        verr!(
+            io,
+            "key: {keypath} already exists; refusing to overwrite a key file"
+        );
+        return -libc::EEXIST;
+    }
     let bits = match key_bits_from_filename(Path::new(keypath)) {
         Ok(b) => b,
         Err(e) => {
