@@ -325,3 +325,33 @@ fn qemu_reads_created_snapshotted_and_resized_disks() {
     ok(&["create", "-n", &fixed, "-s", "6", "-r"]);
     assert_eq!(qemu_virtual_size(&fixed), Some(6 << 20));
 }
+
+#[test]
+fn progress_only_on_a_terminal() {
+    let d = tmpdir();
+    let base = p(d.path(), "base.vhd");
+    let leaf = p(d.path(), "leaf.vhd");
+    ok(&["create", "-n", &base, "-s", "8"]);
+    ok(&["snapshot", "-n", &leaf, "-p", &base]);
+    // Not a terminal: silent, stdout exactly blktap's.
+    let o = run(&["fill", "-n", &leaf]);
+    assert_eq!(o.status, 0);
+    assert_eq!(o.stdout, "");
+    assert_eq!(o.stderr, "");
+    let o = run(&["coalesce", "-n", &leaf]);
+    assert_eq!(
+        (o.stdout.as_str(), o.stderr.as_str()),
+        ("Coalesced 16384 sectors", "")
+    );
+    // Under a pseudo-terminal (util-linux script), qemu-img style redraws on stderr.
+    if !have("script") {
+        return;
+    }
+    let cmd = format!("'{}' coalesce -n '{leaf}'", bin());
+    let (st, out) = peer("script", &["-qec", &cmd, "/dev/null"]);
+    assert_eq!(st, 0, "{out}");
+    assert!(out.contains("    (0.00/100%)\r"), "{out:?}");
+    assert!(out.contains("    (50.00/100%)\r"), "{out:?}");
+    assert!(out.contains("    (100.00/100%)"), "{out:?}");
+    assert!(out.ends_with("Coalesced 16384 sectors"), "{out:?}");
+}
