@@ -296,6 +296,22 @@ fn scan_plain_markers_tree_and_errors() {
          vhd=leaf.vhd capacity=10485760 size=5120 hidden=0 parent=base.vhd\n"
     );
 
+    // -a with a raw parent: raw targets are reported hidden, capacity = file size.
+    let raw = p(d.path(), "disk.img");
+    std::fs::write(&raw, vec![0u8; 4 << 20]).unwrap();
+    let rs = p(d.path(), "rawsnap.vhd");
+    ok(&["snapshot", "-n", &rs, "-p", &raw, "-m"]);
+    assert_eq!(
+        ok(&["scan", "-a", &rs]),
+        "vhd=rawsnap.vhd capacity=4194304 size=5120 hidden=0 parent=disk.img\n\
+         vhd=disk.img capacity=4194304 size=4194304 hidden=1 parent=none\n"
+    );
+    assert_eq!(
+        ok(&["scan", "-p", "-a", &rs]),
+        "vhd=disk.img capacity=4194304 size=4194304 hidden=1 parent=none\n   \
+         vhd=rawsnap.vhd capacity=4194304 size=5120 hidden=0 parent=disk.img\n"
+    );
+
     // A missing target.
     let missing = p(d.path(), "gone.vhd");
     let o = run(&["scan", &missing]);

@@ -396,11 +396,22 @@ fn check_bat(io: &mut Io, ctx: &mut Ctx, r: &Raw, name: &str) -> Result<(), i32>
     let h = &r.header;
     if ctx.opts.collect_stats {
         let total = r.spb() * u64::from(h.max_bat_size);
+        let mut bitmap = Vec::new();
+        let ok = usize::try_from(total.div_ceil(8)).ok().is_some_and(|n| {
+            bitmap.try_reserve_exact(n).is_ok() && {
+                bitmap.resize(n, 0);
+                true
+            }
+        });
+        if !ok {
+            vout!(io, "failed to allocate stats for {name}");
+            return Err(-libc::ENOMEM);
+        }
         ctx.stats.insert(
             0,
             Stats {
                 name: name.to_string(),
-                bitmap: vec![0u8; usize::try_from(total.div_ceil(8)).unwrap_or(0)],
+                bitmap,
                 secs_total: total,
                 secs_allocated: 0,
                 secs_written: 0,
