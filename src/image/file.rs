@@ -122,8 +122,9 @@ impl BlockFile for OsFile {
     }
     fn punch_hole(&self, off: u64, len: u64) -> io::Result<()> {
         use nix::fcntl::{fallocate, FallocateFlags};
-        let (Ok(o), Ok(l)) = (i64::try_from(off), i64::try_from(len)) else {
-            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        // nix takes off_t, which is 32-bit on i686: beyond that, write zeros instead.
+        let (Ok(o), Ok(l)) = (libc::off_t::try_from(off), libc::off_t::try_from(len)) else {
+            return write_zeros(self, off, len);
         };
         let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
         match fallocate(&self.file, flags, o, l) {

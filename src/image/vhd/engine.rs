@@ -174,10 +174,10 @@ fn corrupt(path: &Path, what: impl Into<String>) -> ImageError {
     }
 }
 
-/// Read and validate a footer at `off`.
-fn read_footer_at(file: &dyn BlockFile, off: u64) -> Result<Footer, String> {
+/// Read and validate a footer of `n` bytes at `off` (511: the short footer, last byte 0).
+fn read_footer_at(file: &dyn BlockFile, off: u64, n: usize) -> Result<Footer, String> {
     let mut b = [0u8; FOOTER_SIZE];
-    file.read_at(&mut b, off).map_err(|e| e.to_string())?;
+    file.read_at(&mut b[..n], off).map_err(|e| e.to_string())?;
     let f = Footer::decode(&b);
     f.validate().map_err(|e| e.to_string())?;
     Ok(f)
@@ -195,17 +195,17 @@ pub fn find_footer(
     }
     let mut why = String::new();
     if !use_backup {
-        match read_footer_at(file, len - FOOTER_SIZE as u64) {
+        match read_footer_at(file, len - FOOTER_SIZE as u64, FOOTER_SIZE) {
             Ok(f) => return Ok((f, FooterSource::Primary)),
             Err(e) => why = e,
         }
         if len % 512 == 511 {
-            if let Ok(f) = read_footer_at(file, len - 511) {
+            if let Ok(f) = read_footer_at(file, len - 511, 511) {
                 return Ok((f, FooterSource::Short));
             }
         }
     }
-    match read_footer_at(file, 0) {
+    match read_footer_at(file, 0, FOOTER_SIZE) {
         // A fixed disk has no backup: sector 0 is guest data.
         Ok(f) if f.kind() != Some(DiskType::Fixed) => Ok((f, FooterSource::Backup)),
         _ if use_backup => Err(corrupt(path, "no valid backup footer")),
@@ -580,9 +580,10 @@ impl VhdImage {
     pub fn set_keyhash(&self, kh: &KeyHash) -> Result<(), ImageError> {
         self.writable()?;
         let mut m = self.lock();
+        let curr = m.footer.curr_size;
         if let Some(b) = m.batmap.as_mut() {
             b.hdr.keyhash = kh.to_bytes();
-            self.write_batmap_header(b)?;
+            self.write_batmap_header(b, curr)?;
             return self.sync();
         }
         drop(m);
@@ -595,9 +596,10 @@ impl VhdImage {
     pub fn set_marker(&self, v: u8) -> Result<(), ImageError> {
         self.writable()?;
         let mut m = self.lock();
+        let curr = m.footer.curr_size;
         if let Some(b) = m.batmap.as_mut() {
             b.hdr.marker = v;
-            self.write_batmap_header(b)?;
+            self.write_batmap_header(b, curr)?;
             return self.sync();
         }
         drop(m);
@@ -615,7 +617,15 @@ impl VhdImage {
     pub fn update_footer(&self, f: impl FnOnce(&mut Footer)) -> Result<(), ImageError> {
         self.writable()?;
         let mut m = self.lock();
+        let old_size = m.footer.curr_size;
         f(&mut m.footer);
+        let curr = m.footer.curr_size;
+        if curr != old_size {
+            // The batmap checksum covers a length derived from the virtual size.
+            if let Some(b) = m.batmap.as_mut() {
+                self.write_batmap_header(b, curr)?;
+            }
+        }
         let b = m.footer.encode();
         let len = self.file_len()?;
         self.pwrite(&b, len - FOOTER_SIZE as u64, "write footer")?;
@@ -640,8 +650,63 @@ impl VhdImage {
         self.sync()
     }
 
+    /// Write the footer at the end of data (dropping anything after it) and, for dynamic
+    /// disks, the backup copy at offset 0; synced (vhd-util repair).
+    pub fn rewrite_footers(&self) -> Result<(), ImageError> {
+        self.writable()?;
+        self.rewrite_primary_footer()?;
+        if self.kind != DiskType::Fixed {
+            let mut f = self.lock().footer;
+            self.pwrite(&f.encode(), 0, "write backup footer")?;
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    /// Put the footer at `bytes - 512` (vhd-util modify -s); `bytes` must cover all data.
+    pub fn set_physical_size(&self, bytes: u64) -> Result<(), ImageError> {
+        self.writable()?;
+        if !self.file.resizable() {
+            return Err(ImageError::Invalid("cannot resize a block device".into()));
+        }
+        let mut m = self.lock();
+        if bytes < m.next_db * SECTOR_SIZE + FOOTER_SIZE as u64
+            || !bytes.is_multiple_of(SECTOR_SIZE)
+        {
+            return Err(ImageError::Invalid(format!(
+                "physical size {bytes} is below the end of data or not sector aligned"
+            )));
+        }
+        let mut f = m.footer;
+        self.pwrite(&f.encode(), bytes - FOOTER_SIZE as u64, "write footer")?;
+        self.sync()?;
+        self.file
+            .set_len(bytes)
+            .map_err(|e| ImageError::io(&self.path, "truncate", e))?;
+        m.reserve_end = m.next_db;
+        self.sync()
+    }
+
+    /// Mark every block unallocated (vhd-util modify -z); data becomes unreachable.
+    pub fn zero_bat(&self) -> Result<(), ImageError> {
+        self.writable()?;
+        let g = self.geom_or_err()?;
+        let mut m = self.lock();
+        m.bat.iter_mut().for_each(|e| *e = BAT_UNUSED);
+        m.bitmaps.clear();
+        m.allocated = 0;
+        let raw: Vec<u8> = m.bat.iter().flat_map(|e| e.to_be_bytes()).collect();
+        self.pwrite(&raw, g.bat_off, "write BAT")?;
+        let curr = m.footer.curr_size;
+        if let Some(b) = m.batmap.as_mut() {
+            b.map.iter_mut().for_each(|x| *x = 0);
+            self.write_batmap(b, curr)?;
+        }
+        m.dirty = true;
+        self.sync()
+    }
+
     /// Write raw bytes into the metadata area (locators); used by snapshot/reparent.
-    #[allow(dead_code)]
     pub(crate) fn write_raw(&self, buf: &[u8], off: u64) -> Result<(), ImageError> {
         self.writable()?;
         self.pwrite(buf, off, "write")
@@ -706,7 +771,8 @@ impl VhdImage {
 
     /// RW open after recovering from the backup/short footer: put a valid primary back.
     fn rewrite_primary_footer(&self) -> Result<(), ImageError> {
-        let m = self.lock();
+        let mut m = self.lock();
+        m.reserve_end = m.next_db;
         let mut f = m.footer;
         let b = f.encode();
         if self.kind == DiskType::Fixed || !self.file.resizable() {
@@ -771,16 +837,15 @@ impl VhdImage {
         self.pwrite(&b, g.bat_off + u64::from(first) * 4, "write BAT")
     }
 
-    fn write_batmap_header(&self, b: &mut BatmapState) -> Result<(), ImageError> {
-        let curr = self.size_sectors * SECTOR_SIZE;
+    fn write_batmap_header(&self, b: &mut BatmapState, curr: u64) -> Result<(), ImageError> {
         b.hdr.batmap_version = BATMAP_VERSION;
         b.hdr.checksum = batmap_checksum(&b.map, curr, BATMAP_VERSION);
         self.pwrite(&b.hdr.encode(), b.hdr_off, "write batmap header")
     }
 
-    fn write_batmap(&self, b: &mut BatmapState) -> Result<(), ImageError> {
+    fn write_batmap(&self, b: &mut BatmapState, curr: u64) -> Result<(), ImageError> {
         self.pwrite(&b.map, b.hdr.batmap_offset, "write batmap")?;
-        self.write_batmap_header(b)?;
+        self.write_batmap_header(b, curr)?;
         b.dirty = false;
         Ok(())
     }
@@ -1022,10 +1087,11 @@ impl VhdImage {
             }
             // Invariant 4: the on-disk batmap must not claim "full" once bits are cleared.
             let mut sync_needed = false;
+            let curr = m.footer.curr_size;
             if let Some(b) = m.batmap.as_mut() {
                 if bit_test(&b.map, u64::from(blk)) {
                     bit_set(&mut b.map, u64::from(blk), false);
-                    self.write_batmap(b)?;
+                    self.write_batmap(b, curr)?;
                     sync_needed = true;
                 }
             }
@@ -1083,9 +1149,10 @@ impl VhdImage {
         }
         // Bitmaps durable before the batmap that summarises them.
         self.sync()?;
+        let curr = m.footer.curr_size;
         if let Some(b) = m.batmap.as_mut() {
             if b.dirty {
-                self.write_batmap(b)?;
+                self.write_batmap(b, curr)?;
             }
         }
         let mut f = m.footer;

@@ -94,13 +94,13 @@ pub fn resolve_parent(img: &VhdImage) -> Result<Option<ParentRef>, ImageError> {
         }
     }
     let what = match texts.first() {
-        Some((_, t)) => format!("parent {t} not found"),
-        None => "no usable parent locator".to_string(),
+        Some((_, t)) => format!("{}: parent {t}", img.path().display()),
+        None => format!("{}: no usable parent locator", img.path().display()),
     };
     Err(ImageError::Io {
-        path: img.path().display().to_string(),
+        path: what,
         op: "resolve parent",
-        source: std::io::Error::new(std::io::ErrorKind::NotFound, what),
+        source: std::io::Error::from_raw_os_error(libc::ENOENT),
     })
 }
 
