@@ -355,3 +355,45 @@ fn progress_only_on_a_terminal() {
     assert!(out.contains("    (100.00/100%)"), "{out:?}");
     assert!(out.ends_with("Coalesced 16384 sectors"), "{out:?}");
 }
+
+#[test]
+fn modify_zero_discards_all_data() {
+    let d = tmpdir();
+    let f = p(d.path(), "z.vhd");
+    ok(&["create", "-n", &f, "-s", "6"]);
+    write(&f, None, 0, &pattern(3 * MIB, 1));
+    assert_eq!(ok(&["query", "-n", &f, "-a"]), "2\n");
+    assert_eq!(ok(&["modify", "-n", &f, "-z"]), "");
+    assert_eq!(ok(&["query", "-n", &f, "-a"]), "0\n");
+    assert_eq!(read_all(&f, None), vec![0u8; 6 * MIB]);
+    assert_eq!(ok(&["check", "-n", &f]), format!("{f} is valid\n"));
+    assert_eq!(ok(&["read", "-n", &f, "-b", "0", "-c", "3"]),
+        "block: 0: offset: not allocated\nblock: 1: offset: not allocated\nblock: 2: offset: not allocated\n");
+}
+
+#[test]
+fn large_disks_and_fast_resize_past_8_gib() {
+    let d = tmpdir();
+    // The largest size libvhd creates: 2040 GiB.
+    let big = p(d.path(), "big.vhd");
+    ok(&["create", "-n", &big, "-s", "2088960"]);
+    assert_eq!(ok(&["query", "-n", &big, "-v", "-S"]), "2088960\n2088960\n");
+    assert_eq!(ok(&["check", "-n", &big]), format!("{big} is valid\n"));
+    assert_eq!(
+        qemu_virtual_size(&big).unwrap_or(2088960 << 20),
+        2088960 << 20
+    );
+    // Growing past 8 GiB changes what the batmap checksum covers.
+    let f = p(d.path(), "grow.vhd");
+    ok(&["create", "-n", &f, "-s", "10", "-S", "20480"]);
+    write(&f, None, 0, &pattern(MIB, 5));
+    ok(&["resize", "-n", &f, "-s", "16384", "-f"]);
+    assert_eq!(ok(&["query", "-n", &f, "-v"]), "16384\n");
+    assert_eq!(ok(&["check", "-n", &f]), format!("{f} is valid\n"));
+    let opts = OpenOptions::default();
+    let img = open_vhd_chain(Path::new(&f), &opts).unwrap();
+    assert_eq!(img.info().size_sectors, 16384 * 2048);
+    let mut buf = vec![0u8; MIB];
+    img.read(0, &mut buf).unwrap();
+    assert_eq!(buf, pattern(MIB, 5));
+}

@@ -1,24 +1,23 @@
 //! `vhd-util modify -n NAME [-p NEW_PARENT [-m]] [-s PHYS_BYTES] [-z]`
 //! (`vhd-util-modify.c`, libvhd `vhd_change_parent`, `vhd_set_phys_size`): the
-//! "dangerous" metadata edits.
+//! "dangerous" metadata edits, on the engine's primitives:
 //!
-//! - `-z`: empty the BAT and batmap of a dynamic disk and truncate the file after the
-//!   metadata (all data is lost); fixed disks: ENOSYS;
-//! - `-s`: write the footer so the file is PHYS_BYTES long (refused below the end of
-//!   the data);
+//! - `-z`: empty the BAT and batmap of a dynamic disk (all data becomes unreachable);
+//!   fixed disks: ENOSYS;
+//! - `-s`: put the footer so the file is PHYS_BYTES long (refused below the end of the
+//!   data or when not sector aligned);
 //! - `-p`: reparent a differencing disk (parent uuid, timestamp, name, and the existing
-//!   MacX/W2ku/W2ru locators rewritten in place; ENAMETOOLONG if a new path does not fit).
+//!   MacX/W2ku/W2ru locators rewritten in place; ENOSPC if a new path does not fit).
 
 use std::path::Path;
-use std::time::UNIX_EPOCH;
 
 use super::cli::{OptsExt, UsageSpec, EINVAL};
 use super::common::{self, neg};
+use super::set::close;
 use super::Io;
 use crate::image::vhd::engine::VhdImage;
-use crate::image::vhd::format::*;
-use crate::image::vhd::ops::vhd_time;
-use crate::image::vhd::parent::{locator_payloads, relative_path};
+use crate::image::vhd::format::DiskType;
+use crate::image::vhd::ops::set_parent;
 use crate::image::ImageError;
 use crate::{verr, vout};
 
@@ -32,117 +31,17 @@ options: <-n name> [-p NEW_PARENT set parent [-m raw]] \
     h_status: EINVAL,
 };
 
-fn zero_bat(img: &VhdImage) -> Result<(), ImageError> {
-    let Some(h) = img.header() else {
-        return Err(ImageError::Invalid("not dynamic".into()));
+/// Run `op` on the image opened read-write, then close it (first error wins).
+fn with_rw(name: &str, op: impl FnOnce(&VhdImage) -> Result<(), ImageError>) -> i32 {
+    let img = match common::open(name, false) {
+        Ok(i) => i,
+        Err(e) => return neg(&e),
     };
-    if img.disk_type() == DiskType::Fixed {
-        return Err(ImageError::Invalid("not dynamic".into()));
-    }
-    let bat_len = pad512(u64::from(h.max_bat_size) * 4);
-    let ff = vec![0xFFu8; bat_len as usize];
-    img.write_raw(&ff, h.table_offset)?;
-    let mut eoh = (h.table_offset + bat_len).max(img.footer().data_offset + HEADER_SIZE as u64);
-    if let Some((mut bh, map)) = img.batmap() {
-        let zero = vec![0u8; map.len()];
-        img.write_raw(&zero, bh.batmap_offset)?;
-        bh.checksum = batmap_checksum(&zero, img.footer().curr_size, bh.batmap_version);
-        let hdr_off = h.table_offset + bat_len;
-        img.write_raw(&bh.encode(), hdr_off)?;
-        eoh = eoh
-            .max(hdr_off + BATMAP_HEADER_SIZE as u64)
-            .max(bh.batmap_offset + map.len() as u64);
-    }
-    for l in h.loc.iter().filter(|l| l.code != PLAT_NONE) {
-        eoh = eoh.max(l.data_offset + l.space_bytes().unwrap_or(0));
-    }
-    img.file()
-        .sync()
-        .map_err(|e| ImageError::io(img.path(), "fdatasync", e))?;
-    if img.file().resizable() {
-        let mut f = img.footer();
-        img.write_raw(&f.encode(), eoh)?;
-        img.file()
-            .sync()
-            .map_err(|e| ImageError::io(img.path(), "fdatasync", e))?;
-        img.file()
-            .set_len(eoh + FOOTER_SIZE as u64)
-            .map_err(|e| ImageError::io(img.path(), "truncate", e))?;
-    }
-    Ok(())
-}
-
-fn set_phys_size(img: &VhdImage, size: i64) -> Result<(), ImageError> {
-    let phys = common::phys_size(img)?;
-    let Ok(size) = u64::try_from(size) else {
-        return Err(ImageError::Invalid("negative size".into()));
+    let r = match op(&img) {
+        Ok(()) => 0,
+        Err(e) => neg(&e),
     };
-    if size < phys {
-        return Err(ImageError::Invalid(format!(
-            "new size ({size}) < phys size ({phys})"
-        )));
-    }
-    let mut f = img.footer();
-    img.write_raw(&f.encode(), size - FOOTER_SIZE as u64)?;
-    img.file()
-        .sync()
-        .map_err(|e| ImageError::io(img.path(), "fdatasync", e))
-}
-
-fn change_parent(img: &VhdImage, new_parent: &str, raw: bool) -> Result<(), i32> {
-    if !img.is_differencing() {
-        return Err(EINVAL);
-    }
-    let ppath = common::canonpath(new_parent)?;
-    let md = std::fs::metadata(&ppath).map_err(|e| -e.raw_os_error().unwrap_or(libc::EIO))?;
-    use std::os::unix::fs::FileTypeExt;
-    if !md.is_file() && !md.file_type().is_block_device() {
-        return Err(EINVAL);
-    }
-    let uuid = if raw {
-        [0u8; 16]
-    } else {
-        let p = common::open(&ppath, true).map_err(|e| neg(&e))?;
-        p.footer().uuid
-    };
-    let ts = vhd_time(md.modified().unwrap_or(UNIX_EPOCH));
-    let child = Path::new(img.path());
-    let cdir = match child.parent().filter(|d| !d.as_os_str().is_empty()) {
-        Some(d) => d.canonicalize(),
-        None => std::env::current_dir(),
-    }
-    .map_err(|e| -e.raw_os_error().unwrap_or(libc::EIO))?;
-    let rel = relative_path(&cdir, Path::new(&ppath));
-    let payloads = locator_payloads(&rel);
-    let Some(h) = img.header() else {
-        return Err(EINVAL);
-    };
-    let mut locs = h.loc;
-    for l in locs.iter_mut() {
-        let Some((_, data)) = payloads.iter().find(|(c, _)| *c == l.code) else {
-            continue;
-        };
-        let space = l.space_bytes().ok_or(EINVAL)?;
-        if data.len() as u64 > space {
-            return Err(-libc::ENAMETOOLONG);
-        }
-        let mut buf = data.clone();
-        buf.resize(space as usize, 0);
-        img.write_raw(&buf, l.data_offset).map_err(|e| neg(&e))?;
-        l.data_len = u32::try_from(data.len()).map_err(|_| -libc::ENAMETOOLONG)?;
-    }
-    let name = Path::new(&ppath)
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    img.update_header(|hh| {
-        hh.prt_uuid = uuid;
-        hh.prt_ts = ts;
-        hh.set_parent_name(&name);
-        hh.loc = locs;
-    })
-    .map_err(|e| neg(&e))?;
-    Ok(())
+    close(&img, r)
 }
 
 pub fn run(io: &mut Io, args: &[String]) -> i32 {
@@ -158,7 +57,7 @@ pub fn run(io: &mut Io, args: &[String]) -> i32 {
     }
     let newsize = match p.value('s') {
         None => None,
-        Some(s) => match super::getopt::parse_u64_strict(s).and_then(|v| i64::try_from(v).ok()) {
+        Some(s) => match super::getopt::parse_u64_strict(s) {
             Some(v) => Some(v),
             None => {
                 verr!(io, "Invalid size '{s}'");
@@ -166,8 +65,10 @@ pub fn run(io: &mut Io, args: &[String]) -> i32 {
             }
         },
     };
-    let img = match common::open(name, false) {
-        Ok(i) => i,
+    // Opened once up front for blktap's "error opening" message; each operation then
+    // runs on its own handle so their metadata writes do not interfere.
+    let fixed = match common::open(name, true) {
+        Ok(img) => img.disk_type() == DiskType::Fixed,
         Err(e) => {
             vout!(io, "error opening {name}: {}", neg(&e));
             return neg(&e);
@@ -175,34 +76,26 @@ pub fn run(io: &mut Io, args: &[String]) -> i32 {
     };
     let mut err = 0;
     if p.flag('z') {
-        err = if img.disk_type() == DiskType::Fixed {
+        err = if fixed {
             -libc::ENOSYS
         } else {
-            match zero_bat(&img) {
-                Ok(()) => 0,
-                Err(e) => neg(&e),
-            }
+            with_rw(name, |img| img.zero_bat())
         };
         if err != 0 {
             vout!(io, "failed to zero VHD: {err}");
         }
     }
     if let Some(sz) = newsize {
-        err = match set_phys_size(&img, sz) {
-            Ok(()) => 0,
-            Err(e) => neg(&e),
-        };
+        err = with_rw(name, |img| img.set_physical_size(sz));
         if err != 0 {
             vout!(io, "failed to set physical size to {sz}: {err}");
         }
     }
     if let Some(np) = p.value('p') {
-        if let Err(e) = change_parent(&img, np, p.flag('m')) {
-            vout!(io, "failed to set parent to '{np}': {e}");
-            err = e;
+        if let Err(e) = set_parent(Path::new(name), Path::new(np), p.flag('m')) {
+            vout!(io, "failed to set parent to '{np}': {}", neg(&e));
+            err = neg(&e);
         }
     }
-    // Metadata was written behind the engine's back: do not let close rewrite anything.
-    drop(img);
     err
 }

@@ -4,7 +4,9 @@
 use super::cli::{OptsExt, UsageSpec, EINVAL};
 use super::common::{self, neg};
 use super::Io;
-use crate::{image::vhd::format::BAT_UNUSED, vout};
+use crate::image::vhd::format::BAT_UNUSED;
+use crate::image::vhd::ops::max_fast_resize_size;
+use crate::vout;
 
 pub const USAGE: UsageSpec = UsageSpec {
     cmd: "query",
@@ -110,7 +112,12 @@ pub fn run(io: &mut Io, args: &[String]) -> i32 {
         vout!(io, "{used}");
     }
     if p.flag('S') {
-        let max = img.header().map_or(0, |h| u64::from(h.max_bat_size)) << 1;
+        // blktap prints max_bat_size << 1 (2 MiB blocks); fixed disks have no BAT: 0.
+        let max = if img.header().is_some() {
+            max_fast_resize_size(&img) >> 20
+        } else {
+            0
+        };
         vout!(io, "{max}");
     }
     err

@@ -4,9 +4,10 @@
 
 use super::cli::{OptsExt, UsageSpec, EINVAL};
 use super::common::{self, neg};
-use super::set::close;
 use super::Io;
+use crate::image::vhd::ops::repair;
 use crate::vout;
+use std::path::Path;
 
 pub const USAGE: UsageSpec = UsageSpec {
     cmd: "repair",
@@ -27,26 +28,17 @@ pub fn run(io: &mut Io, args: &[String]) -> i32 {
     if !p.operands.is_empty() {
         return USAGE.fail(io, EINVAL);
     }
-    // Opening read-write puts a valid primary footer back at the end of the data when
-    // only the backup (or the short footer) was usable.
-    let img = match common::open_opts(name, false, p.flag('b')) {
-        Ok(i) => i,
-        Err(e) => {
-            vout!(io, "error opening {name}: {}", neg(&e));
-            return neg(&e);
-        }
-    };
-    let r = img.update_footer(|f| {
-        if f.uuid == [0; 16] {
-            f.uuid = *uuid::Uuid::new_v4().as_bytes();
-        }
-    });
-    let err = match r {
+    // Open once read-only for blktap's "error opening" message, then let the engine
+    // rewrite both footers (primary at the end of the data, backup at 0).
+    if let Err(e) = common::open_opts(name, true, p.flag('b')) {
+        vout!(io, "error opening {name}: {}", neg(&e));
+        return neg(&e);
+    }
+    match repair(Path::new(name), p.flag('b')) {
         Ok(()) => 0,
         Err(e) => {
             vout!(io, "error writing footer: {}", neg(&e));
             neg(&e)
         }
-    };
-    close(&img, err)
+    }
 }

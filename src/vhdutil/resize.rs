@@ -7,10 +7,11 @@
 
 use super::cli::{number, OptsExt, UsageSpec, EINVAL};
 use super::common::{self, neg};
-use super::set::close;
 use super::Io;
-use crate::image::vhd::format::{batmap_checksum, chs_geometry, pad512, DiskType};
+use crate::image::vhd::format::DiskType;
+use crate::image::vhd::ops::{max_fast_resize_size, resize_fast};
 use crate::{verr, vout};
+use std::path::Path;
 
 pub const USAGE: UsageSpec = UsageSpec {
     cmd: "resize",
@@ -36,57 +37,38 @@ Note: journaled resize is not supported by this vhd-util, so there is nothing to
 };
 
 fn grow_fast(io: &mut Io, name: &str, bytes: u64) -> i32 {
-    let img = match common::open(name, false) {
-        Ok(i) => i,
+    let bs = 2u64 << 20;
+    let Some(size) = bytes.div_ceil(bs).checked_mul(bs) else {
+        return EINVAL;
+    };
+    let (curr, max) = match common::open(name, true) {
+        Ok(img) => (img.footer().curr_size, max_fast_resize_size(&img)),
         Err(e) => return neg(&e),
     };
-    let r = (|| -> i32 {
-        let Some(h) = img.header() else {
-            verr!(
-                io,
-                "{name}: fast resize needs a dynamic or differencing disk"
-            );
-            return EINVAL;
-        };
-        let bs = 2u64 << 20;
-        let size = bytes.div_ceil(bs) * bs;
-        let curr = img.footer().curr_size;
-        if size < curr {
-            vout!(io, "{name}: size ({size}) < curr size ({curr})");
-            return EINVAL;
+    if size < curr {
+        vout!(io, "{name}: size ({size}) < curr size ({curr})");
+        return EINVAL;
+    }
+    if size == curr {
+        return 0;
+    }
+    if size > max {
+        verr!(
+            io,
+            "not enough metadata space reserved for fast resize (up to {} MB)",
+            max >> 20
+        );
+        return EINVAL;
+    }
+    // The batmap checksum covers a prefix that grows with the virtual size, but the
+    // map is zero past the old size, so the stored checksum stays right.
+    match resize_fast(Path::new(name), size) {
+        Ok(()) => 0,
+        Err(e) => {
+            verr!(io, "{e}");
+            neg(&e)
         }
-        if size == curr {
-            return 0;
-        }
-        if size >> 21 > u64::from(h.max_bat_size) {
-            verr!(
-                io,
-                "not enough metadata space reserved for fast resize (BAT size {}, need {})",
-                h.max_bat_size,
-                size >> 21
-            );
-            return EINVAL;
-        }
-        // The batmap checksum covers a prefix that depends on the virtual size: refresh it
-        // before the footer publishes the new size.
-        if let Some((mut bh, map)) = img.batmap() {
-            if img.batmap_valid() == Some(true) {
-                bh.checksum = batmap_checksum(&map, size, bh.batmap_version);
-                let off = h.table_offset + pad512(u64::from(h.max_bat_size) * 4);
-                if let Err(e) = img.write_raw(&bh.encode(), off) {
-                    return neg(&e);
-                }
-            }
-        }
-        match img.update_footer(|f| {
-            f.curr_size = size;
-            f.geometry = chs_geometry(size);
-        }) {
-            Ok(()) => 0,
-            Err(e) => neg(&e),
-        }
-    })();
-    close(&img, r)
+    }
 }
 
 pub fn run(io: &mut Io, args: &[String]) -> i32 {
