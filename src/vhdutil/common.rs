@@ -156,3 +156,26 @@ pub fn canonpath(p: &str) -> Result<String, i32> {
         .map(|c| c.to_string_lossy().into_owned())
         .map_err(|e| -e.raw_os_error().unwrap_or(libc::EIO))
 }
+
+/// Whether `img` or any VHD above it carries a key hash: its data sectors are then
+/// encrypted (an unkeyed child uses the nearest keyed ancestor's key).
+pub fn chain_keyed(img: &VhdImage) -> Result<bool, ImageError> {
+    if img.keyhash()?.is_set() {
+        return Ok(true);
+    }
+    let mut next = parent_path(img)?;
+    for _ in 0..MAX_CHAIN {
+        let Some((p, raw)) = next else {
+            return Ok(false);
+        };
+        if raw {
+            return Ok(false);
+        }
+        let cur = VhdImage::open(&p, &VhdOpenOptions::default())?;
+        if cur.keyhash()?.is_set() {
+            return Ok(true);
+        }
+        next = parent_path(&cur)?;
+    }
+    Err(ImageError::Invalid("parent chain too long (cycle?)".into()))
+}

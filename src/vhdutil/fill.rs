@@ -59,7 +59,7 @@ fn allocate_fast(io: &mut Io, img: &VhdImage, from: u64, to: u64) -> Result<(), 
     let Some(h) = img.header() else {
         return Err(EINVAL);
     };
-    if img.keyhash().map_err(|e| neg(&e))?.is_set() {
+    if common::chain_keyed(img).map_err(|e| neg(&e))? {
         verr!(
             io,
             "fill: -b would expose unwritten sectors of an encrypted VHD as garbage; use fill without -b"
