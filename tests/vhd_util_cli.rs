@@ -579,6 +579,23 @@ fn modify_zero_and_physical_size_and_reparent() {
     let o = run(&["modify", "-n", &fixed, "-z"]);
     assert_eq!(o.status, 38);
     assert_eq!(o.stdout, "failed to zero VHD: -38\n");
+    // -t (OpenXT): flip the footer type and back.
+    assert_eq!(ok(&["modify", "-n", &leaf, "-t", "dynamic"]), "");
+    assert_eq!(
+        ok(&["query", "-n", &leaf, "-p"]),
+        format!("{leaf} has no parent\n")
+    );
+    assert_eq!(ok(&["modify", "-n", &leaf, "-t", "original"]), "");
+    assert_eq!(ok(&["query", "-n", &leaf, "-p"]), format!("{other}\n"));
+    let o = run(&["modify", "-n", &leaf, "-t", "weird"]);
+    assert_eq!(o.status, 22);
+    assert_eq!(
+        o.stdout,
+        "invalid type weird (must be 'differencing or dynamic')\n"
+    );
+    let o = run(&["modify", "-n", &fixed, "-t", "dynamic"]);
+    assert_eq!(o.status, 22);
+    assert_eq!(o.stdout, "changing fixed vhd type not supported\n");
     let o = run(&["modify"]);
     assert_eq!(o.status, 22);
     assert!(o

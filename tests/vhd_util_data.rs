@@ -365,6 +365,8 @@ fn modify_zero_discards_all_data() {
     assert_eq!(ok(&["query", "-n", &f, "-a"]), "2\n");
     assert_eq!(ok(&["modify", "-n", &f, "-z"]), "");
     assert_eq!(ok(&["query", "-n", &f, "-a"]), "0\n");
+    // Truncated right after the metadata, as freshly created.
+    assert_eq!(std::fs::metadata(&f).unwrap().len(), 3584);
     assert_eq!(read_all(&f, None), vec![0u8; 6 * MIB]);
     assert_eq!(ok(&["check", "-n", &f]), format!("{f} is valid\n"));
     assert_eq!(ok(&["read", "-n", &f, "-b", "0", "-c", "3"]),

@@ -7,7 +7,9 @@
 //! - `-s`: put the footer so the file is PHYS_BYTES long (refused below the end of the
 //!   data or when not sector aligned);
 //! - `-p`: reparent a differencing disk (parent uuid, timestamp, name, and the existing
-//!   MacX/W2ku/W2ru locators rewritten in place; ENOSPC if a new path does not fit).
+//!   MacX/W2ku/W2ru locators rewritten in place; ENOSPC if a new path does not fit);
+//! - `-t differencing|dynamic|original` (OpenXT's vhd-util, used by vhd-dm-create):
+//!   rewrite the footer's disk type; `original` infers it from the header's parent name.
 
 use std::path::Path;
 
@@ -23,10 +25,11 @@ use crate::{verr, vout};
 
 pub const USAGE: UsageSpec = UsageSpec {
     cmd: "modify",
-    spec: "n:s:p:mzh",
+    spec: "n:s:p:mt:zh",
     text: "*** Dangerous operations, use with care ***\n\
 options: <-n name> [-p NEW_PARENT set parent [-m raw]] \
-[-s NEW_SIZE set size] [-z zero (kill data)] [-h help]\n",
+[-s NEW_SIZE set size] [-z zero (kill data)] \
+[-t TYPE (differencing|dynamic|original)] [-h help]\n",
     to_stderr: false,
     h_status: EINVAL,
 };
@@ -79,7 +82,11 @@ pub fn run(io: &mut Io, args: &[String]) -> i32 {
         err = if fixed {
             -libc::ENOSYS
         } else {
-            with_rw(name, |img| img.zero_bat())
+            // Empty the BAT, then cut the file after the metadata (blktap truncates).
+            match with_rw(name, |img| img.zero_bat()) {
+                0 => with_rw(name, |img| img.set_physical_size(img.physical_size())),
+                e => e,
+            }
         };
         if err != 0 {
             vout!(io, "failed to zero VHD: {err}");
@@ -95,7 +102,42 @@ pub fn run(io: &mut Io, args: &[String]) -> i32 {
         if let Err(e) = set_parent(Path::new(name), Path::new(np), p.flag('m')) {
             vout!(io, "failed to set parent to '{np}': {}", neg(&e));
             err = neg(&e);
+            return err;
         }
     }
+    if let Some(t) = p.value('t') {
+        err = change_type(io, name, t);
+    }
     err
+}
+
+fn change_type(io: &mut Io, name: &str, t: &str) -> i32 {
+    let img = match common::open(name, false) {
+        Ok(i) => i,
+        Err(e) => return neg(&e),
+    };
+    if img.disk_type() == DiskType::Fixed {
+        vout!(io, "changing fixed vhd type not supported");
+        return close(&img, EINVAL);
+    }
+    let code = match t {
+        "differencing" => DiskType::Differencing.code(),
+        "dynamic" => DiskType::Dynamic.code(),
+        "original" => {
+            let named = img.header().is_some_and(|h| !h.parent_name().is_empty());
+            if named {
+                DiskType::Differencing.code()
+            } else {
+                DiskType::Dynamic.code()
+            }
+        }
+        _ => {
+            vout!(io, "invalid type {t} (must be 'differencing or dynamic')");
+            return close(&img, EINVAL);
+        }
+    };
+    let r = img
+        .update_footer(|f| f.disk_type = code)
+        .map_or_else(|e| neg(&e), |()| 0);
+    close(&img, r)
 }
