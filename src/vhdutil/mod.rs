@@ -1,10 +1,43 @@
 //! `vhd-util`: blktap's VHD command-line tool, option- and output-compatible.
 //!
 //! Every command is a function `fn(&mut Io, &[String]) -> i32` returning blktap's
-//! status convention: 0, or a negative errno (the binary exits with its absolute value).
-//! Options are parsed with getopt semantics ([`getopt`]), messages and output formats
-//! follow blktap's `vhd/lib/vhd-util-*.c` (see the per-command modules). The binary in
-//! `src/bin/vhd-util.rs` only builds an [`Io`] over stdout/stderr and calls [`main`].
+//! status convention: 0, or a negative errno; the binary exits with its absolute value.
+//! Options are parsed with getopt(3) semantics ([`getopt`]); usage texts, messages and
+//! output formats follow blktap's `vhd/vhd-util.c` and `vhd/lib/vhd-util-*.c` (and, for
+//! `modify -t`, OpenXT's vhd-util). `src/bin/vhd-util.rs` only builds an [`Io`] over
+//! stdout/stderr and calls [`main`]. `--debug` is accepted anywhere and ignored;
+//! `--help` prints a command's usage and exits 0 (blktap's getopt would reject it).
+//!
+//! | command | options | module |
+//! |---|---|---|
+//! | create | `-n -s MiB [-r] [-S MiB]` | [`create`] |
+//! | snapshot | `-n -p [-l limit] [-m] [-S MiB] [-e] [-K]` | [`snapshot`] |
+//! | query | `-n [-v] [-s] [-p] [-f] [-m] [-d] [-S] [-a] [-u]` | [`query`] |
+//! | read | `-n [-p] [-t sec] [-b blk] [-B] [-m blk] [-i sec] [-e sec] [-a] [-j blk] [-d blk] [-c n] [-r sec] [-R byte] [-x] [-C]` | [`read`] |
+//! | set | `-n -f hidden\|marker -v 0..255` | [`set`] |
+//! | repair | `-n [-b]` | [`repair`] |
+//! | resize | `-n -s MiB -f` (`-j` refused) | [`resize`] |
+//! | fill | `-n [-b [-f sec] [-t sec] [-B]]` | [`fill`] |
+//! | coalesce | `-n [-s] [-p]` | [`coalesce`] |
+//! | modify | `-n [-p parent [-m]] [-s bytes] [-z] [-t type]` | [`modify`] |
+//! | scan | `[-m glob] [-f] [-c] [-p] [-a] [-v] [-M] FILES` (`-l` refused) | [`scan`] |
+//! | check | `-n [-i] [-I] [-t] [-p] [-b] [-B] [-s]` | [`check`] |
+//! | revert | refused (no journaled resize) | [`resize`] |
+//! | key | `-C -k [-N]`, `-s -n (-k\|-H) [-N]`, `-c -n -k`, `-p -n`, `-P pass -k -S salt [-i n]` | [`key`] |
+//! | copy | `-n -N [-k keyfile\|-E]` | [`copy`] |
+//!
+//! Data-moving commands (coalesce, fill, copy, read -r/-R) go through the image layer
+//! with keys from `TAPDISK3_CRYPTO_KEYDIR` (or `TAPDISK2_CRYPTO_KEYDIR`), so encrypted
+//! chains are handled; a keyed layer without its key fails with ENOKEY before any write.
+//! Long operations draw qemu-img style progress on stderr only when it is a terminal.
+//!
+//! Deliberate differences from blktap: sizes that are not plain decimal numbers are
+//! refused (blktap reads them as 0); `create`/`snapshot` never overwrite an existing
+//! file (EEXIST); `snapshot` does not copy the parent's keyhash unless `-K` (OpenXT 8);
+//! `fill -b` leaves allocated blocks alone and refuses encrypted chains; `copy` makes a
+//! standalone (flattened) copy; `key -s/-c` accept any key file name but require 32 or
+//! 64 bytes; `scan -l` (LVM), `resize -j` and `revert` are refused with EOPNOTSUPP;
+//! timestamps in `read -p` are printed in UTC.
 
 pub mod chain;
 pub mod check;
