@@ -399,3 +399,74 @@ fn large_disks_and_fast_resize_past_8_gib() {
     img.read(0, &mut buf).unwrap();
     assert_eq!(buf, pattern(MIB, 5));
 }
+
+#[test]
+fn read_dumps_of_allocated_data() {
+    let d = tmpdir();
+    let f = p(d.path(), "r.vhd");
+    ok(&["create", "-n", &f, "-s", "8"]);
+    let b1 = pattern(8 * 512, 3);
+    write(&f, None, 100, &b1);
+    write(&f, None, 2 * 4096, &pattern(512, 4));
+    let file = std::fs::read(&f).unwrap();
+    let e0 = u64::from(be32(&file, 1536));
+    let e2 = u64::from(be32(&file, 1536 + 8));
+    assert_ne!(e0, 0xFFFF_FFFF);
+    assert_eq!((e0 + 1) % 8, 0, "data 4 KiB aligned");
+    assert_eq!(
+        ok(&["read", "-n", &f, "-b", "0", "-c", "3"]),
+        format!(
+            "block: 0: offset: {}\nblock: 1: offset: not allocated\nblock: 2: offset: {}\n",
+            e0 * 512,
+            e2 * 512
+        )
+    );
+    assert_eq!(
+        ok(&["read", "-n", &f, "-b", "0", "-x"]),
+        format!("block: 0: offset: {:#x}\n", e0 * 512)
+    );
+    assert_eq!(
+        ok(&["read", "-n", &f, "-t", "100"]),
+        format!(
+            "logical sector 100: block number: 0, sector offset: 100, file offset: {}\n",
+            (e0 + 101) * 512
+        )
+    );
+    assert_eq!(
+        ok(&["read", "-n", &f, "-i", "99", "-c", "3"]),
+        "block 0: sec: 99: 0\nblock 0: sec: 100: 1\nblock 0: sec: 101: 1\n"
+    );
+    assert_eq!(
+        ok(&["read", "-n", &f, "-e", "0", "-c", "16384"]),
+        "100 8\n8192 1\n"
+    );
+    let o = run(&["read", "-n", &f, "-m", "0", "-c", "2"]);
+    assert_eq!(o.status, 0);
+    assert_eq!(o.raw.len(), 512 + "block 1 not allocated\n".len());
+    assert_eq!(&o.raw[12..14], &[0x0f, 0xf0]);
+    assert!(o.raw[..12].iter().all(|&b| b == 0));
+    assert!(o.raw[14..512].iter().all(|&b| b == 0));
+    assert_eq!(&o.raw[512..], b"block 1 not allocated\n");
+    let o = run(&["read", "-n", &f, "-d", "0"]);
+    assert_eq!(o.raw.len(), 2 * MIB);
+    assert_eq!(&o.raw[100 * 512..108 * 512], &b1[..]);
+    let o = run(&["read", "-n", &f, "-B"]);
+    assert_eq!(o.raw, vec![0b1010_0000]);
+    let o = run(&["read", "-n", &f, "-R", "51250", "-c", "10"]);
+    assert_eq!(o.raw, &b1[50..60]);
+    let o = run(&["read", "-n", &f, "-j", "0", "-c", "2"]);
+    assert_eq!(o.stderr, "batmap for block 0: 0\nbatmap for block 1: 0\n");
+}
+
+#[test]
+fn snapshot_with_metadata_preallocation() {
+    let d = tmpdir();
+    let base = p(d.path(), "base.vhd");
+    let leaf = p(d.path(), "leaf.vhd");
+    ok(&["create", "-n", &base, "-s", "10"]);
+    ok(&["snapshot", "-n", &leaf, "-p", &base, "-S", "100"]);
+    assert_eq!(ok(&["query", "-n", &leaf, "-v", "-S"]), "10\n100\n");
+    ok(&["resize", "-n", &leaf, "-s", "100", "-f"]);
+    assert_eq!(ok(&["query", "-n", &leaf, "-v"]), "100\n");
+    assert_eq!(ok(&["check", "-n", &leaf]), format!("{leaf} is valid\n"));
+}
