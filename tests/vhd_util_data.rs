@@ -470,3 +470,21 @@ fn snapshot_with_metadata_preallocation() {
     assert_eq!(ok(&["query", "-n", &leaf, "-v"]), "100\n");
     assert_eq!(ok(&["check", "-n", &leaf]), format!("{leaf} is valid\n"));
 }
+
+#[test]
+fn coalesce_refuses_data_beyond_the_parent() {
+    let d = tmpdir();
+    let base = p(d.path(), "base.vhd");
+    let leaf = p(d.path(), "leaf.vhd");
+    ok(&["create", "-n", &base, "-s", "4"]);
+    ok(&["snapshot", "-n", &leaf, "-p", &base, "-S", "16"]);
+    ok(&["resize", "-n", &leaf, "-s", "8", "-f"]);
+    write(&leaf, None, 10, &pattern(512, 1));
+    write(&leaf, None, 12_000, &pattern(512, 2));
+    let before = std::fs::read(&base).unwrap();
+    let o = run(&["coalesce", "-n", &leaf]);
+    assert_eq!(o.status, 22);
+    assert_eq!(o.stdout, "error coalescing: -22\n");
+    assert!(o.stderr.contains("outside the disk"), "{}", o.stderr);
+    assert_eq!(std::fs::read(&base).unwrap(), before, "nothing written");
+}

@@ -69,48 +69,53 @@ pub fn coalesce_onto(
 ) -> Result<u64, ImageError> {
     let bat = child.bat();
     let spb = u64::from(child.sectors_per_block());
-    let size = child.info().size_sectors.min(parent.info().size_sectors);
+    let csize = child.info().size_sectors;
+    let psize = parent.info().size_sectors;
     let full = child.batmap().map(|(_, m)| m);
-    let mut prog = Progress::new(style, bat.len() as u64);
+    // First the runs of sectors the child holds (bitmap, or whole block when the batmap
+    // says full), so nothing is written if some of them do not fit the parent.
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for (i, &e) in bat.iter().enumerate() {
+        let first = i as u64 * spb;
+        if e == BAT_UNUSED || first >= csize {
+            continue;
+        }
+        let n = spb.min(csize - first);
+        if full.as_ref().is_some_and(|m| bit_test(m, i as u64)) {
+            runs.push((first, n));
+            continue;
+        }
+        let blk = u32::try_from(i).map_err(|_| ImageError::Invalid("block number".into()))?;
+        let Some(bm) = child.block_bitmap(blk)? else {
+            continue;
+        };
+        let mut s = 0;
+        while s < n {
+            let (set, len) = bit_run(&bm, s, n - s);
+            if set {
+                runs.push((first + s, len));
+            }
+            s += len;
+        }
+    }
+    if let Some(&(s, n)) = runs.iter().find(|&&(s, n)| s + n > psize) {
+        return Err(ImageError::OutOfRange {
+            sector: s,
+            nsectors: n,
+            size: psize,
+        });
+    }
+    let mut prog = Progress::new(style, runs.len() as u64);
     let mut total = 0u64;
     let mut buf = Vec::new();
-    for (i, &e) in bat.iter().enumerate() {
+    for (i, &(s, len)) in runs.iter().enumerate() {
         draw(io, &mut prog, style, i as u64);
-        if e == BAT_UNUSED {
-            continue;
-        }
-        let first = i as u64 * spb;
-        if first >= size {
-            continue;
-        }
-        let n = spb.min(size - first);
-        let blk = u32::try_from(i).map_err(|_| ImageError::Invalid("block number".into()))?;
-        let batmap_full = full.as_ref().is_some_and(|m| bit_test(m, i as u64));
-        let runs: Vec<(u64, u64)> = if batmap_full {
-            vec![(0, n)]
-        } else {
-            let Some(bm) = child.block_bitmap(blk)? else {
-                continue;
-            };
-            let mut v = Vec::new();
-            let mut s = 0;
-            while s < n {
-                let (set, len) = bit_run(&bm, s, n - s);
-                if set {
-                    v.push((s, len));
-                }
-                s += len;
-            }
-            v
-        };
-        for (s, len) in runs {
-            let bytes = usize::try_from(len * SECTOR_SIZE)
-                .map_err(|_| ImageError::Invalid("run too large".into()))?;
-            buf.resize(bytes, 0);
-            child.read(first + s, &mut buf)?;
-            parent.write(first + s, &buf)?;
-            total += len;
-        }
+        let bytes = usize::try_from(len * SECTOR_SIZE)
+            .map_err(|_| ImageError::Invalid("run too large".into()))?;
+        buf.resize(bytes, 0);
+        child.read(s, &mut buf)?;
+        parent.write(s, &buf)?;
+        total += len;
     }
     parent.flush()?;
     finish(io, &mut prog, style);

@@ -35,6 +35,10 @@ intialise up to this sector (inclusive), only usable with -b] \
 };
 
 fn fill_data(io: &mut Io, img: &VhdImage) -> Result<(), ImageError> {
+    if img.header().is_none() {
+        // A fixed disk is always fully allocated (blktap's loop runs over an empty BAT).
+        return Ok(());
+    }
     let size = img.info().size_sectors;
     let spb = u64::from(img.sectors_per_block().max(1));
     let nblocks = size.div_ceil(spb);
