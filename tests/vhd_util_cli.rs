@@ -412,6 +412,21 @@ fn check_valid_corrupt_and_parents() {
         "base.vhd: secs allocated: 0x0 secs written: 0x0 (0.00%)\n"
     );
 
+    // A differencing disk whose parent is gone.
+    let orphan_base = p(d.path(), "gone-base.vhd");
+    let orphan = p(d.path(), "orphan.vhd");
+    ok(&["create", "-n", &orphan_base, "-s", "10"]);
+    ok(&["snapshot", "-n", &orphan, "-p", &orphan_base]);
+    std::fs::remove_file(&orphan_base).unwrap();
+    let o = run(&["check", "-n", &orphan]);
+    assert_eq!(o.status, 2);
+    assert!(
+        o.stdout
+            .starts_with("error resolving ./gone-base.vhd: -2\n"),
+        "{}",
+        o.stdout
+    );
+
     let missing = p(d.path(), "none.vhd");
     let o = run(&["check", "-n", &missing]);
     assert_eq!(o.status, 2);

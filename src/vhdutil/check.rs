@@ -620,13 +620,8 @@ fn check_parent_locators(io: &mut Io, ctx: &Ctx, r: &Raw) -> Result<(), i32> {
             return Err(EINVAL);
         }
         let Some(location) = resolve_locator(&r.path, &ppath) else {
-            if l.code == PLAT_MACX {
-                vout!(
-                    io,
-                    "parent locator {i} points to missing file {ppath} (resolved to {ppath})"
-                );
-                return Err(-libc::ENOENT);
-            }
+            // libvhd's vhd_find_parent fails (ENOENT) when the resolved path is not
+            // readable, before check's own "points to missing file" test can run.
             vout!(io, "error resolving {ppath}: {}", -libc::ENOENT);
             return Err(-libc::ENOENT);
         };

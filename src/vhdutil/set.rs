@@ -47,7 +47,20 @@ pub fn run(io: &mut Io, args: &[String]) -> i32 {
         }
     };
     let r = if field == "hidden" {
-        img.set_hidden(value)
+        match img.set_hidden(value) {
+            // No space for the primary footer: at least mark the backup copy, so the
+            // storage manager can still find and delete the hidden node (blktap).
+            Err(e)
+                if e.errno() == libc::ENOSPC
+                    && value != 0
+                    && img.disk_type() != crate::image::vhd::format::DiskType::Fixed =>
+            {
+                let mut f = img.footer();
+                f.hidden = value;
+                img.write_raw(&f.encode(), 0)
+            }
+            r => r,
+        }
     } else {
         img.set_marker(value)
     };
