@@ -488,3 +488,42 @@ fn coalesce_refuses_data_beyond_the_parent() {
     assert!(o.stderr.contains("outside the disk"), "{}", o.stderr);
     assert_eq!(std::fs::read(&base).unwrap(), before, "nothing written");
 }
+
+#[test]
+fn fill_and_copy_encrypted_images() {
+    let d = tmpdir();
+    let keys = d.path().join("keys");
+    std::fs::create_dir(&keys).unwrap();
+    let kd = keys.to_string_lossy().into_owned();
+    let env = [("TAPDISK3_CRYPTO_KEYDIR", kd.as_str())];
+    let base = p(d.path(), "vm.vhd");
+    ok(&["create", "-n", &base, "-s", "4"]);
+    let k = keyfile_for(&keys, "vm", 32, 5);
+    ok(&["key", "-s", "-n", &base, "-k", &k.to_string_lossy()]);
+    let a = pattern(MIB, 8);
+    write(&base, Some(&keys), 2048, &a);
+    let want = read_all(&base, Some(&keys));
+
+    // Without the key directory: ENOKEY, nothing changed.
+    let before = std::fs::read(&base).unwrap();
+    let o = run(&["fill", "-n", &base]);
+    assert_eq!(o.status, 126, "{} {}", o.stdout, o.stderr);
+    assert_eq!(std::fs::read(&base).unwrap(), before);
+    // With it: every block allocated, content (decrypted) unchanged.
+    let o = run_env(&["fill", "-n", &base], &env);
+    assert_eq!(o.status, 0, "{} {}", o.stdout, o.stderr);
+    assert_eq!(ok(&["query", "-n", &base, "-a"]), "2\n");
+    assert_eq!(read_all(&base, Some(&keys)), want);
+
+    // copy decrypts the source (plain copy) when no key is given for the target.
+    let plain = p(d.path(), "plain.vhd");
+    let o = run_env(&["copy", "-n", &base, "-N", &plain], &env);
+    assert_eq!(o.status, 0, "{} {}", o.stdout, o.stderr);
+    assert_eq!(ok(&["key", "-p", "-n", &plain]), "none\n");
+    assert_eq!(read_all(&plain, None), want);
+    let raw = std::fs::read(&plain).unwrap();
+    assert!(
+        raw.windows(512).any(|w| w == &a[..512]),
+        "plaintext on disk"
+    );
+}
