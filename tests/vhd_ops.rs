@@ -439,3 +439,30 @@ fn parent_shorter_than_child_reads_zeros_past_its_end() {
     assert!(st[0].allocated && st[0].nsectors == 2048);
     assert!(!st[1].allocated);
 }
+
+#[test]
+fn allocation_beyond_32_bit_sectors_is_no_space() {
+    // A 2040 GiB disk whose last allocated block ends just below sector 2^32 (sparse file).
+    let d = tempfile::tempdir().unwrap();
+    let p = dynamic(d.path(), "big.vhd", 2040 << 10);
+    let mut b = std::fs::read(&p).unwrap();
+    let footer = b[b.len() - 512..].to_vec();
+    let start: u32 = 0xFFFF_E000;
+    b[1536..1540].copy_from_slice(&start.to_be_bytes());
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(&b[1536..1540], 1536).unwrap();
+    let end = (u64::from(start) + 1 + 4096) * 512;
+    f.set_len(end + 512).unwrap();
+    f.write_all_at(&footer, end).unwrap();
+    drop(f);
+    let img = open_vhd_chain(&p, &rw()).unwrap();
+    assert_eq!(img.allocated_blocks(), 1);
+    let e = img.write(4096, &[1u8; 512]).unwrap_err();
+    assert!(matches!(e, ImageError::NoSpace(_)), "{e}");
+    assert_eq!(e.errno(), libc::ENOSPC);
+    // Block 0 is still usable.
+    img.write(0, &[2u8; 512]).unwrap();
+    img.close().unwrap();
+    assert_eq!(std::fs::metadata(&p).unwrap().len(), end + 512);
+}

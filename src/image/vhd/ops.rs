@@ -112,7 +112,10 @@ fn create_dynamic(
     }
     check_size(max_size)?;
     let bs = u64::from(opts.block_size);
-    let max_bat = u32::try_from(max_size.div_ceil(bs)).map_err(|_| invalid("too many blocks"))?;
+    let max_bat = u32::try_from(max_size.div_ceil(bs))
+        .ok()
+        .filter(|&n| u64::from(n) <= super::engine::MAX_BAT_ENTRIES)
+        .ok_or_else(|| invalid("too many blocks for the block size"))?;
     let dtype = if parent.is_some() {
         DiskType::Differencing
     } else {
@@ -153,8 +156,13 @@ fn create_dynamic(
     f.set_len(end + FOOTER_SIZE as u64).map_err(io)?;
     f.write_at(&fb, 0).map_err(io)?;
     f.write_at(&header.encode(), HEADER_OFFSET).map_err(io)?;
-    let bat = vec![0xFFu8; bat_len as usize];
-    f.write_at(&bat, BAT_OFFSET).map_err(io)?;
+    let ff = vec![0xFFu8; bat_len.min(1 << 20) as usize];
+    let mut off = 0;
+    while off < bat_len {
+        let n = (bat_len - off).min(ff.len() as u64) as usize;
+        f.write_at(&ff[..n], BAT_OFFSET + off).map_err(io)?;
+        off += n as u64;
+    }
     f.write_at(&bmh.encode(), bm_hdr_off).map_err(io)?;
     f.write_at(&map, bmh.batmap_offset).map_err(io)?;
     for (off, data) in loc_writes {
