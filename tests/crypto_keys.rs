@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use blktap3::image::crypto::{
     derive_key_from_passphrase, find_key_file, generate_key, image_basename,
-    key_bits_from_filename, key_file_name, keyfile_matches, keyhash_for_keyfile, parse_keydirs,
-    read_keyfile_whole, resolve_chain_keys, to_hex, write_key_file, CryptoError, KeyBytes, KeyHash,
-    KeySource, KeyWalkEntry, XtsCipher,
+    key_bits_from_filename, key_file_name, keyfile_bits_for_image, keyfile_matches,
+    keyhash_for_keyfile, parse_keydirs, read_keyfile_whole, resolve_chain_keys, to_hex,
+    write_key_file, CryptoError, KeyBytes, KeyHash, KeySource, KeyWalkEntry, XtsCipher,
 };
 
 fn key(len: usize, seed: u8) -> Vec<u8> {
@@ -105,6 +105,32 @@ fn key_bits_from_file_names() {
         let e = key_bits_from_filename(Path::new(bad)).unwrap_err();
         assert!(matches!(e, CryptoError::KeyFileName(_)), "{bad}");
         assert_eq!(e.errno(), libc::EINVAL);
+    }
+}
+
+#[test]
+fn keyfile_name_must_match_image_upstream_rule() {
+    let img = Path::new("/v/snap_X.vhd.snap.tmp.vhd");
+    assert_eq!(
+        keyfile_bits_for_image(Path::new("/k/snap_X,aes-xts-plain,256.key"), img).unwrap(),
+        256
+    );
+    assert_eq!(
+        keyfile_bits_for_image(Path::new("snap_X,aes-xts-plain,512.key"), img).unwrap(),
+        512
+    );
+    for bad in [
+        "/k/snap_Y,aes-xts-plain,256.key",
+        "/k/snap_X.vhd,aes-xts-plain,256.key",
+        "/k/snap_X",
+    ] {
+        assert!(
+            matches!(
+                keyfile_bits_for_image(Path::new(bad), img),
+                Err(CryptoError::KeyFileName(_))
+            ),
+            "{bad}"
+        );
     }
 }
 

@@ -125,6 +125,18 @@ pub fn key_bits_from_filename(keyfile: &Path) -> Result<u32, CryptoError> {
     Err(CryptoError::KeyFileName(keyfile.to_path_buf()))
 }
 
+/// Upstream `vhd-util key` validation: the key file's name must be exactly
+/// `<image basename>,aes-xts-plain,<512|256>.key`. Returns the key size in bits named by
+/// it, or [`CryptoError::KeyFileName`]. (OpenXT stable-8's `vhd-util` does not check.)
+pub fn keyfile_bits_for_image(keyfile: &Path, image: &Path) -> Result<u32, CryptoError> {
+    let bits = key_bits_from_filename(keyfile)?;
+    if keyfile.file_name() == Some(key_file_name(image, bits).as_os_str()) {
+        Ok(bits)
+    } else {
+        Err(CryptoError::KeyFileName(keyfile.to_path_buf()))
+    }
+}
+
 /// A key found in a key directory. `Debug` prints the path and size, never the key.
 pub struct KeyFile {
     pub path: PathBuf,

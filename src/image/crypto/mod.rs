@@ -23,10 +23,10 @@ use std::path::PathBuf;
 pub use keyhash::{compute_hash, parse_hex, parse_hex_vec, to_hex, KeyHash};
 pub use keys::{
     derive_key_from_passphrase, find_key_file, generate_key, image_basename,
-    key_bits_from_filename, key_file_name, keyfile_matches, keyhash_for_keyfile, parse_keydirs,
-    read_keyfile_whole, resolve_chain_keys, write_key_file, KeyFile, KeySource, KeyWalkEntry,
-    KEYDIR_ENV, KEYDIR_ENV_LEGACY, KEY_FILE_MAX, KEY_SIZES_BITS, PBKDF2_DEFAULT_ITERATIONS,
-    PBKDF2_MIN_SALT_LEN,
+    key_bits_from_filename, key_file_name, keyfile_bits_for_image, keyfile_matches,
+    keyhash_for_keyfile, parse_keydirs, read_keyfile_whole, resolve_chain_keys, write_key_file,
+    KeyFile, KeySource, KeyWalkEntry, KEYDIR_ENV, KEYDIR_ENV_LEGACY, KEY_FILE_MAX, KEY_SIZES_BITS,
+    PBKDF2_DEFAULT_ITERATIONS, PBKDF2_MIN_SALT_LEN,
 };
 pub use xts::{XtsCipher, CHUNK_SECTORS, SECTOR_BYTES};
 
