@@ -145,7 +145,7 @@ fn coalesce_parent(io: &mut Io, name: &str, sparse: bool, style: Style) -> Resul
     drop(meta);
     let child = open_chain(name, true).map_err(|e| {
         vout!(io, "error opening {name}: {}", neg(&e));
-        let _ = writeln!(io.err, "{e}");
+        let _ = writeln!(io.err, "{}", common::describe(&e));
         neg(&e)
     })?;
     let pstr = pname.to_string_lossy().into_owned();
@@ -160,7 +160,7 @@ fn coalesce_parent(io: &mut Io, name: &str, sparse: bool, style: Style) -> Resul
         }
         Box::new(open_chain(&pstr, false).map_err(|e| {
             vout!(io, "error opening {pstr}: {}", neg(&e));
-            let _ = writeln!(io.err, "{e}");
+            let _ = writeln!(io.err, "{}", common::describe(&e));
             neg(&e)
         })?)
     };
@@ -168,7 +168,7 @@ fn coalesce_parent(io: &mut Io, name: &str, sparse: bool, style: Style) -> Resul
     let closed = parent.close();
     let _ = child.close();
     let n = r.map_err(|e| {
-        let _ = writeln!(io.err, "{e}");
+        let _ = writeln!(io.err, "{}", common::describe(&e));
         neg(&e)
     })?;
     closed.map_err(|e| neg(&e))?;

@@ -66,7 +66,7 @@ pub fn run(io: &mut Io, args: &[String]) -> i32 {
         Ok(()) => 0,
         Err(e) => {
             verr!(io, "{name}: failed to create: {}", neg(&e));
-            verr!(io, "{e}");
+            verr!(io, "{}", super::common::describe(&e));
             neg(&e)
         }
     }

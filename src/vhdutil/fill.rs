@@ -181,12 +181,12 @@ pub fn run(io: &mut Io, args: &[String]) -> i32 {
         Ok(i) => i,
         Err(e) => {
             vout!(io, "error opening {name}: {}", neg(&e));
-            verr!(io, "{e}");
+            verr!(io, "{}", super::common::describe(&e));
             return neg(&e);
         }
     };
     let r = fill_data(io, &img).map_err(|e| {
-        verr!(io, "{e}");
+        verr!(io, "{}", super::common::describe(&e));
         neg(&e)
     });
     let c = img.close().map_err(|e| neg(&e));

@@ -65,7 +65,7 @@ fn grow_fast(io: &mut Io, name: &str, bytes: u64) -> i32 {
     match resize_fast(Path::new(name), size) {
         Ok(()) => 0,
         Err(e) => {
-            verr!(io, "{e}");
+            verr!(io, "{}", super::common::describe(&e));
             neg(&e)
         }
     }

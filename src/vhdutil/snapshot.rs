@@ -122,7 +122,7 @@ pub fn run(io: &mut Io, args: &[String]) -> i32 {
     match snapshot(Path::new(name), Path::new(&ppath), &opts) {
         Ok(_) => 0,
         Err(e) => {
-            verr!(io, "{e}");
+            verr!(io, "{}", super::common::describe(&e));
             neg(&e)
         }
     }
