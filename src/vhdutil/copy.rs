@@ -134,7 +134,7 @@ pub fn run(io: &mut Io, args: &[String]) -> i32 {
     }
     let fail = |io: &mut Io, what: &str, e: &ImageError| {
         vout!(io, "{what}: {}", neg(e));
-        verr!(io, "{}", super::common::describe(&e));
+        verr!(io, "{}", super::common::describe(e));
         let _ = std::fs::remove_file(new);
         neg(e)
     };
