@@ -527,3 +527,53 @@ fn fill_and_copy_encrypted_images() {
         "plaintext on disk"
     );
 }
+
+#[test]
+fn check_finds_data_and_batmap_inconsistencies() {
+    let d = tmpdir();
+    let f = p(d.path(), "c.vhd");
+    ok(&["create", "-n", &f, "-s", "6"]);
+    write(&f, None, 0, &pattern(512, 1));
+    assert_eq!(ok(&["check", "-n", &f, "-b"]), format!("{f} is valid\n"));
+    // Clear bit 0 of block 0's bitmap: sector 0 then holds data with its bit clear.
+    let mut b = std::fs::read(&f).unwrap();
+    let e0 = be32(&b, 1536) as usize;
+    b[e0 * 512] &= 0x7f;
+    std::fs::write(&f, &b).unwrap();
+    assert_eq!(ok(&["check", "-n", &f]), format!("{f} is valid\n"));
+    let o = run(&["check", "-n", &f, "-b"]);
+    assert_eq!(o.status, 22);
+    assert!(
+        o.stdout
+            .starts_with("sector 0x0 of block 0x0 has data where bitmap is clear\n"),
+        "{}",
+        o.stdout
+    );
+    // Batmap marks an unallocated block full (with a correct checksum).
+    let g = p(d.path(), "g.vhd");
+    ok(&["create", "-n", &g, "-s", "6"]);
+    let mut b = std::fs::read(&g).unwrap();
+    b[2560] = 0x40; // block 1
+    let sum: u32 = b[2560..3072].iter().map(|&x| u32::from(x)).sum();
+    b[2048 + 24..2048 + 28].copy_from_slice(&(!sum).to_be_bytes());
+    std::fs::write(&g, &b).unwrap();
+    let o = run(&["check", "-n", &g]);
+    assert_eq!(o.status, 22);
+    assert!(
+        o.stdout
+            .starts_with("batmap shows unallocated block 1 full\n"),
+        "{}",
+        o.stdout
+    );
+    // A bad batmap checksum.
+    b[2048 + 24] ^= 1;
+    std::fs::write(&g, &b).unwrap();
+    let o = run(&["check", "-n", &g]);
+    assert_eq!(o.status, 22);
+    assert!(
+        o.stdout
+            .starts_with("batmap is invalid: invalid checksum\n"),
+        "{}",
+        o.stdout
+    );
+}
