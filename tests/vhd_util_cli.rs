@@ -617,17 +617,3 @@ fn modify_zero_and_physical_size_and_reparent() {
         .stdout
         .starts_with("*** Dangerous operations, use with care ***\n"));
 }
-
-#[test]
-fn revert_is_refused_clearly() {
-    let d = tmpdir();
-    let f = p(d.path(), "a.vhd");
-    ok(&["create", "-n", &f, "-s", "10"]);
-    let o = run(&["revert", "-n", &f, "-j", &p(d.path(), "j")]);
-    assert_ne!(o.status, 0);
-    assert!(o.stderr.contains("not supported"), "{}", o.stderr);
-    let o = run(&["resize", "-n", &f, "-s", "20", "-j", &p(d.path(), "j")]);
-    assert_ne!(o.status, 0);
-    assert!(o.stderr.contains("not supported"), "{}", o.stderr);
-    assert_eq!(ok(&["query", "-n", &f, "-v"]), "10\n");
-}

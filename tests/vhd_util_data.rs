@@ -40,6 +40,18 @@ fn read_all(path: &str, keydir: Option<&Path>) -> Vec<u8> {
     buf
 }
 
+fn read_range(path: &str, keydir: Option<&Path>, sector: u64, len: usize) -> Vec<u8> {
+    let opts = OpenOptions {
+        keys: keydir.map_or(KeySource::None, |d| KeySource::Dirs(vec![d.to_path_buf()])),
+        ..Default::default()
+    };
+    let img = open_vhd_chain(Path::new(path), &opts).expect("open chain");
+    let mut buf = vec![0u8; len];
+    img.read(sector, &mut buf).unwrap();
+    img.close().unwrap();
+    buf
+}
+
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
@@ -576,4 +588,130 @@ fn check_finds_data_and_batmap_inconsistencies() {
         "{}",
         o.stdout
     );
+}
+
+fn keyed_vm(d: &Path) -> (String, PathBuf, Vec<u8>) {
+    let keys = d.join("keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    let f = p(d, "vm.vhd");
+    ok(&["create", "-n", &f, "-s", "10"]);
+    let k = keyfile_for(&keys, "vm", 64, 3);
+    ok(&["key", "-s", "-n", &f, "-k", &k.to_string_lossy()]);
+    // Something in every block, partial bitmaps.
+    for blk in 0..5u64 {
+        write(
+            &f,
+            Some(&keys),
+            blk * 4096 + 7,
+            &pattern(3 * 4096, blk as u8),
+        );
+    }
+    let want = read_all(&f, Some(&keys));
+    (f, keys, want)
+}
+
+#[test]
+fn journaled_resize_moves_metadata_and_blocks() {
+    let d = tmpdir();
+    let (f, keys, want) = keyed_vm(d.path());
+    let j = p(d.path(), "resize.journal");
+    // 512 MiB: 256 BAT entries no longer fit the BAT's sector, everything behind moves.
+    assert_eq!(ok(&["resize", "-n", &f, "-s", "512", "-j", &j]), "");
+    assert!(!Path::new(&j).exists(), "journal removed");
+    assert_eq!(ok(&["query", "-n", &f, "-v", "-S", "-a"]), "512\n5\n512\n");
+    assert_eq!(ok(&["check", "-n", &f]), format!("{f} is valid\n"));
+    let kh = ok(&["key", "-p", "-n", &f]);
+    assert_ne!(kh, "none\n", "keyhash kept");
+    assert_eq!(read_range(&f, Some(&keys), 0, 10 * MIB), want);
+    assert!(read_range(&f, Some(&keys), 20_480, 4 * MIB)
+        .iter()
+        .all(|&b| b == 0));
+    // The grown disk takes writes past the old end.
+    write(&f, Some(&keys), 1_000_000, &pattern(4096, 9));
+    assert_eq!(
+        read_range(&f, Some(&keys), 1_000_000, 4096),
+        pattern(4096, 9)
+    );
+    assert_eq!(ok(&["check", "-n", &f]), format!("{f} is valid\n"));
+
+    // A differencing disk: its parent locators move too.
+    let base = p(d.path(), "base.vhd");
+    let leaf = p(d.path(), "leaf.vhd");
+    ok(&["create", "-n", &base, "-s", "10"]);
+    write(&base, None, 0, &pattern(MIB, 1));
+    ok(&["snapshot", "-n", &leaf, "-p", &base]);
+    write(&leaf, None, 100, &pattern(8192, 2));
+    let before = read_all(&leaf, None);
+    ok(&["resize", "-n", &leaf, "-s", "600", "-j", &j]);
+    assert_eq!(
+        ok(&["query", "-n", &leaf, "-p", "-v"]),
+        format!("600\n{base}\n")
+    );
+    assert_eq!(ok(&["check", "-n", &leaf]), format!("{leaf} is valid\n"));
+    assert_eq!(read_range(&leaf, None, 0, 10 * MIB), before);
+    assert_eq!(qemu_virtual_size(&base).unwrap_or(10 << 20), 10 << 20);
+    let plain = p(d.path(), "plain.vhd");
+    ok(&["create", "-n", &plain, "-s", "10"]);
+    write(&plain, None, 9, &pattern(MIB, 6));
+    let pw = read_all(&plain, None);
+    ok(&["resize", "-n", &plain, "-s", "520", "-j", &j]);
+    assert_eq!(qemu_virtual_size(&plain).unwrap_or(520 << 20), 520 << 20);
+    if let Some(q) = qemu_raw(&plain, d.path()) {
+        assert_eq!(&q[..10 * MIB], &pw[..]);
+    }
+
+    // Fixed disks grow by moving the footer.
+    let fx = p(d.path(), "fixed.vhd");
+    ok(&["create", "-n", &fx, "-s", "4", "-r"]);
+    let mut raw = std::fs::read(&fx).unwrap();
+    raw[..MIB].copy_from_slice(&pattern(MIB, 4));
+    std::fs::write(&fx, &raw).unwrap();
+    ok(&["resize", "-n", &fx, "-s", "6", "-j", &j]);
+    assert_eq!(ok(&["query", "-n", &fx, "-v"]), "6\n");
+    let all = read_all(&fx, None);
+    assert_eq!(&all[..MIB], &pattern(MIB, 4)[..]);
+    assert!(all[MIB..].iter().all(|&b| b == 0));
+    assert_eq!(qemu_virtual_size(&fx).unwrap_or(6 << 20), 6 << 20);
+
+    // Shrinking is refused like blktap.
+    let o = run(&["resize", "-n", &f, "-s", "256", "-j", &j]);
+    assert_eq!(o.status, 38);
+    assert_eq!(
+        o.stdout,
+        "dynamic shrink not fully implemented\nresize failed: -38\n"
+    );
+}
+
+#[test]
+fn interrupted_journaled_resize_reverts_exactly() {
+    for point in ["BEGIN", "DATA_MOVED", "METADATA_MOVED", "END"] {
+        let d = tmpdir();
+        let (f, keys, want) = keyed_vm(d.path());
+        let original = std::fs::read(&f).unwrap();
+        let j = p(d.path(), "j");
+        let var = format!("VHD_UTIL_TEST_FAIL_RESIZE_{point}");
+        let o = run_env(&["resize", "-n", &f, "-s", "512", "-j", &j], &[(&var, "1")]);
+        assert_eq!(o.status, 22, "{point}");
+        assert_eq!(o.stdout, format!("Failing at {var}\n"));
+        assert!(Path::new(&j).exists(), "{point}: journal left");
+        assert_eq!(ok(&["revert", "-n", &f, "-j", &j]), "");
+        assert!(!Path::new(&j).exists());
+        assert_eq!(
+            std::fs::read(&f).unwrap(),
+            original,
+            "{point}: bytes restored"
+        );
+        assert_eq!(read_all(&f, Some(&keys)), want);
+    }
+    let d = tmpdir();
+    let f = p(d.path(), "x.vhd");
+    ok(&["create", "-n", &f, "-s", "4"]);
+    let bogus = p(d.path(), "bogus");
+    std::fs::write(&bogus, b"garbage").unwrap();
+    let o = run(&["revert", "-n", &f, "-j", &bogus]);
+    assert_eq!(o.status, 22);
+    assert_eq!(o.stdout, "reverting journal failed: -22\n");
+    let o = run(&["revert", "-n", &f]);
+    assert_eq!(o.status, 22);
+    assert_eq!(o.stdout, "options: <-n name> <-j journal> [-h help]\n");
 }

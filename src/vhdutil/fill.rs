@@ -74,14 +74,7 @@ fn allocate_fast(io: &mut Io, img: &VhdImage, from: u64, to: u64) -> Result<(), 
     let spb = u64::from(h.spb());
     let bm = u64::from(h.bitmap_sectors());
     let mut max = (common::phys_size(img).map_err(|e| neg(&e))? - FOOTER_SIZE as u64) / SECTOR_SIZE;
-    let align = |m: u64| {
-        let r = (m + bm) % 8;
-        if r == 0 {
-            m
-        } else {
-            m + 8 - r
-        }
-    };
+    let align = |m: u64| super::journal::align(m, bm);
     max = align(max);
     let to = to.min(bat.len() as u64 - 1);
     let mut new = Vec::new();

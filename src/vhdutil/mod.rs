@@ -16,13 +16,13 @@
 //! | read | `-n [-p] [-t sec] [-b blk] [-B] [-m blk] [-i sec] [-e sec] [-a] [-j blk] [-d blk] [-c n] [-r sec] [-R byte] [-x] [-C]` | [`read`] |
 //! | set | `-n -f hidden\|marker -v 0..255` | [`set`] |
 //! | repair | `-n [-b]` | [`repair`] |
-//! | resize | `-n -s MiB -f` (`-j` refused) | [`resize`] |
+//! | resize | `-n -s MiB (-f \\| -j journal)` | [`resize`], [`journal`] |
 //! | fill | `-n [-b [-f sec] [-t sec] [-B]]` | [`fill`] |
 //! | coalesce | `-n [-s] [-p]` | [`coalesce`] |
 //! | modify | `-n [-p parent [-m]] [-s bytes] [-z] [-t type]` | [`modify`] |
 //! | scan | `[-m glob] [-f] [-c] [-p] [-a] [-v] [-M] FILES` (`-l` refused) | [`scan`] |
 //! | check | `-n [-i] [-I] [-t] [-p] [-b] [-B] [-s]` | [`check`] |
-//! | revert | refused (no journaled resize) | [`resize`] |
+//! | revert | `-n -j journal` | [`resize`], [`journal`] |
 //! | key | `-C -k [-N]`, `-s -n (-k\|-H) [-N]`, `-c -n -k`, `-p -n`, `-P pass -k -S salt [-i n]` | [`key`] |
 //! | copy | `-n -N [-k keyfile\|-E]` | [`copy`] |
 //!
@@ -36,8 +36,8 @@
 //! file (EEXIST); `snapshot` does not copy the parent's keyhash unless `-K` (OpenXT 8);
 //! `fill -b` leaves allocated blocks alone and refuses encrypted chains; `copy` makes a
 //! standalone (flattened) copy; `key -s/-c` accept any key file name but require 32 or
-//! 64 bytes; `scan -l` (LVM), `resize -j` and `revert` are refused with EOPNOTSUPP;
-//! timestamps in `read -p` are printed in UTC.
+//! 64 bytes; `scan -l` (LVM) is refused with EOPNOTSUPP; `resize -j` only grows and
+//! its journal is not libvhd's format; timestamps in `read -p` are printed in UTC.
 
 pub mod chain;
 pub mod check;
@@ -50,6 +50,7 @@ pub mod dump;
 pub mod fill;
 pub mod getopt;
 pub mod glob;
+pub mod journal;
 pub mod key;
 pub mod modify;
 pub mod progress;

@@ -1,12 +1,14 @@
-//! `vhd-util resize -n NAME -s MiB -f` (fast grow within the `-S` preallocation,
-//! `vhd-util-resize.c` `vhd_dynamic_grow_fast`) and `vhd-util revert`.
+//! `vhd-util resize -n NAME -s MiB (-f | -j JOURNAL)` and `vhd-util revert -n NAME -j
+//! JOURNAL` (`vhd-util-resize.c`, `vhd-util-revert.c`).
 //!
-//! Journaled resize (`-j`) and `revert` (which rolls back an interrupted journaled
-//! resize) are NOT implemented: both are refused with EOPNOTSUPP and a clear message.
-//! Create or snapshot with `-S` to allow a later `resize -f`.
+//! `-f` grows within the BAT preallocated with `create/snapshot -S` (footer only).
+//! `-j` grows offline past the BAT, moving metadata and blocks, with a journal
+//! ([`super::journal`]; our own journal format); `revert` rolls an interrupted one back.
+//! Shrinking is not supported (blktap: "dynamic shrink not fully implemented").
 
 use super::cli::{number, OptsExt, UsageSpec, EINVAL};
 use super::common::{self, neg};
+use super::journal;
 use super::Io;
 use crate::image::vhd::format::DiskType;
 use crate::image::vhd::ops::{max_fast_resize_size, resize_fast};
@@ -22,7 +24,8 @@ resizing the metadata might require moving data blocks. However, if a VHD was \
 created with -S <msize> option (during vhd-util create/snapshot), which preallocates \
 the metadata for growing the VHD up to size <msize>, then resizing such a VHD up to \
 <msize> can be performed online without journaling (-f option).\n\
-Note: this vhd-util implements only -f; journaled resize (-j) is not supported.\n",
+Note: only growing is supported; the -j journal is this vhd-util's own format \
+(roll back an interrupted resize with vhd-util revert -n NAME -j JOURNAL).\n",
     to_stderr: false,
     h_status: EINVAL,
 };
@@ -30,8 +33,7 @@ Note: this vhd-util implements only -f; journaled resize (-j) is not supported.\
 pub const REVERT_USAGE: UsageSpec = UsageSpec {
     cmd: "revert",
     spec: "n:j:h",
-    text: "options: <-n name> <-j journal> [-h help]\n\
-Note: journaled resize is not supported by this vhd-util, so there is nothing to revert.\n",
+    text: "options: <-n name> <-j journal> [-h help]\n",
     to_stderr: false,
     h_status: EINVAL,
 };
@@ -107,15 +109,74 @@ pub fn run(io: &mut Io, args: &[String]) -> i32 {
             }
         }
     }
-    if journal.is_some() {
-        verr!(
-            io,
-            "resize: journaled resize (-j) is not supported by this vhd-util; \
-             create the VHD with -S and use -f"
-        );
-        return -libc::EOPNOTSUPP;
+    if let Some(j) = journal {
+        return journaled(io, name, j, mib);
     }
     grow_fast(io, name, bytes)
+}
+
+/// `resize -j`: journaled offline growth.
+fn journaled(io: &mut Io, name: &str, jname: &str, mib: u64) -> i32 {
+    let img = match common::open(name, true) {
+        Ok(i) => i,
+        Err(e) => return neg(&e),
+    };
+    let fixed = img.disk_type() == DiskType::Fixed;
+    let curr = img.footer().curr_size;
+    drop(img);
+    let Some(bytes) = mib.checked_mul(1 << 20) else {
+        return EINVAL;
+    };
+    let size = if fixed {
+        bytes
+    } else {
+        let bs = 2u64 << 20;
+        match bytes.div_ceil(bs).checked_mul(bs) {
+            Some(s) => s,
+            None => return EINVAL,
+        }
+    };
+    if size == curr {
+        return 0;
+    }
+    if size < curr {
+        vout!(io, "dynamic shrink not fully implemented");
+        vout!(io, "resize failed: {}", -libc::ENOSYS);
+        return -libc::ENOSYS;
+    }
+    let mut failed_at = None;
+    let mut fail = |point: &str| {
+        if journal::fail_point(point) {
+            failed_at = Some(point.to_string());
+            true
+        } else {
+            false
+        }
+    };
+    let (path, jpath) = (Path::new(name), Path::new(jname));
+    let r = if fixed {
+        journal::grow_fixed(path, jpath, size, &mut fail)
+    } else {
+        journal::grow(path, jpath, size, &mut fail)
+    };
+    match r {
+        Ok(true) => 0,
+        Ok(false) => {
+            // Simulated crash (blktap's TEST_FAIL_AT): stop here, journal left behind.
+            vout!(io, "Failing at {}", failed_at.unwrap_or_default());
+            EINVAL
+        }
+        Err(e) => {
+            vout!(io, "resize failed: {}", neg(&e));
+            verr!(io, "{}", common::describe(&e));
+            if jpath.exists() {
+                if let Err(je) = journal::revert(path, jpath) {
+                    vout!(io, "closing journal failed: {}", neg(&je));
+                }
+            }
+            neg(&e)
+        }
+    }
 }
 
 pub fn run_revert(io: &mut Io, args: &[String]) -> i32 {
@@ -123,12 +184,18 @@ pub fn run_revert(io: &mut Io, args: &[String]) -> i32 {
         Ok(p) => p,
         Err(s) => return s,
     };
-    if p.value('n').is_none() || p.value('j').is_none() || !p.operands.is_empty() {
+    let (Some(name), Some(j)) = (p.value('n'), p.value('j')) else {
+        return REVERT_USAGE.fail(io, EINVAL);
+    };
+    if !p.operands.is_empty() {
         return REVERT_USAGE.fail(io, EINVAL);
     }
-    verr!(
-        io,
-        "revert: journaled resize is not supported by this vhd-util, so there is no journal to revert"
-    );
-    -libc::EOPNOTSUPP
+    match journal::revert(Path::new(name), Path::new(j)) {
+        Ok(()) => 0,
+        Err(e) => {
+            vout!(io, "reverting journal failed: {}", neg(&e));
+            verr!(io, "{}", common::describe(&e));
+            neg(&e)
+        }
+    }
 }
