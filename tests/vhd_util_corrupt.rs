@@ -36,6 +36,7 @@ fn damaged_metadata_never_panics() {
     let n = pristine.len();
     let mut rng = Rng(0x5eed_1234_abcd_0001);
     let victim = p(d.path(), "victim.vhd");
+    let journal = p(d.path(), "victim.journal");
     for round in 0..40 {
         let mut b = pristine.clone();
         // Damage 1..8 bytes in the metadata area or the footers, sometimes with
@@ -81,7 +82,10 @@ fn damaged_metadata_never_panics() {
             vec!["coalesce", "-n", &victim],
             vec!["modify", "-n", &victim, "-z"],
             vec!["resize", "-n", &victim, "-s", "16", "-f"],
+            vec!["resize", "-n", &victim, "-s", "300", "-j", &journal],
+            vec!["fill", "-n", &victim, "-b"],
         ] {
+            let _ = std::fs::remove_file(&journal);
             std::fs::write(&victim, &b).unwrap();
             let o = run(&args);
             assert_clean(&o, &format!("{what} {args:?}"));

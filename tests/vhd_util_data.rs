@@ -673,6 +673,14 @@ fn journaled_resize_moves_metadata_and_blocks() {
     assert!(all[MIB..].iter().all(|&b| b == 0));
     assert_eq!(qemu_virtual_size(&fx).unwrap_or(6 << 20), 6 << 20);
 
+    // An existing journal is never reused.
+    std::fs::write(&j, b"someone else's").unwrap();
+    let o = run(&["resize", "-n", &f, "-s", "600", "-j", &j]);
+    assert_eq!(o.status, 17);
+    assert_eq!(o.stdout, "creating journal failed: -17\n");
+    assert_eq!(std::fs::read(&j).unwrap(), b"someone else's");
+    std::fs::remove_file(&j).unwrap();
+
     // Shrinking is refused like blktap.
     let o = run(&["resize", "-n", &f, "-s", "256", "-j", &j]);
     assert_eq!(o.status, 38);

@@ -160,6 +160,7 @@ pub fn grow(
     for l in loc.iter_mut().filter(|l| l.code != PLAT_NONE) {
         let space = l
             .space_bytes()
+            .filter(|&s| s <= 1 << 20)
             .ok_or_else(|| invalid("bad parent locator data space"))?;
         let mut data = vec![0u8; usize::try_from(space).map_err(|_| invalid("locator"))?];
         f.read_at(&mut data, l.data_offset)

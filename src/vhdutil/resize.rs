@@ -154,6 +154,11 @@ fn journaled(io: &mut Io, name: &str, jname: &str, mib: u64) -> i32 {
         }
     };
     let (path, jpath) = (Path::new(name), Path::new(jname));
+    // Never reuse (or, on failure, roll back with) a journal we did not write.
+    if jpath.symlink_metadata().is_ok() {
+        vout!(io, "creating journal failed: {}", -libc::EEXIST);
+        return -libc::EEXIST;
+    }
     let r = if fixed {
         journal::grow_fixed(path, jpath, size, &mut fail)
     } else {
