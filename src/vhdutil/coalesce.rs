@@ -183,7 +183,8 @@ pub fn run(io: &mut Io, args: &[String]) -> i32 {
     let Some(name) = p.value('n') else {
         return USAGE.fail(io, EINVAL);
     };
-    if !p.operands.is_empty() {
+    // blktap's option string lists -o, -a and -x but its switch sends them to usage.
+    if !p.operands.is_empty() || p.flag('o') || p.flag('a') || p.flag('x') {
         return USAGE.fail(io, EINVAL);
     }
     let style = progress_style(io, p.flag('p'));
