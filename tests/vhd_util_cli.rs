@@ -272,6 +272,11 @@ fn scan_plain_markers_tree_and_errors() {
         ok(&["scan", "-M", &leaf]),
         "vhd=leaf.vhd capacity=10485760 size=5120 hidden=0 marker=0 keyhash= parent=base.vhd\n"
     );
+    // -f (fast): the parent name comes from the header.
+    assert_eq!(
+        ok(&["scan", "-f", &leaf]),
+        "vhd=leaf.vhd capacity=10485760 size=5120 hidden=0 parent=base.vhd\n"
+    );
     // Tree: the hidden root first, children indented by 3.
     assert_eq!(
         ok(&["scan", "-p", &leaf, &base]),
