@@ -18,14 +18,15 @@
 //!
 //! 1. *A BAT entry never points at a block whose bitmap is not zero on disk.* Blocks are
 //!    carved out of a **reserve** `[next_db, reserve_end)`. A reserve is created by
-//!    [`extend`](VhdImage::ensure_allocated): explicitly zero every bitmap sector of the
+//!    `extend` (called from `ensure_allocated`): explicitly zero every bitmap sector of the
 //!    blocks it will hold that lies inside the old file (stale data from a crashed session,
 //!    an old footer), extend the file with `ftruncate` (the new range reads as zeros), write
 //!    a valid footer at the new end, then **fdatasync**. Only after that sync returns are
 //!    BAT entries for reserve blocks published, and they need no further sync: whatever
 //!    subset of BAT/bitmap/data writes a crash keeps, a published entry points at a bitmap
 //!    that is either zero (sectors read from the parent, i.e. the unflushed write is lost)
-//!    or was written by us after the data it covers.
+//!    or was written by us after the data it covers. Stale bytes in the *data* area of a
+//!    reserve block are harmless: only sectors whose bit we set are ever read from it.
 //! 2. *A write is acknowledged only after the bitmap bits that make it visible are written*:
 //!    data pwrite, then bitmap sector pwrite, then return. `flush()` (fdatasync) makes all of
 //!    them durable at once, so every write acknowledged before a completed flush survives.
@@ -44,6 +45,13 @@
 //!
 //! Compared with the C driver there is no one-allocation-at-a-time BAT lock and no
 //! synchronous zero-fill of each 2 MiB block: one fdatasync covers `prealloc_blocks` blocks.
+//! There is no "kill footer" on RW open either: the primary footer stays valid throughout a
+//! session (invariant 3), and the BAT, not the footer position, defines the end of data.
+//!
+//! `tests/vhd_crash.rs` checks these invariants against the simulated file
+//! ([`crate::image::file::MemFile`]): crash images made of the synced state plus any
+//! subset/prefix of the unsynced writes, and runs stopped after N writes, must open cleanly
+//! and return every write acknowledged before the last completed flush.
 //!
 //! # Discard
 //!
