@@ -77,37 +77,6 @@ pub fn preferred_locator_text(img: &VhdImage) -> Result<String, ImageError> {
         .map_err(|e| ImageError::Invalid(e.to_string()))
 }
 
-/// `vhd_chain_depth`: 1 for a dynamic/fixed disk, +1 per differencing level, a raw parent
-/// counts as one more level.
-pub fn chain_depth(img: &VhdImage) -> Result<i32, ImageError> {
-    let mut cnt = 1;
-    if !img.is_differencing() {
-        return Ok(cnt);
-    }
-    if parent_is_raw(img) {
-        return Ok(cnt + 1);
-    }
-    let mut next = parent_path(img)?;
-    while let Some((p, raw)) = next {
-        cnt += 1;
-        if cnt > MAX_CHAIN {
-            return Err(ImageError::Invalid("parent chain too long (cycle?)".into()));
-        }
-        if raw {
-            return Ok(cnt);
-        }
-        let cur = VhdImage::open(&p, &VhdOpenOptions::default())?;
-        if !cur.is_differencing() {
-            return Ok(cnt);
-        }
-        if parent_is_raw(&cur) {
-            return Ok(cnt + 1);
-        }
-        next = parent_path(&cur)?;
-    }
-    Ok(cnt)
-}
-
 /// `vhd_hidden`: tap 0.1/1.1 dynamic disks keep the real value in the backup footer (old
 /// tools did not update the primary's checksum).
 pub fn hidden(img: &VhdImage) -> Result<u8, ImageError> {

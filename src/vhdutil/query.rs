@@ -4,9 +4,11 @@
 use super::cli::{OptsExt, UsageSpec, EINVAL};
 use super::common::{self, neg};
 use super::Io;
+use crate::image::chain::chain_depth;
 use crate::image::vhd::format::BAT_UNUSED;
 use crate::image::vhd::ops::max_fast_resize_size;
 use crate::vout;
+use std::path::Path;
 
 pub const USAGE: UsageSpec = UsageSpec {
     cmd: "query",
@@ -99,7 +101,8 @@ pub fn run(io: &mut Io, args: &[String]) -> i32 {
         }
     }
     if p.flag('d') {
-        match common::chain_depth(&img) {
+        // vhd_chain_depth: 1 + one per parent, a raw parent included.
+        match chain_depth(Path::new(&name)) {
             Ok(d) => vout!(io, "chain depth: {d}"),
             Err(e) => {
                 vout!(io, "error checking chain depth: {}", neg(&e));

@@ -13,6 +13,7 @@ use super::cli::{number, OptsExt, UsageSpec, EINVAL};
 use super::common::{self, neg};
 use super::getopt::strtol;
 use super::Io;
+use crate::image::chain::chain_depth;
 use crate::image::vhd::ops::{snapshot, SnapshotOptions};
 use crate::image::vhd::parent::resolve_parent;
 use crate::image::ImageError;
@@ -86,9 +87,7 @@ pub fn run(io: &mut Io, args: &[String]) -> i32 {
             if traw {
                 Ok(None)
             } else {
-                common::open(&t.to_string_lossy(), true)
-                    .and_then(|i| common::chain_depth(&i))
-                    .map(Some)
+                chain_depth(&t).map(Some)
             }
         });
         match depth {
