@@ -20,4 +20,5 @@ pub mod control;
 pub mod image;
 pub mod tapback;
 pub mod util;
+pub mod vhdutil;
 pub mod xen;
