@@ -15,10 +15,10 @@ step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
 
 step "cargo test (x86_64)"
-cargo test --all-targets 2>&1 | tee target/test-x86_64.log
+cargo test 2>&1 | tee target/test-x86_64.log
 
 step "cargo test (i686-unknown-linux-gnu)"
-cargo test --target i686-unknown-linux-gnu --all-targets 2>&1 | tee target/test-i686.log
+cargo test --target i686-unknown-linux-gnu 2>&1 | tee target/test-i686.log
 
 step "shellcheck"
 mapfile -t shells < <(git ls-files '*.sh' 'scripts/*' 'meta-blktap3/**/*.sh' '.ci/*' | sort -u | while read -r f; do
