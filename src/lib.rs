@@ -15,4 +15,6 @@
 //! ```
 
 pub mod image;
+pub mod nbd;
+pub mod tapdisk;
 pub mod util;

@@ -1,0 +1,1 @@
+//! tapdisk daemon (placeholder)
