@@ -11,6 +11,7 @@
 //! Wire reference: the NBD protocol document (`doc/proto.md` of the NBD project). Integers on
 //! the wire are big-endian.
 
+pub mod client;
 pub mod proto;
 pub mod server;
 

@@ -32,3 +32,6 @@ pub enum TapdiskError {
         source: std::io::Error,
     },
 }
+
+#[cfg(test)]
+mod tests;
