@@ -14,6 +14,7 @@
 //!  xen         gntdev, evtchn, xenstore + simulations (the only home of `unsafe`)
 //! ```
 
+pub mod control;
 pub mod image;
 pub mod nbd;
 pub mod tapdisk;

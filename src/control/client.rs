@@ -1,0 +1,570 @@
+//! The libblktapctl-style client: talk to tapdisks by pid over `<dir>/ctl<pid>`.
+//!
+//! Every call opens one connection, sends one request and reads the whole reply. `timeout`
+//! (where taken) bounds the whole exchange and gives ETIMEDOUT; `None` waits forever like
+//! libblktapctl without a timeval. An ERROR reply becomes [`ControlError::Remote`] with its
+//! positive errno, a reply of the wrong type [`ControlError::UnexpectedReply`] (EINVAL).
+
+use std::io::Read;
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use super::minors;
+use super::msg::{
+    read_reply, split_params, Blkif, DiskInfo, ListEntry, OpenRequest, Reply, Request,
+    ResumeRequest, VbdState, WireLayout,
+};
+use super::transport::{DeadlineReader, NoSigPipeWriter};
+use super::{
+    control_dir, nbd_socket_path, pid_from_socket_name, socket_path, ControlError, Result,
+    CONTROL_DIR_ENV, DEFAULT_TAPDISK, TAPDISK_ENV,
+};
+
+/// How long `spawn` waits for the tapdisk to report its control socket.
+pub const SPAWN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often `spawn` retries a tapdisk killed by SIGUSR1 during start-up (a bugtool race).
+pub const SPAWN_RETRIES: u32 = 5;
+
+/// One row of `tap-ctl list`: the outer join of marker files, live tapdisks and their VBDs.
+/// Missing fields are `None`.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct TapEntry {
+    pub pid: Option<i32>,
+    pub minor: Option<u16>,
+    pub state: Option<VbdState>,
+    /// Disk type (`vhd`, `aio`, ...).
+    pub disk_type: Option<String>,
+    pub path: Option<String>,
+}
+
+/// A VBD made by [`Client::create`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Created {
+    pub pid: i32,
+    pub minor: u16,
+    /// The device the VBD is reachable through: for now the NBD socket `<dir>/nbd<pid>.<minor>`.
+    pub devname: PathBuf,
+}
+
+/// The tapdisk binary: `$BLKTAP_TAPDISK`, else `tapdisk` next to the current executable, else
+/// `/usr/libexec/tapdisk`.
+pub fn tapdisk_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os(TAPDISK_ENV).filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(dir) = exe.parent() {
+            let sib = dir.join("tapdisk");
+            if sib.is_file() {
+                return sib;
+            }
+        }
+    }
+    PathBuf::from(DEFAULT_TAPDISK)
+}
+
+/// A control client bound to one control directory.
+#[derive(Clone, Debug)]
+pub struct Client {
+    dir: PathBuf,
+    tapdisk: Option<PathBuf>,
+}
+
+impl Default for Client {
+    fn default() -> Self {
+        Client::new()
+    }
+}
+
+impl Client {
+    /// A client on [`control_dir()`] (honours `BLKTAP_CONTROL_DIR`).
+    pub fn new() -> Client {
+        Client::with_dir(control_dir())
+    }
+
+    /// A client on an explicit control directory.
+    pub fn with_dir(dir: impl Into<PathBuf>) -> Client {
+        Client {
+            dir: dir.into(),
+            tapdisk: None,
+        }
+    }
+
+    /// Use this tapdisk binary for `spawn` instead of [`tapdisk_binary()`].
+    pub fn with_tapdisk(mut self, bin: impl Into<PathBuf>) -> Client {
+        self.tapdisk = Some(bin.into());
+        self
+    }
+
+    /// The control directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Send one request to tapdisk `pid` and read its whole reply (ERROR replies included).
+    pub fn send_and_receive(
+        &self,
+        pid: i32,
+        req: &Request,
+        timeout: Option<Duration>,
+    ) -> Result<Reply> {
+        let path = socket_path(&self.dir, pid);
+        let wire = req.encode()?;
+        let stream = UnixStream::connect(&path)
+            .map_err(|e| ControlError::io(format!("connect {}", path.display()), e))?;
+        let started = Instant::now();
+        {
+            let mut w = NoSigPipeWriter::new(&stream, timeout);
+            std::io::Write::write_all(&mut w, &wire).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::TimedOut {
+                    ControlError::Timeout
+                } else {
+                    ControlError::io("send request", e)
+                }
+            })?;
+        }
+        let left = timeout.map(|t| t.saturating_sub(started.elapsed()));
+        if left.is_some_and(|l| l.is_zero()) {
+            return Err(ControlError::Timeout);
+        }
+        let mut r = DeadlineReader::new(&stream, left);
+        let (_, reply) = read_reply(&mut r, WireLayout::NATIVE)?;
+        log::debug!("tap-ctl: {} to {pid}: {reply:?}", req.msg_type().name());
+        Ok(reply)
+    }
+
+    /// [`Client::send_and_receive`], then ERROR → `Remote(errno)`, wrong type → EINVAL.
+    pub fn request(&self, pid: i32, req: &Request, timeout: Option<Duration>) -> Result<Reply> {
+        let reply = self.send_and_receive(pid, req, timeout)?;
+        if let Reply::Error(e) = reply {
+            return Err(ControlError::Remote(e));
+        }
+        if reply.msg_type() != req.reply_type() {
+            return Err(ControlError::UnexpectedReply(reply.msg_type() as u16));
+        }
+        Ok(reply)
+    }
+
+    fn expect_unit(&self, pid: i32, req: &Request, timeout: Option<Duration>) -> Result<()> {
+        self.request(pid, req, timeout).map(|_| ())
+    }
+
+    /// PID: the tapdisk's own idea of its pid.
+    pub fn get_pid(&self, pid: i32, timeout: Option<Duration>) -> Result<i32> {
+        match self.request(pid, &Request::Pid, timeout)? {
+            Reply::Pid(p) => Ok(p),
+            other => Err(ControlError::UnexpectedReply(other.msg_type() as u16)),
+        }
+    }
+
+    /// ATTACH VBD `minor`.
+    pub fn attach(&self, pid: i32, minor: u16) -> Result<()> {
+        self.expect_unit(pid, &Request::Attach { minor }, None)
+    }
+
+    /// DETACH VBD `minor`.
+    pub fn detach(&self, pid: i32, minor: u16) -> Result<()> {
+        self.expect_unit(pid, &Request::Detach { minor }, None)
+    }
+
+    /// OPEN: returns the image geometry.
+    pub fn open(&self, pid: i32, req: OpenRequest, timeout: Option<Duration>) -> Result<DiskInfo> {
+        match self.request(pid, &Request::Open(req), timeout)? {
+            Reply::Open(d) => Ok(d),
+            other => Err(ControlError::UnexpectedReply(other.msg_type() as u16)),
+        }
+    }
+
+    /// CLOSE, or FORCE_SHUTDOWN with `force`.
+    pub fn close(
+        &self,
+        pid: i32,
+        minor: u16,
+        force: bool,
+        timeout: Option<Duration>,
+    ) -> Result<()> {
+        let req = if force {
+            Request::ForceShutdown { minor }
+        } else {
+            Request::Close { minor }
+        };
+        self.expect_unit(pid, &req, timeout)
+    }
+
+    /// PAUSE.
+    pub fn pause(&self, pid: i32, minor: u16, timeout: Option<Duration>) -> Result<()> {
+        self.expect_unit(pid, &Request::Pause { minor }, timeout)
+    }
+
+    /// RESUME (unpause), optionally on a new leaf.
+    pub fn unpause(&self, pid: i32, req: ResumeRequest, timeout: Option<Duration>) -> Result<()> {
+        self.expect_unit(pid, &Request::Resume(req), timeout)
+    }
+
+    /// LIST of one tapdisk.
+    pub fn list_pid(&self, pid: i32, timeout: Option<Duration>) -> Result<Vec<ListEntry>> {
+        match self.request(pid, &Request::List, timeout)? {
+            Reply::List(v) => Ok(v),
+            other => Err(ControlError::UnexpectedReply(other.msg_type() as u16)),
+        }
+    }
+
+    /// STATS of one VBD (`Some(minor)`) or all (`None`): the JSON bytes.
+    pub fn stats(
+        &self,
+        pid: i32,
+        minor: Option<u16>,
+        timeout: Option<Duration>,
+    ) -> Result<Vec<u8>> {
+        match self.request(pid, &Request::Stats { minor }, timeout)? {
+            Reply::Stats(v) => Ok(v),
+            other => Err(ControlError::UnexpectedReply(other.msg_type() as u16)),
+        }
+    }
+
+    /// DISK_INFO.
+    pub fn info(&self, pid: i32, minor: u16, timeout: Option<Duration>) -> Result<DiskInfo> {
+        match self.request(pid, &Request::DiskInfo { minor }, timeout)? {
+            Reply::DiskInfo(d) => Ok(d),
+            other => Err(ControlError::UnexpectedReply(other.msg_type() as u16)),
+        }
+    }
+
+    /// XENBLKIF_CONNECT a ring to VBD `minor`.
+    pub fn connect_xenblkif(&self, pid: i32, minor: u16, blkif: Blkif) -> Result<()> {
+        self.expect_unit(pid, &Request::XenblkifConnect { minor, blkif }, None)
+    }
+
+    /// XENBLKIF_DISCONNECT the ring of (domid, devid).
+    pub fn disconnect_xenblkif(
+        &self,
+        pid: i32,
+        domid: u32,
+        devid: u32,
+        timeout: Option<Duration>,
+    ) -> Result<()> {
+        self.expect_unit(pid, &Request::XenblkifDisconnect { domid, devid }, timeout)
+    }
+
+    /// Allocate a minor (marker file).
+    pub fn allocate(&self) -> Result<(u16, PathBuf)> {
+        minors::allocate(&self.dir)
+    }
+
+    /// Free a minor (EWOULDBLOCK while a tapdisk holds it).
+    pub fn free(&self, minor: u16) -> Result<()> {
+        minors::free(&self.dir, minor)
+    }
+
+    /// The pids of live tapdisks: every `ctl<pid>` socket whose tapdisk answers PID with
+    /// that pid, ascending. Stale sockets are skipped.
+    pub fn tapdisks(&self) -> Result<Vec<i32>> {
+        let rd = match std::fs::read_dir(&self.dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(ControlError::io(format!("read {}", self.dir.display()), e)),
+        };
+        let mut pids = Vec::new();
+        for ent in rd.flatten() {
+            let name = ent.file_name();
+            let Some(pid) = name.to_str().and_then(pid_from_socket_name) else {
+                continue;
+            };
+            match self.get_pid(pid, None) {
+                Ok(p) if p == pid => pids.push(pid),
+                Ok(p) => log::debug!("ctl{pid} answers pid {p}; skipped"),
+                Err(e) => log::debug!("ctl{pid}: {e}; skipped"),
+            }
+        }
+        pids.sort_unstable();
+        Ok(pids)
+    }
+
+    /// `tap-ctl list`: every VBD of every live tapdisk, tapdisks without VBDs (pid only), and
+    /// allocated minors no tapdisk serves (minor only).
+    pub fn list(&self) -> Result<Vec<TapEntry>> {
+        let markers = minors::list(&self.dir)?;
+        let mut out = Vec::new();
+        let mut served = std::collections::BTreeSet::new();
+        for pid in self.tapdisks()? {
+            let vbds = match self.list_pid(pid, None) {
+                Ok(v) => v,
+                Err(e) => {
+                    log::debug!("list of {pid}: {e}");
+                    Vec::new()
+                }
+            };
+            if vbds.is_empty() {
+                out.push(TapEntry {
+                    pid: Some(pid),
+                    ..TapEntry::default()
+                });
+            }
+            for v in vbds {
+                served.insert(v.minor);
+                let (disk_type, path) = split_list_params(&v.params);
+                out.push(TapEntry {
+                    pid: Some(pid),
+                    minor: Some(v.minor),
+                    state: Some(v.state),
+                    disk_type,
+                    path,
+                });
+            }
+        }
+        for m in markers {
+            if !served.contains(&m) {
+                out.push(TapEntry {
+                    minor: Some(m),
+                    ..TapEntry::default()
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// The minor of the VBD serving `disk_type:path` (ENOENT if none).
+    pub fn find_minor(&self, disk_type: &str, path: &str) -> Result<u16> {
+        self.list()?
+            .into_iter()
+            .find(|e| e.disk_type.as_deref() == Some(disk_type) && e.path.as_deref() == Some(path))
+            .and_then(|e| e.minor)
+            .ok_or_else(|| {
+                ControlError::os(
+                    format!("no tapdisk serves {disk_type}:{path}"),
+                    Errno::ENOENT,
+                )
+            })
+    }
+
+    /// Start a tapdisk and return its pid. The tapdisk inherits our environment (plus
+    /// `BLKTAP_CONTROL_DIR` = this client's directory), daemonises and prints
+    /// `<dir>/ctl<pid>\n` on its stdout, which is a pipe to us.
+    pub fn spawn(&self) -> Result<i32> {
+        let bin = self.tapdisk.clone().unwrap_or_else(tapdisk_binary);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match spawn_once(&bin, &self.dir)? {
+                SpawnOutcome::Pid(p) => return Ok(p),
+                SpawnOutcome::KilledByUsr1 if attempt < SPAWN_RETRIES => {
+                    log::warn!("tapdisk killed by SIGUSR1 during start-up; retrying");
+                }
+                SpawnOutcome::KilledByUsr1 => {
+                    return Err(ControlError::os("spawn tapdisk", Errno::EINTR))
+                }
+            }
+        }
+    }
+
+    /// allocate + spawn + attach + open. On failure everything done so far is undone
+    /// (detach, free; a tapdisk that never got its VBD is terminated).
+    pub fn create(&self, open: OpenRequest, timeout: Option<Duration>) -> Result<Created> {
+        split_params(&open.params)?;
+        let (minor, _) = self.allocate()?;
+        let pid = match self.spawn() {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = self.free(minor);
+                return Err(e);
+            }
+        };
+        if let Err(e) = self.attach(pid, minor) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+            let _ = self.free(minor);
+            return Err(e);
+        }
+        let mut open = open;
+        open.minor = minor;
+        open.devnum = u32::from(minor);
+        if let Err(e) = self.open(pid, open, timeout) {
+            let _ = self.detach(pid, minor);
+            let _ = self.free_when_released(minor);
+            return Err(e);
+        }
+        Ok(Created {
+            pid,
+            minor,
+            devname: nbd_socket_path(&self.dir, pid, minor),
+        })
+    }
+
+    /// close (forced or not) + detach + free.
+    pub fn destroy(
+        &self,
+        pid: i32,
+        minor: u16,
+        force: bool,
+        timeout: Option<Duration>,
+    ) -> Result<()> {
+        self.close(pid, minor, force, timeout)?;
+        self.detach(pid, minor)?;
+        self.free_when_released(minor)
+    }
+
+    /// `free`, retrying for a second while the exiting tapdisk still holds the marker lock.
+    fn free_when_released(&self, minor: u16) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(1);
+        loop {
+            match self.free(minor) {
+                Err(e) if e.errno() == libc::EWOULDBLOCK && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                r => return r,
+            }
+        }
+    }
+}
+
+/// Split a LIST path `"type:/path"` (empty = nothing open).
+fn split_list_params(p: &str) -> (Option<String>, Option<String>) {
+    if p.is_empty() {
+        return (None, None);
+    }
+    match p.split_once(':') {
+        Some((t, rest)) => (Some(t.to_string()), Some(rest.to_string())),
+        None => (None, Some(p.to_string())),
+    }
+}
+
+enum SpawnOutcome {
+    Pid(i32),
+    KilledByUsr1,
+}
+
+fn spawn_once(bin: &Path, dir: &Path) -> Result<SpawnOutcome> {
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = Command::new(bin)
+        .env(CONTROL_DIR_ENV, dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| ControlError::io(format!("spawn {}", bin.display()), e))?;
+    let line = match child.stdout.take() {
+        Some(mut out) => read_line(&mut out, SPAWN_TIMEOUT),
+        None => Ok(Vec::new()),
+    };
+    // The first child exits once the daemon has forked; a tapdisk that stays in the
+    // foreground is left running.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break Some(s),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            Ok(None) => break None,
+            Err(e) => return Err(ControlError::io("wait for tapdisk", e)),
+        }
+    };
+    let line = line?;
+    let text = String::from_utf8_lossy(&line);
+    if let Some(pid) = pid_from_socket_name(text.trim()) {
+        return Ok(SpawnOutcome::Pid(pid));
+    }
+    if status.and_then(|s| s.signal()) == Some(libc::SIGUSR1) {
+        return Ok(SpawnOutcome::KilledByUsr1);
+    }
+    let how = match status {
+        Some(s) => format!("{s}"),
+        None => "still running".to_string(),
+    };
+    Err(ControlError::os(
+        format!(
+            "tapdisk {} did not report its control socket ({how}; said {:?})",
+            bin.display(),
+            text.trim()
+        ),
+        Errno::EIO,
+    ))
+}
+
+/// Read up to the first newline (or EOF) within `timeout`; at most 4096 bytes.
+fn read_line<R: Read + AsFd>(r: &mut R, timeout: Duration) -> Result<Vec<u8>> {
+    let deadline = Instant::now() + timeout;
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while line.len() < 4096 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ControlError::Timeout);
+        }
+        let ms = PollTimeout::try_from(left.as_millis().min(60_000) as i32 + 1)
+            .unwrap_or(PollTimeout::MAX);
+        let ready = {
+            let mut fds = [PollFd::new(r.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, ms) {
+                Ok(n) => n,
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(ControlError::os("poll tapdisk stdout", e)),
+            }
+        };
+        if ready == 0 {
+            continue;
+        }
+        match r.read(&mut b) {
+            Ok(0) => break,
+            Ok(_) if b[0] == b'\n' => break,
+            Ok(_) => line.push(b[0]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(ControlError::io("read tapdisk stdout", e)),
+        }
+    }
+    Ok(line)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn list_params_split() {
+        assert_eq!(split_list_params(""), (None, None));
+        assert_eq!(
+            split_list_params("vhd:/a:b"),
+            (Some("vhd".into()), Some("/a:b".into()))
+        );
+        assert_eq!(split_list_params("/x"), (None, Some("/x".into())));
+    }
+
+    #[test]
+    fn spawn_of_missing_binary_is_enoent() {
+        let d = tempfile::tempdir().unwrap();
+        let c = Client::with_dir(d.path()).with_tapdisk(d.path().join("nope"));
+        assert_eq!(c.spawn().unwrap_err().errno(), libc::ENOENT);
+    }
+
+    #[test]
+    fn spawn_parses_the_socket_line_and_rejects_garbage() {
+        let d = tempfile::tempdir().unwrap();
+        let script = d.path().join("fake");
+        std::fs::write(&script, "#!/bin/sh\necho \"$BLKTAP_CONTROL_DIR/ctl4321\"\n").unwrap();
+        let bad = d.path().join("bad");
+        std::fs::write(&bad, "#!/bin/sh\necho hello\nexit 3\n").unwrap();
+        for p in [&script, &bad] {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let c = Client::with_dir(d.path()).with_tapdisk(&script);
+        assert_eq!(c.spawn().unwrap(), 4321);
+        let c = Client::with_dir(d.path()).with_tapdisk(&bad);
+        let e = c.spawn().unwrap_err();
+        assert_eq!(e.errno(), libc::EIO);
+        assert!(e.to_string().contains("exit status: 3"), "{e}");
+    }
+
+    #[test]
+    fn missing_tapdisk_socket_is_enoent() {
+        let d = tempfile::tempdir().unwrap();
+        let c = Client::with_dir(d.path());
+        assert_eq!(c.get_pid(12345, None).unwrap_err().errno(), libc::ENOENT);
+        assert_eq!(c.list().unwrap(), vec![]);
+        assert_eq!(c.find_minor("vhd", "/x").unwrap_err().errno(), libc::ENOENT);
+    }
+}

@@ -1,0 +1,1373 @@
+//! Wire-compatible `tapdisk_message_t` codec.
+//!
+//! A control message is a fixed-size C struct in **host byte order with native alignment**:
+//!
+//! ```text
+//!            x86_64 (and other LP64)      i686 (u64 aligned to 4, size_t = 4)
+//!  type      u16 @0                        u16 @0
+//!  cookie    u16 @2                        u16 @2
+//!  union u   @8, 536 bytes                 @4, 532 bytes
+//!  total     544 bytes                     536 bytes
+//! ```
+//!
+//! Union members (offsets relative to the union, identical on both targets except `info`):
+//! `params` (flags@0, devnum@4, domid@8, path[256]@12, prt_devnum@268, req_timeout u16@272,
+//! secondary[256]@274), `image` (sectors u64@0, sector_size@8, info@12), `tapdisk_pid` i32@0,
+//! `response` (error i32@0, message[256]@4), `list` (count@0, minor@4, state@8, path[256]@12),
+//! `info` (type u16@0, cookie u16@2, length size_t@8 on LP64 / @4 on i686), `blkif` (domid@0,
+//! devid@4, gref[8]@8, order@40, proto@44, pool[256]@48, port@304, poll_duration@308,
+//! poll_idle_threshold@312).
+//!
+//! The codec works on a private copy of the bytes and validates everything: every string must
+//! be NUL-terminated within its field, every request must have a NUL inside `u.params.path`
+//! (whatever its type, as tapdisk requires), unknown types and types without a handler are
+//! errors, and nothing panics on any input. [`WireLayout::NATIVE`] is the layout of the
+//! compilation target; the other layouts exist so that both can be tested on any host.
+//!
+//! Trailers: OPEN is followed by a 256-byte NUL-padded log path if `ADD_LOG`, then, if
+//! `OPEN_ENCRYPTED`, one length byte (1..=128) and the key. RESUME (which uses the `params`
+//! layout) is followed by the log path if `ADD_LOG`. A STATS reply is one STATS_RSP message whose
+//! `info.length` counts the JSON bytes that follow. A LIST reply is one LIST_RSP per VBD with
+//! `count` = N, N-1, ..., 1 and a terminator with count 0, minor -1.
+
+use std::fmt;
+use std::io::{self, Read, Write};
+
+use zeroize::Zeroizing;
+
+use super::{ControlError, Result};
+use crate::image::crypto::KeyBytes;
+
+/// Length of every string field (path, secondary, pool, log path trailer).
+pub const STRING_LEN: usize = 256;
+/// Largest key accepted in an OPEN trailer.
+pub const MAX_KEY_LEN: usize = 128;
+/// STATS cookie meaning "every VBD".
+pub const STATS_ALL: u16 = 0xFFFF;
+/// Largest ring order a XENBLKIF_CONNECT can carry (`gref[8]`).
+pub const MAX_RING_ORDER: u32 = 3;
+/// Number of grant references in the blkif struct.
+pub const MAX_RING_PAGES: usize = 8;
+/// Upper bound on the STATS payload a client accepts.
+pub const MAX_STATS_LEN: u64 = 64 << 20;
+/// Upper bound on the LIST entries a client accepts in one reply.
+pub const MAX_LIST_ENTRIES: usize = 1 << 16;
+
+/// The byte layout of `tapdisk_message_t` on one target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WireLayout {
+    /// `sizeof(tapdisk_message_t)`.
+    pub msg_size: usize,
+    /// `offsetof(tapdisk_message_t, u)`.
+    pub union_offset: usize,
+    /// `sizeof(size_t)` (the width of `u.info.length`).
+    pub size_t_len: usize,
+}
+
+impl WireLayout {
+    /// x86_64 and every other LP64 target: 544 bytes, union at 8, 8-byte size_t.
+    pub const LP64: WireLayout = WireLayout {
+        msg_size: 544,
+        union_offset: 8,
+        size_t_len: 8,
+    };
+    /// i686: u64 is 4-byte aligned inside structs: 536 bytes, union at 4, 4-byte size_t.
+    pub const I686: WireLayout = WireLayout {
+        msg_size: 536,
+        union_offset: 4,
+        size_t_len: 4,
+    };
+    /// 32-bit targets whose u64 is 8-byte aligned (arm): 544 bytes, union at 8, 4-byte size_t.
+    pub const ILP32_ALIGN8: WireLayout = WireLayout {
+        msg_size: 544,
+        union_offset: 8,
+        size_t_len: 4,
+    };
+
+    /// The layout of the compilation target.
+    #[cfg(target_arch = "x86")]
+    pub const NATIVE: WireLayout = WireLayout::I686;
+    /// The layout of the compilation target.
+    #[cfg(all(not(target_arch = "x86"), target_pointer_width = "64"))]
+    pub const NATIVE: WireLayout = WireLayout::LP64;
+    /// The layout of the compilation target.
+    #[cfg(all(not(target_arch = "x86"), target_pointer_width = "32"))]
+    pub const NATIVE: WireLayout = WireLayout::ILP32_ALIGN8;
+
+    /// Offset of `u.info.length` inside the union.
+    pub const fn info_length_offset(&self) -> usize {
+        if self.size_t_len > 4 {
+            self.size_t_len
+        } else {
+            4
+        }
+    }
+
+    /// Absolute offset of `u.params.path` (20 on x86_64, 16 on i686).
+    pub const fn params_path_offset(&self) -> usize {
+        self.union_offset + P_PATH
+    }
+}
+
+/// `sizeof(tapdisk_message_t)` on the compilation target.
+pub const MSG_SIZE: usize = WireLayout::NATIVE.msg_size;
+/// The largest message of any layout (buffer size).
+pub const MAX_MSG_SIZE: usize = 544;
+
+// Offsets inside the union.
+const P_FLAGS: usize = 0;
+const P_DEVNUM: usize = 4;
+const P_DOMID: usize = 8;
+const P_PATH: usize = 12;
+const P_PRT_DEVNUM: usize = 268;
+const P_REQ_TIMEOUT: usize = 272;
+const P_SECONDARY: usize = 274;
+const I_SECTORS: usize = 0;
+const I_SECTOR_SIZE: usize = 8;
+const I_INFO: usize = 12;
+const R_ERROR: usize = 0;
+const L_COUNT: usize = 0;
+const L_MINOR: usize = 4;
+const L_STATE: usize = 8;
+const L_PATH: usize = 12;
+const B_DOMID: usize = 0;
+const B_DEVID: usize = 4;
+const B_GREF: usize = 8;
+const B_ORDER: usize = 40;
+const B_PROTO: usize = 44;
+const B_POOL: usize = 48;
+const B_PORT: usize = 304;
+const B_POLL_DURATION: usize = 308;
+const B_POLL_IDLE: usize = 312;
+
+/// Message types (`TAPDISK_MESSAGE_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum MsgType {
+    Error = 1,
+    RuntimeError = 2,
+    Pid = 3,
+    PidRsp = 4,
+    Attach = 5,
+    AttachRsp = 6,
+    Open = 7,
+    OpenRsp = 8,
+    Pause = 9,
+    PauseRsp = 10,
+    Resume = 11,
+    ResumeRsp = 12,
+    Close = 13,
+    CloseRsp = 14,
+    Detach = 15,
+    DetachRsp = 16,
+    ListMinors = 17,
+    ListMinorsRsp = 18,
+    List = 19,
+    ListRsp = 20,
+    Stats = 21,
+    StatsRsp = 22,
+    ForceShutdown = 23,
+    XenblkifConnect = 24,
+    XenblkifConnectRsp = 25,
+    XenblkifDisconnect = 26,
+    XenblkifDisconnectRsp = 27,
+    DiskInfo = 28,
+    DiskInfoRsp = 29,
+    Exit = 30,
+}
+
+impl MsgType {
+    /// All types in numeric order.
+    pub const ALL: [MsgType; 30] = [
+        MsgType::Error,
+        MsgType::RuntimeError,
+        MsgType::Pid,
+        MsgType::PidRsp,
+        MsgType::Attach,
+        MsgType::AttachRsp,
+        MsgType::Open,
+        MsgType::OpenRsp,
+        MsgType::Pause,
+        MsgType::PauseRsp,
+        MsgType::Resume,
+        MsgType::ResumeRsp,
+        MsgType::Close,
+        MsgType::CloseRsp,
+        MsgType::Detach,
+        MsgType::DetachRsp,
+        MsgType::ListMinors,
+        MsgType::ListMinorsRsp,
+        MsgType::List,
+        MsgType::ListRsp,
+        MsgType::Stats,
+        MsgType::StatsRsp,
+        MsgType::ForceShutdown,
+        MsgType::XenblkifConnect,
+        MsgType::XenblkifConnectRsp,
+        MsgType::XenblkifDisconnect,
+        MsgType::XenblkifDisconnectRsp,
+        MsgType::DiskInfo,
+        MsgType::DiskInfoRsp,
+        MsgType::Exit,
+    ];
+
+    /// The type for a wire value, `None` outside 1..=30.
+    pub fn from_u16(v: u16) -> Option<MsgType> {
+        let i = usize::from(v);
+        if (1..=30).contains(&i) {
+            Some(Self::ALL[i - 1])
+        } else {
+            None
+        }
+    }
+
+    /// Lower-case name as blktap's `tapdisk_message_name` prints it.
+    pub fn name(self) -> &'static str {
+        match self {
+            MsgType::Error => "error",
+            MsgType::RuntimeError => "runtime error",
+            MsgType::Pid => "pid",
+            MsgType::PidRsp => "pid response",
+            MsgType::Attach => "attach",
+            MsgType::AttachRsp => "attach response",
+            MsgType::Open => "open",
+            MsgType::OpenRsp => "open response",
+            MsgType::Pause => "pause",
+            MsgType::PauseRsp => "pause response",
+            MsgType::Resume => "resume",
+            MsgType::ResumeRsp => "resume response",
+            MsgType::Close => "close",
+            MsgType::CloseRsp => "close response",
+            MsgType::Detach => "detach",
+            MsgType::DetachRsp => "detach response",
+            MsgType::ListMinors => "list minors",
+            MsgType::ListMinorsRsp => "list minors response",
+            MsgType::List => "list",
+            MsgType::ListRsp => "list response",
+            MsgType::Stats => "stats",
+            MsgType::StatsRsp => "stats response",
+            MsgType::ForceShutdown => "force shutdown",
+            MsgType::XenblkifConnect => "xenblkif connect",
+            MsgType::XenblkifConnectRsp => "xenblkif connect response",
+            MsgType::XenblkifDisconnect => "xenblkif disconnect",
+            MsgType::XenblkifDisconnectRsp => "xenblkif disconnect response",
+            MsgType::DiskInfo => "disk info",
+            MsgType::DiskInfoRsp => "disk info response",
+            MsgType::Exit => "exit",
+        }
+    }
+}
+
+/// `params.flags` bits (`TAPDISK_MESSAGE_FLAG_*`).
+#[derive(Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub struct OpenFlags(pub u32);
+
+impl OpenFlags {
+    pub const SHARED: OpenFlags = OpenFlags(0x001);
+    pub const RDONLY: OpenFlags = OpenFlags(0x002);
+    pub const ADD_CACHE: OpenFlags = OpenFlags(0x004);
+    pub const VHD_INDEX: OpenFlags = OpenFlags(0x008);
+    pub const ADD_LOG: OpenFlags = OpenFlags(0x010);
+    pub const ADD_LCACHE: OpenFlags = OpenFlags(0x020);
+    pub const REUSE_PRT: OpenFlags = OpenFlags(0x040);
+    pub const SECONDARY: OpenFlags = OpenFlags(0x080);
+    pub const STANDBY: OpenFlags = OpenFlags(0x100);
+    pub const NO_O_DIRECT: OpenFlags = OpenFlags(0x200);
+    pub const OPEN_ENCRYPTED: OpenFlags = OpenFlags(0x400);
+    /// Every defined bit.
+    pub const ALL: OpenFlags = OpenFlags(0x7ff);
+
+    /// No flag set.
+    pub const fn empty() -> Self {
+        OpenFlags(0)
+    }
+    /// Whether every bit of `other` is set.
+    pub const fn contains(self, other: OpenFlags) -> bool {
+        self.0 & other.0 == other.0
+    }
+    /// Set or clear the bits of `other`.
+    pub fn set(&mut self, other: OpenFlags, on: bool) {
+        if on {
+            self.0 |= other.0
+        } else {
+            self.0 &= !other.0
+        }
+    }
+}
+
+impl std::ops::BitOr for OpenFlags {
+    type Output = OpenFlags;
+    fn bitor(self, rhs: OpenFlags) -> OpenFlags {
+        OpenFlags(self.0 | rhs.0)
+    }
+}
+
+impl std::ops::BitOrAssign for OpenFlags {
+    fn bitor_assign(&mut self, rhs: OpenFlags) {
+        self.0 |= rhs.0
+    }
+}
+
+impl fmt::Debug for OpenFlags {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "OpenFlags({:#x})", self.0)
+    }
+}
+
+/// VBD state bits as `tap-ctl list` shows them (`TD_VBD_*`).
+#[derive(Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub struct VbdState(pub u32);
+
+impl VbdState {
+    pub const DEAD: VbdState = VbdState(0x001);
+    pub const CLOSED: VbdState = VbdState(0x002);
+    pub const QUIESCE_REQUESTED: VbdState = VbdState(0x004);
+    pub const QUIESCED: VbdState = VbdState(0x008);
+    pub const PAUSE_REQUESTED: VbdState = VbdState(0x010);
+    pub const PAUSED: VbdState = VbdState(0x020);
+    pub const SHUTDOWN_REQUESTED: VbdState = VbdState(0x040);
+    pub const LOCKING: VbdState = VbdState(0x080);
+    pub const LOG_DROPPED: VbdState = VbdState(0x100);
+    pub const RESUME_FAILED: VbdState = VbdState(0x200);
+
+    /// Whether every bit of `other` is set.
+    pub const fn contains(self, other: VbdState) -> bool {
+        self.0 & other.0 == other.0
+    }
+}
+
+impl std::ops::BitOr for VbdState {
+    type Output = VbdState;
+    fn bitor(self, rhs: VbdState) -> VbdState {
+        VbdState(self.0 | rhs.0)
+    }
+}
+
+impl fmt::Debug for VbdState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "VbdState({})", c_hex(self.0))
+    }
+}
+
+/// Format like C's `%#x`: `0` for zero, `0x..` otherwise.
+pub fn c_hex(v: u32) -> String {
+    if v == 0 {
+        "0".to_string()
+    } else {
+        format!("{v:#x}")
+    }
+}
+
+/// `blkif.proto`: the ring ABI of the frontend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum BlkifProto {
+    Native = 1,
+    X86_32 = 2,
+    X86_64 = 3,
+}
+
+impl BlkifProto {
+    /// The protocol for a wire value (EPROTONOSUPPORT otherwise).
+    pub fn from_u32(v: u32) -> Result<BlkifProto> {
+        match v {
+            1 => Ok(BlkifProto::Native),
+            2 => Ok(BlkifProto::X86_32),
+            3 => Ok(BlkifProto::X86_64),
+            v => Err(ControlError::BadProto(v)),
+        }
+    }
+}
+
+/// An encryption key carried by OPEN. Zeroed on drop; `Debug` never shows the bytes.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretKey(KeyBytes);
+
+impl SecretKey {
+    /// Wrap key bytes (1..=128 bytes to be sendable; tap-ctl only sends 32 or 64).
+    pub fn new(bytes: &[u8]) -> Self {
+        SecretKey(Zeroizing::new(bytes.to_vec()))
+    }
+    /// The key bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+    /// Hand the zeroizing buffer over (for `KeySource::Explicit`).
+    pub fn into_key_bytes(self) -> KeyBytes {
+        self.0
+    }
+    /// Key length in bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    /// Whether the key is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for SecretKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretKey(<{} bytes redacted>)", self.0.len())
+    }
+}
+
+/// OPEN: open the image chain of VBD `minor`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OpenRequest {
+    /// The cookie: the VBD's minor.
+    pub minor: u16,
+    /// Flags. On encode `ADD_LOG` and `OPEN_ENCRYPTED` are derived from `log_path`/`key`.
+    pub flags: OpenFlags,
+    /// `params.devnum` (tap-ctl sends the minor).
+    pub devnum: u32,
+    /// `params.domid` (unused by tapdisk, 0 from tap-ctl).
+    pub domid: u32,
+    /// `"type:/path"`.
+    pub params: String,
+    /// Parent minor for `REUSE_PRT`.
+    pub prt_devnum: u32,
+    /// Per-request timeout in seconds (0 = tapdisk's default).
+    pub req_timeout: u16,
+    /// Secondary `"type:/path"` (empty on the wire = `None`).
+    pub secondary: Option<String>,
+    /// Log path trailer (`ADD_LOG`).
+    pub log_path: Option<String>,
+    /// Key trailer (`OPEN_ENCRYPTED`).
+    pub key: Option<SecretKey>,
+}
+
+impl OpenRequest {
+    /// An OPEN of `params` on `minor` with tap-ctl's defaults (devnum = minor).
+    pub fn new(minor: u16, params: impl Into<String>) -> Self {
+        OpenRequest {
+            minor,
+            flags: OpenFlags::empty(),
+            devnum: u32::from(minor),
+            domid: 0,
+            params: params.into(),
+            prt_devnum: 0,
+            req_timeout: 0,
+            secondary: None,
+            log_path: None,
+            key: None,
+        }
+    }
+
+    /// Set or clear the log path trailer (and `ADD_LOG`).
+    pub fn set_log_path(&mut self, log_path: Option<String>) {
+        self.flags.set(OpenFlags::ADD_LOG, log_path.is_some());
+        self.log_path = log_path;
+    }
+
+    /// Set or clear the key trailer (and `OPEN_ENCRYPTED`).
+    pub fn set_key(&mut self, key: Option<SecretKey>) {
+        self.flags.set(OpenFlags::OPEN_ENCRYPTED, key.is_some());
+        self.key = key;
+    }
+}
+
+/// RESUME (tap-ctl unpause): reopen a paused VBD, optionally on a new leaf.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResumeRequest {
+    /// The cookie: the VBD's minor.
+    pub minor: u16,
+    /// Flags (`SECONDARY`, `ADD_LOG`, ...). On encode `ADD_LOG` follows `log_path`.
+    pub flags: OpenFlags,
+    /// New `"type:/path"` (empty on the wire = keep the current one).
+    pub params: Option<String>,
+    /// New secondary.
+    pub secondary: Option<String>,
+    /// Log path trailer (`ADD_LOG`); without it any log layer is dropped.
+    pub log_path: Option<String>,
+}
+
+/// The blkif struct of XENBLKIF_CONNECT.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Blkif {
+    pub domid: u32,
+    pub devid: u32,
+    /// Grant references; the first `1 << order` are meaningful.
+    pub gref: [u32; MAX_RING_PAGES],
+    /// Ring order, 0..=3.
+    pub order: u32,
+    pub proto: BlkifProto,
+    /// Context ("pool") name; empty = default.
+    pub pool: String,
+    /// Event channel port.
+    pub port: u32,
+    /// Polling duration in microseconds.
+    pub poll_duration: u32,
+    /// Polling idle threshold in percent.
+    pub poll_idle_threshold: u32,
+}
+
+impl Blkif {
+    /// The grant references of the ring pages (`1 << order` of them).
+    pub fn ring_refs(&self) -> &[u32] {
+        let n = 1usize << self.order.min(MAX_RING_ORDER);
+        &self.gref[..n]
+    }
+}
+
+/// A decoded, validated request. The server hands these to the daemon's handler.
+///
+/// Types without a handler in tapdisk (ERROR, RUNTIME_ERROR, LIST_MINORS, EXIT and every
+/// `*_RSP`) never decode; the server answers them with EINVAL itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// PID: reply [`Reply::Pid`]. Re-entrant.
+    Pid,
+    /// ATTACH: create VBD `minor` (lock its marker). Reply [`Reply::Attach`].
+    Attach { minor: u16 },
+    /// OPEN: reply [`Reply::Open`].
+    Open(OpenRequest),
+    /// PAUSE: reply [`Reply::Pause`].
+    Pause { minor: u16 },
+    /// RESUME: reply [`Reply::Resume`].
+    Resume(ResumeRequest),
+    /// CLOSE: reply [`Reply::Close`].
+    Close { minor: u16 },
+    /// FORCE_SHUTDOWN: close without waiting for dead rings. Reply [`Reply::Close`].
+    ForceShutdown { minor: u16 },
+    /// DETACH: reply [`Reply::Detach`].
+    Detach { minor: u16 },
+    /// LIST: reply [`Reply::List`].
+    List,
+    /// STATS of one VBD, or of all (`None`, cookie 0xFFFF). Reply [`Reply::Stats`]. Re-entrant.
+    Stats { minor: Option<u16> },
+    /// XENBLKIF_CONNECT: reply [`Reply::XenblkifConnect`].
+    XenblkifConnect { minor: u16, blkif: Blkif },
+    /// XENBLKIF_DISCONNECT (cookie ignored): reply [`Reply::XenblkifDisconnect`].
+    XenblkifDisconnect { domid: u32, devid: u32 },
+    /// DISK_INFO: reply [`Reply::DiskInfo`].
+    DiskInfo { minor: u16 },
+}
+
+impl Request {
+    /// The wire type of this request.
+    pub fn msg_type(&self) -> MsgType {
+        match self {
+            Request::Pid => MsgType::Pid,
+            Request::Attach { .. } => MsgType::Attach,
+            Request::Open(_) => MsgType::Open,
+            Request::Pause { .. } => MsgType::Pause,
+            Request::Resume(_) => MsgType::Resume,
+            Request::Close { .. } => MsgType::Close,
+            Request::ForceShutdown { .. } => MsgType::ForceShutdown,
+            Request::Detach { .. } => MsgType::Detach,
+            Request::List => MsgType::List,
+            Request::Stats { .. } => MsgType::Stats,
+            Request::XenblkifConnect { .. } => MsgType::XenblkifConnect,
+            Request::XenblkifDisconnect { .. } => MsgType::XenblkifDisconnect,
+            Request::DiskInfo { .. } => MsgType::DiskInfo,
+        }
+    }
+
+    /// The cookie this request is sent with.
+    pub fn cookie(&self) -> u16 {
+        match self {
+            Request::Pid | Request::XenblkifDisconnect { .. } => 0,
+            Request::List => 0xFFFF,
+            Request::Attach { minor }
+            | Request::Pause { minor }
+            | Request::Close { minor }
+            | Request::ForceShutdown { minor }
+            | Request::Detach { minor }
+            | Request::XenblkifConnect { minor, .. }
+            | Request::DiskInfo { minor } => *minor,
+            Request::Open(o) => o.minor,
+            Request::Resume(r) => r.minor,
+            Request::Stats { minor } => minor.unwrap_or(STATS_ALL),
+        }
+    }
+
+    /// Whether tapdisk runs this request even while another one is in progress (PID, STATS).
+    pub fn is_reentrant(&self) -> bool {
+        matches!(self, Request::Pid | Request::Stats { .. })
+    }
+
+    /// The response type a successful reply has.
+    pub fn reply_type(&self) -> MsgType {
+        match self {
+            Request::Pid => MsgType::PidRsp,
+            Request::Attach { .. } => MsgType::AttachRsp,
+            Request::Open(_) => MsgType::OpenRsp,
+            Request::Pause { .. } => MsgType::PauseRsp,
+            Request::Resume(_) => MsgType::ResumeRsp,
+            Request::Close { .. } | Request::ForceShutdown { .. } => MsgType::CloseRsp,
+            Request::Detach { .. } => MsgType::DetachRsp,
+            Request::List => MsgType::ListRsp,
+            Request::Stats { .. } => MsgType::StatsRsp,
+            Request::XenblkifConnect { .. } => MsgType::XenblkifConnectRsp,
+            Request::XenblkifDisconnect { .. } => MsgType::XenblkifDisconnectRsp,
+            Request::DiskInfo { .. } => MsgType::DiskInfoRsp,
+        }
+    }
+
+    /// Encode with the native layout (message plus trailers; zeroed on drop as it may hold a key).
+    pub fn encode(&self) -> Result<Zeroizing<Vec<u8>>> {
+        self.encode_with(WireLayout::NATIVE)
+    }
+
+    /// Encode with an explicit layout.
+    pub fn encode_with(&self, layout: WireLayout) -> Result<Zeroizing<Vec<u8>>> {
+        let mut m = Msg::new(layout, self.msg_type(), self.cookie());
+        let mut trailer: Zeroizing<Vec<u8>> = Zeroizing::new(Vec::new());
+        match self {
+            Request::Pid
+            | Request::Attach { .. }
+            | Request::Pause { .. }
+            | Request::Close { .. }
+            | Request::ForceShutdown { .. }
+            | Request::Detach { .. }
+            | Request::List
+            | Request::Stats { .. }
+            | Request::DiskInfo { .. } => {}
+            Request::Open(o) => {
+                let mut flags = o.flags;
+                flags.set(OpenFlags::ADD_LOG, o.log_path.is_some());
+                flags.set(OpenFlags::OPEN_ENCRYPTED, o.key.is_some());
+                m.put_u32(P_FLAGS, flags.0);
+                m.put_u32(P_DEVNUM, o.devnum);
+                m.put_u32(P_DOMID, o.domid);
+                m.put_str(P_PATH, &o.params, "params")?;
+                m.put_u32(P_PRT_DEVNUM, o.prt_devnum);
+                m.put_u16(P_REQ_TIMEOUT, o.req_timeout);
+                m.put_str(
+                    P_SECONDARY,
+                    o.secondary.as_deref().unwrap_or(""),
+                    "secondary",
+                )?;
+                if let Some(l) = &o.log_path {
+                    push_log_trailer(&mut trailer, l)?;
+                }
+                if let Some(k) = &o.key {
+                    if k.is_empty() || k.len() > MAX_KEY_LEN {
+                        return Err(ControlError::invalid(format!(
+                            "key length {} (must be 1..={MAX_KEY_LEN})",
+                            k.len()
+                        )));
+                    }
+                    // Length checked just above: 1..=128 fits in a byte.
+                    trailer.push(k.len() as u8);
+                    trailer.extend_from_slice(k.bytes());
+                }
+            }
+            Request::Resume(r) => {
+                let mut flags = r.flags;
+                flags.set(OpenFlags::ADD_LOG, r.log_path.is_some());
+                m.put_u32(P_FLAGS, flags.0);
+                m.put_u32(P_DEVNUM, u32::from(r.minor));
+                m.put_str(P_PATH, r.params.as_deref().unwrap_or(""), "params")?;
+                m.put_str(
+                    P_SECONDARY,
+                    r.secondary.as_deref().unwrap_or(""),
+                    "secondary",
+                )?;
+                if let Some(l) = &r.log_path {
+                    push_log_trailer(&mut trailer, l)?;
+                }
+            }
+            Request::XenblkifConnect { blkif, .. } => {
+                if blkif.order > MAX_RING_ORDER {
+                    return Err(ControlError::invalid(format!("ring order {}", blkif.order)));
+                }
+                m.put_u32(B_DOMID, blkif.domid);
+                m.put_u32(B_DEVID, blkif.devid);
+                for (i, g) in blkif.gref.iter().enumerate() {
+                    m.put_u32(B_GREF + 4 * i, *g);
+                }
+                m.put_u32(B_ORDER, blkif.order);
+                m.put_u32(B_PROTO, blkif.proto as u32);
+                m.put_str(B_POOL, &blkif.pool, "pool")?;
+                m.put_u32(B_PORT, blkif.port);
+                m.put_u32(B_POLL_DURATION, blkif.poll_duration);
+                m.put_u32(B_POLL_IDLE, blkif.poll_idle_threshold);
+            }
+            Request::XenblkifDisconnect { domid, devid } => {
+                m.put_u32(B_DOMID, *domid);
+                m.put_u32(B_DEVID, *devid);
+            }
+        }
+        // The server requires a NUL inside params.path whatever the type.
+        if !m.field(P_PATH, STRING_LEN).contains(&0) {
+            return Err(ControlError::invalid(
+                "request (no NUL within params.path; pool too long?)",
+            ));
+        }
+        let mut out = Zeroizing::new(Vec::with_capacity(layout.msg_size + trailer.len()));
+        out.extend_from_slice(m.bytes());
+        out.extend_from_slice(&trailer);
+        Ok(out)
+    }
+}
+
+fn push_log_trailer(trailer: &mut Vec<u8>, path: &str) -> Result<()> {
+    let b = path.as_bytes();
+    if b.is_empty() || b.len() >= STRING_LEN || b.contains(&0) {
+        return Err(ControlError::invalid("log path"));
+    }
+    trailer.extend_from_slice(b);
+    trailer.resize(trailer.len() + (STRING_LEN - b.len()), 0);
+    Ok(())
+}
+
+/// How many bytes a request needs, judged from what has arrived so far.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Need {
+    /// At least this many bytes in total are needed before the length is known.
+    AtLeast(usize),
+    /// The request (message plus trailers) is exactly this long.
+    Exactly(usize),
+}
+
+/// The total wire length of the request that starts `buf` (message plus trailers), as far as
+/// it can be judged from `buf`. Errors for a key length outside 1..=128.
+pub fn request_len(buf: &[u8], layout: WireLayout) -> Result<Need> {
+    let n = layout.msg_size;
+    if buf.len() < n {
+        return Ok(Need::AtLeast(n));
+    }
+    let ty = MsgType::from_u16(read_u16(buf, 0));
+    let flags = OpenFlags(read_u32(buf, layout.union_offset + P_FLAGS));
+    match ty {
+        Some(MsgType::Open) => {
+            let mut len = n;
+            if flags.contains(OpenFlags::ADD_LOG) {
+                len += STRING_LEN;
+            }
+            if flags.contains(OpenFlags::OPEN_ENCRYPTED) {
+                let Some(&klen) = buf.get(len) else {
+                    return Ok(Need::AtLeast(len + 1));
+                };
+                let klen = usize::from(klen);
+                if klen == 0 || klen > MAX_KEY_LEN {
+                    return Err(ControlError::invalid(format!("key length {klen}")));
+                }
+                len += 1 + klen;
+            }
+            Ok(Need::Exactly(len))
+        }
+        Some(MsgType::Resume) if flags.contains(OpenFlags::ADD_LOG) => {
+            Ok(Need::Exactly(n + STRING_LEN))
+        }
+        _ => Ok(Need::Exactly(n)),
+    }
+}
+
+/// The cookie of a message (0 if fewer than 4 bytes).
+pub fn peek_cookie(buf: &[u8]) -> u16 {
+    if buf.len() >= 4 {
+        read_u16(buf, 2)
+    } else {
+        0
+    }
+}
+
+/// Decode and validate one request: `buf` must be exactly the message plus its trailers.
+pub fn decode_request(buf: &[u8], layout: WireLayout) -> Result<Request> {
+    let n = layout.msg_size;
+    if buf.len() < n {
+        return Err(ControlError::invalid(format!(
+            "request: {} bytes, need {n}",
+            buf.len()
+        )));
+    }
+    let m = MsgRef {
+        buf: &buf[..n],
+        layout,
+    };
+    // tapdisk's rule: a NUL within u.params.path, whatever the type.
+    if !m.field(P_PATH, STRING_LEN).contains(&0) {
+        return Err(ControlError::invalid("request: params.path not terminated"));
+    }
+    let raw_type = read_u16(buf, 0);
+    let cookie = read_u16(buf, 2);
+    let Some(ty) = MsgType::from_u16(raw_type) else {
+        return Err(ControlError::invalid(format!("message type {raw_type}")));
+    };
+    let expect = match request_len(buf, layout)? {
+        Need::Exactly(l) => l,
+        Need::AtLeast(l) => {
+            return Err(ControlError::invalid(format!(
+                "request: truncated trailer ({} of at least {l} bytes)",
+                buf.len()
+            )))
+        }
+    };
+    if buf.len() != expect {
+        return Err(ControlError::invalid(format!(
+            "request: {} bytes, expected {expect}",
+            buf.len()
+        )));
+    }
+    let trailer = &buf[n..];
+    let req = match ty {
+        MsgType::Pid => Request::Pid,
+        MsgType::Attach => Request::Attach { minor: cookie },
+        MsgType::Pause => Request::Pause { minor: cookie },
+        MsgType::Close => Request::Close { minor: cookie },
+        MsgType::ForceShutdown => Request::ForceShutdown { minor: cookie },
+        MsgType::Detach => Request::Detach { minor: cookie },
+        MsgType::List => Request::List,
+        MsgType::DiskInfo => Request::DiskInfo { minor: cookie },
+        MsgType::Stats => Request::Stats {
+            minor: (cookie != STATS_ALL).then_some(cookie),
+        },
+        MsgType::Open => {
+            let flags = OpenFlags(m.u32(P_FLAGS));
+            let params = m.string(P_PATH, "params")?;
+            let secondary = non_empty(m.string(P_SECONDARY, "secondary")?);
+            let (log_path, rest) = split_log_trailer(trailer, flags)?;
+            let key = if flags.contains(OpenFlags::OPEN_ENCRYPTED) {
+                // request_len validated the length byte and the total length.
+                let (len, key) = rest
+                    .split_first()
+                    .ok_or_else(|| ControlError::invalid("key trailer"))?;
+                if usize::from(*len) != key.len() {
+                    return Err(ControlError::invalid("key trailer length"));
+                }
+                Some(SecretKey::new(key))
+            } else {
+                None
+            };
+            Request::Open(OpenRequest {
+                minor: cookie,
+                flags,
+                devnum: m.u32(P_DEVNUM),
+                domid: m.u32(P_DOMID),
+                params,
+                prt_devnum: m.u32(P_PRT_DEVNUM),
+                req_timeout: m.u16(P_REQ_TIMEOUT),
+                secondary,
+                log_path,
+                key,
+            })
+        }
+        MsgType::Resume => {
+            let flags = OpenFlags(m.u32(P_FLAGS));
+            let params = non_empty(m.string(P_PATH, "params")?);
+            let secondary = non_empty(m.string(P_SECONDARY, "secondary")?);
+            let (log_path, _) = split_log_trailer(trailer, flags)?;
+            Request::Resume(ResumeRequest {
+                minor: cookie,
+                flags,
+                params,
+                secondary,
+                log_path,
+            })
+        }
+        MsgType::XenblkifConnect => {
+            let order = m.u32(B_ORDER);
+            if order > MAX_RING_ORDER {
+                return Err(ControlError::invalid(format!("ring order {order}")));
+            }
+            let proto = BlkifProto::from_u32(m.u32(B_PROTO))?;
+            let mut gref = [0u32; MAX_RING_PAGES];
+            for (i, g) in gref.iter_mut().enumerate() {
+                *g = m.u32(B_GREF + 4 * i);
+            }
+            Request::XenblkifConnect {
+                minor: cookie,
+                blkif: Blkif {
+                    domid: m.u32(B_DOMID),
+                    devid: m.u32(B_DEVID),
+                    gref,
+                    order,
+                    proto,
+                    pool: m.string(B_POOL, "pool")?,
+                    port: m.u32(B_PORT),
+                    poll_duration: m.u32(B_POLL_DURATION),
+                    poll_idle_threshold: m.u32(B_POLL_IDLE),
+                },
+            }
+        }
+        MsgType::XenblkifDisconnect => Request::XenblkifDisconnect {
+            domid: m.u32(B_DOMID),
+            devid: m.u32(B_DEVID),
+        },
+        other => {
+            return Err(ControlError::invalid(format!(
+                "request type {} ({}) has no handler",
+                other as u16,
+                other.name()
+            )))
+        }
+    };
+    Ok(req)
+}
+
+fn split_log_trailer(trailer: &[u8], flags: OpenFlags) -> Result<(Option<String>, &[u8])> {
+    if !flags.contains(OpenFlags::ADD_LOG) {
+        return Ok((None, trailer));
+    }
+    if trailer.len() < STRING_LEN {
+        return Err(ControlError::invalid("log path trailer truncated"));
+    }
+    let (field, rest) = trailer.split_at(STRING_LEN);
+    let s = cstring(field, "log path")?;
+    if s.is_empty() {
+        return Err(ControlError::invalid("log path: empty"));
+    }
+    Ok((Some(s), rest))
+}
+
+fn non_empty(s: String) -> Option<String> {
+    (!s.is_empty()).then_some(s)
+}
+
+fn cstring(field: &[u8], what: &str) -> Result<String> {
+    let Some(end) = field.iter().position(|&b| b == 0) else {
+        return Err(ControlError::invalid(format!("{what}: not NUL-terminated")));
+    };
+    String::from_utf8(field[..end].to_vec())
+        .map_err(|_| ControlError::invalid(format!("{what}: not UTF-8")))
+}
+
+/// Image geometry as OPEN_RSP and DISK_INFO_RSP carry it (`u.image`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DiskInfo {
+    /// Size in sectors of `sector_size` bytes.
+    pub sectors: u64,
+    pub sector_size: u32,
+    /// `VDISK_*` info bits (read-only = 0x4, cdrom = 0x1).
+    pub info: u32,
+}
+
+/// One VBD of a LIST reply.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListEntry {
+    pub minor: u16,
+    pub state: VbdState,
+    /// `"type:/path"`, or empty when the VBD has no image open.
+    pub params: String,
+}
+
+/// What a handler answers. The server encodes it, echoing the request's cookie.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// ERROR with this positive errno.
+    Error(i32),
+    /// PID_RSP.
+    Pid(i32),
+    /// ATTACH_RSP.
+    Attach,
+    /// OPEN_RSP with the image geometry.
+    Open(DiskInfo),
+    /// PAUSE_RSP.
+    Pause,
+    /// RESUME_RSP.
+    Resume,
+    /// CLOSE_RSP (for CLOSE and FORCE_SHUTDOWN).
+    Close,
+    /// DETACH_RSP.
+    Detach,
+    /// N LIST_RSP messages counting down, then the terminator.
+    List(Vec<ListEntry>),
+    /// STATS_RSP followed by these JSON bytes.
+    Stats(Vec<u8>),
+    /// XENBLKIF_CONNECT_RSP.
+    XenblkifConnect,
+    /// XENBLKIF_DISCONNECT_RSP.
+    XenblkifDisconnect,
+    /// DISK_INFO_RSP.
+    DiskInfo(DiskInfo),
+}
+
+impl Reply {
+    /// `Error` from a (positive or negative) errno; 0 maps to EIO.
+    pub fn error(errno: i32) -> Reply {
+        let e = errno.checked_abs().unwrap_or(libc::EIO);
+        Reply::Error(if e == 0 { libc::EIO } else { e })
+    }
+
+    /// The wire type of the (first) reply message.
+    pub fn msg_type(&self) -> MsgType {
+        match self {
+            Reply::Error(_) => MsgType::Error,
+            Reply::Pid(_) => MsgType::PidRsp,
+            Reply::Attach => MsgType::AttachRsp,
+            Reply::Open(_) => MsgType::OpenRsp,
+            Reply::Pause => MsgType::PauseRsp,
+            Reply::Resume => MsgType::ResumeRsp,
+            Reply::Close => MsgType::CloseRsp,
+            Reply::Detach => MsgType::DetachRsp,
+            Reply::List(_) => MsgType::ListRsp,
+            Reply::Stats(_) => MsgType::StatsRsp,
+            Reply::XenblkifConnect => MsgType::XenblkifConnectRsp,
+            Reply::XenblkifDisconnect => MsgType::XenblkifDisconnectRsp,
+            Reply::DiskInfo(_) => MsgType::DiskInfoRsp,
+        }
+    }
+
+    /// Write the reply (all its messages and payload) with `cookie` echoed.
+    pub fn write_to<W: Write>(&self, w: &mut W, cookie: u16, layout: WireLayout) -> Result<()> {
+        let wr = |w: &mut W, b: &[u8]| {
+            w.write_all(b)
+                .map_err(|e| ControlError::io("write reply", e))
+        };
+        let mut m = Msg::new(layout, self.msg_type(), cookie);
+        match self {
+            Reply::Error(e) => m.put_i32(R_ERROR, *e),
+            Reply::Pid(p) => m.put_i32(0, *p),
+            Reply::Open(d) | Reply::DiskInfo(d) => {
+                m.put_u64(I_SECTORS, d.sectors);
+                m.put_u32(I_SECTOR_SIZE, d.sector_size);
+                m.put_u32(I_INFO, d.info);
+            }
+            Reply::List(entries) => {
+                let n = entries.len();
+                if n > i32::MAX as usize {
+                    return Err(ControlError::invalid("list reply too long"));
+                }
+                for (i, e) in entries.iter().enumerate() {
+                    let mut item = Msg::new(layout, MsgType::ListRsp, cookie);
+                    // n - i <= n <= i32::MAX, checked above.
+                    item.put_i32(L_COUNT, (n - i) as i32);
+                    item.put_i32(L_MINOR, i32::from(e.minor));
+                    item.put_u32(L_STATE, e.state.0);
+                    item.put_str(L_PATH, &e.params, "list path")?;
+                    wr(w, item.bytes())?;
+                }
+                m.put_i32(L_COUNT, 0);
+                m.put_i32(L_MINOR, -1);
+            }
+            Reply::Stats(payload) => {
+                let len = payload.len() as u64;
+                if layout.size_t_len == 4 && len > u64::from(u32::MAX) {
+                    return Err(ControlError::invalid("stats payload too long"));
+                }
+                m.put_size_t(len);
+                wr(w, m.bytes())?;
+                return wr(w, payload);
+            }
+            Reply::Attach
+            | Reply::Pause
+            | Reply::Resume
+            | Reply::Close
+            | Reply::Detach
+            | Reply::XenblkifConnect
+            | Reply::XenblkifDisconnect => {}
+        }
+        wr(w, m.bytes())
+    }
+
+    /// Encode the reply into bytes (see [`Reply::write_to`]).
+    pub fn encode_with(&self, cookie: u16, layout: WireLayout) -> Result<Vec<u8>> {
+        let mut v = Vec::new();
+        self.write_to(&mut v, cookie, layout)?;
+        Ok(v)
+    }
+}
+
+/// One reply message, as a client sees it before assembling LIST and STATS.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Frame {
+    /// A complete single-message reply.
+    Reply(Reply),
+    /// A LIST_RSP: `entry` is `None` for the terminator (count 0).
+    ListItem {
+        count: i32,
+        entry: Option<ListEntry>,
+    },
+    /// A STATS_RSP header: this many payload bytes follow.
+    StatsHeader(u64),
+}
+
+/// Decode one reply message (exactly `layout.msg_size` bytes). Returns the cookie too.
+pub fn decode_frame(buf: &[u8], layout: WireLayout) -> Result<(u16, Frame)> {
+    if buf.len() != layout.msg_size {
+        return Err(ControlError::invalid(format!(
+            "reply: {} bytes, need {}",
+            buf.len(),
+            layout.msg_size
+        )));
+    }
+    let m = MsgRef { buf, layout };
+    let raw_type = read_u16(buf, 0);
+    let cookie = read_u16(buf, 2);
+    let ty = MsgType::from_u16(raw_type).ok_or(ControlError::UnexpectedReply(raw_type))?;
+    let image = || DiskInfo {
+        sectors: m.u64(I_SECTORS),
+        sector_size: m.u32(I_SECTOR_SIZE),
+        info: m.u32(I_INFO),
+    };
+    let frame = match ty {
+        MsgType::Error => Frame::Reply(Reply::Error(m.i32(R_ERROR))),
+        MsgType::PidRsp => Frame::Reply(Reply::Pid(m.i32(0))),
+        MsgType::AttachRsp => Frame::Reply(Reply::Attach),
+        MsgType::OpenRsp => Frame::Reply(Reply::Open(image())),
+        MsgType::PauseRsp => Frame::Reply(Reply::Pause),
+        MsgType::ResumeRsp => Frame::Reply(Reply::Resume),
+        MsgType::CloseRsp => Frame::Reply(Reply::Close),
+        MsgType::DetachRsp => Frame::Reply(Reply::Detach),
+        MsgType::XenblkifConnectRsp => Frame::Reply(Reply::XenblkifConnect),
+        MsgType::XenblkifDisconnectRsp => Frame::Reply(Reply::XenblkifDisconnect),
+        MsgType::DiskInfoRsp => Frame::Reply(Reply::DiskInfo(image())),
+        MsgType::StatsRsp => Frame::StatsHeader(m.size_t(layout.info_length_offset())),
+        MsgType::ListRsp => {
+            let count = m.i32(L_COUNT);
+            if count < 0 {
+                return Err(ControlError::invalid(format!("list count {count}")));
+            }
+            if count == 0 {
+                Frame::ListItem { count, entry: None }
+            } else {
+                let minor = m.i32(L_MINOR);
+                let minor = u16::try_from(minor)
+                    .map_err(|_| ControlError::invalid(format!("list minor {minor}")))?;
+                Frame::ListItem {
+                    count,
+                    entry: Some(ListEntry {
+                        minor,
+                        state: VbdState(m.u32(L_STATE)),
+                        params: m.string(L_PATH, "list path")?,
+                    }),
+                }
+            }
+        }
+        other => return Err(ControlError::UnexpectedReply(other as u16)),
+    };
+    Ok((cookie, frame))
+}
+
+/// Read exactly `buf.len()` bytes; a clean EOF before the first byte or in the middle is
+/// [`ControlError::Closed`], a timeout is [`ControlError::Timeout`].
+pub fn read_full<R: Read>(r: &mut R, buf: &mut [u8]) -> Result<()> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => return Err(ControlError::Closed),
+            Ok(k) => got += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::TimedOut =>
+            {
+                return Err(ControlError::Timeout)
+            }
+            Err(e) => return Err(ControlError::io("read", e)),
+        }
+    }
+    Ok(())
+}
+
+/// Read one whole reply (every LIST_RSP up to the terminator, or the STATS payload).
+/// Returns the cookie of the first message and the assembled reply.
+pub fn read_reply<R: Read>(r: &mut R, layout: WireLayout) -> Result<(u16, Reply)> {
+    let mut buf = [0u8; MAX_MSG_SIZE];
+    let buf = &mut buf[..layout.msg_size];
+    read_full(r, buf)?;
+    let (cookie, frame) = decode_frame(buf, layout)?;
+    match frame {
+        Frame::Reply(rep) => Ok((cookie, rep)),
+        Frame::StatsHeader(len) => {
+            if len > MAX_STATS_LEN {
+                return Err(ControlError::invalid(format!("stats length {len}")));
+            }
+            // len <= 64 MiB fits usize on every target.
+            let mut payload = vec![0u8; len as usize];
+            read_full(r, &mut payload)?;
+            Ok((cookie, Reply::Stats(payload)))
+        }
+        Frame::ListItem { count, entry } => {
+            let mut entries = Vec::new();
+            let mut count = count;
+            let mut entry = entry;
+            while let Some(e) = entry {
+                entries.push(e);
+                if entries.len() > MAX_LIST_ENTRIES {
+                    return Err(ControlError::invalid("list reply too long"));
+                }
+                read_full(r, buf)?;
+                match decode_frame(buf, layout)? {
+                    (_, Frame::ListItem { count: c, entry: e }) => {
+                        if c != 0 && c != count - 1 {
+                            log::debug!("list reply count {c} after {count}");
+                        }
+                        count = c;
+                        entry = e;
+                    }
+                    (_, Frame::Reply(Reply::Error(e))) => return Err(ControlError::Remote(e)),
+                    (_, other) => {
+                        return Err(ControlError::invalid(format!(
+                            "list reply interrupted by {other:?}"
+                        )))
+                    }
+                }
+            }
+            Ok((cookie, Reply::List(entries)))
+        }
+    }
+}
+
+/// Read one whole request (message plus trailers) from `r`. On error the cookie read so far
+/// (0 if none) is returned with it so that the ERROR reply can echo it. The buffer holding a
+/// key is zeroed on drop.
+pub fn read_request<R: Read>(
+    r: &mut R,
+    layout: WireLayout,
+) -> std::result::Result<(u16, Request), (u16, ControlError)> {
+    let mut buf: Zeroizing<Vec<u8>> = Zeroizing::new(vec![0u8; layout.msg_size]);
+    read_full(r, &mut buf).map_err(|e| (0, e))?;
+    let cookie = peek_cookie(&buf);
+    loop {
+        match request_len(&buf, layout).map_err(|e| (cookie, e))? {
+            Need::Exactly(n) if n == buf.len() => break,
+            Need::Exactly(n) | Need::AtLeast(n) => {
+                let have = buf.len();
+                if n <= have {
+                    return Err((cookie, ControlError::invalid("request length")));
+                }
+                // Grow without reallocating away from the zeroizing buffer: copy into a new
+                // zeroizing buffer of the final size.
+                let mut bigger: Zeroizing<Vec<u8>> = Zeroizing::new(vec![0u8; n]);
+                bigger[..have].copy_from_slice(&buf);
+                read_full(r, &mut bigger[have..]).map_err(|e| (cookie, e))?;
+                buf = bigger;
+            }
+        }
+    }
+    decode_request(&buf, layout)
+        .map(|req| (cookie, req))
+        .map_err(|e| (cookie, e))
+}
+
+/// Split `"type:/path"` into its type and path (EINVAL without a `:` or with an empty part).
+pub fn split_params(params: &str) -> Result<(&str, &str)> {
+    match params.split_once(':') {
+        Some((t, p)) if !t.is_empty() && !p.is_empty() => Ok((t, p)),
+        _ => Err(ControlError::invalid(format!(
+            "params {params:?} (expected type:/path)"
+        ))),
+    }
+}
+
+// ---- byte helpers -------------------------------------------------------------------------
+
+fn read_u16(b: &[u8], off: usize) -> u16 {
+    let mut a = [0u8; 2];
+    if let Some(s) = b.get(off..off + 2) {
+        a.copy_from_slice(s);
+    }
+    u16::from_ne_bytes(a)
+}
+
+fn read_u32(b: &[u8], off: usize) -> u32 {
+    let mut a = [0u8; 4];
+    if let Some(s) = b.get(off..off + 4) {
+        a.copy_from_slice(s);
+    }
+    u32::from_ne_bytes(a)
+}
+
+fn read_u64(b: &[u8], off: usize) -> u64 {
+    let mut a = [0u8; 8];
+    if let Some(s) = b.get(off..off + 8) {
+        a.copy_from_slice(s);
+    }
+    u64::from_ne_bytes(a)
+}
+
+/// A read-only view of one message.
+struct MsgRef<'a> {
+    buf: &'a [u8],
+    layout: WireLayout,
+}
+
+impl MsgRef<'_> {
+    fn at(&self, off: usize) -> usize {
+        self.layout.union_offset + off
+    }
+    fn u16(&self, off: usize) -> u16 {
+        read_u16(self.buf, self.at(off))
+    }
+    fn u32(&self, off: usize) -> u32 {
+        read_u32(self.buf, self.at(off))
+    }
+    fn i32(&self, off: usize) -> i32 {
+        self.u32(off) as i32
+    }
+    fn u64(&self, off: usize) -> u64 {
+        read_u64(self.buf, self.at(off))
+    }
+    fn size_t(&self, off: usize) -> u64 {
+        if self.layout.size_t_len == 8 {
+            self.u64(off)
+        } else {
+            u64::from(self.u32(off))
+        }
+    }
+    fn field(&self, off: usize, len: usize) -> &[u8] {
+        let start = self.at(off).min(self.buf.len());
+        let end = (start + len).min(self.buf.len());
+        &self.buf[start..end]
+    }
+    fn string(&self, off: usize, what: &str) -> Result<String> {
+        cstring(self.field(off, STRING_LEN), what)
+    }
+}
+
+/// A message being built (zero-initialised).
+struct Msg {
+    buf: [u8; MAX_MSG_SIZE],
+    layout: WireLayout,
+}
+
+impl Msg {
+    fn new(layout: WireLayout, ty: MsgType, cookie: u16) -> Self {
+        let mut m = Msg {
+            buf: [0u8; MAX_MSG_SIZE],
+            layout,
+        };
+        m.buf[0..2].copy_from_slice(&(ty as u16).to_ne_bytes());
+        m.buf[2..4].copy_from_slice(&cookie.to_ne_bytes());
+        m
+    }
+    fn bytes(&self) -> &[u8] {
+        &self.buf[..self.layout.msg_size]
+    }
+    fn put(&mut self, off: usize, b: &[u8]) {
+        let at = self.layout.union_offset + off;
+        self.buf[at..at + b.len()].copy_from_slice(b);
+    }
+    fn put_u16(&mut self, off: usize, v: u16) {
+        self.put(off, &v.to_ne_bytes())
+    }
+    fn put_u32(&mut self, off: usize, v: u32) {
+        self.put(off, &v.to_ne_bytes())
+    }
+    fn put_i32(&mut self, off: usize, v: i32) {
+        self.put(off, &v.to_ne_bytes())
+    }
+    fn put_u64(&mut self, off: usize, v: u64) {
+        self.put(off, &v.to_ne_bytes())
+    }
+    fn put_size_t(&mut self, v: u64) {
+        let off = self.layout.info_length_offset();
+        if self.layout.size_t_len == 8 {
+            self.put_u64(off, v)
+        } else {
+            // Callers check that v fits in 32 bits for a 4-byte size_t.
+            self.put_u32(off, v as u32)
+        }
+    }
+    fn put_str(&mut self, off: usize, s: &str, what: &str) -> Result<()> {
+        let b = s.as_bytes();
+        if b.len() >= STRING_LEN || b.contains(&0) {
+            return Err(ControlError::invalid(format!(
+                "{what}: longer than {} bytes or contains NUL",
+                STRING_LEN - 1
+            )));
+        }
+        self.put(off, b);
+        Ok(())
+    }
+    fn field(&self, off: usize, len: usize) -> &[u8] {
+        let at = self.layout.union_offset + off;
+        &self.buf[at..at + len]
+    }
+}
+
+#[cfg(test)]
+mod tests;
