@@ -15,26 +15,26 @@
 //! update the VBD's counters and are then discarded (connection ids are never reused).
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
 use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
-use nix::fcntl::{Flock, FlockArg};
 
 use crate::image::crypto::KeySource;
 use crate::image::{Extent, Image, ImageError, SECTOR_SIZE};
 use crate::nbd::proto::{self, Command, ExportInfo};
 use crate::nbd::server::{Connection, Event, ReadStatus};
 
-use super::ctl::{open_flags, BlkifParams, CtlHandle, CtlMsg, ListEntry, Reply, Request};
+use super::ctl::{CtlHandle, CtlMsg};
 use super::io::{IoEngine, Op, Output};
 use super::reactor::{Interest, Reactor, Ready, Ticker, Token};
 use super::vbd::{parse_params, state, DiskInfo, DiskType, OpenImage, Vbd, VDISK_READONLY};
 use super::TapdiskError;
+use crate::control::msg::{Blkif, ListEntry, OpenFlags, Reply, Request, VbdState};
+use crate::control::{minors, nbd_socket_path};
 
 /// Requests in flight per NBD connection before the loop stops reading from it.
 const MAX_CONN_INFLIGHT: u32 = 128;
@@ -82,7 +82,7 @@ impl ImageOpener for DefaultOpener {
 /// [`Token`] kind), pull requests from the ring and submit them to the same I/O engine as
 /// the NBD export, against the VBD's image. Until then [`NoRings`] refuses.
 pub trait RingHost: Send + std::fmt::Debug {
-    fn connect(&mut self, minor: u16, blkif: &BlkifParams) -> Result<(), i32>;
+    fn connect(&mut self, minor: u16, blkif: &Blkif) -> Result<(), i32>;
     fn disconnect(&mut self, domid: u32, devid: u32) -> Result<(), i32>;
 }
 
@@ -91,7 +91,7 @@ pub trait RingHost: Send + std::fmt::Debug {
 pub struct NoRings;
 
 impl RingHost for NoRings {
-    fn connect(&mut self, _minor: u16, _blkif: &BlkifParams) -> Result<(), i32> {
+    fn connect(&mut self, _minor: u16, _blkif: &Blkif) -> Result<(), i32> {
         Err(libc::ENOSYS)
     }
     fn disconnect(&mut self, _domid: u32, _devid: u32) -> Result<(), i32> {
@@ -130,14 +130,7 @@ impl Config {
 
     /// `<ctl_dir>/nbd<pid>.<minor>`.
     pub fn nbd_path(&self, minor: u16) -> PathBuf {
-        self.ctl_dir.join(format!("nbd{}.{minor}", self.pid))
-    }
-
-    /// `<ctl_dir>/tapdisk/tapdisk-<minor>`.
-    pub fn marker_path(&self, minor: u16) -> PathBuf {
-        self.ctl_dir
-            .join("tapdisk")
-            .join(format!("tapdisk-{minor}"))
+        nbd_socket_path(&self.ctl_dir, self.pid, minor)
     }
 }
 
@@ -384,12 +377,8 @@ impl Tapdisk {
         match req {
             Request::Pid => Some(Reply::Pid(self.cfg.pid)),
             Request::Attach { minor } => Some(self.attach(minor)),
-            Request::Open {
-                minor,
-                params,
-                flags,
-                key,
-            } => {
+            Request::Open(o) => {
+                let minor = o.minor;
                 let Some(vbd) = self.vbds.get_mut(&minor) else {
                     return err(libc::EINVAL);
                 };
@@ -399,18 +388,20 @@ impl Tapdisk {
                 if vbd.is_open() {
                     return err(libc::EALREADY);
                 }
+                let params = o.params;
+                let flags = o.flags.0;
                 let (kind, path) = match parse_params(&params) {
                     Ok(v) => v,
                     Err(e) => return err(e),
                 };
-                let keys = match key {
-                    Some(k) => KeySource::Explicit(k),
+                let keys = match o.key {
+                    Some(k) => KeySource::Explicit(k.into_key_bytes()),
                     None => self.cfg.keys.clone(),
                 };
                 let spec = OpenSpec {
                     kind,
                     path: path.clone(),
-                    read_only: flags & open_flags::RDONLY != 0,
+                    read_only: flags & OpenFlags::RDONLY.0 != 0,
                     keys,
                 };
                 vbd.busy = true;
@@ -437,7 +428,7 @@ impl Tapdisk {
                     return err(libc::EBUSY);
                 }
                 if vbd.state & state::PAUSED != 0 {
-                    return Some(Reply::Ok);
+                    return Some(Reply::Pause);
                 }
                 if !vbd.is_open() {
                     return err(libc::EINVAL);
@@ -456,7 +447,8 @@ impl Tapdisk {
                 self.progress(minor);
                 None
             }
-            Request::Resume { minor, params } => {
+            Request::Resume(r) => {
+                let (minor, params) = (r.minor, r.params);
                 let Some(vbd) = self.vbds.get_mut(&minor) else {
                     return err(libc::EINVAL);
                 };
@@ -476,7 +468,7 @@ impl Tapdisk {
                 let spec = OpenSpec {
                     kind,
                     path: path.clone(),
-                    read_only: vbd.flags & open_flags::RDONLY != 0,
+                    read_only: vbd.flags & OpenFlags::RDONLY.0 != 0,
                     keys: self.cfg.keys.clone(),
                 };
                 vbd.busy = true;
@@ -507,7 +499,8 @@ impl Tapdisk {
                 );
                 None
             }
-            Request::Close { minor, force } => {
+            Request::Close { minor } | Request::ForceShutdown { minor } => {
+                let force = matches!(req, Request::ForceShutdown { .. });
                 let Some(vbd) = self.vbds.get_mut(&minor) else {
                     return err(libc::EINVAL);
                 };
@@ -515,7 +508,7 @@ impl Tapdisk {
                     return err(libc::EBUSY);
                 }
                 if !vbd.is_open() {
-                    return Some(Reply::Ok);
+                    return Some(Reply::Close);
                 }
                 vbd.state |= state::SHUTDOWN_REQUESTED;
                 vbd.busy = true;
@@ -551,28 +544,28 @@ impl Tapdisk {
                 if self.vbds.is_empty() && self.exit_when_empty {
                     self.exit = true;
                 }
-                Some(Reply::Ok)
+                Some(Reply::Detach)
             }
             Request::List => Some(Reply::List(
                 self.vbds
                     .values()
                     .map(|v| ListEntry {
                         minor: v.minor,
-                        state: v.state,
+                        state: VbdState(v.state),
                         params: v.params.clone(),
                     })
                     .collect(),
             )),
             Request::Stats { minor: Some(m) } => match self.vbds.get(&m) {
-                Some(v) => Some(Reply::Stats(v.stats_json())),
+                Some(v) => Some(Reply::Stats(v.stats_json().into_bytes())),
                 None => err(libc::EINVAL),
             },
             Request::Stats { minor: None } => {
                 let all: Vec<String> = self.vbds.values().map(Vbd::stats_json).collect();
-                Some(Reply::Stats(format!("[ {} ]", all.join(", "))))
+                Some(Reply::Stats(format!("[ {} ]", all.join(", ")).into_bytes()))
             }
             Request::DiskInfo { minor } => match self.vbds.get(&minor).and_then(|v| v.info) {
-                Some(i) => Some(Reply::Image(i)),
+                Some(i) => Some(Reply::DiskInfo(i)),
                 None => err(libc::EINVAL),
             },
             Request::XenblkifConnect { minor, blkif } => {
@@ -580,13 +573,13 @@ impl Tapdisk {
                     return err(libc::ENODEV);
                 }
                 Some(match self.cfg.rings.connect(minor, &blkif) {
-                    Ok(()) => Reply::Ok,
+                    Ok(()) => Reply::XenblkifConnect,
                     Err(e) => Reply::Error(e),
                 })
             }
             Request::XenblkifDisconnect { domid, devid } => {
                 Some(match self.cfg.rings.disconnect(domid, devid) {
-                    Ok(()) => Reply::Ok,
+                    Ok(()) => Reply::XenblkifDisconnect,
                     Err(e) => Reply::Error(e),
                 })
             }
@@ -598,16 +591,18 @@ impl Tapdisk {
             return Reply::Error(libc::EEXIST);
         }
         let marker = if self.cfg.lock_markers {
-            match lock_marker(&self.cfg.marker_path(minor)) {
+            match minors::lock_marker(&self.cfg.ctl_dir, minor, Duration::ZERO) {
                 Ok(m) => Some(m),
-                Err(e) => return Reply::Error(e),
+                // blktap answers a missing marker with EPERM.
+                Err(e) if e.errno() == libc::ENOENT => return Reply::Error(libc::EPERM),
+                Err(e) => return Reply::Error(e.errno()),
             }
         } else {
             None
         };
         self.vbds.insert(minor, Vbd::new(minor, marker));
         info!("minor {minor} attached");
-        Reply::Ok
+        Reply::Attach
     }
 
     fn finish(&mut self, minor: u16, r: Reply) {
@@ -675,7 +670,8 @@ impl Tapdisk {
         }
         info!("minor {minor} {}", if pause { "paused" } else { "closed" });
         let r = match res {
-            Ok(_) => Reply::Ok,
+            Ok(_) if pause => Reply::Pause,
+            Ok(_) => Reply::Close,
             Err(e) => Reply::Error(e.errno()),
         };
         self.finish(minor, r);
@@ -769,9 +765,9 @@ impl Tapdisk {
         self.finish(
             minor,
             if resume {
-                Reply::Ok
+                Reply::Resume
             } else {
-                Reply::Image(info)
+                Reply::Open(info)
             },
         );
     }
@@ -1239,29 +1235,6 @@ impl Drop for Tapdisk {
             let _ = std::fs::remove_file(&l.path);
         }
     }
-}
-
-/// Open and exclusively lock a minor's marker. A missing marker is EPERM (blktap's quirk);
-/// a marker locked by another tapdisk is EBUSY.
-pub fn lock_marker(path: &Path) -> Result<Flock<File>, i32> {
-    let f = File::options()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                libc::EPERM
-            } else {
-                e.raw_os_error().unwrap_or(libc::EIO)
-            }
-        })?;
-    Flock::lock(f, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
-        if e == nix::errno::Errno::EWOULDBLOCK {
-            libc::EBUSY
-        } else {
-            e as i32
-        }
-    })
 }
 
 /// Convert image extents (sectors) to NBD `base:allocation` descriptors clipped to the

@@ -8,11 +8,13 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::ctl::{open_flags, BlkifParams, ListEntry, Reply, Request};
 use super::daemon::{Config, ImageOpener, OpenSpec, Tapdisk};
 use super::mem::MemImage;
-use super::vbd::{state, DiskInfo, VDISK_READONLY};
+use super::vbd::{DiskInfo, VDISK_READONLY};
 use super::CtlHandle;
+use crate::control::msg::{
+    Blkif, BlkifProto, ListEntry, OpenFlags, OpenRequest, Reply, Request, ResumeRequest, VbdState,
+};
 use crate::image::{Extent, Image, ImageError, ImageInfo};
 use crate::nbd::client::{Client, ClientReply};
 use crate::nbd::proto::{self, RequestHeader};
@@ -151,12 +153,19 @@ impl Harness {
     }
 
     fn open(&self, minor: u16, params: &str, flags: u32) -> Reply {
-        self.call(Request::Open {
+        let mut o = OpenRequest::new(minor, params);
+        o.flags = OpenFlags(flags);
+        self.call(Request::Open(o))
+    }
+
+    fn resume(&self, minor: u16, params: Option<&str>) -> Reply {
+        self.call(Request::Resume(ResumeRequest {
             minor,
-            params: params.into(),
-            flags,
-            key: None,
-        })
+            flags: OpenFlags::empty(),
+            params: params.map(String::from),
+            secondary: None,
+            log_path: None,
+        }))
     }
 
     fn exited(&mut self) -> bool {
@@ -174,8 +183,8 @@ impl Harness {
 }
 
 fn open_minor(h: &Harness, minor: u16, path: &str) {
-    assert_eq!(h.call(Request::Attach { minor }), Reply::Ok);
-    assert!(matches!(h.open(minor, path, 0), Reply::Image(_)));
+    assert_eq!(h.call(Request::Attach { minor }), Reply::Attach);
+    assert!(matches!(h.open(minor, path, 0), Reply::Open(_)));
 }
 
 #[test]
@@ -185,7 +194,7 @@ fn lifecycle_attach_open_close_detach_then_exit() {
     let mut h = Harness::start(op, false);
     assert_eq!(h.call(Request::Pid), Reply::Pid(h.pid));
     assert_eq!(h.open(1, "aio:/a", 0), Reply::Error(libc::EINVAL));
-    assert_eq!(h.call(Request::Attach { minor: 1 }), Reply::Ok);
+    assert_eq!(h.call(Request::Attach { minor: 1 }), Reply::Attach);
     assert_eq!(
         h.call(Request::Attach { minor: 1 }),
         Reply::Error(libc::EEXIST)
@@ -194,7 +203,7 @@ fn lifecycle_attach_open_close_detach_then_exit() {
         h.call(Request::List),
         Reply::List(vec![ListEntry {
             minor: 1,
-            state: state::CLOSED,
+            state: VbdState::CLOSED,
             params: String::new()
         }])
     );
@@ -205,13 +214,17 @@ fn lifecycle_attach_open_close_detach_then_exit() {
         sector_size: 512,
         info: 0,
     };
-    assert_eq!(h.open(1, "aio:/a", 0), Reply::Image(info));
+    assert_eq!(h.open(1, "aio:/a", 0), Reply::Open(info));
     assert!(h.nbd(1).exists());
     assert_eq!(h.open(1, "aio:/a", 0), Reply::Error(libc::EALREADY));
-    assert_eq!(h.call(Request::DiskInfo { minor: 1 }), Reply::Image(info));
+    assert_eq!(
+        h.call(Request::DiskInfo { minor: 1 }),
+        Reply::DiskInfo(info)
+    );
     let Reply::Stats(s) = h.call(Request::Stats { minor: Some(1) }) else {
         panic!()
     };
+    let s = String::from_utf8(s).unwrap();
     assert!(
         s.starts_with("{ \"name\": \"aio:/a\", \"secs\": [ 0, 0 ]"),
         "{s}"
@@ -220,6 +233,7 @@ fn lifecycle_attach_open_close_detach_then_exit() {
     let Reply::Stats(all) = h.call(Request::Stats { minor: None }) else {
         panic!()
     };
+    let all = String::from_utf8(all).unwrap();
     assert_eq!(all, format!("[ {s} ]"));
     assert_eq!(
         h.call(Request::Detach { minor: 1 }),
@@ -228,34 +242,32 @@ fn lifecycle_attach_open_close_detach_then_exit() {
     assert_eq!(
         h.call(Request::XenblkifConnect {
             minor: 1,
-            blkif: BlkifParams::default()
+            blkif: blkif()
         }),
         Reply::Error(libc::ENOSYS)
     );
     assert_eq!(
-        h.call(Request::XenblkifConnect {
-            minor: 9,
-            blkif: BlkifParams::default()
-        }),
+        h.call(Request::XenblkifDisconnect { domid: 1, devid: 2 }),
         Reply::Error(libc::ENODEV)
     );
     assert_eq!(
-        h.call(Request::Close {
-            minor: 1,
-            force: false
+        h.call(Request::XenblkifConnect {
+            minor: 9,
+            blkif: blkif()
         }),
-        Reply::Ok
+        Reply::Error(libc::ENODEV)
     );
+    assert_eq!(h.call(Request::Close { minor: 1 }), Reply::Close);
     assert!(!h.nbd(1).exists());
     assert_eq!(
         h.call(Request::List),
         Reply::List(vec![ListEntry {
             minor: 1,
-            state: state::CLOSED,
+            state: VbdState::CLOSED,
             params: String::new()
         }])
     );
-    assert_eq!(h.call(Request::Detach { minor: 1 }), Reply::Ok);
+    assert_eq!(h.call(Request::Detach { minor: 1 }), Reply::Detach);
     assert!(h.exited(), "tapdisk must exit after the last detach");
     assert_eq!(h.call(Request::Pid), Reply::Error(libc::ESHUTDOWN));
 }
@@ -266,7 +278,7 @@ fn read_only_open_reports_readonly_and_refuses_writes() {
     op.add("/ro", 64);
     let h = Harness::start(op, false);
     h.call(Request::Attach { minor: 0 });
-    let Reply::Image(i) = h.open(0, "aio:/ro", open_flags::RDONLY) else {
+    let Reply::Open(i) = h.open(0, "aio:/ro", OpenFlags::RDONLY.0) else {
         panic!()
     };
     assert_eq!(i.info, VDISK_READONLY);
@@ -303,7 +315,7 @@ fn pause_drains_inflight_io_closes_image_and_resume_checks_geometry() {
     let Reply::List(l) = h.call(Request::List) else {
         panic!()
     };
-    assert_eq!(l[0].state & state::PAUSE_REQUESTED, state::PAUSE_REQUESTED);
+    assert!(l[0].state.contains(VbdState::PAUSE_REQUESTED));
     assert_eq!(
         h.call(Request::Pause { minor: 2 }),
         Reply::Error(libc::EBUSY)
@@ -312,7 +324,7 @@ fn pause_drains_inflight_io_closes_image_and_resume_checks_geometry() {
     op.set_gate(true);
     assert_eq!(
         paused.recv_timeout(Duration::from_secs(5)).unwrap(),
-        Reply::Ok
+        Reply::Pause
     );
     assert!(first.inner.is_closed());
     let mut data = Vec::new();
@@ -326,11 +338,11 @@ fn pause_drains_inflight_io_closes_image_and_resume_checks_geometry() {
     let Reply::List(l) = h.call(Request::List) else {
         panic!()
     };
-    assert_eq!(l[0].state, state::PAUSED);
+    assert_eq!(l[0].state, VbdState::PAUSED);
     // DISK_INFO still answers while paused.
     assert!(matches!(
         h.call(Request::DiskInfo { minor: 2 }),
-        Reply::Image(_)
+        Reply::DiskInfo(_)
     ));
 
     // Requests sent while paused wait for the resume.
@@ -349,27 +361,21 @@ fn pause_drains_inflight_io_closes_image_and_resume_checks_geometry() {
     c.stream.set_read_timeout(None).unwrap();
 
     assert_eq!(
-        h.call(Request::Resume {
-            minor: 2,
-            params: Some("vhd:/bigger".into())
-        }),
+        h.resume(2, Some("vhd:/bigger")),
         Reply::Error(libc::EMEDIUMTYPE)
     );
     let Reply::List(l) = h.call(Request::List) else {
         panic!()
     };
-    assert_eq!(l[0].state, state::PAUSED | state::RESUME_FAILED);
-    assert_eq!(
-        h.call(Request::Resume {
-            minor: 2,
-            params: Some("vhd:/snap".into())
-        }),
-        Reply::Ok
-    );
+    assert_eq!(l[0].state, VbdState::PAUSED | VbdState::RESUME_FAILED);
+    assert_eq!(h.resume(2, Some("vhd:/snap")), Reply::Resume);
     let Reply::List(l) = h.call(Request::List) else {
         panic!()
     };
-    assert_eq!((l[0].state, l[0].params.as_str()), (0, "vhd:/snap"));
+    assert_eq!(
+        (l[0].state, l[0].params.as_str()),
+        (VbdState(0), "vhd:/snap")
+    );
     assert_eq!(
         c.recv(Some(512), &mut data).unwrap(),
         ClientReply::Simple {
@@ -377,13 +383,7 @@ fn pause_drains_inflight_io_closes_image_and_resume_checks_geometry() {
             error: 0
         }
     );
-    assert_eq!(
-        h.call(Request::Resume {
-            minor: 2,
-            params: None
-        }),
-        Reply::Error(libc::EINVAL)
-    );
+    assert_eq!(h.resume(2, None), Reply::Error(libc::EINVAL));
 }
 
 #[test]
@@ -393,24 +393,12 @@ fn close_while_paused_and_force_close_drop_clients() {
     let h = Harness::start(op, false);
     open_minor(&h, 0, "aio:/x");
     open_minor(&h, 1, "aio:/x");
-    assert_eq!(h.call(Request::Pause { minor: 0 }), Reply::Ok);
-    assert_eq!(h.call(Request::Pause { minor: 0 }), Reply::Ok);
-    assert_eq!(
-        h.call(Request::Close {
-            minor: 0,
-            force: false
-        }),
-        Reply::Ok
-    );
-    assert_eq!(h.call(Request::Detach { minor: 0 }), Reply::Ok);
+    assert_eq!(h.call(Request::Pause { minor: 0 }), Reply::Pause);
+    assert_eq!(h.call(Request::Pause { minor: 0 }), Reply::Pause);
+    assert_eq!(h.call(Request::Close { minor: 0 }), Reply::Close);
+    assert_eq!(h.call(Request::Detach { minor: 0 }), Reply::Detach);
     let mut c = Client::connect(&h.nbd(1), false).unwrap();
-    assert_eq!(
-        h.call(Request::Close {
-            minor: 1,
-            force: true
-        }),
-        Reply::Ok
-    );
+    assert_eq!(h.call(Request::ForceShutdown { minor: 1 }), Reply::Close);
     // The connection was dropped: the next request sees EOF.
     let _ = c.send(
         &RequestHeader {
@@ -438,7 +426,7 @@ fn attach_locks_the_marker_file() {
     let mdir = h.dir.path().join("tapdisk");
     std::fs::create_dir_all(&mdir).unwrap();
     std::fs::write(mdir.join("tapdisk-4"), b"").unwrap();
-    assert_eq!(h.call(Request::Attach { minor: 4 }), Reply::Ok);
+    assert_eq!(h.call(Request::Attach { minor: 4 }), Reply::Attach);
     // A second tapdisk cannot take the same minor.
     let mut cfg = Config::new(h.dir.path());
     cfg.opener = op;
@@ -454,8 +442,8 @@ fn attach_locks_the_marker_file() {
         other.call(Request::Attach { minor: 4 }),
         Reply::Error(libc::EBUSY)
     );
-    assert_eq!(h.call(Request::Detach { minor: 4 }), Reply::Ok);
-    assert_eq!(other.call(Request::Attach { minor: 4 }), Reply::Ok);
+    assert_eq!(h.call(Request::Detach { minor: 4 }), Reply::Detach);
+    assert_eq!(other.call(Request::Attach { minor: 4 }), Reply::Attach);
 }
 
 #[test]
@@ -580,6 +568,7 @@ fn nbd_pipelined_requests_block_status_and_dead_client() {
         let Reply::Stats(s) = h.call(Request::Stats { minor: Some(3) }) else {
             panic!()
         };
+        let s = String::from_utf8(s).unwrap();
         if s.contains("\"reqs_outstanding\": 0") {
             ok = true;
             break;
@@ -593,7 +582,22 @@ fn nbd_pipelined_requests_block_status_and_dead_client() {
     let Reply::Stats(s) = h.call(Request::Stats { minor: Some(3) }) else {
         panic!()
     };
+    let s = String::from_utf8(s).unwrap();
     assert!(s.contains("\"secs\": [ "), "{s}");
     assert!(!s.contains("\"secs\": [ 0, 0 ]"), "{s}");
     drop(c);
+}
+
+fn blkif() -> Blkif {
+    Blkif {
+        domid: 1,
+        devid: 51712,
+        gref: [0; 8],
+        order: 0,
+        proto: BlkifProto::Native,
+        pool: String::new(),
+        port: 5,
+        poll_duration: 0,
+        poll_idle_threshold: 0,
+    }
 }

@@ -1,37 +1,26 @@
 //! A VBD (virtual block device): one attached minor, its open image and its state.
 
-use std::fs::File;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use nix::fcntl::Flock;
-
+use crate::control::minors::MarkerLock;
 use crate::image::Image;
 
-/// VBD state flags as `tap-ctl list` shows them (reference §4.2).
+/// VBD state flags (reference §4.2), as the control codec defines them.
 pub mod state {
-    pub const DEAD: u32 = 0x1;
-    pub const CLOSED: u32 = 0x2;
-    pub const QUIESCE_REQUESTED: u32 = 0x4;
-    pub const QUIESCED: u32 = 0x8;
-    pub const PAUSE_REQUESTED: u32 = 0x10;
-    pub const PAUSED: u32 = 0x20;
-    pub const SHUTDOWN_REQUESTED: u32 = 0x40;
-    pub const LOCKING: u32 = 0x80;
-    pub const LOG_DROPPED: u32 = 0x100;
-    pub const RESUME_FAILED: u32 = 0x200;
+    use crate::control::msg::VbdState;
+    pub const DEAD: u32 = VbdState::DEAD.0;
+    pub const CLOSED: u32 = VbdState::CLOSED.0;
+    pub const PAUSE_REQUESTED: u32 = VbdState::PAUSE_REQUESTED.0;
+    pub const PAUSED: u32 = VbdState::PAUSED.0;
+    pub const SHUTDOWN_REQUESTED: u32 = VbdState::SHUTDOWN_REQUESTED.0;
+    pub const RESUME_FAILED: u32 = VbdState::RESUME_FAILED.0;
 }
 
 /// `VDISK_READONLY` in the `info` field of OPEN_RSP / DISK_INFO_RSP.
 pub const VDISK_READONLY: u32 = 0x4;
 
-/// Image geometry as the control protocol reports it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct DiskInfo {
-    pub sectors: u64,
-    pub sector_size: u32,
-    pub info: u32,
-}
+pub use crate::control::msg::DiskInfo;
 
 /// Disk types tapdisk knows (`type:` prefix of the params) with blktap's numbers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -101,7 +90,7 @@ pub struct Vbd {
     /// State flags ([`state`]).
     pub state: u32,
     /// The minor's marker file, flocked while attached.
-    pub marker: Option<Flock<File>>,
+    pub marker: Option<MarkerLock>,
     /// Open flags of the last OPEN.
     pub flags: u32,
     /// `"type:/path"` of the open (or paused) image; empty when closed.
@@ -117,7 +106,7 @@ pub struct Vbd {
 }
 
 impl Vbd {
-    pub fn new(minor: u16, marker: Option<Flock<File>>) -> Self {
+    pub fn new(minor: u16, marker: Option<MarkerLock>) -> Self {
         Vbd {
             minor,
             state: state::CLOSED,
