@@ -72,7 +72,12 @@ impl Log for Logger {
             s.log(r);
         }
         if self.stderr {
-            eprintln!("tapdisk[{}]: {}: {}", std::process::id(), r.level(), r.args());
+            eprintln!(
+                "tapdisk[{}]: {}: {}",
+                std::process::id(),
+                r.level(),
+                r.args()
+            );
         }
     }
     fn flush(&self) {}
@@ -164,7 +169,8 @@ fn run(args: &Args) -> Result<(), String> {
     for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
         mask.add(s);
     }
-    mask.thread_block().map_err(|e| format!("sigprocmask: {e}"))?;
+    mask.thread_block()
+        .map_err(|e| format!("sigprocmask: {e}"))?;
     let sigfd = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
         .map_err(|e| format!("signalfd: {e}"))?;
 
@@ -178,7 +184,8 @@ fn run(args: &Args) -> Result<(), String> {
         cfg.io_threads = n.clamp(1, 64);
     }
     let pid = cfg.pid;
-    let mut td = Tapdisk::new(cfg).map_err(|e| format!("{e}: {:?}", std::error::Error::source(&e)))?;
+    let mut td =
+        Tapdisk::new(cfg).map_err(|e| format!("{e}: {:?}", std::error::Error::source(&e)))?;
     td.add_signal_fd(&sigfd).map_err(|e| e.to_string())?;
     let server = Arc::new(ControlServer::bind(&dir, pid).map_err(|e| e.to_string())?);
     let active = Arc::new(AtomicUsize::new(0));
@@ -250,7 +257,11 @@ fn run(args: &Args) -> Result<(), String> {
 }
 
 /// Accept control connections; serve each on its own thread (at most MAX_CONNECTIONS).
-fn control_thread(server: &ControlServer, active: &Arc<AtomicUsize>, h: &blktap3::tapdisk::CtlHandle) {
+fn control_thread(
+    server: &ControlServer,
+    active: &Arc<AtomicUsize>,
+    h: &blktap3::tapdisk::CtlHandle,
+) {
     loop {
         while active.load(Ordering::Acquire) >= MAX_CONNECTIONS {
             std::thread::sleep(Duration::from_millis(5));
