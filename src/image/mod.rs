@@ -8,7 +8,15 @@
 //! Units: sector numbers and counts are 512-byte sectors ([`SECTOR_SIZE`]), as in the VHD
 //! format and the blkif protocol. Buffers passed to `read`/`write` are whole sectors.
 
+pub mod chain;
 pub mod crypto;
+pub mod file;
+pub mod open;
+pub mod raw;
+pub mod vhd;
+
+pub use chain::OpenOptions;
+pub use open::{open, probe, ImageFormat};
 
 use std::io;
 

@@ -1,0 +1,50 @@
+//! One entry point to open any image: probe or name the format, then open it (with its
+//! chain for VHD).
+
+use std::path::Path;
+
+use super::chain::{open_vhd_chain, OpenOptions};
+use super::file::{BlockFile, OsFile};
+use super::raw::RawImage;
+use super::vhd::engine::find_footer;
+use super::{Image, ImageError};
+
+/// Image formats (tapdisk's `aio` is raw).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImageFormat {
+    Raw,
+    Vhd,
+}
+
+impl ImageFormat {
+    /// Parse a tapdisk driver name (`aio`, `raw`, `vhd`).
+    pub fn from_driver(name: &str) -> Option<ImageFormat> {
+        match name {
+            "aio" | "raw" | "sync" => Some(ImageFormat::Raw),
+            "vhd" => Some(ImageFormat::Vhd),
+            _ => None,
+        }
+    }
+}
+
+/// Guess the format of `path`: a valid VHD footer (primary, short or backup) means VHD.
+pub fn probe(path: &Path) -> Result<ImageFormat, ImageError> {
+    let f = OsFile::open(path, false).map_err(|e| ImageError::io(path, "open", e))?;
+    Ok(if find_footer(path, &f as &dyn BlockFile, false).is_ok() {
+        ImageFormat::Vhd
+    } else {
+        ImageFormat::Raw
+    })
+}
+
+/// Open `path` as `format` (VHD with its whole parent chain and keys).
+pub fn open(
+    path: &Path,
+    format: ImageFormat,
+    opts: &OpenOptions,
+) -> Result<Box<dyn Image>, ImageError> {
+    Ok(match format {
+        ImageFormat::Raw => Box::new(RawImage::open(path, opts.read_only)?),
+        ImageFormat::Vhd => Box::new(open_vhd_chain(path, opts)?),
+    })
+}

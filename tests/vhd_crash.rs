@@ -1,0 +1,325 @@
+//! Crash consistency of the VHD engine, on the simulated file (`MemFile`).
+//!
+//! Model: after a crash the file holds everything synced plus any subset (in issue order)
+//! of the writes issued since the last sync. Properties checked at many crash points:
+//! - the image opens cleanly (read-only, and read-write followed by close and reopen);
+//! - every sector whose last write was acknowledged before the last completed flush and
+//!   not written since reads back exactly;
+//! - every other sector reads as its flushed value or one of the values written since
+//!   (never garbage).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use blktap3::image::chain::{open_vhd_chain_file, OpenOptions};
+use blktap3::image::file::{BlockFile, MemFile};
+use blktap3::image::vhd::ops::{create, CreateOptions};
+use blktap3::image::vhd::VhdImage;
+use blktap3::image::Image;
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Sector content for write `tag` at `lba` (tag 0 = zeros).
+fn sector(tag: u32, lba: u64) -> [u8; 512] {
+    let mut b = [0u8; 512];
+    if tag != 0 {
+        for (i, c) in b.chunks_exact_mut(8).enumerate() {
+            c.copy_from_slice(&((u64::from(tag) << 32) ^ (lba << 8) ^ i as u64).to_le_bytes());
+        }
+    }
+    b
+}
+
+fn fresh_image(size: u64, block: u32) -> Vec<u8> {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("c.vhd");
+    create(
+        &p,
+        &CreateOptions {
+            size,
+            fixed: false,
+            block_size: block,
+            max_size: None,
+        },
+    )
+    .unwrap();
+    std::fs::read(&p).unwrap()
+}
+
+fn opts(ro: bool) -> OpenOptions {
+    OpenOptions {
+        read_only: ro,
+        prealloc_blocks: 2,
+        ..Default::default()
+    }
+}
+
+struct Model {
+    flushed: Vec<u32>,
+    since: Vec<Vec<u32>>,
+}
+
+impl Model {
+    fn new(n: usize) -> Model {
+        Model {
+            flushed: vec![0; n],
+            since: vec![Vec::new(); n],
+        }
+    }
+    fn write(&mut self, lba: u64, tag: u32) {
+        self.since[lba as usize].push(tag);
+    }
+    fn flush(&mut self) {
+        for (f, s) in self.flushed.iter_mut().zip(self.since.iter_mut()) {
+            if let Some(&t) = s.last() {
+                *f = t;
+            }
+            s.clear();
+        }
+    }
+    fn check(&self, img: &dyn Image, what: &str) {
+        let n = self.flushed.len();
+        let mut buf = vec![0u8; n * 512];
+        img.read(0, &mut buf).unwrap();
+        for lba in 0..n {
+            let got = &buf[lba * 512..(lba + 1) * 512];
+            let ok = got == sector(self.flushed[lba], lba as u64)
+                || self.since[lba]
+                    .iter()
+                    .any(|&t| got == sector(t, lba as u64));
+            assert!(
+                ok,
+                "{what}: sector {lba} holds neither its flushed value (tag {}) nor a later one {:?}",
+                self.flushed[lba], self.since[lba]
+            );
+        }
+    }
+}
+
+fn verify_crash_image(bytes: Vec<u8>, model: &Model, what: &str) {
+    // Read-only open must not modify the file.
+    let f = Arc::new(MemFile::from_bytes(bytes.clone()));
+    let img = open_vhd_chain_file(Path::new("crash.vhd"), f.clone(), &opts(true))
+        .unwrap_or_else(|e| panic!("{what}: crash image does not open: {e}"));
+    model.check(&img, what);
+    img.close().unwrap();
+    assert_eq!(
+        f.contents(),
+        bytes,
+        "{what}: read-only open changed the file"
+    );
+    // Read-write open, a write, close, reopen: recovery leaves a clean image.
+    let f = Arc::new(MemFile::from_bytes(bytes));
+    let img = open_vhd_chain_file(Path::new("crash.vhd"), f.clone(), &opts(false))
+        .unwrap_or_else(|e| panic!("{what}: crash image does not open rw: {e}"));
+    model.check(&img, what);
+    // Allocate every block (new blocks land in the old reserve, which may hold stale
+    // bitmaps of a crashed session): the rest of each block must keep its value.
+    let n = model.flushed.len() as u64;
+    let spb = u64::from(img.sectors_per_block());
+    let mut after = Model::new(n as usize);
+    after.flushed = model.flushed.clone();
+    for (lba, s) in model.since.iter().enumerate() {
+        if !s.is_empty() {
+            after.since[lba] = s.clone();
+        }
+    }
+    let mut lba = spb - 1;
+    while lba < n {
+        img.write(lba, &sector(0xffff_fff0, lba)).unwrap();
+        after.flushed[lba as usize] = 0xffff_fff0;
+        after.since[lba as usize].clear();
+        lba += spb;
+    }
+    img.close().unwrap();
+    let f2 = Arc::new(MemFile::from_bytes(f.contents()));
+    let img = VhdImage::open_file(Path::new("crash.vhd"), f2, &Default::default()).unwrap();
+    assert_eq!(
+        img.footer_source(),
+        blktap3::image::vhd::FooterSource::Primary,
+        "{what}: close leaves a primary footer"
+    );
+    after.check(&img, what);
+}
+
+fn run_sequence(seed: u64, size: u64, block: u32, steps: usize) {
+    let mut rng = Rng(seed | 1);
+    let bytes = fresh_image(size, block);
+    let f = Arc::new(MemFile::from_bytes(bytes));
+    let img = open_vhd_chain_file(Path::new("c.vhd"), f.clone(), &opts(false)).unwrap();
+    let nsec = size / 512;
+    let mut model = Model::new(nsec as usize);
+    let mut tag = 1u32;
+    for step in 0..steps {
+        match rng.below(10) {
+            0 | 1 => {
+                img.flush().unwrap();
+                model.flush();
+            }
+            _ => {
+                let n = 1 + rng.below(24);
+                let lba = rng.below(nsec - n);
+                let mut buf = Vec::with_capacity((n * 512) as usize);
+                for i in 0..n {
+                    buf.extend_from_slice(&sector(tag, lba + i));
+                }
+                img.write(lba, &buf).unwrap();
+                for i in 0..n {
+                    model.write(lba + i, tag);
+                }
+                tag += 1;
+            }
+        }
+        // Crash here: nothing unsynced survives / everything / random subsets / prefixes.
+        if step % 3 == 0 {
+            let pending = f.pending_ops();
+            verify_crash_image(f.crash_image(&mut |_| false), &model, "drop all");
+            verify_crash_image(f.crash_image(&mut |_| true), &model, "keep all");
+            for _ in 0..3 {
+                let mut r = Rng(rng.next() | 1);
+                verify_crash_image(f.crash_image(&mut |_| r.below(2) == 0), &model, "subset");
+            }
+            if pending > 0 {
+                let k = rng.below(pending as u64) as usize;
+                verify_crash_image(f.crash_image(&mut |i| i < k), &model, "prefix");
+            }
+        }
+    }
+    img.close().unwrap();
+    model.flush();
+    verify_crash_image(f.crash_image(&mut |_| false), &model, "after close");
+}
+
+#[test]
+fn crash_at_any_point_keeps_flushed_writes_2m_blocks() {
+    for seed in 1..3u64 {
+        run_sequence(seed * 7919, 12 << 20, 2 << 20, 50);
+    }
+}
+
+#[test]
+fn crash_at_any_point_keeps_flushed_writes_small_blocks() {
+    for seed in 1..3u64 {
+        run_sequence(seed * 104729, 1 << 20, 16 << 10, 80);
+    }
+}
+
+#[test]
+fn stop_after_write_n_then_reopen() {
+    // The process stops (every later mutation fails) after N file writes; what was
+    // flushed before must survive, whatever subset of the rest made it to disk.
+    for n in 0..40u64 {
+        let bytes = fresh_image(8 << 20, 1 << 20);
+        let f = Arc::new(MemFile::from_bytes(bytes));
+        let img = open_vhd_chain_file(Path::new("c.vhd"), f.clone(), &opts(false)).unwrap();
+        let mut model = Model::new(16384);
+        let mut rng = Rng(n * 31 + 5);
+        // A flushed baseline.
+        for t in 1..4u32 {
+            let lba = rng.below(16000);
+            img.write(lba, &sector(t, lba)).unwrap();
+            model.write(lba, t);
+        }
+        img.flush().unwrap();
+        model.flush();
+        f.fail_after(n);
+        for t in 10..40u32 {
+            let lba = rng.below(16000);
+            if img.write(lba, &sector(t, lba)).is_ok() {
+                model.write(lba, t);
+            } else {
+                // A failed write may still have partially reached the file.
+                model.write(lba, t);
+                break;
+            }
+            if t % 7 == 0 && img.flush().is_ok() {
+                model.flush();
+            }
+        }
+        let _ = img.close();
+        verify_crash_image(f.crash_image(&mut |_| false), &model, "stopped");
+        verify_crash_image(f.crash_image(&mut |_| true), &model, "stopped+all");
+    }
+}
+
+#[test]
+fn close_truncates_reserve_and_footer_is_valid_at_every_stage() {
+    let bytes = fresh_image(64 << 20, 2 << 20);
+    let f = Arc::new(MemFile::from_bytes(bytes));
+    let img = open_vhd_chain_file(
+        Path::new("c.vhd"),
+        f.clone(),
+        &OpenOptions {
+            read_only: false,
+            prealloc_blocks: 8,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    img.write(0, &sector(1, 0)).unwrap();
+    // The reserve for 8 blocks exists now.
+    assert!(f.len().unwrap() > 8 * (2 << 20));
+    img.close().unwrap();
+    let len = f.len().unwrap();
+    assert!(len < 2 * (2 << 20), "reserve trimmed at close: {len}");
+    let c = f.contents();
+    assert_eq!(&c[c.len() - 512..c.len() - 504], b"conectix");
+}
+
+#[test]
+fn stale_bitmap_in_reserve_after_crash_is_not_reused() {
+    // Session 1 allocates block 5 and writes it; the crash keeps the data and bitmap
+    // writes but loses the BAT write. Session 2 allocates block 2 at the same place: the
+    // stale bitmap there must not make block 2 show block 5's data.
+    let bytes = fresh_image(16 << 20, 1 << 20);
+    let f = Arc::new(MemFile::from_bytes(bytes));
+    let img = open_vhd_chain_file(Path::new("c.vhd"), f.clone(), &opts(false)).unwrap();
+    let spb = 2048u64;
+    let mut buf = Vec::new();
+    for i in 0..spb {
+        buf.extend_from_slice(&sector(7, 5 * spb + i));
+    }
+    img.write(5 * spb, &buf).unwrap();
+    assert_eq!(
+        f.pending_ops(),
+        3,
+        "BAT, data, bitmap since the reserve sync"
+    );
+    let crashed = f.crash_image(&mut |i| i != 0);
+    drop(img);
+    let f = Arc::new(MemFile::from_bytes(crashed));
+    let img = open_vhd_chain_file(Path::new("c.vhd"), f.clone(), &opts(false)).unwrap();
+    let mut b = vec![0u8; 512];
+    img.read(5 * spb, &mut b).unwrap();
+    assert!(b.iter().all(|&x| x == 0), "block 5 was never published");
+    img.write(2 * spb, &sector(9, 2 * spb)).unwrap();
+    let mut blk = vec![0u8; (spb * 512) as usize];
+    img.read(2 * spb, &mut blk).unwrap();
+    assert_eq!(&blk[..512], &sector(9, 2 * spb));
+    assert!(
+        blk[512..].iter().all(|&x| x == 0),
+        "block 2 must not inherit a stale bitmap"
+    );
+    // Crash again just before session 2's bitmap write reached the disk: the published
+    // BAT entry must point at a zeroed bitmap, not at block 5's stale one.
+    let n = f.pending_ops();
+    let again = f.crash_image(&mut |i| i + 1 < n);
+    let f3 = Arc::new(MemFile::from_bytes(again));
+    let img = open_vhd_chain_file(Path::new("c.vhd"), f3, &opts(true)).unwrap();
+    img.read(2 * spb, &mut blk).unwrap();
+    assert!(
+        blk[512..].iter().all(|&x| x == 0),
+        "published block must have a zero bitmap on disk"
+    );
+}
