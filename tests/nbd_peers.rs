@@ -48,12 +48,34 @@ impl Td {
         if let Some(c) = content {
             std::fs::write(&image, c).unwrap();
         }
+        Td::serve(dir, image, "aio", read_only)
+    }
+
+    /// A fresh dynamic VHD made by qemu-img.
+    fn start_vhd(image_len: usize) -> Td {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("disk.vhd");
+        run(Command::new("qemu-img")
+            .args([
+                "create",
+                "-q",
+                "-f",
+                "vpc",
+                "-o",
+                "subformat=dynamic,force_size=on",
+            ])
+            .arg(&image)
+            .arg(image_len.to_string()));
+        Td::serve(dir, image, "vhd", false)
+    }
+
+    fn serve(dir: tempfile::TempDir, image: PathBuf, kind: &str, read_only: bool) -> Td {
         let ctl = dir.path().join("ctl");
         let pidfile = dir.path().join("pid");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_tapdisk"));
         cmd.arg("-D")
             .arg("--open")
-            .arg(format!("aio:{}", image.display()))
+            .arg(format!("{kind}:{}", image.display()))
             .arg("--pidfile")
             .arg(&pidfile)
             .env("BLKTAP_CONTROL_DIR", &ctl)
@@ -87,6 +109,15 @@ impl Td {
 
     fn uri(&self) -> String {
         format!("nbd+unix:///?socket={}", self.sock.display())
+    }
+
+    /// Stop the daemon (SIGTERM: it closes the image cleanly).
+    fn child_stop(&mut self) -> std::io::Result<()> {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        self.child.wait().map(|_| ())
     }
 
     fn alive(&mut self) -> bool {
@@ -188,16 +219,59 @@ fn qemu_io_pattern_write_read_and_nbdinfo() {
     ] {
         assert!(info.contains(flag), "{flag}: {info}");
     }
+}
+
+#[test]
+fn vhd_export_roundtrips_and_maps_allocation() {
+    if !have("qemu-img") || !have("qemu-io") || !have("nbdinfo") {
+        eprintln!("skipped: qemu tools/nbdinfo not installed");
+        return;
+    }
+    let mut td = Td::start_vhd(16 << 20);
+    let out = run(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        &td.uri(),
+        "-c",
+        "write -P 0xab 0 1M",
+        "-c",
+        "write -P 0xcd 6M 64k",
+        "-c",
+        "read -P 0xab 0 1M",
+        "-c",
+        "read -P 0xcd 6M 64k",
+        "-c",
+        "read -P 0 4M 512",
+    ]));
+    assert!(!out.contains("Pattern verification failed"), "{out}");
     let map = run(Command::new("nbdinfo").arg("--map").arg(td.uri()));
     let lines: Vec<Vec<String>> = map
         .lines()
         .map(|l| l.split_whitespace().map(String::from).collect())
         .collect();
-    // 0..1M data, 1M..3M hole, 3M..3M+64k data, then hole to the end.
-    assert_eq!(lines[0][..3], ["0", "1048576", "0"]);
-    assert_eq!(lines[1][..3], ["1048576", "2097152", "3"]);
-    assert_eq!(lines[2][..3], ["3145728", "65536", "0"]);
-    assert_eq!(lines.last().unwrap()[2], "3");
+    // Data where written, holes (hole,zero = 3) elsewhere.
+    assert_eq!(lines[0][..3], ["0", "1048576", "0"], "{map}");
+    assert_eq!(lines[1][..3], ["1048576", "5242880", "3"], "{map}");
+    assert_eq!(lines[2][..3], ["6291456", "65536", "0"], "{map}");
+    assert_eq!(lines.last().unwrap()[2], "3", "{map}");
+    // Whole-image copy in and out with qemu-img, then qemu-img compare on the VHD itself.
+    let src = td.dir.path().join("src.raw");
+    std::fs::write(&src, pattern(16 << 20, 3)).unwrap();
+    run(Command::new("qemu-img")
+        .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+        .arg(&src)
+        .arg(td.uri()));
+    let out = td.dir.path().join("out.raw");
+    run(Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw"])
+        .arg(td.uri())
+        .arg(&out));
+    assert!(std::fs::read(&out).unwrap() == std::fs::read(&src).unwrap());
+    td.child_stop().unwrap();
+    run(Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "vpc"])
+        .arg(&src)
+        .arg(&td.image));
 }
 
 #[test]

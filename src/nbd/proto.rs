@@ -578,7 +578,8 @@ pub fn validate(h: &RequestHeader, export: &ExportInfo, neg: &Negotiated) -> Res
         .offset
         .checked_add(u64::from(h.length))
         .is_some_and(|end| end <= export.size);
-    let aligned = h.offset.is_multiple_of(u64::from(BLOCK_MIN)) && h.length.is_multiple_of(BLOCK_MIN);
+    let aligned =
+        h.offset.is_multiple_of(u64::from(BLOCK_MIN)) && h.length.is_multiple_of(BLOCK_MIN);
     let (offset, len) = (h.offset, h.length);
     match h.typ {
         CMD_READ => {

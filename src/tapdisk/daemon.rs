@@ -23,7 +23,9 @@ use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 
+use crate::image::chain::OpenOptions as ChainOptions;
 use crate::image::crypto::KeySource;
+use crate::image::open::{open as open_image, ImageFormat};
 use crate::image::{Extent, Image, ImageError, SECTOR_SIZE};
 use crate::nbd::proto::{self, Command, ExportInfo};
 use crate::nbd::server::{Connection, Event, ReadStatus};
@@ -57,22 +59,23 @@ pub struct OpenSpec {
     pub keys: KeySource,
 }
 
-/// The opener used by the daemon: `aio:` raw files. VHD comes with the image engine.
+/// The opener used by the daemon: the image engine's factory (`aio:` raw files, `vhd:`
+/// chains with their keys).
 #[derive(Debug, Default)]
 pub struct DefaultOpener;
 
 impl ImageOpener for DefaultOpener {
     fn open(&self, spec: &OpenSpec) -> Result<Arc<dyn Image>, ImageError> {
-        match spec.kind {
-            DiskType::Aio => Ok(Arc::new(super::raw::RawImage::open(
-                &spec.path,
-                spec.read_only,
-            )?)),
-            DiskType::Vhd => Err(ImageError::Unsupported {
-                path: spec.path.display().to_string(),
-                what: "vhd driver not built in yet".into(),
-            }),
-        }
+        let format = match spec.kind {
+            DiskType::Aio => ImageFormat::Raw,
+            DiskType::Vhd => ImageFormat::Vhd,
+        };
+        let opts = ChainOptions {
+            read_only: spec.read_only,
+            keys: spec.keys.clone(),
+            ..ChainOptions::default()
+        };
+        Ok(Arc::from(open_image(&spec.path, format, &opts)?))
     }
 }
 

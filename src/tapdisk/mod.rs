@@ -7,7 +7,6 @@
 //!  reactor.rs  epoll with typed tokens, eventfd waker, timerfd ticker
 //!  io.rs       IoEngine: worker pool running blocking Image calls, completions via eventfd
 //!  vbd.rs      Vbd: state flags, params, stats (blktap JSON), DiskType
-//!  raw.rs      minimal raw-file image (temporary, until image::raw lands)
 //!  mem.rs      in-memory image (simulation backend for tests)
 //! ```
 
@@ -15,7 +14,6 @@ pub mod ctl;
 pub mod daemon;
 pub mod io;
 pub mod mem;
-pub mod raw;
 pub mod reactor;
 pub mod vbd;
 
