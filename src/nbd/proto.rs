@@ -1096,4 +1096,68 @@ mod tests {
         assert_eq!(errno_to_nbd(libc::EROFS), NBD_EPERM);
         assert_eq!(errno_to_nbd(libc::EBADF), NBD_EIO);
     }
+
+    proptest::proptest! {
+        /// Arbitrary input, split anywhere, never panics, never over-consumes, and the
+        /// output is always whole option replies.
+        #[test]
+        fn handshake_survives_arbitrary_input(
+            data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048),
+            cut in 0usize..2048,
+            prefix in proptest::prelude::any::<bool>(),
+        ) {
+            let mut input = Vec::new();
+            if prefix {
+                input.extend_from_slice(&CLIENT_FIXED_NEWSTYLE.to_be_bytes());
+                input.extend_from_slice(&IHAVEOPT.to_be_bytes());
+            }
+            input.extend_from_slice(&data);
+            let mut hs = Handshake::new(export());
+            let mut out = Vec::new();
+            let cut = cut.min(input.len());
+            let mut buf = input[..cut].to_vec();
+            let (n, o) = hs.input(&buf, &mut out);
+            proptest::prop_assert!(n <= buf.len());
+            if matches!(o, Outcome::NeedMore) {
+                buf.drain(..n);
+                buf.extend_from_slice(&input[cut..]);
+                let (n2, _) = hs.input(&buf, &mut out);
+                proptest::prop_assert!(n2 <= buf.len());
+            }
+            // Output parses as a sequence of option replies, or is an EXPORT_NAME answer.
+            let mut rest = &out[..];
+            while rest.len() >= 20 && be_u64(rest) == OPT_REPLY_MAGIC {
+                let len = be_u32(&rest[16..]) as usize;
+                proptest::prop_assert!(rest.len() >= 20 + len);
+                rest = &rest[20 + len..];
+            }
+            proptest::prop_assert!(rest.is_empty() || rest.len() == 10 || rest.len() == 134);
+        }
+
+        #[test]
+        fn validated_requests_stay_inside_the_export(
+            typ in 0u16..10, flags in 0u16..32, offset in proptest::prelude::any::<u64>(),
+            length in proptest::prelude::any::<u32>(), ro in proptest::prelude::any::<bool>(),
+        ) {
+            let ex = ExportInfo { read_only: ro, ..export() };
+            let neg = Negotiated { structured: true, base_allocation: true };
+            let h = RequestHeader { flags, typ, cookie: 0, offset, length };
+            if let Ok(cmd) = validate(&h, &ex, &neg) {
+                match cmd {
+                    Command::Read { offset, len } | Command::Write { offset, len, .. }
+                    | Command::Trim { offset, len, .. } | Command::WriteZeroes { offset, len, .. }
+                    | Command::BlockStatus { offset, len, .. } => {
+                        proptest::prop_assert!(offset + u64::from(len) <= ex.size);
+                        let unbounded = !matches!(cmd, Command::Read { .. } | Command::Write { .. });
+                        proptest::prop_assert!(len <= MAX_PAYLOAD || unbounded);
+                    }
+                    Command::Disconnect | Command::Flush => {}
+                }
+                if ro {
+                    let writes = matches!(cmd, Command::Write { .. } | Command::Trim { .. } | Command::WriteZeroes { .. });
+                    proptest::prop_assert!(!writes);
+                }
+            }
+        }
+    }
 }
