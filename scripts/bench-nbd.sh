@@ -4,7 +4,7 @@
 # Usage: scripts/bench-nbd.sh [IMAGE] [FORMAT] [REPS]
 #   IMAGE   raw image to serve (default: a fresh deterministic one in /dev/shm/bench-nbd)
 #   FORMAT  raw (default) or vpc (served by tapdisk as vhd:)
-#   REPS    repetitions (default 2); reference and candidate alternate inside each one
+#   REPS    repetitions (default 3, or $REPS); reference and candidate alternate inside each one
 # Environment:
 #   SIZE=512M        size of the generated image
 #   RUNTIME=3 RAMP=1 fio seconds per cell
@@ -20,7 +20,7 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
 FORMAT=${2:-raw}
-REPS=${3:-2}
+REPS=${3:-${REPS:-3}}
 SIZE=${SIZE:-512M}
 RUNTIME=${RUNTIME:-3}
 RAMP=${RAMP:-1}

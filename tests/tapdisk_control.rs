@@ -120,7 +120,7 @@ fn many_vbds_in_one_tapdisk_list_and_serve() {
 }
 
 #[test]
-fn sigterm_removes_sockets() {
+fn sighup_and_sigusr1_are_harmless_sigterm_removes_sockets() {
     let dir = tempfile::tempdir().unwrap();
     let c = client(dir.path());
     let created = c

@@ -166,7 +166,12 @@ fn main() -> ExitCode {
 fn run(args: &Args) -> Result<(), String> {
     // Block the signals we handle before any thread starts, so they all inherit the mask.
     let mut mask = SigSet::empty();
-    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+    for s in [
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGUSR1,
+    ] {
         mask.add(s);
     }
     mask.thread_block()
@@ -186,7 +191,7 @@ fn run(args: &Args) -> Result<(), String> {
     let pid = cfg.pid;
     let mut td =
         Tapdisk::new(cfg).map_err(|e| format!("{e}: {:?}", std::error::Error::source(&e)))?;
-    td.add_signal_fd(&sigfd).map_err(|e| e.to_string())?;
+    td.set_signal_fd(sigfd).map_err(|e| e.to_string())?;
     let server = Arc::new(ControlServer::bind(&dir, pid).map_err(|e| e.to_string())?);
     let active = Arc::new(AtomicUsize::new(0));
     {

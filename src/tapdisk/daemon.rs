@@ -22,6 +22,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
+use nix::sys::signal::Signal;
+use nix::sys::signalfd::SignalFd;
 
 use crate::image::chain::OpenOptions as ChainOptions;
 use crate::image::crypto::KeySource;
@@ -254,6 +256,7 @@ pub struct Tapdisk {
     conns: HashMap<u64, NbdConn>,
     next_conn: u64,
     exit: bool,
+    signals: Option<SignalFd>,
     /// Stop when the last VBD is detached (the daemon); tests may keep an empty loop.
     exit_when_empty: bool,
 }
@@ -305,6 +308,7 @@ impl Tapdisk {
             conns: HashMap::new(),
             next_conn: 1,
             exit: false,
+            signals: None,
             exit_when_empty: true,
         })
     }
@@ -319,12 +323,40 @@ impl Tapdisk {
         self.exit_when_empty = false;
     }
 
-    /// Register an extra fd (the daemon's signalfd) under [`Token::Signal`]; `run` returns
-    /// when it becomes readable.
-    pub fn add_signal_fd<F: std::os::fd::AsFd>(&self, fd: F) -> Result<(), TapdiskError> {
+    /// Take the daemon's signalfd (its signals already blocked in every thread).
+    /// SIGTERM/SIGINT: close everything and return from `run`. SIGHUP: nothing to reopen
+    /// (we log to syslog). SIGUSR1: log the state of every VBD.
+    pub fn set_signal_fd(&mut self, fd: SignalFd) -> Result<(), TapdiskError> {
         self.reactor
-            .add(fd, Token::Signal, Interest::READ)
-            .map_err(sys("epoll_ctl"))
+            .add(&fd, Token::Signal, Interest::READ)
+            .map_err(sys("epoll_ctl"))?;
+        self.signals = Some(fd);
+        Ok(())
+    }
+
+    fn signal_ready(&mut self) {
+        let Some(fd) = &self.signals else {
+            return;
+        };
+        while let Ok(Some(si)) = fd.read_signal() {
+            let signo = i32::try_from(si.ssi_signo).unwrap_or(0);
+            match Signal::try_from(signo) {
+                Ok(Signal::SIGTERM | Signal::SIGINT) => {
+                    info!("signal {signo}: shutting down");
+                    self.exit = true;
+                }
+                Ok(Signal::SIGUSR1) => {
+                    for v in self.vbds.values() {
+                        info!(
+                            "minor {} state {:#x} params {:?} inflight {} busy {} stats {:?}",
+                            v.minor, v.state, v.params, v.inflight, v.busy, v.stats
+                        );
+                    }
+                    info!("{} nbd clients", self.conns.len());
+                }
+                _ => info!("signal {signo} ignored"),
+            }
+        }
     }
 
     /// Ask the loop to stop (from inside; tests use a control request instead).
@@ -353,10 +385,7 @@ impl Tapdisk {
             Token::Control => self.control_ready(),
             Token::IoDone => self.io_ready(),
             Token::Timer => self.tick(),
-            Token::Signal => {
-                info!("signal received, shutting down");
-                self.exit = true;
-            }
+            Token::Signal => self.signal_ready(),
             Token::Listener(minor) => self.accept(minor),
             Token::Conn(id) => self.conn_ready(id, r),
         }
