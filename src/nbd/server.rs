@@ -6,7 +6,7 @@
 //! caller stops reading from it when [`Connection::backlogged`] says so). Images, in-flight
 //! accounting and the event loop are the caller's business (tapdisk's NBD glue).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice, Read};
 use std::os::unix::net::UnixStream;
 
@@ -19,6 +19,9 @@ const RBUF: usize = 256 << 10;
 const OUT_HIGH_WATER: usize = 64 << 20;
 /// iovecs per writev.
 const MAX_IOV: usize = 64;
+/// Data buffers kept for reuse per connection (bytes), and the smallest worth keeping.
+const POOL_MAX_BYTES: usize = 64 << 20;
+const POOL_MIN_BUF: usize = 4096;
 
 /// A decoded client request.
 #[derive(Debug)]
@@ -78,6 +81,10 @@ pub struct Connection {
     rend: usize,
     out: VecDeque<OutChunk>,
     out_bytes: usize,
+    /// Data buffers by length, for reuse without zeroing. Per connection, so a buffer only
+    /// ever carries data this client could read anyway.
+    pool: HashMap<usize, Vec<Vec<u8>>>,
+    pool_bytes: usize,
     /// Why the connection is ending, once it is.
     pub close_reason: Option<NbdError>,
 }
@@ -98,6 +105,8 @@ impl Connection {
             rend: 0,
             out: VecDeque::new(),
             out_bytes: 0,
+            pool: HashMap::new(),
+            pool_bytes: 0,
             close_reason: None,
         };
         c.queue(greeting);
@@ -121,6 +130,24 @@ impl Connection {
     /// Too much output queued: stop reading requests until it drains.
     pub fn backlogged(&self) -> bool {
         self.out_bytes > OUT_HIGH_WATER
+    }
+
+    /// A buffer of exactly `len` bytes (old contents if recycled: the caller overwrites it).
+    pub fn take_buf(&mut self, len: usize) -> Vec<u8> {
+        if let Some(b) = self.pool.get_mut(&len).and_then(Vec::pop) {
+            self.pool_bytes -= len;
+            return b;
+        }
+        vec![0u8; len]
+    }
+
+    /// Return a data buffer for reuse.
+    pub fn give_buf(&mut self, buf: Vec<u8>) {
+        let len = buf.len();
+        if len >= POOL_MIN_BUF && self.pool_bytes + len <= POOL_MAX_BYTES {
+            self.pool_bytes += len;
+            self.pool.entry(len).or_default().push(buf);
+        }
     }
 
     fn queue(&mut self, buf: Vec<u8>) {
@@ -232,10 +259,11 @@ impl Connection {
                     if hdr.payload_len() > 0 {
                         match v {
                             Ok(cmd) => {
+                                let buf = self.take_buf(hdr.length as usize);
                                 self.phase = Phase::Payload {
                                     cookie: hdr.cookie,
                                     cmd,
-                                    buf: vec![0u8; hdr.length as usize],
+                                    buf,
                                     filled: 0,
                                 }
                             }
@@ -369,7 +397,9 @@ impl Connection {
                 let len = front.end - front.start;
                 if left >= len {
                     left -= len;
-                    self.out.pop_front();
+                    if let Some(done) = self.out.pop_front() {
+                        self.give_buf(done.buf);
+                    }
                 } else {
                     front.start += left;
                     left = 0;
@@ -526,5 +556,19 @@ mod tests {
         assert_eq!(rep[..16], simple_reply(9, 0));
         assert_eq!(rep[16], 10);
         assert_eq!(rep[115], 109);
+    }
+
+    #[test]
+    fn buffers_are_recycled_by_length_within_limits() {
+        let (mut c, _peer) = pair(false);
+        c.give_buf(vec![7u8; 8192]);
+        c.give_buf(vec![1u8; 100]); // too small to keep
+        assert_eq!(c.take_buf(8192), vec![7u8; 8192]);
+        assert_eq!(c.take_buf(8192), vec![0u8; 8192]);
+        assert_eq!(c.take_buf(100), vec![0u8; 100]);
+        for _ in 0..100 {
+            c.give_buf(vec![3u8; 1 << 20]);
+        }
+        assert!(c.pool_bytes <= POOL_MAX_BYTES);
     }
 }

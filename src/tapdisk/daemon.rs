@@ -999,7 +999,11 @@ impl Tapdisk {
                     return;
                 }
                 // end - sector <= (MAX_PAYLOAD + 1023) / 512 sectors: fits usize.
-                let buf = vec![0u8; ((end - sector) * ss) as usize];
+                let n = ((end - sector) * ss) as usize;
+                let Some(c) = self.conns.get_mut(&id) else {
+                    return;
+                };
+                let buf = c.conn.take_buf(n);
                 let skip = (offset % ss) as usize;
                 (Op::Read { sector, buf }, NbdReq::Read { offset, len, skip })
             }
@@ -1200,6 +1204,10 @@ impl Tapdisk {
             (NbdReq::Read { .. } | NbdReq::BlockStatus { .. }, r) => {
                 let errno = r.err().map_or(libc::EIO, |e| e.errno());
                 c.conn.reply_error(cookie, true, proto::errno_to_nbd(errno));
+            }
+            (_, Ok(Output::Data(buf))) => {
+                c.conn.give_buf(buf);
+                c.conn.reply_ok(cookie)
             }
             (_, Ok(_)) => c.conn.reply_ok(cookie),
             (_, Err(e)) => {
