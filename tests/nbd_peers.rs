@@ -456,3 +456,35 @@ fn bad_requests_get_errors_and_the_daemon_keeps_serving() {
         r => panic!("{r:?}"),
     }
 }
+
+#[test]
+fn qemu_img_convert_keeps_a_vhd_export_sparse() {
+    if !have("qemu-img") || !have("nbdinfo") {
+        eprintln!("skipped: qemu-img/nbdinfo not installed");
+        return;
+    }
+    let td = Td::start_vhd(16 << 20);
+    let src = td.dir.path().join("sparse.raw");
+    let mut data = pattern(1 << 20, 11);
+    data.resize(16 << 20, 0);
+    std::fs::write(&src, &data).unwrap();
+    // -n: the target is not known to be zero, so qemu-img sends WRITE_ZEROES for the rest.
+    run(Command::new("qemu-img")
+        .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+        .arg(&src)
+        .arg(td.uri()));
+    let map = run(Command::new("nbdinfo").arg("--map").arg(td.uri()));
+    let lines: Vec<Vec<String>> = map
+        .lines()
+        .map(|l| l.split_whitespace().map(String::from).collect())
+        .collect();
+    assert_eq!(lines.len(), 2, "{map}");
+    assert_eq!(lines[0][..3], ["0", "1048576", "0"], "{map}");
+    assert_eq!(lines[1][2], "3", "{map}");
+    let out = td.dir.path().join("back.raw");
+    run(Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw"])
+        .arg(td.uri())
+        .arg(&out));
+    assert!(std::fs::read(&out).unwrap() == data);
+}

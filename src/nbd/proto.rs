@@ -553,6 +553,8 @@ pub enum Command {
         offset: u64,
         len: u32,
         fua: bool,
+        /// NO_HOLE: zeroes must be written as data (no hole may stay or appear).
+        no_hole: bool,
     },
     BlockStatus {
         offset: u64,
@@ -611,8 +613,12 @@ pub fn validate(h: &RequestHeader, export: &ExportInfo, neg: &Negotiated) -> Res
             if h.typ == CMD_WRITE {
                 Ok(Command::Write { offset, len, fua })
             } else {
-                // NO_HOLE is accepted; zeroes are always written as data.
-                Ok(Command::WriteZeroes { offset, len, fua })
+                Ok(Command::WriteZeroes {
+                    offset,
+                    len,
+                    fua,
+                    no_hole: h.flags & CMD_FLAG_NO_HOLE != 0,
+                })
             }
         }
         CMD_DISC => Ok(Command::Disconnect),

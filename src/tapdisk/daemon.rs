@@ -1040,11 +1040,17 @@ impl Tapdisk {
                     NbdReq::Other,
                 )
             }
-            Command::WriteZeroes { offset, len, fua } => (
+            Command::WriteZeroes {
+                offset,
+                len,
+                fua,
+                no_hole,
+            } => (
                 Op::WriteZeroes {
                     sector: offset / ss,
                     nsectors: u64::from(len) / ss,
                     fua,
+                    no_hole,
                 },
                 NbdReq::Write {
                     nsectors: u64::from(len) / ss,

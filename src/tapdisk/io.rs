@@ -49,10 +49,13 @@ pub enum Op {
         nsectors: u64,
         fua: bool,
     },
+    /// Zero a range. Without `no_hole`, ranges the image reports unallocated (which read as
+    /// zeros) are left alone, so zeroing keeps sparse images sparse.
     WriteZeroes {
         sector: u64,
         nsectors: u64,
         fua: bool,
+        no_hole: bool,
     },
     BlockStatus {
         sector: u64,
@@ -269,16 +272,28 @@ fn execute(image: Option<&dyn Image>, op: Op) -> Result<Output, ImageError> {
             sector,
             nsectors,
             fua,
+            no_hole,
         } => {
+            let ranges = if no_hole {
+                vec![(sector, nsectors)]
+            } else {
+                img.block_status(sector, nsectors)?
+                    .into_iter()
+                    .filter(|e| e.allocated)
+                    .map(|e| (e.sector, e.nsectors))
+                    .collect()
+            };
             let zero = vec![0u8; ZERO_CHUNK];
             let per = ZERO_CHUNK as u64 / SECTOR_SIZE;
-            let mut s = sector;
-            let end = sector + nsectors;
-            while s < end {
-                let n = (end - s).min(per);
-                // n <= per, so the slice bound fits usize.
-                img.write(s, &zero[..(n * SECTOR_SIZE) as usize])?;
-                s += n;
+            for (start, count) in ranges {
+                let end = start + count;
+                let mut s = start;
+                while s < end {
+                    let n = (end - s).min(per);
+                    // n <= per, so the slice bound fits usize.
+                    img.write(s, &zero[..(n * SECTOR_SIZE) as usize])?;
+                    s += n;
+                }
             }
             if fua {
                 img.flush()?;
@@ -341,6 +356,7 @@ mod tests {
                 sector: 60,
                 nsectors: 10,
                 fua: false,
+                no_hole: true,
             },
         );
         let c = wait_all(&e, 21);
@@ -378,5 +394,27 @@ mod tests {
         assert_eq!(out.len(), 1);
         let c = e.completions();
         assert!(matches!(c[0].result, Ok(Output::Done)));
+    }
+
+    #[test]
+    fn write_zeroes_keeps_holes_unless_no_hole() {
+        let img = MemImage::new(64, false);
+        img.write(0, &[9u8; 1024]).unwrap();
+        let zero = |no_hole| Op::WriteZeroes {
+            sector: 0,
+            nsectors: 8,
+            fua: false,
+            no_hole,
+        };
+        execute(Some(&img), zero(false)).unwrap();
+        let ext = img.block_status(0, 8).unwrap();
+        assert_eq!((ext[0].nsectors, ext[0].allocated), (2, true));
+        assert!(!ext[1].allocated);
+        let mut b = vec![1u8; 4096];
+        img.read(0, &mut b).unwrap();
+        assert!(b.iter().all(|x| *x == 0));
+        execute(Some(&img), zero(true)).unwrap();
+        assert_eq!(img.block_status(0, 8).unwrap().len(), 1);
+        assert!(img.block_status(0, 8).unwrap()[0].allocated);
     }
 }
