@@ -42,8 +42,11 @@ use crate::control::{minors, nbd_socket_path};
 
 /// Requests in flight per NBD connection before the loop stops reading from it.
 const MAX_CONN_INFLIGHT: u32 = 128;
-/// A client still negotiating after this long is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
+/// A client still negotiating after this long is dropped (default of
+/// [`Config::handshake_timeout`]; the C tapdisk tolerates 40 s during SXM).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Requests pending this long without any completion on their VBD get logged (once).
+const WATCHDOG: Duration = Duration::from_secs(10);
 /// RESUME retries the reopen this many times, a second apart (as tapdisk does).
 const RESUME_TRIES: u32 = 10;
 
@@ -118,6 +121,8 @@ pub struct Config {
     pub rings: Box<dyn RingHost>,
     /// Require (and flock) the minor's marker file at ATTACH.
     pub lock_markers: bool,
+    /// Drop NBD clients that have not finished the handshake after this long.
+    pub handshake_timeout: Duration,
 }
 
 impl Config {
@@ -130,6 +135,7 @@ impl Config {
             keys: KeySource::None,
             rings: Box::new(NoRings),
             lock_markers: true,
+            handshake_timeout: HANDSHAKE_TIMEOUT,
         }
     }
 
@@ -1078,6 +1084,9 @@ impl Tapdisk {
             Command::Disconnect => return,
         };
         if let Some(v) = self.vbds.get_mut(&minor) {
+            if v.inflight == 0 {
+                v.last_progress = Instant::now();
+            }
             v.inflight += 1;
         }
         if let Some(c) = self.conns.get_mut(&id) {
@@ -1174,6 +1183,7 @@ impl Tapdisk {
     ) {
         if let Some(v) = self.vbds.get_mut(&minor) {
             v.inflight = v.inflight.saturating_sub(1);
+            v.last_progress = Instant::now();
             let dir = usize::from(matches!(req, NbdReq::Write { .. }));
             if res.is_ok() {
                 v.stats.hits[dir] += 1;
@@ -1231,12 +1241,27 @@ impl Tapdisk {
         let stale: Vec<u64> = self
             .conns
             .iter()
-            .filter(|(_, c)| c.conn.in_handshake() && c.since.elapsed() > HANDSHAKE_TIMEOUT)
+            .filter(|(_, c)| {
+                c.conn.in_handshake() && c.since.elapsed() > self.cfg.handshake_timeout
+            })
             .map(|(id, _)| *id)
             .collect();
         for id in stale {
             info!("nbd client {id}: handshake timed out");
             self.drop_conn(id);
+        }
+        for v in self.vbds.values_mut() {
+            if v.inflight == 0 {
+                v.stalled_logged = false;
+            } else if !v.stalled_logged && v.last_progress.elapsed() > WATCHDOG {
+                warn!(
+                    "minor {}: {} requests pending with no progress for {}s",
+                    v.minor,
+                    v.inflight,
+                    v.last_progress.elapsed().as_secs()
+                );
+                v.stalled_logged = true;
+            }
         }
     }
 

@@ -116,8 +116,13 @@ struct Harness {
 
 impl Harness {
     fn start(opener: Arc<TableOpener>, markers: bool) -> Harness {
+        Harness::start_with(opener, markers, |_| {})
+    }
+
+    fn start_with(opener: Arc<TableOpener>, markers: bool, f: impl FnOnce(&mut Config)) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = Config::new(dir.path());
+        f(&mut cfg);
         cfg.opener = opener;
         cfg.lock_markers = markers;
         cfg.io_threads = 2;
@@ -600,4 +605,28 @@ fn blkif() -> Blkif {
         poll_duration: 0,
         poll_idle_threshold: 0,
     }
+}
+
+#[test]
+fn clients_stuck_in_the_handshake_are_dropped() {
+    let op = TableOpener::new();
+    op.add("/h", 64);
+    let h = Harness::start_with(op, false, |c| {
+        c.handshake_timeout = Duration::from_millis(500)
+    });
+    open_minor(&h, 0, "aio:/h");
+    let mut slow = std::os::unix::net::UnixStream::connect(h.nbd(0)).unwrap();
+    let mut done = Client::connect(&h.nbd(0), false).unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    use std::io::Read;
+    let mut g = [0u8; 18];
+    slow.read_exact(&mut g).unwrap(); // the greeting was sent
+    slow.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(
+        slow.read(&mut g).unwrap(),
+        0,
+        "stuck client must be disconnected"
+    );
+    // A client past the handshake is not affected.
+    assert_eq!(done.read(0, 512).unwrap(), Ok(vec![0u8; 512]));
 }

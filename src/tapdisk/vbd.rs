@@ -99,6 +99,10 @@ pub struct Vbd {
     /// Geometry cached at OPEN; DISK_INFO answers from it, RESUME must match it.
     pub info: Option<DiskInfo>,
     pub stats: Stats,
+    /// Last completion (or first submission after idling), for the stuck-I/O watchdog.
+    pub last_progress: std::time::Instant,
+    /// The watchdog already warned about the current stall.
+    pub stalled_logged: bool,
     /// Requests submitted to the I/O engine and not completed yet.
     pub inflight: u32,
     /// An open/pause/resume/close is in progress (other ops get EBUSY).
@@ -116,6 +120,8 @@ impl Vbd {
             image: None,
             info: None,
             stats: Stats::default(),
+            last_progress: std::time::Instant::now(),
+            stalled_logged: false,
             inflight: 0,
             busy: false,
         }
