@@ -18,6 +18,8 @@ pub mod blkif;
 pub mod capi;
 pub mod control;
 pub mod image;
+pub mod nbd;
+pub mod tapdisk;
 pub mod tapback;
 pub mod util;
 pub mod xen;
