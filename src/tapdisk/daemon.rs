@@ -47,6 +47,15 @@ const MAX_CONN_INFLIGHT: u32 = 128;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Requests pending this long without any completion on their VBD get logged (once).
 const WATCHDOG: Duration = Duration::from_secs(10);
+/// OPEN/RESUME flags we honour or that need nothing from us. The layers blktap stacks on
+/// request (log, caches, secondary/mirror, parent reuse, VHD index) are refused with
+/// EOPNOTSUPP rather than silently left out.
+const SUPPORTED_OPEN_FLAGS: OpenFlags = OpenFlags(
+    OpenFlags::SHARED.0
+        | OpenFlags::RDONLY.0
+        | OpenFlags::NO_O_DIRECT.0
+        | OpenFlags::OPEN_ENCRYPTED.0,
+);
 /// RESUME retries the reopen this many times, a second apart (as tapdisk does).
 const RESUME_TRIES: u32 = 10;
 
@@ -428,6 +437,10 @@ impl Tapdisk {
                 }
                 let params = o.params;
                 let flags = o.flags.0;
+                if flags & !SUPPORTED_OPEN_FLAGS.0 != 0 || o.secondary.is_some() {
+                    warn!("minor {minor}: open flags {flags:#x} not supported");
+                    return err(libc::EOPNOTSUPP);
+                }
                 let (kind, path) = match parse_params(&params) {
                     Ok(v) => v,
                     Err(e) => return err(e),
@@ -486,6 +499,9 @@ impl Tapdisk {
                 None
             }
             Request::Resume(r) => {
+                if r.flags.0 & !SUPPORTED_OPEN_FLAGS.0 != 0 || r.secondary.is_some() {
+                    return err(libc::EOPNOTSUPP);
+                }
                 let (minor, params) = (r.minor, r.params);
                 let Some(vbd) = self.vbds.get_mut(&minor) else {
                     return err(libc::EINVAL);

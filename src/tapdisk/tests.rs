@@ -214,6 +214,14 @@ fn lifecycle_attach_open_close_detach_then_exit() {
     );
     assert_eq!(h.open(1, "aio:/missing", 0), Reply::Error(libc::ENOENT));
     assert_eq!(h.open(1, "qcow:/a", 0), Reply::Error(libc::ENOSYS));
+    for f in [
+        OpenFlags::SECONDARY,
+        OpenFlags::ADD_LOG,
+        OpenFlags::REUSE_PRT,
+        OpenFlags::ADD_LCACHE,
+    ] {
+        assert_eq!(h.open(1, "aio:/a", f.0), Reply::Error(libc::EOPNOTSUPP));
+    }
     let info = DiskInfo {
         sectors: 2048,
         sector_size: 512,
