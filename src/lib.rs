@@ -19,7 +19,7 @@ pub mod capi;
 pub mod control;
 pub mod image;
 pub mod nbd;
-pub mod tapdisk;
 pub mod tapback;
+pub mod tapdisk;
 pub mod util;
 pub mod xen;

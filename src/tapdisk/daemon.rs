@@ -36,8 +36,9 @@ use super::ctl::{CtlHandle, CtlMsg};
 use super::io::{IoEngine, Op, Output};
 use super::reactor::{Interest, Reactor, Ready, Ticker, Token};
 use super::vbd::{parse_params, state, DiskInfo, DiskType, OpenImage, Vbd, VDISK_READONLY};
+use super::xenio::{DevXenOpener, RingTag, Rings, XenOpener};
 use super::TapdiskError;
-use crate::control::msg::{Blkif, ListEntry, OpenFlags, Reply, Request, VbdState};
+use crate::control::msg::{ListEntry, OpenFlags, Reply, Request, VbdState};
 use crate::control::{minors, nbd_socket_path};
 
 /// Requests in flight per NBD connection before the loop stops reading from it.
@@ -93,29 +94,6 @@ impl ImageOpener for DefaultOpener {
     }
 }
 
-/// The hook for the blkif ring code (XENBLKIF_CONNECT / DISCONNECT).
-///
-/// The ring implementation will register its event-channel fd with the reactor (a new
-/// [`Token`] kind), pull requests from the ring and submit them to the same I/O engine as
-/// the NBD export, against the VBD's image. Until then [`NoRings`] refuses.
-pub trait RingHost: Send + std::fmt::Debug {
-    fn connect(&mut self, minor: u16, blkif: &Blkif) -> Result<(), i32>;
-    fn disconnect(&mut self, domid: u32, devid: u32) -> Result<(), i32>;
-}
-
-/// No ring support: CONNECT is ENOSYS, DISCONNECT finds nothing (ENODEV).
-#[derive(Debug, Default)]
-pub struct NoRings;
-
-impl RingHost for NoRings {
-    fn connect(&mut self, _minor: u16, _blkif: &Blkif) -> Result<(), i32> {
-        Err(libc::ENOSYS)
-    }
-    fn disconnect(&mut self, _domid: u32, _devid: u32) -> Result<(), i32> {
-        Err(libc::ENODEV)
-    }
-}
-
 /// Daemon configuration.
 #[derive(Debug)]
 pub struct Config {
@@ -127,7 +105,8 @@ pub struct Config {
     pub opener: Arc<dyn ImageOpener>,
     /// Keys for OPENs without a key trailer (`TAPDISK3_CRYPTO_KEYDIR`).
     pub keys: KeySource,
-    pub rings: Box<dyn RingHost>,
+    /// Opens the Xen devices at the first XENBLKIF_CONNECT (real: `/dev/xen`; tests: SimXen).
+    pub xen: Arc<dyn XenOpener>,
     /// Require (and flock) the minor's marker file at ATTACH.
     pub lock_markers: bool,
     /// Drop NBD clients that have not finished the handshake after this long.
@@ -142,7 +121,7 @@ impl Config {
             io_threads: super::io::DEFAULT_THREADS,
             opener: Arc::new(DefaultOpener),
             keys: KeySource::None,
-            rings: Box::new(NoRings),
+            xen: Arc::new(DevXenOpener),
             lock_markers: true,
             handshake_timeout: HANDSHAKE_TIMEOUT,
         }
@@ -175,7 +154,9 @@ pub fn keys_from_env() -> KeySource {
 
 /// Routing of an I/O completion.
 #[derive(Debug)]
-enum Tag {
+pub(crate) enum Tag {
+    /// A blkif ring request.
+    Ring(RingTag),
     Nbd {
         conn: u64,
         minor: u16,
@@ -196,7 +177,7 @@ enum Tag {
 }
 
 #[derive(Debug, Clone, Copy)]
-enum NbdReq {
+pub(crate) enum NbdReq {
     Read {
         offset: u64,
         len: u32,
@@ -270,6 +251,7 @@ pub struct Tapdisk {
     listeners: HashMap<u16, Listener>,
     conns: HashMap<u64, NbdConn>,
     next_conn: u64,
+    rings: Rings,
     exit: bool,
     signals: Option<SignalFd>,
     /// Stop when the last VBD is detached (the daemon); tests may keep an empty loop.
@@ -311,6 +293,7 @@ impl Tapdisk {
             .add(&ticker, Token::Timer, Interest::READ)
             .map_err(sys("epoll_ctl"))?;
         Ok(Tapdisk {
+            rings: Rings::new(Arc::clone(&cfg.xen)),
             cfg,
             reactor,
             io,
@@ -390,6 +373,8 @@ impl Tapdisk {
             for r in &ready {
                 self.dispatch(*r);
             }
+            // Re-poll rings and publish their responses: one notify per ring per iteration.
+            self.rings.flush(&self.io, &mut self.vbds);
         }
         self.shutdown();
         Ok(())
@@ -403,6 +388,7 @@ impl Tapdisk {
             Token::Signal => self.signal_ready(),
             Token::Listener(minor) => self.accept(minor),
             Token::Conn(id) => self.conn_ready(id, r),
+            Token::Evtchn => self.rings.on_event(&self.io, &mut self.vbds),
         }
     }
 
@@ -590,7 +576,7 @@ impl Tapdisk {
                 let Some(vbd) = self.vbds.get(&minor) else {
                     return err(libc::EINVAL);
                 };
-                if vbd.busy || vbd.is_open() {
+                if vbd.busy || vbd.is_open() || self.rings.has_live(minor) {
                     return err(libc::EBUSY);
                 }
                 self.vbds.remove(&minor);
@@ -611,11 +597,18 @@ impl Tapdisk {
                     .collect(),
             )),
             Request::Stats { minor: Some(m) } => match self.vbds.get(&m) {
-                Some(v) => Some(Reply::Stats(v.stats_json().into_bytes())),
+                Some(v) => Some(Reply::Stats(
+                    v.stats_json_with(self.rings.stats_json(m).as_deref())
+                        .into_bytes(),
+                )),
                 None => err(libc::EINVAL),
             },
             Request::Stats { minor: None } => {
-                let all: Vec<String> = self.vbds.values().map(Vbd::stats_json).collect();
+                let all: Vec<String> = self
+                    .vbds
+                    .values()
+                    .map(|v| v.stats_json_with(self.rings.stats_json(v.minor).as_deref()))
+                    .collect();
                 Some(Reply::Stats(format!("[ {} ]", all.join(", ")).into_bytes()))
             }
             Request::DiskInfo { minor } => match self.vbds.get(&minor).and_then(|v| v.info) {
@@ -626,13 +619,13 @@ impl Tapdisk {
                 if !self.vbds.contains_key(&minor) {
                     return err(libc::ENODEV);
                 }
-                Some(match self.cfg.rings.connect(minor, &blkif) {
+                Some(match self.rings.connect(&self.reactor, minor, &blkif) {
                     Ok(()) => Reply::XenblkifConnect,
                     Err(e) => Reply::Error(e),
                 })
             }
             Request::XenblkifDisconnect { domid, devid } => {
-                Some(match self.cfg.rings.disconnect(domid, devid) {
+                Some(match self.rings.disconnect(domid, devid) {
                     Ok(()) => Reply::XenblkifDisconnect,
                     Err(e) => Reply::Error(e),
                 })
@@ -810,6 +803,7 @@ impl Tapdisk {
         if resume {
             self.set_listening(minor, true);
             self.refresh_conns(minor);
+            self.rings.wake_minor(minor);
         }
         info!(
             "minor {minor} {} {params}: {} sectors",
@@ -1157,6 +1151,13 @@ impl Tapdisk {
         let mut minors: Vec<u16> = Vec::new();
         for c in done {
             match c.tag {
+                Tag::Ring(t) => {
+                    if let Some(minor) = self.rings.complete(t, c.result, &mut self.vbds) {
+                        if !minors.contains(&minor) {
+                            minors.push(minor);
+                        }
+                    }
+                }
                 Tag::Nbd {
                     conn,
                     minor,

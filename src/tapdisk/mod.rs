@@ -1,4 +1,4 @@
-//! tapdisk: the daemon serving VBDs (virtual block devices) over NBD (and, later, blkif rings).
+//! tapdisk: the daemon serving VBDs (virtual block devices) over NBD and blkif rings.
 //!
 //! ```text
 //!  daemon.rs   Tapdisk: the single-threaded event loop; control requests, VBD lifecycle
@@ -8,6 +8,7 @@
 //!  io.rs       IoEngine: worker pool running blocking Image calls, completions via eventfd
 //!  vbd.rs      Vbd: state flags, params, stats (blktap JSON), DiskType
 //!  mem.rs      in-memory image (simulation backend for tests)
+//!  xenio.rs    blkif rings: XENBLKIF_CONNECT/DISCONNECT, ring requests, grant copy
 //! ```
 
 pub mod ctl;
@@ -16,9 +17,11 @@ pub mod io;
 pub mod mem;
 pub mod reactor;
 pub mod vbd;
+pub mod xenio;
 
 pub use ctl::{CtlHandle, Reply, Request};
-pub use daemon::{Config, ImageOpener, OpenSpec, RingHost, Tapdisk};
+pub use daemon::{Config, ImageOpener, OpenSpec, Tapdisk};
+pub use xenio::{DevXenOpener, SimXenOpener, XenEnv, XenOpener};
 
 /// Errors that stop the daemon (per-request failures are errno replies instead).
 #[derive(Debug, thiserror::Error)]

@@ -28,6 +28,8 @@ pub enum Token {
     Listener(u16),
     /// NBD connection `id` (ids are never reused).
     Conn(u64),
+    /// The event-channel handle of the blkif rings.
+    Evtchn,
 }
 
 const ID_MASK: u64 = (1 << 56) - 1;
@@ -41,6 +43,7 @@ impl Token {
             Token::Signal => (4, 0),
             Token::Listener(m) => (5, u64::from(m)),
             Token::Conn(id) => (6, id & ID_MASK),
+            Token::Evtchn => (7, 0),
         };
         kind << 56 | id
     }
@@ -54,6 +57,7 @@ impl Token {
             4 => Token::Signal,
             5 => Token::Listener(u16::try_from(id).ok()?),
             6 => Token::Conn(id),
+            7 => Token::Evtchn,
             _ => return None,
         })
     }
@@ -225,6 +229,7 @@ mod tests {
             Token::Signal,
             Token::Listener(16383),
             Token::Conn(ID_MASK),
+            Token::Evtchn,
         ] {
             assert_eq!(Token::decode(t.encode()), Some(t));
         }

@@ -146,6 +146,11 @@ impl Vbd {
 
     /// The stats object in blktap's exact formatting (reference §3.1).
     pub fn stats_json(&self) -> String {
+        self.stats_json_with(None)
+    }
+
+    /// As [`stats_json`](Self::stats_json), with the `"xenbus"` object of connected rings.
+    pub fn stats_json_with(&self, xenbus: Option<&str>) -> String {
         let mut s = String::from("{ ");
         s += &format!("\"name\": {}, ", json_str(&self.params));
         s += &format!(
@@ -168,6 +173,9 @@ impl Vbd {
             s += " ";
         }
         s += "], ";
+        if let Some(x) = xenbus {
+            s += &format!("\"xenbus\": {x}, ");
+        }
         s += "\"FIXME_enospc_redirect_count\": 0, \"nbd_mirror_failed\": 0, ";
         s += &format!("\"reqs_outstanding\": {}, ", self.inflight);
         s += "\"read_caching\": \"false\" }";
