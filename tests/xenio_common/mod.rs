@@ -275,3 +275,103 @@ pub fn wait(front: &mut SimBlkfront<MemXsConn>, n: usize) -> Vec<Completion> {
     assert_eq!(got.len(), n, "{got:?}");
     got
 }
+
+/// A RAM disk whose reads and writes wait while its gate is closed.
+#[derive(Debug)]
+pub struct GateImage {
+    pub inner: blktap3::tapdisk::mem::MemImage,
+    pub gate: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+}
+
+impl GateImage {
+    fn wait(&self) {
+        let (m, c) = &*self.gate;
+        let mut open = m.lock().unwrap();
+        while !*open {
+            open = c.wait(open).unwrap();
+        }
+    }
+}
+
+impl blktap3::image::Image for GateImage {
+    fn info(&self) -> blktap3::image::ImageInfo {
+        self.inner.info()
+    }
+    fn read(&self, sector: u64, buf: &mut [u8]) -> Result<(), blktap3::image::ImageError> {
+        self.wait();
+        self.inner.read(sector, buf)
+    }
+    fn write(&self, sector: u64, buf: &[u8]) -> Result<(), blktap3::image::ImageError> {
+        self.wait();
+        self.inner.write(sector, buf)
+    }
+    fn flush(&self) -> Result<(), blktap3::image::ImageError> {
+        self.inner.flush()
+    }
+    fn discard(&self, sector: u64, n: u64) -> Result<(), blktap3::image::ImageError> {
+        self.inner.discard(sector, n)
+    }
+    fn block_status(
+        &self,
+        sector: u64,
+        n: u64,
+    ) -> Result<Vec<blktap3::image::Extent>, blktap3::image::ImageError> {
+        self.inner.block_status(sector, n)
+    }
+    fn close(&self) -> Result<(), blktap3::image::ImageError> {
+        self.inner.close()
+    }
+}
+
+/// Opens any path as a fresh gated RAM disk of `sectors` sectors (shared gate).
+#[derive(Debug)]
+pub struct GateOpener {
+    pub sectors: u64,
+    pub gate: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+}
+
+impl GateOpener {
+    pub fn new(sectors: u64) -> Arc<GateOpener> {
+        Arc::new(GateOpener {
+            sectors,
+            gate: Arc::new((std::sync::Mutex::new(true), std::sync::Condvar::new())),
+        })
+    }
+    pub fn set(&self, open: bool) {
+        *self.gate.0.lock().unwrap() = open;
+        self.gate.1.notify_all();
+    }
+}
+
+impl ImageOpener for GateOpener {
+    fn open(
+        &self,
+        spec: &blktap3::tapdisk::OpenSpec,
+    ) -> Result<Arc<dyn blktap3::image::Image>, blktap3::image::ImageError> {
+        Ok(Arc::new(GateImage {
+            inner: blktap3::tapdisk::mem::MemImage::new(self.sectors, spec.read_only),
+            gate: Arc::clone(&self.gate),
+        }))
+    }
+}
+
+/// `"reqs_outstanding": N` of the stats JSON.
+pub fn outstanding(stats: &str) -> u64 {
+    let k = "\"reqs_outstanding\": ";
+    let i = stats.find(k).unwrap() + k.len();
+    stats[i..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// Poll until `f` holds (10 s).
+pub fn until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
