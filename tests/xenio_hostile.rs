@@ -348,8 +348,10 @@ fn hostile(
 /// Rewrites one slot between two hostile variants until told to stop.
 /// Only bytes from 16 on are rewritten: the response (at most 16 bytes at the slot start)
 /// lands in the same slot and must not be touched.
+type Target = Option<(usize, Vec<u8>, Vec<u8>)>;
+
 struct Scribbler {
-    target: Mutex<Option<(usize, Vec<u8>, Vec<u8>)>>,
+    target: Mutex<Target>,
     stop: AtomicBool,
 }
 
