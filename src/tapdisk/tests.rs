@@ -252,13 +252,16 @@ fn lifecycle_attach_open_close_detach_then_exit() {
         h.call(Request::Detach { minor: 1 }),
         Reply::Error(libc::EBUSY)
     );
-    assert_eq!(
-        h.call(Request::XenblkifConnect {
-            minor: 1,
-            blkif: blkif()
-        }),
-        Reply::Error(libc::ENOSYS)
-    );
+    // The real Xen devices are opened at the first CONNECT: without /dev/xen that fails.
+    if !std::path::Path::new("/dev/xen/gntdev").exists() {
+        assert_eq!(
+            h.call(Request::XenblkifConnect {
+                minor: 1,
+                blkif: blkif()
+            }),
+            Reply::Error(libc::ENOENT)
+        );
+    }
     assert_eq!(
         h.call(Request::XenblkifDisconnect { domid: 1, devid: 2 }),
         Reply::Error(libc::ENODEV)
