@@ -367,8 +367,9 @@ impl Tapdisk {
         let mut ready = Vec::with_capacity(256);
         while !self.exit {
             ready.clear();
+            let timeout = self.rings.busy().then_some(Duration::ZERO);
             self.reactor
-                .wait(None, &mut ready)
+                .wait(timeout, &mut ready)
                 .map_err(sys("epoll_wait"))?;
             for r in &ready {
                 self.dispatch(*r);
@@ -803,8 +804,8 @@ impl Tapdisk {
         if resume {
             self.set_listening(minor, true);
             self.refresh_conns(minor);
-            self.rings.wake_minor(minor);
         }
+        self.rings.wake_minor(minor);
         info!(
             "minor {minor} {} {params}: {} sectors",
             if resume { "resumed on" } else { "opened" },

@@ -417,7 +417,12 @@ impl Rings {
         Ok(())
     }
 
-    /// Re-check every ring of `minor` (after RESUME).
+    /// Rings wait for a re-poll: the loop must not block.
+    pub fn busy(&self) -> bool {
+        !self.repoll.is_empty()
+    }
+
+    /// Re-check every ring of `minor` (after OPEN or RESUME).
     pub fn wake_minor(&mut self, minor: u16) {
         let ids: Vec<u64> = self
             .rings
@@ -536,10 +541,17 @@ impl Rings {
         ) else {
             return;
         };
+        // At most one ring's worth per call: a guest answering itself cannot hold the loop.
+        let mut budget = self.rings.get(&id).map_or(0, |r| r.ring.entries());
         loop {
             let Some(r) = self.rings.get_mut(&id) else {
                 return;
             };
+            if budget == 0 {
+                push_unique(&mut self.repoll, id);
+                return;
+            }
+            budget -= 1;
             if r.sync.is_some() {
                 self.try_sync(id, &image, io, vbd);
                 return;
