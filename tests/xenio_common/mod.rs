@@ -113,7 +113,7 @@ impl Rig {
         let xs0 = self.store.connect(BE).unwrap();
         let (fpath, bpath) = toolstack_add_vbd(&xs0, "vbd3", BE, fe, devid, false).unwrap();
         let opts = BlkfrontOptions {
-            abi: abi.unwrap_or(Abi::X86_64),
+            abi: abi.unwrap_or(Abi::NATIVE),
             write_protocol: abi.is_some(),
             max_ring_order: max_order,
             timeout: Duration::from_secs(20),
