@@ -14,8 +14,13 @@
 //!  xen         gntdev, evtchn, xenstore + simulations (the only home of `unsafe`)
 //! ```
 
+pub mod blkif;
+pub mod capi;
 pub mod control;
 pub mod image;
 pub mod nbd;
+pub mod tapback;
 pub mod tapdisk;
 pub mod util;
+pub mod vhdutil;
+pub mod xen;

@@ -128,3 +128,67 @@ fn raw_parent_snapshot() {
     assert_eq!(std::fs::read(&raw).unwrap(), data, "raw parent untouched");
     let _ = Path::new("");
 }
+
+#[test]
+fn probe_and_open_entry_point() {
+    use blktap3::image::{open, probe, ImageFormat};
+    let d = tempfile::tempdir().unwrap();
+    let v = d.path().join("a.vhd");
+    create(&v, &CreateOptions::dynamic(2 << 20)).unwrap();
+    let r = d.path().join("a.img");
+    std::fs::write(&r, vec![3u8; 1 << 20]).unwrap();
+    assert_eq!(probe(&v).unwrap(), ImageFormat::Vhd);
+    assert_eq!(probe(&r).unwrap(), ImageFormat::Raw);
+    assert_eq!(ImageFormat::from_driver("aio"), Some(ImageFormat::Raw));
+    assert_eq!(ImageFormat::from_driver("vhd"), Some(ImageFormat::Vhd));
+    assert_eq!(ImageFormat::from_driver("qcow2"), None);
+    let img = open(&v, ImageFormat::Vhd, &rw()).unwrap();
+    assert_eq!(img.info().size_sectors, 4096);
+    img.write(0, &[1u8; 512]).unwrap();
+    img.close().unwrap();
+    assert!(matches!(img.write(0, &[1u8; 512]), Err(ImageError::Closed)));
+    let img = open(&r, ImageFormat::Raw, &OpenOptions::default()).unwrap();
+    assert!(img.info().read_only);
+    let mut b = [0u8; 512];
+    img.read(2047, &mut b).unwrap();
+    assert_eq!(b, [3u8; 512]);
+    assert!(matches!(img.write(0, &b), Err(ImageError::ReadOnly)));
+    // Opening a raw file as VHD is a clear error.
+    assert!(matches!(
+        open(&r, ImageFormat::Vhd, &OpenOptions::default()),
+        Err(ImageError::Corrupt { .. })
+    ));
+}
+
+#[test]
+fn fixed_vhd_io_and_discard() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("f.vhd");
+    create(
+        &p,
+        &CreateOptions {
+            size: 1 << 20,
+            fixed: true,
+            block_size: 0,
+            max_size: None,
+        },
+    )
+    .unwrap();
+    assert_eq!(std::fs::metadata(&p).unwrap().len(), (1 << 20) + 512);
+    let img = open_vhd_chain(&p, &rw()).unwrap();
+    assert_eq!(img.disk_type(), DiskType::Fixed);
+    img.write(2047, &[6u8; 512]).unwrap();
+    img.write(0, &[5u8; 4096]).unwrap();
+    img.discard(0, 8).unwrap();
+    let mut b = vec![1u8; 4096];
+    img.read(0, &mut b).unwrap();
+    assert!(b.iter().all(|&x| x == 0));
+    assert!(matches!(
+        img.write(2048, &[0u8; 512]),
+        Err(ImageError::OutOfRange { .. })
+    ));
+    img.close().unwrap();
+    let bytes = std::fs::read(&p).unwrap();
+    assert_eq!(&bytes[(1 << 20) - 512..1 << 20], &[6u8; 512]);
+    assert_eq!(&bytes[1 << 20..(1 << 20) + 8], b"conectix");
+}

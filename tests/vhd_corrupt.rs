@@ -257,8 +257,13 @@ fn parent_chain_loop_and_depth_are_detected() {
 }
 
 fn sample_bytes() -> Vec<u8> {
-    let d = tempfile::tempdir().unwrap();
-    std::fs::read(sample(d.path())).unwrap()
+    static BYTES: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    BYTES
+        .get_or_init(|| {
+            let d = tempfile::tempdir().unwrap();
+            std::fs::read(sample(d.path())).unwrap()
+        })
+        .clone()
 }
 
 proptest! {
@@ -301,4 +306,36 @@ proptest! {
         }
         prop_assert_eq!(f.contents(), b);
     }
+}
+
+#[test]
+fn oversized_bat_is_refused_before_allocation() {
+    // A 2 GiB-range sparse file whose header claims 2^30 BAT entries.
+    let d = tempfile::tempdir().unwrap();
+    let p = sample(d.path());
+    rewrite_header(&p, |h| {
+        h.max_bat_size = 1 << 30;
+        h.block_size = 512;
+    });
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    let len = f.metadata().unwrap().len();
+    f.set_len(5u64 << 30).unwrap();
+    drop(f);
+    let e = open_vhd_chain(&p, &OpenOptions::default()).unwrap_err();
+    assert!(matches!(e, ImageError::Unsupported { .. }), "{e}");
+    let _ = len;
+    // And create refuses to make one.
+    let q = d.path().join("q.vhd");
+    let e = create(
+        &q,
+        &CreateOptions {
+            size: 1 << 40,
+            fixed: false,
+            block_size: 512,
+            max_size: None,
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(e, ImageError::Invalid(_)), "{e}");
+    assert!(!q.exists());
 }

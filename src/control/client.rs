@@ -442,12 +442,24 @@ enum SpawnOutcome {
 
 fn spawn_once(bin: &Path, dir: &Path) -> Result<SpawnOutcome> {
     use std::os::unix::process::ExitStatusExt;
-    let mut child = Command::new(bin)
-        .env(CONTROL_DIR_ENV, dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .map_err(|e| ControlError::io(format!("spawn {}", bin.display()), e))?;
+    // ETXTBSY: the binary is still open for writing somewhere (being installed, or a
+    // concurrent fork inherited the writer); it clears quickly.
+    let mut tries = 0;
+    let mut child = loop {
+        match Command::new(bin)
+            .env(CONTROL_DIR_ENV, dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+        {
+            Ok(c) => break c,
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 50 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(ControlError::io(format!("spawn {}", bin.display()), e)),
+        }
+    };
     let line = match child.stdout.take() {
         Some(mut out) => read_line(&mut out, SPAWN_TIMEOUT),
         None => Ok(Vec::new()),

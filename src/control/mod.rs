@@ -22,6 +22,7 @@ pub mod client;
 pub mod minors;
 pub mod msg;
 pub mod server;
+pub mod tapctl;
 mod transport;
 
 use std::io;
@@ -64,6 +65,15 @@ pub fn pid_from_socket_name(name: &str) -> Option<i32> {
     digits.parse::<i32>().ok().filter(|p| *p > 0)
 }
 
+/// The C library's `strerror` text for a positive errno (what tap-ctl prints).
+pub fn strerror(errno: i32) -> String {
+    let s = io::Error::from_raw_os_error(errno).to_string();
+    match s.strip_suffix(&format!(" (os error {errno})")) {
+        Some(t) => t.to_string(),
+        None => s,
+    }
+}
+
 /// Errors of the control protocol, its transport and the minor files.
 /// [`ControlError::errno`] gives the positive errno that tap-ctl exits with and that
 /// ERROR replies carry.
@@ -76,7 +86,7 @@ pub enum ControlError {
     #[error("unsupported blkif protocol {0}")]
     BadProto(u32),
     /// The tapdisk answered with an ERROR message carrying this positive errno.
-    #[error("tapdisk error: {}", nix::errno::Errno::from_raw(*.0).desc())]
+    #[error("tapdisk error: {}", strerror(*.0))]
     Remote(i32),
     /// The tapdisk answered with a reply of the wrong type (EINVAL).
     #[error("unexpected reply type {0}")]
@@ -95,7 +105,7 @@ pub enum ControlError {
         source: io::Error,
     },
     /// A plain errno with context (ENOENT for a missing minor, EBUSY, ...).
-    #[error("{op}: {}", .errno.desc())]
+    #[error("{op}: {}", strerror(*.errno as i32))]
     Os {
         op: String,
         errno: nix::errno::Errno,
@@ -175,6 +185,12 @@ mod tests {
         assert_eq!(pid_from_socket_name("ctl0"), None);
         assert_eq!(pid_from_socket_name("nbd42.3"), None);
         assert_eq!(pid_from_socket_name("ctl99999999999"), None);
+    }
+
+    #[test]
+    fn strerror_is_the_c_text() {
+        assert_eq!(strerror(libc::EAGAIN), "Resource temporarily unavailable");
+        assert_eq!(strerror(libc::ENOENT), "No such file or directory");
     }
 
     #[test]

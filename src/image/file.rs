@@ -122,8 +122,9 @@ impl BlockFile for OsFile {
     }
     fn punch_hole(&self, off: u64, len: u64) -> io::Result<()> {
         use nix::fcntl::{fallocate, FallocateFlags};
-        let (Ok(o), Ok(l)) = (i64::try_from(off), i64::try_from(len)) else {
-            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        // nix takes off_t, which is 32-bit on i686: beyond that, write zeros instead.
+        let (Ok(o), Ok(l)) = (libc::off_t::try_from(off), libc::off_t::try_from(len)) else {
+            return write_zeros(self, off, len);
         };
         let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
         match fallocate(&self.file, flags, o, l) {
@@ -138,7 +139,11 @@ impl BlockFile for OsFile {
     fn get_xattr(&self, name: &str) -> io::Result<Option<Vec<u8>>> {
         match xattr::get(&self.path, name) {
             Ok(v) => Ok(v),
-            Err(e) if e.raw_os_error() == Some(libc::ENODATA) => Ok(None),
+            // Absent, or a filesystem without user xattrs (where none can have been set):
+            // both read as "not set". (tapdisk fails the open on ENOTSUP; we don't.)
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENODATA) | Some(libc::ENOTSUP)) => {
+                Ok(None)
+            }
             Err(e) => Err(e),
         }
     }
@@ -210,6 +215,8 @@ fn apply(buf: &mut Vec<u8>, op: &PendingOp) {
 #[derive(Debug, Default)]
 pub struct MemFile {
     st: Mutex<MemState>,
+    /// Behaves like a block device: fixed size, `set_len` fails.
+    fixed_size: bool,
 }
 
 impl MemFile {
@@ -226,6 +233,15 @@ impl MemFile {
                 current: data,
                 ..Default::default()
             }),
+            fixed_size: false,
+        }
+    }
+
+    /// A simulated block device holding `data` (size fixed, writes past the end fail).
+    pub fn block_device(data: Vec<u8>) -> MemFile {
+        MemFile {
+            fixed_size: true,
+            ..MemFile::from_bytes(data)
         }
     }
 
@@ -298,8 +314,9 @@ impl BlockFile for MemFile {
         }
     }
     fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
-        if off.checked_add(buf.len() as u64).is_none() {
-            return Err(io::Error::from_raw_os_error(libc::EFBIG));
+        let end = off.checked_add(buf.len() as u64);
+        if end.is_none() || (self.fixed_size && end > Some(self.len()?)) {
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
         }
         self.mutate(PendingOp::Write(off, buf.to_vec()))
     }
@@ -316,10 +333,13 @@ impl BlockFile for MemFile {
         Ok(self.lock().current.len() as u64)
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
+        if self.fixed_size {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
         self.mutate(PendingOp::SetLen(len))
     }
     fn resizable(&self) -> bool {
-        true
+        !self.fixed_size
     }
     fn punch_hole(&self, off: u64, len: u64) -> io::Result<()> {
         let cur = self.len()?;

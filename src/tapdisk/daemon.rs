@@ -154,25 +154,6 @@ impl Config {
     }
 }
 
-/// Key source from the environment: `TAPDISK3_CRYPTO_KEYDIR`, else `TAPDISK2_CRYPTO_KEYDIR`
-/// (comma-separated directories).
-pub fn keys_from_env() -> KeySource {
-    for var in ["TAPDISK3_CRYPTO_KEYDIR", "TAPDISK2_CRYPTO_KEYDIR"] {
-        if let Some(v) = std::env::var_os(var) {
-            let dirs: Vec<PathBuf> = v
-                .to_string_lossy()
-                .split(',')
-                .filter(|s| !s.is_empty())
-                .map(PathBuf::from)
-                .collect();
-            if !dirs.is_empty() {
-                return KeySource::Dirs(dirs);
-            }
-        }
-    }
-    KeySource::None
-}
-
 /// Routing of an I/O completion.
 #[derive(Debug)]
 enum Tag {

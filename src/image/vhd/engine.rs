@@ -18,14 +18,15 @@
 //!
 //! 1. *A BAT entry never points at a block whose bitmap is not zero on disk.* Blocks are
 //!    carved out of a **reserve** `[next_db, reserve_end)`. A reserve is created by
-//!    [`extend`](VhdImage::ensure_allocated): explicitly zero every bitmap sector of the
+//!    `extend` (called from `ensure_allocated`): explicitly zero every bitmap sector of the
 //!    blocks it will hold that lies inside the old file (stale data from a crashed session,
 //!    an old footer), extend the file with `ftruncate` (the new range reads as zeros), write
 //!    a valid footer at the new end, then **fdatasync**. Only after that sync returns are
 //!    BAT entries for reserve blocks published, and they need no further sync: whatever
 //!    subset of BAT/bitmap/data writes a crash keeps, a published entry points at a bitmap
 //!    that is either zero (sectors read from the parent, i.e. the unflushed write is lost)
-//!    or was written by us after the data it covers.
+//!    or was written by us after the data it covers. Stale bytes in the *data* area of a
+//!    reserve block are harmless: only sectors whose bit we set are ever read from it.
 //! 2. *A write is acknowledged only after the bitmap bits that make it visible are written*:
 //!    data pwrite, then bitmap sector pwrite, then return. `flush()` (fdatasync) makes all of
 //!    them durable at once, so every write acknowledged before a completed flush survives.
@@ -44,6 +45,13 @@
 //!
 //! Compared with the C driver there is no one-allocation-at-a-time BAT lock and no
 //! synchronous zero-fill of each 2 MiB block: one fdatasync covers `prealloc_blocks` blocks.
+//! There is no "kill footer" on RW open either: the primary footer stays valid throughout a
+//! session (invariant 3), and the BAT, not the footer position, defines the end of data.
+//!
+//! `tests/vhd_crash.rs` checks these invariants against the simulated file
+//! ([`crate::image::file::MemFile`]): crash images made of the synced state plus any
+//! subset/prefix of the unsynced writes, and runs stopped after N writes, must open cleanly
+//! and return every write acknowledged before the last completed flush.
 //!
 //! # Discard
 //!
@@ -66,6 +74,9 @@ use crate::image::{check_range, check_sectors, Extent, Image, ImageError, ImageI
 const BITMAP_CACHE: usize = 8192;
 /// Default number of blocks reserved per extension (16 MiB with 2 MiB blocks).
 pub const DEFAULT_PREALLOC_BLOCKS: u32 = 8;
+/// Largest BAT accepted (64 MiB in memory; 32 TiB of 2 MiB blocks, far above the 2 TiB
+/// format limit): bounds what an absurd header can make us allocate.
+pub const MAX_BAT_ENTRIES: u64 = 1 << 24;
 /// Highest sector a block may end at (BAT entries are 32-bit sector numbers).
 const MAX_SECTOR: u64 = u32::MAX as u64;
 
@@ -340,6 +351,18 @@ impl VhdImage {
                 format!("BAT of {max_bat} entries is too small for the disk size"),
             ));
         }
+        if u64::from(max_bat) * bs > MAX_SECTOR.saturating_add(1) * SECTOR_SIZE {
+            return Err(corrupt(
+                path,
+                format!("BAT of {max_bat} blocks of {bs} bytes exceeds 2 TiB"),
+            ));
+        }
+        if u64::from(max_bat) > MAX_BAT_ENTRIES {
+            return Err(ImageError::Unsupported {
+                path: path.display().to_string(),
+                what: format!("BAT of {max_bat} entries of {bs} bytes"),
+            });
+        }
         let bat_bytes = u64::from(max_bat) * 4;
         let bat_off = header.table_offset;
         if bat_off.checked_add(bat_bytes).is_none_or(|e| e > len) {
@@ -402,6 +425,7 @@ impl VhdImage {
                 let need_secs = batmap_sectors(max_bat);
                 let ok = h.validate().is_ok()
                     && h.batmap_size >= need_secs
+                    && h.batmap_size <= need_secs.saturating_mul(2).saturating_add(8)
                     && h.batmap_offset >= hdr_off + BATMAP_HEADER_SIZE as u64
                     && h.batmap_offset
                         .checked_add(u64::from(h.batmap_size) * SECTOR_SIZE)
@@ -580,9 +604,10 @@ impl VhdImage {
     pub fn set_keyhash(&self, kh: &KeyHash) -> Result<(), ImageError> {
         self.writable()?;
         let mut m = self.lock();
+        let curr = m.footer.curr_size;
         if let Some(b) = m.batmap.as_mut() {
             b.hdr.keyhash = kh.to_bytes();
-            self.write_batmap_header(b)?;
+            self.write_batmap_header(b, curr)?;
             return self.sync();
         }
         drop(m);
@@ -595,9 +620,10 @@ impl VhdImage {
     pub fn set_marker(&self, v: u8) -> Result<(), ImageError> {
         self.writable()?;
         let mut m = self.lock();
+        let curr = m.footer.curr_size;
         if let Some(b) = m.batmap.as_mut() {
             b.hdr.marker = v;
-            self.write_batmap_header(b)?;
+            self.write_batmap_header(b, curr)?;
             return self.sync();
         }
         drop(m);
@@ -615,7 +641,15 @@ impl VhdImage {
     pub fn update_footer(&self, f: impl FnOnce(&mut Footer)) -> Result<(), ImageError> {
         self.writable()?;
         let mut m = self.lock();
+        let old_size = m.footer.curr_size;
         f(&mut m.footer);
+        let curr = m.footer.curr_size;
+        if curr != old_size {
+            // The batmap checksum covers a length derived from the virtual size.
+            if let Some(b) = m.batmap.as_mut() {
+                self.write_batmap_header(b, curr)?;
+            }
+        }
         let b = m.footer.encode();
         let len = self.file_len()?;
         self.pwrite(&b, len - FOOTER_SIZE as u64, "write footer")?;
@@ -640,8 +674,63 @@ impl VhdImage {
         self.sync()
     }
 
+    /// Write the footer at the end of data (dropping anything after it) and, for dynamic
+    /// disks, the backup copy at offset 0; synced (vhd-util repair).
+    pub fn rewrite_footers(&self) -> Result<(), ImageError> {
+        self.writable()?;
+        self.rewrite_primary_footer()?;
+        if self.kind != DiskType::Fixed {
+            let mut f = self.lock().footer;
+            self.pwrite(&f.encode(), 0, "write backup footer")?;
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    /// Put the footer at `bytes - 512` (vhd-util modify -s); `bytes` must cover all data.
+    pub fn set_physical_size(&self, bytes: u64) -> Result<(), ImageError> {
+        self.writable()?;
+        if !self.file.resizable() {
+            return Err(ImageError::Invalid("cannot resize a block device".into()));
+        }
+        let mut m = self.lock();
+        if bytes < m.next_db * SECTOR_SIZE + FOOTER_SIZE as u64
+            || !bytes.is_multiple_of(SECTOR_SIZE)
+        {
+            return Err(ImageError::Invalid(format!(
+                "physical size {bytes} is below the end of data or not sector aligned"
+            )));
+        }
+        let mut f = m.footer;
+        self.pwrite(&f.encode(), bytes - FOOTER_SIZE as u64, "write footer")?;
+        self.sync()?;
+        self.file
+            .set_len(bytes)
+            .map_err(|e| ImageError::io(&self.path, "truncate", e))?;
+        m.reserve_end = m.next_db;
+        self.sync()
+    }
+
+    /// Mark every block unallocated (vhd-util modify -z); data becomes unreachable.
+    pub fn zero_bat(&self) -> Result<(), ImageError> {
+        self.writable()?;
+        let g = self.geom_or_err()?;
+        let mut m = self.lock();
+        m.bat.iter_mut().for_each(|e| *e = BAT_UNUSED);
+        m.bitmaps.clear();
+        m.allocated = 0;
+        let raw: Vec<u8> = m.bat.iter().flat_map(|e| e.to_be_bytes()).collect();
+        self.pwrite(&raw, g.bat_off, "write BAT")?;
+        let curr = m.footer.curr_size;
+        if let Some(b) = m.batmap.as_mut() {
+            b.map.iter_mut().for_each(|x| *x = 0);
+            self.write_batmap(b, curr)?;
+        }
+        m.dirty = true;
+        self.sync()
+    }
+
     /// Write raw bytes into the metadata area (locators); used by snapshot/reparent.
-    #[allow(dead_code)]
     pub(crate) fn write_raw(&self, buf: &[u8], off: u64) -> Result<(), ImageError> {
         self.writable()?;
         self.pwrite(buf, off, "write")
@@ -706,7 +795,8 @@ impl VhdImage {
 
     /// RW open after recovering from the backup/short footer: put a valid primary back.
     fn rewrite_primary_footer(&self) -> Result<(), ImageError> {
-        let m = self.lock();
+        let mut m = self.lock();
+        m.reserve_end = m.next_db;
         let mut f = m.footer;
         let b = f.encode();
         if self.kind == DiskType::Fixed || !self.file.resizable() {
@@ -771,16 +861,15 @@ impl VhdImage {
         self.pwrite(&b, g.bat_off + u64::from(first) * 4, "write BAT")
     }
 
-    fn write_batmap_header(&self, b: &mut BatmapState) -> Result<(), ImageError> {
-        let curr = self.size_sectors * SECTOR_SIZE;
+    fn write_batmap_header(&self, b: &mut BatmapState, curr: u64) -> Result<(), ImageError> {
         b.hdr.batmap_version = BATMAP_VERSION;
         b.hdr.checksum = batmap_checksum(&b.map, curr, BATMAP_VERSION);
         self.pwrite(&b.hdr.encode(), b.hdr_off, "write batmap header")
     }
 
-    fn write_batmap(&self, b: &mut BatmapState) -> Result<(), ImageError> {
+    fn write_batmap(&self, b: &mut BatmapState, curr: u64) -> Result<(), ImageError> {
         self.pwrite(&b.map, b.hdr.batmap_offset, "write batmap")?;
-        self.write_batmap_header(b)?;
+        self.write_batmap_header(b, curr)?;
         b.dirty = false;
         Ok(())
     }
@@ -1022,10 +1111,11 @@ impl VhdImage {
             }
             // Invariant 4: the on-disk batmap must not claim "full" once bits are cleared.
             let mut sync_needed = false;
+            let curr = m.footer.curr_size;
             if let Some(b) = m.batmap.as_mut() {
                 if bit_test(&b.map, u64::from(blk)) {
                     bit_set(&mut b.map, u64::from(blk), false);
-                    self.write_batmap(b)?;
+                    self.write_batmap(b, curr)?;
                     sync_needed = true;
                 }
             }
@@ -1083,9 +1173,10 @@ impl VhdImage {
         }
         // Bitmaps durable before the batmap that summarises them.
         self.sync()?;
+        let curr = m.footer.curr_size;
         if let Some(b) = m.batmap.as_mut() {
             if b.dirty {
-                self.write_batmap(b)?;
+                self.write_batmap(b, curr)?;
             }
         }
         let mut f = m.footer;
@@ -1226,6 +1317,77 @@ impl Image for VhdImage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::image::file::MemFile;
+
+    fn mem_vhd(size: u64) -> Arc<MemFile> {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("x.vhd");
+        super::super::ops::create(&p, &super::super::ops::CreateOptions::dynamic(size)).unwrap();
+        Arc::new(MemFile::from_bytes(std::fs::read(&p).unwrap()))
+    }
+
+    fn reference_encrypt(key: &[u8; 32], lba: u64, data: &mut [u8]) {
+        use aes::cipher::{Array, KeyInit};
+        let k1 = aes::Aes128::new(&Array::try_from(&key[..16]).unwrap());
+        let k2 = aes::Aes128::new(&Array::try_from(&key[16..]).unwrap());
+        let x = xts_mode::Xts128::new(k1, k2);
+        // blktap "plain" IV: low 32 bits of the virtual sector, little-endian.
+        x.encrypt_area(
+            data,
+            512,
+            u128::from(lba as u32),
+            xts_mode::get_tweak_default,
+        );
+    }
+
+    #[test]
+    fn encryption_covers_only_bitmap_set_sectors_and_never_the_callers_buffer() {
+        let key = [0x42u8; 32];
+        let rw = VhdOpenOptions {
+            read_only: false,
+            ..Default::default()
+        };
+        // Parent: keyed. Leaf: plaintext on top.
+        let pf = mem_vhd(4 << 20);
+        let mut parent = VhdImage::open_file(Path::new("p.vhd"), pf.clone(), &rw).unwrap();
+        parent.set_cipher(Some(Arc::new(XtsCipher::new(&key).unwrap())));
+        let plain: Vec<u8> = (0..1024u32).map(|i| (i % 251) as u8).collect();
+        let copy = plain.clone();
+        parent.write(5, &plain).unwrap();
+        assert_eq!(plain, copy, "caller's buffer untouched");
+        let s = u64::from(parent.bat()[0]);
+        let mut on_disk = vec![0u8; 1024];
+        pf.read_at(&mut on_disk, (s + 1 + 5) * 512).unwrap();
+        let mut expect = plain.clone();
+        reference_encrypt(&key, 5, &mut expect);
+        assert_eq!(
+            on_disk, expect,
+            "AES-128-XTS with the plain IV of the virtual sector"
+        );
+        let mut back = vec![0u8; 4096];
+        parent.read(0, &mut back).unwrap();
+        assert!(
+            back[..2560].iter().all(|&b| b == 0),
+            "unwritten sectors are not decrypted"
+        );
+        assert_eq!(&back[2560..3584], &plain[..]);
+        let lf = mem_vhd(4 << 20);
+        let mut leaf = VhdImage::open_file(Path::new("l.vhd"), lf.clone(), &rw).unwrap();
+        leaf.set_parent(Box::new(parent));
+        leaf.write(0, &[9u8; 512]).unwrap();
+        let mut b = vec![0u8; 4096];
+        leaf.read(0, &mut b).unwrap();
+        assert!(b[..512].iter().all(|&x| x == 9));
+        assert_eq!(
+            &b[2560..3584],
+            &plain[..],
+            "parent decrypts with its own key"
+        );
+        let s = u64::from(leaf.bat()[0]);
+        let mut raw = [0u8; 512];
+        lf.read_at(&mut raw, (s + 1) * 512).unwrap();
+        assert_eq!(raw, [9u8; 512], "plaintext leaf stores plaintext");
+    }
 
     #[test]
     fn block_start_alignment_puts_data_on_4k() {

@@ -1,6 +1,6 @@
 //! VHD images (Microsoft/Citrix Virtual Hard Disk, with the tapdisk batmap extension).
 //!
-//! - [`format`]: on-disk structures, pure encode/decode/validate (no I/O).
+//! - [`format`](mod@format): on-disk structures, pure encode/decode/validate (no I/O).
 //! - [`engine`]: [`VhdImage`], the storage engine implementing [`crate::image::Image`]
 //!   (concurrency and crash-consistency design in its module doc).
 //! - [`parent`]: parent locators (resolve, produce).

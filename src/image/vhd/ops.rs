@@ -112,7 +112,10 @@ fn create_dynamic(
     }
     check_size(max_size)?;
     let bs = u64::from(opts.block_size);
-    let max_bat = u32::try_from(max_size.div_ceil(bs)).map_err(|_| invalid("too many blocks"))?;
+    let max_bat = u32::try_from(max_size.div_ceil(bs))
+        .ok()
+        .filter(|&n| u64::from(n) <= super::engine::MAX_BAT_ENTRIES)
+        .ok_or_else(|| invalid("too many blocks for the block size"))?;
     let dtype = if parent.is_some() {
         DiskType::Differencing
     } else {
@@ -153,8 +156,13 @@ fn create_dynamic(
     f.set_len(end + FOOTER_SIZE as u64).map_err(io)?;
     f.write_at(&fb, 0).map_err(io)?;
     f.write_at(&header.encode(), HEADER_OFFSET).map_err(io)?;
-    let bat = vec![0xFFu8; bat_len as usize];
-    f.write_at(&bat, BAT_OFFSET).map_err(io)?;
+    let ff = vec![0xFFu8; bat_len.min(1 << 20) as usize];
+    let mut off = 0;
+    while off < bat_len {
+        let n = (bat_len - off).min(ff.len() as u64) as usize;
+        f.write_at(&ff[..n], BAT_OFFSET + off).map_err(io)?;
+        off += n as u64;
+    }
     f.write_at(&bmh.encode(), bm_hdr_off).map_err(io)?;
     f.write_at(&map, bmh.batmap_offset).map_err(io)?;
     for (off, data) in loc_writes {
@@ -299,4 +307,328 @@ pub fn open_meta_file(
             ..Default::default()
         },
     )
+}
+
+/// Largest virtual size a fast resize can reach (`max_bat_size * block_size`), or the
+/// current size for fixed disks (vhd-util query -S).
+pub fn max_fast_resize_size(img: &VhdImage) -> u64 {
+    match img.header() {
+        Some(h) => u64::from(h.max_bat_size) * u64::from(h.block_size),
+        None => img.footer().curr_size,
+    }
+}
+
+/// Grow a dynamic/differencing disk within its preallocated BAT (vhd-util resize -f).
+/// Shrinking and journaled growth beyond the BAT are not supported.
+pub fn resize_fast(path: &Path, new_size: u64) -> Result<(), ImageError> {
+    let img = open_meta(path, false)?;
+    if img.disk_type() == DiskType::Fixed {
+        return Err(ImageError::Unsupported {
+            path: path.display().to_string(),
+            what: "fast resize of a fixed disk".into(),
+        });
+    }
+    check_size(new_size)?;
+    let cur = img.footer().curr_size;
+    if new_size < cur {
+        return Err(invalid("shrinking is not supported"));
+    }
+    if new_size > max_fast_resize_size(&img) {
+        return Err(ImageError::NoSpace(format!(
+            "{new_size} bytes exceeds the preallocated BAT ({} bytes)",
+            max_fast_resize_size(&img)
+        )));
+    }
+    img.update_footer(|f| {
+        f.curr_size = new_size;
+        f.geometry = chs_geometry(new_size);
+    })
+}
+
+/// Rewrite the footer from the one read (the backup at 0 with `use_backup`), generating
+/// a uuid if it is null; the primary goes at the end of data (vhd-util repair).
+pub fn repair(path: &Path, use_backup: bool) -> Result<(), ImageError> {
+    let f = OsFile::open(path, true).map_err(|e| ImageError::io(path, "open", e))?;
+    let img = VhdImage::open_file(
+        path,
+        Arc::new(f),
+        &VhdOpenOptions {
+            read_only: false,
+            use_backup_footer: use_backup,
+            ..Default::default()
+        },
+    )?;
+    if img.footer().uuid == [0; 16] {
+        img.update_footer(|f| f.uuid = new_uuid())?;
+    }
+    img.rewrite_footers()
+}
+
+/// Copy the allocated sectors of `child` into its parent (VHD or raw), per bitmap runs
+/// (vhd-util coalesce). Data are copied as stored: with encryption this is only valid
+/// when both layers use the same key (the tweak is the virtual sector). Returns the
+/// number of sectors copied.
+pub fn coalesce(child: &Path) -> Result<u64, ImageError> {
+    use crate::image::raw::RawImage;
+    use crate::image::Image;
+    let c = open_meta(child, true)?;
+    let Some(p) = resolve_parent(&c)? else {
+        return Err(invalid(format!("{} has no parent", child.display())));
+    };
+    let parent: Box<dyn Image> = if p.raw {
+        Box::new(RawImage::open(&p.path, false)?)
+    } else {
+        let v = open_meta(&p.path, false)?;
+        if v.footer().uuid != p.uuid {
+            return Err(ImageError::Corrupt {
+                path: child.display().to_string(),
+                what: format!("parent uuid mismatch with {}", p.path.display()),
+            });
+        }
+        Box::new(v)
+    };
+    let psize = parent.info().size_sectors;
+    let spb = u64::from(c.sectors_per_block());
+    let mut copied = 0u64;
+    let mut buf = Vec::new();
+    for (blk, e) in c.bat().into_iter().enumerate() {
+        if e == BAT_UNUSED {
+            continue;
+        }
+        let Some(bm) = c.block_bitmap(blk as u32)? else {
+            continue;
+        };
+        let base = blk as u64 * spb;
+        let mut i = 0u64;
+        while i < spb {
+            let (set, n) = bit_run(&bm, i, spb - i);
+            let start = base + i;
+            i += n;
+            if !set || start >= psize.min(c.footer().curr_size / SECTOR_SIZE) {
+                continue;
+            }
+            let n = n
+                .min(psize - start)
+                .min(c.footer().curr_size / SECTOR_SIZE - start);
+            buf.resize((n * SECTOR_SIZE) as usize, 0);
+            c.read(start, &mut buf)?;
+            parent.write(start, &buf)?;
+            copied += n;
+        }
+    }
+    parent.flush()?;
+    parent.close()?;
+    Ok(copied)
+}
+
+/// Point `child` at a new parent (vhd-util modify -p [-m]): rewrites the parent uuid,
+/// timestamp, name and the locators in place. Fails if a new locator does not fit the
+/// space reserved by the existing one.
+pub fn set_parent(child: &Path, new_parent: &Path, raw: bool) -> Result<(), ImageError> {
+    let c = open_meta(child, false)?;
+    let Some(h) = c.header() else {
+        return Err(invalid("not a differencing disk"));
+    };
+    if !c.is_differencing() {
+        return Err(invalid("not a differencing disk"));
+    }
+    let uuid = if raw {
+        [0u8; 16]
+    } else {
+        open_ro(new_parent)?.footer().uuid
+    };
+    let meta = std::fs::metadata(new_parent).map_err(|e| ImageError::io(new_parent, "stat", e))?;
+    let ts = vhd_time(meta.modified().unwrap_or(UNIX_EPOCH));
+    let tcanon = new_parent
+        .canonicalize()
+        .map_err(|e| ImageError::io(new_parent, "canonicalize", e))?;
+    let cdir = match child.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(d) => d.canonicalize(),
+        None => std::env::current_dir(),
+    }
+    .map_err(|e| ImageError::io(child, "canonicalize", e))?;
+    let rel = relative_path(&cdir, &tcanon);
+    let payloads = locator_payloads(&rel);
+    let mut locs = h.loc;
+    let mut writes = Vec::new();
+    for l in locs.iter_mut() {
+        let Some((_, data)) = payloads.iter().find(|(code, _)| *code == l.code) else {
+            continue;
+        };
+        let space = l.space_bytes().ok_or_else(|| ImageError::Corrupt {
+            path: child.display().to_string(),
+            what: "bad parent locator data space".into(),
+        })?;
+        if data.len() as u64 > space {
+            return Err(ImageError::NoSpace(format!(
+                "new parent locator needs {} bytes, {} reserved",
+                data.len(),
+                space
+            )));
+        }
+        let mut d = data.clone();
+        d.resize(space as usize, 0);
+        writes.push((l.data_offset, d));
+        l.data_len = data.len() as u32;
+    }
+    if writes.is_empty() {
+        return Err(invalid("child has no MacX/W2ku/W2ru locator to rewrite"));
+    }
+    for (off, d) in &writes {
+        c.write_raw(d, *off)?;
+    }
+    let name = tcanon
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    c.update_header(|hh| {
+        hh.loc = locs;
+        hh.prt_uuid = uuid;
+        hh.prt_ts = ts;
+        hh.set_parent_name(&name);
+    })
+}
+
+/// Allocate every block of a dynamic/differencing disk, preserving the contents seen
+/// through the chain (vhd-util fill). Returns the number of blocks newly filled.
+pub fn fill(path: &Path, opts: &crate::image::chain::OpenOptions) -> Result<u32, ImageError> {
+    use crate::image::Image;
+    let mut o = opts.clone();
+    o.read_only = false;
+    let img = crate::image::chain::open_vhd_chain(path, &o)?;
+    let spb = u64::from(img.sectors_per_block());
+    if spb == 0 {
+        return Err(invalid("not a dynamic disk"));
+    }
+    let size = img.info().size_sectors;
+    let mut filled = 0;
+    let mut buf = Vec::new();
+    for blk in 0..size.div_ceil(spb) {
+        let start = blk * spb;
+        let n = spb.min(size - start);
+        let full = img
+            .block_bitmap(blk as u32)?
+            .is_some_and(|bm| bits_all(&bm, 0, n, true));
+        if full {
+            continue;
+        }
+        buf.resize((n * SECTOR_SIZE) as usize, 0);
+        img.read(start, &mut buf)?;
+        img.write(start, &buf)?;
+        filled += 1;
+    }
+    img.close()?;
+    Ok(filled)
+}
+
+/// Structural checks (vhd-util check). Returns the problems found (empty = clean);
+/// an image that cannot be opened at all is reported as a single problem.
+pub fn check(path: &Path) -> Result<Vec<String>, ImageError> {
+    let mut problems = Vec::new();
+    let img = match open_meta(path, true) {
+        Ok(i) => i,
+        Err(e) => {
+            problems.push(e.to_string());
+            return Ok(problems);
+        }
+    };
+    let len = std::fs::metadata(path)
+        .map_err(|e| ImageError::io(path, "stat", e))?
+        .len();
+    match img.footer_source() {
+        super::engine::FooterSource::Primary => {}
+        s => problems.push(format!("primary footer invalid (used {s:?} footer)")),
+    }
+    let footer = img.footer();
+    if img.disk_type() == DiskType::Fixed {
+        return Ok(problems);
+    }
+    // Backup footer.
+    let f = OsFile::open(path, false).map_err(|e| ImageError::io(path, "open", e))?;
+    let mut b = [0u8; FOOTER_SIZE];
+    f.read_at(&mut b, 0)
+        .map_err(|e| ImageError::io(path, "read", e))?;
+    let backup = Footer::decode(&b);
+    if backup.validate().is_err() {
+        problems.push("backup footer invalid".into());
+    } else if backup != footer {
+        problems.push("backup footer differs from primary".into());
+    }
+    let Some(h) = img.header() else {
+        return Ok(problems);
+    };
+    // BAT: blocks must not overlap each other or the metadata.
+    let spb = u64::from(h.spb());
+    let blk_secs = spb + u64::from(h.bitmap_sectors());
+    let meta_end = (h.table_offset + pad512(u64::from(h.max_bat_size) * 4)) / SECTOR_SIZE;
+    let mut blocks: Vec<(u64, usize)> = img
+        .bat()
+        .iter()
+        .enumerate()
+        .filter(|(_, &e)| e != BAT_UNUSED)
+        .map(|(i, &e)| (u64::from(e), i))
+        .collect();
+    blocks.sort_unstable();
+    for w in blocks.windows(2) {
+        if w[0].0 + blk_secs > w[1].0 {
+            problems.push(format!("blocks {} and {} overlap", w[0].1, w[1].1));
+        }
+    }
+    for &(s, i) in &blocks {
+        if s < meta_end {
+            problems.push(format!("block {i} overlaps the BAT"));
+        }
+        if (s + blk_secs) * SECTOR_SIZE > len.saturating_sub(FOOTER_SIZE as u64) {
+            problems.push(format!("block {i} overlaps the footer"));
+        }
+    }
+    // Batmap.
+    if let Some((_, map)) = img.batmap() {
+        if img.batmap_valid() == Some(false) {
+            problems.push("batmap checksum invalid".into());
+        }
+        for &(_, i) in &blocks {
+            if bit_test(&map, i as u64) {
+                let full = img
+                    .block_bitmap(i as u32)?
+                    .is_some_and(|bm| bits_all(&bm, 0, spb, true));
+                if !full {
+                    problems.push(format!("batmap marks block {i} full but its bitmap is not"));
+                }
+            }
+        }
+    }
+    // Parent.
+    if img.is_differencing() {
+        match resolve_parent(&img) {
+            Ok(Some(p)) if !p.raw => match open_ro(&p.path) {
+                Ok(pv) => {
+                    if pv.footer().uuid != h.prt_uuid {
+                        problems.push(format!("parent uuid mismatch with {}", p.path.display()));
+                    }
+                    let ts = std::fs::metadata(&p.path)
+                        .ok()
+                        .and_then(|m| m.modified().ok())
+                        .map(vhd_time);
+                    if ts != Some(h.prt_ts) {
+                        problems.push(format!(
+                            "parent timestamp mismatch ({} recorded, {} on disk)",
+                            h.prt_ts,
+                            ts.unwrap_or(0)
+                        ));
+                    }
+                }
+                Err(e) => problems.push(format!("parent: {e}")),
+            },
+            Ok(_) => {}
+            Err(e) => problems.push(format!("parent: {e}")),
+        }
+    }
+    if len > img.physical_size() {
+        problems.push(format!(
+            "{} bytes after the end of data before the footer",
+            len - img.physical_size()
+        ));
+    }
+    Ok(problems)
 }

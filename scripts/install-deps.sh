@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Install what blktap3's build, demo and tests need on Debian 12 (run as root, or with sudo).
+# Idempotent: only missing pieces are installed.
+set -euo pipefail
+
+need_apt=()
+have() { command -v "$1" >/dev/null 2>&1; }
+
+have qemu-img || need_apt+=(qemu-utils)
+have qemu-io || need_apt+=(qemu-utils)
+have nbdinfo || need_apt+=(libnbd-bin)
+have fio || need_apt+=(fio)
+have shellcheck || need_apt+=(shellcheck)
+have openssl || need_apt+=(openssl)
+have gcc || need_apt+=(gcc)
+have python3 || need_apt+=(python3)
+# 32-bit C runtime for the i686 build (OpenXT 8's dom0 is i686).
+[ -e /usr/lib32/libc.so ] || [ -e /usr/lib/gcc/x86_64-linux-gnu/12/32/crtbegin.o ] || need_apt+=(gcc-multilib)
+
+if [ "${#need_apt[@]}" -gt 0 ]; then
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO=sudo
+    echo "install-deps: installing ${need_apt[*]}" >&2
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+if ! have cargo; then
+    echo "install-deps: no Rust toolchain found; install one with rustup (https://rustup.rs) and rerun" >&2
+    exit 1
+fi
+if have rustup && ! rustup target list --installed | grep -qx i686-unknown-linux-gnu; then
+    echo "install-deps: adding the i686-unknown-linux-gnu target" >&2
+    rustup target add i686-unknown-linux-gnu >/dev/null
+fi

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Run every blktap3 test: style, lints, the x86_64 suite (unit, integration, real peers),
+# the i686 suite (OpenXT 8's dom0 is 32-bit) and shellcheck. Installs what it needs first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/install-deps.sh
+
+step() { printf '\n=== %s\n' "$*"; }
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets -- -D warnings
+
+step "cargo test (x86_64)"
+cargo test --all-targets 2>&1 | tee target/test-x86_64.log
+
+step "cargo test (i686-unknown-linux-gnu)"
+cargo test --target i686-unknown-linux-gnu --all-targets 2>&1 | tee target/test-i686.log
+
+step "shellcheck"
+mapfile -t shells < <(git ls-files '*.sh' 'scripts/*' 'meta-blktap3/**/*.sh' '.ci/*' | sort -u | while read -r f; do
+    [ -f "$f" ] && head -n1 "$f" | grep -q '^#!.*\(ba\)\?sh' && echo "$f"; done)
+shellcheck "${shells[@]}"
+
+step "summary"
+passed=$(cat target/test-x86_64.log target/test-i686.log | sed -n 's/^test result: [A-Za-z]*\. \([0-9]*\) passed; \([0-9]*\) failed.*/\1 \2/p' | awk '{p+=$1; f+=$2} END {print p+0, f+0}')
+read -r p f <<<"$passed"
+echo "all: $p passed, $f failed"
+[ "$f" -eq 0 ]

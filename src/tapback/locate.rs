@@ -1,0 +1,345 @@
+//! Finding the tapdisk that serves a device, and the tapdisk operations tapback needs.
+//!
+//! The toolstack names the disk in the backend directory with one of three keys, tried in
+//! this order (the first that resolves wins, so arrival order does not matter):
+//!
+//! 1. `physical-device-path` = `<control dir>/nbd<pid>.<minor>`: the NBD socket `tap-ctl
+//!    create` returned. The pid and minor are parsed from the name and checked with LIST.
+//! 2. `physical-device` = hex `major:minor` of the block device `tap-ctl create` returned.
+//!    For a kernel NBD device (major 43) the socket is looked up through the device's sysfs
+//!    `backend` identifier; anything else is not resolvable and falls through.
+//! 3. `tapdisk-params` = `type:/path`: the VBD of any tapdisk whose LIST shows that image.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::control::client::Client;
+use crate::control::msg::{split_params, Blkif, DiskInfo, ListEntry, Request};
+use crate::control::{pid_from_socket_name, ControlError};
+use crate::tapback::{Result, TapbackError};
+
+/// Backend key holding the NBD socket path.
+pub const KEY_PHYSICAL_DEVICE_PATH: &str = "physical-device-path";
+/// Backend key holding the hex `major:minor` of the block device.
+pub const KEY_PHYSICAL_DEVICE: &str = "physical-device";
+/// Backend key holding `type:/path` of the image.
+pub const KEY_TAPDISK_PARAMS: &str = "tapdisk-params";
+/// Major number of the Linux NBD block driver.
+pub const NBD_MAJOR: u32 = 43;
+
+/// The VBD serving a device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TapLocation {
+    /// tapdisk process id.
+    pub pid: i32,
+    /// VBD minor inside that tapdisk.
+    pub minor: u16,
+    /// The key it was found through.
+    pub source: &'static str,
+}
+
+/// The tapdisk operations tapback uses. The real implementation is [`ControlTapdisks`];
+/// tests use a fake that records calls.
+pub trait TapdiskOps {
+    /// The VBDs of tapdisk `pid` (LIST).
+    fn list_pid(&self, pid: i32) -> std::result::Result<Vec<ListEntry>, ControlError>;
+    /// Every live tapdisk and its VBDs.
+    fn list_all(&self) -> std::result::Result<Vec<(i32, Vec<ListEntry>)>, ControlError>;
+    /// DISK_INFO of a VBD.
+    fn disk_info(&self, pid: i32, minor: u16) -> std::result::Result<DiskInfo, ControlError>;
+    /// XENBLKIF_CONNECT.
+    fn connect(&self, pid: i32, minor: u16, blkif: &Blkif)
+        -> std::result::Result<(), ControlError>;
+    /// XENBLKIF_DISCONNECT of the ring of (domid, devid).
+    fn disconnect(&self, pid: i32, domid: u32, devid: u32)
+        -> std::result::Result<(), ControlError>;
+    /// The NBD socket path behind block device `major:minor`, if the host can tell.
+    fn block_device_socket(&self, major: u32, minor: u32) -> Option<String> {
+        let _ = (major, minor);
+        None
+    }
+}
+
+/// Parse `.../nbd<pid>.<minor>` (any directory; the name must be exactly that).
+pub fn parse_nbd_path(s: &str) -> Option<(i32, u16)> {
+    let s = s.trim_end_matches('\0').trim();
+    let base = s.rsplit('/').next()?;
+    let rest = base.strip_prefix("nbd")?;
+    let (pid, minor) = rest.split_once('.')?;
+    let digits = |t: &str| !t.is_empty() && t.len() <= 10 && t.bytes().all(|b| b.is_ascii_digit());
+    if !digits(pid) || !digits(minor) {
+        return None;
+    }
+    let pid = pid.parse::<i32>().ok().filter(|p| *p > 0)?;
+    let minor = minor.parse::<u16>().ok()?;
+    Some((pid, minor))
+}
+
+/// Parse a `physical-device` value: hex `major:minor`. Empty means absent (`Ok(None)`).
+pub fn parse_physical_device(s: &str) -> std::result::Result<Option<(u32, u32)>, String> {
+    let t = s.trim_end_matches('\0').trim();
+    if t.is_empty() {
+        return Ok(None);
+    }
+    let bad = || format!("{t:?} is not hex major:minor");
+    let (ma, mi) = t.split_once(':').ok_or_else(bad)?;
+    let hex = |x: &str| {
+        if x.is_empty() || x.len() > 8 || !x.bytes().all(|b| b.is_ascii_hexdigit()) {
+            None
+        } else {
+            u32::from_str_radix(x, 16).ok()
+        }
+    };
+    match (hex(ma), hex(mi)) {
+        (Some(a), Some(b)) => Ok(Some((a, b))),
+        _ => Err(bad()),
+    }
+}
+
+/// The locator keys as read from the backend directory (`None` = absent).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LocatorKeys {
+    pub physical_device_path: Option<String>,
+    pub physical_device: Option<String>,
+    pub tapdisk_params: Option<String>,
+}
+
+fn verify<T: TapdiskOps + ?Sized>(
+    t: &T,
+    pid: i32,
+    minor: u16,
+    source: &'static str,
+) -> std::result::Result<TapLocation, String> {
+    match t.list_pid(pid) {
+        Ok(vbds) => match vbds.iter().find(|v| v.minor == minor) {
+            Some(v) if v.params.is_empty() => Err(format!(
+                "{source}: tapdisk {pid} minor {minor} has no image open"
+            )),
+            Some(_) => Ok(TapLocation { pid, minor, source }),
+            None => Err(format!(
+                "{source}: tapdisk {pid} does not serve minor {minor}"
+            )),
+        },
+        Err(e) => Err(format!("{source}: tapdisk {pid}: {e}")),
+    }
+}
+
+/// Find the VBD for a device from its locator keys (see the module docs for the order).
+pub fn locate_tapdisk<T: TapdiskOps + ?Sized>(t: &T, keys: &LocatorKeys) -> Result<TapLocation> {
+    let mut why = Vec::new();
+    if let Some(p) = keys
+        .physical_device_path
+        .as_deref()
+        .filter(|p| !p.is_empty())
+    {
+        match parse_nbd_path(p) {
+            Some((pid, minor)) => match verify(t, pid, minor, KEY_PHYSICAL_DEVICE_PATH) {
+                Ok(loc) => return Ok(loc),
+                Err(e) => why.push(e),
+            },
+            None => why.push(format!(
+                "{KEY_PHYSICAL_DEVICE_PATH}: {p:?} is not nbd<pid>.<minor>"
+            )),
+        }
+    }
+    if let Some(p) = keys.physical_device.as_deref() {
+        match parse_physical_device(p) {
+            Ok(None) => {}
+            Ok(Some((major, minor))) => {
+                match t
+                    .block_device_socket(major, minor)
+                    .as_deref()
+                    .and_then(parse_nbd_path)
+                {
+                    Some((pid, m)) => match verify(t, pid, m, KEY_PHYSICAL_DEVICE) {
+                        Ok(loc) => return Ok(loc),
+                        Err(e) => why.push(e),
+                    },
+                    None => why.push(format!(
+                        "{KEY_PHYSICAL_DEVICE}: {major:x}:{minor:x} is not a known tapdisk device"
+                    )),
+                }
+            }
+            Err(e) => why.push(format!("{KEY_PHYSICAL_DEVICE}: {e}")),
+        }
+    }
+    if let Some(p) = keys.tapdisk_params.as_deref().filter(|p| !p.is_empty()) {
+        let p = p.trim_end_matches('\0').trim();
+        match split_params(p) {
+            Ok(_) => match t.list_all() {
+                Ok(all) => {
+                    let hit = all.iter().find_map(|(pid, vbds)| {
+                        vbds.iter().find(|v| v.params == p).map(|v| (*pid, v.minor))
+                    });
+                    match hit {
+                        Some((pid, minor)) => {
+                            return Ok(TapLocation {
+                                pid,
+                                minor,
+                                source: KEY_TAPDISK_PARAMS,
+                            })
+                        }
+                        None => why.push(format!("{KEY_TAPDISK_PARAMS}: no tapdisk serves {p}")),
+                    }
+                }
+                Err(e) => why.push(format!("{KEY_TAPDISK_PARAMS}: {e}")),
+            },
+            Err(e) => why.push(format!("{KEY_TAPDISK_PARAMS}: {e}")),
+        }
+    }
+    if why.is_empty() {
+        why.push(format!(
+            "none of {KEY_PHYSICAL_DEVICE_PATH}, {KEY_PHYSICAL_DEVICE}, {KEY_TAPDISK_PARAMS} is set"
+        ));
+    }
+    Err(TapbackError::NoTapdisk(why.join("; ")))
+}
+
+/// The real tapdisk operations, over the control sockets. Every request is bounded by a
+/// timeout so that a wedged tapdisk cannot stall tapback.
+#[derive(Clone, Debug)]
+pub struct ControlTapdisks {
+    client: Client,
+    timeout: Duration,
+    sysfs: PathBuf,
+}
+
+/// Default bound on one control exchange.
+pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl ControlTapdisks {
+    /// Over `client`'s control directory, with `/sys` for block device lookups.
+    pub fn new(client: Client) -> Self {
+        ControlTapdisks {
+            client,
+            timeout: CONTROL_TIMEOUT,
+            sysfs: PathBuf::from("/sys"),
+        }
+    }
+
+    /// Use another timeout per control exchange.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Use another sysfs root (tests).
+    pub fn with_sysfs(mut self, root: impl Into<PathBuf>) -> Self {
+        self.sysfs = root.into();
+        self
+    }
+
+    /// The control directory.
+    pub fn dir(&self) -> &Path {
+        self.client.dir()
+    }
+}
+
+impl TapdiskOps for ControlTapdisks {
+    fn list_pid(&self, pid: i32) -> std::result::Result<Vec<ListEntry>, ControlError> {
+        self.client.list_pid(pid, Some(self.timeout))
+    }
+
+    fn list_all(&self) -> std::result::Result<Vec<(i32, Vec<ListEntry>)>, ControlError> {
+        // Not Client::list(): that probes every socket without a timeout.
+        let dir = self.client.dir();
+        let rd = match std::fs::read_dir(dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(ControlError::io(format!("read {}", dir.display()), e)),
+        };
+        let mut pids: Vec<i32> = rd
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().and_then(pid_from_socket_name))
+            .collect();
+        pids.sort_unstable();
+        let mut out = Vec::new();
+        for pid in pids {
+            match self.list_pid(pid) {
+                Ok(v) => out.push((pid, v)),
+                Err(e) => log::debug!("tapdisk {pid} skipped: {e}"),
+            }
+        }
+        Ok(out)
+    }
+
+    fn disk_info(&self, pid: i32, minor: u16) -> std::result::Result<DiskInfo, ControlError> {
+        self.client.info(pid, minor, Some(self.timeout))
+    }
+
+    fn connect(
+        &self,
+        pid: i32,
+        minor: u16,
+        blkif: &Blkif,
+    ) -> std::result::Result<(), ControlError> {
+        // Client::connect_xenblkif has no timeout; send the same request with one.
+        let req = Request::XenblkifConnect {
+            minor,
+            blkif: blkif.clone(),
+        };
+        self.client.request(pid, &req, Some(self.timeout)).map(drop)
+    }
+
+    fn disconnect(
+        &self,
+        pid: i32,
+        domid: u32,
+        devid: u32,
+    ) -> std::result::Result<(), ControlError> {
+        self.client
+            .disconnect_xenblkif(pid, domid, devid, Some(self.timeout))
+    }
+
+    fn block_device_socket(&self, major: u32, minor: u32) -> Option<String> {
+        if major != NBD_MAJOR {
+            return None;
+        }
+        let p = self
+            .sysfs
+            .join(format!("dev/block/{major}:{minor}/backend"));
+        let s = std::fs::read_to_string(p).ok()?;
+        let s = s.trim();
+        parse_nbd_path(s).map(|_| s.to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nbd_paths() {
+        assert_eq!(parse_nbd_path("/run/blktap-control/nbd42.3"), Some((42, 3)));
+        assert_eq!(parse_nbd_path("nbd1.0"), Some((1, 0)));
+        assert_eq!(parse_nbd_path("/x/nbd42.3\0"), Some((42, 3)));
+        for bad in [
+            "",
+            "nbd",
+            "nbd42",
+            "nbd42.",
+            "nbd.3",
+            "nbd0.1",
+            "nbd-1.2",
+            "nbd4.70000",
+            "nbd4.3x",
+            "/dev/nbd0",
+            "nbd99999999999.1",
+            "ctl42",
+            "nbd4 .3",
+        ] {
+            assert_eq!(parse_nbd_path(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn physical_devices() {
+        assert_eq!(parse_physical_device("2b:0"), Ok(Some((43, 0))));
+        assert_eq!(parse_physical_device("fe:1A"), Ok(Some((0xfe, 0x1a))));
+        assert_eq!(parse_physical_device(""), Ok(None));
+        assert_eq!(parse_physical_device(" \0"), Ok(None));
+        for bad in ["2b", ":1", "2b:", "zz:1", "1:2:3", "123456789:1", "-1:2"] {
+            assert!(parse_physical_device(bad).is_err(), "{bad:?}");
+        }
+    }
+}

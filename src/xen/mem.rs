@@ -1,0 +1,226 @@
+//! Raw shared memory: an mmap'd range that another party (a guest, via Xen) may change at any
+//! time. It is never exposed as a Rust reference; every access is an atomic (ring indices) or a
+//! volatile copy (slot and data bytes), which is what [`SharedMem`] requires.
+
+use std::io;
+use std::os::fd::AsFd;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use nix::sys::mman::{mmap, mmap_anonymous, munmap, MapFlags, ProtFlags};
+
+use crate::blkif::SharedMem;
+
+/// An owned, page-aligned `mmap` of shared memory; `munmap`ed on drop.
+#[derive(Debug)]
+pub struct MappedRegion {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the region is plain memory with no thread affinity; all accesses go through
+// atomics or volatile copies, which are sound to perform from any thread concurrently.
+unsafe impl Send for MappedRegion {}
+// SAFETY: as above: `&MappedRegion` only permits atomic and volatile accesses.
+unsafe impl Sync for MappedRegion {}
+
+impl MappedRegion {
+    /// A zeroed, private-to-this-process but `MAP_SHARED` anonymous region of `len` bytes.
+    pub fn anonymous(len: usize) -> io::Result<MappedRegion> {
+        let nz = std::num::NonZeroUsize::new(len).ok_or(io::ErrorKind::InvalidInput)?;
+        // SAFETY: a fresh anonymous mapping does not alias any existing Rust object.
+        let ptr = unsafe {
+            mmap_anonymous(
+                None,
+                nz,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED,
+            )
+        }?;
+        Ok(MappedRegion {
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+
+    /// Map `len` bytes of `fd` at `offset` (`MAP_SHARED`).
+    pub fn map_fd<F: AsFd>(
+        fd: F,
+        offset: libc::off_t,
+        len: usize,
+        writable: bool,
+    ) -> io::Result<Self> {
+        let nz = std::num::NonZeroUsize::new(len).ok_or(io::ErrorKind::InvalidInput)?;
+        let mut prot = ProtFlags::PROT_READ;
+        if writable {
+            prot |= ProtFlags::PROT_WRITE;
+        }
+        // SAFETY: a new mapping chosen by the kernel (no MAP_FIXED) cannot alias Rust objects;
+        // the file's contents are only reached through atomics/volatile copies.
+        let ptr = unsafe { mmap(None, nz, prot, MapFlags::MAP_SHARED, fd, offset) }?;
+        Ok(MappedRegion {
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+
+    /// Take ownership of an existing mapping.
+    ///
+    /// # Safety
+    /// `ptr..ptr+len` must be a live, page-aligned `mmap` owned by nobody else, readable (and
+    /// writable if writes will be made), and must stay mapped until this value is dropped,
+    /// which `munmap`s it.
+    pub unsafe fn from_raw(ptr: NonNull<u8>, len: usize) -> MappedRegion {
+        MappedRegion { ptr, len }
+    }
+
+    /// Start address (for building ioctl arguments; never dereference it directly).
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the region is empty (never, for a successful mapping).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn check(&self, off: usize, len: usize) {
+        assert!(
+            off.checked_add(len).is_some_and(|e| e <= self.len),
+            "shared memory access {off}+{len} beyond {}",
+            self.len
+        );
+    }
+
+    fn word(&self, off: usize) -> &AtomicU32 {
+        self.check(off, 4);
+        assert!(off.is_multiple_of(4), "unaligned atomic access at {off}");
+        // SAFETY: in bounds (checked), 4-aligned (page-aligned base + 4-aligned offset), valid
+        // for the lifetime of `&self`; every Rust access to ring index words is atomic.
+        unsafe { AtomicU32::from_ptr(self.ptr.as_ptr().add(off).cast::<u32>()) }
+    }
+
+    /// Copy `buf.len()` bytes at `off` out of the region (volatile). Panics if out of bounds.
+    pub fn read_at(&self, off: usize, buf: &mut [u8]) {
+        self.check(off, buf.len());
+        // SAFETY: bounds checked above; `buf` is private memory that cannot overlap the mapping
+        // (it is a Rust reference, the mapping never is).
+        unsafe { volatile_copy_out(self.ptr.as_ptr().add(off), buf) }
+    }
+
+    /// Copy `data` into the region at `off` (volatile). Panics if out of bounds.
+    pub fn write_at(&self, off: usize, data: &[u8]) {
+        self.check(off, data.len());
+        // SAFETY: bounds checked above; no Rust reference to the mapping exists.
+        unsafe { volatile_copy_in(self.ptr.as_ptr().add(off), data) }
+    }
+}
+
+impl Drop for MappedRegion {
+    fn drop(&mut self) {
+        // SAFETY: we own the mapping (constructor contracts) and no pointer into it outlives
+        // `self` (borrows of `self` end before drop).
+        if let Err(e) = unsafe { munmap(self.ptr.cast(), self.len) } {
+            log::error!("munmap of shared region failed: {e}");
+        }
+    }
+}
+
+/// Copy from shared memory with volatile loads: 8 bytes at a time once aligned.
+///
+/// # Safety
+/// `src..src+dst.len()` must be valid for reads for the duration of the call.
+unsafe fn volatile_copy_out(src: *const u8, dst: &mut [u8]) {
+    let n = dst.len();
+    let mut i = 0;
+    while i < n && !(src as usize + i).is_multiple_of(8) {
+        // SAFETY: `src + i` with `i < n` is readable per the function contract.
+        dst[i] = unsafe { src.add(i).read_volatile() };
+        i += 1;
+    }
+    // Four words per iteration: volatile loads are never merged or vectorised, so unrolling
+    // is what keeps this near memory speed.
+    let body = (n - i) / 32 * 32;
+    for chunk in dst[i..i + body].chunks_exact_mut(32) {
+        // SAFETY: `src + i .. src + i + 32` is readable (the chunk lies inside `dst`, whose
+        // length is the readable length) and 8-aligned (the head loop stopped at an 8-aligned
+        // address and i only grows by multiples of 8 since).
+        let w = unsafe {
+            let p = src.add(i).cast::<u64>();
+            [
+                p.read_volatile(),
+                p.add(1).read_volatile(),
+                p.add(2).read_volatile(),
+                p.add(3).read_volatile(),
+            ]
+        };
+        for (d, v) in chunk.chunks_exact_mut(8).zip(w) {
+            d.copy_from_slice(&v.to_ne_bytes());
+        }
+        i += 32;
+    }
+    while i + 8 <= n {
+        // SAFETY: `src + i .. src + i + 8` is readable (i + 8 <= n) and 8-aligned (as above).
+        let w = unsafe { src.add(i).cast::<u64>().read_volatile() };
+        dst[i..i + 8].copy_from_slice(&w.to_ne_bytes());
+        i += 8;
+    }
+    while i < n {
+        // SAFETY: `src + i` with `i < n` is readable per the function contract.
+        dst[i] = unsafe { src.add(i).read_volatile() };
+        i += 1;
+    }
+}
+
+/// Copy into shared memory with volatile stores.
+///
+/// # Safety
+/// `dst..dst+src.len()` must be valid for writes for the duration of the call.
+unsafe fn volatile_copy_in(dst: *mut u8, src: &[u8]) {
+    let n = src.len();
+    let mut i = 0;
+    while i < n && !(dst as usize + i).is_multiple_of(8) {
+        // SAFETY: `dst + i` with `i < n` is writable per the function contract.
+        unsafe { dst.add(i).write_volatile(src[i]) };
+        i += 1;
+    }
+    while i + 8 <= n {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&src[i..i + 8]);
+        // SAFETY: `dst + i .. dst + i + 8` is writable (i + 8 <= n) and 8-aligned.
+        unsafe {
+            dst.add(i)
+                .cast::<u64>()
+                .write_volatile(u64::from_ne_bytes(w))
+        };
+        i += 8;
+    }
+    while i < n {
+        // SAFETY: `dst + i` with `i < n` is writable per the function contract.
+        unsafe { dst.add(i).write_volatile(src[i]) };
+        i += 1;
+    }
+}
+
+impl SharedMem for MappedRegion {
+    fn size(&self) -> usize {
+        self.len
+    }
+    fn load_u32(&self, off: usize, order: Ordering) -> u32 {
+        self.word(off).load(order)
+    }
+    fn store_u32(&self, off: usize, val: u32, order: Ordering) {
+        self.word(off).store(val, order)
+    }
+    fn read_bytes(&self, off: usize, buf: &mut [u8]) {
+        self.read_at(off, buf)
+    }
+    fn write_bytes(&self, off: usize, data: &[u8]) {
+        self.write_at(off, data)
+    }
+}

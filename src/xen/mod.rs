@@ -1,0 +1,263 @@
+//! Xen OS interfaces: grant copy/map (`/dev/xen/gntdev`), event channels (`/dev/xen/evtchn`)
+//! and xenstore, each as a trait with a real implementation and an in-process simulation.
+//!
+//! This is the only module of the crate allowed to use `unsafe` (ioctls, mmap, raw shared
+//! memory). Every `unsafe` block carries a `// SAFETY:` comment.
+//!
+//! ```text
+//!  traits (this file)      real                           sim
+//!  GrantCopier ─────────── gntdev::GntDev (GRANT_COPY) ── sim::SimGrants (memcpy + checks)
+//!  GrantMapper ─────────── gntdev::GntDev (MAP + mmap) ── sim::SimGrants (memfd page aliasing)
+//!  EventChannel ────────── evtchn::EvtchnDev ──────────── sim::SimEvtchn (eventfd)
+//!  xenstore::XenStore ──── xenstore::XsClient (wire) ──── sim::MemXenStore / MemXsConn
+//!                                                         sim::SimBlkfront (drives all of them)
+//! ```
+
+pub mod evtchn;
+pub mod gntdev;
+pub mod mem;
+pub mod sim;
+pub mod sys;
+pub mod xenstore;
+
+use std::io;
+use std::os::fd::AsFd;
+
+pub use mem::MappedRegion;
+pub use xenstore::{transaction, Tx, WatchEvent, XenStore, XsError};
+
+use crate::blkif::SharedMem;
+
+/// A Xen domain id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DomId(pub u16);
+
+/// A grant reference.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GrantRef(pub u32);
+
+/// An event-channel port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Port(pub u32);
+
+/// The Xen page size used by grants.
+pub const XEN_PAGE_SIZE: usize = 4096;
+
+/// One grant-copy segment: `len` bytes at `page_off` in the granted page `gref`, to or from
+/// `buf[buf_off..buf_off + len]` in the caller's buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CopySeg {
+    pub gref: GrantRef,
+    pub page_off: u16,
+    pub len: u16,
+    pub buf_off: usize,
+}
+
+/// `GNTST_*` status codes of a grant operation (`grant_table.h`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GrantStatus {
+    /// `GNTST_okay` (0).
+    Okay,
+    /// `GNTST_general_error` (-1).
+    GeneralError,
+    /// `GNTST_bad_domain` (-2).
+    BadDomain,
+    /// `GNTST_bad_gntref` (-3).
+    BadGntRef,
+    /// `GNTST_bad_handle` (-4).
+    BadHandle,
+    /// `GNTST_bad_virt_addr` (-5).
+    BadVirtAddr,
+    /// `GNTST_bad_dev_addr` (-6).
+    BadDevAddr,
+    /// `GNTST_no_device_space` (-7).
+    NoDeviceSpace,
+    /// `GNTST_permission_denied` (-8).
+    PermissionDenied,
+    /// `GNTST_bad_page` (-9).
+    BadPage,
+    /// `GNTST_bad_copy_arg` (-10): copy extends past the page.
+    BadCopyArg,
+    /// `GNTST_address_too_big` (-11).
+    AddressTooBig,
+    /// `GNTST_eagain` (-12).
+    Eagain,
+    /// `GNTST_no_space` (-13).
+    NoSpace,
+    /// A value not in the table.
+    Other(i16),
+}
+
+impl GrantStatus {
+    /// From the wire value.
+    pub fn from_i16(v: i16) -> GrantStatus {
+        use GrantStatus::*;
+        match v {
+            0 => Okay,
+            -1 => GeneralError,
+            -2 => BadDomain,
+            -3 => BadGntRef,
+            -4 => BadHandle,
+            -5 => BadVirtAddr,
+            -6 => BadDevAddr,
+            -7 => NoDeviceSpace,
+            -8 => PermissionDenied,
+            -9 => BadPage,
+            -10 => BadCopyArg,
+            -11 => AddressTooBig,
+            -12 => Eagain,
+            -13 => NoSpace,
+            o => Other(o),
+        }
+    }
+
+    /// The wire value.
+    pub fn to_i16(self) -> i16 {
+        use GrantStatus::*;
+        match self {
+            Okay => 0,
+            GeneralError => -1,
+            BadDomain => -2,
+            BadGntRef => -3,
+            BadHandle => -4,
+            BadVirtAddr => -5,
+            BadDevAddr => -6,
+            NoDeviceSpace => -7,
+            PermissionDenied => -8,
+            BadPage => -9,
+            BadCopyArg => -10,
+            AddressTooBig => -11,
+            Eagain => -12,
+            NoSpace => -13,
+            Other(v) => v,
+        }
+    }
+}
+
+/// Grant-copy failures.
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    /// A segment does not fit the caller's buffer or the 4 KiB page; nothing was copied.
+    #[error("grant copy segment {index} is out of bounds")]
+    OutOfBounds {
+        /// Index of the offending segment.
+        index: usize,
+    },
+    /// Some segments failed; the others were copied.
+    #[error("grant copy segment {index} failed with {status:?} ({failed} segments failed)")]
+    Segment {
+        /// The first failed segment.
+        index: usize,
+        /// Its status.
+        status: GrantStatus,
+        /// Number of failed segments.
+        failed: usize,
+    },
+    /// The copy call itself failed (statuses undefined).
+    #[error("grant copy failed")]
+    Io(#[source] io::Error),
+}
+
+/// Check every segment against the buffer and the page before anything is copied (shared by
+/// the real and simulated copiers).
+pub fn check_copy_segs(segs: &[CopySeg], buf_len: usize) -> Result<(), CopyError> {
+    for (index, s) in segs.iter().enumerate() {
+        let len = usize::from(s.len);
+        let page_ok = usize::from(s.page_off) + len <= XEN_PAGE_SIZE;
+        let buf_ok = s.buf_off.checked_add(len).is_some_and(|end| end <= buf_len);
+        if !page_ok || !buf_ok {
+            return Err(CopyError::OutOfBounds { index });
+        }
+    }
+    Ok(())
+}
+
+/// Data movement between guest pages and local buffers (`IOCTL_GNTDEV_GRANT_COPY`).
+pub trait GrantCopier {
+    /// Guest pages → `dst[seg.buf_off..][..seg.len]`. Fails before copying anything if a
+    /// segment is out of bounds; otherwise reports the first segment whose status is not okay.
+    fn copy_from_guest(
+        &self,
+        dom: DomId,
+        segs: &[CopySeg],
+        dst: &mut [u8],
+    ) -> Result<(), CopyError>;
+    /// `src[seg.buf_off..][..seg.len]` → guest pages.
+    fn copy_to_guest(&self, dom: DomId, segs: &[CopySeg], src: &[u8]) -> Result<(), CopyError>;
+}
+
+/// Grant mapping of ring pages (`IOCTL_GNTDEV_MAP_GRANT_REF` + `mmap`).
+pub trait GrantMapper {
+    /// The mapping; dropping it unmaps.
+    type Mapping: SharedMem + Send + Sync + 'static;
+    /// Map `refs` of `dom`, in order, into one contiguous range.
+    fn map(&self, dom: DomId, refs: &[GrantRef], writable: bool) -> io::Result<Self::Mapping>;
+}
+
+/// Interdomain event channels (`/dev/xen/evtchn`). The fd becomes readable when a bound
+/// port has a pending event; poll it, then call [`pending`](Self::pending).
+pub trait EventChannel: AsFd {
+    /// Bind a local port to `(dom, remote)`. The new port starts with one pending event
+    /// (Xen marks it pending on bind): treat spurious events as normal.
+    fn bind_interdomain(&self, dom: DomId, remote: Port) -> io::Result<Port>;
+    /// Unbind a local port.
+    fn unbind(&self, local: Port) -> io::Result<()>;
+    /// Signal the remote end of `local`.
+    fn notify(&self, local: Port) -> io::Result<()>;
+    /// Next port with a delivered event, or `None` (non-blocking). The port stays masked until
+    /// [`unmask`](Self::unmask).
+    fn pending(&self) -> io::Result<Option<Port>>;
+    /// Re-enable delivery on `local`.
+    fn unmask(&self, local: Port) -> io::Result<()>;
+}
+
+/// How a request's data is laid out in the local buffer for grant copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BufLayout {
+    /// Segment data back to back (`buf_off` = running sum of lengths).
+    Packed,
+    /// Segment `i` at `i * 4096 + first_sect * 512`, as tapdisk does, so each segment keeps
+    /// its in-page alignment (the buffer needs `segments * 4096` bytes).
+    PagePerSegment,
+}
+
+/// Grant-copy segments for a validated request's data.
+pub fn request_copy_segs(req: &crate::blkif::Request, layout: BufLayout) -> Vec<CopySeg> {
+    let mut packed = 0usize;
+    req.segments()
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let buf_off = match layout {
+                BufLayout::Packed => {
+                    let o = packed;
+                    packed += usize::from(s.len());
+                    o
+                }
+                BufLayout::PagePerSegment => i * XEN_PAGE_SIZE + usize::from(s.page_offset()),
+            };
+            CopySeg {
+                gref: GrantRef(s.gref),
+                page_off: s.page_offset(),
+                len: s.len(),
+                buf_off,
+            }
+        })
+        .collect()
+}
+
+/// Grant-copy segments that fetch an indirect request's segment pages (whole pages, in
+/// order) into a buffer of `grefs.len() * 4096` bytes, ready for
+/// [`IndirectRequest::complete`](crate::blkif::IndirectRequest::complete).
+pub fn indirect_copy_segs(hdr: &crate::blkif::IndirectRequest) -> Vec<CopySeg> {
+    hdr.grefs
+        .iter()
+        .enumerate()
+        .map(|(i, g)| CopySeg {
+            gref: GrantRef(*g),
+            page_off: 0,
+            len: XEN_PAGE_SIZE as u16,
+            buf_off: i * XEN_PAGE_SIZE,
+        })
+        .collect()
+}
