@@ -22,4 +22,5 @@ pub mod nbd;
 pub mod tapback;
 pub mod tapdisk;
 pub mod util;
+pub mod vhdutil;
 pub mod xen;

@@ -25,7 +25,8 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use blktap3::control::msg::{OpenFlags, OpenRequest, Reply, Request};
 use blktap3::control::server::{serve_connection, ControlServer, MAX_CONNECTIONS};
 use blktap3::control::{control_dir, minors};
-use blktap3::tapdisk::daemon::{keys_from_env, Config};
+use blktap3::image::crypto::KeySource;
+use blktap3::tapdisk::daemon::Config;
 use blktap3::tapdisk::Tapdisk;
 
 #[derive(Parser, Debug)]
@@ -181,7 +182,7 @@ fn run(args: &Args) -> Result<(), String> {
 
     let dir = control_dir();
     let mut cfg = Config::new(&dir);
-    cfg.keys = keys_from_env();
+    cfg.keys = KeySource::from_env();
     if let Some(n) = std::env::var("TAPDISK3_IO_THREADS")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())

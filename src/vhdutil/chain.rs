@@ -1,0 +1,20 @@
+//! Opening images through the image layer for data operations (coalesce, fill, copy,
+//! read -r): parents attached, and keys from `TAPDISK3_CRYPTO_KEYDIR` /
+//! `TAPDISK2_CRYPTO_KEYDIR` so encrypted chains are read and written as plaintext.
+
+use std::path::Path;
+
+use crate::image::chain::{open_vhd_chain, OpenOptions};
+use crate::image::crypto::KeySource;
+use crate::image::vhd::engine::VhdImage;
+use crate::image::ImageError;
+
+/// Open the VHD at `name` with its chain and the environment's key directories.
+pub fn open_chain(name: &str, read_only: bool) -> Result<VhdImage, ImageError> {
+    let opts = OpenOptions {
+        read_only,
+        keys: KeySource::from_env(),
+        ..Default::default()
+    };
+    open_vhd_chain(Path::new(name), &opts)
+}

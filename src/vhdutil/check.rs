@@ -1,0 +1,882 @@
+//! `vhd-util check -n FILE [-i] [-I] [-t] [-p] [-b] [-B] [-s]` (`vhd-util-check.c`):
+//! footer (primary and backup), header, differencing header, BAT (overlaps with headers,
+//! footer and other blocks), batmap, parent locators and parent uuid, optional bitmap
+//! and data checks and allocation statistics. Messages and their order follow blktap;
+//! on failure the metadata is dumped as `read -p` would.
+
+use std::os::unix::fs::FileTypeExt;
+use std::path::Path;
+use std::time::SystemTime;
+
+use super::cli::{OptsExt, UsageSpec, EINVAL};
+use super::common::{self, neg};
+use super::scanfmt::basename;
+use super::Io;
+use crate::image::file::{BlockFile, OsFile};
+use crate::image::vhd::format::*;
+use crate::image::vhd::ops::vhd_time;
+use crate::image::vhd::parent::resolve_locator;
+use crate::vout;
+
+pub const USAGE: UsageSpec = UsageSpec {
+    cmd: "check",
+    spec: "n:iItpbBsh",
+    text: "options: -n <file> [-i ignore missing primary footers] \
+[-I ignore parent uuids] [-t ignore timestamps] \
+[-B do not check BAT for overlapping (precludes -s, -b)] \
+[-p check parents] [-b check bitmaps] [-s stats] [-h help]\n",
+    to_stderr: false,
+    h_status: 0,
+};
+
+/// Allowed clock skew for timestamps in the future (NFS servers).
+const TIMESTAMP_MAX_SLACK: u32 = 1800;
+
+#[derive(Clone, Copy, Default)]
+struct Opts {
+    ignore_footer: bool,
+    ignore_parent_uuid: bool,
+    ignore_timestamps: bool,
+    check_data: bool,
+    no_check_bat: bool,
+    collect_stats: bool,
+}
+
+struct Stats {
+    name: String,
+    bitmap: Vec<u8>,
+    secs_total: u64,
+    secs_allocated: u64,
+    secs_written: u64,
+}
+
+/// The metadata of the file under check, read raw (the engine's open refuses some of the
+/// damage check must report).
+struct Raw {
+    path: std::path::PathBuf,
+    file: OsFile,
+    eof: u64,
+    footer: Footer,
+    header: DynHeader,
+    bat: Vec<u32>,
+    /// Batmap header when the footer says there is one (creator tap >= 1.2).
+    batmap: Option<BatmapHeader>,
+}
+
+impl Raw {
+    fn load(path: &Path, file: OsFile, footer: Footer) -> Result<Raw, i32> {
+        let eof = file.len().map_err(|e| ioerr(&e))?;
+        let mut hb = [0u8; HEADER_SIZE];
+        file.read_at(&mut hb, footer.data_offset)
+            .map_err(|e| ioerr(&e))?;
+        let header = DynHeader::decode(&hb);
+        let n = u64::from(header.max_bat_size);
+        let len = usize::try_from(n * 4).map_err(|_| EINVAL)?;
+        let mut raw = vec![0u8; len];
+        file.read_at(&mut raw, header.table_offset)
+            .map_err(|e| ioerr(&e))?;
+        let bat = raw
+            .chunks_exact(4)
+            .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let batmap = if super::read::has_batmap_rule(&footer) {
+            let mut b = [0u8; BATMAP_HEADER_SIZE];
+            let off = header.table_offset + pad512(n * 4);
+            file.read_at(&mut b, off)
+                .ok()
+                .map(|()| BatmapHeader::decode(&b))
+        } else {
+            None
+        };
+        Ok(Raw {
+            path: path.to_path_buf(),
+            file,
+            eof,
+            footer,
+            header,
+            bat,
+            batmap,
+        })
+    }
+
+    fn spb(&self) -> u64 {
+        u64::from(self.header.block_size / 512)
+    }
+
+    fn bm_secs(&self) -> u64 {
+        u64::from(self.header.bitmap_sectors())
+    }
+
+    fn is_diff(&self) -> bool {
+        self.footer.disk_type == 4
+    }
+
+    fn read(&self, off: u64, len: u64) -> Option<Vec<u8>> {
+        let end = off.checked_add(len)?;
+        if end > self.eof {
+            return None;
+        }
+        common::read_exact(&self.file, &self.path, off, usize::try_from(len).ok()?).ok()
+    }
+
+    fn locator_data(&self, l: &Locator) -> Option<Vec<u8>> {
+        let space = l.space_bytes()?;
+        if u64::from(l.data_len) > space {
+            return None;
+        }
+        self.read(l.data_offset, u64::from(l.data_len))
+    }
+}
+
+struct Ctx {
+    opts: Opts,
+    /// Most recent first (blktap list_add).
+    stats: Vec<Stats>,
+    primary_footer_missing: bool,
+}
+
+fn now() -> u32 {
+    vhd_time(SystemTime::now())
+}
+
+fn validate_footer(o: &Opts, f: &Footer) -> Option<&'static str> {
+    if f.cookie != FOOTER_COOKIE {
+        return Some("invalid cookie");
+    }
+    if f.compute_checksum() != f.checksum {
+        let old_tap = f.hidden != 0
+            && f.crtr_app[..3] == *b"tap"
+            && (f.crtr_ver == 0x0000_0001 || f.crtr_ver == 0x0001_0001);
+        let mut g = *f;
+        g.hidden = 0;
+        if !(old_tap && g.compute_checksum() == f.checksum) {
+            return Some("invalid checksum");
+        }
+    }
+    if f.features & 0x2 == 0 {
+        return Some("invalid 'reserved' feature");
+    }
+    if f.features & !0x3 != 0 {
+        return Some("invalid extra features");
+    }
+    if f.ff_version != FF_VERSION {
+        return Some("invalid file format version");
+    }
+    if f.disk_type != 3 && f.disk_type != 4 && f.data_offset != u64::MAX {
+        return Some("invalid data offset");
+    }
+    if !o.ignore_timestamps && f.timestamp > now().saturating_add(TIMESTAMP_MAX_SLACK) {
+        return Some("creation time in future");
+    }
+    if f.crtr_app[..3] == *b"tap" && f.crtr_ver > CREATOR_VERSION {
+        return Some("unsupported tap creator version");
+    }
+    if chs_geometry(f.curr_size) < f.geometry {
+        return Some("geometry too large");
+    }
+    if !matches!(f.disk_type, 2..=4) {
+        return Some("invalid type");
+    }
+    if f.saved > 1 {
+        return Some("invalid 'saved' state");
+    }
+    if f.hidden > 1 {
+        return Some("invalid 'hidden' state");
+    }
+    if f.reserved.iter().any(|&b| b != 0) {
+        return Some("invalid 'reserved' bits");
+    }
+    if f.uuid == [0; 16] {
+        return Some("invalid (NULL) uuid");
+    }
+    None
+}
+
+fn validate_header(h: &DynHeader, eof: u64) -> Option<&'static str> {
+    if h.cookie != HEADER_COOKIE {
+        return Some("invalid cookie");
+    }
+    if h.compute_checksum() != h.checksum {
+        return Some("invalid checksum");
+    }
+    if h.hdr_ver != HEADER_VERSION {
+        return Some("invalid header version");
+    }
+    if h.data_offset != u64::MAX {
+        return Some("invalid data offset");
+    }
+    let bat_end = h.table_offset.saturating_add(u64::from(h.max_bat_size) * 4);
+    if h.table_offset == 0
+        || !h.table_offset.is_multiple_of(512)
+        || bat_end > eof.saturating_sub(FOOTER_SIZE as u64)
+    {
+        return Some("invalid table offset");
+    }
+    if h.block_size.count_ones() != 1 {
+        return Some("invalid block size");
+    }
+    if h.res1 != 0 || h.res2.iter().any(|&b| b != 0) {
+        return Some("invalid reserved bits");
+    }
+    None
+}
+
+/// Read the footer at `off` (a private copy).
+fn footer_at(file: &dyn BlockFile, off: u64) -> std::io::Result<Footer> {
+    let mut b = [0u8; FOOTER_SIZE];
+    file.read_at(&mut b, off)?;
+    Ok(Footer::decode(&b))
+}
+
+fn ioerr(e: &std::io::Error) -> i32 {
+    -e.raw_os_error().unwrap_or(libc::EIO)
+}
+
+fn check_footer(io: &mut Io, ctx: &mut Ctx, file: &dyn BlockFile) -> Result<Footer, i32> {
+    let eof = file.len().map_err(|e| {
+        vout!(io, "error calculating end of file: {}", ioerr(&e));
+        ioerr(&e)
+    })?;
+    let size = if eof % 512 != 0 { 511 } else { 512 };
+    if eof < size {
+        vout!(io, "error reading primary footer: {}", -libc::EIO);
+        return Err(-libc::EIO);
+    }
+    let mut b = [0u8; FOOTER_SIZE];
+    file.read_at(&mut b[..size as usize], eof - size)
+        .map_err(|e| {
+            vout!(io, "error reading primary footer: {}", ioerr(&e));
+            ioerr(&e)
+        })?;
+    let primary = Footer::decode(&b);
+    let mut skip_backup = false;
+    if let Some(msg) = validate_footer(&ctx.opts, &primary) {
+        ctx.primary_footer_missing = true;
+        if !ctx.opts.ignore_footer {
+            vout!(io, "primary footer invalid: {msg}");
+            return Err(EINVAL);
+        }
+    } else if primary.disk_type == 2 {
+        skip_backup = true;
+    }
+    if skip_backup {
+        return Ok(primary);
+    }
+    let backup = footer_at(file, 0).map_err(|e| {
+        vout!(io, "error reading backup footer: {}", ioerr(&e));
+        ioerr(&e)
+    })?;
+    if let Some(msg) = validate_footer(&ctx.opts, &backup) {
+        vout!(io, "backup footer invalid: {msg}");
+        return Err(EINVAL);
+    }
+    if primary != backup {
+        if ctx.opts.ignore_footer {
+            return Ok(backup);
+        }
+        let old_tap = backup.hidden != 0
+            && backup.crtr_app[..3] == *b"tap"
+            && (backup.crtr_ver == 0x0000_0001 || backup.crtr_ver == 0x0001_0001);
+        let mut b0 = backup;
+        b0.hidden = 0;
+        if !(old_tap && b0 == primary) {
+            vout!(io, "primary and backup footers do not match");
+            return Err(EINVAL);
+        }
+    }
+    Ok(primary)
+}
+
+fn check_header(io: &mut Io, file: &dyn BlockFile, footer: &Footer) -> Result<(), i32> {
+    let mut b = [0u8; HEADER_SIZE];
+    if let Err(e) = file.read_at(&mut b, footer.data_offset) {
+        vout!(io, "error reading header: {}", ioerr(&e));
+        return Err(ioerr(&e));
+    }
+    let h = DynHeader::decode(&b);
+    let eof = file.len().unwrap_or(0);
+    if let Some(msg) = validate_header(&h, eof) {
+        vout!(io, "header is invalid: {msg}");
+        return Err(EINVAL);
+    }
+    Ok(())
+}
+
+fn check_differencing_header(io: &mut Io, o: &Opts, r: &Raw) -> Result<(), i32> {
+    let h = &r.header;
+    let msg = if r.is_diff() {
+        if !o.ignore_timestamps && h.prt_ts > now().saturating_add(TIMESTAMP_MAX_SLACK) {
+            Some("parent creation time in future")
+        } else {
+            None
+        }
+    } else if h.prt_name.iter().any(|&b| b != 0) {
+        Some("invalid non-null parent name")
+    } else if h.loc.iter().any(|l| *l != Locator::default()) {
+        Some("invalid non-null parent locators")
+    } else if h.prt_uuid != [0; 16] {
+        Some("invalid non-null parent uuid")
+    } else if h.prt_ts != 0 {
+        Some("invalid non-zero parent timestamp")
+    } else {
+        None
+    };
+    if let Some(m) = msg {
+        vout!(io, "differencing header is invalid: {m}");
+        return Err(EINVAL);
+    }
+    Ok(())
+}
+
+/// End of metadata in bytes (header, BAT, batmap, locators), as libvhd computes it.
+fn end_of_headers(r: &Raw) -> u64 {
+    let h = &r.header;
+    let mut eom = r.footer.data_offset + HEADER_SIZE as u64;
+    eom = eom.max(h.table_offset + pad512(u64::from(h.max_bat_size) * 4));
+    if let Some(bh) = r.batmap.filter(|b| b.cookie == BATMAP_COOKIE) {
+        let hdr_off = h.table_offset + pad512(u64::from(h.max_bat_size) * 4);
+        eom = eom.max(hdr_off + BATMAP_HEADER_SIZE as u64);
+        eom = eom.max(bh.batmap_offset + u64::from(bh.batmap_size) * 512);
+    }
+    for l in h.loc.iter().filter(|l| l.code != PLAT_NONE) {
+        eom = eom.max(l.data_offset + l.space_bytes().unwrap_or(0));
+    }
+    eom
+}
+
+fn check_bitmap(io: &mut Io, ctx: &mut Ctx, r: &Raw, block: u32) -> Result<(), i32> {
+    let spb = r.spb() as u32;
+    let sector = u64::from(block) * u64::from(spb);
+    let e = u64::from(r.bat[block as usize]);
+    let Some(bitmap) = r.read(e * 512, r.bm_secs() * 512) else {
+        vout!(io, "error reading bitmap {:#x}", block);
+        return Err(-libc::EIO);
+    };
+    let data = if ctx.opts.check_data {
+        match r.read((e + r.bm_secs()) * 512, u64::from(spb) * 512) {
+            Some(d) => Some(d),
+            None => {
+                vout!(io, "error reading data block {:#x}", block);
+                return Err(-libc::EIO);
+            }
+        }
+    } else {
+        None
+    };
+    let mut err = 0;
+    for i in 0..spb {
+        let set = bit_test(&bitmap, u64::from(i));
+        if ctx.opts.collect_stats && set {
+            if let Some(s) = ctx.stats.first_mut() {
+                s.secs_written += 1;
+                bit_set(&mut s.bitmap, sector + u64::from(i), true);
+            }
+        }
+        if let Some(d) = &data {
+            let start = i as usize * 512;
+            if d[start..start + 512].iter().any(|&b| b != 0) && !set {
+                vout!(
+                    io,
+                    "sector {:#x} of block {:#x} has data where bitmap is clear",
+                    i,
+                    block
+                );
+                err = EINVAL;
+            }
+        }
+    }
+    if err != 0 {
+        Err(err)
+    } else {
+        Ok(())
+    }
+}
+
+fn check_bat(io: &mut Io, ctx: &mut Ctx, r: &Raw, name: &str) -> Result<(), i32> {
+    let h = &r.header;
+    if ctx.opts.collect_stats {
+        let total = r.spb() * u64::from(h.max_bat_size);
+        let mut bitmap = Vec::new();
+        let ok = usize::try_from(total.div_ceil(8)).ok().is_some_and(|n| {
+            bitmap.try_reserve_exact(n).is_ok() && {
+                bitmap.resize(n, 0);
+                true
+            }
+        });
+        if !ok {
+            vout!(io, "failed to allocate stats for {name}");
+            return Err(-libc::ENOMEM);
+        }
+        ctx.stats.insert(
+            0,
+            Stats {
+                name: name.to_string(),
+                bitmap,
+                secs_total: total,
+                secs_allocated: 0,
+                secs_written: 0,
+            },
+        );
+    }
+    let mut eof = r.eof;
+    if !eof.is_multiple_of(512) {
+        if eof % 512 != 511 {
+            vout!(io, "invalid file size: {:#x}", eof);
+            return Err(EINVAL);
+        }
+        eof += 1;
+    }
+    let bat = &r.bat;
+    let eoh = end_of_headers(r) >> 9;
+    let eof = (eof.saturating_sub(FOOTER_SIZE as u64)) >> 9;
+    let block_size = r.spb() + r.bm_secs();
+    let vhd_blks = r.footer.curr_size >> 21;
+    if vhd_blks > u64::from(h.max_bat_size) {
+        vout!(
+            io,
+            "VHD size ({vhd_blks} blocks) exceeds BAT size ({})",
+            h.max_bat_size
+        );
+        return Err(EINVAL);
+    }
+    let n = (vhd_blks as usize).min(bat.len());
+    // Allocated entries sorted by offset make the overlap test O(n log n).
+    let mut sorted: Vec<(u64, usize)> = bat[..n]
+        .iter()
+        .enumerate()
+        .filter(|(_, &e)| e != BAT_UNUSED)
+        .map(|(i, &e)| (u64::from(e), i))
+        .collect();
+    sorted.sort_unstable();
+    for (i, &off) in bat.iter().enumerate().take(n) {
+        if off == BAT_UNUSED {
+            continue;
+        }
+        let o = u64::from(off);
+        if o < eoh {
+            vout!(io, "block {i} (offset {:#x}) clobbers headers", off);
+            return Err(EINVAL);
+        }
+        if o + block_size > eof
+            && !(ctx.primary_footer_missing && ctx.opts.ignore_footer && o + block_size == eof + 1)
+        {
+            vout!(io, "block {i} (offset {:#x}) clobbers footer", off);
+            return Err(EINVAL);
+        }
+        if ctx.opts.no_check_bat {
+            continue;
+        }
+        let pos = sorted.partition_point(|&(x, _)| x < o);
+        let neighbours = [pos.checked_sub(1), Some(pos), Some(pos + 1)];
+        for (jo, j) in neighbours
+            .into_iter()
+            .flatten()
+            .filter_map(|k| sorted.get(k).copied())
+        {
+            if j == i {
+                continue;
+            }
+            let overlap = o == jo
+                || (o > jo && o < jo + block_size)
+                || (o + block_size > jo && o + block_size < jo + block_size);
+            if overlap {
+                vout!(
+                    io,
+                    "block {i} (offset {:#x}) clobbers block {j} (offset {:#x})",
+                    off,
+                    jo
+                );
+                return Err(EINVAL);
+            }
+        }
+        if ctx.opts.check_data || ctx.opts.collect_stats {
+            if ctx.opts.collect_stats {
+                if let Some(s) = ctx.stats.first_mut() {
+                    s.secs_allocated += r.spb();
+                }
+            }
+            check_bitmap(io, ctx, r, i as u32)?;
+        }
+    }
+    Ok(())
+}
+
+fn check_batmap(io: &mut Io, r: &Raw) -> Result<(), i32> {
+    let h = &r.header;
+    let Some(bh) = r.batmap else {
+        vout!(io, "error reading batmap: {}", -libc::EIO);
+        return Err(-libc::EIO);
+    };
+    let eof = r.eof;
+    let msg = if bh.cookie != BATMAP_COOKIE {
+        Some("invalid cookie")
+    } else if bh.batmap_version > BATMAP_VERSION {
+        Some("unsupported batmap version")
+    } else {
+        let len = u64::from(bh.batmap_size) * 512;
+        let map = r.read(bh.batmap_offset, len);
+        match map {
+            Some(m)
+                if batmap_checksum(&m, r.footer.curr_size, bh.batmap_version) != bh.checksum =>
+            {
+                Some("invalid checksum")
+            }
+            _ if bh.batmap_size == 0 => Some("invalid size zero"),
+            _ if (u64::from(bh.batmap_size) << 12) < u64::from(h.max_bat_size) => {
+                Some("batmap-BAT size mismatch")
+            }
+            _ if bh.batmap_offset == 0 || !bh.batmap_offset.is_multiple_of(512) => {
+                Some("invalid batmap offset")
+            }
+            _ if bh.batmap_offset.saturating_add(len) > eof.saturating_sub(FOOTER_SIZE as u64) => {
+                Some("invalid batmap size")
+            }
+            None => Some("invalid batmap size"),
+            Some(m) => {
+                let bat = &r.bat;
+                for i in 0..(r.footer.curr_size >> 21) {
+                    if bit_test(&m, i)
+                        && bat.get(i as usize).copied().unwrap_or(BAT_UNUSED) == BAT_UNUSED
+                    {
+                        vout!(io, "batmap shows unallocated block {i} full");
+                        return Err(EINVAL);
+                    }
+                }
+                None
+            }
+        }
+    };
+    if let Some(m) = msg {
+        vout!(io, "batmap is invalid: {m}");
+        return Err(EINVAL);
+    }
+    Ok(())
+}
+
+fn check_parent_locators(io: &mut Io, ctx: &Ctx, r: &Raw) -> Result<(), i32> {
+    let h = &r.header;
+    let pname = h.parent_name();
+    let eof = r.eof;
+    let mut seen: Vec<u32> = Vec::new();
+    let mut found = 0;
+    for (i, l) in h.loc.iter().enumerate() {
+        let valid_code = matches!(
+            l.code,
+            PLAT_NONE | PLAT_WI2R | PLAT_WI2K | PLAT_W2RU | PLAT_W2KU | PLAT_MAC | PLAT_MACX
+        );
+        let msg = if !valid_code {
+            Some("invalid platform code")
+        } else if l.code == PLAT_NONE {
+            (*l != Locator::default()).then_some("non-zero locator")
+        } else if l.data_offset == 0 {
+            Some("invalid data offset")
+        } else if l.data_space == 0 {
+            Some("invalid data space")
+        } else if l.data_len == 0 {
+            Some("invalid data length")
+        } else if l
+            .space_bytes()
+            .and_then(|s| l.data_offset.checked_add(s))
+            .is_none_or(|e| e > eof.saturating_sub(FOOTER_SIZE as u64))
+        {
+            Some("invalid size")
+        } else if l.res != 0 {
+            Some("invalid reserved bits")
+        } else {
+            None
+        };
+        if let Some(m) = msg {
+            vout!(io, "invalid parent locator {i}: {m}");
+            return Err(EINVAL);
+        }
+        if l.code == PLAT_NONE {
+            continue;
+        }
+        if seen.contains(&l.code) {
+            vout!(io, "duplicate platform code in locator {i}: {:#x}", l.code);
+            return Err(EINVAL);
+        }
+        seen.push(l.code);
+        if !matches!(l.code, PLAT_MACX | PLAT_W2RU | PLAT_W2KU) {
+            continue;
+        }
+        let ppath = match r
+            .locator_data(l)
+            .ok_or(-libc::EIO)
+            .and_then(|d| decode_locator(l.code, &d).map_err(|_| EINVAL))
+        {
+            Ok(p) => p,
+            Err(e) => {
+                vout!(io, "error reading parent locator {i}: {e}");
+                return Err(e);
+            }
+        };
+        let file = basename(&ppath);
+        if file != pname {
+            vout!(
+                io,
+                "parent locator {i} name ({file}) does not match header name ({pname})"
+            );
+            return Err(EINVAL);
+        }
+        let Some(location) = resolve_locator(&r.path, &ppath) else {
+            // libvhd's vhd_find_parent fails (ENOENT) when the resolved path is not
+            // readable, before check's own "points to missing file" test can run.
+            vout!(io, "error resolving {ppath}: {}", -libc::ENOENT);
+            return Err(-libc::ENOENT);
+        };
+        let raw = h.prt_uuid == [0; 16];
+        if !raw && !ctx.opts.ignore_parent_uuid {
+            let loc = location.to_string_lossy().into_owned();
+            let msg = match common::open(&loc, true) {
+                Err(_) => Some("error opening parent"),
+                Ok(p) if p.footer().uuid != h.prt_uuid => Some("invalid parent uuid"),
+                Ok(_) => None,
+            };
+            if let Some(m) = msg {
+                vout!(io, "invalid parent {loc}: {m}");
+                return Err(EINVAL);
+            }
+        }
+        found += 1;
+    }
+    if found == 0 {
+        vout!(io, "could not find parent {pname}");
+        return Err(EINVAL);
+    }
+    Ok(())
+}
+
+fn dump_metadata(io: &mut Io, name: &str) {
+    vout!(io, "{name} appears invalid; dumping metadata");
+    let args: Vec<String> = ["-p", "-n", name].iter().map(|s| s.to_string()).collect();
+    let _ = super::read::run(io, &args);
+}
+
+fn check_vhd(io: &mut Io, ctx: &mut Ctx, name: &str) -> i32 {
+    let md = match std::fs::metadata(name) {
+        Ok(m) => m,
+        Err(e) => {
+            let n = e.raw_os_error().unwrap_or(libc::EIO);
+            vout!(io, "cannot stat {name}: {n}");
+            return -n;
+        }
+    };
+    if !md.is_file() && !md.file_type().is_block_device() {
+        vout!(io, "{name} is not a regular file or block device");
+        return EINVAL;
+    }
+    let file = match OsFile::open(Path::new(name), false) {
+        Ok(f) => f,
+        Err(e) => {
+            vout!(io, "error opening {name}");
+            return ioerr(&e);
+        }
+    };
+    let r = (|| -> Result<bool, i32> {
+        let footer = check_footer(io, ctx, &file)?;
+        if footer.disk_type != 3 && footer.disk_type != 4 {
+            return Ok(false);
+        }
+        check_header(io, &file, &footer)?;
+        let raw = Raw::load(Path::new(name), file, footer)?;
+        check_differencing_header(io, &ctx.opts, &raw)?;
+        check_bat(io, ctx, &raw, name)?;
+        if raw.batmap.is_some() {
+            check_batmap(io, &raw)?;
+        }
+        if raw.is_diff() {
+            check_parent_locators(io, ctx, &raw)?;
+        }
+        Ok(true)
+    })();
+    match r {
+        Ok(dynamic) => {
+            if dynamic && !ctx.opts.collect_stats {
+                vout!(io, "{name} is valid");
+            }
+            0
+        }
+        Err(e) => {
+            dump_metadata(io, name);
+            e
+        }
+    }
+}
+
+fn check_parents(io: &mut Io, ctx: &mut Ctx, name: &str) -> i32 {
+    let mut cur = name.to_string();
+    let mut err = 0;
+    for _ in 0..common::MAX_CHAIN {
+        let img = match common::open(&cur, true) {
+            Ok(i) => i,
+            Err(e) => {
+                err = neg(&e);
+                break;
+            }
+        };
+        if !img.is_differencing() || common::parent_is_raw(&img) {
+            break;
+        }
+        let parent = match common::parent_path(&img) {
+            Ok(Some((p, _))) => p.to_string_lossy().into_owned(),
+            Ok(None) => break,
+            Err(e) => {
+                vout!(io, "error getting parent: {}", neg(&e));
+                err = neg(&e);
+                break;
+            }
+        };
+        cur = parent;
+        err = check_vhd(io, ctx, &cur);
+        if err != 0 {
+            break;
+        }
+    }
+    if err != 0 {
+        vout!(io, "error checking parents: {err}");
+    }
+    err
+}
+
+fn pct(num: u64, den: u64) -> f64 {
+    if den == 0 {
+        0.0
+    } else {
+        (num as f32 / den as f32 * 100.0) as f64
+    }
+}
+
+fn print_stats(io: &mut Io, ctx: &Ctx) {
+    // ctx.stats is most-recent first; blktap walks from the head (the last checked image,
+    // i.e. the root when -p was given) down to the leaf.
+    let Some(head) = ctx.stats.first() else {
+        return;
+    };
+    vout!(
+        io,
+        "{}: secs allocated: {:#x} secs written: {:#x} ({:.2}%)",
+        basename(&head.name),
+        head.secs_allocated,
+        head.secs_written,
+        pct(head.secs_written, head.secs_allocated)
+    );
+    let mut chain = head.bitmap.clone();
+    let mut prev = head;
+    for cur in ctx.stats.iter().skip(1) {
+        let (mut up, mut uc) = (0u64, 0u64);
+        for i in 0..head.secs_total.min(cur.secs_total) {
+            if bit_test(&cur.bitmap, i) {
+                if !bit_test(&prev.bitmap, i) {
+                    up += 1;
+                }
+                if !bit_test(&chain, i) {
+                    uc += 1;
+                }
+                bit_set(&mut chain, i, true);
+            }
+        }
+        vout!(
+            io,
+            "{}: secs allocated: {:#x} secs written: {:#x} ({:.2}%) secs not in parent: {:#x} ({:.2}%) secs not in ancestors: {:#x} ({:.2}%)",
+            basename(&cur.name),
+            cur.secs_allocated,
+            cur.secs_written,
+            pct(cur.secs_written, cur.secs_allocated),
+            up,
+            pct(up, cur.secs_written),
+            uc,
+            pct(uc, cur.secs_written)
+        );
+        prev = cur;
+    }
+}
+
+pub fn run(io: &mut Io, args: &[String]) -> i32 {
+    let p = match USAGE.parse(io, args) {
+        Ok(p) => p,
+        Err(s) => return s,
+    };
+    let Some(name) = p.value('n').map(str::to_string) else {
+        return USAGE.fail(io, EINVAL);
+    };
+    if !p.operands.is_empty() {
+        return USAGE.fail(io, EINVAL);
+    }
+    let opts = Opts {
+        ignore_footer: p.flag('i'),
+        ignore_parent_uuid: p.flag('I'),
+        ignore_timestamps: p.flag('t'),
+        check_data: p.flag('b'),
+        no_check_bat: p.flag('B'),
+        collect_stats: p.flag('s'),
+    };
+    if (opts.collect_stats || opts.check_data) && opts.no_check_bat {
+        return USAGE.fail(io, EINVAL);
+    }
+    let mut ctx = Ctx {
+        opts,
+        stats: Vec::new(),
+        primary_footer_missing: false,
+    };
+    let mut err = check_vhd(io, &mut ctx, &name);
+    if err != 0 {
+        return err;
+    }
+    if p.flag('p') {
+        err = check_parents(io, &mut ctx, &name);
+    }
+    if opts.collect_stats {
+        print_stats(io, &ctx);
+    }
+    err
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn footer_validation_messages() {
+        let o = Opts {
+            ignore_timestamps: true,
+            ..Default::default()
+        };
+        let good = Footer::new(DiskType::Dynamic, 10 << 20, [7; 16], 0);
+        assert_eq!(validate_footer(&o, &good), None);
+        let mut f = good;
+        f.uuid = [0; 16];
+        f.checksum = f.compute_checksum();
+        assert_eq!(validate_footer(&o, &f), Some("invalid (NULL) uuid"));
+        let mut f = good;
+        f.hidden = 2;
+        f.checksum = f.compute_checksum();
+        assert_eq!(validate_footer(&o, &f), Some("invalid 'hidden' state"));
+        let mut f = good;
+        f.checksum ^= 1;
+        assert_eq!(validate_footer(&o, &f), Some("invalid checksum"));
+        let mut f = good;
+        f.geometry = u32::MAX;
+        f.checksum = f.compute_checksum();
+        assert_eq!(validate_footer(&o, &f), Some("geometry too large"));
+        let mut f = good;
+        f.timestamp = u32::MAX;
+        f.checksum = f.compute_checksum();
+        assert_eq!(
+            validate_footer(&Opts::default(), &f),
+            Some("creation time in future")
+        );
+        assert_eq!(validate_footer(&o, &f), None);
+    }
+
+    #[test]
+    fn header_validation_messages() {
+        let good = DynHeader::new(5, 2 << 20);
+        assert_eq!(validate_header(&good, 1 << 20), None);
+        assert_eq!(validate_header(&good, 2048), Some("invalid table offset"));
+        let mut h = good.clone();
+        h.block_size = 3 << 20;
+        h.checksum = h.compute_checksum();
+        assert_eq!(validate_header(&h, 1 << 20), Some("invalid block size"));
+    }
+}

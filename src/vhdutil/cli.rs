@@ -1,0 +1,130 @@
+//! Shared command-line plumbing: option parsing with blktap's usage and exit-status
+//! conventions.
+
+use super::getopt::{getopt, Parsed};
+use super::Io;
+
+/// `EINVAL` as blktap returns it from a command (negative errno convention).
+pub const EINVAL: i32 = -libc::EINVAL;
+
+/// How a command prints its usage and what `-h` returns.
+pub struct UsageSpec {
+    /// Command name (getopt's program name in error messages).
+    pub cmd: &'static str,
+    /// getopt option string.
+    pub spec: &'static str,
+    /// The usage text (printed as is; ends with a newline).
+    pub text: &'static str,
+    /// blktap prints usage on stderr for `key`, stdout for everything else.
+    pub to_stderr: bool,
+    /// Status of `-h` (blktap: 0 for some commands, -EINVAL for others).
+    pub h_status: i32,
+}
+
+impl UsageSpec {
+    /// Print the usage text.
+    pub fn print(&self, io: &mut Io) {
+        if self.to_stderr {
+            let _ = io.err.write_all(self.text.as_bytes());
+        } else {
+            let _ = io.out.write_all(self.text.as_bytes());
+        }
+    }
+
+    /// Print usage and return `status` (for use as `return u.fail(io, EINVAL)`).
+    pub fn fail(&self, io: &mut Io, status: i32) -> i32 {
+        self.print(io);
+        status
+    }
+
+    /// Parse `args`. `Err(status)` means "usage was printed, exit with status": getopt
+    /// errors (glibc's message on stderr, then usage, -EINVAL), `-h` (usage, h_status)
+    /// and `--help` (usage, 0).
+    pub fn parse(&self, io: &mut Io, args: &[String]) -> Result<Parsed, i32> {
+        match getopt(self.cmd, args, self.spec) {
+            Err(e) => {
+                let _ = writeln!(io.err, "{}", e.message);
+                Err(self.fail(io, EINVAL))
+            }
+            Ok(p) if p.long_help => Err(self.fail(io, 0)),
+            Ok(p) if p.opts.iter().any(|o| o.letter == 'h') => Err(self.fail(io, self.h_status)),
+            Ok(p) => Ok(p),
+        }
+    }
+}
+
+/// Accessors over parsed options (the last occurrence wins, as with getopt loops).
+pub trait OptsExt {
+    fn flag(&self, c: char) -> bool;
+    fn value(&self, c: char) -> Option<&str>;
+}
+
+impl OptsExt for Parsed {
+    fn flag(&self, c: char) -> bool {
+        self.opts.iter().any(|o| o.letter == c)
+    }
+    fn value(&self, c: char) -> Option<&str> {
+        self.opts
+            .iter()
+            .rev()
+            .find(|o| o.letter == c)
+            .and_then(|o| o.arg.as_deref())
+    }
+}
+
+/// A strict MiB/byte/sector count for `-s`-style options: print
+/// `invalid <what> '<s>'` and return -EINVAL on anything but plain decimal digits.
+pub fn number(io: &mut Io, what: &str, s: &str) -> Result<u64, i32> {
+    super::getopt::parse_u64_strict(s).ok_or_else(|| {
+        let _ = writeln!(io.out, "invalid {what} '{s}'");
+        EINVAL
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const U: UsageSpec = UsageSpec {
+        cmd: "demo",
+        spec: "n:vh",
+        text: "options: <-n name> [-v] [-h help]\n",
+        to_stderr: false,
+        h_status: 0,
+    };
+
+    fn run(args: &[&str]) -> (Result<Parsed, i32>, String, String) {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let mut io = Io {
+            out: &mut out,
+            err: &mut err,
+            err_is_tty: false,
+        };
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let r = U.parse(&mut io, &args);
+        (
+            r,
+            String::from_utf8(out).unwrap(),
+            String::from_utf8(err).unwrap(),
+        )
+    }
+
+    #[test]
+    fn usage_paths() {
+        let (r, out, err) = run(&["-x"]);
+        assert_eq!(r.unwrap_err(), EINVAL);
+        assert_eq!(out, U.text);
+        assert_eq!(err, "demo: invalid option -- 'x'\n");
+        let (r, out, _) = run(&["-h"]);
+        assert_eq!(r.unwrap_err(), 0);
+        assert_eq!(out, U.text);
+        let (r, _, _) = run(&["--help"]);
+        assert_eq!(r.unwrap_err(), 0);
+        let (r, out, _) = run(&["-n", "a", "-n", "b", "-v"]);
+        let p = r.unwrap();
+        assert!(out.is_empty());
+        assert_eq!(p.value('n'), Some("b"));
+        assert!(p.flag('v'));
+        assert!(!p.flag('x'));
+    }
+}

@@ -1,0 +1,172 @@
+//! `vhd-util copy -n NAME -N NEW [-k KEYFILE | -E]` (`vhd-util-copy.c`): copy a VHD into
+//! a new one, optionally encrypting the new one with the given key (`-E`: key on stdin).
+//!
+//! The source is read through the image layer (its parents, and its keys from
+//! `TAPDISK3_CRYPTO_KEYDIR`), so the copy holds plaintext guest data, re-encrypted with
+//! the new key if one is given. Difference from blktap: the copy is always a standalone
+//! disk (dynamic, or fixed for a fixed source) holding everything the chain exposes;
+//! blktap copied only the leaf's blocks into a parentless "differencing" disk.
+
+use std::io::Read;
+use std::path::Path;
+
+use super::chain::open_chain;
+use super::cli::{OptsExt, UsageSpec, EINVAL};
+use super::coalesce::{draw, finish, progress_style};
+use super::common::neg;
+use super::progress::Progress;
+use super::Io;
+use crate::image::chain::{open_vhd_chain, OpenOptions};
+use crate::image::crypto::{KeyBytes, KeyHash, KeySource};
+use crate::image::vhd::format::{DiskType, DEFAULT_BLOCK_SIZE};
+use crate::image::vhd::ops::{create, CreateOptions};
+use crate::image::{Image, ImageError, SECTOR_SIZE};
+use crate::{verr, vout};
+
+pub const USAGE: UsageSpec = UsageSpec {
+    cmd: "copy",
+    spec: "n:N:k:Eh",
+    text: "options: -n <name> -N <new VHD name> \
+[-k <keyfile> | -E (pass encryption key on stdin)] [-h help] \n",
+    to_stderr: false,
+    h_status: EINVAL,
+};
+
+fn read_key(io: &mut Io, src: &mut dyn Read) -> Result<KeyBytes, i32> {
+    let mut key = KeyBytes::new(Vec::new());
+    if let Err(e) = src.take(1025).read_to_end(&mut key) {
+        return Err(-e.raw_os_error().unwrap_or(libc::EIO));
+    }
+    if key.len() != 32 && key.len() != 64 {
+        verr!(io, "Unsupported keysize, use either 256 bit or 512 bit key");
+        return Err(-1);
+    }
+    Ok(key)
+}
+
+fn copy_data(io: &mut Io, src: &dyn Image, dst: &dyn Image) -> Result<(), ImageError> {
+    let size = src.info().size_sectors;
+    let step = u64::from(DEFAULT_BLOCK_SIZE) / SECTOR_SIZE;
+    let style = progress_style(io, false);
+    let mut prog = Progress::new(style, size);
+    let mut buf = Vec::new();
+    for ext in src.block_status(0, size)? {
+        if !ext.allocated {
+            continue;
+        }
+        let mut s = ext.sector;
+        let end = ext.sector + ext.nsectors;
+        while s < end {
+            draw(io, &mut prog, style, s);
+            let n = step.min(end - s);
+            buf.resize((n * SECTOR_SIZE) as usize, 0);
+            src.read(s, &mut buf)?;
+            if buf.iter().any(|&b| b != 0) {
+                dst.write(s, &buf)?;
+            }
+            s += n;
+        }
+    }
+    dst.flush()?;
+    finish(io, &mut prog, style);
+    Ok(())
+}
+
+pub fn run(io: &mut Io, args: &[String]) -> i32 {
+    let p = match USAGE.parse(io, args) {
+        Ok(p) => p,
+        Err(s) => return s,
+    };
+    let (name, new) = (p.value('n'), p.value('N'));
+    let (Some(name), Some(new)) = (name, new) else {
+        verr!(io, "Must supply both existing and new VHD names");
+        return USAGE.fail(io, EINVAL);
+    };
+    if p.value('k').is_some() && p.flag('E') {
+        verr!(io, "Only supply -E or -k once");
+        return 1;
+    }
+    let key = if let Some(k) = p.value('k') {
+        let mut f = match std::fs::File::open(k) {
+            Ok(f) => f,
+            Err(e) => {
+                let n = e.raw_os_error().unwrap_or(libc::EIO);
+                vout!(io, "Failed to open key file {k}: {n}");
+                return -n;
+            }
+        };
+        match read_key(io, &mut f) {
+            Ok(k) => Some(k),
+            Err(e) => return e,
+        }
+    } else if p.flag('E') {
+        match read_key(io, &mut std::io::stdin()) {
+            Ok(k) => Some(k),
+            Err(e) => return e,
+        }
+    } else {
+        None
+    };
+
+    let src = match open_chain(name, true) {
+        Ok(s) => s,
+        Err(e) => {
+            vout!(io, "error opening {name}: {}", neg(&e));
+            verr!(io, "{}", super::common::describe(&e));
+            return neg(&e);
+        }
+    };
+    if Path::new(new).exists() {
+        vout!(io, "VHD file {new} already exists, chose a different name");
+        return EINVAL;
+    }
+    let size = src.footer().curr_size;
+    let fixed = src.disk_type() == DiskType::Fixed;
+    let copts = CreateOptions {
+        size,
+        fixed,
+        block_size: src.header().map_or(DEFAULT_BLOCK_SIZE, |h| h.block_size),
+        max_size: None,
+    };
+    if let Err(e) = create(Path::new(new), &copts) {
+        vout!(io, "error creating {new}: {}", neg(&e));
+        return neg(&e);
+    }
+    let fail = |io: &mut Io, what: &str, e: &ImageError| {
+        vout!(io, "{what}: {}", neg(e));
+        verr!(io, "{}", super::common::describe(e));
+        let _ = std::fs::remove_file(new);
+        neg(e)
+    };
+    let mut opts = OpenOptions {
+        read_only: false,
+        ..Default::default()
+    };
+    if let Some(k) = &key {
+        if fixed {
+            let _ = std::fs::remove_file(new);
+            verr!(io, "copy: fixed VHDs cannot carry a key hash");
+            return EINVAL;
+        }
+        let meta = match super::common::open(new, false) {
+            Ok(m) => m,
+            Err(e) => return fail(io, &format!("error opening {new}"), &e),
+        };
+        let kh = KeyHash::for_key(k, &[0u8; 32]);
+        if let Err(e) = meta.set_keyhash(&kh).and_then(|()| meta.close()) {
+            return fail(io, "failed to set keyhash", &e);
+        }
+        opts.keys = KeySource::Explicit(k.clone());
+    }
+    let dst = match open_vhd_chain(Path::new(new), &opts) {
+        Ok(d) => d,
+        Err(e) => return fail(io, &format!("error opening {new}"), &e),
+    };
+    let r = copy_data(io, &src, &dst);
+    let c = dst.close();
+    let _ = src.close();
+    match r.and(c) {
+        Ok(()) => 0,
+        Err(e) => fail(io, "Failed to copy", &e),
+    }
+}

@@ -1,0 +1,187 @@
+//! `vhd-util fill -n NAME [-b [-f SEC] [-t SEC] [-B]]` (`vhd-util-fill.c`).
+//!
+//! Without `-b`: every block is read through the image layer (parents, keys) and written
+//! back, so the image ends fully allocated with the same content; encrypted images work
+//! (`TAPDISK3_CRYPTO_KEYDIR`).
+//!
+//! `-b`: allocate blocks (BAT entries, all-ones bitmaps, file extended with zeros)
+//! without writing data. Differences from blktap: blocks that are already allocated are
+//! left alone (blktap re-points them at new, empty space), and keyed images are refused
+//! (marking never-written sectors present would make them decrypt to garbage). `-B` is
+//! accepted, but a block beyond the 2 TiB limit still fails: BAT entries are 32-bit.
+
+use super::chain::open_chain;
+use super::cli::{OptsExt, UsageSpec, EINVAL};
+use super::coalesce::{draw, finish, progress_style};
+use super::common::{self, neg};
+use super::getopt::strtoull;
+use super::progress::Progress;
+use super::Io;
+use crate::image::vhd::engine::VhdImage;
+use crate::image::vhd::format::*;
+use crate::image::{Image, ImageError, SECTOR_SIZE};
+use crate::{verr, vout};
+
+pub const USAGE: UsageSpec = UsageSpec {
+    cmd: "fill",
+    spec: "n:f:t:bBh",
+    text: "options: <-n name> [-h help] [-b initialise the BAT and bitmaps, \
+don't write to the data blocks (much faster)] [-f start \
+intialisation from this sector, only usable with -b] [-t \
+intialise up to this sector (inclusive), only usable with -b] \
+[-B ignore the 2 TB limit, only usable with -b]\n",
+    to_stderr: false,
+    h_status: EINVAL,
+};
+
+fn fill_data(io: &mut Io, img: &VhdImage) -> Result<(), ImageError> {
+    if img.header().is_none() {
+        // A fixed disk is always fully allocated (blktap's loop runs over an empty BAT).
+        return Ok(());
+    }
+    let size = img.info().size_sectors;
+    let spb = u64::from(img.sectors_per_block().max(1));
+    let nblocks = size.div_ceil(spb);
+    let style = progress_style(io, false);
+    let mut prog = Progress::new(style, nblocks);
+    let mut buf = Vec::new();
+    for b in 0..nblocks {
+        draw(io, &mut prog, style, b);
+        let first = b * spb;
+        let n = spb.min(size - first);
+        buf.resize((n * SECTOR_SIZE) as usize, 0);
+        img.read(first, &mut buf)?;
+        img.write(first, &buf)?;
+    }
+    img.flush()?;
+    finish(io, &mut prog, style);
+    Ok(())
+}
+
+/// `-b`: allocate extents `from..=to` with full bitmaps and no data writes.
+fn allocate_fast(io: &mut Io, img: &VhdImage, from: u64, to: u64) -> Result<(), i32> {
+    let Some(h) = img.header() else {
+        return Err(EINVAL);
+    };
+    if common::chain_keyed(img).map_err(|e| neg(&e))? {
+        verr!(
+            io,
+            "fill: -b would expose unwritten sectors of an encrypted VHD as garbage; use fill without -b"
+        );
+        return Err(EINVAL);
+    }
+    let mut bat = img.bat();
+    let spb = u64::from(h.spb());
+    let bm = u64::from(h.bitmap_sectors());
+    let mut max = (common::phys_size(img).map_err(|e| neg(&e))? - FOOTER_SIZE as u64) / SECTOR_SIZE;
+    let align = |m: u64| super::journal::align(m, bm);
+    max = align(max);
+    let to = to.min(bat.len() as u64 - 1);
+    let mut new = Vec::new();
+    for i in from..=to {
+        if bat[i as usize] != BAT_UNUSED {
+            continue;
+        }
+        if max + bm + spb > u64::from(u32::MAX) {
+            vout!(io, "sector offset for extent {i} exceeds the 2 TB limit");
+            return Err(-libc::EOVERFLOW);
+        }
+        bat[i as usize] = max as u32;
+        new.push(i);
+        max = align(max + bm + spb);
+    }
+    if new.is_empty() {
+        return Ok(());
+    }
+    let end = new
+        .iter()
+        .map(|&i| u64::from(bat[i as usize]) + bm + spb)
+        .max()
+        .unwrap_or(max)
+        * SECTOR_SIZE;
+    let file = img.file();
+    let w = |buf: &[u8], off: u64| img.write_raw(buf, off).map_err(|e| neg(&e));
+    // Space first (zeros), bitmaps next, then the BAT that publishes them, then the footer.
+    if file.resizable() {
+        let mut f = img.footer();
+        file.set_len(end + FOOTER_SIZE as u64)
+            .map_err(|e| -e.raw_os_error().unwrap_or(libc::EIO))?;
+        w(&f.encode(), end)?;
+    }
+    let ones = vec![0xFFu8; (bm * SECTOR_SIZE) as usize];
+    for &i in &new {
+        w(&ones, u64::from(bat[i as usize]) * SECTOR_SIZE)?;
+    }
+    file.sync()
+        .map_err(|e| -e.raw_os_error().unwrap_or(libc::EIO))?;
+    let mut raw = Vec::with_capacity(bat.len() * 4);
+    for e in &bat {
+        raw.extend_from_slice(&e.to_be_bytes());
+    }
+    w(&raw, h.table_offset)?;
+    file.sync()
+        .map_err(|e| -e.raw_os_error().unwrap_or(libc::EIO))
+}
+
+pub fn run(io: &mut Io, args: &[String]) -> i32 {
+    let p = match USAGE.parse(io, args) {
+        Ok(p) => p,
+        Err(s) => return s,
+    };
+    let Some(name) = p.value('n') else {
+        return USAGE.fail(io, EINVAL);
+    };
+    if !p.operands.is_empty() {
+        return USAGE.fail(io, EINVAL);
+    }
+    let init_bat = p.flag('b');
+    let from = p.value('f').map(strtoull);
+    let to = p.value('t').map(strtoull);
+    if (from.is_some() || to.is_some()) && !init_bat {
+        vout!(io, "-f/-t can only be used with -b");
+        return USAGE.fail(io, EINVAL);
+    }
+    if let (Some(f), Some(t)) = (from, to) {
+        if t < f {
+            vout!(io, "invalid sector range {f}-{t}");
+            return USAGE.fail(io, EINVAL);
+        }
+    }
+    if p.flag('B') && !init_bat {
+        vout!(io, "-B can only be used with -b");
+        return USAGE.fail(io, EINVAL);
+    }
+    if init_bat {
+        let img = match common::open(name, false) {
+            Ok(i) => i,
+            Err(e) => {
+                vout!(io, "error opening {name}: {}", neg(&e));
+                return neg(&e);
+            }
+        };
+        if img.header().is_none() || img.bat().is_empty() {
+            return EINVAL;
+        }
+        let spb = u64::from(img.sectors_per_block().max(1));
+        let fe = from.map_or(0, |s| s / spb);
+        let te = to.map_or(u64::MAX, |s| s / spb);
+        // Raw metadata writes: the engine handle is dropped without its close path.
+        let r = allocate_fast(io, &img, fe, te);
+        drop(img);
+        return r.err().unwrap_or(0);
+    }
+    let img = match open_chain(name, false) {
+        Ok(i) => i,
+        Err(e) => {
+            vout!(io, "error opening {name}: {}", neg(&e));
+            verr!(io, "{}", super::common::describe(&e));
+            return neg(&e);
+        }
+    };
+    let r = fill_data(io, &img).map_err(|e| {
+        verr!(io, "{}", super::common::describe(&e));
+        neg(&e)
+    });
+    let c = img.close().map_err(|e| neg(&e));
+    r.and(c).err().unwrap_or(0)
+}

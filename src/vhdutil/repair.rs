@@ -1,0 +1,44 @@
+//! `vhd-util repair -n NAME [-b]` (`vhd-util-repair.c`): rewrite both footer copies from
+//! the footer that opens (the primary, else the backup; `-b`: the backup), giving it a
+//! fresh uuid if it has a null one.
+
+use super::cli::{OptsExt, UsageSpec, EINVAL};
+use super::common::{self, neg};
+use super::Io;
+use crate::image::vhd::ops::repair;
+use crate::vout;
+use std::path::Path;
+
+pub const USAGE: UsageSpec = UsageSpec {
+    cmd: "repair",
+    spec: "n:bh",
+    text: "options: <-n name> <-b use the back-up footer> [-h help]\n",
+    to_stderr: false,
+    h_status: EINVAL,
+};
+
+pub fn run(io: &mut Io, args: &[String]) -> i32 {
+    let p = match USAGE.parse(io, args) {
+        Ok(p) => p,
+        Err(s) => return s,
+    };
+    let Some(name) = p.value('n') else {
+        return USAGE.fail(io, EINVAL);
+    };
+    if !p.operands.is_empty() {
+        return USAGE.fail(io, EINVAL);
+    }
+    // Open once read-only for blktap's "error opening" message, then let the engine
+    // rewrite both footers (primary at the end of the data, backup at 0).
+    if let Err(e) = common::open_opts(name, true, p.flag('b')) {
+        vout!(io, "error opening {name}: {}", neg(&e));
+        return neg(&e);
+    }
+    match repair(Path::new(name), p.flag('b')) {
+        Ok(()) => 0,
+        Err(e) => {
+            vout!(io, "error writing footer: {}", neg(&e));
+            neg(&e)
+        }
+    }
+}

@@ -1,0 +1,81 @@
+//! `vhd-util set -n NAME -f hidden|marker -v 0..255` (`vhd-util-set-field.c`).
+
+use super::cli::{OptsExt, UsageSpec, EINVAL};
+use super::common::{self, neg};
+use super::getopt::strtol;
+use super::Io;
+use crate::vout;
+
+pub const USAGE: UsageSpec = UsageSpec {
+    cmd: "set",
+    spec: "n:f:v:h",
+    text: "options: <-n name> <-f field> <-v value> [-h help]\n",
+    to_stderr: false,
+    h_status: EINVAL,
+};
+
+pub fn run(io: &mut Io, args: &[String]) -> i32 {
+    let p = match USAGE.parse(io, args) {
+        Ok(p) => p,
+        Err(s) => return s,
+    };
+    let (Some(name), Some(field), Some(v)) = (p.value('n'), p.value('f'), p.value('v')) else {
+        return USAGE.fail(io, EINVAL);
+    };
+    if !p.operands.is_empty() {
+        return USAGE.fail(io, EINVAL);
+    }
+    if field.len() >= 25 {
+        vout!(io, "invalid field");
+        return USAGE.fail(io, EINVAL);
+    }
+    if field != "hidden" && field != "marker" {
+        vout!(io, "invalid field {field}");
+        return USAGE.fail(io, EINVAL);
+    }
+    let value = strtol(v);
+    if !(0..=255).contains(&value) {
+        vout!(io, "invalid value {value}");
+        return USAGE.fail(io, EINVAL);
+    }
+    let value = value as u8;
+    let img = match common::open(name, false) {
+        Ok(i) => i,
+        Err(e) => {
+            vout!(io, "error opening {name}: {}", neg(&e));
+            return neg(&e);
+        }
+    };
+    let r = if field == "hidden" {
+        match img.set_hidden(value) {
+            // No space for the primary footer: at least mark the backup copy, so the
+            // storage manager can still find and delete the hidden node (blktap).
+            Err(e)
+                if e.errno() == libc::ENOSPC
+                    && value != 0
+                    && img.disk_type() != crate::image::vhd::format::DiskType::Fixed =>
+            {
+                let mut f = img.footer();
+                f.hidden = value;
+                img.write_raw(&f.encode(), 0)
+            }
+            r => r,
+        }
+    } else {
+        img.set_marker(value)
+    };
+    let ret = match r {
+        Ok(()) => 0,
+        Err(e) => neg(&e),
+    };
+    close(&img, ret)
+}
+
+/// Close an image opened read-write, keeping the first error.
+pub fn close(img: &crate::image::vhd::engine::VhdImage, ret: i32) -> i32 {
+    use crate::image::Image;
+    match img.close() {
+        Err(e) if ret == 0 => neg(&e),
+        _ => ret,
+    }
+}
