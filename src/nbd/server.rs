@@ -1,0 +1,574 @@
+//! One NBD client connection over a non-blocking Unix stream socket.
+//!
+//! The connection turns readable bytes into [`Event`]s (validated commands with their write
+//! payloads) and queues replies, which [`Connection::flush`] writes with `writev` as the
+//! socket accepts them. It never blocks: a slow client only grows its own output queue (the
+//! caller stops reading from it when [`Connection::backlogged`] says so). Images, in-flight
+//! accounting and the event loop are the caller's business (tapdisk's NBD glue).
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, IoSlice, Read};
+use std::os::unix::net::UnixStream;
+
+use super::proto::{self, Command, ExportInfo, Handshake, Negotiated, Outcome, RequestHeader};
+use super::NbdError;
+
+/// Input buffer size (headers and small payloads are read through it).
+const RBUF: usize = 256 << 10;
+/// Output queued beyond this marks the connection backlogged (stop taking requests).
+const OUT_HIGH_WATER: usize = 64 << 20;
+/// iovecs per writev.
+const MAX_IOV: usize = 64;
+/// Data buffers kept for reuse per connection (bytes), and the smallest worth keeping.
+const POOL_MAX_BYTES: usize = 64 << 20;
+const POOL_MIN_BUF: usize = 4096;
+
+/// A decoded client request.
+#[derive(Debug)]
+pub enum Event {
+    /// A valid command; `data` is the payload of a WRITE.
+    Request {
+        cookie: u64,
+        cmd: Command,
+        data: Option<Vec<u8>>,
+    },
+    /// NBD_CMD_DISC: finish what is in flight, then close.
+    Disconnect,
+}
+
+/// Whether the peer is still there after reading.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadStatus {
+    Open,
+    /// End of file, DISC, or a fatal protocol error: stop reading; flush and close.
+    Done,
+}
+
+#[derive(Debug)]
+enum Phase {
+    Handshake(Box<Handshake>),
+    Header,
+    Payload {
+        cookie: u64,
+        cmd: Command,
+        buf: Vec<u8>,
+        filled: usize,
+    },
+    Skip {
+        cookie: u64,
+        err: u32,
+        remaining: u64,
+    },
+    Closed,
+}
+
+#[derive(Debug)]
+struct OutChunk {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+/// A client connection (handshake and transmission phases).
+#[derive(Debug)]
+pub struct Connection {
+    stream: UnixStream,
+    export: ExportInfo,
+    phase: Phase,
+    neg: Negotiated,
+    rbuf: Vec<u8>,
+    rstart: usize,
+    rend: usize,
+    out: VecDeque<OutChunk>,
+    out_bytes: usize,
+    /// Data buffers by length, for reuse without zeroing. Per connection, so a buffer only
+    /// ever carries data this client could read anyway.
+    pool: HashMap<usize, Vec<Vec<u8>>>,
+    pool_bytes: usize,
+    /// Why the connection is ending, once it is.
+    pub close_reason: Option<NbdError>,
+}
+
+impl Connection {
+    /// Wrap an accepted socket and queue the greeting.
+    pub fn new(stream: UnixStream, export: ExportInfo) -> io::Result<Self> {
+        stream.set_nonblocking(true)?;
+        let hs = Handshake::new(export.clone());
+        let greeting = hs.greeting();
+        let mut c = Connection {
+            stream,
+            export,
+            phase: Phase::Handshake(Box::new(hs)),
+            neg: Negotiated::default(),
+            rbuf: vec![0u8; RBUF],
+            rstart: 0,
+            rend: 0,
+            out: VecDeque::new(),
+            out_bytes: 0,
+            pool: HashMap::new(),
+            pool_bytes: 0,
+            close_reason: None,
+        };
+        c.queue(greeting);
+        Ok(c)
+    }
+
+    pub fn stream(&self) -> &UnixStream {
+        &self.stream
+    }
+
+    /// Still negotiating.
+    pub fn in_handshake(&self) -> bool {
+        matches!(self.phase, Phase::Handshake(_))
+    }
+
+    /// Output waiting to be written.
+    pub fn wants_write(&self) -> bool {
+        self.out_bytes > 0
+    }
+
+    /// Too much output queued: stop reading requests until it drains.
+    pub fn backlogged(&self) -> bool {
+        self.out_bytes > OUT_HIGH_WATER
+    }
+
+    /// A buffer of exactly `len` bytes (old contents if recycled: the caller overwrites it).
+    pub fn take_buf(&mut self, len: usize) -> Vec<u8> {
+        if let Some(b) = self.pool.get_mut(&len).and_then(Vec::pop) {
+            self.pool_bytes -= len;
+            return b;
+        }
+        vec![0u8; len]
+    }
+
+    /// Return a data buffer for reuse.
+    pub fn give_buf(&mut self, buf: Vec<u8>) {
+        let len = buf.len();
+        if len >= POOL_MIN_BUF && self.pool_bytes + len <= POOL_MAX_BYTES {
+            self.pool_bytes += len;
+            self.pool.entry(len).or_default().push(buf);
+        }
+    }
+
+    fn queue(&mut self, buf: Vec<u8>) {
+        let end = buf.len();
+        self.queue_range(buf, 0, end);
+    }
+
+    fn queue_range(&mut self, buf: Vec<u8>, start: usize, end: usize) {
+        if end > start {
+            self.out_bytes += end - start;
+            self.out.push_back(OutChunk { buf, start, end });
+        }
+    }
+
+    /// Read and decode as much as is available, up to `max` events.
+    pub fn on_readable(&mut self, max: usize, events: &mut Vec<Event>) -> ReadStatus {
+        let first = events.len();
+        loop {
+            if let Err(e) = self.process(events, first + max) {
+                self.fail(e);
+                return ReadStatus::Done;
+            }
+            if matches!(self.phase, Phase::Closed) {
+                return ReadStatus::Done;
+            }
+            if events.len() - first >= max {
+                return ReadStatus::Open;
+            }
+            // Large write payloads are read straight into their buffer.
+            let res = match &mut self.phase {
+                Phase::Payload { buf, filled, .. } if self.rstart == self.rend => {
+                    let r = self.stream.read(&mut buf[*filled..]);
+                    if let Ok(n) = r {
+                        *filled += n;
+                    }
+                    r
+                }
+                _ => {
+                    if self.rstart == self.rend {
+                        self.rstart = 0;
+                        self.rend = 0;
+                    } else if self.rend == self.rbuf.len() {
+                        self.rbuf.copy_within(self.rstart..self.rend, 0);
+                        self.rend -= self.rstart;
+                        self.rstart = 0;
+                    }
+                    let r = self.stream.read(&mut self.rbuf[self.rend..]);
+                    if let Ok(n) = r {
+                        self.rend += n;
+                    }
+                    r
+                }
+            };
+            match res {
+                Ok(0) => {
+                    self.phase = Phase::Closed;
+                    return ReadStatus::Done;
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return ReadStatus::Open,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.fail(NbdError::Io(e));
+                    return ReadStatus::Done;
+                }
+            }
+        }
+    }
+
+    fn fail(&mut self, e: NbdError) {
+        self.phase = Phase::Closed;
+        if self.close_reason.is_none() {
+            self.close_reason = Some(e);
+        }
+    }
+
+    /// Decode buffered input.
+    fn process(&mut self, events: &mut Vec<Event>, limit: usize) -> Result<(), NbdError> {
+        loop {
+            if events.len() >= limit {
+                return Ok(());
+            }
+            let avail = self.rend - self.rstart;
+            match &mut self.phase {
+                Phase::Closed => return Ok(()),
+                Phase::Handshake(hs) => {
+                    let mut out = Vec::new();
+                    let (n, outcome) = hs.input(&self.rbuf[self.rstart..self.rend], &mut out);
+                    self.rstart += n;
+                    self.queue(out);
+                    match outcome {
+                        Outcome::NeedMore => return Ok(()),
+                        Outcome::Transmission(neg) => {
+                            self.neg = neg;
+                            self.phase = Phase::Header;
+                        }
+                        Outcome::Close(e) => return Err(e),
+                    }
+                }
+                Phase::Header => {
+                    if avail < proto::REQUEST_LEN {
+                        return Ok(());
+                    }
+                    let mut h = [0u8; proto::REQUEST_LEN];
+                    h.copy_from_slice(&self.rbuf[self.rstart..self.rstart + proto::REQUEST_LEN]);
+                    self.rstart += proto::REQUEST_LEN;
+                    let hdr = RequestHeader::parse(&h)?;
+                    let v = proto::validate(&hdr, &self.export, &self.neg);
+                    if hdr.payload_len() > 0 {
+                        match v {
+                            Ok(cmd) => {
+                                let buf = self.take_buf(hdr.length as usize);
+                                self.phase = Phase::Payload {
+                                    cookie: hdr.cookie,
+                                    cmd,
+                                    buf,
+                                    filled: 0,
+                                }
+                            }
+                            Err(err) => {
+                                self.phase = Phase::Skip {
+                                    cookie: hdr.cookie,
+                                    err,
+                                    remaining: u64::from(hdr.length),
+                                }
+                            }
+                        }
+                        continue;
+                    }
+                    match v {
+                        Ok(Command::Disconnect) => {
+                            events.push(Event::Disconnect);
+                            self.phase = Phase::Closed;
+                            return Ok(());
+                        }
+                        Ok(cmd) => events.push(Event::Request {
+                            cookie: hdr.cookie,
+                            cmd,
+                            data: None,
+                        }),
+                        Err(err) => {
+                            let read_like =
+                                matches!(hdr.typ, proto::CMD_READ | proto::CMD_BLOCK_STATUS);
+                            self.reply_error(hdr.cookie, read_like, err);
+                        }
+                    }
+                }
+                Phase::Payload { buf, filled, .. } => {
+                    let n = avail.min(buf.len() - *filled);
+                    buf[*filled..*filled + n]
+                        .copy_from_slice(&self.rbuf[self.rstart..self.rstart + n]);
+                    *filled += n;
+                    self.rstart += n;
+                    if *filled < buf.len() {
+                        return Ok(());
+                    }
+                    if let Phase::Payload {
+                        cookie, cmd, buf, ..
+                    } = std::mem::replace(&mut self.phase, Phase::Header)
+                    {
+                        events.push(Event::Request {
+                            cookie,
+                            cmd,
+                            data: Some(buf),
+                        });
+                    }
+                }
+                Phase::Skip {
+                    cookie,
+                    err,
+                    remaining,
+                } => {
+                    let n = (avail as u64).min(*remaining);
+                    self.rstart += n as usize;
+                    *remaining -= n;
+                    if *remaining > 0 {
+                        return Ok(());
+                    }
+                    let (cookie, err) = (*cookie, *err);
+                    self.phase = Phase::Header;
+                    self.reply_error(cookie, false, err);
+                }
+            }
+        }
+    }
+
+    /// Reply with an NBD error; `read_like` commands use an error chunk when structured
+    /// replies were negotiated.
+    pub fn reply_error(&mut self, cookie: u64, read_like: bool, err: u32) {
+        if read_like && self.neg.structured {
+            self.queue(proto::error_chunk(cookie, err, ""));
+        } else {
+            self.queue(proto::simple_reply(cookie, err).to_vec());
+        }
+    }
+
+    /// Reply success without data.
+    pub fn reply_ok(&mut self, cookie: u64) {
+        self.queue(proto::simple_reply(cookie, 0).to_vec());
+    }
+
+    /// Reply to a READ at `offset` with `data[start..start + len]`.
+    pub fn reply_read(&mut self, cookie: u64, offset: u64, data: Vec<u8>, start: usize, len: u32) {
+        let end = start + len as usize;
+        if self.neg.structured {
+            if len == 0 {
+                self.queue(proto::none_chunk(cookie));
+                return;
+            }
+            self.queue(proto::offset_data_header(cookie, offset, len));
+        } else {
+            self.queue(proto::simple_reply(cookie, 0).to_vec());
+        }
+        self.queue_range(data, start, end);
+    }
+
+    /// Reply to BLOCK_STATUS with `(length, flags)` extents.
+    pub fn reply_block_status(&mut self, cookie: u64, extents: &[(u32, u32)]) {
+        self.queue(proto::block_status_chunk(
+            cookie,
+            proto::META_BASE_ALLOCATION_ID,
+            extents,
+        ));
+    }
+
+    /// Write queued output. `Ok(true)` when everything is written.
+    pub fn flush(&mut self) -> io::Result<bool> {
+        while self.out_bytes > 0 {
+            let iov: Vec<IoSlice<'_>> = self
+                .out
+                .iter()
+                .take(MAX_IOV)
+                .map(|c| IoSlice::new(&c.buf[c.start..c.end]))
+                .collect();
+            let n = match nix::sys::uio::writev(&self.stream, &iov) {
+                Ok(n) => n,
+                Err(nix::errno::Errno::EAGAIN) => return Ok(false),
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(io::Error::from(e)),
+            };
+            self.out_bytes -= n;
+            let mut left = n;
+            while left > 0 {
+                let Some(front) = self.out.front_mut() else {
+                    break;
+                };
+                let len = front.end - front.start;
+                if left >= len {
+                    left -= len;
+                    if let Some(done) = self.out.pop_front() {
+                        self.give_buf(done.buf);
+                    }
+                } else {
+                    front.start += left;
+                    left = 0;
+                }
+            }
+        }
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nbd::proto::*;
+    use std::io::Write;
+
+    fn pair(read_only: bool) -> (Connection, UnixStream) {
+        let (a, b) = UnixStream::pair().unwrap();
+        let ex = ExportInfo {
+            size: 1 << 20,
+            read_only,
+            name: String::new(),
+        };
+        (Connection::new(a, ex).unwrap(), b)
+    }
+
+    fn handshake(c: &mut Connection, peer: &mut UnixStream) {
+        let mut input = (CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES)
+            .to_be_bytes()
+            .to_vec();
+        input.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        input.extend_from_slice(&OPT_EXPORT_NAME.to_be_bytes());
+        input.extend_from_slice(&0u32.to_be_bytes());
+        peer.write_all(&input).unwrap();
+        let mut ev = Vec::new();
+        assert_eq!(c.on_readable(16, &mut ev), ReadStatus::Open);
+        assert!(ev.is_empty());
+        assert!(!c.in_handshake());
+        assert!(c.flush().unwrap());
+        let mut g = [0u8; 18 + 10];
+        peer.read_exact(&mut g).unwrap();
+    }
+
+    #[test]
+    fn pipelined_requests_and_write_payload_decode() {
+        let (mut c, mut peer) = pair(false);
+        handshake(&mut c, &mut peer);
+        let mut input = Vec::new();
+        let w = RequestHeader {
+            flags: 0,
+            typ: CMD_WRITE,
+            cookie: 1,
+            offset: 512,
+            length: 1024,
+        };
+        input.extend_from_slice(&w.encode());
+        input.extend_from_slice(&[0x5a; 1024]);
+        let r = RequestHeader {
+            typ: CMD_READ,
+            cookie: 2,
+            ..w
+        };
+        input.extend_from_slice(&r.encode());
+        peer.write_all(&input).unwrap();
+        let mut ev = Vec::new();
+        assert_eq!(c.on_readable(16, &mut ev), ReadStatus::Open);
+        assert_eq!(ev.len(), 2);
+        match &ev[0] {
+            Event::Request {
+                cookie: 1,
+                cmd:
+                    Command::Write {
+                        offset: 512,
+                        len: 1024,
+                        fua: false,
+                    },
+                data: Some(d),
+            } => assert!(d.iter().all(|b| *b == 0x5a) && d.len() == 1024),
+            e => panic!("{e:?}"),
+        }
+        assert!(matches!(
+            ev[1],
+            Event::Request {
+                cookie: 2,
+                cmd: Command::Read { .. },
+                data: None
+            }
+        ));
+    }
+
+    #[test]
+    fn invalid_write_payload_is_skipped_and_refused() {
+        let (mut c, mut peer) = pair(true);
+        handshake(&mut c, &mut peer);
+        let w = RequestHeader {
+            flags: 0,
+            typ: CMD_WRITE,
+            cookie: 5,
+            offset: 0,
+            length: 4096,
+        };
+        let mut input = w.encode().to_vec();
+        input.extend_from_slice(&[1u8; 4096]);
+        input.extend_from_slice(
+            &RequestHeader {
+                typ: CMD_FLUSH,
+                cookie: 6,
+                length: 0,
+                ..w
+            }
+            .encode(),
+        );
+        peer.write_all(&input).unwrap();
+        let mut ev = Vec::new();
+        c.on_readable(16, &mut ev);
+        assert_eq!(ev.len(), 1);
+        assert!(matches!(
+            ev[0],
+            Event::Request {
+                cookie: 6,
+                cmd: Command::Flush,
+                ..
+            }
+        ));
+        c.flush().unwrap();
+        let mut rep = [0u8; 16];
+        peer.read_exact(&mut rep).unwrap();
+        assert_eq!(rep, simple_reply(5, NBD_EPERM));
+    }
+
+    #[test]
+    fn bad_magic_ends_connection_and_eof_is_seen() {
+        let (mut c, mut peer) = pair(false);
+        handshake(&mut c, &mut peer);
+        peer.write_all(&[0u8; 28]).unwrap();
+        let mut ev = Vec::new();
+        assert_eq!(c.on_readable(16, &mut ev), ReadStatus::Done);
+        assert!(matches!(c.close_reason, Some(NbdError::RequestMagic(0))));
+        let (mut c, mut peer) = pair(false);
+        handshake(&mut c, &mut peer);
+        drop(peer);
+        assert_eq!(c.on_readable(16, &mut ev), ReadStatus::Done);
+    }
+
+    #[test]
+    fn read_reply_sends_only_the_requested_range() {
+        let (mut c, mut peer) = pair(false);
+        handshake(&mut c, &mut peer);
+        let data: Vec<u8> = (0..1024u32).map(|i| i as u8).collect();
+        c.reply_read(9, 10, data, 10, 100);
+        assert!(c.flush().unwrap());
+        let mut rep = [0u8; 116];
+        peer.read_exact(&mut rep).unwrap();
+        assert_eq!(rep[..16], simple_reply(9, 0));
+        assert_eq!(rep[16], 10);
+        assert_eq!(rep[115], 109);
+    }
+
+    #[test]
+    fn buffers_are_recycled_by_length_within_limits() {
+        let (mut c, _peer) = pair(false);
+        c.give_buf(vec![7u8; 8192]);
+        c.give_buf(vec![1u8; 100]); // too small to keep
+        assert_eq!(c.take_buf(8192), vec![7u8; 8192]);
+        assert_eq!(c.take_buf(8192), vec![0u8; 8192]);
+        assert_eq!(c.take_buf(100), vec![0u8; 100]);
+        for _ in 0..100 {
+            c.give_buf(vec![3u8; 1 << 20]);
+        }
+        assert!(c.pool_bytes <= POOL_MAX_BYTES);
+    }
+}

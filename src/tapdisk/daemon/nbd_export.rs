@@ -1,0 +1,455 @@
+//! The NBD side of the event loop: per-VBD listening sockets, client connections, turning
+//! decoded commands into I/O engine jobs and completions into replies.
+//!
+//! A connection reads only while its VBD accepts I/O (not pausing, paused or closing), it has
+//! fewer than `MAX_CONN_INFLIGHT` requests in the engine and its output queue is not
+//! backlogged; otherwise its epoll interest drops EPOLLIN and the client waits in the socket.
+
+use super::*;
+
+impl Tapdisk {
+    pub(super) fn listen(&mut self, minor: u16) -> std::io::Result<()> {
+        let path = self.cfg.nbd_path(minor);
+        // A stale socket from a killed tapdisk with a recycled pid.
+        let _ = std::fs::remove_file(&path);
+        let sock = UnixListener::bind(&path)?;
+        sock.set_nonblocking(true)?;
+        self.reactor
+            .add(&sock, Token::Listener(minor), Interest::READ)
+            .map_err(std::io::Error::from)?;
+        self.listeners.insert(
+            minor,
+            Listener {
+                sock,
+                path,
+                registered: true,
+            },
+        );
+        Ok(())
+    }
+
+    pub(super) fn set_listening(&mut self, minor: u16, on: bool) {
+        let Some(l) = self.listeners.get_mut(&minor) else {
+            return;
+        };
+        if l.registered == on {
+            return;
+        }
+        let r = if on {
+            self.reactor
+                .add(&l.sock, Token::Listener(minor), Interest::READ)
+        } else {
+            self.reactor.delete(&l.sock)
+        };
+        if let Err(e) = r {
+            warn!("minor {minor}: epoll_ctl on listener: {e}");
+        }
+        l.registered = on;
+    }
+
+    pub(super) fn remove_listener(&mut self, minor: u16) {
+        if let Some(l) = self.listeners.remove(&minor) {
+            let _ = std::fs::remove_file(&l.path);
+        }
+    }
+
+    pub(super) fn accept(&mut self, minor: u16) {
+        loop {
+            let Some(l) = self.listeners.get(&minor) else {
+                return;
+            };
+            let stream = match l.sock.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    warn!("minor {minor}: accept: {e}");
+                    return;
+                }
+            };
+            let Some(info) = self.vbds.get(&minor).and_then(|v| v.info) else {
+                return;
+            };
+            let export = ExportInfo {
+                size: info.sectors * u64::from(info.sector_size),
+                read_only: info.info & VDISK_READONLY != 0,
+                name: String::new(),
+            };
+            let conn = match Connection::new(stream, export) {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!("minor {minor}: nbd connection setup: {e}");
+                    continue;
+                }
+            };
+            let id = self.next_conn;
+            self.next_conn += 1;
+            let interest = Interest {
+                read: true,
+                write: true,
+            };
+            if let Err(e) = self.reactor.add(conn.stream(), Token::Conn(id), interest) {
+                warn!("minor {minor}: epoll_ctl: {e}");
+                continue;
+            }
+            debug!("minor {minor}: nbd client {id} connected");
+            self.conns.insert(
+                id,
+                NbdConn {
+                    conn,
+                    minor,
+                    inflight: 0,
+                    interest,
+                    ending: false,
+                    since: Instant::now(),
+                },
+            );
+        }
+    }
+
+    pub(super) fn conn_ids(&self, minor: u16) -> Vec<u64> {
+        self.conns
+            .iter()
+            .filter(|(_, c)| c.minor == minor)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    pub(super) fn drop_conn(&mut self, id: u64) {
+        if let Some(c) = self.conns.remove(&id) {
+            let _ = self.reactor.delete(c.conn.stream());
+            debug!("nbd client {id} closed");
+        }
+    }
+
+    pub(super) fn refresh_conns(&mut self, minor: u16) {
+        for id in self.conn_ids(minor) {
+            self.settle(id);
+        }
+    }
+
+    pub(super) fn conn_ready(&mut self, id: u64, r: Ready) {
+        if r.hangup && !r.readable {
+            self.drop_conn(id);
+            return;
+        }
+        if r.readable {
+            self.read_conn(id);
+        }
+        self.settle(id);
+    }
+
+    pub(super) fn read_conn(&mut self, id: u64) {
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
+        let accepts = self.vbds.get(&c.minor).is_some_and(Vbd::accepts_io);
+        if c.ending || !accepts {
+            return;
+        }
+        let budget = (MAX_CONN_INFLIGHT - c.inflight.min(MAX_CONN_INFLIGHT)) as usize;
+        let mut events = Vec::new();
+        let status = c.conn.on_readable(budget.max(1), &mut events);
+        let minor = c.minor;
+        if status == ReadStatus::Done {
+            c.ending = true;
+            if let Some(e) = &c.conn.close_reason {
+                info!("minor {minor}: nbd client {id}: {e}");
+            }
+        }
+        for ev in events {
+            match ev {
+                Event::Disconnect => {
+                    if let Some(c) = self.conns.get_mut(&id) {
+                        c.ending = true;
+                    }
+                }
+                Event::Request { cookie, cmd, data } => {
+                    self.start_request(id, minor, cookie, cmd, data);
+                }
+            }
+        }
+    }
+
+    pub(super) fn start_request(
+        &mut self,
+        id: u64,
+        minor: u16,
+        cookie: u64,
+        cmd: Command,
+        data: Option<Vec<u8>>,
+    ) {
+        let Some(image) = self
+            .vbds
+            .get(&minor)
+            .and_then(|v| v.image.as_ref())
+            .map(|i| Arc::clone(&i.image))
+        else {
+            if let Some(c) = self.conns.get_mut(&id) {
+                c.conn.reply_error(cookie, true, proto::NBD_ESHUTDOWN);
+            }
+            return;
+        };
+        let ss = SECTOR_SIZE;
+        let (op, req) = match cmd {
+            Command::Read { offset, len } => {
+                let sector = offset / ss;
+                let end = (offset + u64::from(len)).div_ceil(ss);
+                if len == 0 {
+                    if let Some(c) = self.conns.get_mut(&id) {
+                        c.conn.reply_read(cookie, offset, Vec::new(), 0, 0);
+                    }
+                    return;
+                }
+                // end - sector <= (MAX_PAYLOAD + 1023) / 512 sectors: fits usize.
+                let n = ((end - sector) * ss) as usize;
+                let Some(c) = self.conns.get_mut(&id) else {
+                    return;
+                };
+                let buf = c.conn.take_buf(n);
+                let skip = (offset % ss) as usize;
+                (Op::Read { sector, buf }, NbdReq::Read { offset, len, skip })
+            }
+            Command::Write { offset, len, fua } => {
+                let buf = data.unwrap_or_default();
+                (
+                    Op::Write {
+                        sector: offset / ss,
+                        buf,
+                        fua,
+                    },
+                    NbdReq::Write {
+                        nsectors: u64::from(len) / ss,
+                    },
+                )
+            }
+            Command::Flush => (Op::Flush, NbdReq::Other),
+            Command::Trim { offset, len, fua } => {
+                // Only whole sectors can be dropped; trimming is advisory.
+                let s = offset.div_ceil(ss);
+                let e = (offset + u64::from(len)) / ss;
+                if e <= s {
+                    if let Some(c) = self.conns.get_mut(&id) {
+                        c.conn.reply_ok(cookie);
+                    }
+                    return;
+                }
+                (
+                    Op::Discard {
+                        sector: s,
+                        nsectors: e - s,
+                        fua,
+                    },
+                    NbdReq::Other,
+                )
+            }
+            Command::WriteZeroes {
+                offset,
+                len,
+                fua,
+                no_hole,
+            } => (
+                Op::WriteZeroes {
+                    sector: offset / ss,
+                    nsectors: u64::from(len) / ss,
+                    fua,
+                    no_hole,
+                },
+                NbdReq::Write {
+                    nsectors: u64::from(len) / ss,
+                },
+            ),
+            Command::BlockStatus {
+                offset,
+                len,
+                req_one,
+            } => {
+                let s = offset / ss;
+                let e = (offset + u64::from(len)).div_ceil(ss);
+                (
+                    Op::BlockStatus {
+                        sector: s,
+                        nsectors: e - s,
+                    },
+                    NbdReq::BlockStatus {
+                        offset,
+                        len,
+                        req_one,
+                    },
+                )
+            }
+            Command::Disconnect => return,
+        };
+        if let Some(v) = self.vbds.get_mut(&minor) {
+            if v.inflight == 0 {
+                v.last_progress = Instant::now();
+            }
+            v.inflight += 1;
+        }
+        if let Some(c) = self.conns.get_mut(&id) {
+            c.inflight += 1;
+        }
+        self.io.submit(
+            Tag::Nbd {
+                conn: id,
+                minor,
+                cookie,
+                req,
+            },
+            image,
+            op,
+        );
+    }
+
+    /// Flush output, drop finished connections, and set epoll interest to match.
+    pub(super) fn settle(&mut self, id: u64) {
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
+        if c.conn.wants_write() {
+            if let Err(e) = c.conn.flush() {
+                debug!("nbd client {id}: write: {e}");
+                self.drop_conn(id);
+                return;
+            }
+        }
+        if c.ending && c.inflight == 0 && !c.conn.wants_write() {
+            self.drop_conn(id);
+            return;
+        }
+        let accepts = self.vbds.get(&c.minor).is_some_and(Vbd::accepts_io);
+        let want = Interest {
+            read: !c.ending && accepts && c.inflight < MAX_CONN_INFLIGHT && !c.conn.backlogged(),
+            write: c.conn.wants_write(),
+        };
+        if want != c.interest {
+            if let Err(e) = self.reactor.modify(c.conn.stream(), Token::Conn(id), want) {
+                warn!("nbd client {id}: epoll_ctl: {e}");
+            }
+            c.interest = want;
+        }
+    }
+
+    pub(super) fn nbd_done(
+        &mut self,
+        id: u64,
+        minor: u16,
+        cookie: u64,
+        req: NbdReq,
+        res: Result<Output, ImageError>,
+    ) {
+        if let Some(v) = self.vbds.get_mut(&minor) {
+            v.inflight = v.inflight.saturating_sub(1);
+            v.last_progress = Instant::now();
+            let dir = usize::from(matches!(req, NbdReq::Write { .. }));
+            if res.is_ok() {
+                v.stats.hits[dir] += 1;
+                match req {
+                    NbdReq::Read { len, .. } => {
+                        v.stats.rd_secs += u64::from(len).div_ceil(SECTOR_SIZE)
+                    }
+                    NbdReq::Write { nsectors } => v.stats.wr_secs += nsectors,
+                    _ => {}
+                }
+            } else {
+                v.stats.fail[dir] += 1;
+            }
+        }
+        let Some(c) = self.conns.get_mut(&id) else {
+            return; // the client went away: drop the result
+        };
+        c.inflight = c.inflight.saturating_sub(1);
+        match (req, res) {
+            (NbdReq::Read { offset, len, skip }, Ok(Output::Data(buf))) => {
+                c.conn.reply_read(cookie, offset, buf, skip, len)
+            }
+            (
+                NbdReq::BlockStatus {
+                    offset,
+                    len,
+                    req_one,
+                },
+                Ok(Output::Extents(ext)),
+            ) => {
+                let e = nbd_extents(&ext, offset, len, req_one);
+                c.conn.reply_block_status(cookie, &e);
+            }
+            (NbdReq::Read { .. } | NbdReq::BlockStatus { .. }, r) => {
+                let errno = r.err().map_or(libc::EIO, |e| e.errno());
+                c.conn.reply_error(cookie, true, proto::errno_to_nbd(errno));
+            }
+            (_, Ok(Output::Data(buf))) => {
+                c.conn.give_buf(buf);
+                c.conn.reply_ok(cookie)
+            }
+            (_, Ok(_)) => c.conn.reply_ok(cookie),
+            (_, Err(e)) => {
+                debug!("minor {minor}: request failed: {e}");
+                c.conn
+                    .reply_error(cookie, false, proto::errno_to_nbd(e.errno()));
+            }
+        }
+    }
+}
+
+/// Convert image extents (sectors) to NBD `base:allocation` descriptors clipped to the
+/// requested byte range, merging neighbours with equal flags.
+pub(super) fn nbd_extents(ext: &[Extent], offset: u64, len: u32, req_one: bool) -> Vec<(u32, u32)> {
+    let end = offset + u64::from(len);
+    let mut out: Vec<(u32, u32)> = Vec::new();
+    for e in ext {
+        let a = (e.sector * SECTOR_SIZE).max(offset);
+        let b = ((e.sector + e.nsectors) * SECTOR_SIZE).min(end);
+        if b <= a {
+            continue;
+        }
+        let flags = if e.allocated {
+            0
+        } else {
+            proto::STATE_HOLE | proto::STATE_ZERO
+        };
+        // b - a <= len, a u32.
+        let l = (b - a) as u32;
+        match out.last_mut() {
+            Some(last) if last.1 == flags => last.0 += l,
+            _ => out.push((l, flags)),
+        }
+    }
+    if out.is_empty() {
+        out.push((len, 0));
+    }
+    if req_one {
+        out.truncate(1);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    pub(super) fn extents_are_clipped_merged_and_flagged() {
+        let ext = [
+            Extent {
+                sector: 0,
+                nsectors: 8,
+                allocated: true,
+            },
+            Extent {
+                sector: 8,
+                nsectors: 8,
+                allocated: true,
+            },
+            Extent {
+                sector: 16,
+                nsectors: 16,
+                allocated: false,
+            },
+        ];
+        assert_eq!(
+            nbd_extents(&ext, 100, 10000, false),
+            vec![(8092, 0), (1908, 3)]
+        );
+        assert_eq!(nbd_extents(&ext, 100, 10000, true), vec![(8092, 0)]);
+    }
+}

@@ -1,0 +1,643 @@
+//! Event-loop tests: VBD lifecycle, pause/resume draining, markers, NBD through the loop.
+//! Images are simulated ([`MemImage`] behind a gate that can hold I/O in the worker).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use super::daemon::{Config, ImageOpener, OpenSpec, Tapdisk};
+use super::mem::MemImage;
+use super::vbd::{DiskInfo, VDISK_READONLY};
+use super::CtlHandle;
+use crate::control::msg::{
+    Blkif, BlkifProto, ListEntry, OpenFlags, OpenRequest, Reply, Request, ResumeRequest, VbdState,
+};
+use crate::image::{Extent, Image, ImageError, ImageInfo};
+use crate::nbd::client::{Client, ClientReply};
+use crate::nbd::proto::{self, RequestHeader};
+
+/// A MemImage whose reads and writes wait while the gate is closed.
+#[derive(Debug)]
+struct GateImage {
+    inner: MemImage,
+    gate: Arc<(Mutex<bool>, Condvar)>,
+}
+
+impl GateImage {
+    fn wait(&self) {
+        let (m, c) = &*self.gate;
+        let mut open = m.lock().unwrap();
+        while !*open {
+            open = c.wait(open).unwrap();
+        }
+    }
+}
+
+impl Image for GateImage {
+    fn info(&self) -> ImageInfo {
+        self.inner.info()
+    }
+    fn read(&self, sector: u64, buf: &mut [u8]) -> Result<(), ImageError> {
+        self.wait();
+        self.inner.read(sector, buf)
+    }
+    fn write(&self, sector: u64, buf: &[u8]) -> Result<(), ImageError> {
+        self.wait();
+        self.inner.write(sector, buf)
+    }
+    fn flush(&self) -> Result<(), ImageError> {
+        self.inner.flush()
+    }
+    fn discard(&self, sector: u64, n: u64) -> Result<(), ImageError> {
+        self.inner.discard(sector, n)
+    }
+    fn block_status(&self, sector: u64, n: u64) -> Result<Vec<Extent>, ImageError> {
+        self.inner.block_status(sector, n)
+    }
+    fn close(&self) -> Result<(), ImageError> {
+        self.inner.close()
+    }
+}
+
+/// Opens "images" by path from a table; every open creates a fresh GateImage sharing
+/// the path's gate, with the configured size.
+#[derive(Debug, Default)]
+struct TableOpener {
+    sizes: Mutex<HashMap<PathBuf, u64>>,
+    gate: Arc<(Mutex<bool>, Condvar)>,
+    opened: Mutex<Vec<Arc<GateImage>>>,
+}
+
+impl TableOpener {
+    fn new() -> Arc<Self> {
+        let o = TableOpener::default();
+        *o.gate.0.lock().unwrap() = true;
+        Arc::new(o)
+    }
+    fn add(&self, path: &str, sectors: u64) {
+        self.sizes.lock().unwrap().insert(path.into(), sectors);
+    }
+    fn set_gate(&self, open: bool) {
+        *self.gate.0.lock().unwrap() = open;
+        self.gate.1.notify_all();
+    }
+    fn last(&self) -> Arc<GateImage> {
+        self.opened.lock().unwrap().last().unwrap().clone()
+    }
+}
+
+impl ImageOpener for TableOpener {
+    fn open(&self, spec: &OpenSpec) -> Result<Arc<dyn Image>, ImageError> {
+        let Some(&n) = self.sizes.lock().unwrap().get(&spec.path) else {
+            return Err(ImageError::io(
+                &spec.path,
+                "open",
+                std::io::Error::from_raw_os_error(libc::ENOENT),
+            ));
+        };
+        let img = Arc::new(GateImage {
+            inner: MemImage::new(n, spec.read_only),
+            gate: self.gate.clone(),
+        });
+        self.opened.lock().unwrap().push(img.clone());
+        Ok(img)
+    }
+}
+
+struct Harness {
+    h: CtlHandle,
+    thread: Option<JoinHandle<()>>,
+    dir: tempfile::TempDir,
+    pid: i32,
+}
+
+impl Harness {
+    fn start(opener: Arc<TableOpener>, markers: bool) -> Harness {
+        Harness::start_with(opener, markers, |_| {})
+    }
+
+    fn start_with(opener: Arc<TableOpener>, markers: bool, f: impl FnOnce(&mut Config)) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = Config::new(dir.path());
+        f(&mut cfg);
+        cfg.opener = opener;
+        cfg.lock_markers = markers;
+        cfg.io_threads = 2;
+        let pid = cfg.pid;
+        let (tx, rx) = channel();
+        let thread = std::thread::spawn(move || {
+            let mut td = Tapdisk::new(cfg).unwrap();
+            tx.send(td.handle()).unwrap();
+            td.run().unwrap();
+        });
+        Harness {
+            h: rx.recv().unwrap(),
+            thread: Some(thread),
+            dir,
+            pid,
+        }
+    }
+
+    fn call(&self, r: Request) -> Reply {
+        self.h.call(r)
+    }
+
+    /// Send without waiting for the answer.
+    fn call_async(&self, r: Request) -> Receiver<Reply> {
+        let (tx, rx) = channel();
+        let h = self.h.clone();
+        std::thread::spawn(move || tx.send(h.call(r)).unwrap());
+        rx
+    }
+
+    fn nbd(&self, minor: u16) -> PathBuf {
+        self.dir.path().join(format!("nbd{}.{minor}", self.pid))
+    }
+
+    fn open(&self, minor: u16, params: &str, flags: u32) -> Reply {
+        let mut o = OpenRequest::new(minor, params);
+        o.flags = OpenFlags(flags);
+        self.call(Request::Open(o))
+    }
+
+    fn resume(&self, minor: u16, params: Option<&str>) -> Reply {
+        self.call(Request::Resume(ResumeRequest {
+            minor,
+            flags: OpenFlags::empty(),
+            params: params.map(String::from),
+            secondary: None,
+            log_path: None,
+        }))
+    }
+
+    fn exited(&mut self) -> bool {
+        let t = self.thread.take().unwrap();
+        for _ in 0..200 {
+            if t.is_finished() {
+                t.join().unwrap();
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.thread = Some(t);
+        false
+    }
+}
+
+fn open_minor(h: &Harness, minor: u16, path: &str) {
+    assert_eq!(h.call(Request::Attach { minor }), Reply::Attach);
+    assert!(matches!(h.open(minor, path, 0), Reply::Open(_)));
+}
+
+#[test]
+fn lifecycle_attach_open_close_detach_then_exit() {
+    let op = TableOpener::new();
+    op.add("/a", 2048);
+    let mut h = Harness::start(op, false);
+    assert_eq!(h.call(Request::Pid), Reply::Pid(h.pid));
+    assert_eq!(h.open(1, "aio:/a", 0), Reply::Error(libc::EINVAL));
+    assert_eq!(h.call(Request::Attach { minor: 1 }), Reply::Attach);
+    assert_eq!(
+        h.call(Request::Attach { minor: 1 }),
+        Reply::Error(libc::EEXIST)
+    );
+    assert_eq!(
+        h.call(Request::List),
+        Reply::List(vec![ListEntry {
+            minor: 1,
+            state: VbdState::CLOSED,
+            params: String::new()
+        }])
+    );
+    assert_eq!(h.open(1, "aio:/missing", 0), Reply::Error(libc::ENOENT));
+    assert_eq!(h.open(1, "qcow:/a", 0), Reply::Error(libc::ENOSYS));
+    for f in [
+        OpenFlags::SECONDARY,
+        OpenFlags::ADD_LOG,
+        OpenFlags::REUSE_PRT,
+        OpenFlags::ADD_LCACHE,
+    ] {
+        assert_eq!(h.open(1, "aio:/a", f.0), Reply::Error(libc::EOPNOTSUPP));
+    }
+    let info = DiskInfo {
+        sectors: 2048,
+        sector_size: 512,
+        info: 0,
+    };
+    assert_eq!(h.open(1, "aio:/a", 0), Reply::Open(info));
+    assert!(h.nbd(1).exists());
+    assert_eq!(h.open(1, "aio:/a", 0), Reply::Error(libc::EALREADY));
+    assert_eq!(
+        h.call(Request::DiskInfo { minor: 1 }),
+        Reply::DiskInfo(info)
+    );
+    let Reply::Stats(s) = h.call(Request::Stats { minor: Some(1) }) else {
+        panic!()
+    };
+    let s = String::from_utf8(s).unwrap();
+    assert!(
+        s.starts_with("{ \"name\": \"aio:/a\", \"secs\": [ 0, 0 ]"),
+        "{s}"
+    );
+    assert!(s.contains("\"driver\": { \"type\": 0, \"name\": \"aio\""));
+    let Reply::Stats(all) = h.call(Request::Stats { minor: None }) else {
+        panic!()
+    };
+    let all = String::from_utf8(all).unwrap();
+    assert_eq!(all, format!("[ {s} ]"));
+    assert_eq!(
+        h.call(Request::Detach { minor: 1 }),
+        Reply::Error(libc::EBUSY)
+    );
+    // The real Xen devices are opened at the first CONNECT: without /dev/xen that fails.
+    if !std::path::Path::new("/dev/xen/gntdev").exists() {
+        assert_eq!(
+            h.call(Request::XenblkifConnect {
+                minor: 1,
+                blkif: blkif()
+            }),
+            Reply::Error(libc::ENOENT)
+        );
+    }
+    assert_eq!(
+        h.call(Request::XenblkifDisconnect { domid: 1, devid: 2 }),
+        Reply::Error(libc::ENODEV)
+    );
+    assert_eq!(
+        h.call(Request::XenblkifConnect {
+            minor: 9,
+            blkif: blkif()
+        }),
+        Reply::Error(libc::ENODEV)
+    );
+    assert_eq!(h.call(Request::Close { minor: 1 }), Reply::Close);
+    assert!(!h.nbd(1).exists());
+    assert_eq!(
+        h.call(Request::List),
+        Reply::List(vec![ListEntry {
+            minor: 1,
+            state: VbdState::CLOSED,
+            params: String::new()
+        }])
+    );
+    assert_eq!(h.call(Request::Detach { minor: 1 }), Reply::Detach);
+    assert!(h.exited(), "tapdisk must exit after the last detach");
+    assert_eq!(h.call(Request::Pid), Reply::Error(libc::ESHUTDOWN));
+}
+
+#[test]
+fn read_only_open_reports_readonly_and_refuses_writes() {
+    let op = TableOpener::new();
+    op.add("/ro", 64);
+    let h = Harness::start(op, false);
+    h.call(Request::Attach { minor: 0 });
+    let Reply::Open(i) = h.open(0, "aio:/ro", OpenFlags::RDONLY.0) else {
+        panic!()
+    };
+    assert_eq!(i.info, VDISK_READONLY);
+    let mut c = Client::connect(&h.nbd(0), false).unwrap();
+    assert_ne!(c.flags & proto::TFLAG_READ_ONLY, 0);
+    assert_eq!(c.write(0, &[1u8; 512], false).unwrap(), proto::NBD_EPERM);
+    assert_eq!(c.read(0, 512).unwrap(), Ok(vec![0u8; 512]));
+}
+
+#[test]
+fn pause_drains_inflight_io_closes_image_and_resume_checks_geometry() {
+    let op = TableOpener::new();
+    op.add("/leaf", 4096);
+    op.add("/bigger", 8192);
+    op.add("/snap", 4096);
+    let h = Harness::start(op.clone(), false);
+    open_minor(&h, 2, "vhd:/leaf");
+    let mut c = Client::connect(&h.nbd(2), false).unwrap();
+    assert_eq!(c.write(0, &[0x11u8; 4096], false).unwrap(), 0);
+
+    // A write stuck in the image holds the pause back.
+    op.set_gate(false);
+    let w = RequestHeader {
+        flags: 0,
+        typ: proto::CMD_WRITE,
+        cookie: 77,
+        offset: 4096,
+        length: 512,
+    };
+    c.send(&w, &[0x22u8; 512]).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let paused = h.call_async(Request::Pause { minor: 2 });
+    assert!(paused.recv_timeout(Duration::from_millis(300)).is_err());
+    let Reply::List(l) = h.call(Request::List) else {
+        panic!()
+    };
+    assert!(l[0].state.contains(VbdState::PAUSE_REQUESTED));
+    assert_eq!(
+        h.call(Request::Pause { minor: 2 }),
+        Reply::Error(libc::EBUSY)
+    );
+    let first = op.last();
+    op.set_gate(true);
+    assert_eq!(
+        paused.recv_timeout(Duration::from_secs(5)).unwrap(),
+        Reply::Pause
+    );
+    assert!(first.inner.is_closed());
+    let mut data = Vec::new();
+    assert_eq!(
+        c.recv(None, &mut data).unwrap(),
+        ClientReply::Simple {
+            cookie: 77,
+            error: 0
+        }
+    );
+    let Reply::List(l) = h.call(Request::List) else {
+        panic!()
+    };
+    assert_eq!(l[0].state, VbdState::PAUSED);
+    // DISK_INFO still answers while paused.
+    assert!(matches!(
+        h.call(Request::DiskInfo { minor: 2 }),
+        Reply::DiskInfo(_)
+    ));
+
+    // Requests sent while paused wait for the resume.
+    let r = RequestHeader {
+        flags: 0,
+        typ: proto::CMD_READ,
+        cookie: 78,
+        offset: 0,
+        length: 512,
+    };
+    c.send(&r, &[]).unwrap();
+    c.stream
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    assert!(c.recv(Some(512), &mut data).is_err());
+    c.stream.set_read_timeout(None).unwrap();
+
+    assert_eq!(
+        h.resume(2, Some("vhd:/bigger")),
+        Reply::Error(libc::EMEDIUMTYPE)
+    );
+    let Reply::List(l) = h.call(Request::List) else {
+        panic!()
+    };
+    assert_eq!(l[0].state, VbdState::PAUSED | VbdState::RESUME_FAILED);
+    assert_eq!(h.resume(2, Some("vhd:/snap")), Reply::Resume);
+    let Reply::List(l) = h.call(Request::List) else {
+        panic!()
+    };
+    assert_eq!(
+        (l[0].state, l[0].params.as_str()),
+        (VbdState(0), "vhd:/snap")
+    );
+    assert_eq!(
+        c.recv(Some(512), &mut data).unwrap(),
+        ClientReply::Simple {
+            cookie: 78,
+            error: 0
+        }
+    );
+    assert_eq!(h.resume(2, None), Reply::Error(libc::EINVAL));
+}
+
+#[test]
+fn close_while_paused_and_force_close_drop_clients() {
+    let op = TableOpener::new();
+    op.add("/x", 64);
+    let h = Harness::start(op, false);
+    open_minor(&h, 0, "aio:/x");
+    open_minor(&h, 1, "aio:/x");
+    assert_eq!(h.call(Request::Pause { minor: 0 }), Reply::Pause);
+    assert_eq!(h.call(Request::Pause { minor: 0 }), Reply::Pause);
+    assert_eq!(h.call(Request::Close { minor: 0 }), Reply::Close);
+    assert_eq!(h.call(Request::Detach { minor: 0 }), Reply::Detach);
+    let mut c = Client::connect(&h.nbd(1), false).unwrap();
+    assert_eq!(h.call(Request::ForceShutdown { minor: 1 }), Reply::Close);
+    // The connection was dropped: the next request sees EOF.
+    let _ = c.send(
+        &RequestHeader {
+            flags: 0,
+            typ: proto::CMD_FLUSH,
+            cookie: 1,
+            offset: 0,
+            length: 0,
+        },
+        &[],
+    );
+    assert!(c.recv(None, &mut Vec::new()).is_err());
+    // The loop still runs (minor 1 is attached).
+    assert_eq!(h.call(Request::Pid), Reply::Pid(h.pid));
+}
+
+#[test]
+fn attach_locks_the_marker_file() {
+    let op = TableOpener::new();
+    let h = Harness::start(op.clone(), true);
+    assert_eq!(
+        h.call(Request::Attach { minor: 4 }),
+        Reply::Error(libc::EPERM)
+    );
+    let mdir = h.dir.path().join("tapdisk");
+    std::fs::create_dir_all(&mdir).unwrap();
+    std::fs::write(mdir.join("tapdisk-4"), b"").unwrap();
+    assert_eq!(h.call(Request::Attach { minor: 4 }), Reply::Attach);
+    // A second tapdisk cannot take the same minor.
+    let mut cfg = Config::new(h.dir.path());
+    cfg.opener = op;
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        let mut td = Tapdisk::new(cfg).unwrap();
+        td.keep_running_when_empty();
+        tx.send(td.handle()).unwrap();
+        td.run().unwrap();
+    });
+    let other = rx.recv().unwrap();
+    assert_eq!(
+        other.call(Request::Attach { minor: 4 }),
+        Reply::Error(libc::EBUSY)
+    );
+    assert_eq!(h.call(Request::Detach { minor: 4 }), Reply::Detach);
+    assert_eq!(other.call(Request::Attach { minor: 4 }), Reply::Attach);
+}
+
+#[test]
+fn nbd_pipelined_requests_block_status_and_dead_client() {
+    let op = TableOpener::new();
+    op.add("/d", 2048);
+    let h = Harness::start(op.clone(), false);
+    open_minor(&h, 3, "aio:/d");
+    let mut c = Client::connect(&h.nbd(3), true).unwrap();
+    assert_eq!(c.size, 2048 * 512);
+    for i in 0..16u64 {
+        let w = RequestHeader {
+            flags: 0,
+            typ: proto::CMD_WRITE,
+            cookie: i,
+            offset: i * 4096,
+            length: 4096,
+        };
+        c.send(&w, &vec![i as u8; 4096]).unwrap();
+    }
+    let mut seen = Vec::new();
+    for _ in 0..16 {
+        match c.recv(None, &mut Vec::new()).unwrap() {
+            ClientReply::Simple { cookie, error: 0 } => seen.push(cookie),
+            r => panic!("{r:?}"),
+        }
+    }
+    seen.sort();
+    assert_eq!(seen, (0..16).collect::<Vec<_>>());
+    // Unaligned structured read crossing two written blocks.
+    c.send(
+        &RequestHeader {
+            flags: 0,
+            typ: proto::CMD_READ,
+            cookie: 100,
+            offset: 4096 - 10,
+            length: 20,
+        },
+        &[],
+    )
+    .unwrap();
+    match c.recv(None, &mut Vec::new()).unwrap() {
+        ClientReply::Chunk {
+            cookie: 100,
+            typ: proto::REPLY_TYPE_OFFSET_DATA,
+            payload,
+            ..
+        } => {
+            assert_eq!(payload[..8], (4096u64 - 10).to_be_bytes());
+            assert_eq!(payload[8..18], [0u8; 10]);
+            assert_eq!(payload[18..28], [1u8; 10]);
+        }
+        r => panic!("{r:?}"),
+    }
+    // Allocation: 64 KiB written, the rest a hole.
+    c.send(
+        &RequestHeader {
+            flags: 0,
+            typ: proto::CMD_BLOCK_STATUS,
+            cookie: 101,
+            offset: 0,
+            length: 1 << 20,
+        },
+        &[],
+    )
+    .unwrap();
+    match c.recv(None, &mut Vec::new()).unwrap() {
+        ClientReply::Chunk {
+            typ: proto::REPLY_TYPE_BLOCK_STATUS,
+            payload,
+            ..
+        } => {
+            let words: Vec<u32> = payload
+                .chunks(4)
+                .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            assert_eq!(words, vec![1, 65536, 0, (1 << 20) - 65536, 3]);
+        }
+        r => panic!("{r:?}"),
+    }
+    // Out of range read: an error chunk, connection stays.
+    c.send(
+        &RequestHeader {
+            flags: 0,
+            typ: proto::CMD_READ,
+            cookie: 102,
+            offset: 2048 * 512,
+            length: 512,
+        },
+        &[],
+    )
+    .unwrap();
+    match c.recv(None, &mut Vec::new()).unwrap() {
+        ClientReply::Chunk {
+            typ: proto::REPLY_TYPE_ERROR,
+            payload,
+            ..
+        } => assert_eq!(payload[..4], proto::NBD_EINVAL.to_be_bytes()),
+        r => panic!("{r:?}"),
+    }
+
+    // A client that disconnects with requests stuck in the image.
+    let mut d = Client::connect(&h.nbd(3), false).unwrap();
+    op.set_gate(false);
+    for i in 0..8u64 {
+        let r = RequestHeader {
+            flags: 0,
+            typ: proto::CMD_READ,
+            cookie: i,
+            offset: 0,
+            length: 4096,
+        };
+        d.send(&r, &[]).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    drop(d);
+    std::thread::sleep(Duration::from_millis(100));
+    op.set_gate(true);
+    // Completions for the dead client are dropped; the counters settle to zero.
+    let mut ok = false;
+    for _ in 0..100 {
+        let Reply::Stats(s) = h.call(Request::Stats { minor: Some(3) }) else {
+            panic!()
+        };
+        let s = String::from_utf8(s).unwrap();
+        if s.contains("\"reqs_outstanding\": 0") {
+            ok = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(ok);
+    // The other client is unaffected.
+    let mut e = Client::connect(&h.nbd(3), false).unwrap();
+    assert_eq!(e.read(4096, 512).unwrap(), Ok(vec![1u8; 512]));
+    let Reply::Stats(s) = h.call(Request::Stats { minor: Some(3) }) else {
+        panic!()
+    };
+    let s = String::from_utf8(s).unwrap();
+    assert!(s.contains("\"secs\": [ "), "{s}");
+    assert!(!s.contains("\"secs\": [ 0, 0 ]"), "{s}");
+    drop(c);
+}
+
+fn blkif() -> Blkif {
+    Blkif {
+        domid: 1,
+        devid: 51712,
+        gref: [0; 8],
+        order: 0,
+        proto: BlkifProto::Native,
+        pool: String::new(),
+        port: 5,
+        poll_duration: 0,
+        poll_idle_threshold: 0,
+    }
+}
+
+#[test]
+fn clients_stuck_in_the_handshake_are_dropped() {
+    let op = TableOpener::new();
+    op.add("/h", 64);
+    let h = Harness::start_with(op, false, |c| {
+        c.handshake_timeout = Duration::from_millis(500)
+    });
+    open_minor(&h, 0, "aio:/h");
+    let mut slow = std::os::unix::net::UnixStream::connect(h.nbd(0)).unwrap();
+    let mut done = Client::connect(&h.nbd(0), false).unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    use std::io::Read;
+    let mut g = [0u8; 18];
+    slow.read_exact(&mut g).unwrap(); // the greeting was sent
+    slow.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(
+        slow.read(&mut g).unwrap(),
+        0,
+        "stuck client must be disconnected"
+    );
+    // A client past the handshake is not affected.
+    assert_eq!(done.read(0, 512).unwrap(), Ok(vec![0u8; 512]));
+}

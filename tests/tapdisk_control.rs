@@ -1,0 +1,140 @@
+//! tapdisk driven through its control socket by the control client (what tap-ctl does):
+//! spawn (daemonise + readiness line), attach/open, list, stats, pause/unpause, close,
+//! detach, and exit after the last detach with the sockets removed.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use blktap3::control::client::Client;
+use blktap3::control::msg::{OpenFlags, OpenRequest, ResumeRequest, VbdState};
+
+fn client(dir: &Path) -> Client {
+    Client::with_dir(dir.join("ctl")).with_tapdisk(env!("CARGO_BIN_EXE_tapdisk"))
+}
+
+fn alive(pid: i32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+}
+
+fn wait_gone(pid: i32) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(5) {
+        if !alive(pid) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+fn raw_image(dir: &Path, name: &str, len: u64) -> String {
+    let p = dir.join(name);
+    std::fs::File::create(&p).unwrap().set_len(len).unwrap();
+    format!("aio:{}", p.display())
+}
+
+#[test]
+fn create_use_pause_resume_destroy_through_the_control_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = client(dir.path());
+    let params = raw_image(dir.path(), "a.raw", 8 << 20);
+    let snap = raw_image(dir.path(), "b.raw", 8 << 20);
+    let created = c.create(OpenRequest::new(0, params.clone()), None).unwrap();
+    let pid = created.pid;
+    assert!(alive(pid));
+    assert!(dir.path().join(format!("ctl/ctl{pid}")).exists());
+    assert!(created.devname.exists());
+    assert_eq!(c.get_pid(pid, None).unwrap(), pid);
+
+    let uri = format!("nbd+unix:///?socket={}", created.devname.display());
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", &uri, "-c", "write -P 0x42 0 64k"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+
+    let list = c.list_pid(pid, None).unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].params, params);
+    assert_eq!(list[0].state, VbdState(0));
+    let stats = String::from_utf8(c.stats(pid, Some(created.minor), None).unwrap()).unwrap();
+    assert!(stats.contains("\"secs\": [ 0, 128 ]"), "{stats}");
+    let info = c.info(pid, created.minor, None).unwrap();
+    assert_eq!((info.sectors, info.sector_size), (16384, 512));
+
+    c.pause(pid, created.minor, None).unwrap();
+    assert_eq!(c.list_pid(pid, None).unwrap()[0].state, VbdState::PAUSED);
+    c.unpause(
+        pid,
+        ResumeRequest {
+            minor: created.minor,
+            flags: OpenFlags::empty(),
+            params: Some(snap.clone()),
+            secondary: None,
+            log_path: None,
+        },
+        None,
+    )
+    .unwrap();
+    assert_eq!(c.list_pid(pid, None).unwrap()[0].params, snap);
+
+    c.destroy(pid, created.minor, false, None).unwrap();
+    assert!(
+        wait_gone(pid),
+        "tapdisk must exit after its last VBD is detached"
+    );
+    assert!(!dir.path().join(format!("ctl/ctl{pid}")).exists());
+    assert!(!created.devname.exists());
+}
+
+#[test]
+fn many_vbds_in_one_tapdisk_list_and_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = client(dir.path());
+    let pid = c.spawn().unwrap();
+    let mut minors = Vec::new();
+    for i in 0..9 {
+        let (m, _) = c.allocate().unwrap();
+        c.attach(pid, m).unwrap();
+        let mut o = OpenRequest::new(m, raw_image(dir.path(), &format!("{i}.raw"), 1 << 20));
+        if i % 2 == 1 {
+            o.flags = OpenFlags::RDONLY;
+        }
+        let info = c.open(pid, o, None).unwrap();
+        assert_eq!(info.info & 0x4 != 0, i % 2 == 1);
+        minors.push(m);
+    }
+    // More than the 6 VBDs the C server's LIST buffer could hold.
+    let list = c.list_pid(pid, None).unwrap();
+    assert_eq!(list.len(), 9);
+    let all = String::from_utf8(c.stats(pid, None, None).unwrap()).unwrap();
+    assert!(all.starts_with("[ { \"name\": \"aio:"), "{all}");
+    assert_eq!(all.matches("\"read_caching\"").count(), 9);
+    // Attaching a minor twice fails.
+    assert!(c.attach(pid, minors[0]).is_err());
+    for m in &minors {
+        c.destroy(pid, *m, true, None).unwrap();
+    }
+    assert!(wait_gone(pid));
+}
+
+#[test]
+fn sighup_and_sigusr1_are_harmless_sigterm_removes_sockets() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = client(dir.path());
+    let created = c
+        .create(
+            OpenRequest::new(0, raw_image(dir.path(), "x.raw", 1 << 20)),
+            None,
+        )
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(created.pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(wait_gone(created.pid));
+    assert!(!created.devname.exists());
+    assert!(!dir.path().join(format!("ctl/ctl{}", created.pid)).exists());
+}
