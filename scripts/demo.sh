@@ -27,6 +27,14 @@ cleanup() {
 trap cleanup EXIT
 
 run() { printf '$ %s\n' "$*"; "$@"; }
+# qemu-io exits 0 even when a pattern check fails: make that fatal.
+qio() {
+    local out
+    printf '$ qemu-io -f raw %s\n' "$*"
+    out=$(qemu-io -f raw "$@" 2>&1)
+    printf '%s\n' "$out" | grep -v '^ *$'
+    if printf '%s\n' "$out" | grep -qi 'fail'; then echo "ERROR: qemu-io reported a failure" >&2; exit 1; fi
+}
 
 echo
 echo "== 1. an encrypted 256 MiB dynamic VHD (AES-256-XTS, key file in \$TAPDISK3_CRYPTO_KEYDIR)"
@@ -50,10 +58,10 @@ echo
 echo "== 3. real I/O over the NBD export"
 head -c $((32 << 20)) /dev/urandom >"$WORK/payload"
 run nbdinfo "$NBD"
-run qemu-io -f raw -c "write -P 0x5a 0 4M" -c "read -P 0x5a 0 4M" "$NBD" | grep -v '^ *$'
 run nbdcopy "$WORK/payload" "$NBD"
-nbdcopy "$NBD" - | head -c $((32 << 20)) >"$WORK/readback"
-cmp "$WORK/payload" "$WORK/readback" && echo "read back 32 MiB: identical to what was written"
+run nbdcopy "$NBD" "$WORK/readback"
+cmp -n $((32 << 20)) "$WORK/payload" "$WORK/readback" && echo "read back 32 MiB: identical to what was written"
+qio -c "write -P 0x5a 64M 4M" -c "read -P 0x5a 64M 4M" "$NBD"
 run nbdinfo --map "$NBD" | head -n 5
 if python3 -c 'import sys; p = open(sys.argv[1], "rb").read(4096); d = open(sys.argv[2], "rb").read(); sys.exit(0 if p in d else 1)' \
         "$WORK/payload" "$WORK/disk.vhd"; then
@@ -66,7 +74,11 @@ echo "== 4. snapshot under pause/unpause: new writes go to the child, the parent
 run "$BIN/tap-ctl" pause -p "$TAPPID" -m "$MINOR"
 run "$BIN/vhd-util" snapshot -n "$WORK/snap.vhd" -p "$WORK/disk.vhd"
 run "$BIN/tap-ctl" unpause -p "$TAPPID" -m "$MINOR" -a "vhd:$WORK/snap.vhd"
-run qemu-io -f raw -c "write -P 0xc3 1M 1M" -c "read -P 0x5a 0 1M" -c "read -P 0xc3 1M 1M" "$NBD" | grep -v '^ *$'
+qio -c "write -P 0xc3 1M 1M" -c "read -P 0xc3 1M 1M" -c "read -P 0x5a 64M 4M" "$NBD"
+run nbdcopy "$NBD" "$WORK/readback"
+cmp -n $((1 << 20)) "$WORK/payload" "$WORK/readback"
+cmp -i $((2 << 20)) -n $((30 << 20)) "$WORK/payload" "$WORK/readback"
+echo "after the snapshot: the new 1 MiB comes from snap.vhd, the rest of the payload from disk.vhd"
 run "$BIN/tap-ctl" stats -p "$TAPPID" -m "$MINOR"
 run "$BIN/vhd-util" scan -p "$WORK"/*.vhd
 
