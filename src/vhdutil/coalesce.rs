@@ -2,7 +2,8 @@
 //! differencing disk NAME holds into its parent (VHD or raw), then print
 //! `Coalesced <n> sectors` (no newline, as blktap).
 //!
-//! Data goes through the image layer on both sides: the child is read with its resolved
+//! The copy is [`coalesce_onto`] of the library. Data goes through the image layer on
+//! both sides: the child is read with its resolved
 //! key and the parent written with its own (`TAPDISK3_CRYPTO_KEYDIR`), so encrypted
 //! chains stay correct, also when the layers use different keys. A keyed layer without an
 //! available key fails the open (ENOKEY) before anything is written.
@@ -18,9 +19,8 @@ use super::common::{self, neg};
 use super::progress::{Progress, Style};
 use super::Io;
 use crate::image::raw::RawImage;
-use crate::image::vhd::engine::VhdImage;
-use crate::image::vhd::format::{bit_run, bit_test, BAT_UNUSED};
-use crate::image::{Image, ImageError, SECTOR_SIZE};
+use crate::image::vhd::ops::{coalesce_onto, ProgressFn};
+use crate::image::{Image, ImageError};
 use crate::vout;
 
 pub const USAGE: UsageSpec = UsageSpec {
@@ -59,67 +59,23 @@ pub fn finish(io: &mut Io, p: &mut Progress, style: Style) {
     }
 }
 
-/// Copy the sectors held by `child` (a chain-opened leaf) into `parent`. Returns the
-/// number of sectors copied.
-pub fn coalesce_onto(
+/// Run `op` with a progress hook drawing in `style` (the [`Progress`] is sized by the
+/// first report); on success the final state is drawn.
+pub fn with_progress<T>(
     io: &mut Io,
-    child: &VhdImage,
-    parent: &dyn Image,
     style: Style,
-) -> Result<u64, ImageError> {
-    let bat = child.bat();
-    let spb = u64::from(child.sectors_per_block());
-    let csize = child.info().size_sectors;
-    let psize = parent.info().size_sectors;
-    let full = child.batmap().map(|(_, m)| m);
-    // First the runs of sectors the child holds (bitmap, or whole block when the batmap
-    // says full), so nothing is written if some of them do not fit the parent.
-    let mut runs: Vec<(u64, u64)> = Vec::new();
-    for (i, &e) in bat.iter().enumerate() {
-        let first = i as u64 * spb;
-        if e == BAT_UNUSED || first >= csize {
-            continue;
-        }
-        let n = spb.min(csize - first);
-        if full.as_ref().is_some_and(|m| bit_test(m, i as u64)) {
-            runs.push((first, n));
-            continue;
-        }
-        let blk = u32::try_from(i).map_err(|_| ImageError::Invalid("block number".into()))?;
-        let Some(bm) = child.block_bitmap(blk)? else {
-            continue;
-        };
-        let mut s = 0;
-        while s < n {
-            let (set, len) = bit_run(&bm, s, n - s);
-            if set {
-                runs.push((first + s, len));
-            }
-            s += len;
-        }
+    op: impl FnOnce(ProgressFn<'_>) -> Result<T, ImageError>,
+) -> Result<T, ImageError> {
+    let mut prog: Option<Progress> = None;
+    let r = op(&mut |done, total| {
+        let p = prog.get_or_insert_with(|| Progress::new(style, total));
+        draw(io, p, style, done);
+    });
+    if r.is_ok() {
+        let mut p = prog.unwrap_or_else(|| Progress::new(style, 0));
+        finish(io, &mut p, style);
     }
-    if let Some(&(s, n)) = runs.iter().find(|&&(s, n)| s + n > psize) {
-        return Err(ImageError::OutOfRange {
-            sector: s,
-            nsectors: n,
-            size: psize,
-        });
-    }
-    let mut prog = Progress::new(style, runs.len() as u64);
-    let mut total = 0u64;
-    let mut buf = Vec::new();
-    for (i, &(s, len)) in runs.iter().enumerate() {
-        draw(io, &mut prog, style, i as u64);
-        let bytes = usize::try_from(len * SECTOR_SIZE)
-            .map_err(|_| ImageError::Invalid("run too large".into()))?;
-        buf.resize(bytes, 0);
-        child.read(s, &mut buf)?;
-        parent.write(s, &buf)?;
-        total += len;
-    }
-    parent.flush()?;
-    finish(io, &mut prog, style);
-    Ok(total)
+    r
 }
 
 fn coalesce_parent(io: &mut Io, name: &str, sparse: bool, style: Style) -> Result<u64, i32> {
@@ -164,7 +120,9 @@ fn coalesce_parent(io: &mut Io, name: &str, sparse: bool, style: Style) -> Resul
             neg(&e)
         })?)
     };
-    let r = coalesce_onto(io, &child, parent.as_ref(), style);
+    let r = with_progress(io, style, |p| {
+        coalesce_onto(&child, parent.as_ref(), Some(p))
+    });
     let closed = parent.close();
     let _ = child.close();
     let n = r.map_err(|e| {
