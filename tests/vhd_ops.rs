@@ -526,3 +526,28 @@ fn coalesce_and_fill_reencrypt_between_layers_with_different_keys() {
     assert_eq!(plain(&snap), expect);
     assert_eq!(open_meta(&snap, true).unwrap().allocated_blocks(), 2);
 }
+
+/// Regression: the search for a non-empty ancestor followed a loop of empty differencing
+/// disks forever.
+#[test]
+fn snapshot_of_a_loop_of_empty_parents_fails_instead_of_hanging() {
+    let d = tempfile::tempdir().unwrap();
+    let base = dynamic(d.path(), "base.vhd", 4);
+    let a = d.path().join("a.vhd");
+    snapshot(&a, &base, &SnapshotOptions::default()).unwrap();
+    let exact = SnapshotOptions {
+        link_exact: true,
+        ..Default::default()
+    };
+    let b = d.path().join("b.vhd");
+    snapshot(&b, &a, &exact).unwrap();
+    set_parent(&a, &b, false).unwrap();
+    let e = snapshot_target(&b).unwrap_err();
+    assert!(
+        matches!(e, ImageError::Corrupt { ref what, .. } if what.contains("loop")),
+        "{e}"
+    );
+    let c = d.path().join("c.vhd");
+    assert!(snapshot(&c, &b, &SnapshotOptions::default()).is_err());
+    assert!(!c.exists());
+}

@@ -16,7 +16,7 @@ use super::coalesce::{progress_style, with_progress};
 use super::common::{self, neg};
 use super::getopt::strtoull;
 use super::Io;
-use crate::image::vhd::engine::VhdImage;
+use crate::image::vhd::engine::{align_block_start, VhdImage};
 use crate::image::vhd::format::*;
 use crate::image::vhd::ops::fill_image;
 use crate::image::{Image, SECTOR_SIZE};
@@ -50,7 +50,7 @@ fn allocate_fast(io: &mut Io, img: &VhdImage, from: u64, to: u64) -> Result<(), 
     let spb = u64::from(h.spb());
     let bm = u64::from(h.bitmap_sectors());
     let mut max = (common::phys_size(img).map_err(|e| neg(&e))? - FOOTER_SIZE as u64) / SECTOR_SIZE;
-    let align = |m: u64| super::journal::align(m, bm);
+    let align = |m: u64| align_block_start(m, h.bitmap_sectors());
     max = align(max);
     let to = to.min(bat.len() as u64 - 1);
     let mut new = Vec::new();

@@ -239,8 +239,9 @@ fn batmap_rule(f: &Footer) -> Option<bool> {
     }
 }
 
-/// Data start sector of a block starting at `s` must be 4 KiB aligned: `(s + bm) % 8 == 0`.
-fn align_block_start(pos: u64, bm_secs: u32) -> u64 {
+/// Where a block (bitmap of `bm_secs` sectors, then data) may start at or after sector
+/// `pos` so that its data is 4 KiB aligned: `(s + bm_secs) % 8 == 0`.
+pub fn align_block_start(pos: u64, bm_secs: u32) -> u64 {
     let bm = u64::from(bm_secs);
     let r = (pos + bm) % 8;
     if r == 0 {
@@ -1324,6 +1325,17 @@ mod tests {
         let p = d.path().join("x.vhd");
         super::super::ops::create(&p, &super::super::ops::CreateOptions::dynamic(size)).unwrap();
         Arc::new(MemFile::from_bytes(std::fs::read(&p).unwrap()))
+    }
+
+    #[test]
+    fn alignment_puts_data_on_4k() {
+        for bm in [1u32, 8, 9] {
+            for pos in 0..32 {
+                let a = align_block_start(pos, bm);
+                let d = a + u64::from(bm);
+                assert!(a >= pos && a < pos + 8 && d.is_multiple_of(8));
+            }
+        }
     }
 
     fn reference_encrypt(key: &[u8; 32], lba: u64, data: &mut [u8]) {

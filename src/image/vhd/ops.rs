@@ -8,7 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use super::engine::{VhdImage, VhdOpenOptions};
 use super::format::*;
 use super::parent::{locator_payloads, relative_path, resolve_parent, ParentRef};
-use crate::image::chain::chain_depth;
+use crate::image::chain::{chain_depth, DEFAULT_MAX_DEPTH};
 use crate::image::file::{BlockFile, OsFile};
 use crate::image::{ImageError, SECTOR_SIZE};
 
@@ -190,6 +190,31 @@ pub struct SnapshotOptions {
     pub copy_keyhash: bool,
 }
 
+/// The image a snapshot of the VHD `parent` links to unless told to link exactly: `parent`,
+/// or the first non-empty ancestor above empty differencing disks. Returns (target, target
+/// is raw). A chain of empty disks longer than [`DEFAULT_MAX_DEPTH`] (a loop) is an error.
+pub fn snapshot_target(parent: &Path) -> Result<(PathBuf, bool), ImageError> {
+    let mut target = parent.to_path_buf();
+    let mut cur = open_ro(parent)?;
+    for _ in 0..DEFAULT_MAX_DEPTH {
+        if !cur.is_differencing() || cur.allocated_blocks() != 0 {
+            return Ok((target, false));
+        }
+        let Some(ParentRef { path, raw, .. }) = resolve_parent(&cur)? else {
+            return Ok((target, false));
+        };
+        target = path;
+        if raw {
+            return Ok((target, true));
+        }
+        cur = open_ro(&target)?;
+    }
+    Err(ImageError::Corrupt {
+        path: parent.display().to_string(),
+        what: "loop or absurd depth in chain of empty parents".into(),
+    })
+}
+
 fn open_ro(path: &Path) -> Result<VhdImage, ImageError> {
     VhdImage::open(path, &VhdOpenOptions::default())
 }
@@ -213,18 +238,7 @@ pub fn snapshot(
         let size = p.footer().curr_size;
         let bs = p.header().map_or(DEFAULT_BLOCK_SIZE, |h| h.block_size);
         if !opts.link_exact {
-            let mut cur = p;
-            while cur.is_differencing() && cur.allocated_blocks() == 0 {
-                let Some(ParentRef { path, raw: r, .. }) = resolve_parent(&cur)? else {
-                    break;
-                };
-                target = path;
-                if r {
-                    raw = true;
-                    break;
-                }
-                cur = open_ro(&target)?;
-            }
+            (target, raw) = snapshot_target(parent)?;
         }
         (size, bs)
     };
