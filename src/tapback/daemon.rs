@@ -33,8 +33,6 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsFd;
-use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
@@ -50,12 +48,13 @@ use crate::control::client::Client;
 use crate::tapback::{
     Backend, BackendConfig, ControlTapdisks, Result, TapbackError, DEFAULT_NAME, MAX_RING_ORDER,
 };
+use crate::xen::xenstore::client::xenstored_path_from_env;
 use crate::xen::xenstore::{XenStore, XsClient};
 
 /// Set in the environment of the re-executed daemon child.
 pub const DAEMON_CHILD_ENV: &str = "TAPBACK_DAEMON_CHILD";
 /// Overrides the xenstored socket path (libxenstore's variable).
-pub const XENSTORED_PATH_ENV: &str = "XENSTORED_PATH";
+pub use crate::xen::xenstore::client::XENSTORED_PATH_ENV;
 /// The grant device tapback requires (tapdisk maps rings through it).
 pub const GNTDEV: &str = "/dev/xen/gntdev";
 
@@ -190,26 +189,14 @@ fn init_logging(opts: &Options) {
     }
 }
 
-/// Connect to xenstore: `$XENSTORED_PATH` if set (a socket, or a xenbus device node), else
-/// the standard sockets, else `/dev/xen/xenbus`.
+/// Connect to xenstore ([`XsClient::open`]: `$XENSTORED_PATH` if set, a socket or a
+/// xenbus device node, else the standard sockets, else `/dev/xen/xenbus`).
 pub fn open_xenstore() -> Result<XsClient> {
-    let io = |op: String, source: std::io::Error| TapbackError::Io { op, source };
-    match std::env::var_os(XENSTORED_PATH_ENV).filter(|p| !p.is_empty()) {
-        Some(p) => {
-            let path = PathBuf::from(p);
-            let is_socket = std::fs::metadata(&path)
-                .map(|m| m.file_type().is_socket())
-                .unwrap_or(true);
-            if is_socket {
-                UnixStream::connect(&path)
-                    .map(|s| XsClient::from_fd(s.into()))
-                    .map_err(|e| io(format!("connect {}", path.display()), e))
-            } else {
-                XsClient::open_xenbus(&path).map_err(|e| io(format!("open {}", path.display()), e))
-            }
-        }
-        None => XsClient::open().map_err(|e| io("connect to xenstore".to_owned(), e)),
-    }
+    let op = match xenstored_path_from_env() {
+        Some(p) => format!("connect {}", p.display()),
+        None => "connect to xenstore".to_owned(),
+    };
+    XsClient::open().map_err(|source| TapbackError::Io { op, source })
 }
 
 /// The pid file, held under an exclusive `flock` while we run (a second tapback with the same
