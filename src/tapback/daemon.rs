@@ -35,7 +35,6 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Mutex;
 use std::time::Instant;
 
 use clap::Parser;
@@ -48,6 +47,7 @@ use crate::control::client::Client;
 use crate::tapback::{
     Backend, BackendConfig, ControlTapdisks, Result, TapbackError, DEFAULT_NAME, MAX_RING_ORDER,
 };
+use crate::util::logging::{self, LogOptions};
 use crate::xen::xenstore::client::xenstored_path_from_env;
 use crate::xen::xenstore::{XenStore, XsClient};
 
@@ -130,63 +130,14 @@ pub fn parse_args(args: &[String]) -> Result<Parsed> {
     }
 }
 
-/// syslog, plus stderr in the foreground.
-struct Logger {
-    syslog: Option<Mutex<syslog::Logger<syslog::LoggerBackend, syslog::Formatter3164>>>,
-    stderr: bool,
-    level: log::LevelFilter,
-}
-
-impl log::Log for Logger {
-    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
-        m.level() <= self.level
-    }
-
-    fn log(&self, r: &log::Record<'_>) {
-        if !self.enabled(r.metadata()) {
-            return;
-        }
-        let msg = r.args().to_string();
-        if self.stderr {
-            eprintln!("tapback: {}: {msg}", r.level().as_str().to_lowercase());
-        }
-        if let Some(s) = &self.syslog {
-            let mut s = s.lock().unwrap_or_else(|e| e.into_inner());
-            let _ = match r.level() {
-                log::Level::Error => s.err(&msg),
-                log::Level::Warn => s.warning(&msg),
-                log::Level::Info => s.info(&msg),
-                log::Level::Debug | log::Level::Trace => s.debug(&msg),
-            };
-        }
-    }
-
-    fn flush(&self) {}
-}
-
+/// syslog, plus stderr in the foreground (or when syslog is unreachable).
 fn init_logging(opts: &Options) {
-    let fmt = syslog::Formatter3164 {
-        facility: syslog::Facility::LOG_DAEMON,
-        hostname: None,
-        process: "tapback".to_owned(),
-        pid: std::process::id(),
-    };
-    let syslog = syslog::unix(fmt).ok().map(Mutex::new);
     let level = if opts.verbose {
         log::LevelFilter::Debug
     } else {
         log::LevelFilter::Info
     };
-    // Without syslog (containers, tests) fall back to stderr so nothing is lost.
-    let stderr = opts.debug || syslog.is_none();
-    let logger = Box::new(Logger {
-        syslog,
-        stderr,
-        level,
-    });
-    if log::set_boxed_logger(logger).is_ok() {
-        log::set_max_level(level);
-    }
+    logging::init(&LogOptions::daemon("tapback", level, opts.debug));
 }
 
 /// Connect to xenstore ([`XsClient::open`]: `$XENSTORED_PATH` if set, a socket or a
