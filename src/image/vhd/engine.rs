@@ -720,13 +720,16 @@ impl VhdImage {
         m.bat.iter_mut().for_each(|e| *e = BAT_UNUSED);
         m.bitmaps.clear();
         m.allocated = 0;
-        let raw: Vec<u8> = m.bat.iter().flat_map(|e| e.to_be_bytes()).collect();
-        self.pwrite(&raw, g.bat_off, "write BAT")?;
+        // Invariant 4: the emptied batmap is durable before the BAT drops the blocks, so
+        // the batmap never marks a block full that the BAT no longer holds.
         let curr = m.footer.curr_size;
         if let Some(b) = m.batmap.as_mut() {
             b.map.iter_mut().for_each(|x| *x = 0);
             self.write_batmap(b, curr)?;
+            self.sync()?;
         }
+        let raw: Vec<u8> = m.bat.iter().flat_map(|e| e.to_be_bytes()).collect();
+        self.pwrite(&raw, g.bat_off, "write BAT")?;
         m.dirty = true;
         self.sync()
     }
