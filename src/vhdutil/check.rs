@@ -793,16 +793,10 @@ fn print_stats(io: &mut Io, ctx: &Ctx) {
 }
 
 pub fn run(io: &mut Io, args: &[String]) -> i32 {
-    let p = match USAGE.parse(io, args) {
-        Ok(p) => p,
+    let (p, name) = match USAGE.parse_named(io, args) {
+        Ok(v) => v,
         Err(s) => return s,
     };
-    let Some(name) = p.value('n').map(str::to_string) else {
-        return USAGE.fail(io, EINVAL);
-    };
-    if !p.operands.is_empty() {
-        return USAGE.fail(io, EINVAL);
-    }
     let opts = Opts {
         ignore_footer: p.flag('i'),
         ignore_parent_uuid: p.flag('I'),

@@ -134,15 +134,13 @@ fn coalesce_parent(io: &mut Io, name: &str, sparse: bool, style: Style) -> Resul
 }
 
 pub fn run(io: &mut Io, args: &[String]) -> i32 {
-    let p = match USAGE.parse(io, args) {
-        Ok(p) => p,
+    let (p, name) = match USAGE.parse_named(io, args) {
+        Ok(v) => v,
         Err(s) => return s,
     };
-    let Some(name) = p.value('n') else {
-        return USAGE.fail(io, EINVAL);
-    };
+    let name = name.as_str();
     // blktap's option string lists -o, -a and -x but its switch sends them to usage.
-    if !p.operands.is_empty() || p.flag('o') || p.flag('a') || p.flag('x') {
+    if p.flag('o') || p.flag('a') || p.flag('x') {
         return USAGE.fail(io, EINVAL);
     }
     let style = progress_style(io, p.flag('p'));

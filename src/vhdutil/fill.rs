@@ -100,16 +100,11 @@ fn allocate_fast(io: &mut Io, img: &VhdImage, from: u64, to: u64) -> Result<(), 
 }
 
 pub fn run(io: &mut Io, args: &[String]) -> i32 {
-    let p = match USAGE.parse(io, args) {
-        Ok(p) => p,
+    let (p, name) = match USAGE.parse_named(io, args) {
+        Ok(v) => v,
         Err(s) => return s,
     };
-    let Some(name) = p.value('n') else {
-        return USAGE.fail(io, EINVAL);
-    };
-    if !p.operands.is_empty() {
-        return USAGE.fail(io, EINVAL);
-    }
+    let name = name.as_str();
     let init_bat = p.flag('b');
     let from = p.value('f').map(strtoull);
     let to = p.value('t').map(strtoull);
