@@ -68,7 +68,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use super::format::*;
 use crate::image::crypto::{KeyHash, XtsCipher};
 use crate::image::file::{BlockFile, OsFile, XATTR_KEYHASH, XATTR_MARKER};
-use crate::image::{check_range, check_sectors, Extent, Image, ImageError, ImageInfo, SECTOR_SIZE};
+use crate::image::{
+    check_range, check_sectors, check_usable, Extent, Image, ImageError, ImageInfo, SECTOR_SIZE,
+};
 
 /// Cached sector bitmaps kept per image (each one sector): 8192 x 512 B = 4 MiB.
 const BITMAP_CACHE: usize = 8192;
@@ -781,20 +783,11 @@ impl VhdImage {
     }
 
     fn live(&self) -> Result<(), ImageError> {
-        if self.closed.load(Ordering::Acquire) {
-            Err(ImageError::Closed)
-        } else {
-            Ok(())
-        }
+        check_usable(&self.closed, self.read_only, false)
     }
 
     fn writable(&self) -> Result<(), ImageError> {
-        self.live()?;
-        if self.read_only {
-            Err(ImageError::ReadOnly)
-        } else {
-            Ok(())
-        }
+        check_usable(&self.closed, self.read_only, true)
     }
 
     /// RW open after recovering from the backup/short footer: put a valid primary back.
