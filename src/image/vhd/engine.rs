@@ -1009,6 +1009,31 @@ impl VhdImage {
         })
     }
 
+    /// For `cnt` sectors at offset `off` of block `blk`: `None` when the block is not
+    /// allocated, else its BAT entry and the runs `(present, first, len)` of its bitmap
+    /// (`first` relative to `off`).
+    fn block_runs(
+        &self,
+        blk: u32,
+        off: u32,
+        cnt: u64,
+    ) -> Result<Option<(u32, Vec<Run>)>, ImageError> {
+        let mut m = self.lock();
+        let e = m.bat[blk as usize];
+        if e == BAT_UNUSED {
+            return Ok(None);
+        }
+        let bm = self.load_bitmap(&mut m, blk, e)?;
+        let mut runs = Vec::new();
+        let mut i = 0u64;
+        while i < cnt {
+            let (v, r) = bit_run(bm, u64::from(off) + i, cnt - i);
+            runs.push((v, i, r));
+            i += r;
+        }
+        Ok(Some((e, runs)))
+    }
+
     fn read_dynamic(&self, sector: u64, buf: &mut [u8]) -> Result<(), ImageError> {
         let g = self.geom_or_err()?;
         let mut done = 0usize;
@@ -1017,27 +1042,10 @@ impl VhdImage {
             let nb = (cnt * SECTOR_SIZE) as usize;
             let chunk = &mut buf[done..done + nb];
             done += nb;
-            let (entry, runs) = {
-                let mut m = self.lock();
-                let e = m.bat[blk as usize];
-                if e == BAT_UNUSED {
-                    (e, Vec::new())
-                } else {
-                    let bm = self.load_bitmap(&mut m, blk, e)?;
-                    let mut runs = Vec::new();
-                    let mut i = 0u64;
-                    while i < cnt {
-                        let (v, r) = bit_run(bm, u64::from(off) + i, cnt - i);
-                        runs.push((v, i, r));
-                        i += r;
-                    }
-                    (e, runs)
-                }
-            };
-            if entry == BAT_UNUSED {
+            let Some((entry, runs)) = self.block_runs(blk, off, cnt)? else {
                 self.read_parent(csec, chunk)?;
                 continue;
-            }
+            };
             let data0 = u64::from(entry) + u64::from(g.bm_secs) + u64::from(off);
             for (set, i, r) in runs {
                 let sub = &mut chunk[(i * SECTOR_SIZE) as usize..((i + r) * SECTOR_SIZE) as usize];
@@ -1130,22 +1138,9 @@ impl VhdImage {
         let mut out = Vec::new();
         for (blk, off, cnt) in self.chunks(sector, n) {
             let csec = u64::from(blk) * u64::from(g.spb) + u64::from(off);
-            let runs = {
-                let mut m = self.lock();
-                let e = m.bat[blk as usize];
-                if e == BAT_UNUSED {
-                    vec![(false, 0, cnt)]
-                } else {
-                    let bm = self.load_bitmap(&mut m, blk, e)?;
-                    let mut runs = Vec::new();
-                    let mut i = 0u64;
-                    while i < cnt {
-                        let (v, r) = bit_run(bm, u64::from(off) + i, cnt - i);
-                        runs.push((v, i, r));
-                        i += r;
-                    }
-                    runs
-                }
+            let runs = match self.block_runs(blk, off, cnt)? {
+                Some((_, runs)) => runs,
+                None => vec![(false, 0, cnt)],
             };
             for (set, i, r) in runs {
                 if set {
@@ -1198,6 +1193,9 @@ impl VhdImage {
         Ok(())
     }
 }
+
+/// A run of sectors with the same bitmap bit: (present, first, len).
+type Run = (bool, u64, u64);
 
 fn push_extent(out: &mut Vec<Extent>, sector: u64, n: u64, allocated: bool) {
     if n == 0 {
