@@ -27,6 +27,7 @@ use super::{
     control_dir, nbd_socket_path, pid_from_socket_name, socket_path, ControlError, Result,
     CONTROL_DIR_ENV, DEFAULT_TAPDISK, TAPDISK_ENV,
 };
+use crate::util::error_chain;
 
 /// How long `spawn` waits for the tapdisk to report its control socket.
 pub const SPAWN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -305,7 +306,7 @@ impl Client {
             match self.get_pid(pid, None) {
                 Ok(p) if p == pid => pids.push(pid),
                 Ok(p) => log::debug!("ctl{pid} answers pid {p}; skipped"),
-                Err(e) => log::debug!("ctl{pid}: {e}; skipped"),
+                Err(e) => log::debug!("ctl{pid}: {}; skipped", error_chain(&e)),
             }
         }
         Ok(pids)
@@ -318,7 +319,7 @@ impl Client {
         for pid in self.socket_pids()? {
             match self.list_pid(pid, None) {
                 Ok(v) => out.push((pid, v)),
-                Err(e) => log::debug!("tapdisk {pid} skipped: {e}"),
+                Err(e) => log::debug!("tapdisk {pid} skipped: {}", error_chain(&e)),
             }
         }
         Ok(out)
@@ -334,7 +335,7 @@ impl Client {
             let vbds = match self.list_pid(pid, None) {
                 Ok(v) => v,
                 Err(e) => {
-                    log::debug!("list of {pid}: {e}");
+                    log::debug!("list of {pid}: {}", error_chain(&e));
                     Vec::new()
                 }
             };

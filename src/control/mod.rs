@@ -114,7 +114,7 @@ pub enum ControlError {
     #[error("connection closed by peer")]
     Closed,
     /// An operating-system call failed.
-    #[error("{op}: {source}")]
+    #[error("{op}")]
     Io {
         op: String,
         #[source]

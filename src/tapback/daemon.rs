@@ -47,6 +47,7 @@ use crate::control::client::Client;
 use crate::tapback::{
     Backend, BackendConfig, ControlTapdisks, Result, TapbackError, DEFAULT_NAME, MAX_RING_ORDER,
 };
+use crate::util::error_chain;
 use crate::util::logging::{self, LogOptions};
 use crate::xen::xenstore::client::xenstored_path_from_env;
 use crate::xen::xenstore::{XenStore, XsClient};
@@ -259,7 +260,7 @@ pub fn main_with_args(args: &[String]) -> i32 {
             return 0;
         }
         Err(e) => {
-            eprintln!("tapback: {e}");
+            eprintln!("tapback: {}", error_chain(&e));
             return e.errno();
         }
     };
@@ -272,7 +273,7 @@ pub fn main_with_args(args: &[String]) -> i32 {
         return match spawn_daemon(args) {
             Ok(code) => code,
             Err(e) => {
-                eprintln!("tapback: {e}");
+                eprintln!("tapback: {}", error_chain(&e));
                 e.errno()
             }
         };
@@ -288,9 +289,9 @@ pub fn main_with_args(args: &[String]) -> i32 {
     match run(&opts, child) {
         Ok(()) => 0,
         Err(e) => {
-            log::error!("{e}");
+            log::error!("{}", error_chain(&e));
             if opts.debug || child {
-                eprintln!("tapback: {e}");
+                eprintln!("tapback: {}", error_chain(&e));
             }
             e.errno()
         }

@@ -17,6 +17,7 @@ use crate::control::client::Client;
 use crate::control::msg::{split_params, Blkif, DiskInfo, ListEntry};
 use crate::control::{nbd_from_socket_name, ControlError};
 use crate::tapback::{Result, TapbackError};
+use crate::util::error_chain;
 
 /// Backend key holding the NBD socket path.
 pub const KEY_PHYSICAL_DEVICE_PATH: &str = "physical-device-path";
@@ -105,7 +106,7 @@ fn verify<T: TapdiskOps + ?Sized>(
                 "{source}: tapdisk {pid} does not serve minor {minor}"
             )),
         },
-        Err(e) => Err(format!("{source}: tapdisk {pid}: {e}")),
+        Err(e) => Err(format!("{source}: tapdisk {pid}: {}", error_chain(&e))),
     }
 }
 
@@ -151,7 +152,7 @@ pub fn locate_tapdisk<T: TapdiskOps + ?Sized>(t: &T, keys: &LocatorKeys) -> Resu
     if let Some(p) = keys.tapdisk_params.as_deref().filter(|p| !p.is_empty()) {
         let p = p.trim_end_matches('\0').trim();
         match split_params(p) {
-            Ok(_) => match t.list_all() {
+            Ok(_) => match t.list_all().map_err(|e| error_chain(&e)) {
                 Ok(all) => {
                     let hit = all.iter().find_map(|(pid, vbds)| {
                         vbds.iter().find(|v| v.params == p).map(|v| (*pid, v.minor))

@@ -118,7 +118,7 @@ pub enum TapbackError {
         reason: String,
     },
     /// An operating-system call failed (daemon set-up).
-    #[error("{op}: {source}")]
+    #[error("{op}")]
     Io {
         op: String,
         #[source]
