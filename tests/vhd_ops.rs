@@ -551,3 +551,40 @@ fn snapshot_of_a_loop_of_empty_parents_fails_instead_of_hanging() {
     assert!(snapshot(&c, &b, &SnapshotOptions::default()).is_err());
     assert!(!c.exists());
 }
+
+/// Regression: reparenting zero-filled the whole reserved locator space as the header
+/// declares it, so a corrupt `data_space` (up to 4 GiB) made it allocate that much and
+/// overwrite the data blocks after the locator.
+#[test]
+fn reparent_refuses_a_locator_space_that_overlaps_data() {
+    let d = tempfile::tempdir().unwrap();
+    let a = dynamic(d.path(), "a.vhd", 4);
+    let c = d.path().join("c.vhd");
+    snapshot(&c, &a, &SnapshotOptions::default()).unwrap();
+    write(&c, 0, &[5; 4096]);
+    let before = read_all(&c);
+    let img = open_meta(&c, false).unwrap();
+    img.update_header(|h| h.loc[0].data_space = 0xFFFF_FE00)
+        .unwrap();
+    drop(img);
+    let e = set_parent(&c, &a, false).unwrap_err();
+    assert!(
+        matches!(e, ImageError::Corrupt { ref what, .. } if what.contains("overlaps")),
+        "{e}"
+    );
+    // Reserved space reaching into the first data block: refused as well.
+    let img = open_meta(&c, false).unwrap();
+    let first = u64::from(img.bat()[0]) * 512;
+    let off = img.header().unwrap().loc[0].data_offset;
+    let space = u32::try_from(first - off + 512).unwrap();
+    img.update_header(|h| h.loc[0].data_space = space).unwrap();
+    drop(img);
+    assert!(set_parent(&c, &a, false).is_err());
+    assert_eq!(read_all(&c), before, "child data intact");
+    // A sane locator still works and rewrites only the payload.
+    let img = open_meta(&c, false).unwrap();
+    img.update_header(|h| h.loc[0].data_space = 512).unwrap();
+    drop(img);
+    set_parent(&c, &a, false).unwrap();
+    assert_eq!(read_all(&c), before);
+}

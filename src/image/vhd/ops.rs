@@ -512,27 +512,59 @@ pub fn set_parent(child: &Path, new_parent: &Path, raw: bool) -> Result<(), Imag
     .map_err(|e| ImageError::io(child, "canonicalize", e))?;
     let rel = relative_path(&cdir, &tcanon);
     let payloads = locator_payloads(&rel);
+    // The reserved spaces come from the file: each must lie inside the metadata area
+    // (after the header, before the footer, clear of the BAT and of every allocated
+    // block) before anything is written there.
+    let corrupt = |what: &str| ImageError::Corrupt {
+        path: child.display().to_string(),
+        what: what.into(),
+    };
+    let file_len = c
+        .file()
+        .len()
+        .map_err(|e| ImageError::io(child, "stat", e))?;
+    let blk_bytes = (u64::from(h.spb()) + u64::from(h.bitmap_sectors())) * SECTOR_SIZE;
+    let blocks: Vec<u64> = c
+        .bat()
+        .into_iter()
+        .filter(|&e| e != BAT_UNUSED)
+        .map(|e| u64::from(e) * SECTOR_SIZE)
+        .collect();
     let mut locs = h.loc;
     let mut writes = Vec::new();
     for l in locs.iter_mut() {
         let Some((_, data)) = payloads.iter().find(|(code, _)| *code == l.code) else {
             continue;
         };
-        let space = l.space_bytes().ok_or_else(|| ImageError::Corrupt {
-            path: child.display().to_string(),
-            what: "bad parent locator data space".into(),
-        })?;
-        if data.len() as u64 > space {
+        let space = l
+            .space_bytes()
+            .ok_or_else(|| corrupt("bad parent locator data space"))?;
+        let len = data.len() as u64;
+        if len > space {
             return Err(ImageError::NoSpace(format!(
-                "new parent locator needs {} bytes, {} reserved",
-                data.len(),
-                space
+                "new parent locator needs {len} bytes, {space} reserved"
             )));
         }
+        let start = l.data_offset;
+        let end = start
+            .checked_add(space)
+            .ok_or_else(|| corrupt("parent locator out of bounds"))?;
+        let bat_end = h.table_offset + u64::from(h.max_bat_size) * 4;
+        if start < c.footer().data_offset + HEADER_SIZE as u64
+            || (start < bat_end && h.table_offset < end)
+            || end > file_len.saturating_sub(FOOTER_SIZE as u64)
+            || blocks.iter().any(|&b| start < b + blk_bytes && b < end)
+        {
+            return Err(corrupt("parent locator space overlaps other data"));
+        }
+        // Only the new payload, padded to whole sectors: readers stop at data_len.
         let mut d = data.clone();
-        d.resize(space as usize, 0);
-        writes.push((l.data_offset, d));
-        l.data_len = data.len() as u32;
+        d.resize(
+            usize::try_from(pad512(len)).map_err(|_| corrupt("parent locator too large"))?,
+            0,
+        );
+        writes.push((start, d));
+        l.data_len = u32::try_from(len).map_err(|_| corrupt("parent locator too large"))?;
     }
     if writes.is_empty() {
         return Err(invalid("child has no MacX/W2ku/W2ru locator to rewrite"));
