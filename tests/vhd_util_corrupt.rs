@@ -92,3 +92,35 @@ fn damaged_metadata_never_panics() {
         }
     }
 }
+
+/// Regression: check summed a locator's offset and space before validating them, so an
+/// offset near 2^64 overflowed (a panic in debug builds, a wrapped end in release).
+#[test]
+fn check_with_locator_offset_near_the_top_of_u64() {
+    use blktap3::image::vhd::ops::open_meta;
+    let d = tmpdir();
+    let base = p(d.path(), "base.vhd");
+    let leaf = p(d.path(), "leaf.vhd");
+    ok(&["create", "-n", &base, "-s", "8"]);
+    ok(&["snapshot", "-n", &leaf, "-p", &base]);
+    let img = open_meta(std::path::Path::new(&leaf), false).unwrap();
+    img.update_header(|h| h.loc[0].data_offset = u64::MAX - 511)
+        .unwrap();
+    drop(img);
+    for args in [
+        vec!["check", "-n", &leaf],
+        vec!["check", "-n", &leaf, "-s", "-b"],
+        vec!["query", "-n", &leaf, "-p"],
+        vec!["scan", "-M", "-p", "-a", &leaf],
+    ] {
+        let o = run(&args);
+        assert_clean(&o, &format!("{args:?}"));
+    }
+    let o = run(&["check", "-n", &leaf]);
+    assert_ne!(o.status, 0, "{}", o.stdout);
+    assert!(
+        o.stdout.contains("invalid parent locator 0"),
+        "{}",
+        o.stdout
+    );
+}
