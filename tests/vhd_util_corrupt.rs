@@ -18,6 +18,25 @@ impl Rng {
     }
 }
 
+/// The read-only commands run on every damaged image.
+fn readers(victim: &str) -> Vec<Vec<&str>> {
+    vec![
+        vec![
+            "query", "-n", victim, "-v", "-s", "-p", "-f", "-m", "-d", "-a", "-S",
+        ],
+        vec!["read", "-n", victim, "-p"],
+        vec![
+            "read", "-n", victim, "-b", "0", "-c", "4", "-t", "10", "-e", "0", "-c", "100",
+        ],
+        vec!["read", "-n", victim, "-m", "0", "-i", "0", "-a", "-B"],
+        vec!["read", "-n", victim, "-r", "0", "-c", "100"],
+        vec!["check", "-n", victim],
+        vec!["check", "-n", victim, "-s", "-b"],
+        vec!["scan", "-M", "-p", "-a", victim],
+        vec!["key", "-p", "-n", victim],
+    ]
+}
+
 fn assert_clean(o: &Out, what: &str) {
     assert_ne!(o.status, 101, "{what} panicked: {}", o.stderr);
     assert!(o.status >= 0, "{what} died from a signal: {}", o.stderr);
@@ -58,20 +77,7 @@ fn damaged_metadata_never_panics() {
         }
         std::fs::write(&victim, &b).unwrap();
         let what = format!("round {round}");
-        for args in [
-            vec![
-                "query", "-n", &victim, "-v", "-s", "-p", "-f", "-m", "-d", "-a", "-S",
-            ],
-            vec!["read", "-n", &victim, "-p"],
-            vec![
-                "read", "-n", &victim, "-b", "0", "-c", "4", "-t", "10", "-e", "0", "-c", "100",
-            ],
-            vec!["read", "-n", &victim, "-m", "0", "-i", "0", "-a", "-B"],
-            vec!["check", "-n", &victim],
-            vec!["check", "-n", &victim, "-s", "-b"],
-            vec!["scan", "-M", "-p", "-a", &victim],
-            vec!["key", "-p", "-n", &victim],
-        ] {
+        for args in readers(&victim) {
             let o = run(&args);
             assert_clean(&o, &format!("{what} {args:?}"));
         }
@@ -200,32 +206,22 @@ fn checksummed_header_and_footer_extremes_never_panic() {
             }
         }
         let bad = std::fs::read(&victim).unwrap();
-        for args in [
-            vec![
-                "query", "-n", &victim, "-v", "-s", "-p", "-f", "-m", "-d", "-a", "-S",
-            ],
-            vec!["read", "-n", &victim, "-p"],
-            vec![
-                "read", "-n", &victim, "-b", "0", "-c", "4", "-t", "10", "-e", "0", "-c", "100",
-            ],
-            vec!["read", "-n", &victim, "-m", "0", "-i", "0", "-a", "-B"],
-            vec!["read", "-n", &victim, "-r", "0", "-c", "100"],
-            vec!["check", "-n", &victim],
-            vec!["check", "-n", &victim, "-s", "-b"],
-            vec!["scan", "-M", "-p", "-a", &victim],
-            vec!["key", "-p", "-n", &victim],
+        let (jpath, snap) = (p(d.path(), "j"), p(d.path(), "s.vhd"));
+        let mut cmds = readers(&victim);
+        cmds.extend([
             vec!["repair", "-n", &victim],
             vec!["coalesce", "-n", &victim],
             vec!["fill", "-n", &victim],
             vec!["fill", "-n", &victim, "-b"],
             vec!["modify", "-n", &victim, "-p", &base],
-            vec!["resize", "-n", &victim, "-s", "16", "-j", &p(d.path(), "j")],
-            vec!["snapshot", "-n", &p(d.path(), "s.vhd"), "-p", &victim],
+            vec!["resize", "-n", &victim, "-s", "16", "-j", &jpath],
+            vec!["snapshot", "-n", &snap, "-p", &victim],
             vec!["set", "-n", &victim, "-f", "hidden", "-v", "1"],
-        ] {
+        ]);
+        for args in cmds {
             std::fs::write(&victim, &bad).unwrap();
-            let _ = std::fs::remove_file(p(d.path(), "s.vhd"));
-            let _ = std::fs::remove_file(p(d.path(), "j"));
+            let _ = std::fs::remove_file(&snap);
+            let _ = std::fs::remove_file(&jpath);
             let o = run(&args);
             assert_clean(&o, &format!("case {i} {args:?}"));
         }
