@@ -32,6 +32,30 @@ fn io_err<'a>(path: &'a Path, op: &'static str) -> impl Fn(std::io::Error) -> Im
     move |e| ImageError::io(path, op, e)
 }
 
+/// Journal what a resize overwrites: the file length, the given `prefix` (from offset 0)
+/// and the footer at the end of the file.
+fn save_journal(
+    f: &OsFile,
+    path: &Path,
+    jpath: &Path,
+    orig_len: u64,
+    prefix: Vec<u8>,
+) -> Result<(), ImageError> {
+    let footer_off = orig_len.saturating_sub(FOOTER_SIZE as u64);
+    let mut footer = vec![0u8; FOOTER_SIZE];
+    f.read_at(&mut footer, footer_off)
+        .map_err(io_err(path, "read footer"))?;
+    write_journal(
+        jpath,
+        &Saved {
+            orig_len,
+            footer_off,
+            prefix,
+            footer,
+        },
+    )
+}
+
 fn invalid(s: impl Into<String>) -> ImageError {
     ImageError::Invalid(s.into())
 }
@@ -195,19 +219,7 @@ pub fn grow(
     let prefix_len = usize::try_from(meta_end.min(orig_len)).map_err(|_| invalid("prefix"))?;
     let mut prefix = vec![0u8; prefix_len];
     f.read_at(&mut prefix, 0).map_err(io_err(path, "read"))?;
-    let footer_off = orig_len.saturating_sub(FOOTER_SIZE as u64);
-    let mut fbuf = vec![0u8; FOOTER_SIZE];
-    f.read_at(&mut fbuf, footer_off)
-        .map_err(io_err(path, "read footer"))?;
-    write_journal(
-        jpath,
-        &Saved {
-            orig_len,
-            footer_off,
-            prefix,
-            footer: fbuf,
-        },
-    )?;
+    save_journal(&f, path, jpath, orig_len, prefix)?;
     if fail("VHD_UTIL_TEST_FAIL_RESIZE_BEGIN") {
         return Ok(false);
     }
@@ -288,19 +300,7 @@ pub fn grow_fixed(
     drop(img);
     let f = OsFile::open(path, true).map_err(io_err(path, "open"))?;
     let orig_len = f.len().map_err(io_err(path, "stat"))?;
-    let footer_off = orig_len.saturating_sub(FOOTER_SIZE as u64);
-    let mut fbuf = vec![0u8; FOOTER_SIZE];
-    f.read_at(&mut fbuf, footer_off)
-        .map_err(io_err(path, "read footer"))?;
-    write_journal(
-        jpath,
-        &Saved {
-            orig_len,
-            footer_off,
-            prefix: Vec::new(),
-            footer: fbuf,
-        },
-    )?;
+    save_journal(&f, path, jpath, orig_len, Vec::new())?;
     if fail("VHD_UTIL_TEST_FAIL_RESIZE_BEGIN") {
         return Ok(false);
     }
