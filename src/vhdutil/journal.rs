@@ -102,7 +102,11 @@ fn read_journal(jpath: &Path) -> Result<Saved, ImageError> {
     let u = |o: usize| u64::from_be_bytes(b[o..o + 8].try_into().unwrap_or([0; 8]));
     let (orig_len, plen, footer_off) = (u(8), u(16), u(24));
     let plen = usize::try_from(plen).map_err(|_| invalid("journal too large"))?;
-    if b.len() != HDR + plen + FOOTER_SIZE {
+    if HDR
+        .checked_add(plen)
+        .and_then(|n| n.checked_add(FOOTER_SIZE))
+        != Some(b.len())
+    {
         return Err(invalid(format!("{}: truncated journal", jpath.display())));
     }
     Ok(Saved {
@@ -347,6 +351,14 @@ mod tests {
         assert!(read_journal(&j).is_err());
         let mut b = std::fs::read(d.path().join("j")).unwrap();
         b.truncate(4);
+        std::fs::write(&j, &b).unwrap();
+        assert!(read_journal(&j).is_err());
+        // A prefix length that overflows the size arithmetic (regression: panicked).
+        let mut b = MAGIC.to_vec();
+        b.extend_from_slice(&0u64.to_be_bytes());
+        b.extend_from_slice(&(u64::MAX - 100).to_be_bytes());
+        b.extend_from_slice(&0u64.to_be_bytes());
+        b.resize(HDR + 512 + 100, 0);
         std::fs::write(&j, &b).unwrap();
         assert!(read_journal(&j).is_err());
     }
