@@ -39,6 +39,12 @@ mod tests {
             error_chain(&e),
             "connect /x/ctl1: No such file or directory (os error 2)"
         );
+        let t = crate::tapback::TapbackError::Control(e);
+        assert_eq!(t.to_string(), "tapdisk control");
+        assert_eq!(
+            error_chain(&t),
+            "tapdisk control: connect /x/ctl1: No such file or directory (os error 2)"
+        );
         let plain = std::io::Error::other("x");
         assert_eq!(error_chain(&plain), "x");
     }

@@ -239,7 +239,7 @@ impl Device {
                 Outcome::Keep
             }
             Err(e) => {
-                let msg = e.to_string();
+                let msg = error_chain(&e);
                 if self.pending.as_deref() != Some(msg.as_str()) {
                     if matches!(e, TapbackError::NoTapdisk(_)) {
                         log::info!("{}: waiting: {msg}", self.id);
@@ -705,7 +705,7 @@ impl Device {
         X: XenStore + ?Sized,
         T: TapdiskOps + ?Sized,
     {
-        let msg = e.to_string();
+        let msg = error_chain(e);
         log::error!("{}: {msg} (errno {}); device failed", self.id, e.errno());
         let node = format!("{}/error", self.errpath);
         if let Err(we) = cx
