@@ -16,11 +16,11 @@ use std::path::Path;
 use super::chain::open_chain;
 use super::cli::{OptsExt, UsageSpec, EINVAL};
 use super::common::{self, neg};
-use super::progress::{Progress, Style};
+use super::progress::{progress_style, with_progress, Style};
 use super::Io;
 use crate::image::raw::RawImage;
-use crate::image::vhd::ops::{coalesce_onto, ProgressFn};
-use crate::image::{Image, ImageError};
+use crate::image::vhd::ops::coalesce_onto;
+use crate::image::Image;
 use crate::vout;
 
 pub const USAGE: UsageSpec = UsageSpec {
@@ -30,53 +30,6 @@ pub const USAGE: UsageSpec = UsageSpec {
     to_stderr: false,
     h_status: EINVAL,
 };
-
-/// Progress reporting for the data commands: blktap style on stdout when asked (`-p`),
-/// else qemu-img style on stderr when that is a terminal.
-pub fn progress_style(io: &Io, blktap_flag: bool) -> Style {
-    if blktap_flag {
-        Style::Blktap
-    } else if io.err_is_tty {
-        Style::Tty
-    } else {
-        Style::Silent
-    }
-}
-
-/// Draw progress on the stream its style uses.
-pub fn draw(io: &mut Io, p: &mut Progress, style: Style, done: u64) {
-    match style {
-        Style::Blktap => p.update(io.out, done),
-        _ => p.update(io.err, done),
-    }
-}
-
-/// Finish progress on the stream its style uses.
-pub fn finish(io: &mut Io, p: &mut Progress, style: Style) {
-    match style {
-        Style::Blktap => p.finish(io.out),
-        _ => p.finish(io.err),
-    }
-}
-
-/// Run `op` with a progress hook drawing in `style` (the [`Progress`] is sized by the
-/// first report); on success the final state is drawn.
-pub fn with_progress<T>(
-    io: &mut Io,
-    style: Style,
-    op: impl FnOnce(ProgressFn<'_>) -> Result<T, ImageError>,
-) -> Result<T, ImageError> {
-    let mut prog: Option<Progress> = None;
-    let r = op(&mut |done, total| {
-        let p = prog.get_or_insert_with(|| Progress::new(style, total));
-        draw(io, p, style, done);
-    });
-    if r.is_ok() {
-        let mut p = prog.unwrap_or_else(|| Progress::new(style, 0));
-        finish(io, &mut p, style);
-    }
-    r
-}
 
 fn coalesce_parent(io: &mut Io, name: &str, sparse: bool, style: Style) -> Result<u64, i32> {
     let meta = common::open(name, true).map_err(|e| {

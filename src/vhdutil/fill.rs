@@ -12,9 +12,9 @@
 
 use super::chain::open_chain;
 use super::cli::{OptsExt, UsageSpec, EINVAL};
-use super::coalesce::{progress_style, with_progress};
 use super::common::{self, neg};
 use super::getopt::strtoull;
+use super::progress::{progress_style, with_progress};
 use super::Io;
 use crate::image::vhd::engine::{align_block_start, VhdImage};
 use crate::image::vhd::format::*;
