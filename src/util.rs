@@ -1,7 +1,51 @@
 //! Small helpers shared by the binaries and daemons.
 
+pub mod logging;
+
 /// Whether standard output is a terminal (progress bars and TTY-only formats key off this).
 pub fn stdout_is_tty() -> bool {
     use std::io::IsTerminal;
     std::io::stdout().is_terminal()
+}
+
+/// An error with its causes, `outer: cause: root cause`: the Display of `e`, then the
+/// Display of each source that the text so far does not already end with.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.ends_with(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_chain_appends_each_cause_once() {
+        let e = crate::control::ControlError::io(
+            "connect /x/ctl1",
+            std::io::Error::from_raw_os_error(libc::ENOENT),
+        );
+        assert_eq!(e.to_string(), "connect /x/ctl1");
+        assert_eq!(
+            error_chain(&e),
+            "connect /x/ctl1: No such file or directory (os error 2)"
+        );
+        let t = crate::tapback::TapbackError::Control(e);
+        assert_eq!(t.to_string(), "tapdisk control");
+        assert_eq!(
+            error_chain(&t),
+            "tapdisk control: connect /x/ctl1: No such file or directory (os error 2)"
+        );
+        let plain = std::io::Error::other("x");
+        assert_eq!(error_chain(&plain), "x");
+    }
 }

@@ -368,6 +368,30 @@ fn control_tapdisks_over_real_sockets() {
     let err = t.list_pid(888888).unwrap_err();
     assert_eq!(err.errno(), libc::ETIMEDOUT);
     assert!(start.elapsed() < Duration::from_secs(5));
+    // Also XENBLKIF_CONNECT and the scan of every socket (the client's default timeout).
+    let blkif = Blkif {
+        domid: 1,
+        devid: 768,
+        gref: [0; 8],
+        order: 0,
+        proto: blktap3::control::msg::BlkifProto::X86_64,
+        pool: String::new(),
+        port: 3,
+        poll_duration: 0,
+        poll_idle_threshold: 0,
+    };
+    let start = Instant::now();
+    assert_eq!(
+        t.connect(888888, MINOR, &blkif).unwrap_err().errno(),
+        libc::ETIMEDOUT
+    );
+    let all = t.list_all().unwrap();
+    assert_eq!(all.len(), 1, "the wedged tapdisk is skipped");
+    assert!(start.elapsed() < Duration::from_secs(5));
+    let start = Instant::now();
+    let c = Client::with_dir(&e.ctl).with_timeout(Duration::from_millis(200));
+    assert!(c.list().unwrap().iter().all(|v| v.pid != Some(888888)));
+    assert!(start.elapsed() < Duration::from_secs(5));
     drop(wedged);
     // physical-device for NBD devices resolves through sysfs' backend identifier.
     let sys = e.dir.join("sys");

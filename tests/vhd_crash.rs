@@ -380,3 +380,64 @@ fn block_device_vhd_allocates_in_place_until_full() {
         assert_eq!(b, [0u8; 512]);
     }
 }
+
+/// Regression: `zero_bat` (vhd-util modify -z) wrote the emptied BAT before the emptied
+/// batmap, so a crash in between left the batmap marking blocks full that the BAT no
+/// longer held (invariant 4: the batmap only ever understates fullness).
+#[test]
+fn zero_bat_never_leaves_the_batmap_claiming_unallocated_blocks_full() {
+    let base = {
+        let f = Arc::new(MemFile::from_bytes(fresh_image(4 << 20, 1 << 20)));
+        let img = open_vhd_chain_file(Path::new("z.vhd"), f.clone(), &opts(false)).unwrap();
+        img.write(0, &vec![7u8; 1 << 20]).unwrap();
+        img.write(2048, &vec![8u8; 1 << 20]).unwrap();
+        img.close().unwrap();
+        f.contents()
+    };
+    let full_but_unallocated = |bytes: Vec<u8>| -> Vec<usize> {
+        let img = VhdImage::open_file(
+            Path::new("z.vhd"),
+            Arc::new(MemFile::from_bytes(bytes)),
+            &Default::default(),
+        )
+        .unwrap();
+        let Some((_, map)) = img.batmap().filter(|_| img.batmap_valid() == Some(true)) else {
+            return Vec::new();
+        };
+        img.bat()
+            .iter()
+            .enumerate()
+            .filter(|&(i, &e)| e == u32::MAX && map[i / 8] & (0x80 >> (i % 8)) != 0)
+            .map(|(i, _)| i)
+            .collect()
+    };
+    assert!(full_but_unallocated(base.clone()).is_empty());
+    let mut stopped_early = 0;
+    for n in 0..16 {
+        let f = Arc::new(MemFile::from_bytes(base.clone()));
+        let img = VhdImage::open_file(
+            Path::new("z.vhd"),
+            f.clone(),
+            &blktap3::image::vhd::VhdOpenOptions {
+                read_only: false,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(img.allocated_blocks(), 2);
+        f.fail_after(n);
+        if img.zero_bat().is_err() {
+            stopped_early += 1;
+        }
+        let pending = f.pending_ops();
+        for keep in 0..=pending {
+            let crashed = f.crash_image(&mut |i| i < keep);
+            assert_eq!(
+                full_but_unallocated(crashed),
+                Vec::<usize>::new(),
+                "stopped after {n} writes, crash keeping {keep} of {pending} unsynced"
+            );
+        }
+    }
+    assert!(stopped_early > 0);
+}

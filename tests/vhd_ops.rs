@@ -264,7 +264,7 @@ fn coalesce_into_vhd_and_raw_parents() {
     write(&snap, 4, &[2; 1024]);
     write(&snap, 5000, &[3; 512]);
     let expect = read_all(&snap);
-    assert_eq!(coalesce(&snap).unwrap(), 3);
+    assert_eq!(coalesce(&snap, &OpenOptions::default(), None).unwrap(), 3);
     assert_eq!(read_all(&base), expect);
     assert!(
         check(&base).unwrap().is_empty(),
@@ -286,7 +286,7 @@ fn coalesce_into_vhd_and_raw_parents() {
     .unwrap();
     write(&s2, 10, &[4; 1024]);
     let expect = read_all(&s2);
-    assert_eq!(coalesce(&s2).unwrap(), 2);
+    assert_eq!(coalesce(&s2, &OpenOptions::default(), None).unwrap(), 2);
     assert_eq!(std::fs::read(&raw).unwrap(), expect);
 }
 
@@ -320,7 +320,7 @@ fn fill_allocates_every_block_and_keeps_contents() {
     let s = d.path().join("s.vhd");
     snapshot(&s, &base, &SnapshotOptions::default()).unwrap();
     let before = read_all(&s);
-    assert_eq!(fill(&s, &OpenOptions::default()).unwrap(), 3);
+    assert_eq!(fill(&s, &OpenOptions::default(), None).unwrap(), 3);
     assert_eq!(read_all(&s), before);
     let img = open_meta(&s, true).unwrap();
     assert_eq!(img.allocated_blocks(), 3);
@@ -465,4 +465,126 @@ fn allocation_beyond_32_bit_sectors_is_no_space() {
     img.write(0, &[2u8; 512]).unwrap();
     img.close().unwrap();
     assert_eq!(std::fs::metadata(&p).unwrap().len(), end + 512);
+}
+
+/// Regression: coalesce used to copy stored (encrypted) bytes, so a child and parent with
+/// different keys ended with the parent holding data encrypted under the child's key.
+#[test]
+fn coalesce_and_fill_reencrypt_between_layers_with_different_keys() {
+    use blktap3::image::crypto::KeySource;
+    let d = tempfile::tempdir().unwrap();
+    let kd = d.path().join("keys");
+    std::fs::create_dir(&kd).unwrap();
+    let kp: Vec<u8> = (0..64u8).map(|i| i.wrapping_mul(7) ^ 0x11).collect();
+    let kc: Vec<u8> = (0..32u8).map(|i| i.wrapping_mul(13) ^ 0x5a).collect();
+    std::fs::write(kd.join("base,aes-xts-plain,512.key"), &kp).unwrap();
+    std::fs::write(kd.join("snap,aes-xts-plain,256.key"), &kc).unwrap();
+    let keyed = OpenOptions {
+        read_only: false,
+        keys: KeySource::Dirs(vec![kd.clone()]),
+        ..Default::default()
+    };
+    let base = dynamic(d.path(), "base.vhd", 4);
+    open_meta(&base, false)
+        .unwrap()
+        .set_keyhash(&KeyHash::for_key(&kp, &[1; 32]))
+        .unwrap();
+    let img = open_vhd_chain(&base, &keyed).unwrap();
+    img.write(0, &[1; 4096]).unwrap();
+    img.close().unwrap();
+    let snap = d.path().join("snap.vhd");
+    snapshot(&snap, &base, &SnapshotOptions::default()).unwrap();
+    open_meta(&snap, false)
+        .unwrap()
+        .set_keyhash(&KeyHash::for_key(&kc, &[2; 32]))
+        .unwrap();
+    let img = open_vhd_chain(&snap, &keyed).unwrap();
+    img.write(2, &[2; 1024]).unwrap();
+    img.write(4100, &[3; 512]).unwrap();
+    img.close().unwrap();
+    let plain = |p: &Path| {
+        let img = open_vhd_chain(p, &keyed).unwrap();
+        let mut b = vec![0u8; (img.info().size_sectors * 512) as usize];
+        img.read(0, &mut b).unwrap();
+        img.close().unwrap();
+        b
+    };
+    let expect = plain(&snap);
+    assert_eq!(&expect[1024..2048], &[2; 1024][..]);
+    // Without keys nothing is written.
+    assert!(coalesce(&snap, &OpenOptions::default(), None).is_err());
+    let mut reports = Vec::new();
+    let mut hook = |done: u64, total: u64| reports.push((done, total));
+    assert_eq!(coalesce(&snap, &keyed, Some(&mut hook)).unwrap(), 3);
+    assert_eq!(reports, vec![(0, 2), (1, 2)]);
+    assert_eq!(plain(&base), expect, "parent holds the child's plaintext");
+    // fill of the keyed child keeps its plaintext too.
+    let mut blocks = 0;
+    let mut hook = |_: u64, total: u64| blocks = total;
+    assert_eq!(fill(&snap, &keyed, Some(&mut hook)).unwrap(), 2);
+    assert_eq!(blocks, 2);
+    assert_eq!(plain(&snap), expect);
+    assert_eq!(open_meta(&snap, true).unwrap().allocated_blocks(), 2);
+}
+
+/// Regression: the search for a non-empty ancestor followed a loop of empty differencing
+/// disks forever.
+#[test]
+fn snapshot_of_a_loop_of_empty_parents_fails_instead_of_hanging() {
+    let d = tempfile::tempdir().unwrap();
+    let base = dynamic(d.path(), "base.vhd", 4);
+    let a = d.path().join("a.vhd");
+    snapshot(&a, &base, &SnapshotOptions::default()).unwrap();
+    let exact = SnapshotOptions {
+        link_exact: true,
+        ..Default::default()
+    };
+    let b = d.path().join("b.vhd");
+    snapshot(&b, &a, &exact).unwrap();
+    set_parent(&a, &b, false).unwrap();
+    let e = snapshot_target(&b).unwrap_err();
+    assert!(
+        matches!(e, ImageError::Corrupt { ref what, .. } if what.contains("loop")),
+        "{e}"
+    );
+    let c = d.path().join("c.vhd");
+    assert!(snapshot(&c, &b, &SnapshotOptions::default()).is_err());
+    assert!(!c.exists());
+}
+
+/// Regression: reparenting zero-filled the whole reserved locator space as the header
+/// declares it, so a corrupt `data_space` (up to 4 GiB) made it allocate that much and
+/// overwrite the data blocks after the locator.
+#[test]
+fn reparent_refuses_a_locator_space_that_overlaps_data() {
+    let d = tempfile::tempdir().unwrap();
+    let a = dynamic(d.path(), "a.vhd", 4);
+    let c = d.path().join("c.vhd");
+    snapshot(&c, &a, &SnapshotOptions::default()).unwrap();
+    write(&c, 0, &[5; 4096]);
+    let before = read_all(&c);
+    let img = open_meta(&c, false).unwrap();
+    img.update_header(|h| h.loc[0].data_space = 0xFFFF_FE00)
+        .unwrap();
+    drop(img);
+    let e = set_parent(&c, &a, false).unwrap_err();
+    assert!(
+        matches!(e, ImageError::Corrupt { ref what, .. } if what.contains("overlaps")),
+        "{e}"
+    );
+    // Reserved space reaching into the first data block: refused as well.
+    let img = open_meta(&c, false).unwrap();
+    let first = u64::from(img.bat()[0]) * 512;
+    let off = img.header().unwrap().loc[0].data_offset;
+    let space = u32::try_from(first - off + 512).unwrap();
+    img.update_header(|h| h.loc[0].data_space = space).unwrap();
+    drop(img);
+    assert!(set_parent(&c, &a, false).is_err());
+    assert_eq!(read_all(&c), before, "child data intact");
+    // A sane locator still works and rewrites only the payload.
+    let img = open_meta(&c, false).unwrap();
+    img.update_header(|h| h.loc[0].data_space = 512).unwrap();
+    drop(img);
+    set_parent(&c, &a, false).unwrap();
+    assert_eq!(read_all(&c), before);
 }

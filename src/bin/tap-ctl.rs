@@ -3,27 +3,13 @@
 use std::io::{self, IsTerminal, Write};
 
 use blktap3::control::tapctl::{run, strip_debug, CliIo};
-
-/// Minimal stderr logger for `--debug`.
-struct StderrLog;
-
-impl log::Log for StderrLog {
-    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
-        true
-    }
-    fn log(&self, r: &log::Record<'_>) {
-        eprintln!("{}: {}", r.level().as_str().to_lowercase(), r.args());
-    }
-    fn flush(&self) {}
-}
-
-static LOGGER: StderrLog = StderrLog;
+use blktap3::util::logging::{self, LogOptions};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (args, debug) = strip_debug(&args);
-    if debug && log::set_logger(&LOGGER).is_ok() {
-        log::set_max_level(log::LevelFilter::Debug);
+    if debug {
+        logging::init(&LogOptions::stderr_only("tap-ctl", log::LevelFilter::Debug));
     }
     let stdout = io::stdout();
     let tty = stdout.is_terminal();

@@ -39,7 +39,7 @@ pub struct TapList {
 const ENTRY_OFFSET: usize = offset_of!(TapList, entry);
 
 fn neg(e: &ControlError) -> c_int {
-    log::debug!("libblktapctl: {e}");
+    log::debug!("libblktapctl: {}", crate::util::error_chain(&e));
     -e.errno()
 }
 

@@ -27,6 +27,7 @@ use super::{
     control_dir, nbd_socket_path, pid_from_socket_name, socket_path, ControlError, Result,
     CONTROL_DIR_ENV, DEFAULT_TAPDISK, TAPDISK_ENV,
 };
+use crate::util::error_chain;
 
 /// How long `spawn` waits for the tapdisk to report its control socket.
 pub const SPAWN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -76,6 +77,7 @@ pub fn tapdisk_binary() -> PathBuf {
 pub struct Client {
     dir: PathBuf,
     tapdisk: Option<PathBuf>,
+    timeout: Option<Duration>,
 }
 
 impl Default for Client {
@@ -95,7 +97,21 @@ impl Client {
         Client {
             dir: dir.into(),
             tapdisk: None,
+            timeout: None,
         }
+    }
+
+    /// Bound every control exchange that is not given its own timeout (also those of
+    /// [`Client::connect_xenblkif`], [`Client::tapdisks`], [`Client::list`] and
+    /// [`Client::list_all`]) by `timeout`. Without it they wait as long as tapdisk takes.
+    pub fn with_timeout(mut self, timeout: Duration) -> Client {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// The default timeout of control exchanges ([`Client::with_timeout`]).
+    pub fn timeout(&self) -> Option<Duration> {
+        self.timeout
     }
 
     /// Use this tapdisk binary for `spawn` instead of [`tapdisk_binary()`].
@@ -110,12 +126,14 @@ impl Client {
     }
 
     /// Send one request to tapdisk `pid` and read its whole reply (ERROR replies included).
+    /// `timeout` bounds the exchange; `None` uses the client's default, if any.
     pub fn send_and_receive(
         &self,
         pid: i32,
         req: &Request,
         timeout: Option<Duration>,
     ) -> Result<Reply> {
+        let timeout = timeout.or(self.timeout);
         let path = socket_path(&self.dir, pid);
         let wire = req.encode()?;
         let stream = UnixStream::connect(&path)
@@ -264,28 +282,47 @@ impl Client {
         minors::free(&self.dir, minor)
     }
 
-    /// The pids of live tapdisks: every `ctl<pid>` socket whose tapdisk answers PID with
-    /// that pid, ascending. Stale sockets are skipped.
-    pub fn tapdisks(&self) -> Result<Vec<i32>> {
+    /// The pids of every `ctl<pid>` socket in the control directory (stale ones included),
+    /// ascending.
+    fn socket_pids(&self) -> Result<Vec<i32>> {
         let rd = match std::fs::read_dir(&self.dir) {
             Ok(rd) => rd,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(ControlError::io(format!("read {}", self.dir.display()), e)),
         };
+        let mut pids: Vec<i32> = rd
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().and_then(pid_from_socket_name))
+            .collect();
+        pids.sort_unstable();
+        Ok(pids)
+    }
+
+    /// The pids of live tapdisks: every `ctl<pid>` socket whose tapdisk answers PID with
+    /// that pid, ascending. Stale sockets are skipped.
+    pub fn tapdisks(&self) -> Result<Vec<i32>> {
         let mut pids = Vec::new();
-        for ent in rd.flatten() {
-            let name = ent.file_name();
-            let Some(pid) = name.to_str().and_then(pid_from_socket_name) else {
-                continue;
-            };
+        for pid in self.socket_pids()? {
             match self.get_pid(pid, None) {
                 Ok(p) if p == pid => pids.push(pid),
                 Ok(p) => log::debug!("ctl{pid} answers pid {p}; skipped"),
-                Err(e) => log::debug!("ctl{pid}: {e}; skipped"),
+                Err(e) => log::debug!("ctl{pid}: {}; skipped", error_chain(&e)),
             }
         }
-        pids.sort_unstable();
         Ok(pids)
+    }
+
+    /// The VBDs of every tapdisk with a control socket that answers LIST, by pid
+    /// ascending; sockets that fail (stale, wedged past the timeout) are skipped.
+    pub fn list_all(&self) -> Result<Vec<(i32, Vec<ListEntry>)>> {
+        let mut out = Vec::new();
+        for pid in self.socket_pids()? {
+            match self.list_pid(pid, None) {
+                Ok(v) => out.push((pid, v)),
+                Err(e) => log::debug!("tapdisk {pid} skipped: {}", error_chain(&e)),
+            }
+        }
+        Ok(out)
     }
 
     /// `tap-ctl list`: every VBD of every live tapdisk, tapdisks without VBDs (pid only), and
@@ -298,7 +335,7 @@ impl Client {
             let vbds = match self.list_pid(pid, None) {
                 Ok(v) => v,
                 Err(e) => {
-                    log::debug!("list of {pid}: {e}");
+                    log::debug!("list of {pid}: {}", error_chain(&e));
                     Vec::new()
                 }
             };

@@ -55,6 +55,22 @@ pub fn nbd_socket_path(dir: &Path, pid: i32, minor: u16) -> PathBuf {
     dir.join(format!("nbd{pid}.{minor}"))
 }
 
+/// Parse `(pid, minor)` out of an NBD socket name `nbd<pid>.<minor>` (optionally with a
+/// directory and trailing NULs/whitespace, as xenstore and sysfs values carry); the name
+/// must be exactly that, with a positive pid.
+pub fn nbd_from_socket_name(name: &str) -> Option<(i32, u16)> {
+    let s = name.trim_end_matches('\0').trim();
+    let base = s.rsplit('/').next()?;
+    let (pid, minor) = base.strip_prefix("nbd")?.split_once('.')?;
+    let digits = |t: &str| !t.is_empty() && t.len() <= 10 && t.bytes().all(|b| b.is_ascii_digit());
+    if !digits(pid) || !digits(minor) {
+        return None;
+    }
+    let pid = pid.parse::<i32>().ok().filter(|p| *p > 0)?;
+    let minor = minor.parse::<u16>().ok()?;
+    Some((pid, minor))
+}
+
 /// Parse the pid out of a control socket name (`ctl<pid>`, optionally with a directory).
 pub fn pid_from_socket_name(name: &str) -> Option<i32> {
     let base = name.trim_end().rsplit('/').next()?;
@@ -98,7 +114,7 @@ pub enum ControlError {
     #[error("connection closed by peer")]
     Closed,
     /// An operating-system call failed.
-    #[error("{op}: {source}")]
+    #[error("{op}")]
     Io {
         op: String,
         #[source]
@@ -185,6 +201,35 @@ mod tests {
         assert_eq!(pid_from_socket_name("ctl0"), None);
         assert_eq!(pid_from_socket_name("nbd42.3"), None);
         assert_eq!(pid_from_socket_name("ctl99999999999"), None);
+    }
+
+    #[test]
+    fn nbd_socket_names() {
+        assert_eq!(
+            nbd_from_socket_name("/run/blktap-control/nbd42.3"),
+            Some((42, 3))
+        );
+        assert_eq!(nbd_from_socket_name("nbd1.0"), Some((1, 0)));
+        let p = nbd_socket_path(Path::new("/d"), 7, 65535);
+        assert_eq!(nbd_from_socket_name(p.to_str().unwrap()), Some((7, 65535)));
+        assert_eq!(nbd_from_socket_name("/x/nbd42.3\0"), Some((42, 3)));
+        for bad in [
+            "",
+            "nbd",
+            "nbd42",
+            "nbd42.",
+            "nbd.3",
+            "nbd0.1",
+            "nbd-1.2",
+            "nbd4.70000",
+            "nbd4.3x",
+            "/dev/nbd0",
+            "nbd99999999999.1",
+            "ctl42",
+            "nbd4 .3",
+        ] {
+            assert_eq!(nbd_from_socket_name(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

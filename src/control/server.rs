@@ -92,7 +92,7 @@ pub fn serve_connection_with(
             return Served::Dropped;
         }
         Err((cookie, e)) => {
-            log::warn!("control: bad request: {e}");
+            log::warn!("control: bad request: {}", crate::util::error_chain(&e));
             (cookie, Reply::error(e.errno()), None)
         }
     };
@@ -100,7 +100,10 @@ pub fn serve_connection_with(
     let replied = match reply.write_to(&mut w, cookie, layout) {
         Ok(()) => true,
         Err(e) => {
-            log::debug!("control: reply not delivered: {e}");
+            log::debug!(
+                "control: reply not delivered: {}",
+                crate::util::error_chain(&e)
+            );
             false
         }
     };

@@ -176,7 +176,7 @@ impl Iterator for Getopt<'_> {
 type Status = i32;
 
 fn fail(io: &mut CliIo<'_>, e: &ControlError) -> Status {
-    log::debug!("tap-ctl: {e}");
+    log::debug!("tap-ctl: {}", crate::util::error_chain(&e));
     let errno = e.errno();
     let _ = writeln!(io.stderr, "{}", super::strerror(errno));
     errno

@@ -134,6 +134,22 @@ impl ImageError {
     }
 }
 
+/// The state check every image does first: a closed image fails with `Closed`; for a
+/// mutation (`write`) a read-only one fails with `ReadOnly`.
+pub fn check_usable(
+    closed: &std::sync::atomic::AtomicBool,
+    read_only: bool,
+    write: bool,
+) -> Result<(), ImageError> {
+    if closed.load(std::sync::atomic::Ordering::Acquire) {
+        Err(ImageError::Closed)
+    } else if write && read_only {
+        Err(ImageError::ReadOnly)
+    } else {
+        Ok(())
+    }
+}
+
 /// Check that `buf_len` bytes at `sector` fit a disk of `size` sectors and are whole sectors.
 pub fn check_range(sector: u64, buf_len: usize, size: u64) -> Result<u64, ImageError> {
     if !(buf_len as u64).is_multiple_of(SECTOR_SIZE) {

@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use super::file::{BlockFile, OsFile};
-use super::{check_range, check_sectors, Extent, Image, ImageError, ImageInfo, SECTOR_SIZE};
+use super::{
+    check_range, check_sectors, check_usable, Extent, Image, ImageError, ImageInfo, SECTOR_SIZE,
+};
 
 /// A raw disk image.
 #[derive(Debug)]
@@ -52,20 +54,11 @@ impl RawImage {
     }
 
     fn live(&self) -> Result<(), ImageError> {
-        if self.closed.load(Ordering::Acquire) {
-            Err(ImageError::Closed)
-        } else {
-            Ok(())
-        }
+        check_usable(&self.closed, self.info.read_only, false)
     }
 
     fn writable(&self) -> Result<(), ImageError> {
-        self.live()?;
-        if self.info.read_only {
-            Err(ImageError::ReadOnly)
-        } else {
-            Ok(())
-        }
+        check_usable(&self.closed, self.info.read_only, true)
     }
 }
 

@@ -13,6 +13,7 @@ use crate::blkif::xenbus::parse_uint;
 use crate::tapback::device::{Ctx, Device, DeviceId, DeviceStatus, Outcome, FRONT_TOKEN_PREFIX};
 use crate::tapback::locate::TapdiskOps;
 use crate::tapback::{Result, TapbackError, DEFAULT_NAME, MAX_RING_ORDER};
+use crate::util::error_chain;
 use crate::xen::xenstore::{Tx, WatchEvent, XenStore, XsError};
 use crate::xen::DomId;
 
@@ -297,7 +298,7 @@ impl<X: XenStore, T: TapdiskOps> Backend<X, T> {
             Ok(())
         };
         if let Err(e) = scanned {
-            log::error!("scan of {} failed: {e}", self.root);
+            log::error!("scan of {} failed: {}", self.root, error_chain(&e));
         }
         for id in dirty {
             self.refresh(id, inherited, now);
@@ -313,7 +314,7 @@ impl<X: XenStore, T: TapdiskOps> Backend<X, T> {
         let exists = match self.xs.read(Tx::NONE, &path) {
             Ok(v) => v.is_some(),
             Err(e) => {
-                log::warn!("{id}: cannot read {path}: {e}");
+                log::warn!("{id}: cannot read {path}: {}", error_chain(&e));
                 return;
             }
         };

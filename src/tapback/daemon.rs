@@ -33,11 +33,8 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsFd;
-use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Mutex;
 use std::time::Instant;
 
 use clap::Parser;
@@ -50,12 +47,15 @@ use crate::control::client::Client;
 use crate::tapback::{
     Backend, BackendConfig, ControlTapdisks, Result, TapbackError, DEFAULT_NAME, MAX_RING_ORDER,
 };
+use crate::util::error_chain;
+use crate::util::logging::{self, LogOptions};
+use crate::xen::xenstore::client::xenstored_path_from_env;
 use crate::xen::xenstore::{XenStore, XsClient};
 
 /// Set in the environment of the re-executed daemon child.
 pub const DAEMON_CHILD_ENV: &str = "TAPBACK_DAEMON_CHILD";
 /// Overrides the xenstored socket path (libxenstore's variable).
-pub const XENSTORED_PATH_ENV: &str = "XENSTORED_PATH";
+pub use crate::xen::xenstore::client::XENSTORED_PATH_ENV;
 /// The grant device tapback requires (tapdisk maps rings through it).
 pub const GNTDEV: &str = "/dev/xen/gntdev";
 
@@ -131,85 +131,24 @@ pub fn parse_args(args: &[String]) -> Result<Parsed> {
     }
 }
 
-/// syslog, plus stderr in the foreground.
-struct Logger {
-    syslog: Option<Mutex<syslog::Logger<syslog::LoggerBackend, syslog::Formatter3164>>>,
-    stderr: bool,
-    level: log::LevelFilter,
-}
-
-impl log::Log for Logger {
-    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
-        m.level() <= self.level
-    }
-
-    fn log(&self, r: &log::Record<'_>) {
-        if !self.enabled(r.metadata()) {
-            return;
-        }
-        let msg = r.args().to_string();
-        if self.stderr {
-            eprintln!("tapback: {}: {msg}", r.level().as_str().to_lowercase());
-        }
-        if let Some(s) = &self.syslog {
-            let mut s = s.lock().unwrap_or_else(|e| e.into_inner());
-            let _ = match r.level() {
-                log::Level::Error => s.err(&msg),
-                log::Level::Warn => s.warning(&msg),
-                log::Level::Info => s.info(&msg),
-                log::Level::Debug | log::Level::Trace => s.debug(&msg),
-            };
-        }
-    }
-
-    fn flush(&self) {}
-}
-
+/// syslog, plus stderr in the foreground (or when syslog is unreachable).
 fn init_logging(opts: &Options) {
-    let fmt = syslog::Formatter3164 {
-        facility: syslog::Facility::LOG_DAEMON,
-        hostname: None,
-        process: "tapback".to_owned(),
-        pid: std::process::id(),
-    };
-    let syslog = syslog::unix(fmt).ok().map(Mutex::new);
     let level = if opts.verbose {
         log::LevelFilter::Debug
     } else {
         log::LevelFilter::Info
     };
-    // Without syslog (containers, tests) fall back to stderr so nothing is lost.
-    let stderr = opts.debug || syslog.is_none();
-    let logger = Box::new(Logger {
-        syslog,
-        stderr,
-        level,
-    });
-    if log::set_boxed_logger(logger).is_ok() {
-        log::set_max_level(level);
-    }
+    logging::init(&LogOptions::daemon("tapback", level, opts.debug));
 }
 
-/// Connect to xenstore: `$XENSTORED_PATH` if set (a socket, or a xenbus device node), else
-/// the standard sockets, else `/dev/xen/xenbus`.
+/// Connect to xenstore ([`XsClient::open`]: `$XENSTORED_PATH` if set, a socket or a
+/// xenbus device node, else the standard sockets, else `/dev/xen/xenbus`).
 pub fn open_xenstore() -> Result<XsClient> {
-    let io = |op: String, source: std::io::Error| TapbackError::Io { op, source };
-    match std::env::var_os(XENSTORED_PATH_ENV).filter(|p| !p.is_empty()) {
-        Some(p) => {
-            let path = PathBuf::from(p);
-            let is_socket = std::fs::metadata(&path)
-                .map(|m| m.file_type().is_socket())
-                .unwrap_or(true);
-            if is_socket {
-                UnixStream::connect(&path)
-                    .map(|s| XsClient::from_fd(s.into()))
-                    .map_err(|e| io(format!("connect {}", path.display()), e))
-            } else {
-                XsClient::open_xenbus(&path).map_err(|e| io(format!("open {}", path.display()), e))
-            }
-        }
-        None => XsClient::open().map_err(|e| io("connect to xenstore".to_owned(), e)),
-    }
+    let op = match xenstored_path_from_env() {
+        Some(p) => format!("connect {}", p.display()),
+        None => "connect to xenstore".to_owned(),
+    };
+    XsClient::open().map_err(|source| TapbackError::Io { op, source })
 }
 
 /// The pid file, held under an exclusive `flock` while we run (a second tapback with the same
@@ -321,7 +260,7 @@ pub fn main_with_args(args: &[String]) -> i32 {
             return 0;
         }
         Err(e) => {
-            eprintln!("tapback: {e}");
+            eprintln!("tapback: {}", error_chain(&e));
             return e.errno();
         }
     };
@@ -334,7 +273,7 @@ pub fn main_with_args(args: &[String]) -> i32 {
         return match spawn_daemon(args) {
             Ok(code) => code,
             Err(e) => {
-                eprintln!("tapback: {e}");
+                eprintln!("tapback: {}", error_chain(&e));
                 e.errno()
             }
         };
@@ -350,9 +289,9 @@ pub fn main_with_args(args: &[String]) -> i32 {
     match run(&opts, child) {
         Ok(()) => 0,
         Err(e) => {
-            log::error!("{e}");
+            log::error!("{}", error_chain(&e));
             if opts.debug || child {
-                eprintln!("tapback: {e}");
+                eprintln!("tapback: {}", error_chain(&e));
             }
             e.errno()
         }

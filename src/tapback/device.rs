@@ -29,6 +29,7 @@ use crate::tapback::locate::{
 use crate::tapback::{
     max_indirect_segments, BackendConfig, Result, TapbackError, DISCARD_GRANULARITY,
 };
+use crate::util::error_chain;
 use crate::xen::xenstore::{transaction, Access, Perm, Tx, XenStore};
 use crate::xen::DomId;
 
@@ -238,7 +239,7 @@ impl Device {
                 Outcome::Keep
             }
             Err(e) => {
-                let msg = e.to_string();
+                let msg = error_chain(&e);
                 if self.pending.as_deref() != Some(msg.as_str()) {
                     if matches!(e, TapbackError::NoTapdisk(_)) {
                         log::info!("{}: waiting: {msg}", self.id);
@@ -262,7 +263,11 @@ impl Device {
         T: TapdiskOps + ?Sized,
     {
         if let Err(e) = self.disconnect(cx) {
-            log::error!("{}: disconnect on removal failed: {e}", self.id);
+            log::error!(
+                "{}: disconnect on removal failed: {}",
+                self.id,
+                error_chain(&e)
+            );
         }
         self.unwatch_front(cx);
         let _ = cx.xs.rm(Tx::NONE, &self.errpath);
@@ -272,7 +277,7 @@ impl Device {
     fn unwatch_front<X: XenStore + ?Sized, T: TapdiskOps + ?Sized>(&mut self, cx: &Ctx<'_, X, T>) {
         if let Some((path, token)) = self.front_watch.take() {
             if let Err(e) = cx.xs.unwatch(&path, &token) {
-                log::debug!("{}: unwatch {path}: {e}", self.id);
+                log::debug!("{}: unwatch {path}: {}", self.id, error_chain(&e));
             }
         }
     }
@@ -475,7 +480,11 @@ impl Device {
         {
             Ok(()) => log::info!("{}: ring disconnected from tapdisk {pid}", self.id),
             Err(e) if is_gone(e.errno()) => {
-                log::info!("{}: tapdisk {pid} has no ring for us: {e}", self.id)
+                log::info!(
+                    "{}: tapdisk {pid} has no ring for us: {}",
+                    self.id,
+                    error_chain(&e)
+                )
             }
             Err(e) => return Err(e.into()),
         }
@@ -684,7 +693,7 @@ impl Device {
         self.unwatch_front(cx);
         match cx.xs.rm(Tx::NONE, &self.bpath) {
             Ok(()) => {}
-            Err(e) => log::warn!("{}: rm {}: {e}", self.id, self.bpath),
+            Err(e) => log::warn!("{}: rm {}: {}", self.id, self.bpath, error_chain(&e)),
         }
         let _ = cx.xs.rm(Tx::NONE, &self.errpath);
         Ok(Step::Removed)
@@ -696,7 +705,7 @@ impl Device {
         X: XenStore + ?Sized,
         T: TapdiskOps + ?Sized,
     {
-        let msg = e.to_string();
+        let msg = error_chain(e);
         log::error!("{}: {msg} (errno {}); device failed", self.id, e.errno());
         let node = format!("{}/error", self.errpath);
         if let Err(we) = cx
@@ -722,7 +731,7 @@ fn connect_error(e: ControlError) -> TapbackError {
         // values are unusable.
         TapbackError::Frontend {
             key: "ring".to_owned(),
-            reason: format!("tapdisk refused the ring: {e}"),
+            reason: format!("tapdisk refused the ring: {}", error_chain(&e)),
             errno,
         }
     }

@@ -14,9 +14,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::control::client::Client;
-use crate::control::msg::{split_params, Blkif, DiskInfo, ListEntry, Request};
-use crate::control::{pid_from_socket_name, ControlError};
+use crate::control::msg::{split_params, Blkif, DiskInfo, ListEntry};
+use crate::control::{nbd_from_socket_name, ControlError};
 use crate::tapback::{Result, TapbackError};
+use crate::util::error_chain;
 
 /// Backend key holding the NBD socket path.
 pub const KEY_PHYSICAL_DEVICE_PATH: &str = "physical-device-path";
@@ -58,21 +59,6 @@ pub trait TapdiskOps {
         let _ = (major, minor);
         None
     }
-}
-
-/// Parse `.../nbd<pid>.<minor>` (any directory; the name must be exactly that).
-pub fn parse_nbd_path(s: &str) -> Option<(i32, u16)> {
-    let s = s.trim_end_matches('\0').trim();
-    let base = s.rsplit('/').next()?;
-    let rest = base.strip_prefix("nbd")?;
-    let (pid, minor) = rest.split_once('.')?;
-    let digits = |t: &str| !t.is_empty() && t.len() <= 10 && t.bytes().all(|b| b.is_ascii_digit());
-    if !digits(pid) || !digits(minor) {
-        return None;
-    }
-    let pid = pid.parse::<i32>().ok().filter(|p| *p > 0)?;
-    let minor = minor.parse::<u16>().ok()?;
-    Some((pid, minor))
 }
 
 /// Parse a `physical-device` value: hex `major:minor`. Empty means absent (`Ok(None)`).
@@ -120,7 +106,7 @@ fn verify<T: TapdiskOps + ?Sized>(
                 "{source}: tapdisk {pid} does not serve minor {minor}"
             )),
         },
-        Err(e) => Err(format!("{source}: tapdisk {pid}: {e}")),
+        Err(e) => Err(format!("{source}: tapdisk {pid}: {}", error_chain(&e))),
     }
 }
 
@@ -132,7 +118,7 @@ pub fn locate_tapdisk<T: TapdiskOps + ?Sized>(t: &T, keys: &LocatorKeys) -> Resu
         .as_deref()
         .filter(|p| !p.is_empty())
     {
-        match parse_nbd_path(p) {
+        match nbd_from_socket_name(p) {
             Some((pid, minor)) => match verify(t, pid, minor, KEY_PHYSICAL_DEVICE_PATH) {
                 Ok(loc) => return Ok(loc),
                 Err(e) => why.push(e),
@@ -149,7 +135,7 @@ pub fn locate_tapdisk<T: TapdiskOps + ?Sized>(t: &T, keys: &LocatorKeys) -> Resu
                 match t
                     .block_device_socket(major, minor)
                     .as_deref()
-                    .and_then(parse_nbd_path)
+                    .and_then(nbd_from_socket_name)
                 {
                     Some((pid, m)) => match verify(t, pid, m, KEY_PHYSICAL_DEVICE) {
                         Ok(loc) => return Ok(loc),
@@ -166,7 +152,7 @@ pub fn locate_tapdisk<T: TapdiskOps + ?Sized>(t: &T, keys: &LocatorKeys) -> Resu
     if let Some(p) = keys.tapdisk_params.as_deref().filter(|p| !p.is_empty()) {
         let p = p.trim_end_matches('\0').trim();
         match split_params(p) {
-            Ok(_) => match t.list_all() {
+            Ok(_) => match t.list_all().map_err(|e| error_chain(&e)) {
                 Ok(all) => {
                     let hit = all.iter().find_map(|(pid, vbds)| {
                         vbds.iter().find(|v| v.params == p).map(|v| (*pid, v.minor))
@@ -195,12 +181,11 @@ pub fn locate_tapdisk<T: TapdiskOps + ?Sized>(t: &T, keys: &LocatorKeys) -> Resu
     Err(TapbackError::NoTapdisk(why.join("; ")))
 }
 
-/// The real tapdisk operations, over the control sockets. Every request is bounded by a
-/// timeout so that a wedged tapdisk cannot stall tapback.
+/// The real tapdisk operations, over the control sockets. Every request is bounded by the
+/// client's timeout so that a wedged tapdisk cannot stall tapback.
 #[derive(Clone, Debug)]
 pub struct ControlTapdisks {
     client: Client,
-    timeout: Duration,
     sysfs: PathBuf,
 }
 
@@ -208,18 +193,22 @@ pub struct ControlTapdisks {
 pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl ControlTapdisks {
-    /// Over `client`'s control directory, with `/sys` for block device lookups.
+    /// Over `client`'s control directory, with `/sys` for block device lookups. A client
+    /// without a timeout gets [`CONTROL_TIMEOUT`].
     pub fn new(client: Client) -> Self {
+        let client = match client.timeout() {
+            Some(_) => client,
+            None => client.with_timeout(CONTROL_TIMEOUT),
+        };
         ControlTapdisks {
             client,
-            timeout: CONTROL_TIMEOUT,
             sysfs: PathBuf::from("/sys"),
         }
     }
 
     /// Use another timeout per control exchange.
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
+        self.client = self.client.with_timeout(timeout);
         self
     }
 
@@ -237,34 +226,15 @@ impl ControlTapdisks {
 
 impl TapdiskOps for ControlTapdisks {
     fn list_pid(&self, pid: i32) -> std::result::Result<Vec<ListEntry>, ControlError> {
-        self.client.list_pid(pid, Some(self.timeout))
+        self.client.list_pid(pid, None)
     }
 
     fn list_all(&self) -> std::result::Result<Vec<(i32, Vec<ListEntry>)>, ControlError> {
-        // Not Client::list(): that probes every socket without a timeout.
-        let dir = self.client.dir();
-        let rd = match std::fs::read_dir(dir) {
-            Ok(rd) => rd,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(ControlError::io(format!("read {}", dir.display()), e)),
-        };
-        let mut pids: Vec<i32> = rd
-            .flatten()
-            .filter_map(|e| e.file_name().to_str().and_then(pid_from_socket_name))
-            .collect();
-        pids.sort_unstable();
-        let mut out = Vec::new();
-        for pid in pids {
-            match self.list_pid(pid) {
-                Ok(v) => out.push((pid, v)),
-                Err(e) => log::debug!("tapdisk {pid} skipped: {e}"),
-            }
-        }
-        Ok(out)
+        self.client.list_all()
     }
 
     fn disk_info(&self, pid: i32, minor: u16) -> std::result::Result<DiskInfo, ControlError> {
-        self.client.info(pid, minor, Some(self.timeout))
+        self.client.info(pid, minor, None)
     }
 
     fn connect(
@@ -273,12 +243,7 @@ impl TapdiskOps for ControlTapdisks {
         minor: u16,
         blkif: &Blkif,
     ) -> std::result::Result<(), ControlError> {
-        // Client::connect_xenblkif has no timeout; send the same request with one.
-        let req = Request::XenblkifConnect {
-            minor,
-            blkif: blkif.clone(),
-        };
-        self.client.request(pid, &req, Some(self.timeout)).map(drop)
+        self.client.connect_xenblkif(pid, minor, blkif.clone())
     }
 
     fn disconnect(
@@ -287,8 +252,7 @@ impl TapdiskOps for ControlTapdisks {
         domid: u32,
         devid: u32,
     ) -> std::result::Result<(), ControlError> {
-        self.client
-            .disconnect_xenblkif(pid, domid, devid, Some(self.timeout))
+        self.client.disconnect_xenblkif(pid, domid, devid, None)
     }
 
     fn block_device_socket(&self, major: u32, minor: u32) -> Option<String> {
@@ -300,37 +264,13 @@ impl TapdiskOps for ControlTapdisks {
             .join(format!("dev/block/{major}:{minor}/backend"));
         let s = std::fs::read_to_string(p).ok()?;
         let s = s.trim();
-        parse_nbd_path(s).map(|_| s.to_owned())
+        nbd_from_socket_name(s).map(|_| s.to_owned())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn nbd_paths() {
-        assert_eq!(parse_nbd_path("/run/blktap-control/nbd42.3"), Some((42, 3)));
-        assert_eq!(parse_nbd_path("nbd1.0"), Some((1, 0)));
-        assert_eq!(parse_nbd_path("/x/nbd42.3\0"), Some((42, 3)));
-        for bad in [
-            "",
-            "nbd",
-            "nbd42",
-            "nbd42.",
-            "nbd.3",
-            "nbd0.1",
-            "nbd-1.2",
-            "nbd4.70000",
-            "nbd4.3x",
-            "/dev/nbd0",
-            "nbd99999999999.1",
-            "ctl42",
-            "nbd4 .3",
-        ] {
-            assert_eq!(parse_nbd_path(bad), None, "{bad:?}");
-        }
-    }
 
     #[test]
     fn physical_devices() {

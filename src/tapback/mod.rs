@@ -88,10 +88,10 @@ pub const DISCARD_GRANULARITY: u32 = 4096;
 #[derive(Debug, thiserror::Error)]
 pub enum TapbackError {
     /// A xenstore operation failed.
-    #[error("xenstore: {0}")]
+    #[error("xenstore")]
     Xs(#[from] XsError),
     /// A tapdisk control request failed.
-    #[error("tapdisk control: {0}")]
+    #[error("tapdisk control")]
     Control(#[from] ControlError),
     /// The frontend published a value we refuse (fatal for the device until it resets).
     #[error("frontend {key}: {reason}")]
@@ -118,7 +118,7 @@ pub enum TapbackError {
         reason: String,
     },
     /// An operating-system call failed (daemon set-up).
-    #[error("{op}: {source}")]
+    #[error("{op}")]
     Io {
         op: String,
         #[source]

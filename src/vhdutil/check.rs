@@ -330,16 +330,25 @@ fn check_differencing_header(io: &mut Io, o: &Opts, r: &Raw) -> Result<(), i32> 
 
 /// End of metadata in bytes (header, BAT, batmap, locators), as libvhd computes it.
 fn end_of_headers(r: &Raw) -> u64 {
+    // Offsets and sizes are unvalidated here (the locators are checked later): saturate.
     let h = &r.header;
-    let mut eom = r.footer.data_offset + HEADER_SIZE as u64;
-    eom = eom.max(h.table_offset + pad512(u64::from(h.max_bat_size) * 4));
+    let mut eom = r.footer.data_offset.saturating_add(HEADER_SIZE as u64);
+    eom = eom.max(
+        h.table_offset
+            .saturating_add(pad512(u64::from(h.max_bat_size) * 4)),
+    );
     if let Some(bh) = r.batmap.filter(|b| b.cookie == BATMAP_COOKIE) {
-        let hdr_off = h.table_offset + pad512(u64::from(h.max_bat_size) * 4);
-        eom = eom.max(hdr_off + BATMAP_HEADER_SIZE as u64);
-        eom = eom.max(bh.batmap_offset + u64::from(bh.batmap_size) * 512);
+        let hdr_off = h
+            .table_offset
+            .saturating_add(pad512(u64::from(h.max_bat_size) * 4));
+        eom = eom.max(hdr_off.saturating_add(BATMAP_HEADER_SIZE as u64));
+        eom = eom.max(
+            bh.batmap_offset
+                .saturating_add(u64::from(bh.batmap_size) * 512),
+        );
     }
     for l in h.loc.iter().filter(|l| l.code != PLAT_NONE) {
-        eom = eom.max(l.data_offset + l.space_bytes().unwrap_or(0));
+        eom = eom.max(l.data_offset.saturating_add(l.space_bytes().unwrap_or(0)));
     }
     eom
 }
@@ -793,16 +802,10 @@ fn print_stats(io: &mut Io, ctx: &Ctx) {
 }
 
 pub fn run(io: &mut Io, args: &[String]) -> i32 {
-    let p = match USAGE.parse(io, args) {
-        Ok(p) => p,
+    let (p, name) = match USAGE.parse_named(io, args) {
+        Ok(v) => v,
         Err(s) => return s,
     };
-    let Some(name) = p.value('n').map(str::to_string) else {
-        return USAGE.fail(io, EINVAL);
-    };
-    if !p.operands.is_empty() {
-        return USAGE.fail(io, EINVAL);
-    }
     let opts = Opts {
         ignore_footer: p.flag('i'),
         ignore_parent_uuid: p.flag('I'),

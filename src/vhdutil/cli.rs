@@ -51,6 +51,19 @@ impl UsageSpec {
             Ok(p) => Ok(p),
         }
     }
+
+    /// [`UsageSpec::parse`] for the commands working on one image: `-n NAME` is required
+    /// and operands are refused (usage, -EINVAL). Returns the options and NAME.
+    pub fn parse_named(&self, io: &mut Io, args: &[String]) -> Result<(Parsed, String), i32> {
+        let p = self.parse(io, args)?;
+        let Some(name) = p.value('n').map(str::to_string) else {
+            return Err(self.fail(io, EINVAL));
+        };
+        if !p.operands.is_empty() {
+            return Err(self.fail(io, EINVAL));
+        }
+        Ok((p, name))
+    }
 }
 
 /// Accessors over parsed options (the last occurrence wins, as with getopt loops).

@@ -151,15 +151,5 @@ pub fn chain_keyed(img: &VhdImage) -> Result<bool, ImageError> {
 
 /// An error with its sources (`a.vhd: create: File exists (os error 17)`), for stderr.
 pub fn describe(e: &ImageError) -> String {
-    let mut s = e.to_string();
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-    while let Some(c) = cur {
-        let t = c.to_string();
-        if !s.ends_with(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = c.source();
-    }
-    s
+    crate::util::error_chain(e)
 }

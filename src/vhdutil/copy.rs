@@ -12,13 +12,13 @@ use std::path::Path;
 
 use super::chain::open_chain;
 use super::cli::{OptsExt, UsageSpec, EINVAL};
-use super::coalesce::{draw, finish, progress_style};
 use super::common::neg;
-use super::progress::Progress;
+use super::progress::{progress_style, with_progress};
 use super::Io;
 use crate::image::chain::{open_vhd_chain, OpenOptions};
 use crate::image::crypto::{KeyBytes, KeyHash, KeySource};
 use crate::image::vhd::format::{DiskType, DEFAULT_BLOCK_SIZE};
+use crate::image::vhd::ops::ProgressFn;
 use crate::image::vhd::ops::{create, CreateOptions};
 use crate::image::{Image, ImageError, SECTOR_SIZE};
 use crate::{verr, vout};
@@ -45,10 +45,19 @@ fn read_key(io: &mut Io, src: &mut dyn Read) -> Result<KeyBytes, i32> {
 }
 
 fn copy_data(io: &mut Io, src: &dyn Image, dst: &dyn Image) -> Result<(), ImageError> {
+    let style = progress_style(io, false);
+    with_progress(io, style, |progress| copy_allocated(src, dst, progress))
+}
+
+/// Copy the allocated, non-zero data of `src` to `dst` in 2 MiB pieces; progress counts
+/// sectors.
+fn copy_allocated(
+    src: &dyn Image,
+    dst: &dyn Image,
+    progress: ProgressFn<'_>,
+) -> Result<(), ImageError> {
     let size = src.info().size_sectors;
     let step = u64::from(DEFAULT_BLOCK_SIZE) / SECTOR_SIZE;
-    let style = progress_style(io, false);
-    let mut prog = Progress::new(style, size);
     let mut buf = Vec::new();
     for ext in src.block_status(0, size)? {
         if !ext.allocated {
@@ -57,7 +66,7 @@ fn copy_data(io: &mut Io, src: &dyn Image, dst: &dyn Image) -> Result<(), ImageE
         let mut s = ext.sector;
         let end = ext.sector + ext.nsectors;
         while s < end {
-            draw(io, &mut prog, style, s);
+            progress(s, size);
             let n = step.min(end - s);
             buf.resize((n * SECTOR_SIZE) as usize, 0);
             src.read(s, &mut buf)?;
@@ -67,9 +76,7 @@ fn copy_data(io: &mut Io, src: &dyn Image, dst: &dyn Image) -> Result<(), ImageE
             s += n;
         }
     }
-    dst.flush()?;
-    finish(io, &mut prog, style);
-    Ok(())
+    dst.flush()
 }
 
 pub fn run(io: &mut Io, args: &[String]) -> i32 {

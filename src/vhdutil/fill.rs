@@ -1,8 +1,8 @@
 //! `vhd-util fill -n NAME [-b [-f SEC] [-t SEC] [-B]]` (`vhd-util-fill.c`).
 //!
-//! Without `-b`: every block is read through the image layer (parents, keys) and written
-//! back, so the image ends fully allocated with the same content; encrypted images work
-//! (`TAPDISK3_CRYPTO_KEYDIR`).
+//! Without `-b` ([`fill_image`] of the library): every block not yet fully allocated is
+//! read through the image layer (parents, keys) and written back, so the image ends fully
+//! allocated with the same content; encrypted images work (`TAPDISK3_CRYPTO_KEYDIR`).
 //!
 //! `-b`: allocate blocks (BAT entries, all-ones bitmaps, file extended with zeros)
 //! without writing data. Differences from blktap: blocks that are already allocated are
@@ -12,14 +12,14 @@
 
 use super::chain::open_chain;
 use super::cli::{OptsExt, UsageSpec, EINVAL};
-use super::coalesce::{draw, finish, progress_style};
 use super::common::{self, neg};
 use super::getopt::strtoull;
-use super::progress::Progress;
+use super::progress::{progress_style, with_progress};
 use super::Io;
-use crate::image::vhd::engine::VhdImage;
+use crate::image::vhd::engine::{align_block_start, VhdImage};
 use crate::image::vhd::format::*;
-use crate::image::{Image, ImageError, SECTOR_SIZE};
+use crate::image::vhd::ops::fill_image;
+use crate::image::{Image, SECTOR_SIZE};
 use crate::{verr, vout};
 
 pub const USAGE: UsageSpec = UsageSpec {
@@ -33,30 +33,6 @@ intialise up to this sector (inclusive), only usable with -b] \
     to_stderr: false,
     h_status: EINVAL,
 };
-
-fn fill_data(io: &mut Io, img: &VhdImage) -> Result<(), ImageError> {
-    if img.header().is_none() {
-        // A fixed disk is always fully allocated (blktap's loop runs over an empty BAT).
-        return Ok(());
-    }
-    let size = img.info().size_sectors;
-    let spb = u64::from(img.sectors_per_block().max(1));
-    let nblocks = size.div_ceil(spb);
-    let style = progress_style(io, false);
-    let mut prog = Progress::new(style, nblocks);
-    let mut buf = Vec::new();
-    for b in 0..nblocks {
-        draw(io, &mut prog, style, b);
-        let first = b * spb;
-        let n = spb.min(size - first);
-        buf.resize((n * SECTOR_SIZE) as usize, 0);
-        img.read(first, &mut buf)?;
-        img.write(first, &buf)?;
-    }
-    img.flush()?;
-    finish(io, &mut prog, style);
-    Ok(())
-}
 
 /// `-b`: allocate extents `from..=to` with full bitmaps and no data writes.
 fn allocate_fast(io: &mut Io, img: &VhdImage, from: u64, to: u64) -> Result<(), i32> {
@@ -74,7 +50,7 @@ fn allocate_fast(io: &mut Io, img: &VhdImage, from: u64, to: u64) -> Result<(), 
     let spb = u64::from(h.spb());
     let bm = u64::from(h.bitmap_sectors());
     let mut max = (common::phys_size(img).map_err(|e| neg(&e))? - FOOTER_SIZE as u64) / SECTOR_SIZE;
-    let align = |m: u64| super::journal::align(m, bm);
+    let align = |m: u64| align_block_start(m, h.bitmap_sectors());
     max = align(max);
     let to = to.min(bat.len() as u64 - 1);
     let mut new = Vec::new();
@@ -124,16 +100,11 @@ fn allocate_fast(io: &mut Io, img: &VhdImage, from: u64, to: u64) -> Result<(), 
 }
 
 pub fn run(io: &mut Io, args: &[String]) -> i32 {
-    let p = match USAGE.parse(io, args) {
-        Ok(p) => p,
+    let (p, name) = match USAGE.parse_named(io, args) {
+        Ok(v) => v,
         Err(s) => return s,
     };
-    let Some(name) = p.value('n') else {
-        return USAGE.fail(io, EINVAL);
-    };
-    if !p.operands.is_empty() {
-        return USAGE.fail(io, EINVAL);
-    }
+    let name = name.as_str();
     let init_bat = p.flag('b');
     let from = p.value('f').map(strtoull);
     let to = p.value('t').map(strtoull);
@@ -178,7 +149,8 @@ pub fn run(io: &mut Io, args: &[String]) -> i32 {
             return neg(&e);
         }
     };
-    let r = fill_data(io, &img).map_err(|e| {
+    let style = progress_style(io, false);
+    let r = with_progress(io, style, |p| fill_image(&img, Some(p)).map(drop)).map_err(|e| {
         verr!(io, "{}", super::common::describe(&e));
         neg(&e)
     });

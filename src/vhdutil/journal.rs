@@ -21,7 +21,7 @@
 use std::path::Path;
 
 use crate::image::file::{BlockFile, OsFile};
-use crate::image::vhd::engine::VhdImage;
+use crate::image::vhd::engine::{align_block_start, VhdImage};
 use crate::image::vhd::format::*;
 use crate::image::ImageError;
 
@@ -30,6 +30,30 @@ const HDR: usize = 8 + 8 + 8 + 8;
 
 fn io_err<'a>(path: &'a Path, op: &'static str) -> impl Fn(std::io::Error) -> ImageError + 'a {
     move |e| ImageError::io(path, op, e)
+}
+
+/// Journal what a resize overwrites: the file length, the given `prefix` (from offset 0)
+/// and the footer at the end of the file.
+fn save_journal(
+    f: &OsFile,
+    path: &Path,
+    jpath: &Path,
+    orig_len: u64,
+    prefix: Vec<u8>,
+) -> Result<(), ImageError> {
+    let footer_off = orig_len.saturating_sub(FOOTER_SIZE as u64);
+    let mut footer = vec![0u8; FOOTER_SIZE];
+    f.read_at(&mut footer, footer_off)
+        .map_err(io_err(path, "read footer"))?;
+    write_journal(
+        jpath,
+        &Saved {
+            orig_len,
+            footer_off,
+            prefix,
+            footer,
+        },
+    )
 }
 
 fn invalid(s: impl Into<String>) -> ImageError {
@@ -78,7 +102,11 @@ fn read_journal(jpath: &Path) -> Result<Saved, ImageError> {
     let u = |o: usize| u64::from_be_bytes(b[o..o + 8].try_into().unwrap_or([0; 8]));
     let (orig_len, plen, footer_off) = (u(8), u(16), u(24));
     let plen = usize::try_from(plen).map_err(|_| invalid("journal too large"))?;
-    if b.len() != HDR + plen + FOOTER_SIZE {
+    if HDR
+        .checked_add(plen)
+        .and_then(|n| n.checked_add(FOOTER_SIZE))
+        != Some(b.len())
+    {
         return Err(invalid(format!("{}: truncated journal", jpath.display())));
     }
     Ok(Saved {
@@ -107,16 +135,6 @@ pub fn revert(path: &Path, jpath: &Path) -> Result<(), ImageError> {
 /// A failure-injection point (blktap's `TEST_FAIL_AT`).
 pub fn fail_point(name: &str) -> bool {
     std::env::var_os(name).is_some()
-}
-
-/// Data start of a block starting at `pos` must be 4 KiB aligned: `(pos + bm) % 8 == 0`.
-pub(crate) fn align(pos: u64, bm: u64) -> u64 {
-    let r = (pos + bm) % 8;
-    if r == 0 {
-        pos
-    } else {
-        pos + 8 - r
-    }
 }
 
 /// Grow the dynamic/differencing VHD at `path` to `new_size` bytes (a multiple of its
@@ -181,7 +199,7 @@ pub fn grow(
     let mut moves = Vec::new();
     for (i, e) in new_bat.iter_mut().enumerate() {
         if *e != BAT_UNUSED && u64::from(*e) < meta_end_secs {
-            cursor = align(cursor, bm);
+            cursor = align_block_start(cursor, h.bitmap_sectors());
             if cursor + bm + spb > u64::from(u32::MAX) {
                 return Err(ImageError::NoSpace(
                     "blocks would pass the 2 TiB limit".into(),
@@ -205,19 +223,7 @@ pub fn grow(
     let prefix_len = usize::try_from(meta_end.min(orig_len)).map_err(|_| invalid("prefix"))?;
     let mut prefix = vec![0u8; prefix_len];
     f.read_at(&mut prefix, 0).map_err(io_err(path, "read"))?;
-    let footer_off = orig_len.saturating_sub(FOOTER_SIZE as u64);
-    let mut fbuf = vec![0u8; FOOTER_SIZE];
-    f.read_at(&mut fbuf, footer_off)
-        .map_err(io_err(path, "read footer"))?;
-    write_journal(
-        jpath,
-        &Saved {
-            orig_len,
-            footer_off,
-            prefix,
-            footer: fbuf,
-        },
-    )?;
+    save_journal(&f, path, jpath, orig_len, prefix)?;
     if fail("VHD_UTIL_TEST_FAIL_RESIZE_BEGIN") {
         return Ok(false);
     }
@@ -298,19 +304,7 @@ pub fn grow_fixed(
     drop(img);
     let f = OsFile::open(path, true).map_err(io_err(path, "open"))?;
     let orig_len = f.len().map_err(io_err(path, "stat"))?;
-    let footer_off = orig_len.saturating_sub(FOOTER_SIZE as u64);
-    let mut fbuf = vec![0u8; FOOTER_SIZE];
-    f.read_at(&mut fbuf, footer_off)
-        .map_err(io_err(path, "read footer"))?;
-    write_journal(
-        jpath,
-        &Saved {
-            orig_len,
-            footer_off,
-            prefix: Vec::new(),
-            footer: fbuf,
-        },
-    )?;
+    save_journal(&f, path, jpath, orig_len, Vec::new())?;
     if fail("VHD_UTIL_TEST_FAIL_RESIZE_BEGIN") {
         return Ok(false);
     }
@@ -359,13 +353,13 @@ mod tests {
         b.truncate(4);
         std::fs::write(&j, &b).unwrap();
         assert!(read_journal(&j).is_err());
-    }
-
-    #[test]
-    fn alignment_puts_data_on_4k() {
-        for pos in 0..32 {
-            let a = align(pos, 1);
-            assert!(a >= pos && a < pos + 8 && (a + 1).is_multiple_of(8));
-        }
+        // A prefix length that overflows the size arithmetic (regression: panicked).
+        let mut b = MAGIC.to_vec();
+        b.extend_from_slice(&0u64.to_be_bytes());
+        b.extend_from_slice(&(u64::MAX - 100).to_be_bytes());
+        b.extend_from_slice(&0u64.to_be_bytes());
+        b.resize(HDR + 512 + 100, 0);
+        std::fs::write(&j, &b).unwrap();
+        assert!(read_journal(&j).is_err());
     }
 }

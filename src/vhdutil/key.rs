@@ -183,7 +183,7 @@ fn derive(io: &mut Io, pass: &str, keypath: &str, salt: Option<&str>, iter: Opti
     let bits = match key_bits_from_filename(Path::new(keypath)) {
         Ok(b) => b,
         Err(e) => {
-            verr!(io, "key: {e}");
+            verr!(io, "key: {}", crate::util::error_chain(&e));
             return cerr(&e);
         }
     };
@@ -221,14 +221,14 @@ fn derive(io: &mut Io, pass: &str, keypath: &str, salt: Option<&str>, iter: Opti
     let key = match derive_key_from_passphrase(&phrase, &salt, iterations, bits) {
         Ok(k) => k,
         Err(e) => {
-            verr!(io, "key: {e}");
+            verr!(io, "key: {}", crate::util::error_chain(&e));
             return cerr(&e);
         }
     };
     match write_key_file(Path::new(keypath), &key) {
         Ok(()) => 0,
         Err(e) => {
-            verr!(io, "key: {e}");
+            verr!(io, "key: {}", crate::util::error_chain(&e));
             cerr(&e)
         }
     }

@@ -48,16 +48,11 @@ fn with_rw(name: &str, op: impl FnOnce(&VhdImage) -> Result<(), ImageError>) -> 
 }
 
 pub fn run(io: &mut Io, args: &[String]) -> i32 {
-    let p = match USAGE.parse(io, args) {
-        Ok(p) => p,
+    let (p, name) = match USAGE.parse_named(io, args) {
+        Ok(v) => v,
         Err(s) => return s,
     };
-    let Some(name) = p.value('n') else {
-        return USAGE.fail(io, EINVAL);
-    };
-    if !p.operands.is_empty() {
-        return USAGE.fail(io, EINVAL);
-    }
+    let name = name.as_str();
     let newsize = match p.value('s') {
         None => None,
         Some(s) => match super::getopt::parse_u64_strict(s) {

@@ -9,6 +9,10 @@
 
 use std::io::Write;
 
+use super::Io;
+use crate::image::vhd::ops::ProgressFn;
+use crate::image::ImageError;
+
 /// How progress is shown.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Style {
@@ -80,6 +84,53 @@ impl Progress {
         }
         let _ = out.flush();
     }
+}
+
+/// Progress reporting for the data commands: blktap style on stdout when asked (`-p`),
+/// else qemu-img style on stderr when that is a terminal.
+pub fn progress_style(io: &Io, blktap_flag: bool) -> Style {
+    if blktap_flag {
+        Style::Blktap
+    } else if io.err_is_tty {
+        Style::Tty
+    } else {
+        Style::Silent
+    }
+}
+
+/// Draw progress on the stream its style uses.
+fn draw(io: &mut Io, p: &mut Progress, style: Style, done: u64) {
+    match style {
+        Style::Blktap => p.update(io.out, done),
+        _ => p.update(io.err, done),
+    }
+}
+
+/// Finish progress on the stream its style uses.
+fn finish(io: &mut Io, p: &mut Progress, style: Style) {
+    match style {
+        Style::Blktap => p.finish(io.out),
+        _ => p.finish(io.err),
+    }
+}
+
+/// Run `op` with a progress hook drawing in `style` (the [`Progress`] is sized by the
+/// first report); on success the final state is drawn.
+pub fn with_progress<T>(
+    io: &mut Io,
+    style: Style,
+    op: impl FnOnce(ProgressFn<'_>) -> Result<T, ImageError>,
+) -> Result<T, ImageError> {
+    let mut prog: Option<Progress> = None;
+    let r = op(&mut |done, total| {
+        let p = prog.get_or_insert_with(|| Progress::new(style, total));
+        draw(io, p, style, done);
+    });
+    if r.is_ok() {
+        let mut p = prog.unwrap_or_else(|| Progress::new(style, 0));
+        finish(io, &mut p, style);
+    }
+    r
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! `vhd-util query`: one line per requested field, in blktap's fixed order
 //! (`-v -s -p -f -m -d -a -S`), with blktap's messages (`vhd-util-query.c`).
 
-use super::cli::{OptsExt, UsageSpec, EINVAL};
+use super::cli::{OptsExt, UsageSpec};
 use super::common::{self, neg};
 use super::Io;
 use crate::image::chain::chain_depth;
@@ -25,16 +25,10 @@ pub const USAGE: UsageSpec = UsageSpec {
 };
 
 pub fn run(io: &mut Io, args: &[String]) -> i32 {
-    let p = match USAGE.parse(io, args) {
-        Ok(p) => p,
+    let (p, name) = match USAGE.parse_named(io, args) {
+        Ok(v) => v,
         Err(s) => return s,
     };
-    let Some(name) = p.value('n').map(str::to_string) else {
-        return USAGE.fail(io, EINVAL);
-    };
-    if !p.operands.is_empty() {
-        return USAGE.fail(io, EINVAL);
-    }
     let img = match common::open(&name, true) {
         Ok(i) => i,
         Err(e) => {

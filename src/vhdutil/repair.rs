@@ -18,16 +18,11 @@ pub const USAGE: UsageSpec = UsageSpec {
 };
 
 pub fn run(io: &mut Io, args: &[String]) -> i32 {
-    let p = match USAGE.parse(io, args) {
-        Ok(p) => p,
+    let (p, name) = match USAGE.parse_named(io, args) {
+        Ok(v) => v,
         Err(s) => return s,
     };
-    let Some(name) = p.value('n') else {
-        return USAGE.fail(io, EINVAL);
-    };
-    if !p.operands.is_empty() {
-        return USAGE.fail(io, EINVAL);
-    }
+    let name = name.as_str();
     // Open once read-only for blktap's "error opening" message, then let the engine
     // rewrite both footers (primary at the end of the data, backup at 0).
     if let Err(e) = common::open_opts(name, true, p.flag('b')) {

@@ -14,9 +14,7 @@ use super::common::{self, neg};
 use super::getopt::strtol;
 use super::Io;
 use crate::image::chain::chain_depth;
-use crate::image::vhd::ops::{snapshot, SnapshotOptions};
-use crate::image::vhd::parent::resolve_parent;
-use crate::image::ImageError;
+use crate::image::vhd::ops::{snapshot, snapshot_target, SnapshotOptions};
 use crate::{verr, vout};
 
 pub const USAGE: UsageSpec = UsageSpec {
@@ -32,27 +30,6 @@ nearest keyed ancestor's key)]\n",
     to_stderr: false,
     h_status: 0,
 };
-
-/// The image a snapshot of `parent` links to: `parent`, or the first non-empty
-/// ancestor above empty differencing disks. Returns (target, target is raw).
-fn find_target(parent: &str) -> Result<(PathBuf, bool), ImageError> {
-    let mut target = PathBuf::from(parent);
-    let mut cur = common::open(parent, true)?;
-    for _ in 0..common::MAX_CHAIN {
-        if !cur.is_differencing() || cur.allocated_blocks() != 0 {
-            return Ok((target, false));
-        }
-        let Some(p) = resolve_parent(&cur)? else {
-            return Ok((target, false));
-        };
-        target = p.path;
-        if p.raw {
-            return Ok((target, true));
-        }
-        cur = common::open(&target.to_string_lossy(), true)?;
-    }
-    Err(ImageError::Invalid("parent chain too long".into()))
-}
 
 pub fn run(io: &mut Io, args: &[String]) -> i32 {
     let p = match USAGE.parse(io, args) {
@@ -81,7 +58,7 @@ pub fn run(io: &mut Io, args: &[String]) -> i32 {
         let depth = (if exact {
             Ok((PathBuf::from(&ppath), false))
         } else {
-            find_target(&ppath)
+            snapshot_target(Path::new(&ppath))
         })
         .and_then(|(t, traw)| {
             if traw {

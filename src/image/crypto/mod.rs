@@ -68,7 +68,7 @@ pub enum CryptoError {
     #[error("{}: key file is {size} bytes, could read only {read}", path.display())]
     KeyFileSize { path: PathBuf, size: u64, read: u64 },
     /// An I/O error on a key file or key directory (its errno, EIO when it has none).
-    #[error("{}: {source}", path.display())]
+    #[error("{}", path.display())]
     Io {
         path: PathBuf,
         #[source]

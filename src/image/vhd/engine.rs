@@ -68,7 +68,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use super::format::*;
 use crate::image::crypto::{KeyHash, XtsCipher};
 use crate::image::file::{BlockFile, OsFile, XATTR_KEYHASH, XATTR_MARKER};
-use crate::image::{check_range, check_sectors, Extent, Image, ImageError, ImageInfo, SECTOR_SIZE};
+use crate::image::{
+    check_range, check_sectors, check_usable, Extent, Image, ImageError, ImageInfo, SECTOR_SIZE,
+};
 
 /// Cached sector bitmaps kept per image (each one sector): 8192 x 512 B = 4 MiB.
 const BITMAP_CACHE: usize = 8192;
@@ -239,8 +241,9 @@ fn batmap_rule(f: &Footer) -> Option<bool> {
     }
 }
 
-/// Data start sector of a block starting at `s` must be 4 KiB aligned: `(s + bm) % 8 == 0`.
-fn align_block_start(pos: u64, bm_secs: u32) -> u64 {
+/// Where a block (bitmap of `bm_secs` sectors, then data) may start at or after sector
+/// `pos` so that its data is 4 KiB aligned: `(s + bm_secs) % 8 == 0`.
+pub fn align_block_start(pos: u64, bm_secs: u32) -> u64 {
     let bm = u64::from(bm_secs);
     let r = (pos + bm) % 8;
     if r == 0 {
@@ -719,13 +722,16 @@ impl VhdImage {
         m.bat.iter_mut().for_each(|e| *e = BAT_UNUSED);
         m.bitmaps.clear();
         m.allocated = 0;
-        let raw: Vec<u8> = m.bat.iter().flat_map(|e| e.to_be_bytes()).collect();
-        self.pwrite(&raw, g.bat_off, "write BAT")?;
+        // Invariant 4: the emptied batmap is durable before the BAT drops the blocks, so
+        // the batmap never marks a block full that the BAT no longer holds.
         let curr = m.footer.curr_size;
         if let Some(b) = m.batmap.as_mut() {
             b.map.iter_mut().for_each(|x| *x = 0);
             self.write_batmap(b, curr)?;
+            self.sync()?;
         }
+        let raw: Vec<u8> = m.bat.iter().flat_map(|e| e.to_be_bytes()).collect();
+        self.pwrite(&raw, g.bat_off, "write BAT")?;
         m.dirty = true;
         self.sync()
     }
@@ -777,20 +783,11 @@ impl VhdImage {
     }
 
     fn live(&self) -> Result<(), ImageError> {
-        if self.closed.load(Ordering::Acquire) {
-            Err(ImageError::Closed)
-        } else {
-            Ok(())
-        }
+        check_usable(&self.closed, self.read_only, false)
     }
 
     fn writable(&self) -> Result<(), ImageError> {
-        self.live()?;
-        if self.read_only {
-            Err(ImageError::ReadOnly)
-        } else {
-            Ok(())
-        }
+        check_usable(&self.closed, self.read_only, true)
     }
 
     /// RW open after recovering from the backup/short footer: put a valid primary back.
@@ -1012,6 +1009,31 @@ impl VhdImage {
         })
     }
 
+    /// For `cnt` sectors at offset `off` of block `blk`: `None` when the block is not
+    /// allocated, else its BAT entry and the runs `(present, first, len)` of its bitmap
+    /// (`first` relative to `off`).
+    fn block_runs(
+        &self,
+        blk: u32,
+        off: u32,
+        cnt: u64,
+    ) -> Result<Option<(u32, Vec<Run>)>, ImageError> {
+        let mut m = self.lock();
+        let e = m.bat[blk as usize];
+        if e == BAT_UNUSED {
+            return Ok(None);
+        }
+        let bm = self.load_bitmap(&mut m, blk, e)?;
+        let mut runs = Vec::new();
+        let mut i = 0u64;
+        while i < cnt {
+            let (v, r) = bit_run(bm, u64::from(off) + i, cnt - i);
+            runs.push((v, i, r));
+            i += r;
+        }
+        Ok(Some((e, runs)))
+    }
+
     fn read_dynamic(&self, sector: u64, buf: &mut [u8]) -> Result<(), ImageError> {
         let g = self.geom_or_err()?;
         let mut done = 0usize;
@@ -1020,27 +1042,10 @@ impl VhdImage {
             let nb = (cnt * SECTOR_SIZE) as usize;
             let chunk = &mut buf[done..done + nb];
             done += nb;
-            let (entry, runs) = {
-                let mut m = self.lock();
-                let e = m.bat[blk as usize];
-                if e == BAT_UNUSED {
-                    (e, Vec::new())
-                } else {
-                    let bm = self.load_bitmap(&mut m, blk, e)?;
-                    let mut runs = Vec::new();
-                    let mut i = 0u64;
-                    while i < cnt {
-                        let (v, r) = bit_run(bm, u64::from(off) + i, cnt - i);
-                        runs.push((v, i, r));
-                        i += r;
-                    }
-                    (e, runs)
-                }
-            };
-            if entry == BAT_UNUSED {
+            let Some((entry, runs)) = self.block_runs(blk, off, cnt)? else {
                 self.read_parent(csec, chunk)?;
                 continue;
-            }
+            };
             let data0 = u64::from(entry) + u64::from(g.bm_secs) + u64::from(off);
             for (set, i, r) in runs {
                 let sub = &mut chunk[(i * SECTOR_SIZE) as usize..((i + r) * SECTOR_SIZE) as usize];
@@ -1133,22 +1138,9 @@ impl VhdImage {
         let mut out = Vec::new();
         for (blk, off, cnt) in self.chunks(sector, n) {
             let csec = u64::from(blk) * u64::from(g.spb) + u64::from(off);
-            let runs = {
-                let mut m = self.lock();
-                let e = m.bat[blk as usize];
-                if e == BAT_UNUSED {
-                    vec![(false, 0, cnt)]
-                } else {
-                    let bm = self.load_bitmap(&mut m, blk, e)?;
-                    let mut runs = Vec::new();
-                    let mut i = 0u64;
-                    while i < cnt {
-                        let (v, r) = bit_run(bm, u64::from(off) + i, cnt - i);
-                        runs.push((v, i, r));
-                        i += r;
-                    }
-                    runs
-                }
+            let runs = match self.block_runs(blk, off, cnt)? {
+                Some((_, runs)) => runs,
+                None => vec![(false, 0, cnt)],
             };
             for (set, i, r) in runs {
                 if set {
@@ -1201,6 +1193,9 @@ impl VhdImage {
         Ok(())
     }
 }
+
+/// A run of sectors with the same bitmap bit: (present, first, len).
+type Run = (bool, u64, u64);
 
 fn push_extent(out: &mut Vec<Extent>, sector: u64, n: u64, allocated: bool) {
     if n == 0 {
@@ -1324,6 +1319,17 @@ mod tests {
         let p = d.path().join("x.vhd");
         super::super::ops::create(&p, &super::super::ops::CreateOptions::dynamic(size)).unwrap();
         Arc::new(MemFile::from_bytes(std::fs::read(&p).unwrap()))
+    }
+
+    #[test]
+    fn alignment_puts_data_on_4k() {
+        for bm in [1u32, 8, 9] {
+            for pos in 0..32 {
+                let a = align_block_start(pos, bm);
+                let d = a + u64::from(bm);
+                assert!(a >= pos && a < pos + 8 && d.is_multiple_of(8));
+            }
+        }
     }
 
     fn reference_encrypt(key: &[u8; 32], lba: u64, data: &mut [u8]) {

@@ -8,7 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use super::engine::{VhdImage, VhdOpenOptions};
 use super::format::*;
 use super::parent::{locator_payloads, relative_path, resolve_parent, ParentRef};
-use crate::image::chain::chain_depth;
+use crate::image::chain::{chain_depth, DEFAULT_MAX_DEPTH};
 use crate::image::file::{BlockFile, OsFile};
 use crate::image::{ImageError, SECTOR_SIZE};
 
@@ -190,6 +190,31 @@ pub struct SnapshotOptions {
     pub copy_keyhash: bool,
 }
 
+/// The image a snapshot of the VHD `parent` links to unless told to link exactly: `parent`,
+/// or the first non-empty ancestor above empty differencing disks. Returns (target, target
+/// is raw). A chain of empty disks longer than [`DEFAULT_MAX_DEPTH`] (a loop) is an error.
+pub fn snapshot_target(parent: &Path) -> Result<(PathBuf, bool), ImageError> {
+    let mut target = parent.to_path_buf();
+    let mut cur = open_ro(parent)?;
+    for _ in 0..DEFAULT_MAX_DEPTH {
+        if !cur.is_differencing() || cur.allocated_blocks() != 0 {
+            return Ok((target, false));
+        }
+        let Some(ParentRef { path, raw, .. }) = resolve_parent(&cur)? else {
+            return Ok((target, false));
+        };
+        target = path;
+        if raw {
+            return Ok((target, true));
+        }
+        cur = open_ro(&target)?;
+    }
+    Err(ImageError::Corrupt {
+        path: parent.display().to_string(),
+        what: "loop or absurd depth in chain of empty parents".into(),
+    })
+}
+
 fn open_ro(path: &Path) -> Result<VhdImage, ImageError> {
     VhdImage::open(path, &VhdOpenOptions::default())
 }
@@ -213,18 +238,7 @@ pub fn snapshot(
         let size = p.footer().curr_size;
         let bs = p.header().map_or(DEFAULT_BLOCK_SIZE, |h| h.block_size);
         if !opts.link_exact {
-            let mut cur = p;
-            while cur.is_differencing() && cur.allocated_blocks() == 0 {
-                let Some(ParentRef { path, raw: r, .. }) = resolve_parent(&cur)? else {
-                    break;
-                };
-                target = path;
-                if r {
-                    raw = true;
-                    break;
-                }
-                cur = open_ro(&target)?;
-            }
+            (target, raw) = snapshot_target(parent)?;
         }
         (size, bs)
     };
@@ -364,60 +378,109 @@ pub fn repair(path: &Path, use_backup: bool) -> Result<(), ImageError> {
     img.rewrite_footers()
 }
 
-/// Copy the allocated sectors of `child` into its parent (VHD or raw), per bitmap runs
-/// (vhd-util coalesce). Data are copied as stored: with encryption this is only valid
-/// when both layers use the same key (the tweak is the virtual sector). Returns the
-/// number of sectors copied.
-pub fn coalesce(child: &Path) -> Result<u64, ImageError> {
+/// Progress hook of the long operations ([`coalesce`], [`fill`]): called before each
+/// unit of work with (units done, units total). The caller draws the final state.
+pub type ProgressFn<'a> = &'a mut dyn FnMut(u64, u64);
+
+fn report(progress: &mut Option<ProgressFn<'_>>, done: u64, total: u64) {
+    if let Some(p) = progress.as_mut() {
+        p(done, total);
+    }
+}
+
+/// Copy every sector `child` holds into its parent (VHD or raw), vhd-util coalesce.
+/// Both sides go through the image layer with the keys of `opts`: the child chain is read
+/// with its resolved key and the parent written with its own, so encrypted layers stay
+/// correct also when they use different keys (a keyed layer without its key fails the
+/// open before anything is written). Returns the number of sectors copied.
+pub fn coalesce(
+    child: &Path,
+    opts: &crate::image::chain::OpenOptions,
+    progress: Option<ProgressFn<'_>>,
+) -> Result<u64, ImageError> {
+    use crate::image::chain::open_vhd_chain;
     use crate::image::raw::RawImage;
     use crate::image::Image;
-    let c = open_meta(child, true)?;
+    let mut co = opts.clone();
+    co.read_only = true;
+    let c = open_vhd_chain(child, &co)?;
     let Some(p) = resolve_parent(&c)? else {
         return Err(invalid(format!("{} has no parent", child.display())));
     };
+    // The chain open checked that the parent's uuid matches the child's link.
     let parent: Box<dyn Image> = if p.raw {
         Box::new(RawImage::open(&p.path, false)?)
     } else {
-        let v = open_meta(&p.path, false)?;
-        if v.footer().uuid != p.uuid {
-            return Err(ImageError::Corrupt {
-                path: child.display().to_string(),
-                what: format!("parent uuid mismatch with {}", p.path.display()),
-            });
-        }
-        Box::new(v)
+        let mut po = opts.clone();
+        po.read_only = false;
+        Box::new(open_vhd_chain(&p.path, &po)?)
     };
+    let r = coalesce_onto(&c, parent.as_ref(), progress);
+    let closed = parent.close();
+    let _ = c.close();
+    let n = r?;
+    closed?;
+    Ok(n)
+}
+
+/// Copy the sectors held by `child` (opened with its chain and keys) into `parent`
+/// through the image layer, then flush the parent. Runs are collected first (bitmap, or
+/// the whole block when the batmap marks it full) so nothing is written when one of them
+/// does not fit the parent. Progress counts runs. Returns the number of sectors copied.
+pub fn coalesce_onto(
+    child: &VhdImage,
+    parent: &dyn crate::image::Image,
+    mut progress: Option<ProgressFn<'_>>,
+) -> Result<u64, ImageError> {
+    use crate::image::Image;
+    let bat = child.bat();
+    let spb = u64::from(child.sectors_per_block());
+    let csize = child.info().size_sectors;
     let psize = parent.info().size_sectors;
-    let spb = u64::from(c.sectors_per_block());
-    let mut copied = 0u64;
-    let mut buf = Vec::new();
-    for (blk, e) in c.bat().into_iter().enumerate() {
-        if e == BAT_UNUSED {
+    let full = child.batmap().map(|(_, m)| m);
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for (i, &e) in bat.iter().enumerate() {
+        let first = i as u64 * spb;
+        if e == BAT_UNUSED || first >= csize {
             continue;
         }
-        let Some(bm) = c.block_bitmap(blk as u32)? else {
+        let n = spb.min(csize - first);
+        if full.as_ref().is_some_and(|m| bit_test(m, i as u64)) {
+            runs.push((first, n));
+            continue;
+        }
+        let blk = u32::try_from(i).map_err(|_| invalid("block number out of range"))?;
+        let Some(bm) = child.block_bitmap(blk)? else {
             continue;
         };
-        let base = blk as u64 * spb;
-        let mut i = 0u64;
-        while i < spb {
-            let (set, n) = bit_run(&bm, i, spb - i);
-            let start = base + i;
-            i += n;
-            if !set || start >= psize.min(c.footer().curr_size / SECTOR_SIZE) {
-                continue;
+        let mut s = 0;
+        while s < n {
+            let (set, len) = bit_run(&bm, s, n - s);
+            if set {
+                runs.push((first + s, len));
             }
-            let n = n
-                .min(psize - start)
-                .min(c.footer().curr_size / SECTOR_SIZE - start);
-            buf.resize((n * SECTOR_SIZE) as usize, 0);
-            c.read(start, &mut buf)?;
-            parent.write(start, &buf)?;
-            copied += n;
+            s += len;
         }
     }
+    if let Some(&(s, n)) = runs.iter().find(|&&(s, n)| s + n > psize) {
+        return Err(ImageError::OutOfRange {
+            sector: s,
+            nsectors: n,
+            size: psize,
+        });
+    }
+    let total = runs.len() as u64;
+    let mut copied = 0u64;
+    let mut buf = Vec::new();
+    for (i, &(s, len)) in runs.iter().enumerate() {
+        report(&mut progress, i as u64, total);
+        let bytes = usize::try_from(len * SECTOR_SIZE).map_err(|_| invalid("run too large"))?;
+        buf.resize(bytes, 0);
+        child.read(s, &mut buf)?;
+        parent.write(s, &buf)?;
+        copied += len;
+    }
     parent.flush()?;
-    parent.close()?;
     Ok(copied)
 }
 
@@ -449,27 +512,59 @@ pub fn set_parent(child: &Path, new_parent: &Path, raw: bool) -> Result<(), Imag
     .map_err(|e| ImageError::io(child, "canonicalize", e))?;
     let rel = relative_path(&cdir, &tcanon);
     let payloads = locator_payloads(&rel);
+    // The reserved spaces come from the file: each must lie inside the metadata area
+    // (after the header, before the footer, clear of the BAT and of every allocated
+    // block) before anything is written there.
+    let corrupt = |what: &str| ImageError::Corrupt {
+        path: child.display().to_string(),
+        what: what.into(),
+    };
+    let file_len = c
+        .file()
+        .len()
+        .map_err(|e| ImageError::io(child, "stat", e))?;
+    let blk_bytes = (u64::from(h.spb()) + u64::from(h.bitmap_sectors())) * SECTOR_SIZE;
+    let blocks: Vec<u64> = c
+        .bat()
+        .into_iter()
+        .filter(|&e| e != BAT_UNUSED)
+        .map(|e| u64::from(e) * SECTOR_SIZE)
+        .collect();
     let mut locs = h.loc;
     let mut writes = Vec::new();
     for l in locs.iter_mut() {
         let Some((_, data)) = payloads.iter().find(|(code, _)| *code == l.code) else {
             continue;
         };
-        let space = l.space_bytes().ok_or_else(|| ImageError::Corrupt {
-            path: child.display().to_string(),
-            what: "bad parent locator data space".into(),
-        })?;
-        if data.len() as u64 > space {
+        let space = l
+            .space_bytes()
+            .ok_or_else(|| corrupt("bad parent locator data space"))?;
+        let len = data.len() as u64;
+        if len > space {
             return Err(ImageError::NoSpace(format!(
-                "new parent locator needs {} bytes, {} reserved",
-                data.len(),
-                space
+                "new parent locator needs {len} bytes, {space} reserved"
             )));
         }
+        let start = l.data_offset;
+        let end = start
+            .checked_add(space)
+            .ok_or_else(|| corrupt("parent locator out of bounds"))?;
+        let bat_end = h.table_offset + u64::from(h.max_bat_size) * 4;
+        if start < c.footer().data_offset + HEADER_SIZE as u64
+            || (start < bat_end && h.table_offset < end)
+            || end > file_len.saturating_sub(FOOTER_SIZE as u64)
+            || blocks.iter().any(|&b| start < b + blk_bytes && b < end)
+        {
+            return Err(corrupt("parent locator space overlaps other data"));
+        }
+        // Only the new payload, padded to whole sectors: readers stop at data_len.
         let mut d = data.clone();
-        d.resize(space as usize, 0);
-        writes.push((l.data_offset, d));
-        l.data_len = data.len() as u32;
+        d.resize(
+            usize::try_from(pad512(len)).map_err(|_| corrupt("parent locator too large"))?,
+            0,
+        );
+        writes.push((start, d));
+        l.data_len = u32::try_from(len).map_err(|_| corrupt("parent locator too large"))?;
     }
     if writes.is_empty() {
         return Err(invalid("child has no MacX/W2ku/W2ru locator to rewrite"));
@@ -490,34 +585,57 @@ pub fn set_parent(child: &Path, new_parent: &Path, raw: bool) -> Result<(), Imag
 }
 
 /// Allocate every block of a dynamic/differencing disk, preserving the contents seen
-/// through the chain (vhd-util fill). Returns the number of blocks newly filled.
-pub fn fill(path: &Path, opts: &crate::image::chain::OpenOptions) -> Result<u32, ImageError> {
+/// through the chain (vhd-util fill); the keys of `opts` are used, so encrypted images
+/// are filled with correctly encrypted data. Returns the number of blocks newly filled.
+pub fn fill(
+    path: &Path,
+    opts: &crate::image::chain::OpenOptions,
+    progress: Option<ProgressFn<'_>>,
+) -> Result<u32, ImageError> {
     use crate::image::Image;
     let mut o = opts.clone();
     o.read_only = false;
     let img = crate::image::chain::open_vhd_chain(path, &o)?;
+    let r = fill_image(&img, progress);
+    let closed = img.close();
+    let n = r?;
+    closed?;
+    Ok(n)
+}
+
+/// [`fill`] on an image already opened writable with its chain; flushes it. A fixed
+/// disk is always fully allocated (nothing to do). Progress counts blocks.
+pub fn fill_image(img: &VhdImage, mut progress: Option<ProgressFn<'_>>) -> Result<u32, ImageError> {
+    use crate::image::Image;
+    if img.header().is_none() {
+        return Ok(0);
+    }
     let spb = u64::from(img.sectors_per_block());
     if spb == 0 {
         return Err(invalid("not a dynamic disk"));
     }
     let size = img.info().size_sectors;
+    let nblocks = size.div_ceil(spb);
     let mut filled = 0;
     let mut buf = Vec::new();
-    for blk in 0..size.div_ceil(spb) {
+    for blk in 0..nblocks {
+        report(&mut progress, blk, nblocks);
         let start = blk * spb;
         let n = spb.min(size - start);
+        let b = u32::try_from(blk).map_err(|_| invalid("block number out of range"))?;
         let full = img
-            .block_bitmap(blk as u32)?
+            .block_bitmap(b)?
             .is_some_and(|bm| bits_all(&bm, 0, n, true));
         if full {
             continue;
         }
-        buf.resize((n * SECTOR_SIZE) as usize, 0);
+        let bytes = usize::try_from(n * SECTOR_SIZE).map_err(|_| invalid("block too large"))?;
+        buf.resize(bytes, 0);
         img.read(start, &mut buf)?;
         img.write(start, &buf)?;
         filled += 1;
     }
-    img.close()?;
+    img.flush()?;
     Ok(filled)
 }
 

@@ -21,6 +21,16 @@ use super::{Committed, Perm, Tx, WatchEvent, XenStore, XsError};
 pub const SOCKET_PATHS: &[&str] = &["/run/xenstored/socket", "/var/run/xenstored/socket"];
 /// The kernel xenbus device.
 pub const XENBUS_PATH: &str = "/dev/xen/xenbus";
+/// Environment variable naming the xenstored socket (or a xenbus device node) to use
+/// instead of the defaults, as libxenstore honours it.
+pub const XENSTORED_PATH_ENV: &str = "XENSTORED_PATH";
+
+/// The non-empty value of [`XENSTORED_PATH_ENV`], if set.
+pub fn xenstored_path_from_env() -> Option<std::path::PathBuf> {
+    std::env::var_os(XENSTORED_PATH_ENV)
+        .filter(|p| !p.is_empty())
+        .map(std::path::PathBuf::from)
+}
 
 #[derive(Debug)]
 struct Inner {
@@ -37,14 +47,30 @@ pub struct XsClient {
 }
 
 impl XsClient {
-    /// Connect to the first available of [`SOCKET_PATHS`], else open [`XENBUS_PATH`].
+    /// Connect to `$XENSTORED_PATH` if set (see [`XsClient::open_path`]), else to the first
+    /// available of [`SOCKET_PATHS`], else open [`XENBUS_PATH`].
     pub fn open() -> io::Result<XsClient> {
+        if let Some(p) = xenstored_path_from_env() {
+            return XsClient::open_path(&p);
+        }
         for p in SOCKET_PATHS {
             if let Ok(s) = UnixStream::connect(p) {
                 return Ok(XsClient::from_fd(s.into()));
             }
         }
         XsClient::open_xenbus(Path::new(XENBUS_PATH))
+    }
+
+    /// Connect to the xenstored socket at `path`, or open it as a xenbus device node when
+    /// it exists and is not a socket.
+    pub fn open_path(path: &Path) -> io::Result<XsClient> {
+        use std::os::unix::fs::FileTypeExt;
+        let is_socket = std::fs::metadata(path).map_or(true, |m| m.file_type().is_socket());
+        if is_socket {
+            UnixStream::connect(path).map(|s| XsClient::from_fd(s.into()))
+        } else {
+            XsClient::open_xenbus(path)
+        }
     }
 
     /// Open a xenbus device node.
