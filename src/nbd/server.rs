@@ -122,6 +122,12 @@ impl Connection {
         matches!(self.phase, Phase::Handshake(_))
     }
 
+    /// Input bytes read from the socket but not decoded yet (a request limit was hit).
+    /// The socket will not signal them again: the caller must come back for them.
+    pub fn has_buffered_input(&self) -> bool {
+        self.rstart < self.rend && !matches!(self.phase, Phase::Closed)
+    }
+
     /// Output waiting to be written.
     pub fn wants_write(&self) -> bool {
         self.out_bytes > 0
@@ -488,6 +494,30 @@ mod tests {
                 data: None
             }
         ));
+    }
+
+    #[test]
+    fn requests_beyond_the_limit_stay_buffered_and_are_reported() {
+        let (mut c, mut peer) = pair(false);
+        handshake(&mut c, &mut peer);
+        let r = RequestHeader {
+            flags: 0,
+            typ: CMD_FLUSH,
+            cookie: 1,
+            offset: 0,
+            length: 0,
+        };
+        let mut input = r.encode().to_vec();
+        input.extend_from_slice(&RequestHeader { cookie: 2, ..r }.encode());
+        peer.write_all(&input).unwrap();
+        let mut ev = Vec::new();
+        assert_eq!(c.on_readable(1, &mut ev), ReadStatus::Open);
+        assert_eq!(ev.len(), 1);
+        assert!(c.has_buffered_input());
+        // Nothing more arrives on the socket, yet the buffered request is decoded.
+        assert_eq!(c.on_readable(1, &mut ev), ReadStatus::Open);
+        assert!(matches!(ev[1], Event::Request { cookie: 2, .. }));
+        assert!(!c.has_buffered_input());
     }
 
     #[test]

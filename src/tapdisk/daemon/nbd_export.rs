@@ -302,30 +302,42 @@ impl Tapdisk {
 
     /// Flush output, drop finished connections, and set epoll interest to match.
     pub(super) fn settle(&mut self, id: u64) {
-        let Some(c) = self.conns.get_mut(&id) else {
-            return;
-        };
-        if c.conn.wants_write() {
-            if let Err(e) = c.conn.flush() {
-                debug!("nbd client {id}: write: {e}");
+        // Requests already buffered in the connection (read from the socket earlier, left
+        // unprocessed when a limit was hit) produce no epoll event: decode them here as soon
+        // as the connection may take requests again. Bounded: each pass starts requests or
+        // stops at a limit.
+        for _ in 0..4 {
+            let Some(c) = self.conns.get_mut(&id) else {
+                return;
+            };
+            if c.conn.wants_write() {
+                if let Err(e) = c.conn.flush() {
+                    debug!("nbd client {id}: write: {e}");
+                    self.drop_conn(id);
+                    return;
+                }
+            }
+            if c.ending && c.inflight == 0 && !c.conn.wants_write() {
                 self.drop_conn(id);
                 return;
             }
-        }
-        if c.ending && c.inflight == 0 && !c.conn.wants_write() {
-            self.drop_conn(id);
-            return;
-        }
-        let accepts = self.vbds.get(&c.minor).is_some_and(Vbd::accepts_io);
-        let want = Interest {
-            read: !c.ending && accepts && c.inflight < MAX_CONN_INFLIGHT && !c.conn.backlogged(),
-            write: c.conn.wants_write(),
-        };
-        if want != c.interest {
-            if let Err(e) = self.reactor.modify(c.conn.stream(), Token::Conn(id), want) {
-                warn!("nbd client {id}: epoll_ctl: {e}");
+            let accepts = self.vbds.get(&c.minor).is_some_and(Vbd::accepts_io);
+            let read =
+                !c.ending && accepts && c.inflight < MAX_CONN_INFLIGHT && !c.conn.backlogged();
+            let want = Interest {
+                read,
+                write: c.conn.wants_write(),
+            };
+            if want != c.interest {
+                if let Err(e) = self.reactor.modify(c.conn.stream(), Token::Conn(id), want) {
+                    warn!("nbd client {id}: epoll_ctl: {e}");
+                }
+                c.interest = want;
             }
-            c.interest = want;
+            if !(read && c.conn.has_buffered_input()) {
+                return;
+            }
+            self.read_conn(id);
         }
     }
 
