@@ -14,13 +14,13 @@ use super::proto::{self, Command, ExportInfo, Handshake, Negotiated, Outcome, Re
 use super::NbdError;
 
 /// Input buffer size (headers and small payloads are read through it).
-const RBUF: usize = 256 << 10;
+const RBUF: usize = 64 << 10;
 /// Output queued beyond this marks the connection backlogged (stop taking requests).
 const OUT_HIGH_WATER: usize = 64 << 20;
 /// iovecs per writev.
 const MAX_IOV: usize = 64;
 /// Data buffers kept for reuse per connection (bytes), and the smallest worth keeping.
-const POOL_MAX_BYTES: usize = 64 << 20;
+const POOL_MAX_BYTES: usize = 16 << 20;
 const POOL_MIN_BUF: usize = 4096;
 
 /// A decoded client request.
@@ -599,6 +599,7 @@ mod tests {
         for _ in 0..100 {
             c.give_buf(vec![3u8; 1 << 20]);
         }
+        assert_eq!(c.pool_bytes, POOL_MAX_BYTES);
         assert!(c.pool_bytes <= POOL_MAX_BYTES);
     }
 }

@@ -98,6 +98,7 @@ impl Tapdisk {
                     conn,
                     minor,
                     inflight: 0,
+                    inflight_bytes: 0,
                     interest,
                     ending: false,
                     since: Instant::now(),
@@ -138,34 +139,46 @@ impl Tapdisk {
         self.settle(id);
     }
 
+    /// Decode and start requests one at a time while the connection is within its limits
+    /// (count and bytes in flight), up to [`READ_BATCH`] per readiness for fairness.
     pub(super) fn read_conn(&mut self, id: u64) {
-        let Some(c) = self.conns.get_mut(&id) else {
-            return;
-        };
-        let accepts = self.vbds.get(&c.minor).is_some_and(Vbd::accepts_io);
-        if c.ending || !accepts {
-            return;
-        }
-        let budget = (MAX_CONN_INFLIGHT - c.inflight.min(MAX_CONN_INFLIGHT)) as usize;
-        let mut events = Vec::new();
-        let status = c.conn.on_readable(budget.max(1), &mut events);
-        let minor = c.minor;
-        if status == ReadStatus::Done {
-            c.ending = true;
-            if let Some(e) = &c.conn.close_reason {
-                info!("minor {minor}: nbd client {id}: {e}");
+        let mut events = Vec::with_capacity(1);
+        for _ in 0..READ_BATCH {
+            let Some(c) = self.conns.get_mut(&id) else {
+                return;
+            };
+            let accepts = self.vbds.get(&c.minor).is_some_and(Vbd::accepts_io);
+            if c.ending
+                || !accepts
+                || c.inflight >= MAX_CONN_INFLIGHT
+                || c.inflight_bytes >= MAX_CONN_INFLIGHT_BYTES
+            {
+                return;
             }
-        }
-        for ev in events {
-            match ev {
-                Event::Disconnect => {
-                    if let Some(c) = self.conns.get_mut(&id) {
-                        c.ending = true;
+            events.clear();
+            let status = c.conn.on_readable(1, &mut events);
+            let minor = c.minor;
+            if status == ReadStatus::Done {
+                c.ending = true;
+                if let Some(e) = &c.conn.close_reason {
+                    info!("minor {minor}: nbd client {id}: {e}");
+                }
+            }
+            let got = !events.is_empty();
+            for ev in events.drain(..) {
+                match ev {
+                    Event::Disconnect => {
+                        if let Some(c) = self.conns.get_mut(&id) {
+                            c.ending = true;
+                        }
+                    }
+                    Event::Request { cookie, cmd, data } => {
+                        self.start_request(id, minor, cookie, cmd, data);
                     }
                 }
-                Event::Request { cookie, cmd, data } => {
-                    self.start_request(id, minor, cookie, cmd, data);
-                }
+            }
+            if !got || status == ReadStatus::Done {
+                return;
             }
         }
     }
@@ -219,6 +232,7 @@ impl Tapdisk {
                     },
                     NbdReq::Write {
                         nsectors: u64::from(len) / ss,
+                        payload: true,
                     },
                 )
             }
@@ -256,6 +270,7 @@ impl Tapdisk {
                 },
                 NbdReq::Write {
                     nsectors: u64::from(len) / ss,
+                    payload: false,
                 },
             ),
             Command::BlockStatus {
@@ -287,6 +302,7 @@ impl Tapdisk {
         }
         if let Some(c) = self.conns.get_mut(&id) {
             c.inflight += 1;
+            c.inflight_bytes += req.mem_bytes();
         }
         self.io.submit(
             Tag::Nbd {
@@ -322,8 +338,11 @@ impl Tapdisk {
                 return;
             }
             let accepts = self.vbds.get(&c.minor).is_some_and(Vbd::accepts_io);
-            let read =
-                !c.ending && accepts && c.inflight < MAX_CONN_INFLIGHT && !c.conn.backlogged();
+            let read = !c.ending
+                && accepts
+                && c.inflight < MAX_CONN_INFLIGHT
+                && c.inflight_bytes < MAX_CONN_INFLIGHT_BYTES
+                && !c.conn.backlogged();
             let want = Interest {
                 read,
                 write: c.conn.wants_write(),
@@ -359,7 +378,7 @@ impl Tapdisk {
                     NbdReq::Read { len, .. } => {
                         v.stats.rd_secs += u64::from(len).div_ceil(SECTOR_SIZE)
                     }
-                    NbdReq::Write { nsectors } => v.stats.wr_secs += nsectors,
+                    NbdReq::Write { nsectors, .. } => v.stats.wr_secs += nsectors,
                     _ => {}
                 }
             } else {
@@ -370,6 +389,7 @@ impl Tapdisk {
             return; // the client went away: drop the result
         };
         c.inflight = c.inflight.saturating_sub(1);
+        c.inflight_bytes = c.inflight_bytes.saturating_sub(req.mem_bytes());
         match (req, res) {
             (NbdReq::Read { offset, len, skip }, Ok(Output::Data(buf))) => {
                 c.conn.reply_read(cookie, offset, buf, skip, len)
