@@ -134,6 +134,9 @@ impl Tapdisk {
             return;
         }
         if r.readable {
+            if let Some(c) = self.conns.get_mut(&id) {
+                c.conn.mark_readable();
+            }
             self.read_conn(id);
         }
         self.settle(id);
