@@ -488,3 +488,45 @@ fn qemu_img_convert_keeps_a_vhd_export_sparse() {
         .arg(&out));
     assert!(std::fs::read(&out).unwrap() == data);
 }
+
+#[test]
+fn a_client_that_never_reads_does_not_stall_others() {
+    let td = Td::start(4 << 20, Some(&[0x33; 4 << 20]), false);
+    // 256 MiB of replies nobody reads: the server must queue (up to its backlog limit)
+    // and stop reading this client, not block.
+    let mut hog = Client::connect(&td.sock, false).unwrap();
+    let mut reqs = Vec::new();
+    for i in 0..256u64 {
+        reqs.extend_from_slice(
+            &RequestHeader {
+                flags: 0,
+                typ: proto::CMD_READ,
+                cookie: i,
+                offset: 0,
+                length: 1 << 20,
+            }
+            .encode(),
+        );
+    }
+    hog.stream.write_all(&reqs).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let start = Instant::now();
+    let mut other = Client::connect(&td.sock, false).unwrap();
+    for _ in 0..50 {
+        assert_eq!(other.read(4096, 4096).unwrap(), Ok(vec![0x33; 4096]));
+    }
+    assert!(start.elapsed() < Duration::from_secs(5));
+    // The hog still gets all its replies, in some order, when it finally reads.
+    let mut seen = 0;
+    let mut data = Vec::new();
+    while seen < 256 {
+        match hog.recv(Some(1 << 20), &mut data).unwrap() {
+            ClientReply::Simple { error: 0, .. } => seen += 1,
+            r => panic!("{r:?}"),
+        }
+    }
+    if have("nbdinfo") {
+        let list = run(Command::new("nbdinfo").arg("--list").arg(td.uri()));
+        assert!(list.contains("export=\"\""), "{list}");
+    }
+}

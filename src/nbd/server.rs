@@ -14,13 +14,13 @@ use super::proto::{self, Command, ExportInfo, Handshake, Negotiated, Outcome, Re
 use super::NbdError;
 
 /// Input buffer size (headers and small payloads are read through it).
-const RBUF: usize = 256 << 10;
+const RBUF: usize = 64 << 10;
 /// Output queued beyond this marks the connection backlogged (stop taking requests).
 const OUT_HIGH_WATER: usize = 64 << 20;
 /// iovecs per writev.
 const MAX_IOV: usize = 64;
 /// Data buffers kept for reuse per connection (bytes), and the smallest worth keeping.
-const POOL_MAX_BYTES: usize = 64 << 20;
+const POOL_MAX_BYTES: usize = 16 << 20;
 const POOL_MIN_BUF: usize = 4096;
 
 /// A decoded client request.
@@ -85,6 +85,8 @@ pub struct Connection {
     /// ever carries data this client could read anyway.
     pool: HashMap<usize, Vec<Vec<u8>>>,
     pool_bytes: usize,
+    /// The last socket read came up short: wait for epoll before reading again.
+    drained: bool,
     /// Why the connection is ending, once it is.
     pub close_reason: Option<NbdError>,
 }
@@ -107,6 +109,7 @@ impl Connection {
             out_bytes: 0,
             pool: HashMap::new(),
             pool_bytes: 0,
+            drained: false,
             close_reason: None,
         };
         c.queue(greeting);
@@ -120,6 +123,12 @@ impl Connection {
     /// Still negotiating.
     pub fn in_handshake(&self) -> bool {
         matches!(self.phase, Phase::Handshake(_))
+    }
+
+    /// Input bytes read from the socket but not decoded yet (a request limit was hit).
+    /// The socket will not signal them again: the caller must come back for them.
+    pub fn has_buffered_input(&self) -> bool {
+        self.rstart < self.rend && !matches!(self.phase, Phase::Closed)
     }
 
     /// Output waiting to be written.
@@ -162,7 +171,16 @@ impl Connection {
         }
     }
 
-    /// Read and decode as much as is available, up to `max` events.
+    /// The socket reported readable again (epoll): the next [`Connection::on_readable`]
+    /// reads from it even if the last read came up short.
+    pub fn mark_readable(&mut self) {
+        self.drained = false;
+    }
+
+    /// Decode buffered input and read more from the socket, up to `max` events. A short
+    /// read marks the socket drained: later calls only decode what is buffered until
+    /// [`Connection::mark_readable`] (saves the EAGAIN read per request; level-triggered
+    /// epoll reports any data that arrives meanwhile).
     pub fn on_readable(&mut self, max: usize, events: &mut Vec<Event>) -> ReadStatus {
         let first = events.len();
         loop {
@@ -173,15 +191,17 @@ impl Connection {
             if matches!(self.phase, Phase::Closed) {
                 return ReadStatus::Done;
             }
-            if events.len() - first >= max {
+            if events.len() - first >= max || self.drained {
                 return ReadStatus::Open;
             }
             // Large write payloads are read straight into their buffer.
             let res = match &mut self.phase {
                 Phase::Payload { buf, filled, .. } if self.rstart == self.rend => {
+                    let want = buf.len() - *filled;
                     let r = self.stream.read(&mut buf[*filled..]);
                     if let Ok(n) = r {
                         *filled += n;
+                        self.drained = n < want;
                     }
                     r
                 }
@@ -194,9 +214,11 @@ impl Connection {
                         self.rend -= self.rstart;
                         self.rstart = 0;
                     }
+                    let want = self.rbuf.len() - self.rend;
                     let r = self.stream.read(&mut self.rbuf[self.rend..]);
                     if let Ok(n) = r {
                         self.rend += n;
+                        self.drained = n < want;
                     }
                     r
                 }
@@ -207,7 +229,10 @@ impl Connection {
                     return ReadStatus::Done;
                 }
                 Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return ReadStatus::Open,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.drained = true;
+                    return ReadStatus::Open;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     self.fail(NbdError::Io(e));
@@ -426,6 +451,11 @@ mod tests {
         (Connection::new(a, ex).unwrap(), b)
     }
 
+    fn readable(c: &mut Connection, max: usize, ev: &mut Vec<Event>) -> ReadStatus {
+        c.mark_readable();
+        c.on_readable(max, ev)
+    }
+
     fn handshake(c: &mut Connection, peer: &mut UnixStream) {
         let mut input = (CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES)
             .to_be_bytes()
@@ -435,7 +465,7 @@ mod tests {
         input.extend_from_slice(&0u32.to_be_bytes());
         peer.write_all(&input).unwrap();
         let mut ev = Vec::new();
-        assert_eq!(c.on_readable(16, &mut ev), ReadStatus::Open);
+        assert_eq!(readable(c, 16, &mut ev), ReadStatus::Open);
         assert!(ev.is_empty());
         assert!(!c.in_handshake());
         assert!(c.flush().unwrap());
@@ -465,7 +495,7 @@ mod tests {
         input.extend_from_slice(&r.encode());
         peer.write_all(&input).unwrap();
         let mut ev = Vec::new();
-        assert_eq!(c.on_readable(16, &mut ev), ReadStatus::Open);
+        assert_eq!(readable(&mut c, 16, &mut ev), ReadStatus::Open);
         assert_eq!(ev.len(), 2);
         match &ev[0] {
             Event::Request {
@@ -488,6 +518,30 @@ mod tests {
                 data: None
             }
         ));
+    }
+
+    #[test]
+    fn requests_beyond_the_limit_stay_buffered_and_are_reported() {
+        let (mut c, mut peer) = pair(false);
+        handshake(&mut c, &mut peer);
+        let r = RequestHeader {
+            flags: 0,
+            typ: CMD_FLUSH,
+            cookie: 1,
+            offset: 0,
+            length: 0,
+        };
+        let mut input = r.encode().to_vec();
+        input.extend_from_slice(&RequestHeader { cookie: 2, ..r }.encode());
+        peer.write_all(&input).unwrap();
+        let mut ev = Vec::new();
+        assert_eq!(readable(&mut c, 1, &mut ev), ReadStatus::Open);
+        assert_eq!(ev.len(), 1);
+        assert!(c.has_buffered_input());
+        // Nothing more arrives on the socket, yet the buffered request is decoded.
+        assert_eq!(c.on_readable(1, &mut ev), ReadStatus::Open);
+        assert!(matches!(ev[1], Event::Request { cookie: 2, .. }));
+        assert!(!c.has_buffered_input());
     }
 
     #[test]
@@ -514,7 +568,7 @@ mod tests {
         );
         peer.write_all(&input).unwrap();
         let mut ev = Vec::new();
-        c.on_readable(16, &mut ev);
+        readable(&mut c, 16, &mut ev);
         assert_eq!(ev.len(), 1);
         assert!(matches!(
             ev[0],
@@ -536,12 +590,12 @@ mod tests {
         handshake(&mut c, &mut peer);
         peer.write_all(&[0u8; 28]).unwrap();
         let mut ev = Vec::new();
-        assert_eq!(c.on_readable(16, &mut ev), ReadStatus::Done);
+        assert_eq!(readable(&mut c, 16, &mut ev), ReadStatus::Done);
         assert!(matches!(c.close_reason, Some(NbdError::RequestMagic(0))));
         let (mut c, mut peer) = pair(false);
         handshake(&mut c, &mut peer);
         drop(peer);
-        assert_eq!(c.on_readable(16, &mut ev), ReadStatus::Done);
+        assert_eq!(readable(&mut c, 16, &mut ev), ReadStatus::Done);
     }
 
     #[test]
@@ -569,6 +623,7 @@ mod tests {
         for _ in 0..100 {
             c.give_buf(vec![3u8; 1 << 20]);
         }
+        assert_eq!(c.pool_bytes, POOL_MAX_BYTES);
         assert!(c.pool_bytes <= POOL_MAX_BYTES);
     }
 }

@@ -46,6 +46,11 @@ use crate::control::{minors, nbd_socket_path};
 
 /// Requests in flight per NBD connection before the loop stops reading from it.
 const MAX_CONN_INFLIGHT: u32 = 128;
+/// Buffer bytes in flight per NBD connection before the loop stops reading from it (so 128
+/// reads of 32 MiB cannot make a client pin 4 GiB of dom0 memory).
+const MAX_CONN_INFLIGHT_BYTES: u64 = 64 << 20;
+/// Requests taken from one connection per readiness event before serving others.
+const READ_BATCH: usize = 64;
 /// A client still negotiating after this long is dropped (default of
 /// [`Config::handshake_timeout`]; the C tapdisk tolerates 40 s during SXM).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -167,8 +172,10 @@ pub(crate) enum NbdReq {
         len: u32,
         skip: usize,
     },
+    /// WRITE (`payload`: a data buffer is held) or WRITE_ZEROES.
     Write {
         nsectors: u64,
+        payload: bool,
     },
     Other,
     BlockStatus {
@@ -211,11 +218,27 @@ struct Listener {
     registered: bool,
 }
 
+impl NbdReq {
+    /// Buffer memory the request holds while in flight.
+    fn mem_bytes(&self) -> u64 {
+        match *self {
+            NbdReq::Read { len, .. } => u64::from(len),
+            NbdReq::Write {
+                nsectors,
+                payload: true,
+            } => nsectors * SECTOR_SIZE,
+            _ => 0,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct NbdConn {
     conn: Connection,
     minor: u16,
     inflight: u32,
+    /// Sum of [`NbdReq::mem_bytes`] in flight.
+    inflight_bytes: u64,
     interest: Interest,
     /// No more requests: DISC, EOF, protocol error or VBD closing.
     ending: bool,

@@ -641,3 +641,40 @@ fn clients_stuck_in_the_handshake_are_dropped() {
     // A client past the handshake is not affected.
     assert_eq!(done.read(0, 512).unwrap(), Ok(vec![0u8; 512]));
 }
+
+#[test]
+fn a_connection_pins_at_most_64_mib_of_buffers() {
+    let op = TableOpener::new();
+    op.add("/big", 131072); // 64 MiB
+    let h = Harness::start(op.clone(), false);
+    open_minor(&h, 0, "aio:/big");
+    let mut c = Client::connect(&h.nbd(0), false).unwrap();
+    op.set_gate(false);
+    for i in 0..6u64 {
+        c.send(
+            &RequestHeader {
+                flags: 0,
+                typ: proto::CMD_READ,
+                cookie: i,
+                offset: 0,
+                length: 32 << 20,
+            },
+            &[],
+        )
+        .unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let Reply::Stats(s) = h.call(Request::Stats { minor: Some(0) }) else {
+        panic!()
+    };
+    let s = String::from_utf8(s).unwrap();
+    assert!(s.contains("\"reqs_outstanding\": 2"), "{s}");
+    op.set_gate(true);
+    let mut data = Vec::new();
+    for _ in 0..6 {
+        assert!(matches!(
+            c.recv(Some(32 << 20), &mut data).unwrap(),
+            ClientReply::Simple { error: 0, .. }
+        ));
+    }
+}

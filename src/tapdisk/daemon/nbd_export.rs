@@ -98,6 +98,7 @@ impl Tapdisk {
                     conn,
                     minor,
                     inflight: 0,
+                    inflight_bytes: 0,
                     interest,
                     ending: false,
                     since: Instant::now(),
@@ -133,39 +134,54 @@ impl Tapdisk {
             return;
         }
         if r.readable {
+            if let Some(c) = self.conns.get_mut(&id) {
+                c.conn.mark_readable();
+            }
             self.read_conn(id);
         }
         self.settle(id);
     }
 
+    /// Decode and start requests one at a time while the connection is within its limits
+    /// (count and bytes in flight), up to [`READ_BATCH`] per readiness for fairness.
     pub(super) fn read_conn(&mut self, id: u64) {
-        let Some(c) = self.conns.get_mut(&id) else {
-            return;
-        };
-        let accepts = self.vbds.get(&c.minor).is_some_and(Vbd::accepts_io);
-        if c.ending || !accepts {
-            return;
-        }
-        let budget = (MAX_CONN_INFLIGHT - c.inflight.min(MAX_CONN_INFLIGHT)) as usize;
-        let mut events = Vec::new();
-        let status = c.conn.on_readable(budget.max(1), &mut events);
-        let minor = c.minor;
-        if status == ReadStatus::Done {
-            c.ending = true;
-            if let Some(e) = &c.conn.close_reason {
-                info!("minor {minor}: nbd client {id}: {e}");
+        let mut events = Vec::with_capacity(1);
+        for _ in 0..READ_BATCH {
+            let Some(c) = self.conns.get_mut(&id) else {
+                return;
+            };
+            let accepts = self.vbds.get(&c.minor).is_some_and(Vbd::accepts_io);
+            if c.ending
+                || !accepts
+                || c.inflight >= MAX_CONN_INFLIGHT
+                || c.inflight_bytes >= MAX_CONN_INFLIGHT_BYTES
+            {
+                return;
             }
-        }
-        for ev in events {
-            match ev {
-                Event::Disconnect => {
-                    if let Some(c) = self.conns.get_mut(&id) {
-                        c.ending = true;
+            events.clear();
+            let status = c.conn.on_readable(1, &mut events);
+            let minor = c.minor;
+            if status == ReadStatus::Done {
+                c.ending = true;
+                if let Some(e) = &c.conn.close_reason {
+                    info!("minor {minor}: nbd client {id}: {e}");
+                }
+            }
+            let got = !events.is_empty();
+            for ev in events.drain(..) {
+                match ev {
+                    Event::Disconnect => {
+                        if let Some(c) = self.conns.get_mut(&id) {
+                            c.ending = true;
+                        }
+                    }
+                    Event::Request { cookie, cmd, data } => {
+                        self.start_request(id, minor, cookie, cmd, data);
                     }
                 }
-                Event::Request { cookie, cmd, data } => {
-                    self.start_request(id, minor, cookie, cmd, data);
-                }
+            }
+            if !got || status == ReadStatus::Done {
+                return;
             }
         }
     }
@@ -219,6 +235,7 @@ impl Tapdisk {
                     },
                     NbdReq::Write {
                         nsectors: u64::from(len) / ss,
+                        payload: true,
                     },
                 )
             }
@@ -256,6 +273,7 @@ impl Tapdisk {
                 },
                 NbdReq::Write {
                     nsectors: u64::from(len) / ss,
+                    payload: false,
                 },
             ),
             Command::BlockStatus {
@@ -287,6 +305,7 @@ impl Tapdisk {
         }
         if let Some(c) = self.conns.get_mut(&id) {
             c.inflight += 1;
+            c.inflight_bytes += req.mem_bytes();
         }
         self.io.submit(
             Tag::Nbd {
@@ -302,30 +321,45 @@ impl Tapdisk {
 
     /// Flush output, drop finished connections, and set epoll interest to match.
     pub(super) fn settle(&mut self, id: u64) {
-        let Some(c) = self.conns.get_mut(&id) else {
-            return;
-        };
-        if c.conn.wants_write() {
-            if let Err(e) = c.conn.flush() {
-                debug!("nbd client {id}: write: {e}");
+        // Requests already buffered in the connection (read from the socket earlier, left
+        // unprocessed when a limit was hit) produce no epoll event: decode them here as soon
+        // as the connection may take requests again. Bounded: each pass starts requests or
+        // stops at a limit.
+        for _ in 0..4 {
+            let Some(c) = self.conns.get_mut(&id) else {
+                return;
+            };
+            if c.conn.wants_write() {
+                if let Err(e) = c.conn.flush() {
+                    debug!("nbd client {id}: write: {e}");
+                    self.drop_conn(id);
+                    return;
+                }
+            }
+            if c.ending && c.inflight == 0 && !c.conn.wants_write() {
                 self.drop_conn(id);
                 return;
             }
-        }
-        if c.ending && c.inflight == 0 && !c.conn.wants_write() {
-            self.drop_conn(id);
-            return;
-        }
-        let accepts = self.vbds.get(&c.minor).is_some_and(Vbd::accepts_io);
-        let want = Interest {
-            read: !c.ending && accepts && c.inflight < MAX_CONN_INFLIGHT && !c.conn.backlogged(),
-            write: c.conn.wants_write(),
-        };
-        if want != c.interest {
-            if let Err(e) = self.reactor.modify(c.conn.stream(), Token::Conn(id), want) {
-                warn!("nbd client {id}: epoll_ctl: {e}");
+            let accepts = self.vbds.get(&c.minor).is_some_and(Vbd::accepts_io);
+            let read = !c.ending
+                && accepts
+                && c.inflight < MAX_CONN_INFLIGHT
+                && c.inflight_bytes < MAX_CONN_INFLIGHT_BYTES
+                && !c.conn.backlogged();
+            let want = Interest {
+                read,
+                write: c.conn.wants_write(),
+            };
+            if want != c.interest {
+                if let Err(e) = self.reactor.modify(c.conn.stream(), Token::Conn(id), want) {
+                    warn!("nbd client {id}: epoll_ctl: {e}");
+                }
+                c.interest = want;
             }
-            c.interest = want;
+            if !(read && c.conn.has_buffered_input()) {
+                return;
+            }
+            self.read_conn(id);
         }
     }
 
@@ -347,7 +381,7 @@ impl Tapdisk {
                     NbdReq::Read { len, .. } => {
                         v.stats.rd_secs += u64::from(len).div_ceil(SECTOR_SIZE)
                     }
-                    NbdReq::Write { nsectors } => v.stats.wr_secs += nsectors,
+                    NbdReq::Write { nsectors, .. } => v.stats.wr_secs += nsectors,
                     _ => {}
                 }
             } else {
@@ -358,6 +392,7 @@ impl Tapdisk {
             return; // the client went away: drop the result
         };
         c.inflight = c.inflight.saturating_sub(1);
+        c.inflight_bytes = c.inflight_bytes.saturating_sub(req.mem_bytes());
         match (req, res) {
             (NbdReq::Read { offset, len, skip }, Ok(Output::Data(buf))) => {
                 c.conn.reply_read(cookie, offset, buf, skip, len)
