@@ -1,0 +1,146 @@
+//! A tapdisk killed with SIGKILL leaves its control socket, its NBD socket and its minor's
+//! marker file behind. The real `tap-ctl` must recover: `list` still answers (showing the
+//! orphaned minor, without hanging on the dead socket), `free` releases the minor (the
+//! kernel dropped the dead process's flock), and `create` serves the disk again.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+fn tap_ctl(ctl: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tap-ctl"))
+        .args(args)
+        .env("BLKTAP_CONTROL_DIR", ctl)
+        .env("BLKTAP_TAPDISK", env!("CARGO_BIN_EXE_tapdisk"))
+        .output()
+        .expect("run tap-ctl")
+}
+
+fn stdout(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "tap-ctl failed: {:?}\nstdout: {}\nstderr: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// `(pid, minor)` of the `list` row serving `path` (non-TTY `key=value` format).
+fn row_for(list: &str, path: &str) -> Option<(Option<i32>, Option<u16>)> {
+    list.lines().find(|l| l.contains(path)).map(|l| {
+        let field = |k: &str| {
+            l.split_whitespace()
+                .find_map(|f| f.strip_prefix(&format!("{k}=")).map(str::to_owned))
+        };
+        (
+            field("pid").and_then(|v| v.parse().ok()),
+            field("minor").and_then(|v| v.parse().ok()),
+        )
+    })
+}
+
+fn wait_dead(pid: i32) {
+    let start = Instant::now();
+    while nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok() {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "pid {pid} did not die"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn tap_ctl_recovers_after_tapdisk_is_killed() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = dir.path().join("ctl");
+    let img = dir.path().join("disk.raw");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    let params = format!("aio:{}", img.display());
+
+    let dev = stdout(&tap_ctl(&ctl, &["create", "-a", &params]));
+    assert!(
+        Path::new(dev.trim()).exists(),
+        "device {dev:?} does not exist"
+    );
+    let list = stdout(&tap_ctl(&ctl, &["list"]));
+    let (pid, minor) = row_for(&list, img.to_str().unwrap()).expect("row for the disk");
+    let (pid, minor) = (pid.expect("pid"), minor.expect("minor"));
+
+    // The minor is locked while its tapdisk lives: free must refuse.
+    let busy = tap_ctl(&ctl, &["free", "-m", &minor.to_string()]);
+    assert!(
+        !busy.status.success(),
+        "free succeeded while the tapdisk held the minor"
+    );
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_dead(pid);
+    assert!(
+        ctl.join(format!("ctl{pid}")).exists(),
+        "a SIGKILLed tapdisk cannot remove its socket: the stale file is the point of this test"
+    );
+
+    // list answers, shows the orphaned minor without a pid, and does not hang.
+    let start = Instant::now();
+    let list = stdout(&tap_ctl(&ctl, &["list"]));
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "list hung on a dead tapdisk"
+    );
+    assert!(
+        list.lines().any(|l| l.trim() == format!("minor={minor}")),
+        "orphaned minor not listed: {list:?}"
+    );
+    assert!(
+        !list.contains(&format!("pid={pid}")),
+        "dead pid listed: {list:?}"
+    );
+
+    // The dead process's flock is gone: free works, and create serves the disk again.
+    stdout(&tap_ctl(&ctl, &["free", "-m", &minor.to_string()]));
+    let dev = stdout(&tap_ctl(&ctl, &["create", "-a", &params]));
+    let list = stdout(&tap_ctl(&ctl, &["list"]));
+    let (pid2, minor2) = row_for(&list, img.to_str().unwrap()).expect("row after re-create");
+    let (pid2, minor2) = (pid2.expect("pid"), minor2.expect("minor"));
+    assert_ne!(pid2, pid);
+    let out = Command::new("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            &format!("nbd+unix:///?socket={}", dev.trim()),
+            "-c",
+            "write -P 0x77 0 64k",
+            "-c",
+            "read -P 0x77 0 64k",
+        ])
+        .output()
+        .expect("qemu-io (install qemu-utils)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !text.contains("fail"),
+        "I/O after recovery: {text}"
+    );
+    stdout(&tap_ctl(
+        &ctl,
+        &[
+            "destroy",
+            "-p",
+            &pid2.to_string(),
+            "-m",
+            &minor2.to_string(),
+        ],
+    ));
+    wait_dead(pid2);
+    let list = stdout(&tap_ctl(&ctl, &["list"]));
+    assert!(list.trim().is_empty(), "left over after destroy: {list:?}");
+}
