@@ -372,7 +372,7 @@ fn control_tapdisks_over_real_sockets() {
     let blkif = Blkif {
         domid: 1,
         devid: 768,
-        gref: [0; 8],
+        gref: [0; 16],
         order: 0,
         proto: blktap3::control::msg::BlkifProto::X86_64,
         pool: String::new(),
