@@ -250,7 +250,10 @@ fn order_4_ring_with_a_missing_high_ref_fails_the_device() {
     fe_write_owned(&rig, &v, &kv);
     pump(&mut b);
     let st = status(&b, &v);
-    assert!(st.failed.as_deref().unwrap().contains("ring-ref15"), "{st:?}");
+    assert!(
+        st.failed.as_deref().unwrap().contains("ring-ref15"),
+        "{st:?}"
+    );
     assert_eq!(rig.bstate(&v).as_deref(), Some("5"));
     assert!(rig.tap.connects().is_empty());
 }
