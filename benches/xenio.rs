@@ -77,7 +77,7 @@ fn run_ring(case: &Case, order: u32, dur: Duration) -> (u64, Duration) {
     let per_slot = case.pages + usize::from(indirect);
     let npages = (1 << order) + depth * per_slot;
     let dom = xen.create_domain(FE, npages).unwrap();
-    let mut ring_refs = [0u32; 8];
+    let mut ring_refs = [0u32; 16];
     let first = dom.alloc_page().unwrap();
     ring_refs[0] = dom.grant(first, BE, false).0;
     for r in ring_refs.iter_mut().take(1 << order).skip(1) {

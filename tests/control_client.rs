@@ -49,6 +49,13 @@ fn error_replies_and_wrong_types() {
         Request::XenblkifConnect { minor: 2, blkif } if blkif.ring_refs() == [5, 6] => {
             Reply::XenblkifConnect
         }
+        // Order 4: sixteen refs, 8..15 through the extension.
+        Request::XenblkifConnect { minor: 4, blkif }
+            if blkif.order == 4
+                && blkif.ring_refs() == (1000..1016).collect::<Vec<u32>>().as_slice() =>
+        {
+            Reply::XenblkifConnect
+        }
         Request::XenblkifDisconnect {
             domid: 4,
             devid: 768,
@@ -81,25 +88,35 @@ fn error_replies_and_wrong_types() {
     c.close(600, 3, false, Some(Duration::from_secs(2)))
         .unwrap();
     c.close(600, 3, true, None).unwrap();
-    let mut gref = [0; 8];
+    let mut gref = [0; 16];
     gref[0] = 5;
     gref[1] = 6;
-    c.connect_xenblkif(
-        600,
-        2,
-        Blkif {
-            domid: 4,
-            devid: 768,
-            gref,
-            order: 1,
-            proto: BlkifProto::X86_64,
-            pool: String::new(),
-            port: 3,
-            poll_duration: 0,
-            poll_idle_threshold: 0,
-        },
-    )
-    .unwrap();
+    let mut b = Blkif {
+        domid: 4,
+        devid: 768,
+        gref,
+        order: 1,
+        proto: BlkifProto::X86_64,
+        pool: String::new(),
+        port: 3,
+        poll_duration: 0,
+        poll_idle_threshold: 0,
+    };
+    c.connect_xenblkif(600, 2, b.clone()).unwrap();
+    for (i, g) in b.gref.iter_mut().enumerate() {
+        *g = 1000 + i as u32;
+    }
+    b.order = 4;
+    c.connect_xenblkif(600, 4, b.clone()).unwrap();
+    // With a ref the server does not expect (gref[15]), the server's arm does not match.
+    b.gref[15] = 7;
+    assert!(c.connect_xenblkif(600, 4, b.clone()).is_err());
+    // Order 5 is refused by the client before anything is sent.
+    b.order = 5;
+    assert_eq!(
+        c.connect_xenblkif(600, 4, b).unwrap_err().errno(),
+        libc::EINVAL
+    );
     c.disconnect_xenblkif(600, 4, 768, None).unwrap();
     assert_eq!(
         c.disconnect_xenblkif(600, 4, 769, None)

@@ -219,10 +219,11 @@ fn binary_connects_a_blkfront_survives_restart_and_tears_down() {
     e.wait_bstate("2");
     assert!(e.dir.join("fg.pid").exists());
 
-    // The guest negotiates: tapback advertised order 3, so it uses 8 ring pages.
+    // The guest negotiates: tapback advertised order 4, so it uses 16 ring pages, and the
+    // refs 8..15 reach tapdisk through the control message's extension.
     let mut front = e.front();
     let info = front.connect().unwrap();
-    assert_eq!(info.ring_order, 3);
+    assert_eq!(info.ring_order, 4);
     assert_eq!(info.sectors, 131072);
     assert_eq!(info.sector_size, 512);
     assert!(info.flush && info.discard && info.barrier);
@@ -232,8 +233,8 @@ fn binary_connects_a_blkfront_survives_restart_and_tears_down() {
         assert_eq!(s.connects.len(), 1);
         let (minor, blkif, err) = &s.connects[0];
         assert_eq!((*minor, *err), (MINOR, 0));
-        assert_eq!((blkif.domid, blkif.devid, blkif.order), (7, 51712, 3));
-        assert_eq!(blkif.ring_refs().len(), 8);
+        assert_eq!((blkif.domid, blkif.devid, blkif.order), (7, 51712, 4));
+        assert_eq!(blkif.ring_refs().len(), 16);
         // The refs tapdisk got are the ones the guest published.
         for (i, r) in blkif.ring_refs().iter().enumerate() {
             let v = e
@@ -372,7 +373,7 @@ fn control_tapdisks_over_real_sockets() {
     let blkif = Blkif {
         domid: 1,
         devid: 768,
-        gref: [0; 8],
+        gref: [0; 16],
         order: 0,
         proto: blktap3::control::msg::BlkifProto::X86_64,
         pool: String::new(),

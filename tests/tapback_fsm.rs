@@ -42,8 +42,9 @@ fn connected(rig: &Rig, v: &Vbd, b: &mut TestBackend, gref: u32, port: u32) {
 #[test]
 fn advertises_order_and_goes_initwait_without_hotplug_status() {
     let (rig, v, b) = one();
-    assert_eq!(MAX_RING_ORDER, 3);
-    assert_eq!(rig.read(&v.b("max-ring-page-order")).as_deref(), Some("3"));
+    // Like Linux blkback (XENBUS_MAX_RING_GRANT_ORDER): 16 pages.
+    assert_eq!(MAX_RING_ORDER, 4);
+    assert_eq!(rig.read(&v.b("max-ring-page-order")).as_deref(), Some("4"));
     assert_eq!(
         rig.dom0
             .get_perms(Tx::NONE, &v.b("max-ring-page-order"))
@@ -67,7 +68,7 @@ fn advertises_order_and_goes_initwait_without_hotplug_status() {
     let fe = rig.fe_conn(&v);
     assert_eq!(
         fe.read(Tx::NONE, &v.b("max-ring-page-order")).unwrap(),
-        Some(b"3".to_vec())
+        Some(b"4".to_vec())
     );
 }
 
@@ -207,13 +208,63 @@ fn x86_32_protocol_and_multi_page_ring() {
     assert_eq!(blkif.proto, BlkifProto::X86_32);
 }
 
+fn order4_keys(first: u32) -> Vec<(String, String)> {
+    let mut kv = vec![("ring-page-order".to_owned(), "4".to_owned())];
+    for i in 0..16u32 {
+        kv.push((format!("ring-ref{i}"), (first + i).to_string()));
+    }
+    kv
+}
+
+fn fe_write_owned(rig: &Rig, v: &Vbd, kv: &[(String, String)]) {
+    let kvr: Vec<(&str, &str)> = kv.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    rig.fe_write(v, &kvr);
+}
+
+#[test]
+fn order_4_ring_connects_with_sixteen_refs() {
+    let (rig, v, mut b) = one();
+    let mut kv = order4_keys(300);
+    kv.push(("event-channel".to_owned(), "12".to_owned()));
+    kv.push(("protocol".to_owned(), "x86_64-abi".to_owned()));
+    kv.push(("state".to_owned(), "3".to_owned()));
+    fe_write_owned(&rig, &v, &kv);
+    pump(&mut b);
+    assert_eq!(rig.bstate(&v).as_deref(), Some("4"), "{:?}", status(&b, &v));
+    let (_, _, blkif) = rig.tap.ring(5, 51712).unwrap();
+    assert_eq!(blkif.order, 4);
+    let want: Vec<u32> = (300..316).collect();
+    assert_eq!(blkif.ring_refs(), &want[..]);
+    assert_eq!(blkif.gref[..], want[..]);
+    assert_eq!(blkif.port, 12);
+    assert_eq!(blkif.proto, BlkifProto::X86_64);
+}
+
+#[test]
+fn order_4_ring_with_a_missing_high_ref_fails_the_device() {
+    let (rig, v, mut b) = one();
+    let mut kv = order4_keys(1);
+    kv.retain(|(k, _)| k != "ring-ref15");
+    kv.push(("event-channel".to_owned(), "4".to_owned()));
+    kv.push(("state".to_owned(), "3".to_owned()));
+    fe_write_owned(&rig, &v, &kv);
+    pump(&mut b);
+    let st = status(&b, &v);
+    assert!(
+        st.failed.as_deref().unwrap().contains("ring-ref15"),
+        "{st:?}"
+    );
+    assert_eq!(rig.bstate(&v).as_deref(), Some("5"));
+    assert!(rig.tap.connects().is_empty());
+}
+
 #[test]
 fn order_out_of_range_fails_the_device_then_recovers_after_reset() {
     let (rig, v, mut b) = one();
     rig.fe_write(
         &v,
         &[
-            ("ring-page-order", "4"),
+            ("ring-page-order", "5"),
             ("ring-ref0", "1"),
             ("event-channel", "4"),
             ("state", "3"),
@@ -997,7 +1048,7 @@ fn recreated_device_directory_is_advertised_again() {
     // next trigger restores the advertisement.
     rig.dom0.rm(Tx::NONE, &v.b("max-ring-page-order")).unwrap();
     pump(&mut b);
-    assert_eq!(rig.read(&v.b("max-ring-page-order")).as_deref(), Some("3"));
+    assert_eq!(rig.read(&v.b("max-ring-page-order")).as_deref(), Some("4"));
 }
 
 #[test]
@@ -1040,8 +1091,8 @@ proptest! {
     /// values are valid, with exactly those values.
     #[test]
     fn random_frontend_values(
-        order in value(),
-        refs in proptest::collection::vec(value(), 8),
+        order in prop_oneof![value(), (0u32..=5).prop_map(|o| Some(o.to_string()))],
+        refs in proptest::collection::vec(value(), 16),
         port in value(),
         proto in value(),
         persistent in value(),
@@ -1067,7 +1118,7 @@ proptest! {
         pump(&mut b);
 
         let num = |x: &Option<String>| x.as_deref().and_then(|s| s.parse::<u32>().ok());
-        let want_order = match &order { None => Some(0), Some(_) => num(&order).filter(|o| *o <= 3) };
+        let want_order = match &order { None => Some(0), Some(_) => num(&order).filter(|o| *o <= 4) };
         let want = want_order.and_then(|o| {
             let refs: Option<Vec<u32>> = if o == 0 {
                 num(&refs[0]).map(|r| vec![r])

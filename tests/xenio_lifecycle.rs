@@ -25,7 +25,7 @@ fn blkif(domid: u32, devid: u32, order: u32) -> Blkif {
     Blkif {
         domid,
         devid,
-        gref: [1; 8],
+        gref: [1; 16],
         order,
         proto: BlkifProto::X86_64,
         pool: String::new(),
@@ -78,17 +78,18 @@ fn control_errors_over_the_socket() {
     );
     // Bad grant refs for a new ring: the map fails, nothing is left behind.
     assert!(client.connect_xenblkif(pid, 0, blkif(1, 51713, 0)).is_err());
-    // Order 4 cannot be encoded by our client: patch the order field of a raw message.
+    // Order 5 cannot be encoded by our client: patch the order field of a raw message.
     let req = |order| Request::XenblkifConnect {
         minor: 0,
         blkif: blkif(5, 1, order),
     };
+    assert_eq!(req(5).encode().unwrap_err().errno(), libc::EINVAL);
     let a = req(3).encode().unwrap();
     let b = req(2).encode().unwrap();
     let diff: Vec<usize> = (0..a.len()).filter(|&i| a[i] != b[i]).collect();
     assert_eq!(diff.len(), 1);
     let mut raw = a.to_vec();
-    raw[diff[0]] = 4;
+    raw[diff[0]] = 5;
     let mut s = UnixStream::connect(rig.dir.path().join(format!("ctl{pid}"))).unwrap();
     std::io::Write::write_all(&mut s, &raw).unwrap();
     let mut rsp = vec![0u8; blktap3::control::msg::MSG_SIZE];
@@ -97,11 +98,11 @@ fn control_errors_over_the_socket() {
         Frame::Reply(Reply::Error(e)) => assert_eq!(e, libc::EINVAL),
         f => panic!("{f:?}"),
     }
-    // Order 4 through the typed API reaches the ring code, which refuses it too.
+    // Order 5 through the typed API reaches the ring code, which refuses it too.
     assert_eq!(
         rig.call(Request::XenblkifConnect {
             minor: 0,
-            blkif: blkif(5, 1, 4)
+            blkif: blkif(5, 1, 5)
         }),
         Reply::Error(libc::EINVAL)
     );

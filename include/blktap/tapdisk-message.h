@@ -121,6 +121,23 @@ typedef struct tapdisk_message_blkif {
 	uint32_t poll_idle_threshold;
 } tapdisk_message_blkif_t;
 
+/*
+ * blktap3 extension for ring order 4 (16 pages, like Linux blkback's
+ * XENBUS_MAX_RING_GRANT_ORDER): gref[8] only holds orders 0..3, so grant refs
+ * 8..15 travel in spare union bytes right after the 316-byte blkif struct
+ * (union offset 316..348; the union is 536 bytes on x86_64, 532 on i686).
+ * gref_ext is read and written only when blkif.order == 4; for orders 0..3 it
+ * is zero on send and ignored on receive, so messages without it are unchanged.
+ * Order > 4 is refused with EINVAL. A C tapdisk refuses order 4 (EINVAL).
+ */
+#define TAPDISK_MESSAGE_BLKIF_MAX_ORDER		4
+#define TAPDISK_MESSAGE_BLKIF_EXT_ORDER		4
+
+typedef struct tapdisk_message_blkif_ext {
+	tapdisk_message_blkif_t blkif;
+	uint32_t gref_ext[8];	/* grant refs 8..15, order 4 only */
+} tapdisk_message_blkif_ext_t;
+
 typedef struct tapdisk_message_resume {
 	uint32_t flags;
 	char new_params[TAPDISK_MESSAGE_MAX_PATH_LENGTH];
@@ -140,6 +157,7 @@ typedef struct tapdisk_message {
 		tapdisk_message_list_t list;
 		tapdisk_message_stat_t info;
 		tapdisk_message_blkif_t blkif;
+		tapdisk_message_blkif_ext_t blkif_ext;	/* same bytes as blkif + gref_ext */
 		tapdisk_message_resume_t resume;
 	} u;
 } tapdisk_message_t;

@@ -18,6 +18,24 @@
 //! devid@4, gref[8]@8, order@40, proto@44, pool[256]@48, port@304, poll_duration@308,
 //! poll_idle_threshold@312).
 //!
+//! # Extension: XENBLKIF_CONNECT with ring order 4
+//!
+//! The C struct carries `gref[8]`, so at most order 3 (8 ring pages). Linux blkback goes up to
+//! order 4 (`XENBUS_MAX_RING_GRANT_ORDER`, 16 pages, 512 slots). The `blkif` member is 316
+//! bytes but the union is 536 (LP64) / 532 (i686) bytes, so grant refs 8..15 travel in spare
+//! union bytes right after `poll_idle_threshold`:
+//!
+//! ```text
+//!  union offset  0 ........ 316   tapdisk_message_blkif_t, unchanged (gref[0..8] @8)
+//!  union offset 316 ....... 348   u32 gref_ext[8] = grant refs 8..15, only when order == 4
+//! ```
+//!
+//! The extension is read and written **only when `order == 4`**; for orders 0..=3 those bytes
+//! are left zero on encode and ignored on decode, so every message a C tap-ctl produces decodes
+//! exactly as before, and a message of ours with order ≤ 3 is byte-identical to C's. A C tapdisk
+//! never sees a problem either: it rejects order 4 with EINVAL before looking at any gref, and a
+//! C tap-ctl never sends order 4. Order > 4 is EINVAL on decode and on encode.
+//!
 //! The codec works on a private copy of the bytes and validates everything: every string must
 //! be NUL-terminated within its field, every request must have a NUL inside `u.params.path`
 //! (whatever its type, as tapdisk requires), unknown types and types without a handler are
@@ -44,10 +62,15 @@ pub const STRING_LEN: usize = 256;
 pub const MAX_KEY_LEN: usize = 128;
 /// STATS cookie meaning "every VBD".
 pub const STATS_ALL: u16 = 0xFFFF;
-/// Largest ring order a XENBLKIF_CONNECT can carry (`gref[8]`).
-pub const MAX_RING_ORDER: u32 = 3;
-/// Number of grant references in the blkif struct.
-pub const MAX_RING_PAGES: usize = 8;
+/// Largest ring order a XENBLKIF_CONNECT can carry: 3 in the C struct (`gref[8]`), 4 with the
+/// `gref_ext` extension (see the module doc).
+pub const MAX_RING_ORDER: u32 = 4;
+/// Number of grant references a XENBLKIF_CONNECT can carry (`1 << MAX_RING_ORDER`).
+pub const MAX_RING_PAGES: usize = 1 << MAX_RING_ORDER;
+/// Grant references in the C struct's `gref[8]`; the rest travel in `gref_ext`.
+pub const BLKIF_C_GREFS: usize = 8;
+/// The only order that uses the `gref_ext` extension.
+const EXT_ORDER: u32 = 4;
 /// Upper bound on the STATS payload a client accepts.
 pub const MAX_STATS_LEN: u64 = 64 << 20;
 /// Upper bound on the LIST entries a client accepts in one reply.
@@ -139,6 +162,13 @@ const B_POOL: usize = 48;
 const B_PORT: usize = 304;
 const B_POLL_DURATION: usize = 308;
 const B_POLL_IDLE: usize = 312;
+/// Extension: grant refs 8..15 (order 4 only), right after the 316-byte C blkif struct.
+const B_GREF_EXT: usize = 316;
+// The extension must fit in the smallest union (i686: 532 bytes).
+const _: () = assert!(
+    B_GREF_EXT + 4 * (MAX_RING_PAGES - BLKIF_C_GREFS)
+        <= WireLayout::I686.msg_size - WireLayout::I686.union_offset
+);
 
 /// Message types (`TAPDISK_MESSAGE_*`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -487,9 +517,10 @@ pub struct ResumeRequest {
 pub struct Blkif {
     pub domid: u32,
     pub devid: u32,
-    /// Grant references; the first `1 << order` are meaningful.
+    /// Grant references; the first `1 << order` are meaningful. Entries 8..15 are carried on
+    /// the wire only when `order == 4` (they decode as 0 otherwise).
     pub gref: [u32; MAX_RING_PAGES],
-    /// Ring order, 0..=3.
+    /// Ring order, 0..=4 (4 uses the `gref_ext` extension).
     pub order: u32,
     pub proto: BlkifProto,
     /// Context ("pool") name; empty = default.
@@ -675,8 +706,14 @@ impl Request {
                 }
                 m.put_u32(B_DOMID, blkif.domid);
                 m.put_u32(B_DEVID, blkif.devid);
-                for (i, g) in blkif.gref.iter().enumerate() {
+                let (c_grefs, ext_grefs) = blkif.gref.split_at(BLKIF_C_GREFS);
+                for (i, g) in c_grefs.iter().enumerate() {
                     m.put_u32(B_GREF + 4 * i, *g);
+                }
+                if blkif.order == EXT_ORDER {
+                    for (i, g) in ext_grefs.iter().enumerate() {
+                        m.put_u32(B_GREF_EXT + 4 * i, *g);
+                    }
                 }
                 m.put_u32(B_ORDER, blkif.order);
                 m.put_u32(B_PROTO, blkif.proto as u32);
@@ -865,8 +902,14 @@ pub fn decode_request(buf: &[u8], layout: WireLayout) -> Result<Request> {
             }
             let proto = BlkifProto::from_u32(m.u32(B_PROTO))?;
             let mut gref = [0u32; MAX_RING_PAGES];
-            for (i, g) in gref.iter_mut().enumerate() {
+            let (c_grefs, ext_grefs) = gref.split_at_mut(BLKIF_C_GREFS);
+            for (i, g) in c_grefs.iter_mut().enumerate() {
                 *g = m.u32(B_GREF + 4 * i);
+            }
+            if order == EXT_ORDER {
+                for (i, g) in ext_grefs.iter_mut().enumerate() {
+                    *g = m.u32(B_GREF_EXT + 4 * i);
+                }
             }
             Request::XenblkifConnect {
                 minor: cookie,

@@ -30,7 +30,10 @@
 //! - A missing `protocol` means the native ABI (as in blkback), not x86_32.
 //! - `max-ring-page-order` advertises the smaller of what the ring code maps
 //!   ([`crate::blkif::abi::MAX_RING_PAGE_ORDER`]) and what a control message can carry
-//!   ([`crate::control::msg::MAX_RING_ORDER`]): 3 today (8 pages).
+//!   ([`crate::control::msg::MAX_RING_ORDER`]): 4 (16 pages, 512 slots), like Linux blkback's
+//!   `XENBUS_MAX_RING_GRANT_ORDER`. Order 4 needs the control message's `gref_ext` extension
+//!   (see [`crate::control::msg`]), which only our tapdisk understands; a C tapdisk answers an
+//!   order-4 connect with EINVAL (a fatal device error, as for any ring tapdisk refuses).
 //! - `feature-flush-cache`, `feature-discard` (+ `discard-*`) and
 //!   `feature-max-indirect-segments` are advertised; `physical-sector-size` is written.
 //! - After a restart every existing device is re-linked from `physical-device-path`
@@ -65,7 +68,7 @@ pub use locate::{ControlTapdisks, TapLocation, TapdiskOps};
 pub const DEFAULT_NAME: &str = "vbd3";
 
 /// The `max-ring-page-order` tapback advertises: what both the ring code and the control
-/// message (8 grant refs) can handle.
+/// message (16 grant refs with the `gref_ext` extension) can handle: 4.
 pub const MAX_RING_ORDER: u32 = {
     let a = crate::blkif::abi::MAX_RING_PAGE_ORDER;
     let b = crate::control::msg::MAX_RING_ORDER;

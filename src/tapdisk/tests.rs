@@ -608,7 +608,7 @@ fn blkif() -> Blkif {
     Blkif {
         domid: 1,
         devid: 51712,
-        gref: [0; 8],
+        gref: [0; 16],
         order: 0,
         proto: BlkifProto::Native,
         pool: String::new(),

@@ -169,6 +169,8 @@ fn header_layout_on_i686_and_x86_64() {
              _Static_assert(offsetof(tapdisk_message_t, u) == {union_at}, \"union\");\n\
              _Static_assert(offsetof(tapdisk_message_stat_t, length) == {len_at}, \"len\");\n\
              _Static_assert(sizeof(tapdisk_message_blkif_t) == 316, \"blkif\");\n\
+             _Static_assert(offsetof(tapdisk_message_blkif_ext_t, gref_ext) == 316, \"ext\");\n\
+             _Static_assert(sizeof(tapdisk_message_blkif_ext_t) == 348, \"ext size\");\n\
              _Static_assert(sizeof(tapdisk_message_params_t) == 532, \"params\");\n"
         );
         let dir = tempfile::tempdir().unwrap();

@@ -162,7 +162,7 @@ pub fn backend_negotiate(
         r => panic!("disk info: {r:?}"),
     };
     for (k, v) in [
-        (keys::MAX_RING_PAGE_ORDER, "3"),
+        (keys::MAX_RING_PAGE_ORDER, "4"),
         (keys::FEATURE_FLUSH_CACHE, "1"),
         (keys::FEATURE_BARRIER, "1"),
         (keys::FEATURE_DISCARD, "1"),
@@ -180,7 +180,7 @@ pub fn backend_negotiate(
     let order: u32 = rd(xs, &format!("{fpath}/{}", keys::RING_PAGE_ORDER))
         .map(|v| v.parse().unwrap())
         .unwrap_or(0);
-    let mut gref = [0u32; 8];
+    let mut gref = [0u32; 16];
     for (i, g) in gref.iter_mut().enumerate().take(1 << order) {
         let k = ring_ref_key(order, i as u32);
         *g = rd(xs, &format!("{fpath}/{k}")).unwrap().parse().unwrap();

@@ -85,6 +85,9 @@ fn native_layout_matches_the_c_abi_of_this_target() {
     assert_eq!(offset_of!(mirror::Blkif, port), B_PORT);
     assert_eq!(offset_of!(mirror::Blkif, poll_idle_threshold), B_POLL_IDLE);
     assert_eq!(size_of::<mirror::Blkif>(), 316);
+    // The order-4 extension starts right after the C struct and fits in the union.
+    assert_eq!(B_GREF_EXT, size_of::<mirror::Blkif>());
+    assert!(B_GREF_EXT + 4 * (MAX_RING_PAGES - BLKIF_C_GREFS) <= size_of::<mirror::U>());
     assert_eq!(offset_of!(mirror::List, path), L_PATH);
     assert_eq!(MSG_SIZE, l.msg_size);
 }
@@ -158,9 +161,14 @@ fn all_requests() -> Vec<Request> {
     open.flags |= OpenFlags::ADD_LOG | OpenFlags::OPEN_ENCRYPTED;
     let mut plain = OpenRequest::new(0, "aio:/dev/sdb");
     plain.flags = OpenFlags::NO_O_DIRECT;
-    let mut gref = [0u32; 8];
-    for (i, g) in gref.iter_mut().enumerate() {
+    // Order 3: the eight refs of the C struct. Order 4: sixteen, eight of them in gref_ext.
+    let mut gref = [0u32; MAX_RING_PAGES];
+    for (i, g) in gref.iter_mut().enumerate().take(BLKIF_C_GREFS) {
         *g = 100 + i as u32;
+    }
+    let mut gref16 = [0u32; MAX_RING_PAGES];
+    for (i, g) in gref16.iter_mut().enumerate() {
+        *g = 0x0100_0000 + i as u32;
     }
     vec![
         Request::Pid,
@@ -200,6 +208,20 @@ fn all_requests() -> Vec<Request> {
                 port: 77,
                 poll_duration: 1000,
                 poll_idle_threshold: 50,
+            },
+        },
+        Request::XenblkifConnect {
+            minor: 5,
+            blkif: Blkif {
+                domid: 9,
+                devid: 51713,
+                gref: gref16,
+                order: 4,
+                proto: BlkifProto::X86_64,
+                pool: "p".repeat(255),
+                port: 78,
+                poll_duration: 7,
+                poll_idle_threshold: 0xFFFF_FFFF,
             },
         },
         Request::XenblkifDisconnect {
@@ -488,8 +510,10 @@ fn blkif_validation() {
     m[u + B_PROTO..u + B_PROTO + 4].copy_from_slice(&4u32.to_ne_bytes());
     assert_eq!(errno_of(decode_request(&m, layout)), libc::EPROTONOSUPPORT);
     m[u + B_PROTO..u + B_PROTO + 4].copy_from_slice(&1u32.to_ne_bytes());
-    m[u + B_ORDER..u + B_ORDER + 4].copy_from_slice(&4u32.to_ne_bytes());
-    assert_eq!(errno_of(decode_request(&m, layout)), libc::EINVAL);
+    for bad in [5u32, 8, 0x100, u32::MAX] {
+        m[u + B_ORDER..u + B_ORDER + 4].copy_from_slice(&bad.to_ne_bytes());
+        assert_eq!(errno_of(decode_request(&m, layout)), libc::EINVAL, "{bad}");
+    }
     m[u + B_ORDER..u + B_ORDER + 4].copy_from_slice(&1u32.to_ne_bytes());
     match decode_request(&m, layout).unwrap() {
         Request::XenblkifConnect { blkif, .. } => {
@@ -502,14 +526,14 @@ fn blkif_validation() {
     // A pool that runs to the end of its field without NUL.
     m[u + B_POOL..u + B_POOL + 256].fill(b'p');
     assert_eq!(errno_of(decode_request(&m, layout)), libc::EINVAL);
-    // The order field (always < 4) keeps a NUL inside params.path, so a long pool is fine;
+    // The order field (always <= 4) keeps a NUL inside params.path, so a long pool is fine;
     // a pool without room for its NUL is refused.
     let mut req = Request::XenblkifConnect {
         minor: 0,
         blkif: Blkif {
             domid: 1,
             devid: 2,
-            gref: [0; 8],
+            gref: [0; 16],
             order: 0,
             proto: BlkifProto::X86_64,
             pool: "q".repeat(240),
@@ -524,6 +548,105 @@ fn blkif_validation() {
         blkif.pool = "q".repeat(256);
     }
     assert!(req.encode_with(layout).is_err());
+    // Order 5 does not encode.
+    if let Request::XenblkifConnect { blkif, .. } = &mut req {
+        blkif.pool.clear();
+        blkif.order = 5;
+    }
+    assert_eq!(req.encode_with(layout).unwrap_err().errno(), libc::EINVAL);
+}
+
+fn blkif_req(order: u32, gref: [u32; MAX_RING_PAGES]) -> Request {
+    Request::XenblkifConnect {
+        minor: 3,
+        blkif: Blkif {
+            domid: 7,
+            devid: 51760,
+            gref,
+            order,
+            proto: BlkifProto::X86_32,
+            pool: "td-xenio-default".into(),
+            port: 0x1234_5678,
+            poll_duration: 250,
+            poll_idle_threshold: 60,
+        },
+    }
+}
+
+fn word(wire: &[u8], at: usize) -> u32 {
+    u32::from_ne_bytes(wire[at..at + 4].try_into().unwrap())
+}
+
+#[test]
+fn blkif_order4_carries_sixteen_refs_after_the_c_struct() {
+    let mut gref = [0u32; MAX_RING_PAGES];
+    for (i, g) in gref.iter_mut().enumerate() {
+        *g = 0xA000 + i as u32;
+    }
+    for layout in [WireLayout::LP64, WireLayout::I686] {
+        let req = blkif_req(4, gref);
+        let wire = req.encode_with(layout).unwrap();
+        assert_eq!(wire.len(), layout.msg_size);
+        let u = layout.union_offset;
+        // Every C offset is where it always was.
+        assert_eq!(word(&wire, u), 7);
+        assert_eq!(word(&wire, u + 4), 51760);
+        for i in 0..8 {
+            assert_eq!(word(&wire, u + 8 + 4 * i), 0xA000 + i as u32);
+        }
+        assert_eq!(word(&wire, u + 40), 4);
+        assert_eq!(word(&wire, u + 44), 2);
+        assert_eq!(&wire[u + 48..u + 64], b"td-xenio-default");
+        assert_eq!(word(&wire, u + 304), 0x1234_5678);
+        assert_eq!(word(&wire, u + 308), 250);
+        assert_eq!(word(&wire, u + 312), 60);
+        // Refs 8..15 right after the 316-byte struct, then nothing.
+        for i in 8..16 {
+            assert_eq!(word(&wire, u + 316 + 4 * (i - 8)), 0xA000 + i as u32);
+        }
+        assert!(wire[u + 348..].iter().all(|&b| b == 0), "{layout:?}");
+        let back = decode_request(&wire, layout).unwrap();
+        assert_eq!(back, req, "{layout:?}");
+        match &back {
+            Request::XenblkifConnect { blkif, .. } => assert_eq!(blkif.ring_refs(), &gref[..]),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(*back.encode_with(layout).unwrap(), *wire);
+    }
+}
+
+#[test]
+fn blkif_orders_0_to_3_keep_the_c_bytes_and_ignore_the_extension() {
+    for layout in [WireLayout::LP64, WireLayout::I686] {
+        let u = layout.union_offset;
+        for order in 0..=3u32 {
+            let n = 1usize << order;
+            let mut gref = [0u32; MAX_RING_PAGES];
+            for (i, g) in gref.iter_mut().enumerate().take(n) {
+                *g = 40 + i as u32;
+            }
+            let clean = blkif_req(order, gref).encode_with(layout).unwrap();
+            // Stray refs beyond gref[8] are not sent for orders below 4: the message is the
+            // one a C tap-ctl would build.
+            let mut noisy_gref = gref;
+            noisy_gref[8..].fill(0xDEAD);
+            let noisy = blkif_req(order, noisy_gref).encode_with(layout).unwrap();
+            assert_eq!(*noisy, *clean, "{layout:?} order {order}");
+            assert!(clean[u + 316..].iter().all(|&b| b == 0));
+            // A C message with garbage in the spare union bytes decodes as before.
+            let mut c_msg = clean.to_vec();
+            c_msg[u + 316..].fill(0x5A);
+            let back = decode_request(&c_msg, layout).unwrap();
+            assert_eq!(back, blkif_req(order, gref), "{layout:?} order {order}");
+            match back {
+                Request::XenblkifConnect { blkif, .. } => {
+                    assert_eq!(blkif.ring_refs(), &gref[..n]);
+                    assert!(blkif.gref[8..].iter().all(|&g| g == 0));
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
 }
 
 #[test]
