@@ -17,6 +17,9 @@ cargo clippy --all-targets -- -D warnings
 step "cargo test (x86_64)"
 cargo test 2>&1 | tee target/test-x86_64.log
 
+step "hostile guest: one million adversarial ring requests (x86_64)"
+cargo test --test xenio_hostile -- --ignored hostile_stream_million 2>&1 | tee target/test-hostile.log
+
 step "cargo test (i686-unknown-linux-gnu)"
 cargo test --target i686-unknown-linux-gnu 2>&1 | tee target/test-i686.log
 
@@ -26,7 +29,7 @@ mapfile -t shells < <(git ls-files '*.sh' 'scripts/*' 'meta-blktap3/**/*.sh' '.c
 shellcheck "${shells[@]}"
 
 step "summary"
-passed=$(cat target/test-x86_64.log target/test-i686.log | sed -n 's/^test result: [A-Za-z]*\. \([0-9]*\) passed; \([0-9]*\) failed.*/\1 \2/p' | awk '{p+=$1; f+=$2} END {print p+0, f+0}')
+passed=$(cat target/test-x86_64.log target/test-hostile.log target/test-i686.log | sed -n 's/^test result: [A-Za-z]*\. \([0-9]*\) passed; \([0-9]*\) failed.*/\1 \2/p' | awk '{p+=$1; f+=$2} END {print p+0, f+0}')
 read -r p f <<<"$passed"
 echo "all: $p passed, $f failed"
 [ "$f" -eq 0 ]
