@@ -138,3 +138,40 @@ fn sighup_and_sigusr1_are_harmless_sigterm_removes_sockets() {
     assert!(!created.devname.exists());
     assert!(!dir.path().join(format!("ctl/ctl{}", created.pid)).exists());
 }
+
+#[test]
+fn stats_list_every_image_of_the_chain_leaf_first() {
+    use blktap3::image::vhd::ops::{snapshot, SnapshotOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let c = client(dir.path());
+    let base = dir.path().join("base.raw");
+    std::fs::File::create(&base)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    let leaf = dir.path().join("leaf.vhd");
+    let opts = SnapshotOptions {
+        raw_parent: true,
+        ..Default::default()
+    };
+    snapshot(&leaf, &base, &opts).unwrap();
+    let params = format!("vhd:{}", leaf.display());
+    let created = c.create(OpenRequest::new(0, params.clone()), None).unwrap();
+    let stats =
+        String::from_utf8(c.stats(created.pid, Some(created.minor), None).unwrap()).unwrap();
+    let images = format!(
+        "\"images\": [ {{ \"name\": \"{}\", \"hits\": [ 0, 0 ], \"fail\": [ 0, 0 ], \"driver\": \
+         {{ \"type\": 4, \"name\": \"vhd\", \"status\": null }} }}, {{ \"name\": \"{}\", \
+         \"hits\": [ 0, 0 ], \"fail\": [ 0, 0 ], \"driver\": {{ \"type\": 0, \"name\": \"aio\", \
+         \"status\": null }} }} ], ",
+        leaf.display(),
+        base.display()
+    );
+    assert!(stats.contains(&images), "{stats}");
+    assert!(
+        stats.starts_with(&format!("{{ \"name\": \"{params}\", ")),
+        "{stats}"
+    );
+    c.destroy(created.pid, created.minor, true, None).unwrap();
+    assert!(wait_gone(created.pid));
+}

@@ -10,7 +10,8 @@ use std::sync::Arc;
 
 use super::file::{BlockFile, OsFile};
 use super::{
-    check_range, check_sectors, check_usable, Extent, Image, ImageError, ImageInfo, SECTOR_SIZE,
+    check_range, check_sectors, check_usable, Extent, Image, ImageError, ImageFormat, ImageInfo,
+    LayerInfo, SECTOR_SIZE,
 };
 
 /// A raw disk image.
@@ -118,6 +119,13 @@ impl Image for RawImage {
         self.file
             .sync()
             .map_err(|e| ImageError::io(&self.path, "fdatasync", e))
+    }
+
+    fn layers(&self) -> Vec<LayerInfo> {
+        vec![LayerInfo {
+            path: self.path.clone(),
+            format: ImageFormat::Raw,
+        }]
     }
 }
 
