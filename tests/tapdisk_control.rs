@@ -175,3 +175,54 @@ fn stats_list_every_image_of_the_chain_leaf_first() {
     c.destroy(created.pid, created.minor, true, None).unwrap();
     assert!(wait_gone(created.pid));
 }
+
+#[test]
+fn nbdinfo_map_shows_the_holes_of_a_sparse_raw_image() {
+    use std::os::unix::fs::FileExt;
+    if Command::new("nbdinfo").arg("--version").output().is_err() {
+        eprintln!("skipped: nbdinfo not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let c = client(dir.path());
+    let p = dir.path().join("sparse.raw");
+    let f = std::fs::File::create(&p).unwrap();
+    f.set_len(16 << 20).unwrap();
+    f.write_all_at(&[1; 4096], 0).unwrap();
+    f.write_all_at(&[2; 4096], 8 << 20).unwrap();
+    f.sync_all().unwrap();
+    let holes = nix::unistd::lseek64(&f, 0, nix::unistd::Whence::SeekHole).unwrap() < 16 << 20;
+    let params = format!("aio:{}", p.display());
+    let created = c.create(OpenRequest::new(0, params), None).unwrap();
+    let uri = format!("nbd+unix:///?socket={}", created.devname.display());
+    let out = Command::new("nbdinfo")
+        .args(["--map", &uri])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let map = String::from_utf8(out.stdout).unwrap();
+    // Lines: "<offset> <length> <type> <description>".
+    let kinds: Vec<&str> = map
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(3))
+        .collect();
+    if holes {
+        assert_eq!(kinds, ["data", "hole,zero", "data", "hole,zero"], "{map}");
+        let third: Vec<u64> = map
+            .lines()
+            .nth(2)
+            .unwrap()
+            .split_whitespace()
+            .take(2)
+            .map(|v| v.parse().unwrap())
+            .collect();
+        assert!(
+            third[0] <= 8 << 20 && third[0] + third[1] >= (8 << 20) + 4096,
+            "{map}"
+        );
+    } else {
+        assert_eq!(kinds, ["data"], "{map}");
+    }
+    c.destroy(created.pid, created.minor, true, None).unwrap();
+    assert!(wait_gone(created.pid));
+}
