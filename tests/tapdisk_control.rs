@@ -226,3 +226,36 @@ fn nbdinfo_map_shows_the_holes_of_a_sparse_raw_image() {
     c.destroy(created.pid, created.minor, true, None).unwrap();
     assert!(wait_gone(created.pid));
 }
+
+#[test]
+fn start_up_failure_reaches_the_spawner_with_its_errno() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("file");
+    std::fs::write(&file, b"").unwrap();
+    // The control directory cannot be created under a regular file: ENOTDIR.
+    let bad = file.join("ctl");
+    let expect = format!("create {}: Not a directory", bad.display());
+    // tapdisk's own spawn (daemonising parent + child): the child's error and status.
+    let out = Command::new(env!("CARGO_BIN_EXE_tapdisk"))
+        .env("BLKTAP_CONTROL_DIR", &bad)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(libc::ENOTDIR), "{err}");
+    assert!(err.contains(&expect), "{err}");
+    assert!(out.stdout.is_empty());
+    // Through the control client: the spawn fails and names tapdisk's exit status.
+    let c = Client::with_dir(&bad).with_tapdisk(env!("CARGO_BIN_EXE_tapdisk"));
+    let e = c.spawn().unwrap_err();
+    assert!(e.to_string().contains("exit status: 20"), "{e}");
+    // tap-ctl spawn: non-zero exit, and tapdisk's reason on its stderr.
+    let out = Command::new(env!("CARGO_BIN_EXE_tap-ctl"))
+        .arg("spawn")
+        .env("BLKTAP_CONTROL_DIR", &bad)
+        .env("BLKTAP_TAPDISK", env!("CARGO_BIN_EXE_tapdisk"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains(&expect), "{err}");
+}
