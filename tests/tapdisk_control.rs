@@ -138,3 +138,124 @@ fn sighup_and_sigusr1_are_harmless_sigterm_removes_sockets() {
     assert!(!created.devname.exists());
     assert!(!dir.path().join(format!("ctl/ctl{}", created.pid)).exists());
 }
+
+#[test]
+fn stats_list_every_image_of_the_chain_leaf_first() {
+    use blktap3::image::vhd::ops::{snapshot, SnapshotOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let c = client(dir.path());
+    let base = dir.path().join("base.raw");
+    std::fs::File::create(&base)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    let leaf = dir.path().join("leaf.vhd");
+    let opts = SnapshotOptions {
+        raw_parent: true,
+        ..Default::default()
+    };
+    snapshot(&leaf, &base, &opts).unwrap();
+    let params = format!("vhd:{}", leaf.display());
+    let created = c.create(OpenRequest::new(0, params.clone()), None).unwrap();
+    let stats =
+        String::from_utf8(c.stats(created.pid, Some(created.minor), None).unwrap()).unwrap();
+    let images = format!(
+        "\"images\": [ {{ \"name\": \"{}\", \"hits\": [ 0, 0 ], \"fail\": [ 0, 0 ], \"driver\": \
+         {{ \"type\": 4, \"name\": \"vhd\", \"status\": null }} }}, {{ \"name\": \"{}\", \
+         \"hits\": [ 0, 0 ], \"fail\": [ 0, 0 ], \"driver\": {{ \"type\": 0, \"name\": \"aio\", \
+         \"status\": null }} }} ], ",
+        leaf.display(),
+        base.display()
+    );
+    assert!(stats.contains(&images), "{stats}");
+    assert!(
+        stats.starts_with(&format!("{{ \"name\": \"{params}\", ")),
+        "{stats}"
+    );
+    c.destroy(created.pid, created.minor, true, None).unwrap();
+    assert!(wait_gone(created.pid));
+}
+
+#[test]
+fn nbdinfo_map_shows_the_holes_of_a_sparse_raw_image() {
+    use std::os::unix::fs::FileExt;
+    if Command::new("nbdinfo").arg("--version").output().is_err() {
+        eprintln!("skipped: nbdinfo not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let c = client(dir.path());
+    let p = dir.path().join("sparse.raw");
+    let f = std::fs::File::create(&p).unwrap();
+    f.set_len(16 << 20).unwrap();
+    f.write_all_at(&[1; 4096], 0).unwrap();
+    f.write_all_at(&[2; 4096], 8 << 20).unwrap();
+    f.sync_all().unwrap();
+    let holes = nix::unistd::lseek64(&f, 0, nix::unistd::Whence::SeekHole).unwrap() < 16 << 20;
+    let params = format!("aio:{}", p.display());
+    let created = c.create(OpenRequest::new(0, params), None).unwrap();
+    let uri = format!("nbd+unix:///?socket={}", created.devname.display());
+    let out = Command::new("nbdinfo")
+        .args(["--map", &uri])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let map = String::from_utf8(out.stdout).unwrap();
+    // Lines: "<offset> <length> <type> <description>".
+    let kinds: Vec<&str> = map
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(3))
+        .collect();
+    if holes {
+        assert_eq!(kinds, ["data", "hole,zero", "data", "hole,zero"], "{map}");
+        let third: Vec<u64> = map
+            .lines()
+            .nth(2)
+            .unwrap()
+            .split_whitespace()
+            .take(2)
+            .map(|v| v.parse().unwrap())
+            .collect();
+        assert!(
+            third[0] <= 8 << 20 && third[0] + third[1] >= (8 << 20) + 4096,
+            "{map}"
+        );
+    } else {
+        assert_eq!(kinds, ["data"], "{map}");
+    }
+    c.destroy(created.pid, created.minor, true, None).unwrap();
+    assert!(wait_gone(created.pid));
+}
+
+#[test]
+fn start_up_failure_reaches_the_spawner_with_its_errno() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("file");
+    std::fs::write(&file, b"").unwrap();
+    // The control directory cannot be created under a regular file: ENOTDIR.
+    let bad = file.join("ctl");
+    let expect = format!("create {}: Not a directory", bad.display());
+    // tapdisk's own spawn (daemonising parent + child): the child's error and status.
+    let out = Command::new(env!("CARGO_BIN_EXE_tapdisk"))
+        .env("BLKTAP_CONTROL_DIR", &bad)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(libc::ENOTDIR), "{err}");
+    assert!(err.contains(&expect), "{err}");
+    assert!(out.stdout.is_empty());
+    // Through the control client: the spawn fails and names tapdisk's exit status.
+    let c = Client::with_dir(&bad).with_tapdisk(env!("CARGO_BIN_EXE_tapdisk"));
+    let e = c.spawn().unwrap_err();
+    assert!(e.to_string().contains("exit status: 20"), "{e}");
+    // tap-ctl spawn: non-zero exit, and tapdisk's reason on its stderr.
+    let out = Command::new(env!("CARGO_BIN_EXE_tap-ctl"))
+        .arg("spawn")
+        .env("BLKTAP_CONTROL_DIR", &bad)
+        .env("BLKTAP_TAPDISK", env!("CARGO_BIN_EXE_tapdisk"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains(&expect), "{err}");
+}

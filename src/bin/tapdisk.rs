@@ -1,16 +1,25 @@
 //! tapdisk: the blktap3 disk daemon.
 //!
 //! Spawn protocol (what `tap-ctl spawn` expects): started without `-D`, tapdisk re-executes
-//! itself as `tapdisk --daemon-child` in a new session (setsid) with stdin and stderr on
-//! /dev/null and stdout on a pipe. The child binds its control socket and writes
-//! `"<control dir>/ctl<pid>\n"`; the parent copies that line to its own stdout and exits 0
-//! (1 if the child failed). The daemon's pid is the child's. No fork() is needed.
+//! itself as `tapdisk --daemon-child` in a new session (setsid) with stdin on /dev/null and
+//! stdout and stderr on pipes. The child binds its control socket, points its stderr at
+//! /dev/null and writes `"<control dir>/ctl<pid>\n"`; the parent copies that line to its own
+//! stdout and exits 0. The daemon's pid is the child's. No fork() is needed.
+//!
+//! Start-up failures are not lost: a child that exits before the line prints its error
+//! chain on stderr (the pipe); the parent relays that text to its own stderr (tap-ctl's)
+//! and exits with the child's exit status, the errno of the failure (e.g. 20 ENOTDIR when
+//! the control directory cannot be created).
+//!
+//! Logging is `util::logging`: syslog (`LOG_DAEMON`), plus stderr with `-D`. Once running,
+//! a daemon's only sink is syslog: if /dev/log cannot be reached its records go to stderr,
+//! which is /dev/null by then.
 //!
 //! `-D` runs in the foreground (logs to stderr as well as syslog). `--open TYPE:PATH`
 //! attaches and opens one VBD at start-up (minor `--minor`, default 0), for benchmarks and
 //! manual testing without tap-ctl; its NBD socket is `<control dir>/nbd<pid>.<minor>`.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,16 +27,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use log::{error, info, warn, LevelFilter, Log, Metadata, Record};
+use log::{error, info, warn, LevelFilter};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 use blktap3::control::msg::{OpenFlags, OpenRequest, Reply, Request};
 use blktap3::control::server::{serve_connection, ControlServer, MAX_CONNECTIONS};
-use blktap3::control::{control_dir, minors};
+use blktap3::control::{control_dir, minors, ControlError};
 use blktap3::image::crypto::KeySource;
 use blktap3::tapdisk::daemon::Config;
-use blktap3::tapdisk::Tapdisk;
+use blktap3::tapdisk::{Tapdisk, TapdiskError};
+use blktap3::util::error_chain;
+use blktap3::util::logging::{self, LogOptions, Logger};
 
 #[derive(Parser, Debug)]
 #[command(name = "tapdisk", about = "blktap3 disk daemon: serves VBDs over NBD")]
@@ -55,77 +66,74 @@ struct Args {
     debug: bool,
 }
 
-/// syslog, plus stderr in the foreground.
-struct Logger {
-    syslog: Option<syslog::BasicLogger>,
-    stderr: bool,
+/// What stops tapdisk from starting (or running).
+#[derive(Debug, thiserror::Error)]
+enum MainError {
+    #[error("{0}")]
+    Sys(&'static str, #[source] nix::Error),
+    #[error(transparent)]
+    Tapdisk(#[from] TapdiskError),
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error("start control thread")]
+    Thread(#[source] std::io::Error),
+    #[error("write pidfile {0}")]
+    Pidfile(String, #[source] std::io::Error),
 }
 
-impl Log for Logger {
-    fn enabled(&self, m: &Metadata) -> bool {
-        m.level() <= log::max_level()
-    }
-    fn log(&self, r: &Record) {
-        if !self.enabled(r.metadata()) {
-            return;
+impl MainError {
+    /// The errno the process exits with.
+    fn errno(&self) -> i32 {
+        match self {
+            MainError::Sys(_, e) => *e as i32,
+            MainError::Tapdisk(TapdiskError::Sys { source, .. })
+            | MainError::Thread(source)
+            | MainError::Pidfile(_, source) => source.raw_os_error().unwrap_or(libc::EIO),
+            MainError::Control(e) => e.errno(),
         }
-        if let Some(s) = &self.syslog {
-            s.log(r);
-        }
-        if self.stderr {
-            eprintln!(
-                "tapdisk[{}]: {}: {}",
-                std::process::id(),
-                r.level(),
-                r.args()
-            );
-        }
-    }
-    fn flush(&self) {}
-}
-
-fn init_logging(stderr: bool, debug: bool) {
-    let fmt = syslog::Formatter3164 {
-        facility: syslog::Facility::LOG_DAEMON,
-        hostname: None,
-        process: "tapdisk".into(),
-        pid: std::process::id(),
-    };
-    let syslog = syslog::unix(fmt).ok().map(syslog::BasicLogger::new);
-    let logger = Logger { syslog, stderr };
-    if log::set_boxed_logger(Box::new(logger)).is_ok() {
-        log::set_max_level(if debug {
-            LevelFilter::Debug
-        } else {
-            LevelFilter::Info
-        });
     }
 }
 
-/// Parent side of the spawn: start the daemon child, relay its socket line.
+/// An errno as an exit status (1 when it does not fit).
+fn exit_status(errno: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(errno).ok().filter(|&c| c != 0).unwrap_or(1))
+}
+
+/// Parent side of the spawn: start the daemon child, relay its socket line, or, if it
+/// fails to start, relay what it said on stderr and its exit status.
 fn spawn_daemon() -> ExitCode {
     let exe = match std::env::current_exe() {
         Ok(e) => e,
         Err(e) => {
             eprintln!("tapdisk: cannot find own executable: {e}");
-            return ExitCode::from(1);
+            return exit_status(e.raw_os_error().unwrap_or(libc::EIO));
         }
     };
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     args.push("--daemon-child".into());
-    let mut child = match Command::new(exe)
+    let mut child = match Command::new(&exe)
         .args(&args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
     {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("tapdisk: spawn: {e}");
-            return ExitCode::from(1);
+            eprintln!("tapdisk: spawn {}: {e}", exe.display());
+            return exit_status(e.raw_os_error().unwrap_or(libc::EIO));
         }
     };
+    // Drain the child's stderr on the side so it can never block on a full pipe.
+    let said = child.stderr.take().map(|err| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let mut err = err;
+            let _ = err.by_ref().take(64 << 10).read_to_string(&mut text);
+            let _ = std::io::copy(&mut err, &mut std::io::sink());
+            text
+        })
+    });
     let mut line = String::new();
     if let Some(out) = child.stdout.take() {
         let _ = BufReader::new(out).read_line(&mut line);
@@ -133,11 +141,26 @@ fn spawn_daemon() -> ExitCode {
     if line.ends_with('\n') {
         print!("{line}");
         let _ = std::io::stdout().flush();
-        ExitCode::SUCCESS
-    } else {
-        let _ = child.wait();
-        eprintln!("tapdisk: daemon failed to start");
-        ExitCode::from(1)
+        return ExitCode::SUCCESS;
+    }
+    // No readiness line: the child is exiting (its stdout is closed).
+    let status = child.wait();
+    let said = said.and_then(|t| t.join().ok()).unwrap_or_default();
+    let said = said.trim_end();
+    if !said.is_empty() {
+        eprintln!("{said}");
+    }
+    match status {
+        Ok(s) => {
+            if said.is_empty() {
+                eprintln!("tapdisk: daemon failed to start ({s})");
+            }
+            s.code().map_or(ExitCode::from(1), exit_status)
+        }
+        Err(e) => {
+            eprintln!("tapdisk: daemon failed to start: wait: {e}");
+            ExitCode::from(1)
+        }
     }
 }
 
@@ -151,20 +174,29 @@ fn main() -> ExitCode {
         let _ = nix::unistd::setsid();
         let _ = std::env::set_current_dir("/");
     }
-    init_logging(args.foreground, args.debug);
+    let level = if args.debug {
+        LevelFilter::Debug
+    } else {
+        LevelFilter::Info
+    };
+    let logger = Logger::new(&LogOptions::daemon("tapdisk", level, args.foreground));
+    let logs_to_stderr = logger.has_stderr();
+    logging::install(logger);
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            error!("{e}");
-            if args.foreground {
-                eprintln!("tapdisk: {e}");
+            let msg = error_chain(&e);
+            error!("{msg}");
+            // Before the readiness line, stderr is the spawner's pipe: say it there too.
+            if !logs_to_stderr {
+                eprintln!("tapdisk: {msg}");
             }
-            ExitCode::from(1)
+            exit_status(e.errno())
         }
     }
 }
 
-fn run(args: &Args) -> Result<(), String> {
+fn run(args: &Args) -> Result<(), MainError> {
     // Block the signals we handle before any thread starts, so they all inherit the mask.
     let mut mask = SigSet::empty();
     for s in [
@@ -176,9 +208,9 @@ fn run(args: &Args) -> Result<(), String> {
         mask.add(s);
     }
     mask.thread_block()
-        .map_err(|e| format!("sigprocmask: {e}"))?;
+        .map_err(|e| MainError::Sys("sigprocmask", e))?;
     let sigfd = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
-        .map_err(|e| format!("signalfd: {e}"))?;
+        .map_err(|e| MainError::Sys("signalfd", e))?;
 
     let dir = control_dir();
     let mut cfg = Config::new(&dir);
@@ -190,10 +222,9 @@ fn run(args: &Args) -> Result<(), String> {
         cfg.io_threads = n.clamp(1, 64);
     }
     let pid = cfg.pid;
-    let mut td =
-        Tapdisk::new(cfg).map_err(|e| format!("{e}: {:?}", std::error::Error::source(&e)))?;
-    td.set_signal_fd(sigfd).map_err(|e| e.to_string())?;
-    let server = Arc::new(ControlServer::bind(&dir, pid).map_err(|e| e.to_string())?);
+    let mut td = Tapdisk::new(cfg)?;
+    td.set_signal_fd(sigfd)?;
+    let server = Arc::new(ControlServer::bind(&dir, pid)?);
     let active = Arc::new(AtomicUsize::new(0));
     {
         let server = Arc::clone(&server);
@@ -202,10 +233,11 @@ fn run(args: &Args) -> Result<(), String> {
         std::thread::Builder::new()
             .name("td-ctl".into())
             .spawn(move || control_thread(&server, &active, &h))
-            .map_err(|e| format!("control thread: {e}"))?;
+            .map_err(MainError::Thread)?;
     }
     if let Some(p) = &args.pidfile {
-        std::fs::write(p, format!("{pid}\n")).map_err(|e| format!("{}: {e}", p.display()))?;
+        std::fs::write(p, format!("{pid}\n"))
+            .map_err(|e| MainError::Pidfile(p.display().to_string(), e))?;
     }
     if let Some(params) = args.open.clone() {
         let h = td.handle();
@@ -234,20 +266,28 @@ fn run(args: &Args) -> Result<(), String> {
             }
         });
     }
+    // The parent exits after reading the readiness line: from then on never write to its
+    // pipes. stderr first (nothing after this point is a start-up failure), stdout after
+    // the line.
+    let null = if args.daemon_child {
+        std::fs::File::options().write(true).open("/dev/null").ok()
+    } else {
+        None
+    };
+    if let Some(null) = &null {
+        let _ = nix::unistd::dup2_stderr(null);
+    }
     // The readiness line tap-ctl waits for.
     {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{}", server.path().display());
         let _ = out.flush();
     }
-    if args.daemon_child {
-        // The parent exits after reading the line; never write to that pipe again.
-        if let Ok(null) = std::fs::File::options().write(true).open("/dev/null") {
-            let _ = nix::unistd::dup2_stdout(&null);
-        }
+    if let Some(null) = &null {
+        let _ = nix::unistd::dup2_stdout(null);
     }
     info!("tapdisk {pid} listening on {}", server.path().display());
-    let res = td.run().map_err(|e| e.to_string());
+    let res = td.run().map_err(MainError::from);
     drop(td);
     // Let replies already handed to the control thread (the last DETACH) reach their peer.
     let deadline = Instant::now() + Duration::from_secs(2);

@@ -42,6 +42,14 @@ pub trait BlockFile: Send + Sync + fmt::Debug {
     fn get_xattr(&self, name: &str) -> io::Result<Option<Vec<u8>>>;
     /// Set an extended attribute.
     fn set_xattr(&self, name: &str, value: &[u8]) -> io::Result<()>;
+    /// Where the next data (`data`) or hole starts at or after `off` (`lseek` `SEEK_DATA` /
+    /// `SEEK_HOLE`); no data after `off` gives the file size. `Ok(None)` when the file
+    /// cannot tell (the simulation, filesystems without these whences): callers then treat
+    /// everything as data.
+    fn seek_extent(&self, off: u64, data: bool) -> io::Result<Option<u64>> {
+        let _ = (off, data);
+        Ok(None)
+    }
 }
 
 /// A real file or block device.
@@ -149,6 +157,26 @@ impl BlockFile for OsFile {
     }
     fn set_xattr(&self, name: &str, value: &[u8]) -> io::Result<()> {
         xattr::set(&self.path, name, value)
+    }
+    fn seek_extent(&self, off: u64, data: bool) -> io::Result<Option<u64>> {
+        use nix::errno::Errno;
+        use nix::unistd::{lseek64, Whence};
+        let Ok(o) = i64::try_from(off) else {
+            return Ok(None);
+        };
+        let whence = if data {
+            Whence::SeekData
+        } else {
+            Whence::SeekHole
+        };
+        // Only positional I/O is done on this fd, so moving its offset is harmless.
+        match lseek64(&self.file, o, whence) {
+            Ok(p) => Ok(u64::try_from(p).ok()),
+            // No data at or after `off` (or `off` at/after the end).
+            Err(Errno::ENXIO) => self.len().map(Some),
+            Err(Errno::EINVAL) | Err(Errno::EOPNOTSUPP) => Ok(None),
+            Err(e) => Err(io::Error::from(e)),
+        }
     }
 }
 

@@ -19,6 +19,7 @@ pub use chain::OpenOptions;
 pub use open::{open, probe, ImageFormat};
 
 use std::io;
+use std::path::PathBuf;
 
 /// The sector unit of every image API, the VHD format and the blkif protocol.
 pub const SECTOR_SIZE: u64 = 512;
@@ -52,6 +53,15 @@ pub struct Extent {
     pub allocated: bool,
 }
 
+/// One image of a chain, as `tap-ctl stats` lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LayerInfo {
+    /// The path the image was opened with (parents: as resolved from the child's locator).
+    pub path: PathBuf,
+    /// Its driver (VHD, or raw = tapdisk's `aio`).
+    pub format: ImageFormat,
+}
+
 /// A virtual disk.
 pub trait Image: Send + Sync + std::fmt::Debug {
     /// Size and flags; constant for the life of the open image.
@@ -71,6 +81,12 @@ pub trait Image: Send + Sync + std::fmt::Debug {
     fn block_status(&self, sector: u64, nsectors: u64) -> Result<Vec<Extent>, ImageError>;
     /// Write final metadata (VHD footer, batmap) and sync. Further I/O fails. Idempotent.
     fn close(&self) -> Result<(), ImageError>;
+    /// The images of the chain, leaf (this image) first, root last. The default (empty)
+    /// means the image does not describe itself (test doubles); callers then describe it
+    /// from what they opened.
+    fn layers(&self) -> Vec<LayerInfo> {
+        Vec::new()
+    }
 }
 
 /// Errors of the image layer. `errno()` maps each to the errno that tapdisk reports.

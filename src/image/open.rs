@@ -25,6 +25,22 @@ impl ImageFormat {
             _ => None,
         }
     }
+
+    /// blktap's driver name (stats JSON `driver.name`): `aio` for raw.
+    pub fn driver_name(self) -> &'static str {
+        match self {
+            ImageFormat::Raw => "aio",
+            ImageFormat::Vhd => "vhd",
+        }
+    }
+
+    /// blktap's driver number (stats JSON `driver.type`): `DISK_TYPE_AIO` 0, `DISK_TYPE_VHD` 4.
+    pub fn driver_type(self) -> u32 {
+        match self {
+            ImageFormat::Raw => 0,
+            ImageFormat::Vhd => 4,
+        }
+    }
 }
 
 /// Guess the format of `path`: a valid VHD footer (primary, short or backup) means VHD.

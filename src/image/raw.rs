@@ -10,7 +10,8 @@ use std::sync::Arc;
 
 use super::file::{BlockFile, OsFile};
 use super::{
-    check_range, check_sectors, check_usable, Extent, Image, ImageError, ImageInfo, SECTOR_SIZE,
+    check_range, check_sectors, check_usable, Extent, Image, ImageError, ImageFormat, ImageInfo,
+    LayerInfo, SECTOR_SIZE,
 };
 
 /// A raw disk image.
@@ -104,11 +105,33 @@ impl Image for RawImage {
     fn block_status(&self, sector: u64, nsectors: u64) -> Result<Vec<Extent>, ImageError> {
         self.live()?;
         check_sectors(sector, nsectors, self.info.size_sectors)?;
-        Ok(vec![Extent {
-            sector,
-            nsectors,
-            allocated: true,
-        }])
+        let mut out = Vec::new();
+        let end = sector + nsectors;
+        let mut cur = sector;
+        let seek = |pos: u64, data: bool| {
+            self.file
+                .seek_extent(pos * SECTOR_SIZE, data)
+                .map_err(|e| ImageError::io(&self.path, "seek data/hole", e))
+        };
+        while cur < end {
+            // A data run starts at the sector holding its first byte (rounded down) ...
+            let data = match seek(cur, true)? {
+                Some(off) => (off / SECTOR_SIZE).clamp(cur, end),
+                None => cur,
+            };
+            push_extent(&mut out, cur, data, false);
+            if data >= end {
+                break;
+            }
+            // ... and ends after the sector holding its last byte (rounded up).
+            let hole = match seek(data, false)? {
+                Some(off) => off.div_ceil(SECTOR_SIZE).clamp(data + 1, end),
+                None => end,
+            };
+            push_extent(&mut out, data, hole, true);
+            cur = hole;
+        }
+        Ok(out)
     }
 
     fn close(&self) -> Result<(), ImageError> {
@@ -118,6 +141,30 @@ impl Image for RawImage {
         self.file
             .sync()
             .map_err(|e| ImageError::io(&self.path, "fdatasync", e))
+    }
+
+    fn layers(&self) -> Vec<LayerInfo> {
+        vec![LayerInfo {
+            path: self.path.clone(),
+            format: ImageFormat::Raw,
+        }]
+    }
+}
+
+/// Append sectors `[from, to)` to `out`, merging with a last extent of the same status.
+fn push_extent(out: &mut Vec<Extent>, from: u64, to: u64, allocated: bool) {
+    if to <= from {
+        return;
+    }
+    match out.last_mut() {
+        Some(e) if e.allocated == allocated && e.sector + e.nsectors == from => {
+            e.nsectors += to - from
+        }
+        _ => out.push(Extent {
+            sector: from,
+            nsectors: to - from,
+            allocated,
+        }),
     }
 }
 
@@ -154,5 +201,74 @@ mod tests {
         let img = RawImage::from_file(Path::new("m"), f, true).unwrap();
         assert!(matches!(img.write(0, &[0; 512]), Err(ImageError::ReadOnly)));
         assert!(matches!(img.discard(0, 1), Err(ImageError::ReadOnly)));
+    }
+
+    #[test]
+    fn raw_block_status_reports_holes_of_sparse_files() {
+        use std::os::unix::fs::FileExt;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("sparse.raw");
+        let f = std::fs::File::create(&p).unwrap();
+        f.set_len(16 << 20).unwrap();
+        f.write_all_at(&[0xaa; 4096], 0).unwrap();
+        f.write_all_at(&[0xbb; 4096], 8 << 20).unwrap();
+        f.sync_all().unwrap();
+        let img = RawImage::open(&p, true).unwrap();
+        let all = img.block_status(0, 32768).unwrap();
+        // Extents cover the range exactly, in order.
+        let mut next = 0;
+        for e in &all {
+            assert_eq!(e.sector, next, "{all:?}");
+            assert!(e.nsectors > 0);
+            next += e.nsectors;
+        }
+        assert_eq!(next, 32768);
+        // What the filesystem itself says about the first hole.
+        let first_hole = nix::unistd::lseek64(&f, 0, nix::unistd::Whence::SeekHole).unwrap();
+        if first_hole >= 16 << 20 {
+            // No hole reporting here (everything reads as data): one allocated extent.
+            assert_eq!(all.len(), 1, "{all:?}");
+            assert!(all[0].allocated);
+            return;
+        }
+        let kinds: Vec<bool> = all.iter().map(|e| e.allocated).collect();
+        assert_eq!(kinds, [true, false, true, false], "{all:?}");
+        assert_eq!(all[0].nsectors * SECTOR_SIZE, first_hole as u64);
+        // The second data run holds the write at 8 MiB.
+        let second = all[2];
+        assert!(second.sector <= 16384 && second.sector + second.nsectors >= 16392);
+        // A range inside the first hole is one hole; one straddling 8 MiB is hole + data.
+        assert_eq!(
+            img.block_status(4096, 8192).unwrap(),
+            vec![Extent {
+                sector: 4096,
+                nsectors: 8192,
+                allocated: false
+            }]
+        );
+        let st = img.block_status(16376, 16).unwrap();
+        assert_eq!(st.len(), 2, "{st:?}");
+        assert!(!st[0].allocated && st[1].allocated);
+        assert_eq!(st[1].sector + st[1].nsectors, 16392);
+        // Out of range is still refused.
+        assert!(matches!(
+            img.block_status(32760, 16),
+            Err(ImageError::OutOfRange { .. })
+        ));
+    }
+
+    #[test]
+    fn raw_block_status_without_hole_support_is_all_allocated() {
+        // The simulation cannot tell holes: everything is data.
+        let f = Arc::new(MemFile::from_bytes(vec![0u8; 8192]));
+        let img = RawImage::from_file(Path::new("m"), f, true).unwrap();
+        assert_eq!(
+            img.block_status(2, 10).unwrap(),
+            vec![Extent {
+                sector: 2,
+                nsectors: 10,
+                allocated: true
+            }]
+        );
     }
 }

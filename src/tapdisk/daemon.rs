@@ -27,7 +27,7 @@ use nix::sys::signalfd::SignalFd;
 
 use crate::image::chain::OpenOptions as ChainOptions;
 use crate::image::crypto::KeySource;
-use crate::image::open::{open as open_image, ImageFormat};
+use crate::image::open::open as open_image;
 use crate::image::{Extent, Image, ImageError, SECTOR_SIZE};
 use crate::nbd::proto::{self, Command, ExportInfo};
 use crate::nbd::server::{Connection, Event, ReadStatus};
@@ -89,10 +89,7 @@ pub struct DefaultOpener;
 
 impl ImageOpener for DefaultOpener {
     fn open(&self, spec: &OpenSpec) -> Result<Arc<dyn Image>, ImageError> {
-        let format = match spec.kind {
-            DiskType::Aio => ImageFormat::Raw,
-            DiskType::Vhd => ImageFormat::Vhd,
-        };
+        let format = spec.kind.format();
         let opts = ChainOptions {
             read_only: spec.read_only,
             keys: spec.keys.clone(),

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::control::minors::MarkerLock;
-use crate::image::Image;
+use crate::image::{Image, ImageFormat};
 
 /// VBD state flags (reference §4.2), as the control codec defines them.
 pub mod state {
@@ -41,19 +41,21 @@ impl DiskType {
         }
     }
 
-    pub fn name(self) -> &'static str {
+    /// The image format this driver opens.
+    pub fn format(self) -> ImageFormat {
         match self {
-            DiskType::Aio => "aio",
-            DiskType::Vhd => "vhd",
+            DiskType::Aio => ImageFormat::Raw,
+            DiskType::Vhd => ImageFormat::Vhd,
         }
+    }
+
+    pub fn name(self) -> &'static str {
+        self.format().driver_name()
     }
 
     /// blktap's driver number (stats JSON `driver.type`).
     pub fn number(self) -> u32 {
-        match self {
-            DiskType::Aio => 0,
-            DiskType::Vhd => 4,
-        }
+        self.format().driver_type()
     }
 }
 
@@ -81,6 +83,63 @@ pub struct OpenImage {
     pub image: Arc<dyn Image>,
     pub kind: DiskType,
     pub path: PathBuf,
+}
+
+/// One entry of the stats JSON `"images"` list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageStats {
+    pub name: String,
+    pub hits: [u64; 2],
+    pub fail: [u64; 2],
+    pub driver_type: u32,
+    pub driver_name: &'static str,
+}
+
+impl ImageStats {
+    /// `{ "name": .., "hits": [ r, w ], "fail": [ r, w ], "driver": { .. } }` (reference §3.1).
+    pub fn json(&self) -> String {
+        format!(
+            "{{ \"name\": {}, \"hits\": [ {}, {} ], \"fail\": [ {}, {} ], \
+             \"driver\": {{ \"type\": {}, \"name\": {}, \"status\": null }} }}",
+            json_str(&self.name),
+            self.hits[0],
+            self.hits[1],
+            self.fail[0],
+            self.fail[1],
+            self.driver_type,
+            json_str(self.driver_name),
+        )
+    }
+}
+
+impl OpenImage {
+    /// The chain's images, leaf first. Requests are counted per VBD, not per layer: the
+    /// leaf carries the VBD's hits and failures (every request enters the chain there),
+    /// parents report zeros. An image that does not list its layers is described by the
+    /// path and type it was opened with.
+    pub fn image_stats(&self, stats: &Stats) -> Vec<ImageStats> {
+        let layers = self.image.layers();
+        if layers.is_empty() {
+            return vec![ImageStats {
+                name: self.path.to_string_lossy().into_owned(),
+                hits: stats.hits,
+                fail: stats.fail,
+                driver_type: self.kind.number(),
+                driver_name: self.kind.name(),
+            }];
+        }
+        layers
+            .into_iter()
+            .enumerate()
+            .map(|(i, l)| ImageStats {
+                name: l.path.to_string_lossy().into_owned(),
+                hits: if i == 0 { stats.hits } else { [0; 2] },
+                fail: if i == 0 { stats.fail } else { [0; 2] },
+                driver_type: l.format.driver_type(),
+                driver_name: l.format.driver_name(),
+            })
+            .collect()
+    }
 }
 
 /// One attached minor.
@@ -159,17 +218,12 @@ impl Vbd {
         );
         s += "\"images\": [ ";
         if let Some(img) = &self.image {
-            s += &format!(
-                "{{ \"name\": {}, \"hits\": [ {}, {} ], \"fail\": [ {}, {} ], \
-                 \"driver\": {{ \"type\": {}, \"name\": {}, \"status\": null }} }}",
-                json_str(&img.path.to_string_lossy()),
-                self.stats.hits[0],
-                self.stats.hits[1],
-                self.stats.fail[0],
-                self.stats.fail[1],
-                img.kind.number(),
-                json_str(img.kind.name()),
-            );
+            s += &img
+                .image_stats(&self.stats)
+                .iter()
+                .map(ImageStats::json)
+                .collect::<Vec<_>>()
+                .join(", ");
             s += " ";
         }
         s += "], ";
@@ -248,5 +302,83 @@ mod tests {
         v.state |= state::PAUSE_REQUESTED;
         assert!(!v.accepts_io());
         assert_eq!(json_str("a\"b\\\n"), "\"a\\\"b\\\\\\n\"");
+    }
+
+    #[test]
+    fn stats_json_lists_the_whole_chain_leaf_first() {
+        use crate::image::vhd::ops::{snapshot, SnapshotOptions};
+        use crate::image::{open, ImageFormat, OpenOptions};
+        let d = tempfile::tempdir().unwrap();
+        let base = d.path().join("base.raw");
+        std::fs::write(&base, vec![0u8; 2 << 20]).unwrap();
+        let mid = d.path().join("mid.vhd");
+        let opts = SnapshotOptions {
+            raw_parent: true,
+            ..Default::default()
+        };
+        snapshot(&mid, &base, &opts).unwrap();
+        let leaf = d.path().join("leaf.vhd");
+        let exact = SnapshotOptions {
+            link_exact: true,
+            ..Default::default()
+        };
+        snapshot(&leaf, &mid, &exact).unwrap();
+        let image = open(&leaf, ImageFormat::Vhd, &OpenOptions::default()).unwrap();
+        let (b, m, l) = (base.display(), mid.display(), leaf.display());
+        let mut v = Vbd::new(1, None);
+        v.params = format!("vhd:{l}");
+        v.state = 0;
+        v.image = Some(OpenImage {
+            image: Arc::from(image),
+            kind: DiskType::Vhd,
+            path: leaf.clone(),
+        });
+        v.stats = Stats {
+            rd_secs: 3,
+            wr_secs: 5,
+            hits: [7, 2],
+            fail: [1, 0],
+        };
+        let img = |name: &std::path::Display<'_>, hits: &str, fail: &str, t: u32, n: &str| {
+            format!(
+                "{{ \"name\": \"{name}\", \"hits\": [ {hits} ], \"fail\": [ {fail} ], \
+                 \"driver\": {{ \"type\": {t}, \"name\": \"{n}\", \"status\": null }} }}"
+            )
+        };
+        let expect = format!(
+            "{{ \"name\": \"vhd:{l}\", \"secs\": [ 3, 5 ], \"images\": [ {}, {}, {} ], \
+             \"FIXME_enospc_redirect_count\": 0, \"nbd_mirror_failed\": 0, \
+             \"reqs_outstanding\": 0, \"read_caching\": \"false\" }}",
+            img(&l, "7, 2", "1, 0", 4, "vhd"),
+            img(&m, "0, 0", "0, 0", 4, "vhd"),
+            img(&b, "0, 0", "0, 0", 0, "aio"),
+        );
+        assert_eq!(v.stats_json(), expect);
+        // Two deep: a VHD over a raw parent.
+        let two = open(&mid, ImageFormat::Vhd, &OpenOptions::default()).unwrap();
+        v.params = format!("vhd:{m}");
+        v.image = Some(OpenImage {
+            image: Arc::from(two),
+            kind: DiskType::Vhd,
+            path: mid.clone(),
+        });
+        let expect = format!(
+            "{{ \"name\": \"vhd:{m}\", \"secs\": [ 3, 5 ], \"images\": [ {}, {} ], \
+             \"FIXME_enospc_redirect_count\": 0, \"nbd_mirror_failed\": 0, \
+             \"reqs_outstanding\": 0, \"read_caching\": \"false\" }}",
+            img(&m, "7, 2", "1, 0", 4, "vhd"),
+            img(&b, "0, 0", "0, 0", 0, "aio"),
+        );
+        assert_eq!(v.stats_json(), expect);
+        // A raw leaf alone is one aio image.
+        let raw = open(&base, ImageFormat::Raw, &OpenOptions::default()).unwrap();
+        v.image = Some(OpenImage {
+            image: Arc::from(raw),
+            kind: DiskType::Aio,
+            path: base.clone(),
+        });
+        let one = v.image.as_ref().unwrap().image_stats(&v.stats);
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0].json(), img(&b, "7, 2", "1, 0", 0, "aio"));
     }
 }

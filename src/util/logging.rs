@@ -126,8 +126,15 @@ impl log::Log for Logger {
 /// Install the logger of `opts` as the process's `log` backend. Returns false (and
 /// changes nothing) if a logger was already installed.
 pub fn init(opts: &LogOptions) -> bool {
-    if log::set_boxed_logger(Box::new(Logger::new(opts))).is_ok() {
-        log::set_max_level(opts.level);
+    install(Logger::new(opts))
+}
+
+/// Install an already built logger (to ask it first where records go, e.g. whether
+/// stderr is one of its sinks). Returns false if a logger was already installed.
+pub fn install(logger: Logger) -> bool {
+    let level = logger.level;
+    if log::set_boxed_logger(Box::new(logger)).is_ok() {
+        log::set_max_level(level);
         true
     } else {
         false

@@ -69,7 +69,8 @@ use super::format::*;
 use crate::image::crypto::{KeyHash, XtsCipher};
 use crate::image::file::{BlockFile, OsFile, XATTR_KEYHASH, XATTR_MARKER};
 use crate::image::{
-    check_range, check_sectors, check_usable, Extent, Image, ImageError, ImageInfo, SECTOR_SIZE,
+    check_range, check_sectors, check_usable, Extent, Image, ImageError, ImageFormat, ImageInfo,
+    LayerInfo, SECTOR_SIZE,
 };
 
 /// Cached sector bitmaps kept per image (each one sector): 8192 x 512 B = 4 MiB.
@@ -1306,6 +1307,17 @@ impl Image for VhdImage {
             None => Ok(()),
         };
         r.and(pr)
+    }
+
+    fn layers(&self) -> Vec<LayerInfo> {
+        let mut v = vec![LayerInfo {
+            path: self.path.clone(),
+            format: ImageFormat::Vhd,
+        }];
+        if let Some(p) = &self.parent {
+            v.extend(p.layers());
+        }
+        v
     }
 }
 
