@@ -34,7 +34,7 @@ use nix::sys::time::{TimeVal, TimeValLike};
 
 use self::netlink::{
     connect_index, family_from_replies, get_family_request, nbd_connect_request,
-    nbd_disconnect_request, Exchange, GenlReply, NbdConnect, NetlinkError, GENL_ID_CTRL,
+    nbd_disconnect_request, Exchange, Family, GenlReply, NbdConnect, NetlinkError, GENL_ID_CTRL,
     NBD_GENL_FAMILY_NAME,
 };
 
@@ -192,7 +192,13 @@ impl Netlink {
 
     /// Resolve the `nbd` family id ([`KernelNbdError::NotAvailable`] without the driver).
     pub fn family(&self) -> Result<u16> {
-        GenlSocket::open(self.timeout)?.nbd_family()
+        self.family_named(NBD_GENL_FAMILY_NAME).map(|f| f.id)
+    }
+
+    /// Ask the kernel about any generic-netlink family ([`KernelNbdError::NotAvailable`]
+    /// when it does not exist).
+    pub fn family_named(&self, name: &str) -> Result<Family> {
+        GenlSocket::open(self.timeout)?.family(name)
     }
 }
 
@@ -311,13 +317,16 @@ impl GenlSocket {
 
     /// The id of the `nbd` family.
     fn nbd_family(&mut self) -> Result<u16> {
+        self.family(NBD_GENL_FAMILY_NAME).map(|f| f.id)
+    }
+
+    /// CTRL_CMD_GETFAMILY for `name`.
+    fn family(&mut self, name: &str) -> Result<Family> {
         let r = self.transact("family lookup", GENL_ID_CTRL, |seq| {
-            get_family_request(seq, NBD_GENL_FAMILY_NAME)
+            get_family_request(seq, name)
         });
         match r {
-            Ok(replies) => family_from_replies(&replies)
-                .map(|f| f.id)
-                .map_err(KernelNbdError::Codec),
+            Ok(replies) => family_from_replies(&replies).map_err(KernelNbdError::Codec),
             Err(KernelNbdError::Refused {
                 errno: libc::ENOENT,
                 ..
@@ -527,6 +536,21 @@ mod tests {
             Ok(id) => assert!(id >= 0x10, "family id {id}"),
             Err(e) => panic!("unexpected {e:?}"),
         }
+    }
+
+    /// The same path against a family every kernel has: the generic-netlink controller
+    /// itself (id 0x10, multicast group "notify"); an unknown name is "not available".
+    #[test]
+    fn real_family_lookup_decodes_the_kernel_reply() {
+        let k = Netlink::new();
+        let f = k.family_named("nlctrl").unwrap();
+        assert_eq!((f.id, f.name.as_str()), (0x10, "nlctrl"));
+        assert!(f.version >= 1);
+        assert!(f.mcast_groups.iter().any(|g| g.name == "notify"), "{f:?}");
+        assert!(matches!(
+            k.family_named("nosuchfamily"),
+            Err(KernelNbdError::NotAvailable)
+        ));
     }
 
     #[test]
