@@ -9,8 +9,12 @@ use std::time::{Duration, Instant};
 use blktap3::control::client::Client;
 use blktap3::control::msg::{OpenFlags, OpenRequest, ResumeRequest, VbdState};
 
+/// Kernel NBD devices off: these tests use `devname` as the export's socket, also on a
+/// machine where the nbd module is loaded.
 fn client(dir: &Path) -> Client {
-    Client::with_dir(dir.join("ctl")).with_tapdisk(env!("CARGO_BIN_EXE_tapdisk"))
+    Client::with_dir(dir.join("ctl"))
+        .with_tapdisk(env!("CARGO_BIN_EXE_tapdisk"))
+        .without_kernel_nbd()
 }
 
 fn alive(pid: i32) -> bool {

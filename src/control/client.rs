@@ -10,6 +10,7 @@ use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -24,9 +25,11 @@ use super::msg::{
 };
 use super::transport::{DeadlineReader, NoSigPipeWriter};
 use super::{
-    control_dir, nbd_socket_path, pid_from_socket_name, socket_path, ControlError, Result,
-    CONTROL_DIR_ENV, DEFAULT_TAPDISK, TAPDISK_ENV,
+    control_dir, nbd_device_enabled, nbd_from_socket_name, nbd_socket_path, pid_from_socket_name,
+    socket_path, ControlError, Result, CONTROL_DIR_ENV, DEFAULT_TAPDISK, NBD_DEVICE_ENV,
+    TAPDISK_ENV,
 };
+use crate::nbd::kernel::{self, KernelNbd};
 use crate::util::error_chain;
 
 /// How long `spawn` waits for the tapdisk to report its control socket.
@@ -51,8 +54,20 @@ pub struct TapEntry {
 pub struct Created {
     pub pid: i32,
     pub minor: u16,
-    /// The device the VBD is reachable through: for now the NBD socket `<dir>/nbd<pid>.<minor>`.
+    /// The device the VBD is reachable through: `/dev/nbd<N>` when the kernel NBD driver
+    /// took the export, else the NBD socket `<dir>/nbd<pid>.<minor>`.
     pub devname: PathBuf,
+}
+
+/// How a [`Client`] uses the kernel NBD driver.
+#[derive(Clone, Debug)]
+enum KernelMode {
+    /// The real driver over netlink; `create` attaches unless `BLKTAP_NBD_DEVICE` says no.
+    Auto,
+    /// Never attach nor look for devices.
+    Off,
+    /// This implementation (a simulation in tests), whatever the environment says.
+    With(Arc<dyn KernelNbd>),
 }
 
 /// The tapdisk binary: `$BLKTAP_TAPDISK`, else `tapdisk` next to the current executable, else
@@ -78,6 +93,7 @@ pub struct Client {
     dir: PathBuf,
     tapdisk: Option<PathBuf>,
     timeout: Option<Duration>,
+    kernel: KernelMode,
 }
 
 impl Default for Client {
@@ -98,7 +114,59 @@ impl Client {
             dir: dir.into(),
             tapdisk: None,
             timeout: None,
+            kernel: KernelMode::Auto,
         }
+    }
+
+    /// Attach created VBDs to (and on destroy detach them from) this kernel NBD
+    /// implementation instead of the real driver; `BLKTAP_NBD_DEVICE` is not consulted.
+    pub fn with_kernel_nbd(mut self, k: Arc<dyn KernelNbd>) -> Client {
+        self.kernel = KernelMode::With(k);
+        self
+    }
+
+    /// Never use kernel NBD devices: `create` returns the socket path.
+    pub fn without_kernel_nbd(mut self) -> Client {
+        self.kernel = KernelMode::Off;
+        self
+    }
+
+    /// The driver `create` attaches with, if any.
+    fn kernel_for_create(&self) -> Option<Arc<dyn KernelNbd>> {
+        match &self.kernel {
+            KernelMode::Off => None,
+            KernelMode::With(k) => Some(k.clone()),
+            KernelMode::Auto
+                if !nbd_device_enabled(std::env::var_os(NBD_DEVICE_ENV).as_deref()) =>
+            {
+                None
+            }
+            KernelMode::Auto => Some(Arc::new(kernel::Netlink::new())),
+        }
+    }
+
+    /// The driver whose devices `destroy` cleans up: the environment switch only governs
+    /// creation, a device that exists is always disconnected.
+    fn kernel_for_cleanup(&self) -> Option<Arc<dyn KernelNbd>> {
+        match &self.kernel {
+            KernelMode::Off => None,
+            KernelMode::With(k) => Some(k.clone()),
+            KernelMode::Auto => Some(Arc::new(kernel::Netlink::new())),
+        }
+    }
+
+    /// The index of the kernel NBD device attached to VBD (`pid`, `minor`), if any.
+    pub fn nbd_device_of(&self, pid: i32, minor: u16) -> Option<u32> {
+        let k = self.kernel_for_cleanup()?;
+        let sock = nbd_socket_path(&self.dir, pid, minor);
+        kernel::find_by_backend(&*k, sock.to_str()?)
+    }
+
+    /// The VBD (`pid`, `minor`) behind kernel NBD device `index`, from its backend
+    /// identifier.
+    pub fn vbd_of_nbd_device(&self, index: u32) -> Option<(i32, u16)> {
+        let k = self.kernel_for_cleanup()?;
+        nbd_from_socket_name(&kernel::backend_of(&*k, index)?)
     }
 
     /// Bound every control exchange that is not given its own timeout (also those of
@@ -402,8 +470,10 @@ impl Client {
         }
     }
 
-    /// allocate + spawn + attach + open. On failure everything done so far is undone
-    /// (detach, free; a tapdisk that never got its VBD is terminated).
+    /// allocate + spawn + attach + open, then hand the NBD export to the kernel NBD driver
+    /// (see [`Created::devname`]); a failure there is not an error, the socket path is
+    /// returned instead. On failure everything done so far is undone (detach, free; a
+    /// tapdisk that never got its VBD is terminated).
     pub fn create(&self, open: OpenRequest, timeout: Option<Duration>) -> Result<Created> {
         split_params(&open.params)?;
         let (minor, _) = self.allocate()?;
@@ -422,19 +492,39 @@ impl Client {
         let mut open = open;
         open.minor = minor;
         open.devnum = u32::from(minor);
-        if let Err(e) = self.open(pid, open, timeout) {
-            let _ = self.detach(pid, minor);
-            let _ = self.free_when_released(minor);
-            return Err(e);
-        }
+        let info = match self.open(pid, open, timeout) {
+            Ok(i) => i,
+            Err(e) => {
+                let _ = self.detach(pid, minor);
+                let _ = self.free_when_released(minor);
+                return Err(e);
+            }
+        };
+        let socket = nbd_socket_path(&self.dir, pid, minor);
+        let devname = match self.kernel_for_create() {
+            None => socket,
+            Some(k) => match kernel::attach(&*k, &socket, info.sector_size) {
+                Ok(index) => kernel::device_path(index),
+                Err(e) => {
+                    log::debug!(
+                        "kernel nbd attach of {}: {}; using the socket",
+                        socket.display(),
+                        error_chain(&e)
+                    );
+                    socket
+                }
+            },
+        };
         Ok(Created {
             pid,
             minor,
-            devname: nbd_socket_path(&self.dir, pid, minor),
+            devname,
         })
     }
 
-    /// close (forced or not) + detach + free.
+    /// Disconnect the kernel NBD device of (`pid`, `minor`), if there is one, then
+    /// close (forced or not) + detach + free. A failed disconnect is logged; the close
+    /// goes ahead (tapdisk drops the connection anyway).
     pub fn destroy(
         &self,
         pid: i32,
@@ -442,6 +532,14 @@ impl Client {
         force: bool,
         timeout: Option<Duration>,
     ) -> Result<()> {
+        if let Some(k) = self.kernel_for_cleanup() {
+            let sock = nbd_socket_path(&self.dir, pid, minor);
+            if let Some(index) = sock.to_str().and_then(|s| kernel::find_by_backend(&*k, s)) {
+                if let Err(e) = k.disconnect(index) {
+                    log::warn!("disconnect /dev/nbd{index}: {}", error_chain(&e));
+                }
+            }
+        }
         self.close(pid, minor, force, timeout)?;
         self.detach(pid, minor)?;
         self.free_when_released(minor)

@@ -17,6 +17,11 @@
 //!
 //! The tapdisk binary the client spawns is found through [`TAPDISK_ENV`] (`BLKTAP_TAPDISK`),
 //! else a `tapdisk` next to the current executable, else `/usr/libexec/tapdisk`.
+//!
+//! `create` hands each new VBD's NBD export to the kernel NBD driver and returns `/dev/nbdN`
+//! when it can (generic netlink, see [`crate::nbd::kernel`]), else the socket path.
+//! [`NBD_DEVICE_ENV`] (`BLKTAP_NBD_DEVICE`) set to `0`/`no`/`off`/`false` turns that off:
+//! `create` then always returns the socket path. `destroy` disconnects the device either way.
 
 pub mod client;
 pub mod minors;
@@ -36,6 +41,20 @@ pub const DEFAULT_CONTROL_DIR: &str = "/run/blktap-control";
 pub const TAPDISK_ENV: &str = "BLKTAP_TAPDISK";
 /// Where tapdisk is installed when [`TAPDISK_ENV`] is unset and no sibling binary exists.
 pub const DEFAULT_TAPDISK: &str = "/usr/libexec/tapdisk";
+
+/// Environment variable: `0`, `no`, `off` or `false` (any case) stop `create` from attaching
+/// kernel NBD devices; unset or anything else lets it try.
+pub const NBD_DEVICE_ENV: &str = "BLKTAP_NBD_DEVICE";
+
+/// Whether a value of [`NBD_DEVICE_ENV`] allows kernel NBD devices.
+pub fn nbd_device_enabled(value: Option<&std::ffi::OsStr>) -> bool {
+    let Some(v) = value.and_then(|v| v.to_str()) else {
+        return true;
+    };
+    !["0", "no", "off", "false"]
+        .iter()
+        .any(|n| v.trim().eq_ignore_ascii_case(n))
+}
 
 /// The control directory: `$BLKTAP_CONTROL_DIR` if set and non-empty, else `/run/blktap-control`.
 pub fn control_dir() -> PathBuf {
@@ -229,6 +248,18 @@ mod tests {
             "nbd4 .3",
         ] {
             assert_eq!(nbd_from_socket_name(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn nbd_device_env_values() {
+        use std::ffi::OsStr;
+        assert!(nbd_device_enabled(None));
+        for on in ["1", "yes", "", "on"] {
+            assert!(nbd_device_enabled(Some(OsStr::new(on))), "{on:?}");
+        }
+        for off in ["0", "no", "OFF", "False", " 0\n"] {
+            assert!(!nbd_device_enabled(Some(OsStr::new(off))), "{off:?}");
         }
     }
 

@@ -380,11 +380,19 @@ const CREATE_USAGE: Usage = Usage(
 [-t request timeout in seconds] [-C <path> logpath]",
 );
 
+/// Printed after the `create -h` usage.
+const CREATE_NOTE: &str = "prints /dev/nbdN when the kernel NBD driver takes the disk, \
+else the NBD socket path; BLKTAP_NBD_DEVICE=0 always prints the socket path";
+
 fn cmd_create(client: &Client, args: &[String], io: &mut CliIo<'_>) -> Status {
     let mut oo = OpenOpts::default();
     for o in Getopt::new(args, "ha:RDre:2:st:C:d:") {
         match &o {
-            Opt::Flag('h') => return CREATE_USAGE.help(io),
+            Opt::Flag('h') => {
+                let st = CREATE_USAGE.help(io);
+                let _ = writeln!(io.stdout, "{CREATE_NOTE}");
+                return st;
+            }
             Opt::Value('d', _) => {}
             _ => match oo.apply(&o) {
                 Some(true) => {}
@@ -406,8 +414,13 @@ fn cmd_create(client: &Client, args: &[String], io: &mut CliIo<'_>) -> Status {
 
 const DESTROY_USAGE: Usage = Usage("destroy [-h] <-p pid> <-m minor> [-t timeout secs]");
 
-/// Find (pid, minor) from a device name: `nbd<pid>.<minor>`, `tapdev<minor>`, `tapdisk-<minor>`.
+/// Find (pid, minor) from a device name: `nbd<pid>.<minor>`, a kernel NBD device `nbd<N>`
+/// (through its sysfs backend identifier), `tapdev<minor>`, `tapdisk-<minor>`.
 fn resolve_devname(client: &Client, dev: &str) -> Option<(Option<i32>, u16)> {
+    if let Some(index) = crate::nbd::kernel::parse_device_name(dev) {
+        let (pid, minor) = client.vbd_of_nbd_device(index)?;
+        return Some((Some(pid), minor));
+    }
     let base = dev.rsplit('/').next()?;
     if let Some(rest) = base.strip_prefix("nbd") {
         let (p, m) = rest.split_once('.')?;
@@ -886,6 +899,8 @@ mod tests {
             assert_eq!(st, 0, "{cmd}");
             assert!(out.starts_with(&format!("usage: {cmd}")), "{cmd}: {out}");
         }
+        let (_, out, _) = run_capture(&["create", "-h"], b"");
+        assert!(out.contains("BLKTAP_NBD_DEVICE=0"), "{out}");
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! the wire are big-endian.
 
 pub mod client;
+pub mod kernel;
 pub mod proto;
 pub mod server;
 

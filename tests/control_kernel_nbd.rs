@@ -1,0 +1,199 @@
+//! `create` hands the VBD's NBD export to the kernel NBD driver and returns `/dev/nbdN`;
+//! `destroy` (also `tap-ctl destroy -d /dev/nbdN`) disconnects the device first. The driver
+//! is the in-process simulation here (it holds the negotiated socket like the kernel does),
+//! plus the real netlink driver, which falls back to the socket path without the module.
+
+use std::io::Read;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use blktap3::control::client::Client;
+use blktap3::control::msg::OpenRequest;
+use blktap3::control::nbd_socket_path;
+use blktap3::control::tapctl::{run_with, CliIo};
+use blktap3::nbd::kernel::{KernelNbd, KernelNbdError, Netlink, SimCall, SimKernelNbd};
+use blktap3::nbd::proto::TFLAG_HAS_FLAGS;
+
+fn client(dir: &Path) -> Client {
+    Client::with_dir(dir.join("ctl")).with_tapdisk(env!("CARGO_BIN_EXE_tapdisk"))
+}
+
+fn raw_image(dir: &Path, len: u64) -> (std::path::PathBuf, String) {
+    let p = dir.join("disk.raw");
+    std::fs::File::create(&p).unwrap().set_len(len).unwrap();
+    let params = format!("aio:{}", p.display());
+    (p, params)
+}
+
+fn wait_gone(pid: i32) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(5) {
+        if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+fn tap_ctl(c: &Client, args: &[&str]) -> (i32, String, String) {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let mut inp: &[u8] = b"";
+    let st = {
+        let mut io = CliIo {
+            stdout: &mut out,
+            stderr: &mut err,
+            stdin: &mut inp,
+            tty: false,
+        };
+        run_with(c, &args, &mut io)
+    };
+    (
+        st,
+        String::from_utf8(out).unwrap(),
+        String::from_utf8(err).unwrap(),
+    )
+}
+
+#[test]
+fn create_returns_dev_nbd_and_destroy_by_devname_disconnects() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, params) = raw_image(dir.path(), 8 << 20);
+    let sim = Arc::new(SimKernelNbd::starting_at(3));
+    let c = client(dir.path()).with_kernel_nbd(sim.clone());
+
+    let created = c.create(OpenRequest::new(0, params), None).unwrap();
+    assert_eq!(created.devname, Path::new("/dev/nbd3"));
+    let sock = nbd_socket_path(&dir.path().join("ctl"), created.pid, created.minor);
+    let calls = sim.calls();
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    match &calls[0] {
+        SimCall::Connect {
+            index,
+            size,
+            block_size,
+            flags,
+            backend_id,
+        } => {
+            assert_eq!(*index, 3);
+            assert_eq!(*size, 8 << 20);
+            assert_eq!(*block_size, Some(512));
+            assert_ne!(flags & u64::from(TFLAG_HAS_FLAGS), 0, "{flags:#x}");
+            assert_eq!(Path::new(backend_id), sock);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(c.nbd_device_of(created.pid, created.minor), Some(3));
+    assert_eq!(c.vbd_of_nbd_device(3), Some((created.pid, created.minor)));
+    assert_eq!(c.vbd_of_nbd_device(4), None);
+
+    // The socket the "kernel" holds is in the transmission phase: write through it and find
+    // the data in the image.
+    {
+        let stream = UnixStream::from(sim.socket(3).unwrap());
+        let mut nbd = blktap3::nbd::client::Client {
+            stream,
+            size: 8 << 20,
+            flags: 0,
+            structured: false,
+        };
+        let data = vec![0x5au8; 4096];
+        assert_eq!(nbd.write(65536, &data, true).unwrap(), 0);
+        assert_eq!(nbd.read(65536, 4096).unwrap().unwrap(), data);
+    }
+    let mut f = std::fs::File::open(&img).unwrap();
+    let mut buf = vec![0u8; 65536 + 4096];
+    f.read_exact(&mut buf).unwrap();
+    assert!(buf[65536..].iter().all(|&b| b == 0x5a));
+
+    // tap-ctl destroy -d /dev/nbd3 finds the VBD through the backend identifier.
+    let (st, _, err) = tap_ctl(&c, &["destroy", "-d", "/dev/nbd3"]);
+    assert_eq!(st, 0, "{err}");
+    assert_eq!(sim.calls().last(), Some(&SimCall::Disconnect(3)));
+    assert!(sim.devices().is_empty());
+    assert!(wait_gone(created.pid));
+    assert!(!sock.exists());
+    // An unknown kernel device is ENOENT.
+    let (st, _, _) = tap_ctl(&c, &["destroy", "-d", "/dev/nbd3"]);
+    assert_eq!(st, libc::ENOENT);
+}
+
+#[test]
+fn destroy_by_pid_and_minor_disconnects_the_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, params) = raw_image(dir.path(), 1 << 20);
+    let sim = Arc::new(SimKernelNbd::new());
+    let c = client(dir.path()).with_kernel_nbd(sim.clone());
+    let created = c.create(OpenRequest::new(0, params), None).unwrap();
+    assert_eq!(created.devname, Path::new("/dev/nbd0"));
+    c.destroy(created.pid, created.minor, false, None).unwrap();
+    let calls = sim.calls();
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert_eq!(calls[1], SimCall::Disconnect(0));
+    assert!(wait_gone(created.pid));
+}
+
+#[test]
+fn refused_attach_falls_back_to_the_socket_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, params) = raw_image(dir.path(), 1 << 20);
+    let sim = Arc::new(SimKernelNbd::failing(libc::EBUSY));
+    let c = client(dir.path()).with_kernel_nbd(sim.clone());
+    let created = c.create(OpenRequest::new(0, params.clone()), None).unwrap();
+    let sock = nbd_socket_path(&dir.path().join("ctl"), created.pid, created.minor);
+    assert_eq!(created.devname, sock);
+    // The export still serves new clients after the abandoned handshake.
+    let nbd = blktap3::nbd::client::Client::connect(&sock, false).unwrap();
+    assert_eq!(nbd.size, 1 << 20);
+    drop(nbd);
+    c.destroy(created.pid, created.minor, false, None).unwrap();
+    assert!(sim.calls().is_empty());
+    assert!(wait_gone(created.pid));
+
+    // Kernel devices off: the socket path, and the driver is never asked.
+    let c = client(dir.path()).without_kernel_nbd();
+    let created = c.create(OpenRequest::new(0, params), None).unwrap();
+    assert_eq!(
+        created.devname,
+        nbd_socket_path(&dir.path().join("ctl"), created.pid, created.minor)
+    );
+    c.destroy(created.pid, created.minor, false, None).unwrap();
+    assert!(wait_gone(created.pid));
+}
+
+/// The real netlink driver. Without the nbd module (this build machine) the family lookup
+/// says "not available" and create returns the socket path; where the module is loaded and
+/// we may use it, create returns a /dev/nbdN whose sysfs backend names the socket.
+#[test]
+fn real_driver_attaches_or_falls_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, params) = raw_image(dir.path(), 1 << 20);
+    let k = Netlink::new();
+    let available = match k.family() {
+        Err(KernelNbdError::NotAvailable) => false,
+        Ok(_) => true,
+        Err(e) => panic!("family lookup: {e}"),
+    };
+    let c = client(dir.path()).with_kernel_nbd(Arc::new(k.clone()));
+    let created = c.create(OpenRequest::new(0, params), None).unwrap();
+    let sock = nbd_socket_path(&dir.path().join("ctl"), created.pid, created.minor);
+    let dev = created.devname.to_string_lossy().into_owned();
+    if !available {
+        assert_eq!(created.devname, sock);
+        assert!(k.devices().iter().all(|(_, b)| Path::new(b) != sock));
+    } else if let Some(index) = blktap3::nbd::kernel::parse_device_name(&dev) {
+        assert!(dev.starts_with("/dev/nbd"), "{dev}");
+        let backend = std::fs::read_to_string(format!("/sys/block/nbd{index}/backend")).unwrap();
+        assert_eq!(Path::new(backend.trim()), sock);
+        assert_eq!(c.nbd_device_of(created.pid, created.minor), Some(index));
+    } else {
+        // The family exists but the connect was refused (e.g. no CAP_SYS_ADMIN).
+        assert_eq!(created.devname, sock);
+    }
+    c.destroy(created.pid, created.minor, false, None).unwrap();
+    assert!(wait_gone(created.pid));
+    assert_eq!(c.nbd_device_of(created.pid, created.minor), None);
+}
