@@ -155,11 +155,15 @@ impl Tapdisk {
                 || !accepts
                 || c.inflight >= MAX_CONN_INFLIGHT
                 || c.inflight_bytes >= MAX_CONN_INFLIGHT_BYTES
+                || c.conn.backlogged()
             {
                 return;
             }
             events.clear();
+            let queued = c.conn.queued_bytes();
             let status = c.conn.on_readable(1, &mut events);
+            // An error reply to a refused request is progress too.
+            let replied = c.conn.queued_bytes() > queued;
             let minor = c.minor;
             if status == ReadStatus::Done {
                 c.ending = true;
@@ -167,7 +171,7 @@ impl Tapdisk {
                     info!("minor {minor}: nbd client {id}: {e}");
                 }
             }
-            let got = !events.is_empty();
+            let got = !events.is_empty() || replied;
             for ev in events.drain(..) {
                 match ev {
                     Event::Disconnect => {
