@@ -7,6 +7,11 @@
 
 use super::*;
 
+/// Bytes one BLOCK_STATUS request describes at most (the reply may cover less than asked,
+/// NBD spec): bounds the extent list the image builds and the reply (a raw file fragmented
+/// by its guest at 4 KiB could otherwise yield a million extents for one 4 GiB request).
+const MAX_BLOCK_STATUS_LEN: u32 = proto::MAX_PAYLOAD;
+
 impl Tapdisk {
     pub(super) fn listen(&mut self, minor: u16) -> std::io::Result<()> {
         let path = self.cfg.nbd_path(minor);
@@ -285,6 +290,7 @@ impl Tapdisk {
                 len,
                 req_one,
             } => {
+                let len = len.min(MAX_BLOCK_STATUS_LEN);
                 let s = offset / ss;
                 let e = (offset + u64::from(len)).div_ceil(ss);
                 (
