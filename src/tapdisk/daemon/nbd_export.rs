@@ -74,8 +74,12 @@ impl Tapdisk {
             let Some(info) = self.vbds.get(&minor).and_then(|v| v.info) else {
                 return;
             };
+            let Some(size) = info.sectors.checked_mul(u64::from(info.sector_size)) else {
+                warn!("minor {minor}: disk size overflows u64: nbd client refused");
+                continue;
+            };
             let export = ExportInfo {
-                size: info.sectors * u64::from(info.sector_size),
+                size,
                 read_only: info.info & VDISK_READONLY != 0,
                 name: String::new(),
             };
@@ -442,8 +446,13 @@ pub(super) fn nbd_extents(ext: &[Extent], offset: u64, len: u32, req_one: bool) 
     let end = offset + u64::from(len);
     let mut out: Vec<(u32, u32)> = Vec::new();
     for e in ext {
-        let a = (e.sector * SECTOR_SIZE).max(offset);
-        let b = ((e.sector + e.nsectors) * SECTOR_SIZE).min(end);
+        // Saturating: an image reporting an extent near u64::MAX must not overflow.
+        let a = e.sector.saturating_mul(SECTOR_SIZE).max(offset);
+        let b = e
+            .sector
+            .saturating_add(e.nsectors)
+            .saturating_mul(SECTOR_SIZE)
+            .min(end);
         if b <= a {
             continue;
         }
@@ -496,5 +505,25 @@ mod tests {
             vec![(8092, 0), (1908, 3)]
         );
         assert_eq!(nbd_extents(&ext, 100, 10000, true), vec![(8092, 0)]);
+    }
+
+    #[test]
+    fn extents_near_u64_max_do_not_overflow() {
+        let ext = [
+            Extent {
+                sector: 0,
+                nsectors: 4,
+                allocated: true,
+            },
+            Extent {
+                sector: 4,
+                nsectors: u64::MAX,
+                allocated: false,
+            },
+        ];
+        assert_eq!(
+            nbd_extents(&ext, 0, 4096, false),
+            vec![(2048, 0), (2048, 3)]
+        );
     }
 }
