@@ -259,3 +259,32 @@ fn a_barrier_waiting_for_the_ring_to_drain_survives_pause_and_resume() {
     let got = wait(&mut front, 1);
     assert!(got[0].data.as_deref() == Some(&[3u8; 4096][..]));
 }
+
+#[test]
+fn a_disconnect_while_a_barrier_waits_drains_and_frees_the_ring() {
+    let opener = GateOpener::new(2048);
+    let rig = Rig::with_opener(opener.clone());
+    run_table(&rig, &[(Attach, K), (Open, K)]);
+    let mut front = rig.frontend(DOMID, DEVID, MINOR, None, 0);
+    opener.set(false);
+    front.submit_write(0, &[4; 4096]).unwrap();
+    front
+        .submit_sync(blktap3::blkif::op::WRITE_BARRIER, 8, &[5; 4096])
+        .unwrap();
+    front.kick().unwrap();
+    until("the write to reach the image", || {
+        outstanding(&rig.stats(MINOR)) == 1
+    });
+    assert!(rig.stats(MINOR).contains("xenbus"));
+    // The ring goes dead with the write in flight and the barrier held.
+    run_table(&rig, &[(Disconnect, K), (Detach, E(libc::EBUSY))]);
+    assert!(!rig.stats(MINOR).contains("xenbus"));
+    opener.set(true);
+    until("the write to drain", || outstanding(&rig.stats(MINOR)) == 0);
+    // Nothing was answered on the dead ring, nothing more is started, and the VBD closes
+    // and detaches.
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(front.poll_completions().unwrap().is_empty());
+    assert_eq!(outstanding(&rig.stats(MINOR)), 0);
+    run_table(&rig, &[(Close, K), (Detach, K)]);
+}
