@@ -389,9 +389,17 @@ impl Connection {
         self.queue(proto::simple_reply(cookie, 0).to_vec());
     }
 
-    /// Reply to a READ at `offset` with `data[start..start + len]`.
+    /// Reply to a READ at `offset` with `data[start..start + len]` (an EIO error reply if
+    /// `data` is too short, rather than a panic when the queue is written).
     pub fn reply_read(&mut self, cookie: u64, offset: u64, data: Vec<u8>, start: usize, len: u32) {
-        let end = start + len as usize;
+        let Some(end) = usize::try_from(len)
+            .ok()
+            .and_then(|l| start.checked_add(l))
+            .filter(|&e| e <= data.len())
+        else {
+            self.reply_error(cookie, true, proto::NBD_EIO);
+            return;
+        };
         if self.neg.structured {
             if len == 0 {
                 self.queue(proto::none_chunk(cookie));
@@ -757,6 +765,17 @@ mod tests {
             // Replies can be written until the socket is gone; no panic either way.
             let _ = c.flush();
         }
+    }
+
+    #[test]
+    fn a_read_reply_with_too_little_data_is_an_error_not_a_panic() {
+        let (mut c, mut peer) = pair(false);
+        handshake(&mut c, &mut peer);
+        c.reply_read(4, 0, vec![0u8; 100], 10, 100);
+        assert!(c.flush().unwrap());
+        let mut rep = [0u8; 16];
+        peer.read_exact(&mut rep).unwrap();
+        assert_eq!(rep, simple_reply(4, NBD_EIO));
     }
 
     #[test]
