@@ -6,10 +6,12 @@
 
 mod xenio_common;
 
-use std::sync::mpsc::channel;
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::Arc;
 use std::time::Duration;
 
 use blktap3::control::msg::{OpenFlags, OpenRequest, Reply, Request, ResumeRequest};
+use blktap3::xen::sim::{MemXsConn, SimBlkfront};
 use xenio_common::*;
 
 const MINOR: u16 = 0;
@@ -75,6 +77,31 @@ fn run_table(rig: &Rig, table: &[(Step, Want)]) {
     }
 }
 
+/// A rig with minor [`MINOR`] open on a gated RAM disk and a guest ring connected.
+fn rig_with_ring() -> (Arc<GateOpener>, Rig, SimBlkfront<MemXsConn>) {
+    let opener = GateOpener::new(2048);
+    let rig = Rig::with_opener(opener.clone());
+    run_table(&rig, &[(Attach, K), (Open, K)]);
+    let front = rig.frontend(DOMID, DEVID, MINOR, None, 0);
+    (opener, rig, front)
+}
+
+/// Kick the ring and wait until one request is held in the (closed) image gate.
+fn kick_until_one_in_flight(rig: &Rig, front: &mut SimBlkfront<MemXsConn>) {
+    front.kick().unwrap();
+    until("the write to reach the image", || {
+        outstanding(&rig.stats(MINOR)) == 1
+    });
+}
+
+/// Send `r` from another thread (the answer comes once the loop finished it).
+fn call_async(rig: &Rig, r: Request) -> Receiver<Reply> {
+    let (tx, rx) = channel();
+    let h = rig.h.clone();
+    std::thread::spawn(move || tx.send(h.call(r)).unwrap());
+    rx
+}
+
 use Step::*;
 use Want::Err as E;
 use Want::Ok as K;
@@ -134,10 +161,8 @@ fn requests_in_every_state_without_a_ring() {
 
 #[test]
 fn requests_in_every_state_with_a_connected_ring() {
-    let rig = Rig::with_opener(GateOpener::new(2048));
+    let (_, rig, mut front) = rig_with_ring();
     let (inval, busy) = (libc::EINVAL, libc::EBUSY);
-    run_table(&rig, &[(Attach, K), (Open, K)]);
-    let mut front = rig.frontend(DOMID, DEVID, MINOR, None, 0);
     front.submit_write(0, &[0x5a; 4096]).unwrap();
     front.kick().unwrap();
     assert_eq!(wait(&mut front, 1)[0].status, 0);
@@ -180,19 +205,11 @@ fn requests_in_every_state_with_a_connected_ring() {
 
 #[test]
 fn requests_while_a_close_drains_get_ebusy() {
-    let opener = GateOpener::new(2048);
-    let rig = Rig::with_opener(opener.clone());
-    run_table(&rig, &[(Attach, K), (Open, K)]);
-    let mut front = rig.frontend(DOMID, DEVID, MINOR, None, 0);
+    let (opener, rig, mut front) = rig_with_ring();
     opener.set(false);
     let id = front.submit_write(8, &[1; 4096]).unwrap();
-    front.kick().unwrap();
-    until("the write to reach the image", || {
-        outstanding(&rig.stats(MINOR)) == 1
-    });
-    let (tx, rx) = channel();
-    let h = rig.h.clone();
-    std::thread::spawn(move || tx.send(h.call(Request::Close { minor: MINOR })).unwrap());
+    kick_until_one_in_flight(&rig, &mut front);
+    let rx = call_async(&rig, Request::Close { minor: MINOR });
     std::thread::sleep(Duration::from_millis(50));
     let busy = libc::EBUSY;
     run_table(
@@ -218,25 +235,17 @@ fn requests_while_a_close_drains_get_ebusy() {
 
 #[test]
 fn a_barrier_waiting_for_the_ring_to_drain_survives_pause_and_resume() {
-    let opener = GateOpener::new(2048);
-    let rig = Rig::with_opener(opener.clone());
-    run_table(&rig, &[(Attach, K), (Open, K)]);
-    let mut front = rig.frontend(DOMID, DEVID, MINOR, None, 0);
+    let (opener, rig, mut front) = rig_with_ring();
     opener.set(false);
     let w = front.submit_write(0, &[2; 4096]).unwrap();
     let b = front
         .submit_sync(blktap3::blkif::op::WRITE_BARRIER, 8, &[3; 4096])
         .unwrap();
     let after = front.submit_read(0, 8).unwrap();
-    front.kick().unwrap();
-    until("the write to reach the image", || {
-        outstanding(&rig.stats(MINOR)) == 1
-    });
+    kick_until_one_in_flight(&rig, &mut front);
     // PAUSE while the barrier waits for the write: the pause drains the write and the
     // barrier is held (not started on a pausing VBD, nothing after it taken).
-    let (tx, rx) = channel();
-    let h = rig.h.clone();
-    std::thread::spawn(move || tx.send(h.call(Request::Pause { minor: MINOR })).unwrap());
+    let rx = call_async(&rig, Request::Pause { minor: MINOR });
     std::thread::sleep(Duration::from_millis(50));
     opener.set(true);
     assert_eq!(
@@ -262,19 +271,13 @@ fn a_barrier_waiting_for_the_ring_to_drain_survives_pause_and_resume() {
 
 #[test]
 fn a_disconnect_while_a_barrier_waits_drains_and_frees_the_ring() {
-    let opener = GateOpener::new(2048);
-    let rig = Rig::with_opener(opener.clone());
-    run_table(&rig, &[(Attach, K), (Open, K)]);
-    let mut front = rig.frontend(DOMID, DEVID, MINOR, None, 0);
+    let (opener, rig, mut front) = rig_with_ring();
     opener.set(false);
     front.submit_write(0, &[4; 4096]).unwrap();
     front
         .submit_sync(blktap3::blkif::op::WRITE_BARRIER, 8, &[5; 4096])
         .unwrap();
-    front.kick().unwrap();
-    until("the write to reach the image", || {
-        outstanding(&rig.stats(MINOR)) == 1
-    });
+    kick_until_one_in_flight(&rig, &mut front);
     assert!(rig.stats(MINOR).contains("xenbus"));
     // The ring goes dead with the write in flight and the barrier held.
     run_table(&rig, &[(Disconnect, K), (Detach, E(libc::EBUSY))]);
