@@ -109,7 +109,9 @@ fn spawn_daemon() -> ExitCode {
             return exit_status(e.raw_os_error().unwrap_or(libc::EIO));
         }
     };
-    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    // args_os: a non-UTF-8 argument (a --pidfile path) must reach the child unchanged;
+    // env::args() would panic on it.
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     args.push("--daemon-child".into());
     let mut child = match Command::new(&exe)
         .args(&args)

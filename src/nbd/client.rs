@@ -51,9 +51,11 @@ fn read_u64(s: &mut UnixStream) -> io::Result<u64> {
 }
 
 fn send_opt(s: &mut UnixStream, opt: u32, data: &[u8]) -> io::Result<()> {
+    let len = u32::try_from(data.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "option too long"))?;
     let mut v = IHAVEOPT.to_be_bytes().to_vec();
     v.extend_from_slice(&opt.to_be_bytes());
-    v.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    v.extend_from_slice(&len.to_be_bytes());
     v.extend_from_slice(data);
     s.write_all(&v)
 }
@@ -198,12 +200,14 @@ impl Client {
 
     /// WRITE (with FUA when `fua`); returns the NBD error (0 = success).
     pub fn write(&mut self, offset: u64, data: &[u8], fua: bool) -> io::Result<u32> {
+        let length = u32::try_from(data.len())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "write larger than 4 GiB"))?;
         let h = RequestHeader {
             flags: if fua { CMD_FLAG_FUA } else { 0 },
             typ: CMD_WRITE,
             cookie: offset,
             offset,
-            length: data.len() as u32,
+            length,
         };
         self.send(&h, data)?;
         match self.recv(None, &mut Vec::new())? {

@@ -19,6 +19,9 @@ const RBUF: usize = 64 << 10;
 const OUT_HIGH_WATER: usize = 64 << 20;
 /// iovecs per writev.
 const MAX_IOV: usize = 64;
+/// Socket bytes read per [`Connection::on_readable`] call: a client streaming payload that
+/// produces no event (a refused WRITE's data, a skipped option) cannot hold the loop.
+const READ_BUDGET: usize = 4 << 20;
 /// Data buffers kept for reuse per connection (bytes), and the smallest worth keeping.
 const POOL_MAX_BYTES: usize = 16 << 20;
 const POOL_MIN_BUF: usize = 4096;
@@ -141,6 +144,11 @@ impl Connection {
         self.out_bytes > OUT_HIGH_WATER
     }
 
+    /// Bytes of output queued and not yet written.
+    pub fn queued_bytes(&self) -> usize {
+        self.out_bytes
+    }
+
     /// A buffer of exactly `len` bytes (old contents if recycled: the caller overwrites it).
     pub fn take_buf(&mut self, len: usize) -> Vec<u8> {
         if let Some(b) = self.pool.get_mut(&len).and_then(Vec::pop) {
@@ -177,21 +185,24 @@ impl Connection {
         self.drained = false;
     }
 
-    /// Decode buffered input and read more from the socket, up to `max` events. A short
-    /// read marks the socket drained: later calls only decode what is buffered until
-    /// [`Connection::mark_readable`] (saves the EAGAIN read per request; level-triggered
-    /// epoll reports any data that arrives meanwhile).
+    /// Decode buffered input and read more from the socket, up to `max` events (error
+    /// replies to refused requests count as events). A short read marks the socket drained:
+    /// later calls only decode what is buffered until [`Connection::mark_readable`] (saves
+    /// the EAGAIN read per request; level-triggered epoll reports any data that arrives
+    /// meanwhile). Work per call is bounded: at most `max` events, [`READ_BUDGET`] bytes
+    /// read, and nothing more once the output queue is backlogged.
     pub fn on_readable(&mut self, max: usize, events: &mut Vec<Event>) -> ReadStatus {
-        let first = events.len();
+        let mut budget = max;
+        let mut read = 0usize;
         loop {
-            if let Err(e) = self.process(events, first + max) {
+            if let Err(e) = self.process(events, &mut budget) {
                 self.fail(e);
                 return ReadStatus::Done;
             }
             if matches!(self.phase, Phase::Closed) {
                 return ReadStatus::Done;
             }
-            if events.len() - first >= max || self.drained {
+            if budget == 0 || self.drained || self.backlogged() || read >= READ_BUDGET {
                 return ReadStatus::Open;
             }
             // Large write payloads are read straight into their buffer.
@@ -228,7 +239,7 @@ impl Connection {
                     self.phase = Phase::Closed;
                     return ReadStatus::Done;
                 }
-                Ok(_) => {}
+                Ok(n) => read += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.drained = true;
                     return ReadStatus::Open;
@@ -249,10 +260,11 @@ impl Connection {
         }
     }
 
-    /// Decode buffered input.
-    fn process(&mut self, events: &mut Vec<Event>, limit: usize) -> Result<(), NbdError> {
+    /// Decode buffered input while `budget` (events and error replies) lasts and the output
+    /// queue is not backlogged.
+    fn process(&mut self, events: &mut Vec<Event>, budget: &mut usize) -> Result<(), NbdError> {
         loop {
-            if events.len() >= limit {
+            if *budget == 0 || self.backlogged() {
                 return Ok(());
             }
             let avail = self.rend - self.rstart;
@@ -302,6 +314,7 @@ impl Connection {
                         }
                         continue;
                     }
+                    *budget -= 1;
                     match v {
                         Ok(Command::Disconnect) => {
                             events.push(Event::Disconnect);
@@ -333,6 +346,7 @@ impl Connection {
                         cookie, cmd, buf, ..
                     } = std::mem::replace(&mut self.phase, Phase::Header)
                     {
+                        *budget -= 1;
                         events.push(Event::Request {
                             cookie,
                             cmd,
@@ -353,6 +367,7 @@ impl Connection {
                     }
                     let (cookie, err) = (*cookie, *err);
                     self.phase = Phase::Header;
+                    *budget -= 1;
                     self.reply_error(cookie, false, err);
                 }
             }
@@ -374,9 +389,17 @@ impl Connection {
         self.queue(proto::simple_reply(cookie, 0).to_vec());
     }
 
-    /// Reply to a READ at `offset` with `data[start..start + len]`.
+    /// Reply to a READ at `offset` with `data[start..start + len]` (an EIO error reply if
+    /// `data` is too short, rather than a panic when the queue is written).
     pub fn reply_read(&mut self, cookie: u64, offset: u64, data: Vec<u8>, start: usize, len: u32) {
-        let end = start + len as usize;
+        let Some(end) = usize::try_from(len)
+            .ok()
+            .and_then(|l| start.checked_add(l))
+            .filter(|&e| e <= data.len())
+        else {
+            self.reply_error(cookie, true, proto::NBD_EIO);
+            return;
+        };
         if self.neg.structured {
             if len == 0 {
                 self.queue(proto::none_chunk(cookie));
@@ -610,6 +633,149 @@ mod tests {
         assert_eq!(rep[..16], simple_reply(9, 0));
         assert_eq!(rep[16], 10);
         assert_eq!(rep[115], 109);
+    }
+
+    #[test]
+    fn refused_requests_count_against_the_event_limit() {
+        // A client flooding refused requests (never reading the replies) used to be served in
+        // one call until its socket ran dry: unbounded loop time and output queue.
+        let (mut c, mut peer) = pair(false);
+        handshake(&mut c, &mut peer);
+        let bad = RequestHeader {
+            flags: 0x8000,
+            typ: CMD_READ,
+            cookie: 1,
+            offset: 0,
+            length: 512,
+        };
+        let mut input = Vec::new();
+        for _ in 0..100 {
+            input.extend_from_slice(&bad.encode());
+        }
+        peer.write_all(&input).unwrap();
+        let mut ev = Vec::new();
+        assert_eq!(readable(&mut c, 1, &mut ev), ReadStatus::Open);
+        assert!(ev.is_empty());
+        assert_eq!(c.queued_bytes(), 16);
+        assert!(c.has_buffered_input());
+        assert_eq!(c.on_readable(10, &mut ev), ReadStatus::Open);
+        assert_eq!(c.queued_bytes(), 16 * 11);
+        // The rest is served by later calls, and every request gets its EINVAL reply.
+        while c.has_buffered_input() {
+            assert_eq!(c.on_readable(64, &mut ev), ReadStatus::Open);
+        }
+        assert!(ev.is_empty());
+        assert_eq!(c.queued_bytes(), 16 * 100);
+        assert!(c.flush().unwrap());
+        let mut rep = [0u8; 16];
+        for _ in 0..100 {
+            peer.read_exact(&mut rep).unwrap();
+            assert_eq!(rep, simple_reply(1, NBD_EINVAL));
+        }
+    }
+
+    #[test]
+    fn a_refused_write_payload_is_skipped_within_the_read_budget() {
+        let (mut c, mut peer) = pair(true);
+        handshake(&mut c, &mut peer);
+        let len: u32 = 3 * READ_BUDGET as u32;
+        let w = RequestHeader {
+            flags: 0,
+            typ: CMD_WRITE,
+            cookie: 3,
+            offset: 0,
+            length: len,
+        };
+        let writer = std::thread::spawn(move || {
+            peer.write_all(&w.encode()).unwrap();
+            peer.write_all(&vec![0u8; len as usize]).unwrap();
+            peer
+        });
+        let mut ev = Vec::new();
+        let mut calls = 0;
+        while c.queued_bytes() == 0 {
+            c.mark_readable();
+            assert_eq!(c.on_readable(16, &mut ev), ReadStatus::Open);
+            if let Phase::Skip { remaining, .. } = c.phase {
+                assert!(remaining + (READ_BUDGET + RBUF) as u64 * (calls + 1) >= u64::from(len));
+            }
+            calls += 1;
+            if c.queued_bytes() == 0 {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+        assert!(calls >= 3, "{calls}");
+        let mut peer = writer.join().unwrap();
+        assert!(ev.is_empty());
+        assert!(c.flush().unwrap());
+        let mut rep = [0u8; 16];
+        peer.read_exact(&mut rep).unwrap();
+        assert_eq!(rep, simple_reply(3, NBD_EPERM));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+        /// Any bytes after a valid handshake: no panic, bounded work per call, and the
+        /// connection ends in events/error replies or a clean close.
+        #[test]
+        fn random_bytes_after_the_handshake_never_panic(
+            data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..4096),
+            valid in proptest::collection::vec((0u16..10, 0u16..16, 0u64..(2 << 20), 0u32..8192), 0..8),
+            ro in proptest::prelude::any::<bool>(),
+        ) {
+            let (mut c, mut peer) = pair(ro);
+            handshake(&mut c, &mut peer);
+            // Well-formed headers with random fields, then garbage.
+            let mut input = Vec::new();
+            for (i, (typ, flags, offset, length)) in valid.iter().enumerate() {
+                let h = RequestHeader { flags: *flags, typ: *typ, cookie: i as u64, offset: *offset, length: *length };
+                input.extend_from_slice(&h.encode());
+            }
+            input.extend_from_slice(&data);
+            peer.write_all(&input).unwrap();
+            drop(peer);
+            let mut ev = Vec::new();
+            let mut status = ReadStatus::Open;
+            for _ in 0..10_000 {
+                let before = ev.len();
+                c.mark_readable();
+                status = c.on_readable(4, &mut ev);
+                proptest::prop_assert!(ev.len() - before <= 4);
+                for e in &ev[before..] {
+                    if let Event::Request { cmd, data, .. } = e {
+                        match cmd {
+                            Command::Write { offset, len, .. } => {
+                                proptest::prop_assert!(!ro);
+                                proptest::prop_assert!(offset + u64::from(*len) <= 1 << 20);
+                                proptest::prop_assert_eq!(data.as_ref().map(Vec::len), Some(*len as usize));
+                            }
+                            Command::Read { offset, len } | Command::Trim { offset, len, .. } | Command::BlockStatus { offset, len, .. } => {
+                                proptest::prop_assert!(offset + u64::from(*len) <= 1 << 20);
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                if status == ReadStatus::Done {
+                    break;
+                }
+            }
+            // The peer closed: the connection must have noticed.
+            proptest::prop_assert_eq!(status, ReadStatus::Done);
+            // Replies can be written until the socket is gone; no panic either way.
+            let _ = c.flush();
+        }
+    }
+
+    #[test]
+    fn a_read_reply_with_too_little_data_is_an_error_not_a_panic() {
+        let (mut c, mut peer) = pair(false);
+        handshake(&mut c, &mut peer);
+        c.reply_read(4, 0, vec![0u8; 100], 10, 100);
+        assert!(c.flush().unwrap());
+        let mut rep = [0u8; 16];
+        peer.read_exact(&mut rep).unwrap();
+        assert_eq!(rep, simple_reply(4, NBD_EIO));
     }
 
     #[test]

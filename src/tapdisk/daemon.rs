@@ -446,15 +446,8 @@ impl Tapdisk {
                     read_only: flags & OpenFlags::RDONLY.0 != 0,
                     keys,
                 };
-                vbd.busy = true;
                 vbd.flags = flags;
-                self.pending.insert(
-                    minor,
-                    Pending {
-                        what: Waiting::Open { params, kind, path },
-                        reply: reply.clone(),
-                    },
-                );
+                self.begin(minor, Waiting::Open { params, kind, path }, reply);
                 let opener = Arc::clone(&self.cfg.opener);
                 self.io.run(
                     Tag::Open { minor },
@@ -476,14 +469,7 @@ impl Tapdisk {
                     return err(libc::EINVAL);
                 }
                 vbd.state |= state::PAUSE_REQUESTED;
-                vbd.busy = true;
-                self.pending.insert(
-                    minor,
-                    Pending {
-                        what: Waiting::PauseDrain,
-                        reply: reply.clone(),
-                    },
-                );
+                self.begin(minor, Waiting::PauseDrain, reply);
                 self.set_listening(minor, false);
                 self.refresh_conns(minor);
                 self.progress(minor);
@@ -516,14 +502,7 @@ impl Tapdisk {
                     read_only: vbd.flags & OpenFlags::RDONLY.0 != 0,
                     keys: self.cfg.keys.clone(),
                 };
-                vbd.busy = true;
-                self.pending.insert(
-                    minor,
-                    Pending {
-                        what: Waiting::Resume { params, kind, path },
-                        reply: reply.clone(),
-                    },
-                );
+                self.begin(minor, Waiting::Resume { params, kind, path }, reply);
                 let opener = Arc::clone(&self.cfg.opener);
                 self.io.run(
                     Tag::Resume { minor },
@@ -556,14 +535,7 @@ impl Tapdisk {
                     return Some(Reply::Close);
                 }
                 vbd.state |= state::SHUTDOWN_REQUESTED;
-                vbd.busy = true;
-                self.pending.insert(
-                    minor,
-                    Pending {
-                        what: Waiting::CloseDrain,
-                        reply: reply.clone(),
-                    },
-                );
+                self.begin(minor, Waiting::CloseDrain, reply);
                 self.remove_listener(minor);
                 let ids = self.conn_ids(minor);
                 for id in ids {
@@ -655,6 +627,21 @@ impl Tapdisk {
         self.vbds.insert(minor, Vbd::new(minor, marker));
         info!("minor {minor} attached");
         Reply::Attach
+    }
+
+    /// A control operation on `minor` goes asynchronous: the VBD is busy (other requests get
+    /// EBUSY) until [`Tapdisk::finish`] answers `reply`.
+    fn begin(&mut self, minor: u16, what: Waiting, reply: &Sender<Reply>) {
+        if let Some(v) = self.vbds.get_mut(&minor) {
+            v.busy = true;
+        }
+        self.pending.insert(
+            minor,
+            Pending {
+                what,
+                reply: reply.clone(),
+            },
+        );
     }
 
     fn finish(&mut self, minor: u16, r: Reply) {

@@ -40,6 +40,9 @@ pub const DEFAULT_THREADS: usize = 4;
 
 /// A zero-filled buffer for WRITE_ZEROES, written in pieces of this size.
 const ZERO_CHUNK: usize = 1 << 20;
+/// Sectors asked about per `block_status` call while zeroing: a WRITE_ZEROES of up to
+/// 4 GiB on a fragmented image must not build one huge extent list.
+const ZERO_STATUS_WINDOW: u64 = 1 << 16;
 
 /// Something a worker runs (besides the image calls): opening and closing images.
 pub type Task = Box<dyn FnOnce() -> Result<Output, ImageError> + Send>;
@@ -286,26 +289,34 @@ fn execute(image: Option<&dyn Image>, op: Op) -> Result<Output, ImageError> {
             fua,
             no_hole,
         } => {
-            let ranges = if no_hole {
-                vec![(sector, nsectors)]
-            } else {
-                img.block_status(sector, nsectors)?
-                    .into_iter()
-                    .filter(|e| e.allocated)
-                    .map(|e| (e.sector, e.nsectors))
-                    .collect()
-            };
             let zero = vec![0u8; ZERO_CHUNK];
             let per = ZERO_CHUNK as u64 / SECTOR_SIZE;
-            for (start, count) in ranges {
-                let end = start + count;
-                let mut s = start;
-                while s < end {
-                    let n = (end - s).min(per);
-                    // n <= per, so the slice bound fits usize.
-                    img.write(s, &zero[..(n * SECTOR_SIZE) as usize])?;
-                    s += n;
+            // Check the whole range first: nothing is zeroed when it is out of range.
+            crate::image::check_sectors(sector, nsectors, img.info().size_sectors)?;
+            let last = sector + nsectors;
+            let mut window = sector;
+            while window < last {
+                let wn = (last - window).min(ZERO_STATUS_WINDOW);
+                let ranges = if no_hole {
+                    vec![(window, wn)]
+                } else {
+                    img.block_status(window, wn)?
+                        .into_iter()
+                        .filter(|e| e.allocated)
+                        .map(|e| (e.sector, e.nsectors))
+                        .collect()
+                };
+                for (start, count) in ranges {
+                    let end = start.saturating_add(count);
+                    let mut s = start;
+                    while s < end {
+                        let n = (end - s).min(per);
+                        // n <= per, so the slice bound fits usize.
+                        img.write(s, &zero[..(n * SECTOR_SIZE) as usize])?;
+                        s += n;
+                    }
                 }
+                window += wn;
             }
             if fua {
                 img.flush()?;
@@ -428,5 +439,60 @@ mod tests {
         execute(Some(&img), zero(true)).unwrap();
         assert_eq!(img.block_status(0, 8).unwrap().len(), 1);
         assert!(img.block_status(0, 8).unwrap()[0].allocated);
+    }
+
+    /// Records the largest range `block_status` was asked about.
+    #[derive(Debug)]
+    struct Widest(MemImage, std::sync::atomic::AtomicU64);
+
+    impl Image for Widest {
+        fn info(&self) -> crate::image::ImageInfo {
+            self.0.info()
+        }
+        fn read(&self, sector: u64, buf: &mut [u8]) -> Result<(), ImageError> {
+            self.0.read(sector, buf)
+        }
+        fn write(&self, sector: u64, buf: &[u8]) -> Result<(), ImageError> {
+            self.0.write(sector, buf)
+        }
+        fn flush(&self) -> Result<(), ImageError> {
+            self.0.flush()
+        }
+        fn discard(&self, sector: u64, n: u64) -> Result<(), ImageError> {
+            self.0.discard(sector, n)
+        }
+        fn block_status(&self, sector: u64, n: u64) -> Result<Vec<Extent>, ImageError> {
+            self.1.fetch_max(n, std::sync::atomic::Ordering::Relaxed);
+            self.0.block_status(sector, n)
+        }
+        fn close(&self) -> Result<(), ImageError> {
+            self.0.close()
+        }
+    }
+
+    #[test]
+    fn write_zeroes_asks_for_allocation_in_bounded_windows() {
+        let sectors = 3 * ZERO_STATUS_WINDOW + 5;
+        let img = Widest(MemImage::new(sectors, false), 0.into());
+        // Data in every window, including the short last one.
+        for w in 0..4 {
+            img.write(w * ZERO_STATUS_WINDOW + 1, &[7u8; 1024]).unwrap();
+        }
+        let op = Op::WriteZeroes {
+            sector: 0,
+            nsectors: sectors,
+            fua: false,
+            no_hole: false,
+        };
+        execute(Some(&img), op).unwrap();
+        assert_eq!(
+            img.1.load(std::sync::atomic::Ordering::Relaxed),
+            ZERO_STATUS_WINDOW
+        );
+        let mut b = vec![1u8; 1536];
+        for w in 0..4 {
+            img.read(w * ZERO_STATUS_WINDOW, &mut b).unwrap();
+            assert!(b.iter().all(|x| *x == 0), "window {w}");
+        }
     }
 }

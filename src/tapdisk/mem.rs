@@ -14,8 +14,17 @@ pub struct MemImage {
 }
 
 impl MemImage {
-    /// A zeroed, fully unallocated disk of `sectors` sectors.
+    /// A zeroed, fully unallocated disk of `sectors` sectors (an empty disk when that many
+    /// bytes cannot be addressed, e.g. 4 GiB or more on a 32-bit host).
     pub fn new(sectors: u64, read_only: bool) -> Self {
+        let bytes = sectors
+            .checked_mul(SECTOR_SIZE)
+            .and_then(|b| usize::try_from(b).ok());
+        let (sectors, bytes) = match bytes {
+            Some(b) => (sectors, b),
+            None => (0, 0),
+        };
+        // sectors <= bytes, so it fits usize too.
         let n = usize::try_from(sectors).unwrap_or(0);
         MemImage {
             info: ImageInfo {
@@ -23,7 +32,7 @@ impl MemImage {
                 sector_size: 512,
                 read_only,
             },
-            data: RwLock::new(vec![0u8; n * SECTOR_SIZE as usize]),
+            data: RwLock::new(vec![0u8; bytes]),
             allocated: Mutex::new(vec![false; n]),
             closed: Mutex::new(false),
         }
@@ -118,5 +127,23 @@ impl Image for MemImage {
     fn close(&self) -> Result<(), ImageError> {
         *self.closed.lock().unwrap_or_else(|e| e.into_inner()) = true;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_size_beyond_the_address_space_gives_an_empty_disk() {
+        // u64::MAX / 256 sectors overflows the byte count on every host.
+        let m = MemImage::new(u64::MAX / 256, false);
+        assert_eq!(m.info().size_sectors, 0);
+        assert!(m.read(0, &mut [0u8; 512]).is_err());
+        let m = MemImage::new(8, false);
+        assert_eq!(m.info().size_sectors, 8);
+        let mut b = [1u8; 4096];
+        m.read(0, &mut b).unwrap();
+        assert_eq!(b, [0u8; 4096]);
     }
 }

@@ -678,3 +678,41 @@ fn a_connection_pins_at_most_64_mib_of_buffers() {
         ));
     }
 }
+
+#[test]
+fn block_status_describes_at_most_32_mib_per_request() {
+    let op = TableOpener::new();
+    op.add("/bs", 262144); // 128 MiB
+    let h = Harness::start(op, false);
+    open_minor(&h, 0, "aio:/bs");
+    let mut c = Client::connect(&h.nbd(0), true).unwrap();
+    for (cookie, offset) in [(1u64, 0u64), (2, 64 << 20)] {
+        c.send(
+            &RequestHeader {
+                flags: 0,
+                typ: proto::CMD_BLOCK_STATUS,
+                cookie,
+                offset,
+                length: 64 << 20,
+            },
+            &[],
+        )
+        .unwrap();
+        match c.recv(None, &mut Vec::new()).unwrap() {
+            ClientReply::Chunk {
+                cookie: got,
+                typ: proto::REPLY_TYPE_BLOCK_STATUS,
+                payload,
+                ..
+            } => {
+                assert_eq!(got, cookie);
+                let words: Vec<u32> = payload
+                    .chunks(4)
+                    .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect();
+                assert_eq!(words, vec![1, 32 << 20, 3]);
+            }
+            r => panic!("{r:?}"),
+        }
+    }
+}

@@ -77,6 +77,11 @@ pub const MAX_INDIRECT_SEGMENTS: u32 = 256;
 pub const DEFAULT_POOL: &str = "td-xenio-default";
 /// Buffers kept for re-use.
 const POOL_BUFFERS: usize = 64;
+/// Event-channel notifications taken per wake-up of the evtchn fd. Ports are unmasked as
+/// they are read, so a guest notifying in a tight loop could otherwise keep the loop reading
+/// its port forever; what is left stays pending (the fd stays readable) for the next
+/// iteration, after the control socket and NBD clients had their turn.
+const MAX_EVENTS_PER_WAKE: usize = 1024;
 
 /// Shared ring memory as the data path holds it.
 pub type RingMem = Arc<dyn SharedMem + Send + Sync>;
@@ -445,7 +450,7 @@ impl Rings {
             return;
         };
         let mut todo = Vec::new();
-        loop {
+        for _ in 0..MAX_EVENTS_PER_WAKE {
             match env.evtchn().pending() {
                 Ok(Some(p)) => {
                     if let Err(e) = env.evtchn().unmask(p) {
@@ -942,5 +947,91 @@ impl Ring {
             warn!("ring {}/{}: {e}", self.domid, self.devid);
             self.overflow_logged = true;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::{AsFd, BorrowedFd};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// An event channel whose guest never stops notifying: `pending` always has a port
+    /// (up to a safety limit, so a regression fails instead of hanging).
+    #[derive(Debug)]
+    struct Storm {
+        fd: SimEvtchn,
+        reads: Arc<AtomicUsize>,
+    }
+
+    const STORM_LIMIT: usize = 1_000_000;
+
+    impl AsFd for Storm {
+        fn as_fd(&self) -> BorrowedFd<'_> {
+            self.fd.as_fd()
+        }
+    }
+
+    impl EventChannel for Storm {
+        fn bind_interdomain(&self, _: DomId, remote: Port) -> io::Result<Port> {
+            Ok(remote)
+        }
+        fn unbind(&self, _: Port) -> io::Result<()> {
+            Ok(())
+        }
+        fn notify(&self, _: Port) -> io::Result<()> {
+            Ok(())
+        }
+        fn pending(&self) -> io::Result<Option<Port>> {
+            let n = self.reads.fetch_add(1, Ordering::Relaxed);
+            Ok((n < STORM_LIMIT).then_some(Port(7)))
+        }
+        fn unmask(&self, _: Port) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    struct StormEnv {
+        evt: Storm,
+        grants: SimGrants,
+    }
+
+    impl XenEnv for StormEnv {
+        fn evtchn(&self) -> &dyn EventChannel {
+            &self.evt
+        }
+        fn grants(&self) -> &dyn GrantCopier {
+            &self.grants
+        }
+        fn map_ring(&self, _: DomId, _: &[GrantRef]) -> io::Result<RingMem> {
+            Err(io::Error::from_raw_os_error(libc::ENOSYS))
+        }
+    }
+
+    #[test]
+    fn an_event_storm_is_taken_in_bounded_batches() {
+        let xen = SimXen::new();
+        let reads = Arc::new(AtomicUsize::new(0));
+        let env = StormEnv {
+            evt: Storm {
+                fd: xen.evtchn(DomId(0)).unwrap(),
+                reads: Arc::clone(&reads),
+            },
+            grants: xen.grants(DomId(0)),
+        };
+        let mut rings = Rings::new(Arc::new(SimXenOpener {
+            xen: xen.clone(),
+            dom: DomId(0),
+        }));
+        rings.env = Some(Box::new(env));
+        let io = IoEngine::new(1).unwrap();
+        let mut vbds = BTreeMap::new();
+        rings.on_event(&io, &mut vbds);
+        let n = reads.load(Ordering::Relaxed);
+        assert!(n <= MAX_EVENTS_PER_WAKE, "{n} pending reads in one wake-up");
+        assert!(n > 0);
+        // The next wake-up takes the next batch.
+        rings.on_event(&io, &mut vbds);
+        assert_eq!(reads.load(Ordering::Relaxed), 2 * n);
     }
 }

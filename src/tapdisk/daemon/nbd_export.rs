@@ -7,6 +7,11 @@
 
 use super::*;
 
+/// Bytes one BLOCK_STATUS request describes at most (the reply may cover less than asked,
+/// NBD spec): bounds the extent list the image builds and the reply (a raw file fragmented
+/// by its guest at 4 KiB could otherwise yield a million extents for one 4 GiB request).
+const MAX_BLOCK_STATUS_LEN: u32 = proto::MAX_PAYLOAD;
+
 impl Tapdisk {
     pub(super) fn listen(&mut self, minor: u16) -> std::io::Result<()> {
         let path = self.cfg.nbd_path(minor);
@@ -69,8 +74,12 @@ impl Tapdisk {
             let Some(info) = self.vbds.get(&minor).and_then(|v| v.info) else {
                 return;
             };
+            let Some(size) = info.sectors.checked_mul(u64::from(info.sector_size)) else {
+                warn!("minor {minor}: disk size overflows u64: nbd client refused");
+                continue;
+            };
             let export = ExportInfo {
-                size: info.sectors * u64::from(info.sector_size),
+                size,
                 read_only: info.info & VDISK_READONLY != 0,
                 name: String::new(),
             };
@@ -155,11 +164,15 @@ impl Tapdisk {
                 || !accepts
                 || c.inflight >= MAX_CONN_INFLIGHT
                 || c.inflight_bytes >= MAX_CONN_INFLIGHT_BYTES
+                || c.conn.backlogged()
             {
                 return;
             }
             events.clear();
+            let queued = c.conn.queued_bytes();
             let status = c.conn.on_readable(1, &mut events);
+            // An error reply to a refused request is progress too.
+            let replied = c.conn.queued_bytes() > queued;
             let minor = c.minor;
             if status == ReadStatus::Done {
                 c.ending = true;
@@ -167,7 +180,7 @@ impl Tapdisk {
                     info!("minor {minor}: nbd client {id}: {e}");
                 }
             }
-            let got = !events.is_empty();
+            let got = !events.is_empty() || replied;
             for ev in events.drain(..) {
                 match ev {
                     Event::Disconnect => {
@@ -281,6 +294,7 @@ impl Tapdisk {
                 len,
                 req_one,
             } => {
+                let len = len.min(MAX_BLOCK_STATUS_LEN);
                 let s = offset / ss;
                 let e = (offset + u64::from(len)).div_ceil(ss);
                 (
@@ -432,8 +446,13 @@ pub(super) fn nbd_extents(ext: &[Extent], offset: u64, len: u32, req_one: bool) 
     let end = offset + u64::from(len);
     let mut out: Vec<(u32, u32)> = Vec::new();
     for e in ext {
-        let a = (e.sector * SECTOR_SIZE).max(offset);
-        let b = ((e.sector + e.nsectors) * SECTOR_SIZE).min(end);
+        // Saturating: an image reporting an extent near u64::MAX must not overflow.
+        let a = e.sector.saturating_mul(SECTOR_SIZE).max(offset);
+        let b = e
+            .sector
+            .saturating_add(e.nsectors)
+            .saturating_mul(SECTOR_SIZE)
+            .min(end);
         if b <= a {
             continue;
         }
@@ -486,5 +505,25 @@ mod tests {
             vec![(8092, 0), (1908, 3)]
         );
         assert_eq!(nbd_extents(&ext, 100, 10000, true), vec![(8092, 0)]);
+    }
+
+    #[test]
+    fn extents_near_u64_max_do_not_overflow() {
+        let ext = [
+            Extent {
+                sector: 0,
+                nsectors: 4,
+                allocated: true,
+            },
+            Extent {
+                sector: 4,
+                nsectors: u64::MAX,
+                allocated: false,
+            },
+        ];
+        assert_eq!(
+            nbd_extents(&ext, 0, 4096, false),
+            vec![(2048, 0), (2048, 3)]
+        );
     }
 }
