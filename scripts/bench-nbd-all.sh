@@ -5,13 +5,18 @@
 # Environment:
 #   REPS=2 RUNTIME=3    per mode (passed to bench-nbd.sh)
 #   EXT4_DIR=target/bench-nbd   directory on the real filesystem for the ext4 placement
-#   ONLY="shm-raw ..."  run only these runs (names below)
+#   ONLY="shm-raw ..."  run only these runs (names below); the results file is written from
+#                       the logs of every run present in LOGDIR, so runs can be redone one by one
+#   LOGDIR=target/bench-nbd-logs   where each run's output is kept (<name>.final)
 #   LOADMAX=2 QUIET_WAIT=30     before each run wait up to QUIET_WAIT s for the 1-min load
 #                       average to fall below LOADMAX; a run that started above LOADMAX is
-#                       re-run once and the run that started with the lower load is kept
-# Runs (name: placement, mode, pinning):
+#                       re-run once (RERUN=1, the default) and the run that started with the
+#                       lowest load is kept (a kept result from an earlier invocation competes)
+# Runs (name: placement, mode, pinning, qemu-nbd cache):
 #   shm-raw shm-vpc shm-enc shm-alloc   /dev/shm (tmpfs + O_DIRECT), PIN=same  (gated)
-#   ext4-raw ext4-vpc ext4-alloc        $EXT4_DIR (ext4 + O_DIRECT), PIN=cross (reported)
+#   ext4-raw ext4-vpc ext4-alloc        $EXT4_DIR (ext4; qemu-nbd O_DIRECT), PIN=cross (reported)
+#   ext4-raw-wb ext4-vpc-wb             the same with qemu-nbd --cache=writeback: like for like,
+#                                       since our tapdisk opens images without O_DIRECT
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -21,13 +26,14 @@ RUNTIME=${RUNTIME:-3}
 EXT4_DIR=${EXT4_DIR:-$here/target/bench-nbd}
 LOADMAX=${LOADMAX:-2}
 QUIET_WAIT=${QUIET_WAIT:-30}
-RUNS="shm-raw:/dev/shm:raw:same shm-vpc:/dev/shm:vpc:same shm-enc:/dev/shm:enc:same shm-alloc:/dev/shm:alloc:same ext4-raw:$EXT4_DIR:raw:cross ext4-vpc:$EXT4_DIR:vpc:cross ext4-alloc:$EXT4_DIR:alloc:cross"
+RERUN=${RERUN:-1}
+RUNS="shm-raw:/dev/shm:raw:same:none shm-vpc:/dev/shm:vpc:same:none shm-enc:/dev/shm:enc:same:none shm-alloc:/dev/shm:alloc:same:none ext4-raw:$EXT4_DIR:raw:cross:none ext4-vpc:$EXT4_DIR:vpc:cross:none ext4-alloc:$EXT4_DIR:alloc:cross:none ext4-raw-wb:$EXT4_DIR:raw:cross:writeback ext4-vpc-wb:$EXT4_DIR:vpc:cross:writeback"
 ONLY=${ONLY:-}
 
 (cd "$here" && cargo build --release --bin tapdisk --bin vhd-util >&2)
 mkdir -p "$(dirname "$OUT")" "$EXT4_DIR"
-logs=$(mktemp -d)
-trap 'rm -rf "$logs"' EXIT
+logs=${LOGDIR:-$here/target/bench-nbd-logs}
+mkdir -p "$logs"
 
 load1() { cut -d' ' -f1 /proc/loadavg; }
 above() { python3 -c "import sys; sys.exit(0 if float('$1') > float('$2') else 1)"; }
@@ -37,12 +43,12 @@ wait_quiet() {
 }
 
 # One run of a mode; its output goes to $logs/$name.N; prints the load at its start.
-run_one() { # name dir mode pin n
+run_one() { # name dir mode pin n cache
     local l
     wait_quiet
     l=$(load1)
     echo "== $1 (try $5): start load $l" >&2
-    DIR=$2 PIN=$4 REPS=$REPS RUNTIME=$RUNTIME "$here/scripts/bench-nbd.sh" "" "$3" >"$logs/$1.$5" 2>&1 || {
+    DIR=$2 PIN=$4 QEMU_CACHE=$6 REPS=$REPS RUNTIME=$RUNTIME "$here/scripts/bench-nbd.sh" "" "$3" >"$logs/$1.$5" 2>&1 || {
         cat "$logs/$1.$5" >&2
         echo "bench-nbd-all: $1 failed" >&2
         exit 1
@@ -51,16 +57,32 @@ run_one() { # name dir mode pin n
 }
 
 for r in $RUNS; do
-    IFS=: read -r name dir mode pin <<<"$r"
+    IFS=: read -r name dir mode pin cache <<<"$r"
     if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then continue; fi
-    run_one "$name" "$dir" "$mode" "$pin" 1
-    keep=1
-    if above "$(cat "$logs/$name.1.load")" "$LOADMAX"; then
-        run_one "$name" "$dir" "$mode" "$pin" 2
-        if above "$(cat "$logs/$name.1.load")" "$(cat "$logs/$name.2.load")"; then keep=2; fi
-        echo "# re-run: the first try started at load $(cat "$logs/$name.1.load"), the second at $(cat "$logs/$name.2.load"); kept try $keep" >>"$logs/$name.$keep"
+    # A result kept from an earlier invocation competes as try 0.
+    tries=""
+    rm -f "$logs/$name".[0-2] "$logs/$name".[0-2].load
+    if [ -f "$logs/$name.final" ] && [ -f "$logs/$name.final.load" ]; then
+        grep -v '^# tries started' "$logs/$name.final" >"$logs/$name.0"
+        mv "$logs/$name.final.load" "$logs/$name.0.load"
+        tries=0
     fi
+    run_one "$name" "$dir" "$mode" "$pin" 1 "$cache"
+    tries="$tries 1"
+    if [ "$RERUN" = 1 ] && above "$(cat "$logs/$name.1.load")" "$LOADMAX"; then
+        run_one "$name" "$dir" "$mode" "$pin" 2 "$cache"
+        tries="$tries 2"
+    fi
+    keep=1 note=""
+    for t in $tries; do
+        note="$note try $t at $(cat "$logs/$name.$t.load");"
+        if above "$(cat "$logs/$name.$keep.load")" "$(cat "$logs/$name.$t.load")"; then keep=$t; fi
+    done
     cp "$logs/$name.$keep" "$logs/$name.final"
+    cp "$logs/$name.$keep.load" "$logs/$name.final.load"
+    if [ "$tries" != " 1" ]; then
+        echo "# tries started at loads:$note kept try $keep (the lowest start load)" >>"$logs/$name.final"
+    fi
     cat "$logs/$name.final" >&2
 done
 
@@ -86,13 +108,13 @@ cpu_model=$(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
     echo
     echo '```sh'
     for r in $RUNS; do
-        IFS=: read -r name dir mode pin <<<"$r"
-        if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then continue; fi
-        echo "DIR=${dir/#$here\//} PIN=$pin REPS=$REPS RUNTIME=$RUNTIME scripts/bench-nbd.sh \"\" $mode   # $name"
+        IFS=: read -r name dir mode pin cache <<<"$r"
+        [ -f "$logs/$name.final" ] || continue
+        echo "DIR=${dir/#$here\//} PIN=$pin QEMU_CACHE=$cache REPS=$REPS RUNTIME=$RUNTIME scripts/bench-nbd.sh \"\" $mode   # $name"
     done
     echo '```'
     for r in $RUNS; do
-        IFS=: read -r name dir mode pin <<<"$r"
+        IFS=: read -r name dir mode pin cache <<<"$r"
         [ -f "$logs/$name.final" ] || continue
         echo
         echo "## $name"

@@ -30,6 +30,7 @@
 #   NBDCOPY=1        also time an nbdcopy of the whole export to null: (default 0 for alloc)
 #   TAPDISK=path VHD_UTIL=path  (default target/release/{tapdisk,vhd-util}, built if missing)
 #   IO_THREADS=n     tapdisk I/O worker threads (TAPDISK3_IO_THREADS)
+#   QEMU_CACHE=none|writeback  qemu-nbd cache mode (default none = O_DIRECT, --aio=native)
 # Prints a markdown table of medians (min-max), candidate/reference ratios with the target of
 # each row, and server CPU per op: (utime+stime of the server process, all threads, over the
 # fio run, ramp included) / ops done in that time; per GB for the 1M workloads.
@@ -78,7 +79,8 @@ trap cleanup EXIT
 
 loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
 # Compilers and TCG guests of other users of the machine, running now.
-foreign() { pgrep -c -x 'rustc|cc1|cc1plus|ld|ld\.lld|qemu-system.*' || true; }
+# shellcheck disable=SC2009  # pgrep refuses patterns longer than 15 characters
+foreign() { ps -eo comm= | grep -cE '^(rustc|cc1|cc1plus|ld|ld\.lld|clippy-driver|qemu-system.*)$' || true; }
 echo "# start $(date -u '+%F %T') UTC; loadavg $(loadavg); foreign busy processes: $(foreign)"
 
 bytes=$(numfmt --from=iec "$SIZE")
@@ -134,8 +136,9 @@ case $PIN in
     *) srv_pin="$prio"; cli_pin="$prio" ;;
 esac
 
-# qemu-nbd with O_DIRECT when the placement supports it (tapdisk always opens with O_DIRECT).
-if dd if=/dev/zero of="$work/probe" bs=4096 count=1 oflag=direct 2>/dev/null; then
+# qemu-nbd with O_DIRECT when the placement supports it (QEMU_CACHE=writeback forces the page
+# cache, which is what our tapdisk uses: it opens images without O_DIRECT).
+if [ "${QEMU_CACHE:-none}" = none ] && dd if=/dev/zero of="$work/probe" bs=4096 count=1 oflag=direct 2>/dev/null; then
     QEMU_CACHE="--cache=none --aio=native"
 else
     QEMU_CACHE="--cache=writeback --aio=threads"
