@@ -14,6 +14,7 @@
 #                       lowest load is kept (a kept result from an earlier invocation competes)
 # Runs (name: placement, mode, pinning, qemu-nbd cache):
 #   shm-raw shm-vpc shm-enc shm-alloc   /dev/shm (tmpfs + O_DIRECT), PIN=same  (gated)
+#   shm-enc128                          shm-enc with a 256-bit key (XTS-AES-128) instead of 512
 #   ext4-raw ext4-vpc ext4-alloc        $EXT4_DIR (ext4; qemu-nbd O_DIRECT), PIN=cross (reported)
 #   ext4-raw-wb ext4-vpc-wb             the same with qemu-nbd --cache=writeback: like for like,
 #                                       since our tapdisk opens images without O_DIRECT
@@ -27,7 +28,7 @@ EXT4_DIR=${EXT4_DIR:-$here/target/bench-nbd}
 LOADMAX=${LOADMAX:-2}
 QUIET_WAIT=${QUIET_WAIT:-30}
 RERUN=${RERUN:-1}
-RUNS="shm-raw:/dev/shm:raw:same:none shm-vpc:/dev/shm:vpc:same:none shm-enc:/dev/shm:enc:same:none shm-alloc:/dev/shm:alloc:same:none ext4-raw:$EXT4_DIR:raw:cross:none ext4-vpc:$EXT4_DIR:vpc:cross:none ext4-alloc:$EXT4_DIR:alloc:cross:none ext4-raw-wb:$EXT4_DIR:raw:cross:writeback ext4-vpc-wb:$EXT4_DIR:vpc:cross:writeback"
+RUNS="shm-raw:/dev/shm:raw:same:none shm-vpc:/dev/shm:vpc:same:none shm-enc:/dev/shm:enc:same:none shm-enc128:/dev/shm:enc:same:none:256 shm-alloc:/dev/shm:alloc:same:none ext4-raw:$EXT4_DIR:raw:cross:none ext4-vpc:$EXT4_DIR:vpc:cross:none ext4-alloc:$EXT4_DIR:alloc:cross:none ext4-raw-wb:$EXT4_DIR:raw:cross:writeback ext4-vpc-wb:$EXT4_DIR:vpc:cross:writeback"
 ONLY=${ONLY:-}
 
 (cd "$here" && cargo build --release --bin tapdisk --bin vhd-util >&2)
@@ -43,12 +44,12 @@ wait_quiet() {
 }
 
 # One run of a mode; its output goes to $logs/$name.N; prints the load at its start.
-run_one() { # name dir mode pin n cache
+run_one() { # name dir mode pin n cache keybits
     local l
     wait_quiet
     l=$(load1)
     echo "== $1 (try $5): start load $l" >&2
-    DIR=$2 PIN=$4 QEMU_CACHE=$6 REPS=$REPS RUNTIME=$RUNTIME "$here/scripts/bench-nbd.sh" "" "$3" >"$logs/$1.$5" 2>&1 || {
+    DIR=$2 PIN=$4 QEMU_CACHE=$6 KEYBITS=${7:-512} REPS=$REPS RUNTIME=$RUNTIME "$here/scripts/bench-nbd.sh" "" "$3" >"$logs/$1.$5" 2>&1 || {
         cat "$logs/$1.$5" >&2
         echo "bench-nbd-all: $1 failed" >&2
         exit 1
@@ -57,7 +58,7 @@ run_one() { # name dir mode pin n cache
 }
 
 for r in $RUNS; do
-    IFS=: read -r name dir mode pin cache <<<"$r"
+    IFS=: read -r name dir mode pin cache keybits <<<"$r"
     if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then continue; fi
     # A result kept from an earlier invocation competes as try 0.
     tries=""
@@ -67,10 +68,10 @@ for r in $RUNS; do
         mv "$logs/$name.final.load" "$logs/$name.0.load"
         tries=0
     fi
-    run_one "$name" "$dir" "$mode" "$pin" 1 "$cache"
+    run_one "$name" "$dir" "$mode" "$pin" 1 "$cache" "$keybits"
     tries="$tries 1"
     if [ "$RERUN" = 1 ] && above "$(cat "$logs/$name.1.load")" "$LOADMAX"; then
-        run_one "$name" "$dir" "$mode" "$pin" 2 "$cache"
+        run_one "$name" "$dir" "$mode" "$pin" 2 "$cache" "$keybits"
         tries="$tries 2"
     fi
     keep=1 note=""
@@ -108,9 +109,9 @@ cpu_model=$(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
     echo
     echo '```sh'
     for r in $RUNS; do
-        IFS=: read -r name dir mode pin cache <<<"$r"
+        IFS=: read -r name dir mode pin cache keybits <<<"$r"
         [ -f "$logs/$name.final" ] || continue
-        echo "DIR=${dir/#$here\//} PIN=$pin QEMU_CACHE=$cache REPS=$REPS RUNTIME=$RUNTIME scripts/bench-nbd.sh \"\" $mode   # $name"
+        echo "DIR=${dir/#$here\//} PIN=$pin QEMU_CACHE=$cache${keybits:+ KEYBITS=$keybits} REPS=$REPS RUNTIME=$RUNTIME scripts/bench-nbd.sh \"\" $mode   # $name"
     done
     echo '```'
     for r in $RUNS; do

@@ -10,7 +10,7 @@
 #           vpc    reference qemu-nbd -f vpc,  candidate tapdisk vhd:  on a fully allocated
 #                  dynamic VHD (qemu-img convert -O vpc -o subformat=dynamic,force_size=on)
 #           enc    reference OUR tapdisk vhd: on the plain dynamic VHD, candidate OUR tapdisk
-#                  vhd: on an encrypted dynamic VHD (vhd-util create + key -s, AES-XTS-256,
+#                  vhd: on an encrypted dynamic VHD (vhd-util create + key -s, XTS-AES-256,
 #                  TAPDISK3_CRYPTO_KEYDIR) filled with the same plaintext through its own
 #                  NBD export (nbdcopy) before timing (qemu cannot serve our encryption)
 #           alloc  reference qemu-nbd -f vpc, candidate tapdisk vhd:, each on a fresh empty
@@ -30,6 +30,7 @@
 #   NBDCOPY=1        also time an nbdcopy of the whole export to null: (default 0 for alloc)
 #   TAPDISK=path VHD_UTIL=path  (default target/release/{tapdisk,vhd-util}, built if missing)
 #   IO_THREADS=n     tapdisk I/O worker threads (TAPDISK3_IO_THREADS)
+#   KEYBITS=512|256  enc: XTS key size (512 = XTS-AES-256, the default; 256 = XTS-AES-128)
 #   QEMU_CACHE=none|writeback  qemu-nbd cache mode (default none = O_DIRECT, --aio=native)
 # Prints a markdown table of medians (min-max), candidate/reference ratios with the target of
 # each row, and server CPU per op: (utime+stime of the server process, all threads, over the
@@ -59,6 +60,8 @@ case $MODE in
     *) echo "bench-nbd: unknown mode $MODE (raw, vpc, enc, alloc)" >&2; exit 1 ;;
 esac
 TAPDISK=${TAPDISK:-$here/target/release/tapdisk}
+KEYBITS=${KEYBITS:-512}
+case $KEYBITS in 512 | 256) ;; *) echo "bench-nbd: KEYBITS is 512 or 256" >&2; exit 1 ;; esac
 VHD_UTIL=${VHD_UTIL:-$here/target/release/vhd-util}
 
 for t in qemu-nbd qemu-img fio nbdcopy nbdinfo openssl python3 taskset sha256sum; do
@@ -118,8 +121,8 @@ case $MODE in
         [ $((size_b % 2097152)) -eq 0 ] || { echo "bench-nbd: enc needs a multiple of 2 MiB" >&2; exit 1; }
         "$VHD_UTIL" create -n "$CAND_IMG" -s $((size_b / 1048576))
         mkdir -p "$work/keys"
-        keyfile=$work/keys/enc,aes-xts-plain,512.key
-        head -c 64 /dev/urandom >"$keyfile"
+        keyfile=$work/keys/enc,aes-xts-plain,$KEYBITS.key
+        head -c $((KEYBITS / 8)) /dev/urandom >"$keyfile"
         "$VHD_UTIL" key -s -n "$CAND_IMG" -k "$keyfile"
         ;;
     alloc)
@@ -208,7 +211,7 @@ esac
 fsname=$(df -T "$DIR" | awk 'NR == 2 {print $2}')
 echo "# mode $MODE on $fsname ($DIR), $size_bytes bytes, PIN=$PIN, reps=$REPS, runtime=${RUNTIME}s+${RAMP}s ramp, ${prio:-no nice}"
 case $MODE in
-    enc) echo "# reference: $TAPDISK -D --open vhd:plain.vhd; candidate: $TAPDISK -D --open vhd:enc.vhd (AES-XTS-256 key in TAPDISK3_CRYPTO_KEYDIR)" ;;
+    enc) echo "# reference: $TAPDISK -D --open vhd:plain.vhd; candidate: $TAPDISK -D --open vhd:enc.vhd ($KEYBITS-bit XTS key in TAPDISK3_CRYPTO_KEYDIR)" ;;
     *) echo "# reference: qemu-nbd -f $REF_FMT $QEMU_CACHE -e 8; candidate: $TAPDISK -D --open $CAND_TYPE: (io threads ${IO_THREADS:-default})" ;;
 esac
 [ "$MODE" = alloc ] && echo "# both on fresh empty VHDs from qemu-img create -f vpc -o subformat=dynamic,force_size=on"
