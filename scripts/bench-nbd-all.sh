@@ -1,7 +1,8 @@
 #!/bin/bash
 # bench-nbd-all.sh: run every scripts/bench-nbd.sh mode in sequence and write the results file.
 #
-# Usage: scripts/bench-nbd-all.sh [OUT]     (OUT default: docs/benchmarks.md)
+# Usage: scripts/bench-nbd-all.sh [OUT]     (OUT default: docs/benchmarks.md; a "## Reading"
+#        section at its end is kept when the file is regenerated)
 # Environment:
 #   REPS=2 RUNTIME=3    per mode (passed to bench-nbd.sh)
 #   EXT4_DIR=target/bench-nbd   directory on the real filesystem for the ext4 placement
@@ -87,6 +88,9 @@ for r in $RUNS; do
     cat "$logs/$name.final" >&2
 done
 
+# A hand-written "## Reading" section (to the end of the file) survives regeneration.
+reading=""
+[ -f "$OUT" ] && reading=$(sed -n '/^## Reading/,$p' "$OUT")
 cpu_model=$(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
 {
     echo "# NBD benchmarks: our tapdisk against qemu-nbd (and our encrypted VHD against our plain VHD)"
@@ -124,5 +128,9 @@ cpu_model=$(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
         echo
         grep '^|' "$logs/$name.final"
     done
+    if [ -n "$reading" ]; then
+        echo
+        echo "$reading"
+    fi
 } >"$OUT"
 echo "bench-nbd-all: wrote $OUT" >&2
