@@ -99,7 +99,7 @@ cpu_model=$(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
     echo
     echo "- date: $(date -u '+%F %T') UTC"
     echo "- commit: $(git -C "$here" rev-parse --short HEAD)"
-    echo "- machine: $(nproc) CPUs, $cpu_model; $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo); kernel $(uname -r)"
+    echo "- machine: $(nproc) CPUs, $cpu_model; $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo); crypto flags: $(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -xE 'aes|vaes|vpclmulqdq|avx2|avx512f' | tr '\n' ' '); kernel $(uname -r)"
     echo "- peers: $(qemu-nbd --version | head -1); $(fio --version); nbdcopy $(nbdcopy --version | head -1 | awk '{print $2}')"
     echo "- tapdisk: \`target/release/tapdisk -D --open TYPE:PATH\` (release build, default I/O threads)"
     echo "- per mode: REPS=$REPS, RUNTIME=${RUNTIME}s; A/B alternated in each repetition; identical-bytes check (sha256 of the whole export) before timing"
