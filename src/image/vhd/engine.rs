@@ -73,6 +73,14 @@ use crate::image::{
     LayerInfo, SECTOR_SIZE,
 };
 
+/// Largest encrypted write served from the per-thread bounce buffer.
+const ENCRYPT_BUF_MAX: usize = 1 << 20;
+
+thread_local! {
+    /// Per-thread bounce buffer for encrypted writes of up to `ENCRYPT_BUF_MAX` bytes.
+    static ENCRYPT_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Cached sector bitmaps kept per image (each one sector): 8192 x 512 B = 4 MiB.
 const BITMAP_CACHE: usize = 8192;
 /// Default number of blocks reserved per extension (16 MiB with 2 MiB blocks).
@@ -1063,6 +1071,14 @@ impl VhdImage {
         Ok(())
     }
 
+    /// Write bytes as they are to be stored (already encrypted when the layer is keyed).
+    fn write_plain(&self, sector: u64, data: &[u8]) -> Result<(), ImageError> {
+        if self.kind == DiskType::Fixed {
+            return self.pwrite(data, sector * SECTOR_SIZE, "write");
+        }
+        self.write_dynamic(sector, data)
+    }
+
     fn write_dynamic(&self, sector: u64, buf: &[u8]) -> Result<(), ImageError> {
         let g = self.geom_or_err()?;
         let mut done = 0usize;
@@ -1240,20 +1256,26 @@ impl Image for VhdImage {
     fn write(&self, sector: u64, buf: &[u8]) -> Result<(), ImageError> {
         self.writable()?;
         check_range(sector, buf.len(), self.size_sectors)?;
-        let enc;
-        let data = match &self.cipher {
-            Some(c) => {
-                let mut b = buf.to_vec();
-                c.encrypt_sectors(sector, &mut b);
-                enc = b;
-                &enc[..]
-            }
-            None => buf,
+        let Some(c) = &self.cipher else {
+            return self.write_plain(sector, buf);
         };
-        if self.kind == DiskType::Fixed {
-            return self.pwrite(data, sector * SECTOR_SIZE, "write");
+        // Ciphertext goes into a bounce buffer (never the caller's buffer), written in one pass
+        // by the cipher. Requests up to ENCRYPT_BUF_MAX reuse a per-thread buffer; larger ones
+        // (rare: big NBD writes) get their own, so no thread keeps a large buffer alive.
+        if buf.len() > ENCRYPT_BUF_MAX {
+            let mut out = vec![0u8; buf.len()];
+            c.encrypt_sectors_to(sector, buf, &mut out);
+            return self.write_plain(sector, &out);
         }
-        self.write_dynamic(sector, data)
+        ENCRYPT_BUF.with(|cell| {
+            let mut bounce = cell.borrow_mut();
+            if bounce.len() < buf.len() {
+                bounce.resize(buf.len(), 0);
+            }
+            let out = &mut bounce[..buf.len()];
+            c.encrypt_sectors_to(sector, buf, out);
+            self.write_plain(sector, out)
+        })
     }
 
     fn flush(&self) -> Result<(), ImageError> {
