@@ -41,7 +41,10 @@ use blktap3::util::error_chain;
 use blktap3::util::logging::{self, LogOptions, Logger};
 
 #[derive(Parser, Debug)]
-#[command(name = "tapdisk", about = "blktap3 disk daemon: serves VBDs (raw, VHD, encrypted VHD) to Xen guests over blkif rings and to dom0 over NBD")]
+#[command(
+    name = "tapdisk",
+    about = "blktap3 disk daemon: serves VBDs (raw, VHD, encrypted VHD) to Xen guests over blkif rings and to dom0 over NBD"
+)]
 struct Args {
     /// Do not daemonise; also log to stderr.
     #[arg(short = 'D')]

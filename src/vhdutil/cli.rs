@@ -55,14 +55,24 @@ impl UsageSpec {
     /// [`UsageSpec::parse`] for the commands working on one image: `-n NAME` is required
     /// and operands are refused (usage, -EINVAL). Returns the options and NAME.
     pub fn parse_named(&self, io: &mut Io, args: &[String]) -> Result<(Parsed, String), i32> {
+        let (p, [name]) = self.parse_required(io, args, ['n'])?;
+        Ok((p, name))
+    }
+
+    /// [`UsageSpec::parse`] with the option values `letters` required and operands refused
+    /// (usage, -EINVAL). Returns the options and the required values, in `letters` order.
+    pub fn parse_required<const N: usize>(
+        &self,
+        io: &mut Io,
+        args: &[String],
+        letters: [char; N],
+    ) -> Result<(Parsed, [String; N]), i32> {
         let p = self.parse(io, args)?;
-        let Some(name) = p.value('n').map(str::to_string) else {
-            return Err(self.fail(io, EINVAL));
-        };
-        if !p.operands.is_empty() {
+        let values = letters.map(|c| p.value(c).map(str::to_string));
+        if values.iter().any(Option::is_none) || !p.operands.is_empty() {
             return Err(self.fail(io, EINVAL));
         }
-        Ok((p, name))
+        Ok((p, values.map(Option::unwrap_or_default)))
     }
 }
 

@@ -29,16 +29,11 @@ pub fn mib_to_block_bytes(mib: u64) -> Option<u64> {
 }
 
 pub fn run(io: &mut Io, args: &[String]) -> i32 {
-    let p = match USAGE.parse(io, args) {
-        Ok(p) => p,
+    let (p, [name, s]) = match USAGE.parse_required(io, args, ['n', 's']) {
+        Ok(v) => v,
         Err(s) => return s,
     };
-    let (Some(name), Some(s)) = (p.value('n'), p.value('s')) else {
-        return USAGE.fail(io, EINVAL);
-    };
-    if !p.operands.is_empty() {
-        return USAGE.fail(io, EINVAL);
-    }
+    let (name, s) = (name.as_str(), s.as_str());
     let size = match number(io, "size", s) {
         Ok(v) => v,
         Err(e) => return e,

@@ -185,17 +185,11 @@ fn journaled(io: &mut Io, name: &str, jname: &str, mib: u64) -> i32 {
 }
 
 pub fn run_revert(io: &mut Io, args: &[String]) -> i32 {
-    let p = match REVERT_USAGE.parse(io, args) {
-        Ok(p) => p,
+    let (_, [name, j]) = match REVERT_USAGE.parse_required(io, args, ['n', 'j']) {
+        Ok(v) => v,
         Err(s) => return s,
     };
-    let (Some(name), Some(j)) = (p.value('n'), p.value('j')) else {
-        return REVERT_USAGE.fail(io, EINVAL);
-    };
-    if !p.operands.is_empty() {
-        return REVERT_USAGE.fail(io, EINVAL);
-    }
-    match journal::revert(Path::new(name), Path::new(j)) {
+    match journal::revert(Path::new(&name), Path::new(&j)) {
         Ok(()) => 0,
         Err(e) => {
             vout!(io, "reverting journal failed: {}", neg(&e));

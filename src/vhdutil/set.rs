@@ -1,6 +1,6 @@
 //! `vhd-util set -n NAME -f hidden|marker -v 0..255` (`vhd-util-set-field.c`).
 
-use super::cli::{OptsExt, UsageSpec, EINVAL};
+use super::cli::{UsageSpec, EINVAL};
 use super::common::{self, neg};
 use super::getopt::strtol;
 use super::Io;
@@ -15,16 +15,11 @@ pub const USAGE: UsageSpec = UsageSpec {
 };
 
 pub fn run(io: &mut Io, args: &[String]) -> i32 {
-    let p = match USAGE.parse(io, args) {
-        Ok(p) => p,
+    let (_, [name, field, v]) = match USAGE.parse_required(io, args, ['n', 'f', 'v']) {
+        Ok(v) => v,
         Err(s) => return s,
     };
-    let (Some(name), Some(field), Some(v)) = (p.value('n'), p.value('f'), p.value('v')) else {
-        return USAGE.fail(io, EINVAL);
-    };
-    if !p.operands.is_empty() {
-        return USAGE.fail(io, EINVAL);
-    }
+    let (name, field, v) = (name.as_str(), field.as_str(), v.as_str());
     if field.len() >= 25 {
         vout!(io, "invalid field");
         return USAGE.fail(io, EINVAL);
