@@ -7,11 +7,13 @@
 //!  capi        libblktapctl.so.0 C ABI          -> control
 //!  tapback     xenstore backend state machine   -> xen (traits), control
 //!  tapdisk     event loop, VBDs, I/O pipeline    -> image, blkif, nbd, control, xen (traits)
-//!  control     544-byte message codec, client, server
-//!  nbd         NBD fixed-newstyle protocol and server
+//!  vhdutil     vhd-util's commands              -> image
+//!  control     544-byte message codec (536 on i686), client, server, minors, tap-ctl -> nbd::kernel
+//!  nbd         NBD fixed-newstyle protocol, server, small client, kernel /dev/nbdN attach
 //!  blkif       ring ABIs and request parsing (pure, no unsafe)
 //!  image       raw, VHD, crypto, chains (pure file I/O, no unsafe)
-//!  xen         gntdev, evtchn, xenstore + simulations (the only home of `unsafe`)
+//!  xen         gntdev, evtchn, xenstore + simulations (the only home of `unsafe`, with capi)
+//!  util        logging (syslog + stderr), error chains, tty detection
 //! ```
 
 pub mod blkif;
