@@ -252,6 +252,7 @@ fn start_up_failure_reaches_the_spawner_with_its_errno() {
     let c = Client::with_dir(&bad).with_tapdisk(env!("CARGO_BIN_EXE_tapdisk"));
     let e = c.spawn().unwrap_err();
     assert!(e.to_string().contains("exit status: 20"), "{e}");
+    assert_eq!(e.errno(), libc::ENOTDIR);
     // tap-ctl spawn: non-zero exit, and tapdisk's reason on its stderr.
     let out = Command::new(env!("CARGO_BIN_EXE_tap-ctl"))
         .arg("spawn")
@@ -260,6 +261,6 @@ fn start_up_failure_reaches_the_spawner_with_its_errno() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
+    assert_eq!(out.status.code(), Some(libc::ENOTDIR), "{err}");
     assert!(err.contains(&expect), "{err}");
 }

@@ -622,13 +622,19 @@ fn spawn_once(bin: &Path, dir: &Path) -> Result<SpawnOutcome> {
         Some(s) => format!("{s}"),
         None => "still running".to_string(),
     };
+    // tapdisk exits with the errno of what stopped it (e.g. ENOTDIR for a bad control
+    // directory): pass that on, as tap-ctl's exit status; anything else is EIO.
+    let errno = status
+        .and_then(|s| s.code())
+        .filter(|c| (1..=255).contains(c))
+        .map_or(Errno::EIO, Errno::from_raw);
     Err(ControlError::os(
         format!(
             "tapdisk {} did not report its control socket ({how}; said {:?})",
             bin.display(),
             text.trim()
         ),
-        Errno::EIO,
+        errno,
     ))
 }
 
@@ -702,7 +708,11 @@ mod tests {
         assert_eq!(c.spawn().unwrap(), 4321);
         let c = Client::with_dir(d.path()).with_tapdisk(&bad);
         let e = c.spawn().unwrap_err();
-        assert_eq!(e.errno(), libc::EIO);
+        assert_eq!(
+            e.errno(),
+            3,
+            "the child's exit status is passed on as the errno"
+        );
         assert!(e.to_string().contains("exit status: 3"), "{e}");
     }
 
