@@ -10,9 +10,9 @@
 //!  vhdutil     vhd-util's commands              -> image
 //!  control     544-byte message codec (536 on i686), client, server, minors, tap-ctl -> nbd::kernel
 //!  nbd         NBD fixed-newstyle protocol, server, small client, kernel /dev/nbdN attach
-//!  blkif       ring ABIs and request parsing (pure, no unsafe)
-//!  image       raw, VHD, crypto, chains (pure file I/O, no unsafe)
-//!  xen         gntdev, evtchn, xenstore + simulations (the only home of `unsafe`, with capi)
+//!  blkif       ring ABIs and request parsing (pure, safe Rust only: forbid(unsafe_code))
+//!  image       raw, VHD, crypto, chains (pure file I/O, safe Rust only)
+//!  xen         gntdev, evtchn, xenstore + simulations (with capi, the only modules allowed unsafe_code)
 //!  util        logging (syslog + stderr), error chains, tty detection
 //! ```
 

@@ -1,6 +1,6 @@
 //! The Xen block-interface protocol: shared ring ABIs, request parsing and xenbus vocabulary.
 //!
-//! Pure protocol code: no OS calls and no `unsafe`. Shared memory is reached through the
+//! Pure protocol code: no OS calls, safe Rust only (`forbid(unsafe_code)`). Shared memory is reached through the
 //! [`SharedMem`] trait (implemented by `xen` for grant mappings and simulated pages, and by
 //! [`HeapMem`] for tests).
 //!
