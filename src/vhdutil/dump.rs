@@ -7,30 +7,26 @@
 
 use std::fmt::Write;
 
-/// Seconds between the Unix epoch and the VHD epoch (2000-01-01 00:00:00 UTC).
-pub const VHD_EPOCH_START: i64 = 946_684_800;
+use crate::image::vhd::format::{
+    Footer, PLAT_MAC, PLAT_MACX, PLAT_NONE, PLAT_W2KU, PLAT_W2RU, PLAT_WI2K, PLAT_WI2R,
+    VHD_EPOCH_OFFSET,
+};
 
-/// Footer fields, host order.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// A footer as read, with the checksum recomputed over it as stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FooterView {
-    pub cookie: [u8; 8],
-    pub features: u32,
-    pub ff_version: u32,
-    pub data_offset: u64,
-    pub timestamp: u32,
-    pub crtr_app: [u8; 4],
-    pub crtr_ver: u32,
-    pub crtr_os: u32,
-    pub orig_size: u64,
-    pub curr_size: u64,
-    pub geometry: u32,
-    pub disk_type: u32,
-    pub checksum: u32,
-    /// Checksum recomputed over the footer as stored.
+    pub footer: Footer,
     pub computed_checksum: u32,
-    pub uuid: [u8; 16],
-    pub saved: u8,
-    pub hidden: u8,
+}
+
+impl FooterView {
+    /// The view of `footer`, its checksum recomputed.
+    pub fn of(footer: &Footer) -> FooterView {
+        FooterView {
+            footer: *footer,
+            computed_checksum: footer.compute_checksum(),
+        }
+    }
 }
 
 /// Dynamic header fields, host order.
@@ -77,14 +73,6 @@ pub struct BatmapView {
     pub keyhash: KeyhashView,
 }
 
-pub const PLAT_CODE_NONE: u32 = 0;
-pub const PLAT_CODE_WI2R: u32 = 0x5769_3272;
-pub const PLAT_CODE_WI2K: u32 = 0x5769_326B;
-pub const PLAT_CODE_W2RU: u32 = 0x5732_7275;
-pub const PLAT_CODE_W2KU: u32 = 0x5732_6B75;
-pub const PLAT_CODE_MAC: u32 = 0x4D61_6320;
-pub const PLAT_CODE_MACX: u32 = 0x4D61_6358;
-
 /// `conv(hex, n)`: `%#llx` (so 0 prints as `0`) or `%llu`.
 pub fn conv(hex: bool, n: u64) -> String {
     if hex {
@@ -111,7 +99,7 @@ fn cstr(bytes: &[u8]) -> String {
 /// `Sat Jan  1 00:00:00 2000`. Rendered in UTC (dom0 runs in UTC; blktap uses the local
 /// zone).
 pub fn vhd_time_to_string(ts: u32) -> String {
-    let t = i64::from(ts) + VHD_EPOCH_START;
+    let t = i64::from(ts) + VHD_EPOCH_OFFSET as i64;
     let days = t.div_euclid(86_400);
     let secs = t.rem_euclid(86_400);
     let (h, m, s) = (secs / 3600, (secs % 3600) / 60, secs % 60);
@@ -176,34 +164,46 @@ pub fn footer_summary(f: &FooterView, hex: bool) -> String {
     ];
     let mut s = String::new();
     s.push_str("VHD Footer Summary:\n-------------------\n");
-    let _ = writeln!(s, "Cookie              : {}", cstr(&f.cookie));
+    let _ = writeln!(s, "Cookie              : {}", cstr(&f.footer.cookie));
     let _ = writeln!(
         s,
         "Features            : (0x{:08x}) {}{}",
-        f.features,
-        if f.features & 1 != 0 { "<TEMP>" } else { "" },
-        if f.features & 2 != 0 { "<RESV>" } else { "" }
+        f.footer.features,
+        if f.footer.features & 1 != 0 {
+            "<TEMP>"
+        } else {
+            ""
+        },
+        if f.footer.features & 2 != 0 {
+            "<RESV>"
+        } else {
+            ""
+        }
     );
     let _ = writeln!(
         s,
         "File format version : Major: {}, Minor: {}",
-        f.ff_version >> 16,
-        f.ff_version & 0xffff
+        f.footer.ff_version >> 16,
+        f.footer.ff_version & 0xffff
     );
-    let _ = writeln!(s, "Data offset         : {}", conv(hex, f.data_offset));
+    let _ = writeln!(
+        s,
+        "Data offset         : {}",
+        conv(hex, f.footer.data_offset)
+    );
     let _ = writeln!(
         s,
         "Timestamp           : {}",
-        vhd_time_to_string(f.timestamp)
+        vhd_time_to_string(f.footer.timestamp)
     );
-    let _ = writeln!(s, "Creator Application : '{}'", cstr(&f.crtr_app));
+    let _ = writeln!(s, "Creator Application : '{}'", cstr(&f.footer.crtr_app));
     let _ = writeln!(
         s,
         "Creator version     : Major: {}, Minor: {}",
-        f.crtr_ver >> 16,
-        f.crtr_ver & 0xffff
+        f.footer.crtr_ver >> 16,
+        f.footer.crtr_ver & 0xffff
     );
-    let os = match f.crtr_os {
+    let os = match f.footer.crtr_os {
         0x5769_326B => "Windows",
         0x4D61_6320 => "Macintosh",
         _ => "Unknown!",
@@ -212,18 +212,18 @@ pub fn footer_summary(f: &FooterView, hex: bool) -> String {
     let _ = writeln!(
         s,
         "Original disk size  : {} MB ({} Bytes)",
-        conv(hex, f.orig_size >> 20),
-        conv(hex, f.orig_size)
+        conv(hex, f.footer.orig_size >> 20),
+        conv(hex, f.footer.orig_size)
     );
     let _ = writeln!(
         s,
         "Current disk size   : {} MB ({} Bytes)",
-        conv(hex, f.curr_size >> 20),
-        conv(hex, f.curr_size)
+        conv(hex, f.footer.curr_size >> 20),
+        conv(hex, f.footer.curr_size)
     );
-    let c = u64::from(f.geometry >> 16);
-    let h = u64::from((f.geometry >> 8) & 0xff);
-    let sp = u64::from(f.geometry & 0xff);
+    let c = u64::from(f.footer.geometry >> 16);
+    let h = u64::from((f.footer.geometry >> 8) & 0xff);
+    let sp = u64::from(f.footer.geometry & 0xff);
     let _ = writeln!(
         s,
         "Geometry            : Cyl: {}, Hds: {}, Sctrs: {}",
@@ -238,18 +238,18 @@ pub fn footer_summary(f: &FooterView, hex: bool) -> String {
         conv(hex, (c * h * sp) << 9)
     );
     let ty = TYPES
-        .get(f.disk_type as usize)
+        .get(f.footer.disk_type as usize)
         .copied()
         .unwrap_or("Unknown type!\n");
     let _ = writeln!(s, "Disk type           : {ty}");
-    checksum_line(&mut s, f.checksum, f.computed_checksum);
-    let _ = writeln!(s, "UUID                : {}", uuid_string(&f.uuid));
+    checksum_line(&mut s, f.footer.checksum, f.computed_checksum);
+    let _ = writeln!(s, "UUID                : {}", uuid_string(&f.footer.uuid));
     let _ = writeln!(
         s,
         "Saved state         : {}",
-        if f.saved == 0 { "No" } else { "Yes" }
+        if f.footer.saved == 0 { "No" } else { "Yes" }
     );
-    let _ = writeln!(s, "Hidden              : {}", f.hidden);
+    let _ = writeln!(s, "Hidden              : {}", f.footer.hidden);
     s.push('\n');
     s
 }
@@ -288,13 +288,13 @@ pub fn header_summary(h: &HeaderView, hex: bool) -> String {
 /// Platform code names as `read -p` prints them (blktap spells the fallback `UNKOWN`).
 pub fn code_name(code: u32) -> &'static str {
     match code {
-        PLAT_CODE_NONE => "PLAT_CODE_NONE",
-        PLAT_CODE_WI2R => "PLAT_CODE_WI2R",
-        PLAT_CODE_WI2K => "PLAT_CODE_WI2K",
-        PLAT_CODE_W2RU => "PLAT_CODE_W2RU",
-        PLAT_CODE_W2KU => "PLAT_CODE_W2KU",
-        PLAT_CODE_MAC => "PLAT_CODE_MAC",
-        PLAT_CODE_MACX => "PLAT_CODE_MACX",
+        PLAT_NONE => "PLAT_CODE_NONE",
+        PLAT_WI2R => "PLAT_CODE_WI2R",
+        PLAT_WI2K => "PLAT_CODE_WI2K",
+        PLAT_W2RU => "PLAT_CODE_W2RU",
+        PLAT_W2KU => "PLAT_CODE_W2KU",
+        PLAT_MAC => "PLAT_CODE_MAC",
+        PLAT_MACX => "PLAT_CODE_MACX",
         _ => "UNKOWN",
     }
 }
@@ -303,7 +303,7 @@ pub fn code_name(code: u32) -> &'static str {
 pub fn locators_summary(locs: &[LocatorView], hex: bool) -> String {
     let mut s = String::new();
     s.push_str("VHD Parent Locators:\n--------------------\n");
-    for l in locs.iter().filter(|l| l.code != PLAT_CODE_NONE) {
+    for l in locs.iter().filter(|l| l.code != PLAT_NONE) {
         let _ = writeln!(s, "locator:            : {}", l.index);
         let _ = writeln!(s, "       code         : {}", code_name(l.code));
         let _ = writeln!(
@@ -376,7 +376,7 @@ mod tests {
         assert_eq!(vhd_time_to_string(0), "Sat Jan  1 00:00:00 2000");
         // 2026-11-25 07:58:10 UTC = unix 1795593490.
         assert_eq!(
-            vhd_time_to_string((1_795_593_490 - VHD_EPOCH_START) as u32),
+            vhd_time_to_string((1_795_593_490 - VHD_EPOCH_OFFSET) as u32),
             "Wed Nov 25 07:58:10 2026"
         );
         // 2000-02-29 (leap day) 12:34:56.
@@ -397,23 +397,26 @@ mod tests {
 
     fn dyn_footer() -> FooterView {
         FooterView {
-            cookie: *b"conectix",
-            features: 2,
-            ff_version: 0x0001_0000,
-            data_offset: 512,
-            timestamp: 0,
-            crtr_app: *b"tap\0",
-            crtr_ver: 0x0001_0003,
-            crtr_os: 0,
-            orig_size: 10 << 20,
-            curr_size: 10 << 20,
-            geometry: (300 << 16) | (4 << 8) | 17,
-            disk_type: 3,
-            checksum: 0xffff_ef0c,
+            footer: Footer {
+                cookie: *b"conectix",
+                features: 2,
+                ff_version: 0x0001_0000,
+                data_offset: 512,
+                timestamp: 0,
+                crtr_app: *b"tap\0",
+                crtr_ver: 0x0001_0003,
+                crtr_os: 0,
+                orig_size: 10 << 20,
+                curr_size: 10 << 20,
+                geometry: (300 << 16) | (4 << 8) | 17,
+                disk_type: 3,
+                checksum: 0xffff_ef0c,
+                uuid: [0x11; 16],
+                saved: 0,
+                hidden: 1,
+                reserved: [0; 426],
+            },
             computed_checksum: 0xffff_ef0c,
-            uuid: [0x11; 16],
-            saved: 0,
-            hidden: 1,
         }
     }
 
@@ -442,7 +445,7 @@ Hidden              : 1
 ";
         assert_eq!(footer_summary(&dyn_footer(), false), want);
         let mut f = dyn_footer();
-        f.disk_type = 9;
+        f.footer.disk_type = 9;
         f.computed_checksum = 0;
         let s = footer_summary(&f, true);
         assert!(s.contains("Disk type           : Unknown type!\n\n"));
@@ -485,7 +488,7 @@ Checksum            : 0xfffff3a1|0xfffff3a1 (Good!)
         let locs = [
             LocatorView {
                 index: 0,
-                code: PLAT_CODE_MACX,
+                code: PLAT_MACX,
                 data_space: 512,
                 data_len: 17,
                 data_offset: 3072,

@@ -50,29 +50,6 @@ pub const USAGE: UsageSpec = UsageSpec {
     h_status: EINVAL_POS,
 };
 
-/// Footer view from the engine's struct.
-pub fn footer_view(f: &Footer) -> FooterView {
-    FooterView {
-        cookie: f.cookie,
-        features: f.features,
-        ff_version: f.ff_version,
-        data_offset: f.data_offset,
-        timestamp: f.timestamp,
-        crtr_app: f.crtr_app,
-        crtr_ver: f.crtr_ver,
-        crtr_os: f.crtr_os,
-        orig_size: f.orig_size,
-        curr_size: f.curr_size,
-        geometry: f.geometry,
-        disk_type: f.disk_type,
-        checksum: f.checksum,
-        computed_checksum: f.compute_checksum(),
-        uuid: f.uuid,
-        saved: f.saved,
-        hidden: f.hidden,
-    }
-}
-
 /// Header view; the parent name is decoded as UTF-16BE up to the first NUL.
 pub fn header_view(h: &DynHeader) -> HeaderView {
     HeaderView {
@@ -93,7 +70,7 @@ pub fn header_view(h: &DynHeader) -> HeaderView {
 fn print_headers(io: &mut Io, img: &VhdImage, hex: bool) -> i32 {
     let _ = io
         .out
-        .write_all(footer_summary(&footer_view(&img.footer()), hex).as_bytes());
+        .write_all(footer_summary(&FooterView::of(&img.footer()), hex).as_bytes());
     let Some(h) = img.header() else {
         return 0;
     };
@@ -201,7 +178,7 @@ fn dump_headers(io: &mut Io, name: &str, hex: bool) {
     let header = DynHeader::decode(&hb);
     let _ = io
         .out
-        .write_all(footer_summary(&footer_view(&footer), hex).as_bytes());
+        .write_all(footer_summary(&FooterView::of(&footer), hex).as_bytes());
     let _ = io
         .out
         .write_all(header_summary(&header_view(&header), hex).as_bytes());
