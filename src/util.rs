@@ -8,6 +8,17 @@ pub fn stdout_is_tty() -> bool {
     std::io::stdout().is_terminal()
 }
 
+/// An on/off environment switch: unset, or anything but `0`, `no`, `off` or `false` (any
+/// case, surrounding blanks ignored), is on.
+pub fn switched_on(value: Option<&std::ffi::OsStr>) -> bool {
+    let Some(v) = value.and_then(|v| v.to_str()) else {
+        return true;
+    };
+    !["0", "no", "off", "false"]
+        .iter()
+        .any(|n| v.trim().eq_ignore_ascii_case(n))
+}
+
 /// An error with its causes, `outer: cause: root cause`: the Display of `e`, then the
 /// Display of each source that the text so far does not already end with.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
@@ -27,6 +38,18 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn env_switch_values() {
+        use std::ffi::OsStr;
+        assert!(switched_on(None));
+        for on in ["1", "yes", "", "on"] {
+            assert!(switched_on(Some(OsStr::new(on))), "{on:?}");
+        }
+        for off in ["0", "no", "OFF", "False", " 0\n"] {
+            assert!(!switched_on(Some(OsStr::new(off))), "{off:?}");
+        }
+    }
 
     #[test]
     fn error_chain_appends_each_cause_once() {

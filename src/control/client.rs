@@ -25,9 +25,8 @@ use super::msg::{
 };
 use super::transport::{DeadlineReader, NoSigPipeWriter};
 use super::{
-    control_dir, nbd_device_enabled, nbd_from_socket_name, nbd_socket_path, pid_from_socket_name,
-    socket_path, ControlError, Result, CONTROL_DIR_ENV, DEFAULT_TAPDISK, NBD_DEVICE_ENV,
-    TAPDISK_ENV,
+    control_dir, nbd_from_socket_name, nbd_socket_path, pid_from_socket_name, socket_path,
+    ControlError, Result, CONTROL_DIR_ENV, DEFAULT_TAPDISK, NBD_DEVICE_ENV, TAPDISK_ENV,
 };
 use crate::nbd::kernel::{self, KernelNbd};
 use crate::util::error_chain;
@@ -137,7 +136,7 @@ impl Client {
             KernelMode::Off => None,
             KernelMode::With(k) => Some(k.clone()),
             KernelMode::Auto
-                if !nbd_device_enabled(std::env::var_os(NBD_DEVICE_ENV).as_deref()) =>
+                if !crate::util::switched_on(std::env::var_os(NBD_DEVICE_ENV).as_deref()) =>
             {
                 None
             }

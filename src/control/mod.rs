@@ -46,16 +46,6 @@ pub const DEFAULT_TAPDISK: &str = "/usr/libexec/tapdisk";
 /// kernel NBD devices; unset or anything else lets it try.
 pub const NBD_DEVICE_ENV: &str = "BLKTAP_NBD_DEVICE";
 
-/// Whether a value of [`NBD_DEVICE_ENV`] allows kernel NBD devices.
-pub fn nbd_device_enabled(value: Option<&std::ffi::OsStr>) -> bool {
-    let Some(v) = value.and_then(|v| v.to_str()) else {
-        return true;
-    };
-    !["0", "no", "off", "false"]
-        .iter()
-        .any(|n| v.trim().eq_ignore_ascii_case(n))
-}
-
 /// The control directory: `$BLKTAP_CONTROL_DIR` if set and non-empty, else `/run/blktap-control`.
 pub fn control_dir() -> PathBuf {
     match std::env::var_os(CONTROL_DIR_ENV) {
@@ -248,18 +238,6 @@ mod tests {
             "nbd4 .3",
         ] {
             assert_eq!(nbd_from_socket_name(bad), None, "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn nbd_device_env_values() {
-        use std::ffi::OsStr;
-        assert!(nbd_device_enabled(None));
-        for on in ["1", "yes", "", "on"] {
-            assert!(nbd_device_enabled(Some(OsStr::new(on))), "{on:?}");
-        }
-        for off in ["0", "no", "OFF", "False", " 0\n"] {
-            assert!(!nbd_device_enabled(Some(OsStr::new(off))), "{off:?}");
         }
     }
 

@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use super::file::{BlockFile, OsFile};
 use super::{
@@ -21,6 +21,21 @@ pub struct RawImage {
     file: Arc<dyn BlockFile>,
     info: ImageInfo,
     closed: AtomicBool,
+    data_run: Mutex<DataRun>,
+}
+
+/// The last data run `block_status` found, so that the next calls inside it need no `lseek`.
+/// `SEEK_HOLE` walks every page up to the hole on tmpfs (milliseconds per call on a fully
+/// written image), and clients ask for allocation in windows. Only discard turns data into
+/// holes: it bumps `generation`, and a run found across a discard is not kept. Writes only
+/// turn holes into data, so a kept run can err only towards "allocated", which is always
+/// a correct NBD answer.
+#[derive(Debug, Default)]
+struct DataRun {
+    /// Sectors `[start, end)` were all data.
+    start: u64,
+    end: u64,
+    generation: u64,
 }
 
 impl RawImage {
@@ -46,12 +61,25 @@ impl RawImage {
                 read_only,
             },
             closed: AtomicBool::new(false),
+            data_run: Mutex::new(DataRun::default()),
         })
     }
 
     /// The path the image was opened with.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    fn run(&self) -> std::sync::MutexGuard<'_, DataRun> {
+        self.data_run.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Keep `[start, end)` as the known data run unless a discard happened meanwhile.
+    fn remember(&self, start: u64, end: u64, generation: u64) {
+        let mut run = self.run();
+        if run.generation == generation {
+            (run.start, run.end) = (start, end);
+        }
     }
 
     fn live(&self) -> Result<(), ImageError> {
@@ -94,9 +122,18 @@ impl Image for RawImage {
             .map_err(|e| ImageError::io(&self.path, "fdatasync", e))
     }
 
+    fn memory_backed(&self) -> bool {
+        self.file.memory_backed()
+    }
+
     fn discard(&self, sector: u64, nsectors: u64) -> Result<(), ImageError> {
         self.writable()?;
         check_sectors(sector, nsectors, self.info.size_sectors)?;
+        {
+            let mut run = self.run();
+            run.generation += 1;
+            (run.start, run.end) = (0, 0);
+        }
         self.file
             .punch_hole(sector * SECTOR_SIZE, nsectors * SECTOR_SIZE)
             .map_err(|e| ImageError::io(&self.path, "punch hole", e))
@@ -108,6 +145,14 @@ impl Image for RawImage {
         let mut out = Vec::new();
         let end = sector + nsectors;
         let mut cur = sector;
+        let generation = {
+            let run = self.run();
+            if (run.start..run.end).contains(&cur) {
+                push_extent(&mut out, cur, run.end.min(end), true);
+                cur = run.end.min(end);
+            }
+            run.generation
+        };
         let seek = |pos: u64, data: bool| {
             self.file
                 .seek_extent(pos * SECTOR_SIZE, data)
@@ -125,7 +170,11 @@ impl Image for RawImage {
             }
             // ... and ends after the sector holding its last byte (rounded up).
             let hole = match seek(data, false)? {
-                Some(off) => off.div_ceil(SECTOR_SIZE).clamp(data + 1, end),
+                Some(off) => {
+                    let hole = off.div_ceil(SECTOR_SIZE).max(data + 1);
+                    self.remember(data, hole, generation);
+                    hole.min(end)
+                }
                 None => end,
             };
             push_extent(&mut out, data, hole, true);
@@ -193,6 +242,80 @@ mod tests {
         img.close().unwrap();
         assert_eq!(f.pending_ops(), 0);
         assert!(matches!(img.read(0, &mut b), Err(ImageError::Closed)));
+    }
+
+    /// The filesystem type of `dir` as coreutils' `stat -f` names it.
+    fn fs_type(dir: &Path) -> String {
+        let out = std::process::Command::new("stat")
+            .args(["-f", "-c", "%T"])
+            .arg(dir)
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    #[test]
+    fn memory_backed_means_the_file_is_on_tmpfs() {
+        let dirs = [
+            std::path::PathBuf::from("/dev/shm"),
+            std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/target")),
+        ];
+        for dir in dirs.iter().filter(|d| d.is_dir()) {
+            let d = tempfile::tempdir_in(dir).unwrap();
+            let p = d.path().join("m.raw");
+            std::fs::write(&p, [0u8; 4096]).unwrap();
+            let img = RawImage::open(&p, false).unwrap();
+            let tmpfs = ["tmpfs", "ramfs"].contains(&fs_type(dir).as_str());
+            assert_eq!(img.memory_backed(), tmpfs, "{}", dir.display());
+        }
+        let f = Arc::new(MemFile::from_bytes(vec![0u8; 1024]));
+        assert!(!RawImage::from_file(Path::new("m"), f, false)
+            .unwrap()
+            .memory_backed());
+    }
+
+    /// Allocation asked for in windows (as NBD clients do) after a first look that found
+    /// one long data run, then again after a discard punched a hole into that run.
+    #[test]
+    fn raw_block_status_in_windows_sees_holes_punched_later() {
+        let dir = ["/dev/shm", concat!(env!("CARGO_MANIFEST_DIR"), "/target")]
+            .into_iter()
+            .find(|d| Path::new(d).is_dir())
+            .unwrap();
+        let d = tempfile::tempdir_in(dir).unwrap();
+        let p = d.path().join("w.raw");
+        std::fs::write(&p, vec![0x5a; 8 << 20]).unwrap();
+        let img = RawImage::open(&p, false).unwrap();
+        let windows = |img: &RawImage| -> Vec<Extent> {
+            let mut all: Vec<Extent> = Vec::new();
+            for w in 0..16u64 {
+                for e in img.block_status(w * 1024, 1024).unwrap() {
+                    push_extent(&mut all, e.sector, e.sector + e.nsectors, e.allocated);
+                }
+            }
+            all
+        };
+        let full = vec![Extent {
+            sector: 0,
+            nsectors: 16384,
+            allocated: true,
+        }];
+        assert_eq!(windows(&img), full);
+        img.discard(4096, 2048).unwrap();
+        let after = windows(&img);
+        // What a freshly opened image (nothing remembered) reports is the truth.
+        let fresh = RawImage::open(&p, true).unwrap();
+        assert_eq!(after, fresh.block_status(0, 16384).unwrap());
+        let first_hole = fresh.block_status(0, 16384).unwrap()[0].nsectors;
+        if first_hole < 16384 {
+            // The filesystem punched and reports holes: the hole shows in the windows.
+            assert_eq!(after.len(), 3, "{after:?}");
+            assert!(!after[1].allocated);
+            assert!(after[1].sector >= 4096 && after[1].sector + after[1].nsectors <= 6144);
+        }
+        // Writing into the hole makes it data again.
+        img.write(4096, &vec![1u8; 2048 * 512]).unwrap();
+        assert_eq!(windows(&img), full);
     }
 
     #[test]
