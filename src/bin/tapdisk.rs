@@ -226,6 +226,7 @@ fn run(args: &Args) -> Result<(), MainError> {
     {
         cfg.io_threads = n.clamp(1, 64);
     }
+    cfg.inline_io = blktap3::util::switched_on(std::env::var_os("TAPDISK3_INLINE_IO").as_deref());
     let pid = cfg.pid;
     let mut td = Tapdisk::new(cfg)?;
     td.set_signal_fd(sigfd)?;

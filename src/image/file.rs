@@ -50,6 +50,11 @@ pub trait BlockFile: Send + Sync + fmt::Debug {
         let _ = (off, data);
         Ok(None)
     }
+    /// Whether the bytes live in memory (tmpfs, ramfs): reads and writes then complete
+    /// without waiting for a device. Defaults to no.
+    fn memory_backed(&self) -> bool {
+        false
+    }
 }
 
 /// A real file or block device.
@@ -57,6 +62,7 @@ pub struct OsFile {
     file: File,
     path: PathBuf,
     blockdev: bool,
+    memory: bool,
 }
 
 impl fmt::Debug for OsFile {
@@ -73,10 +79,12 @@ impl OsFile {
             .write(writable)
             .open(path)?;
         let blockdev = file.metadata()?.file_type().is_block_device();
+        let memory = !blockdev && on_memory_fs(&file);
         Ok(OsFile {
             file,
             path: path.to_path_buf(),
             blockdev,
+            memory,
         })
     }
 
@@ -87,10 +95,12 @@ impl OsFile {
             .write(true)
             .create_new(true)
             .open(path)?;
+        let memory = on_memory_fs(&file);
         Ok(OsFile {
             file,
             path: path.to_path_buf(),
             blockdev: false,
+            memory,
         })
     }
 
@@ -178,6 +188,18 @@ impl BlockFile for OsFile {
             Err(e) => Err(io::Error::from(e)),
         }
     }
+    fn memory_backed(&self) -> bool {
+        self.memory
+    }
+}
+
+/// Whether `file` sits on a filesystem that keeps its data in memory (tmpfs, ramfs).
+/// A failing `fstatfs` answers no (the safe side: I/O then goes to the workers).
+fn on_memory_fs(file: &File) -> bool {
+    use nix::sys::statfs::{fstatfs, FsType, TMPFS_MAGIC};
+    // linux/magic.h RAMFS_MAGIC (not in libc); the cast keeps the bits on 32-bit targets.
+    let ramfs = FsType(0x8584_58f6_u32 as _);
+    fstatfs(file).is_ok_and(|s| [TMPFS_MAGIC, ramfs].contains(&s.filesystem_type()))
 }
 
 /// Write `len` zero bytes at `off` in chunks.

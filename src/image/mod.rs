@@ -87,6 +87,12 @@ pub trait Image: Send + Sync + std::fmt::Debug {
     fn layers(&self) -> Vec<LayerInfo> {
         Vec::new()
     }
+    /// Whether every file of the chain keeps its bytes in memory (tmpfs, ramfs), so that
+    /// reads and writes finish without waiting for a device. tapdisk runs the I/O of such
+    /// images on its event loop instead of handing it to a worker thread. Defaults to no.
+    fn memory_backed(&self) -> bool {
+        false
+    }
 }
 
 /// Errors of the image layer. `errno()` maps each to the errno that tapdisk reports.

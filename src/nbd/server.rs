@@ -15,8 +15,11 @@ use super::NbdError;
 
 /// Input buffer size (headers and small payloads are read through it).
 const RBUF: usize = 64 << 10;
-/// Output queued beyond this marks the connection backlogged (stop taking requests).
-const OUT_HIGH_WATER: usize = 64 << 20;
+/// Output queued beyond this marks the connection backlogged (stop taking requests). Kept
+/// small: a client that does not keep up gains nothing from more queued replies, and
+/// replies sent soon after their data was read are still in the CPU cache (64 MiB here cost
+/// nbdcopy a tenth of its throughput).
+const OUT_HIGH_WATER: usize = 4 << 20;
 /// iovecs per writev.
 const MAX_IOV: usize = 64;
 /// Socket bytes read per [`Connection::on_readable`] call: a client streaming payload that

@@ -10,7 +10,10 @@
 //! ```
 //!
 //! Every blocking image call (open, read, write, flush, discard, block status, close) runs on
-//! the I/O engine; the loop only moves bytes between sockets and buffers. A connection that
+//! the I/O engine's workers; the loop only moves bytes between sockets and buffers, and runs
+//! the reads and writes of memory-backed images itself (see `io.rs`): their completions are
+//! handled in the same loop pass, and an NBD read's reply is sent right away, while its data
+//! is still in the CPU cache. A connection that
 //! disappears while its requests are in flight is dropped at once; their completions still
 //! update the VBD's counters and are then discarded (connection ids are never reused).
 
@@ -49,6 +52,8 @@ const MAX_CONN_INFLIGHT: u32 = 128;
 /// Buffer bytes in flight per NBD connection before the loop stops reading from it (so 128
 /// reads of 32 MiB cannot make a client pin 4 GiB of dom0 memory).
 const MAX_CONN_INFLIGHT_BYTES: u64 = 64 << 20;
+/// Rounds of inline completions handled per loop pass before polling again.
+const INLINE_ROUNDS: usize = 4;
 /// Requests taken from one connection per readiness event before serving others.
 const READ_BATCH: usize = 64;
 /// A client still negotiating after this long is dropped (default of
@@ -107,6 +112,8 @@ pub struct Config {
     /// The pid used in socket names.
     pub pid: i32,
     pub io_threads: usize,
+    /// Run small I/O on memory-backed images on the loop itself (see [`IoEngine::submit`]).
+    pub inline_io: bool,
     pub opener: Arc<dyn ImageOpener>,
     /// Keys for OPENs without a key trailer (`TAPDISK3_CRYPTO_KEYDIR`).
     pub keys: KeySource,
@@ -124,6 +131,7 @@ impl Config {
             ctl_dir: ctl_dir.into(),
             pid: i32::try_from(std::process::id()).unwrap_or(i32::MAX),
             io_threads: super::io::DEFAULT_THREADS,
+            inline_io: true,
             opener: Arc::new(DefaultOpener),
             keys: KeySource::None,
             xen: Arc::new(DevXenOpener),
@@ -256,6 +264,9 @@ pub struct Tapdisk {
     conns: HashMap<u64, NbdConn>,
     next_conn: u64,
     rings: Rings,
+    /// Connections and VBDs whose I/O completed while a connection was being read (inline
+    /// I/O): settled and progressed once the loop pass is through with the reading.
+    deferred: (Vec<u64>, Vec<u16>),
     exit: bool,
     signals: Option<SignalFd>,
     /// Stop when the last VBD is detached (the daemon); tests may keep an empty loop.
@@ -281,10 +292,11 @@ fn sys(op: &'static str) -> impl Fn(nix::Error) -> TapdiskError {
 impl Tapdisk {
     pub fn new(cfg: Config) -> Result<Self, TapdiskError> {
         let reactor = Reactor::new().map_err(sys("epoll_create"))?;
-        let io = IoEngine::new(cfg.io_threads).map_err(|source| TapdiskError::Sys {
+        let mut io = IoEngine::new(cfg.io_threads).map_err(|source| TapdiskError::Sys {
             op: "start i/o threads",
             source,
         })?;
+        io.set_inline(cfg.inline_io);
         let (ctl, ctl_rx) = CtlHandle::new().map_err(sys("eventfd"))?;
         let ticker = Ticker::new(Duration::from_secs(1)).map_err(sys("timerfd"))?;
         reactor
@@ -308,6 +320,7 @@ impl Tapdisk {
             pending: HashMap::new(),
             listeners: HashMap::new(),
             conns: HashMap::new(),
+            deferred: (Vec::new(), Vec::new()),
             next_conn: 1,
             exit: false,
             signals: None,
@@ -371,12 +384,24 @@ impl Tapdisk {
         let mut ready = Vec::with_capacity(256);
         while !self.exit {
             ready.clear();
-            let timeout = self.rings.busy().then_some(Duration::ZERO);
+            let deferred = !(self.deferred.0.is_empty() && self.deferred.1.is_empty());
+            let busy = self.rings.busy() || self.io.has_inline() || deferred;
+            let timeout = busy.then_some(Duration::ZERO);
             self.reactor
                 .wait(timeout, &mut ready)
                 .map_err(sys("epoll_wait"))?;
             for r in &ready {
                 self.dispatch(*r);
+            }
+            // I/O run inline (memory-backed images) is answered in the same pass. Handling
+            // results can start more requests; after a few rounds the rest waits for the next
+            // pass (zero timeout) so a busy client cannot keep other fds waiting.
+            self.settle_deferred();
+            for _ in 0..INLINE_ROUNDS {
+                if !self.io.has_inline() {
+                    break;
+                }
+                self.io_ready();
             }
             // Re-poll rings and publish their responses: one notify per ring per iteration.
             self.rings.flush(&self.io, &mut self.vbds);
@@ -815,9 +840,26 @@ impl Tapdisk {
     // ---- I/O completions ------------------------------------------------------------------
 
     fn io_ready(&mut self) {
+        self.take_completions();
+        self.settle_deferred();
+    }
+
+    /// Settle the connections and progress the VBDs that completions touched.
+    fn settle_deferred(&mut self) {
+        let (touched, minors) = std::mem::take(&mut self.deferred);
+        for id in touched {
+            self.settle(id);
+        }
+        for m in minors {
+            self.progress(m);
+        }
+    }
+
+    /// Hand every waiting completion to its owner (replies are queued, ring responses
+    /// written); the connections and VBDs touched are left in `deferred`.
+    fn take_completions(&mut self) {
         let done = self.io.completions();
-        let mut touched: Vec<u64> = Vec::new();
-        let mut minors: Vec<u16> = Vec::new();
+        let (mut touched, mut minors) = std::mem::take(&mut self.deferred);
         for c in done {
             match c.tag {
                 Tag::Ring(t) => {
@@ -851,12 +893,7 @@ impl Tapdisk {
                 }
             }
         }
-        for id in touched {
-            self.settle(id);
-        }
-        for m in minors {
-            self.progress(m);
-        }
+        self.deferred = (touched, minors);
     }
 
     // ---- timer and shutdown -----------------------------------------------------------------
@@ -907,7 +944,7 @@ impl Tapdisk {
             let _ = self
                 .reactor
                 .wait(Some(Duration::from_millis(100)), &mut ready);
-            if ready.iter().any(|r| r.token == Token::IoDone) {
+            if self.io.has_inline() || ready.iter().any(|r| r.token == Token::IoDone) {
                 self.io_ready();
             }
         }

@@ -128,6 +128,11 @@ impl Image for MemImage {
         *self.closed.lock().unwrap_or_else(|e| e.into_inner()) = true;
         Ok(())
     }
+
+    /// A RAM disk is memory, so tapdisk serves it on its loop like an image on tmpfs.
+    fn memory_backed(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]

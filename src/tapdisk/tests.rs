@@ -19,15 +19,20 @@ use crate::image::{Extent, Image, ImageError, ImageInfo};
 use crate::nbd::client::{Client, ClientReply};
 use crate::nbd::proto::{self, RequestHeader};
 
-/// A MemImage whose reads and writes wait while the gate is closed.
+/// A MemImage whose reads and writes wait while the gate is closed. It records the name of
+/// the thread each read and write ran on, and says it is memory-backed when told to.
 #[derive(Debug)]
 struct GateImage {
     inner: MemImage,
     gate: Arc<(Mutex<bool>, Condvar)>,
+    memory: bool,
+    threads: Mutex<Vec<String>>,
 }
 
 impl GateImage {
     fn wait(&self) {
+        let name = std::thread::current().name().unwrap_or("").to_string();
+        self.threads.lock().unwrap().push(name);
         let (m, c) = &*self.gate;
         let mut open = m.lock().unwrap();
         while !*open {
@@ -60,6 +65,9 @@ impl Image for GateImage {
     fn close(&self) -> Result<(), ImageError> {
         self.inner.close()
     }
+    fn memory_backed(&self) -> bool {
+        self.memory
+    }
 }
 
 /// Opens "images" by path from a table; every open creates a fresh GateImage sharing
@@ -69,6 +77,8 @@ struct TableOpener {
     sizes: Mutex<HashMap<PathBuf, u64>>,
     gate: Arc<(Mutex<bool>, Condvar)>,
     opened: Mutex<Vec<Arc<GateImage>>>,
+    /// Open images that say they are memory-backed.
+    memory: std::sync::atomic::AtomicBool,
 }
 
 impl TableOpener {
@@ -101,6 +111,8 @@ impl ImageOpener for TableOpener {
         let img = Arc::new(GateImage {
             inner: MemImage::new(n, spec.read_only),
             gate: self.gate.clone(),
+            memory: self.memory.load(std::sync::atomic::Ordering::Relaxed),
+            threads: Mutex::new(Vec::new()),
         });
         self.opened.lock().unwrap().push(img.clone());
         Ok(img)
@@ -602,6 +614,95 @@ fn nbd_pipelined_requests_block_status_and_dead_client() {
     assert!(s.contains("\"secs\": [ "), "{s}");
     assert!(!s.contains("\"secs\": [ 0, 0 ]"), "{s}");
     drop(c);
+}
+
+/// Pipelined writes from two clients, then reads, a flush and block status, on a
+/// memory-backed image: answered correctly, and the reads and writes ran where the
+/// configuration says (the loop thread when inline I/O is on, the td-io workers when off).
+fn nbd_on_a_memory_backed_image(inline: bool) {
+    let op = TableOpener::new();
+    op.memory.store(true, std::sync::atomic::Ordering::Relaxed);
+    op.add("/m", 4096);
+    let h = Harness::start_with(op.clone(), false, |c| c.inline_io = inline);
+    open_minor(&h, 1, "aio:/m");
+    let mut clients: Vec<Client> = (0..2)
+        .map(|_| Client::connect(&h.nbd(1), false).unwrap())
+        .collect();
+    // 40 writes per client in flight at once (more than one read batch of the loop).
+    for (k, c) in clients.iter_mut().enumerate() {
+        for i in 0..40u64 {
+            let block = k as u64 * 40 + i;
+            let w = RequestHeader {
+                flags: 0,
+                typ: proto::CMD_WRITE,
+                cookie: block,
+                offset: block * 4096,
+                length: 4096,
+            };
+            c.send(&w, &vec![block as u8 + 1; 4096]).unwrap();
+        }
+    }
+    for (k, c) in clients.iter_mut().enumerate() {
+        let mut seen = Vec::new();
+        for _ in 0..40 {
+            match c.recv(None, &mut Vec::new()).unwrap() {
+                ClientReply::Simple { cookie, error: 0 } => seen.push(cookie),
+                r => panic!("{r:?}"),
+            }
+        }
+        seen.sort();
+        let first = k as u64 * 40;
+        assert_eq!(seen, (first..first + 40).collect::<Vec<_>>());
+    }
+    let c = &mut clients[0];
+    for block in 0..80u64 {
+        let want = vec![block as u8 + 1; 4096];
+        assert_eq!(
+            c.read(block * 4096, 4096).unwrap(),
+            Ok(want),
+            "block {block}"
+        );
+    }
+    assert_eq!(c.read(80 * 4096, 512).unwrap(), Ok(vec![0u8; 512]));
+    let f = RequestHeader {
+        flags: 0,
+        typ: proto::CMD_FLUSH,
+        cookie: 7,
+        offset: 0,
+        length: 0,
+    };
+    c.send(&f, &[]).unwrap();
+    assert!(matches!(
+        c.recv(None, &mut Vec::new()).unwrap(),
+        ClientReply::Simple {
+            cookie: 7,
+            error: 0
+        }
+    ));
+    let threads = op.last().threads.lock().unwrap().clone();
+    assert_eq!(threads.len(), 80 + 81);
+    let on_workers = threads.iter().filter(|t| t.starts_with("td-io")).count();
+    if inline {
+        assert_eq!(on_workers, 0, "{threads:?}");
+    } else {
+        assert_eq!(on_workers, threads.len(), "{threads:?}");
+    }
+    // Nothing is left counted as outstanding.
+    let Reply::Stats(s) = h.call(Request::Stats { minor: Some(1) }) else {
+        panic!()
+    };
+    let s = String::from_utf8(s).unwrap();
+    assert!(s.contains("\"reqs_outstanding\": 0"), "{s}");
+}
+
+#[test]
+fn memory_backed_images_are_served_inline_on_the_loop() {
+    nbd_on_a_memory_backed_image(true);
+}
+
+#[test]
+fn inline_io_off_sends_memory_backed_io_to_the_workers() {
+    nbd_on_a_memory_backed_image(false);
 }
 
 fn blkif() -> Blkif {

@@ -1286,6 +1286,10 @@ impl Image for VhdImage {
         self.sync()
     }
 
+    fn memory_backed(&self) -> bool {
+        self.file.memory_backed() && self.parent.as_ref().is_none_or(|p| p.memory_backed())
+    }
+
     fn discard(&self, sector: u64, nsectors: u64) -> Result<(), ImageError> {
         self.writable()?;
         check_sectors(sector, nsectors, self.size_sectors)?;

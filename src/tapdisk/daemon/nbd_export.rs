@@ -193,10 +193,32 @@ impl Tapdisk {
                     }
                 }
             }
+            if self.io.has_inline() && !self.reply_now(id) {
+                return;
+            }
             if !got || status == ReadStatus::Done {
                 return;
             }
         }
+    }
+
+    /// Queue the replies of requests that ran inline and send what the socket takes, while
+    /// the data is still in the CPU cache (reading a whole batch first would leave up to 64
+    /// filled buffers waiting). Settling is deferred to the end of the loop pass. False when
+    /// the connection broke and was dropped.
+    fn reply_now(&mut self, id: u64) -> bool {
+        self.take_completions();
+        let Some(c) = self.conns.get_mut(&id) else {
+            return false;
+        };
+        if c.conn.wants_write() {
+            if let Err(e) = c.conn.flush() {
+                debug!("nbd client {id}: write: {e}");
+                self.drop_conn(id);
+                return false;
+            }
+        }
+        true
     }
 
     pub(super) fn start_request(
