@@ -13,6 +13,9 @@
 #                  vhd: on an encrypted dynamic VHD (vhd-util create + key -s, XTS-AES-256,
 #                  TAPDISK3_CRYPTO_KEYDIR) filled with the same plaintext through its own
 #                  NBD export (nbdcopy) before timing (qemu cannot serve our encryption)
+#           encq   the encrypted VHD of "enc", served by OUR tapdisk (decrypting) and by
+#                  qemu-nbd -f vpc (which cannot decrypt: it serves the ciphertext). The gate
+#                  checks that ours returns the plaintext and qemu the ciphertext
 #           alloc  reference qemu-nbd -f vpc, candidate tapdisk vhd:, each on a fresh empty
 #                  dynamic VHD (qemu-img create -f vpc -o subformat=dynamic,force_size=on,
 #                  the same file for both servers) recreated before every server run;
@@ -45,7 +48,7 @@ PIN=${PIN:-same}
 CPU=${CPU:-1}
 RUNTIME=${RUNTIME:-3}
 case $MODE in
-    raw | vpc | enc)
+    raw | vpc | enc | encq)
         SIZE=${SIZE:-512M}
         RAMP=${RAMP:-1}
         NBDCOPY=${NBDCOPY:-1}
@@ -57,7 +60,7 @@ case $MODE in
         NBDCOPY=${NBDCOPY:-0}
         WORKLOADS=${WORKLOADS:-"seqwrite:write:1M:8 randwrite_qd32:randwrite:4k:32"}
         ;;
-    *) echo "bench-nbd: unknown mode $MODE (raw, vpc, enc, alloc)" >&2; exit 1 ;;
+    *) echo "bench-nbd: unknown mode $MODE (raw, vpc, enc, encq, alloc)" >&2; exit 1 ;;
 esac
 TAPDISK=${TAPDISK:-$here/target/release/tapdisk}
 KEYBITS=${KEYBITS:-512}
@@ -67,7 +70,7 @@ VHD_UTIL=${VHD_UTIL:-$here/target/release/vhd-util}
 for t in qemu-nbd qemu-img fio nbdcopy nbdinfo openssl python3 taskset sha256sum; do
     command -v "$t" >/dev/null || { echo "bench-nbd: $t is required" >&2; exit 1; }
 done
-if [ ! -x "$TAPDISK" ] || { [ "$MODE" = enc ] && [ ! -x "$VHD_UTIL" ]; }; then
+if [ ! -x "$TAPDISK" ] || { [ "${MODE#enc}" != "$MODE" ] && [ ! -x "$VHD_UTIL" ]; }; then
     (cd "$here" && cargo build --release --bin tapdisk --bin vhd-util >&2)
 fi
 
@@ -112,10 +115,15 @@ case $MODE in
         fi
         REF_IMG=$IMAGE; REF_FMT=vpc; CAND_IMG=$IMAGE; CAND_TYPE=vhd
         ;;
-    enc)
+    enc | encq)
         [ -n "$IMAGE" ] || { IMAGE=$work/rand.raw; gen_raw "$IMAGE"; }
-        REF_IMG=$work/plain.vhd; REF_FMT=vpc
-        qemu-img convert -f raw -O vpc -o subformat=dynamic,force_size=on "$IMAGE" "$REF_IMG"
+        if [ "$MODE" = enc ]; then
+            REF_IMG=$work/plain.vhd
+            qemu-img convert -f raw -O vpc -o subformat=dynamic,force_size=on "$IMAGE" "$REF_IMG"
+        else
+            REF_IMG=$work/enc.vhd
+        fi
+        REF_FMT=vpc
         CAND_IMG=$work/enc.vhd; CAND_TYPE=vhd
         size_b=$(stat -c %s "$IMAGE")
         [ $((size_b % 2097152)) -eq 0 ] || { echo "bench-nbd: enc needs a multiple of 2 MiB" >&2; exit 1; }
@@ -190,7 +198,7 @@ stop_server() {
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$spid/stat"; }
 uri() { echo "nbd+unix:///?socket=$sock"; }
 
-if [ "$MODE" = enc ]; then
+if [ "${MODE#enc}" != "$MODE" ]; then
     # Fill the encrypted VHD with the plaintext through its own export, then make sure what
     # landed in the file is not the plaintext (qemu-img reads the ciphertext as is).
     start_server cand
@@ -206,12 +214,14 @@ fi
 
 case $MODE in
     enc) REF_LABEL="tapdisk plain VHD"; CAND_LABEL="tapdisk encrypted VHD" ;;
+    encq) REF_LABEL="qemu-nbd (ciphertext)"; CAND_LABEL="tapdisk (decrypting)" ;;
     *) REF_LABEL="qemu-nbd"; CAND_LABEL="tapdisk" ;;
 esac
 fsname=$(df -T "$DIR" | awk 'NR == 2 {print $2}')
 echo "# mode $MODE on $fsname ($DIR), $size_bytes bytes, PIN=$PIN, reps=$REPS, runtime=${RUNTIME}s+${RAMP}s ramp, ${prio:-no nice}"
 case $MODE in
     enc) echo "# reference: $TAPDISK -D --open vhd:plain.vhd; candidate: $TAPDISK -D --open vhd:enc.vhd ($KEYBITS-bit XTS key in TAPDISK3_CRYPTO_KEYDIR)" ;;
+    encq) echo "# reference: qemu-nbd -f vpc $QEMU_CACHE -e 8 enc.vhd (serves the ciphertext); candidate: $TAPDISK -D --open vhd:enc.vhd ($KEYBITS-bit XTS key in TAPDISK3_CRYPTO_KEYDIR)" ;;
     *) echo "# reference: qemu-nbd -f $REF_FMT $QEMU_CACHE -e 8; candidate: $TAPDISK -D --open $CAND_TYPE: (io threads ${IO_THREADS:-default})" ;;
 esac
 [ "$MODE" = alloc ] && echo "# both on fresh empty VHDs from qemu-img create -f vpc -o subformat=dynamic,force_size=on"
@@ -225,11 +235,20 @@ for s in ref cand; do
     sum[$s]=$(nbdcopy "$(uri)" - | sha256sum | cut -d' ' -f1)
     stop_server
 done
-if [ "${sum[ref]}" != "${sum[cand]}" ]; then
+if [ "$MODE" = encq ]; then
+    # Same file: ours must decrypt it to the plaintext, qemu's view is the ciphertext.
+    plain=$(sha256sum <"$IMAGE" | cut -d' ' -f1)
+    if [ "${sum[cand]}" != "$plain" ] || [ "${sum[ref]}" = "$plain" ]; then
+        echo "bench-nbd: FAIL: tapdisk ${sum[cand]}, qemu-nbd ${sum[ref]}, plaintext $plain" >&2
+        exit 1
+    fi
+    echo "# same file: tapdisk serves the plaintext (sha256 $plain), qemu-nbd the ciphertext (sha256 ${sum[ref]})"
+elif [ "${sum[ref]}" != "${sum[cand]}" ]; then
     echo "bench-nbd: FAIL: exports differ (${sum[ref]} vs ${sum[cand]})" >&2
     exit 1
+else
+    echo "# identical exports: sha256 ${sum[ref]}"
 fi
-echo "# identical exports: sha256 ${sum[ref]}"
 
 results=$work/results.txt
 : >"$results"
