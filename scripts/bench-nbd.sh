@@ -318,13 +318,14 @@ def cell(vals):
     return f"{statistics.median(vals):,.0f} ({min(vals):,.0f}-{max(vals):,.0f})"
 def target(n):
     # perf-anchors §6.5 and the issue: >= 1.0 against qemu-nbd everywhere; dynamic-VHD
-    # random writes 3x qemu on ext4 (issue), 2x on tmpfs (anchors); encrypted >= 0.8 seq,
-    # >= 0.9 4 KiB against our plain VHD.
+    # random writes 2x qemu (anchors, QD1 and QD32), 3x at QD32 on ext4 (the issue's aim,
+    # where qemu rewrites and flushes bitmaps); encrypted >= 0.8 seq, >= 0.9 4 KiB against
+    # our plain VHD.
     seq = n.startswith("seq") or n == "nbdcopy"
     if mode == "enc":
         return 0.8 if seq else 0.9
     if mode == "vpc" and n.startswith("randwrite"):
-        return 3.0 if fs != "tmpfs" else 2.0
+        return 3.0 if fs != "tmpfs" and n.endswith("qd32") else 2.0
     return 1.0
 gated = fs == "tmpfs"
 print(f"| workload | {ref_label} | {cand_label} | ratio | target | meets | server CPU/op {ref_label} -> {cand_label} | lower CPU |")
