@@ -4,6 +4,7 @@
 //! plus the real netlink driver, which falls back to the socket path without the module.
 
 use std::io::Read;
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Arc;
@@ -27,10 +28,13 @@ fn raw_image(dir: &Path, len: u64) -> (std::path::PathBuf, String) {
     (p, params)
 }
 
+/// Waits until `pid` has exited (a zombie counts: a daemonised tapdisk is reaped by init,
+/// which may take its time).
 fn wait_gone(pid: i32) -> bool {
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(5) {
-        if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() {
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if state.is_empty() || state.contains(") Z") {
             return true;
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -162,6 +166,105 @@ fn refused_attach_falls_back_to_the_socket_path() {
     );
     c.destroy(created.pid, created.minor, false, None).unwrap();
     assert!(wait_gone(created.pid));
+}
+
+/// A pid that existed and is gone now (reaped), for backends that must look orphaned.
+fn dead_pid() -> i32 {
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let pid = child.id() as i32;
+    child.wait().unwrap();
+    pid
+}
+
+/// A tapdisk killed with SIGKILL leaves its kernel device configured (the kernel fails
+/// its I/O until told to disconnect). The next create disconnects such orphans of this
+/// control directory, and only those; destroy of the dead VBD disconnects its device,
+/// frees the minor and succeeds.
+#[test]
+fn orphaned_devices_of_a_killed_tapdisk_are_reclaimed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, params) = raw_image(dir.path(), 1 << 20);
+    let sim = Arc::new(SimKernelNbd::new());
+    let c = client(dir.path()).with_kernel_nbd(sim.clone());
+
+    // A device of another control directory whose pid is dead is not ours to touch, nor is
+    // a live process's export in ours.
+    let (foreign, _peer) = UnixStream::pair().unwrap();
+    let dead = dead_pid();
+    fn cfg(backend_id: &str) -> blktap3::nbd::kernel::ConnectConfig<'_> {
+        blktap3::nbd::kernel::ConnectConfig {
+            size: 1 << 20,
+            block_size: None,
+            flags: 0,
+            backend_id,
+        }
+    }
+    let other_dir = format!("/elsewhere/nbd{dead}.0");
+    assert_eq!(sim.connect(foreign.as_fd(), &cfg(&other_dir)).unwrap(), 0);
+    let live = nbd_socket_path(&dir.path().join("ctl"), std::process::id() as i32, 7);
+    assert_eq!(
+        sim.connect(foreign.as_fd(), &cfg(live.to_str().unwrap()))
+            .unwrap(),
+        1
+    );
+
+    let first = c.create(OpenRequest::new(0, params.clone()), None).unwrap();
+    assert_eq!(first.devname, Path::new("/dev/nbd2"));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first.pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(wait_gone(first.pid));
+    assert_eq!(c.nbd_device_of(first.pid, first.minor), Some(2));
+
+    let second = c.create(OpenRequest::new(0, params), None).unwrap();
+    let calls = sim.calls();
+    assert_eq!(
+        &calls[calls.len() - 2..calls.len() - 1],
+        &[SimCall::Disconnect(2)],
+        "{calls:?}"
+    );
+    assert_eq!(second.devname, Path::new("/dev/nbd2"));
+    assert_eq!(c.nbd_device_of(second.pid, second.minor), Some(2));
+    let backends: Vec<String> = sim.devices().into_iter().map(|(_, b)| b).collect();
+    assert!(backends.contains(&other_dir), "{backends:?}");
+    assert!(
+        backends.iter().any(|b| Path::new(b) == live),
+        "{backends:?}"
+    );
+
+    // The dead VBD's minor is still allocated; destroying it frees it.
+    assert_ne!(first.minor, second.minor);
+    let (st, _, err) = tap_ctl(
+        &c,
+        &[
+            "destroy",
+            "-p",
+            &first.pid.to_string(),
+            "-m",
+            &first.minor.to_string(),
+        ],
+    );
+    assert_eq!(st, 0, "{err}");
+    assert!(!blktap3::control::minors::list(&dir.path().join("ctl"))
+        .unwrap()
+        .contains(&first.minor));
+
+    // Killed again, and destroyed by device name: the device goes too.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(second.pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(wait_gone(second.pid));
+    let (st, _, err) = tap_ctl(&c, &["destroy", "-d", "/dev/nbd2"]);
+    assert_eq!(st, 0, "{err}");
+    assert_eq!(sim.calls().last(), Some(&SimCall::Disconnect(2)));
+    assert_eq!(sim.devices().len(), 2);
+    assert!(blktap3::control::minors::list(&dir.path().join("ctl"))
+        .unwrap()
+        .is_empty());
 }
 
 /// The real netlink driver. Without the nbd module (this build machine) the family lookup

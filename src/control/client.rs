@@ -502,17 +502,20 @@ impl Client {
         let socket = nbd_socket_path(&self.dir, pid, minor);
         let devname = match self.kernel_for_create() {
             None => socket,
-            Some(k) => match kernel::attach(&*k, &socket, info.sector_size) {
-                Ok(index) => kernel::device_path(index),
-                Err(e) => {
-                    log::debug!(
-                        "kernel nbd attach of {}: {}; using the socket",
-                        socket.display(),
-                        error_chain(&e)
-                    );
-                    socket
+            Some(k) => {
+                self.reap_orphaned_devices(&*k);
+                match kernel::attach(&*k, &socket, info.sector_size) {
+                    Ok(index) => kernel::device_path(index),
+                    Err(e) => {
+                        log::debug!(
+                            "kernel nbd attach of {}: {}; using the socket",
+                            socket.display(),
+                            error_chain(&e)
+                        );
+                        socket
+                    }
                 }
-            },
+            }
         };
         Ok(Created {
             pid,
@@ -524,6 +527,10 @@ impl Client {
     /// Disconnect the kernel NBD device of (`pid`, `minor`), if there is one, then
     /// close (forced or not) + detach + free. A failed disconnect is logged; the close
     /// goes ahead (tapdisk drops the connection anyway).
+    ///
+    /// When tapdisk `pid` no longer exists (killed, crashed) there is nothing to close:
+    /// the device is disconnected, the minor freed, and the destroy succeeds, so that a
+    /// toolstack tearing down a domain is not stuck on a disk whose server already died.
     pub fn destroy(
         &self,
         pid: i32,
@@ -539,9 +546,34 @@ impl Client {
                 }
             }
         }
+        if !process_exists(pid) {
+            log::warn!("tapdisk {pid} is not running; releasing minor {minor}");
+            return self.free_when_released(minor);
+        }
         self.close(pid, minor, force, timeout)?;
         self.detach(pid, minor)?;
         self.free_when_released(minor)
+    }
+
+    /// Disconnect every kernel NBD device still attached to an export of this control
+    /// directory whose tapdisk no longer exists. The kernel keeps such a device (failing
+    /// its I/O) until it is told, so a tapdisk that was killed would otherwise leak one
+    /// device per disk until none are left.
+    pub fn reap_orphaned_devices(&self, k: &dyn KernelNbd) {
+        for (index, backend) in k.devices() {
+            let Some((pid, minor)) = nbd_from_socket_name(&backend) else {
+                continue;
+            };
+            if Path::new(backend.trim()) != nbd_socket_path(&self.dir, pid, minor)
+                || process_exists(pid)
+            {
+                continue;
+            }
+            match k.disconnect(index) {
+                Ok(()) => log::info!("disconnected /dev/nbd{index}: its tapdisk {pid} is gone"),
+                Err(e) => log::warn!("disconnect orphaned /dev/nbd{index}: {}", error_chain(&e)),
+            }
+        }
     }
 
     /// `free`, retrying for a second while the exiting tapdisk still holds the marker lock.
@@ -555,6 +587,25 @@ impl Client {
                 r => return r,
             }
         }
+    }
+}
+
+/// Whether process `pid` is alive (a positive pid only: 0 and negative values name process
+/// groups). A zombie is not: a killed daemonised tapdisk stays one until its new parent
+/// reaps it, which some init processes are slow to do. Without /proc, signal 0 decides
+/// (EPERM means it exists but is not ours to signal).
+fn process_exists(pid: i32) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    match std::fs::read(format!("/proc/{pid}/stat")) {
+        // "pid (comm) S ...": the state follows the last ')' (comm may hold anything).
+        Ok(stat) => match stat.iter().rposition(|&b| b == b')') {
+            Some(i) => !matches!(stat.get(i + 2), Some(b'Z' | b'X')),
+            None => true,
+        },
+        Err(_) if Path::new("/proc/self/stat").exists() => false,
+        Err(_) => !matches!(kill(Pid::from_raw(pid), None), Err(Errno::ESRCH)),
     }
 }
 
@@ -674,6 +725,27 @@ fn read_line<R: Read + AsFd>(r: &mut R, timeout: Duration) -> Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn process_exists_says_no_for_zombies_gone_pids_and_groups() {
+        assert!(process_exists(std::process::id() as i32));
+        assert!(!process_exists(0));
+        assert!(!process_exists(-1));
+        let mut child = Command::new("true").spawn().unwrap();
+        let pid = child.id() as i32;
+        // Not waited for: it becomes a zombie once it exits.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.contains(") Z"))
+            .unwrap_or(false)
+        {
+            assert!(Instant::now() < deadline, "child {pid} never exited");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(!process_exists(pid), "zombie {pid} counted as alive");
+        child.wait().unwrap();
+        assert!(!process_exists(pid));
+    }
 
     #[test]
     fn list_params_split() {
