@@ -6,18 +6,26 @@ set -euo pipefail
 need_apt=()
 have() { command -v "$1" >/dev/null 2>&1; }
 
-have qemu-img || need_apt+=(qemu-utils)
-have qemu-io || need_apt+=(qemu-utils)
 have nbdinfo || need_apt+=(libnbd-bin)
 have fio || need_apt+=(fio)
 have shellcheck || need_apt+=(shellcheck)
 have openssl || need_apt+=(openssl)
 have gcc || need_apt+=(gcc)
 have python3 || need_apt+=(python3)
+# qemu-system-x86 boots Debian's kernel for a real NBD driver (scripts/nbd-kernel-vm.sh). It
+# and qemu-utils must come from the same series (installing one alone can remove the other),
+# so they are installed together.
+# qemu-img/qemu-io/qemu-nbd are the VHD and NBD peers.
+if ! have qemu-img || ! have qemu-io || ! have qemu-nbd || ! have qemu-system-x86_64; then
+    need_apt+=(qemu-system-x86 qemu-utils)
+fi
+[ -x /bin/busybox ] && /bin/busybox --list >/dev/null 2>&1 || need_apt+=(busybox-static)
+have cpio || need_apt+=(cpio)
 # 32-bit C runtime for the i686 build (OpenXT 8's dom0 is i686).
 [ -e /usr/lib32/libc.so ] || [ -e /usr/lib/gcc/x86_64-linux-gnu/12/32/crtbegin.o ] || need_apt+=(gcc-multilib)
 
 if [ "${#need_apt[@]}" -gt 0 ]; then
+    mapfile -t need_apt < <(printf '%s\n' "${need_apt[@]}" | sort -u)
     SUDO=""
     [ "$(id -u)" -eq 0 ] || SUDO=sudo
     echo "install-deps: installing ${need_apt[*]}" >&2

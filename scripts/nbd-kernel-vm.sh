@@ -1,0 +1,176 @@
+#!/usr/bin/env bash
+# nbd-kernel-vm.sh: `tap-ctl create` against a REAL kernel NBD driver. Boots Debian's Linux
+# kernel in QEMU (KVM when usable, else TCG) with an initramfs holding busybox, nbd.ko and
+# our tap-ctl/tapdisk/vhd-util, and checks inside the guest that:
+#   - tap-ctl create prints /dev/nbdN, which is a block device of the VHD's size whose
+#     /sys/block/nbdN/backend names the tapdisk's NBD socket;
+#   - O_DIRECT writes through /dev/nbdN land in the VHD, flushed and read back intact;
+#   - tap-ctl list shows the disk; tap-ctl destroy -d /dev/nbdN (OpenXT's form) disconnects
+#     the device (size 0) and ends the tapdisk;
+#   - a second create serves the data written through the first device;
+#   - without the module (first step, before insmod) create prints the socket path instead;
+#   - a tapdisk killed with SIGKILL fails the device's I/O at once (no hang), the next create
+#     disconnects the orphaned device, and destroy of the dead VBD frees its minor.
+# The guest prints NBD-VM-RESULT: PASS or FAIL; this script exits 0 only on PASS.
+#
+# Usage: scripts/nbd-kernel-vm.sh [BIN_DIR]   (default: target/debug, built first)
+# Environment: NBD_VM_WORK (default target/nbd-vm: kernel download and initramfs),
+#              NBD_VM_TIMEOUT (seconds, default 600).
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+bin=${1:-$here/target/debug}
+work=${NBD_VM_WORK:-$here/target/nbd-vm}
+timeout_s=${NBD_VM_TIMEOUT:-600}
+
+if [ $# -eq 0 ]; then
+    (cd "$here" && cargo build --bins >&2)
+fi
+for b in tapdisk tap-ctl vhd-util; do
+    [ -x "$bin/$b" ] || { echo "nbd-kernel-vm: $bin/$b missing" >&2; exit 1; }
+done
+for t in qemu-system-x86_64 busybox cpio dpkg-deb apt-get gzip; do
+    command -v "$t" >/dev/null || { echo "nbd-kernel-vm: $t is required (scripts/install-deps.sh)" >&2; exit 1; }
+done
+busybox_bin=$(command -v busybox)
+
+mkdir -p "$work"
+# Debian's kernel: the package linux-image-amd64 points at (downloaded once, kept in $work).
+if [ ! -f "$work/vmlinuz" ] || [ ! -f "$work/nbd.ko" ]; then
+    kernel_pkg() { apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}'; }
+    pkg=$(kernel_pkg)
+    if [ -z "$pkg" ]; then
+        apt-get update -qq >&2 || true
+        pkg=$(kernel_pkg)
+    fi
+    [ -n "$pkg" ] || { echo "nbd-kernel-vm: no linux-image package known to apt (apt-get update?)" >&2; exit 1; }
+    rm -rf "$work/kernel" && mkdir -p "$work/kernel"
+    (cd "$work/kernel" && apt-get download -qq "$pkg" >/dev/null)
+    dpkg-deb -x "$work"/kernel/*.deb "$work/kernel/root"
+    cp "$(ls "$work"/kernel/root/boot/vmlinuz-*)" "$work/vmlinuz"
+    ko=$(find "$work/kernel/root/lib/modules" -name 'nbd.ko*' | head -n1)
+    [ -n "$ko" ] || { echo "nbd-kernel-vm: $pkg has no nbd module" >&2; exit 1; }
+    case $ko in
+        *.ko.xz) xz -dc "$ko" >"$work/nbd.ko" ;;
+        *.ko.zst) zstd -qdc "$ko" >"$work/nbd.ko" ;;
+        *) cp "$ko" "$work/nbd.ko" ;;
+    esac
+    rm -rf "$work/kernel"
+fi
+
+# The initramfs: busybox, nbd.ko, our binaries and the shared libraries they load.
+root=$work/initramfs
+rm -rf "$root"
+mkdir -p "$root"/{bin,usr/bin,proc,sys,dev,run,tmp,etc}
+cp "$work/nbd.ko" "$root/nbd.ko"
+add_bin() { # $1 = binary, $2 = where in the initramfs; with the libraries it loads
+    # Stripped: debug info would make the initramfs ten times larger (and TCG unpacks it).
+    strip -o "$root$2" "$1" 2>/dev/null || cp "$1" "$root$2"
+    { ldd "$1" 2>/dev/null || true; } | awk '/=> \// {print $3} /^[[:space:]]*\/[^ ]*ld-linux/ {print $1}' |
+        while read -r lib; do
+            mkdir -p "$root$(dirname "$lib")"
+            cp -L "$lib" "$root$lib"
+        done
+}
+add_bin "$busybox_bin" /bin/busybox
+for b in tapdisk tap-ctl vhd-util; do
+    add_bin "$bin/$b" "/usr/bin/$b"
+done
+cat >"$root/init" <<'EOF'
+#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/usr/bin:/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mount -t tmpfs run /run
+mount -t tmpfs tmp /tmp
+export BLKTAP_CONTROL_DIR=/run/blktap-control
+fail() { echo "NBD-VM-FAIL: $*"; echo "NBD-VM-RESULT: FAIL"; poweroff -f; }
+step() { echo "NBD-VM-STEP: $*"; }
+
+vhd-util create -n /tmp/d.vhd -s 64 || fail "vhd-util create"
+
+step "no nbd module: create prints the socket path"
+out=$(tap-ctl create -a vhd:/tmp/d.vhd) || fail "create without module"
+case $out in /run/blktap-control/nbd*) ;; *) fail "expected a socket path, got '$out'" ;; esac
+tap-ctl destroy -p "$(tap-ctl list | awk '{print $1}' | cut -d= -f2)" -m 0 || fail "destroy without module"
+
+step "insmod nbd"
+insmod /nbd.ko nbds_max=4 || fail "insmod nbd.ko"
+
+step "create attaches /dev/nbdN"
+dev=$(tap-ctl create -a vhd:/tmp/d.vhd) || fail "tap-ctl create"
+case $dev in /dev/nbd[0-9]*) ;; *) fail "expected /dev/nbdN, got '$dev'" ;; esac
+[ -b "$dev" ] || fail "$dev is not a block device"
+n=${dev#/dev/}
+size=$(cat "/sys/block/$n/size")
+[ "$size" = 131072 ] || fail "$dev has $size sectors, expected 131072"
+backend=$(cat "/sys/block/$n/backend" 2>/dev/null || true)
+case $backend in /run/blktap-control/nbd*) ;; *) fail "backend of $dev is '$backend'" ;; esac
+tap-ctl list | grep -q "vhd:/tmp/d.vhd" || fail "tap-ctl list does not show the disk"
+
+step "O_DIRECT I/O through $dev"
+dd if=/dev/urandom of=/tmp/pattern bs=1M count=2 2>/dev/null
+dd if=/tmp/pattern of="$dev" bs=1M seek=5 oflag=direct conv=fsync 2>/dev/null || fail "write to $dev"
+dd if=/tmp/pattern of="$dev" bs=512 seek=131064 count=8 oflag=direct conv=fsync 2>/dev/null || fail "write at the end of $dev"
+echo 3 >/proc/sys/vm/drop_caches
+dd if="$dev" bs=1M skip=5 count=2 iflag=direct 2>/dev/null | cmp -s - /tmp/pattern || fail "read back through $dev"
+
+step "destroy -d $dev"
+pid=$(tap-ctl list | awk '{print $1}' | cut -d= -f2)
+tap-ctl destroy -d "$dev" || fail "tap-ctl destroy -d $dev"
+size=$(cat "/sys/block/$n/size")
+[ "$size" = 0 ] || fail "$dev still has $size sectors after destroy"
+sleep 1
+[ ! -d "/proc/$pid" ] || fail "tapdisk $pid still runs after destroy"
+[ -z "$(tap-ctl list)" ] || fail "tap-ctl list not empty after destroy: $(tap-ctl list)"
+vhd-util check -n /tmp/d.vhd || fail "vhd-util check after destroy"
+
+step "a new create serves the data"
+dev=$(tap-ctl create -a vhd:/tmp/d.vhd) || fail "second create"
+dd if="$dev" bs=1M skip=5 count=2 iflag=direct 2>/dev/null | cmp -s - /tmp/pattern || fail "data lost across create/destroy"
+head -c 4096 /tmp/pattern >/tmp/pattern4k
+dd if="$dev" bs=512 skip=131064 count=8 iflag=direct 2>/dev/null | cmp -s - /tmp/pattern4k || fail "last sectors lost"
+tap-ctl destroy -d "$dev" || fail "second destroy"
+
+step "tapdisk killed with the device attached"
+dev=$(tap-ctl create -a vhd:/tmp/d.vhd) || fail "third create"
+n=${dev#/dev/}
+pid=$(tap-ctl list | awk '{print $1}' | cut -d= -f2)
+minor=$(tap-ctl list | awk '{print $2}' | cut -d= -f2)
+kill -9 "$pid"
+rc=0
+timeout 30 dd if="$dev" of=/dev/null bs=4k count=1 iflag=direct 2>/dev/null || rc=$?
+[ "$rc" != 0 ] && [ "$rc" != 124 ] || fail "I/O on $dev after SIGKILL: rc $rc (124 = hung)"
+dev2=$(tap-ctl create -a vhd:/tmp/d.vhd) || fail "create after SIGKILL"
+case $dev2 in /dev/nbd[0-9]*) ;; *) fail "expected /dev/nbdN after SIGKILL, got '$dev2'" ;; esac
+grep -l "nbd$pid\." /sys/block/nbd*/backend 2>/dev/null && fail "a device of dead tapdisk $pid is still attached"
+dd if="$dev2" bs=1M skip=5 count=2 iflag=direct 2>/dev/null | cmp -s - /tmp/pattern || fail "data through $dev2 after SIGKILL"
+tap-ctl destroy -p "$pid" -m "$minor" || fail "destroy of the dead tapdisk's VBD"
+tap-ctl list | grep -qx "minor=$minor" && fail "minor $minor still allocated after destroy"
+tap-ctl destroy -d "$dev2" || fail "destroy $dev2"
+[ -z "$(tap-ctl list)" ] || fail "tap-ctl list not empty at the end: $(tap-ctl list)"
+
+echo "NBD-VM-RESULT: PASS"
+poweroff -f
+EOF
+chmod +x "$root/init"
+(cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) >"$work/initramfs.cpio.gz"
+
+# TCG: on these machines /dev/kvm is kvm_pvm (a paravirtual KVM for PVM-aware guests), which
+# cannot run a stock kernel. NBD_VM_ACCEL=kvm opts in where real KVM exists.
+accel=(-accel "${NBD_VM_ACCEL:-tcg}" -cpu max)
+log=$work/console.log
+echo "nbd-kernel-vm: booting $(basename "$(readlink -f "$work/vmlinuz")") (${accel[*]})" >&2
+rc=0
+timeout "$timeout_s" qemu-system-x86_64 "${accel[@]}" -m 1024 -smp 2 -nographic -no-reboot \
+    -kernel "$work/vmlinuz" -initrd "$work/initramfs.cpio.gz" \
+    -append "console=ttyS0 panic=-1 quiet rdinit=/init" </dev/null >"$log" 2>&1 || rc=$?
+grep -a 'NBD-VM-' "$log" >&2 || true
+if grep -aq 'NBD-VM-RESULT: PASS' "$log"; then
+    echo "nbd-kernel-vm: PASS" >&2
+    exit 0
+fi
+echo "nbd-kernel-vm: FAIL (qemu exit $rc); console log: $log" >&2
+tail -n 40 "$log" >&2
+exit 1
