@@ -412,7 +412,13 @@ fn cmd_create(client: &Client, args: &[String], io: &mut CliIo<'_>) -> Status {
     }
 }
 
-const DESTROY_USAGE: Usage = Usage("destroy [-h] <-p pid> <-m minor> [-t timeout secs]");
+const DESTROY_USAGE: Usage =
+    Usage("destroy [-h] <-p pid> <-m minor> | <-d device> [-t timeout secs]");
+
+/// Printed after the `destroy -h` usage.
+const DESTROY_NOTE: &str =
+    "-d takes /dev/nbdN, an NBD socket path nbd<pid>.<minor>, tapdev<minor> \
+or tapdisk-<minor>; a VBD whose tapdisk has died is released (device disconnected, minor freed)";
 
 /// Find (pid, minor) from a device name: `nbd<pid>.<minor>`, a kernel NBD device `nbd<N>`
 /// (through its sysfs backend identifier), `tapdev<minor>`, `tapdisk-<minor>`.
@@ -443,7 +449,11 @@ fn cmd_destroy(client: &Client, args: &[String], io: &mut CliIo<'_>) -> Status {
     let (mut pid, mut minor, mut timeout, mut dev) = (None::<i32>, None::<u16>, None, None);
     for o in Getopt::new(args, "hp:m:t:d:") {
         match o {
-            Opt::Flag('h') => return DESTROY_USAGE.help(io),
+            Opt::Flag('h') => {
+                let st = DESTROY_USAGE.help(io);
+                let _ = writeln!(io.stdout, "{DESTROY_NOTE}");
+                return st;
+            }
             Opt::Value('p', v) => pid = parse_num(&v),
             Opt::Value('m', v) => minor = parse_num(&v),
             Opt::Value('t', v) => match parse_num::<u64>(&v) {
