@@ -14,7 +14,8 @@
 # The guest prints NBD-VM-RESULT: PASS or FAIL; this script exits 0 only on PASS.
 #
 # Usage: scripts/nbd-kernel-vm.sh [BIN_DIR]   (default: target/debug, built first)
-# Environment: NBD_VM_WORK (default target/nbd-vm: kernel download and initramfs),
+# Environment: NBD_VM_WORK (default target/nbd-vm: the initramfs and console log),
+#              DEBIAN_KERNEL_DIR (default target/debian-kernel: the kernel package, kept),
 #              NBD_VM_TIMEOUT (seconds, default 600).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -34,28 +35,13 @@ done
 busybox_bin=$(command -v busybox)
 
 mkdir -p "$work"
-# Debian's kernel: the package linux-image-amd64 points at (downloaded once, kept in $work).
-if [ ! -f "$work/vmlinuz" ] || [ ! -f "$work/nbd.ko" ]; then
-    kernel_pkg() { apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}'; }
-    pkg=$(kernel_pkg)
-    if [ -z "$pkg" ]; then
-        apt-get update -qq >&2 || true
-        pkg=$(kernel_pkg)
-    fi
-    [ -n "$pkg" ] || { echo "nbd-kernel-vm: no linux-image package known to apt (apt-get update?)" >&2; exit 1; }
-    rm -rf "$work/kernel" && mkdir -p "$work/kernel"
-    (cd "$work/kernel" && apt-get download -qq "$pkg" >/dev/null)
-    dpkg-deb -x "$work"/kernel/*.deb "$work/kernel/root"
-    cp "$(ls "$work"/kernel/root/boot/vmlinuz-*)" "$work/vmlinuz"
-    ko=$(find "$work/kernel/root/lib/modules" -name 'nbd.ko*' | head -n1)
-    [ -n "$ko" ] || { echo "nbd-kernel-vm: $pkg has no nbd module" >&2; exit 1; }
-    case $ko in
-        *.ko.xz) xz -dc "$ko" >"$work/nbd.ko" ;;
-        *.ko.zst) zstd -qdc "$ko" >"$work/nbd.ko" ;;
-        *) cp "$ko" "$work/nbd.ko" ;;
-    esac
-    rm -rf "$work/kernel"
-fi
+# Debian's kernel, downloaded once (shared with xen-e2e.sh).
+# shellcheck source=scripts/debian-kernel.sh
+. "$here/scripts/debian-kernel.sh"
+kdir=${DEBIAN_KERNEL_DIR:-$here/target/debian-kernel}
+debian_kernel "$kdir"
+cp "$kdir/vmlinuz" "$work/vmlinuz"
+plain_module "$kdir" nbd "$work/nbd.ko"
 
 # The initramfs: busybox, nbd.ko, our binaries and the shared libraries they load.
 root=$work/initramfs
