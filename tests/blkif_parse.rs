@@ -157,8 +157,19 @@ fn disk_end_enforced_including_overflow() {
             &cfg,
         ));
         assert!(matches!(e.error, RequestError::OutOfRange { .. }));
-        let e = err(parse(abi, &direct(op::FLUSH_DISKCACHE, 0, 101, &[]), &cfg));
-        assert!(matches!(e.error, RequestError::OutOfRange { .. }));
+        // A flush or barrier with data is range-checked like a write ...
+        for o in [op::FLUSH_DISKCACHE, op::WRITE_BARRIER] {
+            let e = err(parse(abi, &direct(o, 1, 93, &[seg(1, 0, 7)]), &cfg));
+            assert!(matches!(e.error, RequestError::OutOfRange { .. }));
+        }
+        // ... one without data has no range: Linux blkfront's empty flush carries
+        // sector_number u64::MAX (blk_rq_pos of a flush request is unset).
+        for sector in [101, u64::MAX] {
+            for o in [op::FLUSH_DISKCACHE, op::WRITE_BARRIER] {
+                let r = ready(parse(abi, &direct(o, 0, sector, &[]), &cfg));
+                assert_eq!(r.nr_sectors(), 0);
+            }
+        }
     }
 }
 

@@ -212,8 +212,13 @@ fn serve(
             return (rej.id, rej.op, rej.status());
         }
     };
-    let start = (req.sector * 512) as usize;
     let len = req.data_len() as usize;
+    // An empty flush has no position (Linux sends u64::MAX).
+    let start = if req.nr_sectors() == 0 {
+        0
+    } else {
+        (req.sector * 512) as usize
+    };
     let segs = request_copy_segs(&req, BufLayout::Packed);
     let ok = match req.op {
         Operation::Read => {

@@ -409,7 +409,13 @@ fn check_request(req: &Request, cfg: &ParseConfig) -> Result<(), RequestError> {
     if writes_data && cfg.read_only {
         return Err(RequestError::ReadOnly);
     }
-    check_range(req.sector, req.nr_sectors(), cfg.disk_sectors)
+    // A request without data has no range: Linux blkfront sends an empty flush with
+    // sector_number = u64::MAX (an unset `blk_rq_pos`), and answering that with an error
+    // makes it switch flushes off for good. Like blkback, only data is range-checked.
+    match req.nr_sectors() {
+        0 => Ok(()),
+        n => check_range(req.sector, n, cfg.disk_sectors),
+    }
 }
 
 /// Decode and validate the private copy of one ring slot (`slot.len() >= abi.request_size()`;

@@ -30,6 +30,10 @@ use crate::blkif::{op, Abi, FrontRing, RingError, SharedMem};
 use crate::xen::xenstore::{transaction, Access, Perm, Tx, XenStore, XsError};
 use crate::xen::{DomId, EventChannel, GrantRef, Port, XEN_PAGE_SIZE};
 
+/// The sector_number of an empty flush or barrier, as Linux xen-blkfront sends it (a flush
+/// request's position is never set, and the block layer initialises it to -1).
+pub const EMPTY_SYNC_SECTOR: u64 = u64::MAX;
+
 /// Frontend failures.
 #[derive(Debug, thiserror::Error)]
 pub enum BlkfrontError {
@@ -588,6 +592,8 @@ impl<X: XenStore> SimBlkfront<X> {
     }
 
     /// Queue a FLUSH_DISKCACHE (no data) or WRITE_BARRIER (`opcode`), with optional data.
+    /// Without data `sector` is not sent: like Linux blkfront, whose flush requests carry an
+    /// unset `blk_rq_pos`, the request says [`EMPTY_SYNC_SECTOR`].
     pub fn submit_sync(
         &mut self,
         opcode: u8,
@@ -603,7 +609,7 @@ impl<X: XenStore> SimBlkfront<X> {
                 nr_segments: 0,
                 handle: 0,
                 id,
-                sector,
+                sector: EMPTY_SYNC_SECTOR,
                 segments: &[],
             })?;
             self.inflight.insert(
