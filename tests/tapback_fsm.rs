@@ -598,8 +598,10 @@ fn closed_with_dead_tapdisk_is_fine_and_transient_disconnect_retries() {
     assert!(status(&b, &v).ring.is_none());
 }
 
+/// OpenXT's tapback: a vanished frontend closes the device but leaves the backend dir,
+/// which libxl still reads (`tapdisk-params`) to destroy the tapdisk.
 #[test]
-fn frontend_vanishing_removes_the_backend() {
+fn frontend_vanishing_closes_the_backend_and_keeps_it() {
     let (rig, v, mut b) = one();
     connected(&rig, &v, &mut b, 1, 2);
     // The domain dies: xenstored drops its tree.
@@ -607,12 +609,17 @@ fn frontend_vanishing_removes_the_backend() {
     pump(&mut b);
     assert_eq!(rig.tap.disconnects().len(), 1);
     assert!(rig.tap.ring(5, 51712).is_none());
-    assert!(rig.read(&v.bpath).is_none(), "backend dir removed");
+    assert_eq!(rig.bstate(&v).as_deref(), Some("6"));
     assert!(
-        rig.read("/local/domain/0/backend/vbd3/5").is_some(),
-        "only B"
+        rig.read(&v.b("physical-device-path")).is_some(),
+        "backend dir kept"
     );
+    assert!(status(&b, &v).ring.is_none());
+    // The toolstack removes the device: tapback forgets it, nothing disconnected twice.
+    rig.dom0.rm(Tx::NONE, &v.bpath).unwrap();
+    pump(&mut b);
     assert!(b.device(v.id()).is_none());
+    assert_eq!(rig.tap.disconnects().len(), 1);
 }
 
 #[test]

@@ -8,7 +8,7 @@
 //! | frontend state | action |
 //! |---|---|
 //! | absent, never seen | wait |
-//! | absent after being seen (frontend vanished) | disconnect the ring, remove the backend dir |
+//! | absent after being seen (frontend vanished) | disconnect the ring, Closed (the dir stays: it is the toolstack's) |
 //! | Unknown / InitWait | nothing |
 //! | Initialising | clear a device error; disconnect a ring left over from a frontend reset; InitWait (unless `online = 0`) |
 //! | Initialised / Connected | unless connected or failed or `online = 0`: locate the tapdisk, read and check the frontend's ring keys, XENBLKIF_CONNECT (`EALREADY` = fine), DISK_INFO, write the features in one transaction, Connected |
@@ -688,15 +688,17 @@ impl Device {
         X: XenStore + ?Sized,
         T: TapdiskOps + ?Sized,
     {
-        log::info!("{}: frontend vanished; removing the backend", self.id);
+        // Like OpenXT's tapback (and unlike XenServer's, which removed the backend dir):
+        // the directory is the toolstack's. libxl reads `tapdisk-params` from it to destroy
+        // the tapdisk, and waits for Closed when it removes the device.
+        log::info!(
+            "{}: frontend vanished; ring disconnected, backend Closed",
+            self.id
+        );
         self.disconnect(cx)?;
-        self.unwatch_front(cx);
-        match cx.xs.rm(Tx::NONE, &self.bpath) {
-            Ok(()) => {}
-            Err(e) => log::warn!("{}: rm {}: {}", self.id, self.bpath, error_chain(&e)),
-        }
-        let _ = cx.xs.rm(Tx::NONE, &self.errpath);
-        Ok(Step::Removed)
+        self.frontend_seen = false;
+        let alive = self.switch(cx.xs, XenbusState::Closed)?;
+        Ok(if alive { Step::Done } else { Step::Removed })
     }
 
     /// The frontend gave us garbage: record why, go to Closing, connect nothing.
