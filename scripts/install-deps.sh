@@ -21,6 +21,9 @@ if ! have qemu-img || ! have qemu-io || ! have qemu-nbd || ! have qemu-system-x8
 fi
 [ -x /bin/busybox ] && /bin/busybox --list >/dev/null 2>&1 || need_apt+=(busybox-static)
 have cpio || need_apt+=(cpio)
+# scripts/xen-e2e.sh: Xen's dom0 rootfs is built with mmdebstrap; depmod indexes its modules.
+have mmdebstrap || need_apt+=(mmdebstrap)
+have depmod || need_apt+=(kmod)
 # 32-bit C runtime for the i686 build (OpenXT 8's dom0 is i686).
 [ -e /usr/lib32/libc.so ] || [ -e /usr/lib/gcc/x86_64-linux-gnu/12/32/crtbegin.o ] || need_apt+=(gcc-multilib)
 

@@ -1,0 +1,133 @@
+#!/bin/sh
+# Helpers for the dom0 side of the Xen end-to-end tests (sourced).
+# shellcheck shell=sh
+
+B=/xen-e2e/bin
+export BLKTAP_CONTROL_DIR=/run/blktap-control
+export BLKTAP_TAPDISK=$B/tapdisk
+export PATH="$B:$PATH"
+
+say() { echo "XEN-E2E: $*"; }
+die() {
+    echo "FAIL: $*"
+    [ ! -f /tmp/tapback.log ] || sed 's/^/  tapback| /' /tmp/tapback.log
+    [ ! -f /tmp/messages ] || sed 's/^/  syslog| /' /tmp/messages
+    exit 1
+}
+
+uptime_s() { cut -d' ' -f1 /proc/uptime; }
+
+# wait_for SECONDS COMMAND...: until COMMAND succeeds, timed by /proc/uptime (TCG makes
+# `sleep`-counting loops drift).
+wait_for() {
+    limit=$1
+    shift
+    end=$(awk -v u="$(uptime_s)" -v l="$limit" 'BEGIN {print u + l}')
+    until "$@"; do
+        if awk -v u="$(uptime_s)" -v e="$end" 'BEGIN {exit !(u > e)}'; then
+            return 1
+        fi
+        sleep 0.2
+    done
+}
+
+guest_gone() { ! xl domid "$1" >/dev/null 2>&1; }
+
+# start_guest NAME MEM_MB EXTRA_CMDLINE: a paused PV guest booting the busybox initramfs with
+# xen-blkfront, no disk in its config (the test writes the vbd3 nodes). Prints its domid.
+start_guest() {
+    cat >"/tmp/$1.cfg" <<CFG
+name = "$1"
+type = "pv"
+kernel = "/boot/vmlinuz"
+ramdisk = "/boot/domu.cpio"
+extra = "console=hvc0 rdinit=/init loglevel=3 $3"
+memory = $2
+vcpus = 1
+on_poweroff = "destroy"
+on_crash = "destroy"
+CFG
+    xl create -p "/tmp/$1.cfg" >/dev/null || return 1
+    xl domid "$1"
+}
+
+# write_vbd3 DOMID DEVID DEV TAPDISK_PARAMS MODE LOCATOR_KEY LOCATOR_VALUE: the frontend and
+# backend nodes OpenXT's libxl writes for a vbd3 disk, in one transaction, with libxl's
+# permissions. LOCATOR_KEY is physical-device (hex major:minor of /dev/nbdN, what libxl
+# writes) or physical-device-path (the NBD socket).
+write_vbd3() {
+    fe=/local/domain/$1/device/vbd/$2
+    be=/local/domain/0/backend/vbd3/$1/$2
+    xenstore-write \
+        "$fe/backend" "$be" "$fe/backend-id" 0 "$fe/state" 1 "$fe/virtual-device" "$2" \
+        "$fe/device-type" disk \
+        "$be/frontend" "$fe" "$be/frontend-id" "$1" "$be/online" 1 "$be/removable" 0 \
+        "$be/bootable" 1 "$be/state" 1 "$be/dev" "$3" "$be/type" tap "$be/mode" "$5" \
+        "$be/device-type" disk "$be/discard-enable" 1 "$be/$6" "$7" \
+        "$be/tapdisk-params" "$4" "$be/hotplug-status" connected || return 1
+    xenstore-chmod -r "$fe" "n$1" r0 || return 1
+    xenstore-chmod -r "$be" n0 "r$1"
+}
+
+# start_tapback: tapback in the foreground (logging to /tmp/tapback.log), once.
+start_tapback() {
+    [ -z "${TAPBACK_PID:-}" ] || return 0
+    tapback -d -v >>/tmp/tapback.log 2>&1 &
+    TAPBACK_PID=$!
+}
+
+stop_tapback() {
+    [ -z "${TAPBACK_PID:-}" ] || kill "$TAPBACK_PID"
+    TAPBACK_PID=
+}
+
+# backend_state BACKEND_DIR STATE: whether the backend is in XenbusState STATE.
+backend_state() { [ "$(xenstore-read "$1/state" 2>/dev/null)" = "$2" ]; }
+
+# run_vbd3_guest NAME IO MODE TAPDISK_PARAMS LOCATOR_KEY LOCATOR_VALUE [GUEST_ARGS]: a guest
+# whose xvda is the vbd3 disk, running domu-init.sh with e2e.io=IO (and GUEST_ARGS on its
+# command line), to its end. Checks that the backend went InitWait before the guest started
+# and Closed after it left, removes the backend directory (as libxl would), and sets
+# GUEST_MD5 from the guest's PASS line and RING to tapback's "ring (order ...) connected" line.
+run_vbd3_guest() {
+    start_tapback
+    domid=$(start_guest "$1" "${GUEST_MB:-96}" "e2e.io=$2 loglevel=6 ${7:-}") || die "xl create $1"
+    write_vbd3 "$domid" 51712 xvda "$4" "$3" "$5" "$6" || die "writing the vbd3 nodes"
+    be=/local/domain/0/backend/vbd3/$domid/51712
+    wait_for 30 backend_state "$be" 2 || die "backend never reached InitWait: $(xenstore-read "$be/state")"
+    xl unpause "$domid"
+    if ! wait_for 300 guest_gone "$1"; then
+        xl destroy "$1" || true
+        guest_log "$1" | sed 's/^/  guest| /'
+        die "guest $1 did not finish"
+    fi
+    guest_log "$1" | grep -E 'DOMU|blkfront|xvda' | sed 's/^/  guest| /'
+    result=$(guest_log "$1" | tr -d '\r' | sed -n 's/^DOMU-RESULT: //p' | tail -n1)
+    case $result in
+        "PASS md5="*) export GUEST_MD5="${result#PASS md5=}" ;;
+        *) die "guest $1: ${result:-no result}" ;;
+    esac
+    RING=$(grep "$domid/51712: ring (order" /tmp/tapback.log | tail -n1 | sed 's/.*: ring/ring/')
+    echo "tapback: $RING"
+    export RING
+    wait_for 20 backend_state "$be" 6 || die "backend state $(xenstore-read "$be/state") after the guest left"
+    xenstore-rm "/local/domain/0/backend/vbd3/$domid"
+}
+
+# md5_at DEV MIB_OFFSET MIB_COUNT: md5 of a range read with O_DIRECT.
+md5_at() {
+    dd if="$1" bs=1M skip="$2" count="$3" iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1
+}
+
+# vbd_pid PATH: the pid of the tapdisk serving image PATH (tap-ctl list).
+vbd_pid() {
+    tap-ctl list | grep -F "$1" | tr ' ' '\n' | sed -n 's/^pid=//p' | head -n1
+}
+
+# physical_device DEV: hex major:minor of a block device, as libxl writes it.
+physical_device() {
+    printf '%x:%x\n' "$(stat -L -c '0x%t' "$1")" "$(stat -L -c '0x%T' "$1")"
+}
+
+# guest_log NAME: what the guest printed on its console.
+guest_log() { cat "/var/log/xen/console/guest-$1.log" 2>/dev/null; }
