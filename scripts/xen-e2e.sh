@@ -6,10 +6,9 @@
 # xenstore nodes the way OpenXT's libxl does, and start PV guests whose blkfront does I/O
 # over the shared ring (grant copy through /dev/xen/gntdev, event channels, xenstore).
 #
-# Usage: scripts/xen-e2e.sh [--tests "NAME ..."] [--shell] [BIN_DIR]
+# Usage: scripts/xen-e2e.sh [--tests "NAME ..."] [BIN_DIR]
 #   BIN_DIR  tapdisk/tap-ctl/tapback/vhd-util to test (default: target/release, built first)
 #   --tests  run only these tests (file names in tests/xen-e2e/tests/ without NN- and .sh)
-#   --shell  keep an interactive dom0 shell on the serial port after the tests
 # Environment: XEN_E2E_WORK (default target/xen-e2e: dom0 rootfs, boot files, logs),
 #   DEBIAN_KERNEL_DIR (default target/debian-kernel), XEN_E2E_TIMEOUT (seconds, default 900),
 #   QEMU_CPU (default qemu64: Xen 4.17 PV dom0 crashes under TCG's SMAP emulation with max).
@@ -19,12 +18,10 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 work=${XEN_E2E_WORK:-$here/target/xen-e2e}
 timeout_s=${XEN_E2E_TIMEOUT:-900}
 tests=""
-shell=0
 bin=""
 while [ $# -gt 0 ]; do
     case $1 in
         --tests) tests=$2; shift 2 ;;
-        --shell) shell=1; shift ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         -*) echo "xen-e2e: unknown option $1" >&2; exit 2 ;;
         *) bin=$1; shift ;;
@@ -103,7 +100,6 @@ for b in tapdisk tap-ctl tapback vhd-util; do
 done
 {
     echo "XEN_E2E_TESTS='$tests'"
-    echo "XEN_E2E_SHELL=$shell"
 } >"$ov/xen-e2e/env"
 chmod +x "$ov/init" "$ov"/xen-e2e/tests/*.sh
 # The guest's initramfs: busybox, xen-blkfront and its init.
@@ -122,16 +118,13 @@ cat "$work/boot/dom0-base.cpio" "$work/boot/overlay.cpio" >"$work/boot/dom0-init
 # 4. Boot. Xen's multiboot modules: the dom0 kernel (with its command line) and its initrd.
 console=$work/console.log
 log "booting Xen $xen_series + Linux $kver (TCG); console: $console"
-serial=(-serial stdio)
-stdin=/dev/null
-if [ "$shell" = 1 ]; then stdin=/dev/stdin; fi
 set +e
 timeout "$timeout_s" qemu-system-x86_64 -machine pc -accel tcg -cpu "${QEMU_CPU:-qemu64}" -smp 2 -m 2048 \
-    -display none -vga none -no-reboot -monitor none "${serial[@]}" -net none \
+    -display none -vga none -no-reboot -monitor none -serial stdio -net none \
     -kernel "$work/boot/xen" \
     -append "console=com1 com1=115200,8n1 dom0_mem=1024M,max:1024M loglvl=all guest_loglvl=all" \
     -initrd "$work/boot/vmlinuz console=hvc0 earlyprintk=xen loglevel=4,$work/boot/dom0-initrd.cpio" \
-    <"$stdin" 2>&1 | tee "$console" | grep -a --line-buffered -E '^(XEN-E2E|  (guest|log)\|)' >&2
+    </dev/null 2>&1 | tee "$console" | grep -a --line-buffered -E '^(XEN-E2E|  (guest|log)\|)' >&2
 rc=${PIPESTATUS[0]}
 set -e
 summary=$(grep -a '^XEN-E2E-SUMMARY:' "$console" | tail -n1 | tr -d '\r' || true)

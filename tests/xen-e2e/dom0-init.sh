@@ -62,9 +62,6 @@ for t in /xen-e2e/tests/*.sh; do
     echo "XEN-E2E-RESULT: $name $verdict (${secs}s)"
 done
 echo "XEN-E2E-SUMMARY: $passed passed, $failed failed, $skipped skipped"
-if [ "$XEN_E2E_SHELL" = 1 ]; then
-    setsid sh -c 'exec sh </dev/hvc0 >/dev/hvc0 2>&1'
-fi
 sync
 echo o >/proc/sysrq-trigger
 sleep 10

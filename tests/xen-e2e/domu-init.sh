@@ -6,6 +6,7 @@
 #               drop caches, read both back; sector-sized writes inside a page; buffered
 #               I/O; a discard; flushes still on at the end
 #   e2e.io=ro   a read-only disk: reads work, a write fails
+#   e2e.io=slow 24 MiB written 1 MiB at a time, half a second apart, then read back
 #   e2e.blkfront=P=V,...  xen-blkfront module parameters (max_ring_page_order, max_indirect_segments)
 # Prints "DOMU-RESULT: PASS md5=<md5 of the pattern>" or "DOMU-RESULT: FAIL <why>".
 /bin/busybox --install -s /bin
@@ -18,6 +19,11 @@ result() { echo "DOMU-RESULT: $*"; sync; poweroff -f; }
 fail() {
     dmesg | grep -v -E '^\[ *[0-9.]+\] (ACPI|PCI|pci|clocksource|x86|e820|Memory|Zone|Built|Kernel|Dentry|Inode|mem|NR_|rcu|Xen:|smp|smpboot|devtmpfs|Freeing|Write|Run|cpu|CPU)' | tail -n 25
     result "FAIL $*"
+}
+# random_file PATH MIB: MIB MiB of random bytes (dd from /dev/urandom may read short).
+random_file() {
+    head -c $(($2 << 20)) /dev/urandom >"$1"
+    [ "$(wc -c <"$1")" -eq $(($2 << 20)) ] || fail "short random file $1"
 }
 arg() { tr ' ' '\n' </proc/cmdline | sed -n "s/^e2e\.$1=//p"; }
 
@@ -49,7 +55,7 @@ ro)
     ;;
 rw)
     [ "$ro" = 0 ] || fail "writable disk shows ro=$ro"
-    dd if=/dev/urandom of=/tmp/p bs=1M count=8 2>/dev/null
+    random_file /tmp/p 8
     sum=$(md5sum </tmp/p | cut -d' ' -f1)
     dd if=/tmp/p of=/dev/xvda bs=1M oflag=direct conv=fsync 2>/dev/null || fail "write at 0"
     dd if=/tmp/p of=/dev/xvda bs=1M seek=$((mb - 8)) oflag=direct conv=fsync 2>/dev/null ||
@@ -80,6 +86,32 @@ rw)
     # blkfront turns flushes off (write through) when the backend fails one.
     wc=$(cat /sys/block/xvda/queue/write_cache)
     [ "$wc" = "write back" ] || fail "blkfront switched flushes off: write_cache=$wc"
+    result "PASS md5=$sum"
+    ;;
+slow)
+    # 24 MiB written 1 MiB at a time with pauses (dom0 snapshots the disk meanwhile), then
+    # read back whole.
+    random_file /tmp/p 24
+    sum=$(md5sum </tmp/p | cut -d' ' -f1)
+    i=0
+    while [ $i -lt 24 ]; do
+        dd if=/tmp/p of=/dev/xvda bs=1M skip=$i seek=$i count=1 oflag=direct conv=fsync 2>/dev/null ||
+            fail "write of MiB $i"
+        sleep 0.5
+        i=$((i + 1))
+    done
+    echo 3 >/proc/sys/vm/drop_caches
+    got=$(dd if=/dev/xvda bs=1M count=24 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
+    if [ "$got" != "$sum" ]; then
+        i=0
+        while [ $i -lt 24 ]; do
+            a=$(dd if=/tmp/p bs=1M skip=$i count=1 2>/dev/null | md5sum | cut -d' ' -f1)
+            b=$(dd if=/dev/xvda bs=1M skip=$i count=1 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
+            [ "$a" = "$b" ] || echo "DOMU: MiB $i differs: wrote $a, reads $b"
+            i=$((i + 1))
+        done
+        fail "read back: $got, wrote $sum"
+    fi
     result "PASS md5=$sum"
     ;;
 *)

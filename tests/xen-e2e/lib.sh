@@ -70,6 +70,7 @@ write_vbd3() {
 }
 
 # start_tapback: tapback in the foreground (logging to /tmp/tapback.log), once.
+TAPBACK_PID=
 start_tapback() {
     [ -z "${TAPBACK_PID:-}" ] || return 0
     tapback -d -v >>/tmp/tapback.log 2>&1 &
@@ -84,18 +85,24 @@ stop_tapback() {
 # backend_state BACKEND_DIR STATE: whether the backend is in XenbusState STATE.
 backend_state() { [ "$(xenstore-read "$1/state" 2>/dev/null)" = "$2" ]; }
 
-# run_vbd3_guest NAME IO MODE TAPDISK_PARAMS LOCATOR_KEY LOCATOR_VALUE [GUEST_ARGS]: a guest
+# vbd3_guest_start NAME IO MODE TAPDISK_PARAMS LOCATOR_KEY LOCATOR_VALUE [GUEST_ARGS]: a guest
 # whose xvda is the vbd3 disk, running domu-init.sh with e2e.io=IO (and GUEST_ARGS on its
-# command line), to its end. Checks that the backend went InitWait before the guest started
-# and Closed after it left, removes the backend directory (as libxl would), and sets
-# GUEST_MD5 from the guest's PASS line and RING to tapback's "ring (order ...) connected" line.
-run_vbd3_guest() {
+# command line). Returns once it runs, the backend having gone InitWait before it started;
+# sets DOMID and BE (the backend directory).
+vbd3_guest_start() {
     start_tapback
-    domid=$(start_guest "$1" "${GUEST_MB:-96}" "e2e.io=$2 loglevel=6 ${7:-}") || die "xl create $1"
-    write_vbd3 "$domid" 51712 xvda "$4" "$3" "$5" "$6" || die "writing the vbd3 nodes"
-    be=/local/domain/0/backend/vbd3/$domid/51712
-    wait_for 30 backend_state "$be" 2 || die "backend never reached InitWait: $(xenstore-read "$be/state")"
-    xl unpause "$domid"
+    DOMID=$(start_guest "$1" "${GUEST_MB:-96}" "e2e.io=$2 loglevel=6 ${7:-}") || die "xl create $1"
+    write_vbd3 "$DOMID" 51712 xvda "$4" "$3" "$5" "$6" || die "writing the vbd3 nodes"
+    BE=/local/domain/0/backend/vbd3/$DOMID/51712
+    wait_for 30 backend_state "$BE" 2 || die "backend never reached InitWait: $(xenstore-read "$BE/state")"
+    xl unpause "$DOMID"
+}
+
+# vbd3_guest_finish NAME: waits for the guest started by vbd3_guest_start to end, checks
+# that the backend went Closed after it left and removes the backend directory (as libxl
+# would). Sets GUEST_MD5 from the guest's PASS line and RING to tapback's
+# "ring (order ...) connected" line.
+vbd3_guest_finish() {
     if ! wait_for 300 guest_gone "$1"; then
         xl destroy "$1" || true
         guest_log "$1" | sed 's/^/  guest| /'
@@ -105,13 +112,22 @@ run_vbd3_guest() {
     result=$(guest_log "$1" | tr -d '\r' | sed -n 's/^DOMU-RESULT: //p' | tail -n1)
     case $result in
         "PASS md5="*) export GUEST_MD5="${result#PASS md5=}" ;;
-        *) die "guest $1: ${result:-no result}" ;;
+        *)
+            guest_log "$1" | grep -v -E 'DOMU|blkfront|xvda' | sed 's/^/  guest| /'
+            die "guest $1: ${result:-no result}"
+            ;;
     esac
-    RING=$(grep "$domid/51712: ring (order" /tmp/tapback.log | tail -n1 | sed 's/.*: ring/ring/')
+    RING=$(grep "$DOMID/51712: ring (order" /tmp/tapback.log | tail -n1 | sed 's/.*: ring/ring/')
     echo "tapback: $RING"
     export RING
-    wait_for 20 backend_state "$be" 6 || die "backend state $(xenstore-read "$be/state") after the guest left"
-    xenstore-rm "/local/domain/0/backend/vbd3/$domid"
+    wait_for 20 backend_state "$BE" 6 || die "backend state $(xenstore-read "$BE/state") after the guest left"
+    xenstore-rm "/local/domain/0/backend/vbd3/$DOMID"
+}
+
+# run_vbd3_guest NAME IO MODE TAPDISK_PARAMS LOCATOR_KEY LOCATOR_VALUE [GUEST_ARGS]: both.
+run_vbd3_guest() {
+    vbd3_guest_start "$@"
+    vbd3_guest_finish "$1"
 }
 
 # md5_at DEV MIB_OFFSET MIB_COUNT: md5 of a range read with O_DIRECT.
