@@ -41,7 +41,7 @@ name = "$1"
 type = "pv"
 kernel = "/boot/vmlinuz"
 ramdisk = "/boot/domu.cpio"
-extra = "console=hvc0 rdinit=/init loglevel=3 $3"
+extra = "console=hvc0 rdinit=/init loglevel=6 $3"
 memory = $2
 vcpus = 1
 on_poweroff = "destroy"
@@ -91,7 +91,7 @@ backend_state() { [ "$(xenstore-read "$1/state" 2>/dev/null)" = "$2" ]; }
 # sets DOMID and BE (the backend directory).
 vbd3_guest_start() {
     start_tapback
-    DOMID=$(start_guest "$1" "${GUEST_MB:-96}" "e2e.io=$2 loglevel=6 ${7:-}") || die "xl create $1"
+    DOMID=$(start_guest "$1" "${GUEST_MB:-96}" "e2e.io=$2 ${7:-}") || die "xl create $1"
     write_vbd3 "$DOMID" 51712 xvda "$4" "$3" "$5" "$6" || die "writing the vbd3 nodes"
     BE=/local/domain/0/backend/vbd3/$DOMID/51712
     wait_for 30 backend_state "$BE" 2 || die "backend never reached InitWait: $(xenstore-read "$BE/state")"
