@@ -774,9 +774,20 @@ fn restart_reconnects_idempotently() {
     pump(&mut b);
     drop(b); // killed: nothing is torn down
     assert!(rig.tap.ring(5, 51712).is_some());
+    // blkfront watches the backend state; a rewrite of Connected would make Linux
+    // revalidate the disk's capacity.
+    let fe = rig.fe_conn(&v);
+    fe.watch(&v.b("state"), "blkfront").unwrap();
+    assert_eq!(
+        fe.take_watch_events().unwrap().len(),
+        1,
+        "the registration event"
+    );
 
     let mut b2 = rig.backend(BackendConfig::default());
     pump(&mut b2);
+    let events = fe.take_watch_events().unwrap();
+    assert!(events.is_empty(), "backend state rewritten: {events:?}");
     let st = status(&b2, &v);
     assert_eq!(st.state, XenbusState::Connected);
     assert_eq!(st.ring.as_ref().map(|r| r.pid), Some(PID));

@@ -324,11 +324,17 @@ impl Device {
             return Ok(true);
         }
         let b = &self.bpath;
+        let key = format!("{b}/{}", keys::STATE);
         let alive = transaction(xs, |tx| {
             if xs.read(tx, b)?.is_none() {
                 return Ok(false);
             }
-            xs.write(tx, &format!("{b}/{}", keys::STATE), s.as_str().as_bytes())?;
+            // Rewriting the state it already has (a restarted tapback taking over a
+            // connected device) would fire blkfront's watch for nothing: Linux takes a
+            // Connected written again as a capacity change and revalidates the disk.
+            if xs.read(tx, &key)?.as_deref() != Some(s.as_str().as_bytes()) {
+                xs.write(tx, &key, s.as_str().as_bytes())?;
+            }
             Ok(true)
         })?;
         if alive {

@@ -41,7 +41,7 @@ name = "$1"
 type = "pv"
 kernel = "/boot/vmlinuz"
 ramdisk = "/boot/domu.cpio"
-extra = "console=hvc0 rdinit=/init loglevel=6 $3"
+extra = "console=hvc0 rdinit=/init loglevel=7 $3"
 memory = $2
 vcpus = 1
 on_poweroff = "destroy"
@@ -108,12 +108,12 @@ vbd3_guest_finish() {
         guest_log "$1" | sed 's/^/  guest| /'
         die "guest $1 did not finish"
     fi
-    guest_log "$1" | grep -E 'DOMU|blkfront|xvda' | sed 's/^/  guest| /'
+    guest_log "$1" | grep -E 'DOMU|blkfront|xvda|Setting capacity' | sed 's/^/  guest| /'
     result=$(guest_log "$1" | tr -d '\r' | sed -n 's/^DOMU-RESULT: //p' | tail -n1)
     case $result in
         "PASS md5="*) export GUEST_MD5="${result#PASS md5=}" ;;
         *)
-            guest_log "$1" | grep -v -E 'DOMU|blkfront|xvda' | sed 's/^/  guest| /'
+            guest_log "$1" | grep -v -E 'DOMU|blkfront|xvda|Setting capacity' | sed 's/^/  guest| /'
             die "guest $1: ${result:-no result}"
             ;;
     esac

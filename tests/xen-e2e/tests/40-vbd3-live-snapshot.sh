@@ -27,6 +27,10 @@ start_tapback
 vbd3_guest_finish e2e-snap
 grep -q "$DOMID/51712: tapdisk $pid minor $minor already has our ring" /tmp/tapback.log ||
     die "the restarted tapback did not find the ring connected"
+# ... and took it over without rewriting the backend state (blkfront would revalidate).
+if guest_log e2e-snap | grep -q "Setting capacity"; then
+    die "the guest saw the backend state rewritten"
+fi
 [ "$(md5_at "$dev" 0 24)" = "$GUEST_MD5" ] || die "dom0 reads other data through the new chain"
 [ "$(vhd-util query -n /tmp/leaf.vhd -p)" = /tmp/base.vhd ] || die "leaf's parent: $(vhd-util query -n /tmp/leaf.vhd -p)"
 # The snapshot fell in the middle of the writes: both layers hold some of the 12 blocks.
