@@ -2,8 +2,9 @@
 # shellcheck shell=dash
 # PID 1 of the Xen end-to-end guest (a PV domU): loads xen-blkfront, and does I/O on
 # /dev/xvda through our vbd3 backend. Options come from the kernel command line:
-#   e2e.io=rw   write an 8 MiB random pattern at the start and at the end with O_DIRECT, flush,
-#               drop caches, read both back; sector-sized writes inside a page; buffered
+#   e2e.io=rw   print the md5 of the first 8 MiB ("DOMU: before md5=..."), write an 8 MiB
+#               random pattern at the start and at the end with O_DIRECT, flush, drop
+#               caches, read both back; sector-sized writes inside a page; buffered
 #               I/O; a discard; flushes still on at the end
 #   e2e.io=ro   a read-only disk: reads work, a write fails
 #   e2e.io=slow 24 MiB written 1 MiB at a time, half a second apart, then read back
@@ -55,6 +56,7 @@ ro)
     ;;
 rw)
     [ "$ro" = 0 ] || fail "writable disk shows ro=$ro"
+    echo "DOMU: before md5=$(dd if=/dev/xvda bs=1M count=8 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)"
     random_file /tmp/p 8
     sum=$(md5sum </tmp/p | cut -d' ' -f1)
     dd if=/tmp/p of=/dev/xvda bs=1M oflag=direct conv=fsync 2>/dev/null || fail "write at 0"
