@@ -11,6 +11,9 @@ mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /run
 mount -t tmpfs tmpfs /dev/shm
+# Images and logs get their own space: the rootfs (the unpacked initramfs) is a tmpfs of half
+# of dom0's memory and already half full.
+mount -t tmpfs -o size=640m tmpfs /tmp
 # udev would make these; xl's hotplug locking and shell redirections want them.
 ln -sf /proc/self/fd /dev/fd
 ln -sf /proc/self/fd/0 /dev/stdin
@@ -49,7 +52,7 @@ for t in /xen-e2e/tests/*.sh; do
         case " $XEN_E2E_TESTS " in *" $name "*) ;; *) continue ;; esac
     fi
     start=$(cut -d' ' -f1 /proc/uptime)
-    say "starting $name"
+    say "starting $name ($(df -m /tmp | awk 'NR == 2 {print $4}') MiB free in /tmp, $(df -m / | awk 'NR == 2 {print $4}') in /)"
     rc=0
     sh "$t" >"/tmp/test-$name.log" 2>&1 || rc=$?
     secs=$(awk -v a="$start" -v b="$(cut -d' ' -f1 /proc/uptime)" 'BEGIN {printf "%.1f", b - a}')

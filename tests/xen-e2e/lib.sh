@@ -10,6 +10,7 @@ export PATH="$B:$PATH"
 say() { echo "XEN-E2E: $*"; }
 die() {
     echo "FAIL: $*"
+    df -h /tmp | sed 's/^/  df| /'
     [ ! -f /tmp/tapback.log ] || sed 's/^/  tapback| /' /tmp/tapback.log
     [ ! -f /tmp/messages ] || sed 's/^/  syslog| /' /tmp/messages
     exit 1

@@ -17,3 +17,4 @@ echo
 stop_tapback
 tap-ctl destroy -d "$dev"
 vhd-util check -n /tmp/vbd3.vhd
+rm -f /tmp/vbd3.vhd

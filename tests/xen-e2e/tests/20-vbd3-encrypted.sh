@@ -31,3 +31,4 @@ if TAPDISK3_CRYPTO_KEYDIR=/nonexistent tap-ctl create -a vhd:/tmp/enc.vhd; then
     die "the encrypted VHD opened without its key"
 fi
 vhd-util check -n /tmp/enc.vhd
+rm -rf /tmp/enc.vhd "$keys"

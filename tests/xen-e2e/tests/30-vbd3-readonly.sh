@@ -13,3 +13,4 @@ stop_tapback
 tap-ctl destroy -d "$dev"
 [ "$(dd if=/tmp/ro.img bs=1M count=8 2>/dev/null | md5sum | cut -d' ' -f1)" = "$want" ] ||
     die "the read-only image changed"
+rm -f /tmp/ro.img

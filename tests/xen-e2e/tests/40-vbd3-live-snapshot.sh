@@ -44,3 +44,4 @@ stop_tapback
 tap-ctl destroy -d "$dev"
 vhd-util check -n /tmp/leaf.vhd
 vhd-util check -n /tmp/base.vhd
+rm -f /tmp/leaf.vhd /tmp/base.vhd

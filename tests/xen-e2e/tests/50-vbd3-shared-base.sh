@@ -46,3 +46,4 @@ tap-ctl destroy -d "$dev"
 for vm in vm1 vm2 gold; do
     vhd-util check -n "/tmp/$vm.vhd"
 done
+rm -f /tmp/vm1.vhd /tmp/vm2.vhd /tmp/gold.vhd /tmp/gold.pat
