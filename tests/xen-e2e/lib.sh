@@ -70,18 +70,33 @@ write_vbd3() {
     xenstore-chmod -r "$be" n0 "r$1"
 }
 
-# start_tapback: tapback in the foreground (logging to /tmp/tapback.log), once.
+# start_tapback: tapback once, in the foreground logging to /tmp/tapback.log; with
+# TAPBACK_DAEMON=1 as the init script starts it: a daemon with a pid file, logging to syslog
+# (which dom0 keeps in /tmp/messages).
 TAPBACK_PID=
 start_tapback() {
     [ -z "${TAPBACK_PID:-}" ] || return 0
-    tapback -d -v >>/tmp/tapback.log 2>&1 &
-    TAPBACK_PID=$!
+    if [ "${TAPBACK_DAEMON:-0}" = 1 ]; then
+        tapback -v -p /run/tapback.pid || die "tapback did not start as a daemon"
+        TAPBACK_PID=$(cat /run/tapback.pid)
+        [ -d "/proc/$TAPBACK_PID" ] || die "tapback daemon $TAPBACK_PID is not running"
+    else
+        tapback -d -v >>/tmp/tapback.log 2>&1 &
+        TAPBACK_PID=$!
+    fi
 }
 
+# stop_tapback: SIGTERM, and wait until it has exited (a daemon removes its pid file).
 stop_tapback() {
-    [ -z "${TAPBACK_PID:-}" ] || kill "$TAPBACK_PID"
+    [ -n "${TAPBACK_PID:-}" ] || return 0
+    kill "$TAPBACK_PID"
+    wait_for 10 tapback_gone || die "tapback $TAPBACK_PID did not exit on SIGTERM"
+    if [ "${TAPBACK_DAEMON:-0}" = 1 ] && [ -e /run/tapback.pid ]; then
+        die "the tapback daemon left its pid file"
+    fi
     TAPBACK_PID=
 }
+tapback_gone() { [ ! -d "/proc/$TAPBACK_PID" ] || grep -q '^State:.*Z' "/proc/$TAPBACK_PID/status"; }
 
 # backend_state BACKEND_DIR STATE: whether the backend is in XenbusState STATE.
 backend_state() { [ "$(xenstore-read "$1/state" 2>/dev/null)" = "$2" ]; }
@@ -118,7 +133,8 @@ vbd3_guest_finish() {
             die "guest $1: ${result:-no result}"
             ;;
     esac
-    RING=$(grep "$DOMID/51712: ring (order" /tmp/tapback.log | tail -n1 | sed 's/.*: ring/ring/')
+    RING=$(cat /tmp/tapback.log /tmp/messages 2>/dev/null | grep "$DOMID/51712: ring (order" |
+        tail -n1 | sed 's/.*: ring/ring/')
     echo "tapback: $RING"
     export RING
     wait_for 20 backend_state "$BE" 6 || die "backend state $(xenstore-read "$BE/state") after the guest left"

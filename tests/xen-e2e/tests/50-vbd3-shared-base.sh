@@ -3,9 +3,11 @@
 # each leaf served by its own tapdisk, one tapback for both domains. Each guest first reads
 # the golden data through its leaf, then writes its own; afterwards each leaf holds its
 # guest's data and the golden image is unchanged.
+# tapback runs as the init script starts it: a daemon with a pid file, logging to syslog.
 # shellcheck source=tests/xen-e2e/lib.sh
 . /xen-e2e/lib.sh
 set -e
+export TAPBACK_DAEMON=1
 vhd-util create -n /tmp/gold.vhd -s 64
 head -c $((8 << 20)) /dev/urandom >/tmp/gold.pat
 gold=$(md5sum </tmp/gold.pat | cut -d' ' -f1)
