@@ -5,7 +5,16 @@
 #   debian_kernel DIR        DIR/vmlinuz and DIR/root/lib/modules/<version>/ (kept across runs)
 #   debian_kernel_version DIR  the module directory's name, e.g. 6.1.0-41-amd64
 #   plain_module DIR NAME OUT  module NAME (e.g. nbd, xen-blkfront) decompressed to OUT
+#   apt_download PKG DIR     a package's .deb into DIR (refreshing stale package lists)
 # shellcheck shell=bash
+
+# apt_download PKG DIR: the package's .deb into DIR; when the mirror no longer has the version
+# the local package lists name, the lists are refreshed and the download tried once more.
+apt_download() {
+    (cd "$2" && apt-get download -qq "$1" >/dev/null 2>&1) && return 0
+    apt-get update -qq >&2 || true
+    (cd "$2" && apt-get download -qq "$1" >/dev/null)
+}
 
 debian_kernel() {
     local dir=$1 pkg
@@ -20,7 +29,7 @@ debian_kernel() {
     fi
     [ -n "$pkg" ] || { echo "debian-kernel: no linux-image package known to apt" >&2; return 1; }
     rm -rf "$dir" && mkdir -p "$dir/deb"
-    (cd "$dir/deb" && apt-get download -qq "$pkg" >/dev/null) || return 1
+    apt_download "$pkg" "$dir/deb" || return 1
     dpkg-deb -x "$dir"/deb/*.deb "$dir/root" || return 1
     # usr-merged packages ship /usr/lib/modules; keep one path.
     if [ ! -d "$dir/root/lib/modules" ] && [ -d "$dir/root/usr/lib/modules" ]; then

@@ -51,7 +51,7 @@ xen_series=4.17
 if [ ! -f "$work/boot/xen" ]; then
     log "fetching xen-hypervisor-$xen_series-amd64"
     rm -rf "$work/xen-deb" && mkdir -p "$work/xen-deb" "$work/boot"
-    (cd "$work/xen-deb" && apt-get download -qq "xen-hypervisor-$xen_series-amd64" >/dev/null)
+    apt_download "xen-hypervisor-$xen_series-amd64" "$work/xen-deb"
     dpkg-deb -x "$work"/xen-deb/*.deb "$work/xen-deb/root"
     # A gzipped 32-bit multiboot ELF: QEMU's -kernel wants it unpacked.
     gzip -dc "$(find "$work/xen-deb/root/boot" -name 'xen-*.gz' | head -n1)" >"$work/boot/xen.tmp"
