@@ -36,21 +36,18 @@ busybox_bin=$(command -v busybox)
 
 mkdir -p "$work"
 # Debian's kernel, downloaded once (shared with xen-e2e.sh).
-# shellcheck source=scripts/debian-kernel.sh
-. "$here/scripts/debian-kernel.sh"
+# shellcheck source=scripts/vm-common.sh
+. "$here/scripts/vm-common.sh"
 kdir=${DEBIAN_KERNEL_DIR:-$here/target/debian-kernel}
 debian_kernel "$kdir"
-cp "$kdir/vmlinuz" "$work/vmlinuz"
-plain_module "$kdir" nbd "$work/nbd.ko"
 
 # The initramfs: busybox, nbd.ko, our binaries and the shared libraries they load.
 root=$work/initramfs
 rm -rf "$root"
 mkdir -p "$root"/{bin,usr/bin,proc,sys,dev,run,tmp,etc}
-cp "$work/nbd.ko" "$root/nbd.ko"
+plain_module "$kdir" nbd "$root/nbd.ko"
 add_bin() { # $1 = binary, $2 = where in the initramfs; with the libraries it loads
-    # Stripped: debug info would make the initramfs ten times larger (and TCG unpacks it).
-    strip -o "$root$2" "$1" 2>/dev/null || cp "$1" "$root$2"
+    strip_copy "$1" "$root$2"
     { ldd "$1" 2>/dev/null || true; } | awk '/=> \// {print $3} /^[[:space:]]*\/[^ ]*ld-linux/ {print $1}' |
         while read -r lib; do
             mkdir -p "$root$(dirname "$lib")"
@@ -141,16 +138,16 @@ echo "NBD-VM-RESULT: PASS"
 poweroff -f
 EOF
 chmod +x "$root/init"
-(cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) >"$work/initramfs.cpio.gz"
+pack_cpio "$root" | gzip -1 >"$work/initramfs.cpio.gz"
 
 # TCG: on these machines /dev/kvm is kvm_pvm (a paravirtual KVM for PVM-aware guests), which
 # cannot run a stock kernel. NBD_VM_ACCEL=kvm opts in where real KVM exists.
 accel=(-accel "${NBD_VM_ACCEL:-tcg}" -cpu max)
 log=$work/console.log
-echo "nbd-kernel-vm: booting $(basename "$(readlink -f "$work/vmlinuz")") (${accel[*]})" >&2
+echo "nbd-kernel-vm: booting Linux $(debian_kernel_version "$kdir") (${accel[*]})" >&2
 rc=0
 timeout "$timeout_s" qemu-system-x86_64 "${accel[@]}" -m 1024 -smp 2 -nographic -no-reboot \
-    -kernel "$work/vmlinuz" -initrd "$work/initramfs.cpio.gz" \
+    -kernel "$kdir/vmlinuz" -initrd "$work/initramfs.cpio.gz" \
     -append "console=ttyS0 panic=-1 quiet rdinit=/init" </dev/null >"$log" 2>&1 || rc=$?
 grep -a 'NBD-VM-' "$log" >&2 || true
 if grep -aq 'NBD-VM-RESULT: PASS' "$log"; then

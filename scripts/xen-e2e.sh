@@ -42,8 +42,8 @@ mkdir -p "$work"
 log() { echo "xen-e2e: $*" >&2; }
 
 # 1. Debian's kernel (dom0 and guests) and Xen hypervisor.
-# shellcheck source=scripts/debian-kernel.sh
-. "$here/scripts/debian-kernel.sh"
+# shellcheck source=scripts/vm-common.sh
+. "$here/scripts/vm-common.sh"
 kdir=${DEBIAN_KERNEL_DIR:-$here/target/debian-kernel}
 debian_kernel "$kdir"
 kver=$(debian_kernel_version "$kdir")
@@ -82,7 +82,7 @@ if [ ! -f "$work/boot/dom0-base.cpio" ] || [ "$(cat "$work/boot/dom0-base.stamp"
         "$work"/dom0root/var/lib/apt/lists/* "$work"/dom0root/usr/lib/xen-*/boot
     mkdir -p "$work/dom0root/boot"
     cp "$kdir/vmlinuz" "$work/dom0root/boot/vmlinuz"
-    (cd "$work/dom0root" && find . | cpio -o -H newc --quiet) >"$work/boot/dom0-base.cpio"
+    pack_cpio "$work/dom0root" >"$work/boot/dom0-base.cpio"
     echo "$stamp" >"$work/boot/dom0-base.stamp"
     rm -rf "$work/dom0root"
 fi
@@ -96,11 +96,9 @@ cp "$here/tests/xen-e2e/lib.sh" "$ov/xen-e2e/lib.sh"
 cp "$here"/tests/xen-e2e/tests/*.sh "$ov/xen-e2e/tests/"
 cp "$(command -v busybox)" "$ov/xen-e2e/busybox"
 for b in tapdisk tap-ctl tapback vhd-util; do
-    strip -o "$ov/xen-e2e/bin/$b" "$bin/$b" 2>/dev/null || cp "$bin/$b" "$ov/xen-e2e/bin/$b"
+    strip_copy "$bin/$b" "$ov/xen-e2e/bin/$b"
 done
-{
-    echo "XEN_E2E_TESTS='$tests'"
-} >"$ov/xen-e2e/env"
+echo "XEN_E2E_TESTS='$tests'" >"$ov/xen-e2e/env"
 chmod +x "$ov/init" "$ov"/xen-e2e/tests/*.sh
 # The guest's initramfs: busybox, xen-blkfront and its init.
 groot=$work/domu-root
@@ -110,9 +108,9 @@ plain_module "$kdir" xen-blkfront "$groot/xen-blkfront.ko"
 cp "$here/tests/xen-e2e/domu-init.sh" "$groot/init"
 chmod +x "$groot/init"
 mkdir -p "$ov/boot"
-(cd "$groot" && find . | cpio -o -H newc --quiet) >"$ov/boot/domu.cpio"
+pack_cpio "$groot" >"$ov/boot/domu.cpio"
 rm -rf "$groot"
-(cd "$ov" && find . | cpio -o -H newc --quiet) >"$work/boot/overlay.cpio"
+pack_cpio "$ov" >"$work/boot/overlay.cpio"
 cat "$work/boot/dom0-base.cpio" "$work/boot/overlay.cpio" >"$work/boot/dom0-initrd.cpio"
 
 # 4. Boot. Xen's multiboot modules: the dom0 kernel (with its command line) and its initrd.

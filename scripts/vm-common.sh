@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# debian-kernel.sh: sourced by the VM test scripts (nbd-kernel-vm.sh, xen-e2e.sh). Fetches
-# Debian's current amd64 kernel (the package linux-image-amd64 depends on) once into a cache
-# directory and hands out its pieces:
-#   debian_kernel DIR        DIR/vmlinuz and DIR/root/lib/modules/<version>/ (kept across runs)
+# vm-common.sh: sourced by the VM test scripts (nbd-kernel-vm.sh, xen-e2e.sh).
+#   debian_kernel DIR        Debian's current amd64 kernel (the package linux-image-amd64
+#                            depends on), fetched once: DIR/vmlinuz and
+#                            DIR/root/lib/modules/<version>/ (kept across runs)
 #   debian_kernel_version DIR  the module directory's name, e.g. 6.1.0-41-amd64
 #   plain_module DIR NAME OUT  module NAME (e.g. nbd, xen-blkfront) decompressed to OUT
 #   apt_download PKG DIR     a package's .deb into DIR (refreshing stale package lists)
+#   strip_copy SRC DEST      a binary without its debug info (TCG unpacks every initramfs byte)
+#   pack_cpio DIR            DIR as a newc cpio archive on stdout
 # shellcheck shell=bash
 
 # apt_download PKG DIR: the package's .deb into DIR; when the mirror no longer has the version
@@ -52,4 +54,12 @@ plain_module() {
         *.ko.zst) zstd -qdc "$ko" >"$out" ;;
         *) cp "$ko" "$out" ;;
     esac
+}
+
+strip_copy() {
+    strip -o "$2" "$1" 2>/dev/null || cp "$1" "$2"
+}
+
+pack_cpio() {
+    (cd "$1" && find . | cpio -o -H newc --quiet)
 }
