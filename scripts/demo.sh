@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-scripts/install-deps.sh
+scripts/install-deps.sh demo
 echo "== building blktap3 (release)"
 cargo build --release --bins --quiet
 BIN=$PWD/target/release
