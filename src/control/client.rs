@@ -23,10 +23,12 @@ use super::msg::{
     read_reply, split_params, Blkif, DiskInfo, ListEntry, OpenRequest, Reply, Request,
     ResumeRequest, VbdState, WireLayout,
 };
+use super::tapdev;
 use super::transport::{DeadlineReader, NoSigPipeWriter};
 use super::{
     control_dir, nbd_from_socket_name, nbd_socket_path, pid_from_socket_name, socket_path,
-    ControlError, Result, CONTROL_DIR_ENV, DEFAULT_TAPDISK, NBD_DEVICE_ENV, TAPDISK_ENV,
+    tapdev_dir, ControlError, Result, CONTROL_DIR_ENV, DEFAULT_TAPDISK, NBD_DEVICE_ENV,
+    TAPDISK_ENV,
 };
 use crate::nbd::kernel::{self, KernelNbd};
 use crate::util::error_chain;
@@ -56,6 +58,9 @@ pub struct Created {
     /// The device the VBD is reachable through: `/dev/nbd<N>` when the kernel NBD driver
     /// took the export, else the NBD socket `<dir>/nbd<pid>.<minor>`.
     pub devname: PathBuf,
+    /// The blktap2-style link `<tapdev dir>/tapdev<minor>` → `/dev/nbd<N>`, when it was
+    /// made (never for a socket; a failure to make it is logged, not an error).
+    pub tapdev: Option<PathBuf>,
 }
 
 /// How a [`Client`] uses the kernel NBD driver.
@@ -90,6 +95,7 @@ pub fn tapdisk_binary() -> PathBuf {
 #[derive(Clone, Debug)]
 pub struct Client {
     dir: PathBuf,
+    tapdev_dir: PathBuf,
     tapdisk: Option<PathBuf>,
     timeout: Option<Duration>,
     kernel: KernelMode,
@@ -107,10 +113,12 @@ impl Client {
         Client::with_dir(control_dir())
     }
 
-    /// A client on an explicit control directory.
+    /// A client on an explicit control directory (the tapdev link directory still comes from
+    /// `BLKTAP_TAPDEV_DIR`, else `/dev/xen/blktap-2`; see [`Client::with_tapdev_dir`]).
     pub fn with_dir(dir: impl Into<PathBuf>) -> Client {
         Client {
             dir: dir.into(),
+            tapdev_dir: tapdev_dir(),
             tapdisk: None,
             timeout: None,
             kernel: KernelMode::Auto,
@@ -190,6 +198,56 @@ impl Client {
     /// The control directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Put the `tapdev<minor>` compatibility links in `dir` instead of
+    /// [`tapdev_dir()`](super::tapdev_dir).
+    pub fn with_tapdev_dir(mut self, dir: impl Into<PathBuf>) -> Client {
+        self.tapdev_dir = dir.into();
+        self
+    }
+
+    /// The directory of the `tapdev<minor>` compatibility links.
+    pub fn tapdev_dir(&self) -> &Path {
+        &self.tapdev_dir
+    }
+
+    /// Remove the `tapdev<minor>` link (if `only_to`, only when it points there); failures
+    /// are logged.
+    fn remove_tapdev(&self, minor: u16, only_to: Option<&Path>) {
+        match tapdev::unlink(&self.tapdev_dir, minor, only_to) {
+            Ok(true) => log::debug!(
+                "removed {}",
+                tapdev::tapdev_path(&self.tapdev_dir, minor).display()
+            ),
+            Ok(false) => {}
+            Err(e) => log::warn!(
+                "remove {}: {e}",
+                tapdev::tapdev_path(&self.tapdev_dir, minor).display()
+            ),
+        }
+    }
+
+    /// The device of the VBD `minor` of a live tapdisk: `/dev/nbd<N>` if the kernel NBD
+    /// driver has its export, else the export's socket. ENOENT when no live tapdisk serves
+    /// `minor` or the VBD has no export (nothing opened on it).
+    pub fn find_device(&self, minor: u16) -> Result<PathBuf> {
+        let pid = self
+            .list()?
+            .into_iter()
+            .find(|e| e.minor == Some(minor) && e.pid.is_some())
+            .and_then(|e| e.pid)
+            .ok_or_else(|| {
+                ControlError::os(format!("no tapdisk serves minor {minor}"), Errno::ENOENT)
+            })?;
+        if let Some(index) = self.nbd_device_of(pid, minor) {
+            return Ok(kernel::device_path(index));
+        }
+        let sock = nbd_socket_path(&self.dir, pid, minor);
+        match std::fs::symlink_metadata(&sock) {
+            Ok(_) => Ok(sock),
+            Err(e) => Err(ControlError::io(format!("stat {}", sock.display()), e)),
+        }
     }
 
     /// Send one request to tapdisk `pid` and read its whole reply (ERROR replies included).
@@ -517,20 +575,40 @@ impl Client {
                 }
             }
         };
+        let tapdev = if kernel::parse_device_name(&devname.to_string_lossy()).is_some() {
+            match tapdev::link(&self.tapdev_dir, minor, &devname) {
+                Ok(()) => Some(tapdev::tapdev_path(&self.tapdev_dir, minor)),
+                Err(e) => {
+                    log::warn!(
+                        "link {} to {}: {e}",
+                        tapdev::tapdev_path(&self.tapdev_dir, minor).display(),
+                        devname.display()
+                    );
+                    None
+                }
+            }
+        } else {
+            // A link left from an earlier user of this minor would name someone else's disk.
+            self.remove_tapdev(minor, None);
+            None
+        };
         Ok(Created {
             pid,
             minor,
             devname,
+            tapdev,
         })
     }
 
-    /// Disconnect the kernel NBD device of (`pid`, `minor`), if there is one, then
-    /// close (forced or not) + detach + free. A failed disconnect is logged; the close
-    /// goes ahead (tapdisk drops the connection anyway).
+    /// Disconnect the kernel NBD device of (`pid`, `minor`), if there is one, and remove
+    /// the `tapdev<minor>` link to it, then close (forced or not) + detach + free, and
+    /// remove any `tapdev<minor>` link left. A failed disconnect is logged; the close goes
+    /// ahead (tapdisk drops the connection anyway).
     ///
     /// When tapdisk `pid` no longer exists (killed, crashed) there is nothing to close:
-    /// the device is disconnected, the minor freed, and the destroy succeeds, so that a
-    /// toolstack tearing down a domain is not stuck on a disk whose server already died.
+    /// the device is disconnected, the minor freed (and its link removed), and the destroy
+    /// succeeds, so that a toolstack tearing down a domain is not stuck on a disk whose
+    /// server already died.
     pub fn destroy(
         &self,
         pid: i32,
@@ -544,15 +622,20 @@ impl Client {
                 if let Err(e) = k.disconnect(index) {
                     log::warn!("disconnect /dev/nbd{index}: {}", error_chain(&e));
                 }
+                self.remove_tapdev(minor, Some(&kernel::device_path(index)));
             }
         }
         if !process_exists(pid) {
             log::warn!("tapdisk {pid} is not running; releasing minor {minor}");
-            return self.free_when_released(minor);
+            self.free_when_released(minor)?;
+            self.remove_tapdev(minor, None);
+            return Ok(());
         }
         self.close(pid, minor, force, timeout)?;
         self.detach(pid, minor)?;
-        self.free_when_released(minor)
+        self.free_when_released(minor)?;
+        self.remove_tapdev(minor, None);
+        Ok(())
     }
 
     /// Disconnect every kernel NBD device still attached to an export of this control
@@ -573,6 +656,8 @@ impl Client {
                 Ok(()) => log::info!("disconnected /dev/nbd{index}: its tapdisk {pid} is gone"),
                 Err(e) => log::warn!("disconnect orphaned /dev/nbd{index}: {}", error_chain(&e)),
             }
+            // The device may go to the next VBD: its old name must not lead there.
+            self.remove_tapdev(minor, Some(&kernel::device_path(index)));
         }
     }
 
