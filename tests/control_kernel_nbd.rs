@@ -468,3 +468,91 @@ fn tapdev_links_of_killed_tapdisks_do_not_outlive_their_devices() {
         0
     );
 }
+
+/// A kernel NBD driver from before the backend identifier (Linux < 5.14, e.g. OpenXT 8's
+/// 4.14): it connects and disconnects, but no device reports a backend.
+#[derive(Debug)]
+struct NoBackendKernel(Arc<SimKernelNbd>);
+
+impl KernelNbd for NoBackendKernel {
+    fn connect(
+        &self,
+        sock: std::os::fd::BorrowedFd<'_>,
+        cfg: &blktap3::nbd::kernel::ConnectConfig<'_>,
+    ) -> blktap3::nbd::kernel::Result<u32> {
+        self.0.connect(sock, cfg)
+    }
+    fn disconnect(&self, index: u32) -> blktap3::nbd::kernel::Result<()> {
+        self.0.disconnect(index)
+    }
+    fn devices(&self) -> Vec<(u32, String)> {
+        Vec::new()
+    }
+}
+
+/// Without backend identifiers the tapdev links are the record of which device serves
+/// which VBD: find_device, destroy (by pid/minor, /dev/nbdN or tapdev name) and the reaping
+/// of a killed tapdisk's device still find the device, and disconnect it.
+#[test]
+fn tapdev_links_stand_in_for_missing_backend_identifiers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, params) = raw_image(dir.path(), 1 << 20);
+    let sim = Arc::new(SimKernelNbd::new());
+    let c = client(dir.path()).with_kernel_nbd(Arc::new(NoBackendKernel(sim.clone())));
+    let kill = |pid: i32| {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        assert!(wait_gone(pid));
+    };
+    let connected = || -> Vec<u32> { sim.devices().into_iter().map(|(i, _)| i).collect() };
+
+    let a = c.create(OpenRequest::new(0, params.clone()), None).unwrap();
+    let b = c.create(OpenRequest::new(0, params.clone()), None).unwrap();
+    assert_eq!(
+        (a.devname.as_path(), b.devname.as_path()),
+        (Path::new("/dev/nbd0"), Path::new("/dev/nbd1"))
+    );
+    assert_eq!(c.find_device(a.minor).unwrap(), Path::new("/dev/nbd0"));
+    assert_eq!(c.nbd_device_of(b.pid, b.minor), Some(1));
+    assert_eq!(c.vbd_of_nbd_device(1), Some((b.pid, b.minor)));
+    assert_eq!(c.vbd_of_nbd_device(2), None);
+
+    // destroy -d /dev/nbd1 finds the VBD through the link.
+    let (st, _, err) = tap_ctl(&c, &["destroy", "-d", "/dev/nbd1"]);
+    assert_eq!(st, 0, "{err}");
+    assert_eq!(sim.calls().last(), Some(&SimCall::Disconnect(1)));
+    assert_eq!(tapdev_target(dir.path(), b.minor), None);
+    assert!(wait_gone(b.pid));
+
+    // A killed tapdisk: the next create reclaims its device through the link.
+    kill(a.pid);
+    let d = c.create(OpenRequest::new(0, params.clone()), None).unwrap();
+    assert!(
+        sim.calls().contains(&SimCall::Disconnect(0)),
+        "{:?}",
+        sim.calls()
+    );
+    assert_eq!(d.devname, Path::new("/dev/nbd0"));
+    assert_eq!(tapdev_target(dir.path(), a.minor), None);
+    assert_eq!(connected(), vec![0]);
+    // ... and the dead VBD is destroyed by its tapdev name (pid from its leftover socket).
+    let (st, _, err) = tap_ctl(&c, &["destroy", "-d", &format!("tapdev{}", a.minor)]);
+    assert_eq!(st, 0, "{err}");
+    assert_eq!(connected(), vec![0], "the live VBD's device stays");
+
+    // Killed, then destroyed by pid/minor: the device found through the link goes.
+    kill(d.pid);
+    c.destroy(d.pid, d.minor, false, None).unwrap();
+    assert_eq!(sim.calls().last(), Some(&SimCall::Disconnect(0)));
+    assert!(connected().is_empty());
+    assert_eq!(
+        std::fs::read_dir(tapdev_dir(dir.path())).unwrap().count(),
+        0
+    );
+    assert!(blktap3::control::minors::list(&dir.path().join("ctl"))
+        .unwrap()
+        .is_empty());
+}

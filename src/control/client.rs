@@ -163,17 +163,86 @@ impl Client {
     }
 
     /// The index of the kernel NBD device attached to VBD (`pid`, `minor`), if any.
+    ///
+    /// The kernel's backend identifier (`/sys/block/nbdN/backend`) says which device holds
+    /// the VBD's socket. Kernels older than the identifier (Linux 4.14 of OpenXT 8 among
+    /// them) accept and ignore it; there the `tapdev<minor>` link `create` made is the
+    /// record, trusted unless the kernel names another backend for that device.
     pub fn nbd_device_of(&self, pid: i32, minor: u16) -> Option<u32> {
         let k = self.kernel_for_cleanup()?;
         let sock = nbd_socket_path(&self.dir, pid, minor);
-        kernel::find_by_backend(&*k, sock.to_str()?)
+        let sock = sock.to_str()?;
+        if let Some(index) = kernel::find_by_backend(&*k, sock) {
+            return Some(index);
+        }
+        let index = self.linked_device(minor)?;
+        match kernel::backend_of(&*k, index) {
+            Some(other) if other != sock => None,
+            _ => Some(index),
+        }
     }
 
     /// The VBD (`pid`, `minor`) behind kernel NBD device `index`, from its backend
-    /// identifier.
+    /// identifier, else (kernels without one) from the `tapdev<minor>` link to it and the
+    /// tapdisk serving, or last serving, that minor ([`Client::pid_of_minor`]).
     pub fn vbd_of_nbd_device(&self, index: u32) -> Option<(i32, u16)> {
         let k = self.kernel_for_cleanup()?;
-        nbd_from_socket_name(&kernel::backend_of(&*k, index)?)
+        if let Some(backend) = kernel::backend_of(&*k, index) {
+            return nbd_from_socket_name(&backend);
+        }
+        let minor = self
+            .tapdev_links()
+            .into_iter()
+            .find(|&(_, i)| i == index)
+            .map(|(m, _)| m)?;
+        Some((self.pid_of_minor(minor)?, minor))
+    }
+
+    /// The device index the `tapdev<minor>` link points to, if it is a link to `/dev/nbdN`.
+    fn linked_device(&self, minor: u16) -> Option<u32> {
+        let target = tapdev::target(&self.tapdev_dir, minor)?;
+        kernel::parse_device_name(target.to_str()?).filter(|&i| kernel::device_path(i) == target)
+    }
+
+    /// Every `tapdev<minor>` link to a `/dev/nbdN`: (minor, N), by minor.
+    fn tapdev_links(&self) -> Vec<(u16, u32)> {
+        let Ok(rd) = std::fs::read_dir(&self.tapdev_dir) else {
+            return Vec::new();
+        };
+        let mut out: Vec<(u16, u32)> = rd
+            .flatten()
+            .filter_map(|e| tapdev::parse_tapdev_name(e.file_name().to_str()?))
+            .filter_map(|m| Some((m, self.linked_device(m)?)))
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// The pid of the tapdisk serving VBD `minor`, else of the one that served it and
+    /// died without closing it: the pid in the export socket `nbd<pid>.<minor>` it left
+    /// in the control directory (the live one if there are several).
+    pub fn pid_of_minor(&self, minor: u16) -> Option<i32> {
+        let live = self
+            .list()
+            .ok()?
+            .into_iter()
+            .find(|e| e.minor == Some(minor) && e.pid.is_some())
+            .and_then(|e| e.pid);
+        live.or_else(|| self.export_pid_of_minor(minor))
+    }
+
+    /// The pid in an export socket `nbd<pid>.<minor>` of the control directory, preferring
+    /// one whose process is alive.
+    fn export_pid_of_minor(&self, minor: u16) -> Option<i32> {
+        let mut pids: Vec<i32> = std::fs::read_dir(&self.dir)
+            .ok()?
+            .flatten()
+            .filter_map(|e| nbd_from_socket_name(e.file_name().to_str()?))
+            .filter(|&(_, m)| m == minor)
+            .map(|(p, _)| p)
+            .collect();
+        pids.sort_unstable_by_key(|&p| !process_exists(p));
+        pids.first().copied()
     }
 
     /// Bound every control exchange that is not given its own timeout (also those of
@@ -617,8 +686,7 @@ impl Client {
         timeout: Option<Duration>,
     ) -> Result<()> {
         if let Some(k) = self.kernel_for_cleanup() {
-            let sock = nbd_socket_path(&self.dir, pid, minor);
-            if let Some(index) = sock.to_str().and_then(|s| kernel::find_by_backend(&*k, s)) {
+            if let Some(index) = self.nbd_device_of(pid, minor) {
                 if let Err(e) = k.disconnect(index) {
                     log::warn!("disconnect /dev/nbd{index}: {}", error_chain(&e));
                 }
@@ -641,9 +709,26 @@ impl Client {
     /// Disconnect every kernel NBD device still attached to an export of this control
     /// directory whose tapdisk no longer exists. The kernel keeps such a device (failing
     /// its I/O) until it is told, so a tapdisk that was killed would otherwise leak one
-    /// device per disk until none are left.
+    /// device per disk until none are left. Devices are found by their backend identifier,
+    /// and (kernels without one) by the `tapdev<minor>` links of VBDs whose tapdisk is gone.
     pub fn reap_orphaned_devices(&self, k: &dyn KernelNbd) {
-        for (index, backend) in k.devices() {
+        let known = k.devices();
+        for (minor, index) in self.tapdev_links() {
+            if known.iter().any(|(i, _)| *i == index) {
+                continue;
+            }
+            if self.export_pid_of_minor(minor).is_some_and(process_exists) {
+                continue;
+            }
+            match k.disconnect(index) {
+                Ok(()) => {
+                    log::info!("disconnected /dev/nbd{index}: the tapdisk of minor {minor} is gone")
+                }
+                Err(e) => log::warn!("disconnect orphaned /dev/nbd{index}: {}", error_chain(&e)),
+            }
+            self.remove_tapdev(minor, Some(&kernel::device_path(index)));
+        }
+        for (index, backend) in known {
             let Some((pid, minor)) = nbd_from_socket_name(&backend) else {
                 continue;
             };

@@ -452,29 +452,21 @@ fn resolve_devname(client: &Client, dev: &str) -> Option<(Option<i32>, u16)> {
 }
 
 /// The pid of a tapdisk that is gone but left VBD `minor` behind: the owner of the kernel
-/// device the tapdev link `dev` (or `tapdev<minor>` in the client's link directory) points
-/// to, else the pid in a leftover export socket `nbd<pid>.<minor>`.
+/// device the tapdev link `dev` points to, else the pid in a leftover export socket
+/// `nbd<pid>.<minor>`.
 fn dead_vbd_pid(client: &Client, dev: &str, minor: u16) -> Option<i32> {
-    let link = if dev.contains('/') {
-        std::path::PathBuf::from(dev)
-    } else {
-        tapdev::tapdev_path(client.tapdev_dir(), minor)
-    };
-    if let Ok(target) = std::fs::read_link(&link) {
-        let owner = crate::nbd::kernel::parse_device_name(&target.to_string_lossy())
-            .and_then(|index| client.vbd_of_nbd_device(index));
-        if let Some((pid, m)) = owner {
-            if m == minor {
-                return Some(pid);
+    if dev.contains('/') {
+        if let Ok(target) = std::fs::read_link(dev) {
+            let owner = crate::nbd::kernel::parse_device_name(&target.to_string_lossy())
+                .and_then(|index| client.vbd_of_nbd_device(index));
+            if let Some((pid, m)) = owner {
+                if m == minor {
+                    return Some(pid);
+                }
             }
         }
     }
-    std::fs::read_dir(client.dir())
-        .ok()?
-        .flatten()
-        .filter_map(|e| super::nbd_from_socket_name(e.file_name().to_str()?))
-        .find(|&(_, m)| m == minor)
-        .map(|(pid, _)| pid)
+    client.pid_of_minor(minor)
 }
 
 fn cmd_destroy(client: &Client, args: &[String], io: &mut CliIo<'_>) -> Status {
