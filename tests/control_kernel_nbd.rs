@@ -17,8 +17,21 @@ use blktap3::control::tapctl::{run_with, CliIo};
 use blktap3::nbd::kernel::{KernelNbd, KernelNbdError, Netlink, SimCall, SimKernelNbd};
 use blktap3::nbd::proto::TFLAG_HAS_FLAGS;
 
+/// A client on `<dir>/ctl` whose tapdev links go to `<dir>/dev/xen/blktap-2` (never the
+/// host's /dev).
 fn client(dir: &Path) -> Client {
-    Client::with_dir(dir.join("ctl")).with_tapdisk(env!("CARGO_BIN_EXE_tapdisk"))
+    Client::with_dir(dir.join("ctl"))
+        .with_tapdisk(env!("CARGO_BIN_EXE_tapdisk"))
+        .with_tapdev_dir(tapdev_dir(dir))
+}
+
+fn tapdev_dir(dir: &Path) -> std::path::PathBuf {
+    dir.join("dev/xen/blktap-2")
+}
+
+/// Where `<dir>/dev/xen/blktap-2/tapdev<minor>` points, if it is a link.
+fn tapdev_target(dir: &Path, minor: u16) -> Option<std::path::PathBuf> {
+    std::fs::read_link(tapdev_dir(dir).join(format!("tapdev{minor}"))).ok()
 }
 
 fn raw_image(dir: &Path, len: u64) -> (std::path::PathBuf, String) {
@@ -299,4 +312,247 @@ fn real_driver_attaches_or_falls_back() {
     c.destroy(created.pid, created.minor, false, None).unwrap();
     assert!(wait_gone(created.pid));
     assert_eq!(c.nbd_device_of(created.pid, created.minor), None);
+}
+
+/// blktap2 compatibility: a VBD on /dev/nbdN is also /dev/xen/blktap-2/tapdev<minor> (a
+/// symlink, the directory made on demand); `find_device` names the device; `tap-ctl destroy
+/// -d` takes the tapdev name and removes the link with the device.
+#[test]
+fn tapdev_link_follows_the_kernel_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, params) = raw_image(dir.path(), 1 << 20);
+    let sim = Arc::new(SimKernelNbd::starting_at(4));
+    let c = client(dir.path()).with_kernel_nbd(sim.clone());
+    assert!(!tapdev_dir(dir.path()).exists());
+
+    let a = c.create(OpenRequest::new(0, params.clone()), None).unwrap();
+    let b = c.create(OpenRequest::new(0, params.clone()), None).unwrap();
+    assert_eq!(a.devname, Path::new("/dev/nbd4"));
+    assert_eq!(b.devname, Path::new("/dev/nbd5"));
+    let link_a = tapdev_dir(dir.path()).join(format!("tapdev{}", a.minor));
+    assert_eq!(a.tapdev.as_deref(), Some(link_a.as_path()));
+    assert_eq!(
+        tapdev_target(dir.path(), a.minor).as_deref(),
+        Some(Path::new("/dev/nbd4"))
+    );
+    assert_eq!(
+        tapdev_target(dir.path(), b.minor).as_deref(),
+        Some(Path::new("/dev/nbd5"))
+    );
+    assert_eq!(c.find_device(a.minor).unwrap(), Path::new("/dev/nbd4"));
+    assert_eq!(c.find_device(b.minor).unwrap(), Path::new("/dev/nbd5"));
+    assert_eq!(c.find_device(999).unwrap_err().errno(), libc::ENOENT);
+
+    // `tap-ctl create` still prints the device itself.
+    let (st, out, err) = tap_ctl(&c, &["create", "-a", &params]);
+    assert_eq!(st, 0, "{err}");
+    assert_eq!(out, "/dev/nbd6\n");
+
+    // Destroy by the blktap2 name: the device is disconnected, only that link goes.
+    let (st, _, err) = tap_ctl(&c, &["destroy", "-d", link_a.to_str().unwrap()]);
+    assert_eq!(st, 0, "{err}");
+    assert!(sim.calls().contains(&SimCall::Disconnect(4)));
+    assert!(!link_a.exists() && tapdev_target(dir.path(), a.minor).is_none());
+    assert!(wait_gone(a.pid));
+    assert_eq!(c.find_device(a.minor).unwrap_err().errno(), libc::ENOENT);
+    assert!(tapdev_target(dir.path(), b.minor).is_some());
+
+    // Destroy by /dev/nbdN and by pid/minor remove the link too.
+    let (st, _, err) = tap_ctl(&c, &["destroy", "-d", "/dev/nbd5"]);
+    assert_eq!(st, 0, "{err}");
+    assert!(tapdev_target(dir.path(), b.minor).is_none());
+    assert!(wait_gone(b.pid));
+    let rest: Vec<_> = sim.devices();
+    assert_eq!(rest.len(), 1, "{rest:?}");
+    let (pid, minor) = c.vbd_of_nbd_device(6).unwrap();
+    assert_eq!(
+        tapdev_target(dir.path(), minor).as_deref(),
+        Some(Path::new("/dev/nbd6"))
+    );
+    c.destroy(pid, minor, false, None).unwrap();
+    assert!(tapdev_target(dir.path(), minor).is_none());
+    assert!(wait_gone(pid));
+    // Nothing is left in the link directory.
+    assert_eq!(
+        std::fs::read_dir(tapdev_dir(dir.path())).unwrap().count(),
+        0
+    );
+}
+
+/// Without a kernel device there is no tapdev link (a socket is not a block device), a
+/// stale link of the minor is removed, and `find_device` names the socket.
+#[test]
+fn socket_only_vbds_get_no_tapdev_link() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, params) = raw_image(dir.path(), 1 << 20);
+    // A link left by an earlier user of minor 0 (e.g. a minor freed by hand).
+    std::fs::create_dir_all(tapdev_dir(dir.path())).unwrap();
+    std::os::unix::fs::symlink("/dev/nbd9", tapdev_dir(dir.path()).join("tapdev0")).unwrap();
+    for c in [
+        client(dir.path()).with_kernel_nbd(Arc::new(SimKernelNbd::failing(libc::EBUSY))),
+        client(dir.path()).without_kernel_nbd(),
+    ] {
+        let created = c.create(OpenRequest::new(0, params.clone()), None).unwrap();
+        assert_eq!(created.minor, 0);
+        let sock = nbd_socket_path(&dir.path().join("ctl"), created.pid, created.minor);
+        assert_eq!(created.devname, sock);
+        assert_eq!(created.tapdev, None);
+        assert_eq!(tapdev_target(dir.path(), 0), None);
+        assert_eq!(c.find_device(0).unwrap(), sock);
+        // A minor allocated but not served by a live tapdisk has no device.
+        let (spare, _) = c.allocate().unwrap();
+        assert_eq!(c.find_device(spare).unwrap_err().errno(), libc::ENOENT);
+        c.free(spare).unwrap();
+        let (st, _, err) = tap_ctl(&c, &["destroy", "-d", "tapdev0"]);
+        assert_eq!(st, 0, "{err}");
+        assert!(wait_gone(created.pid));
+        assert_eq!(c.find_device(0).unwrap_err().errno(), libc::ENOENT);
+    }
+}
+
+/// A killed tapdisk: destroy by its tapdev name still finds the VBD (through the device the
+/// link points to), disconnects the device, frees the minor and removes the link; an orphan
+/// reclaimed by the next create loses its link before the device is reused.
+#[test]
+fn tapdev_links_of_killed_tapdisks_do_not_outlive_their_devices() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, params) = raw_image(dir.path(), 1 << 20);
+    let sim = Arc::new(SimKernelNbd::new());
+    let c = client(dir.path()).with_kernel_nbd(sim.clone());
+    let kill = |pid: i32| {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        assert!(wait_gone(pid));
+    };
+
+    let a = c.create(OpenRequest::new(0, params.clone()), None).unwrap();
+    assert_eq!(a.devname, Path::new("/dev/nbd0"));
+    kill(a.pid);
+    let link = tapdev_dir(dir.path()).join(format!("tapdev{}", a.minor));
+    let (st, _, err) = tap_ctl(&c, &["destroy", "-d", link.to_str().unwrap()]);
+    assert_eq!(st, 0, "{err}");
+    assert_eq!(sim.calls().last(), Some(&SimCall::Disconnect(0)));
+    assert!(tapdev_target(dir.path(), a.minor).is_none());
+    assert!(blktap3::control::minors::list(&dir.path().join("ctl"))
+        .unwrap()
+        .is_empty());
+
+    // Killed and never destroyed: the next create reclaims /dev/nbd0 and the old name.
+    let b = c.create(OpenRequest::new(0, params.clone()), None).unwrap();
+    assert_eq!(b.devname, Path::new("/dev/nbd0"));
+    kill(b.pid);
+    let d = c.create(OpenRequest::new(0, params.clone()), None).unwrap();
+    assert_ne!(d.minor, b.minor);
+    assert_eq!(d.devname, Path::new("/dev/nbd0"));
+    assert_eq!(tapdev_target(dir.path(), b.minor), None);
+    assert_eq!(
+        tapdev_target(dir.path(), d.minor).as_deref(),
+        Some(Path::new("/dev/nbd0"))
+    );
+    // The dead VBD (no device, no link any more) is still destroyed by its tapdev name:
+    // the export socket it left names its pid.
+    let (st, _, err) = tap_ctl(&c, &["destroy", "-d", &format!("tapdev{}", b.minor)]);
+    assert_eq!(st, 0, "{err}");
+    assert!(!blktap3::control::minors::list(&dir.path().join("ctl"))
+        .unwrap()
+        .contains(&b.minor));
+    // ... and the live one is untouched.
+    assert_eq!(c.find_device(d.minor).unwrap(), Path::new("/dev/nbd0"));
+    c.destroy(d.pid, d.minor, false, None).unwrap();
+    assert!(wait_gone(d.pid));
+    assert_eq!(
+        std::fs::read_dir(tapdev_dir(dir.path())).unwrap().count(),
+        0
+    );
+}
+
+/// A kernel NBD driver from before the backend identifier (Linux < 5.14, e.g. OpenXT 8's
+/// 4.14): it connects and disconnects, but no device reports a backend.
+#[derive(Debug)]
+struct NoBackendKernel(Arc<SimKernelNbd>);
+
+impl KernelNbd for NoBackendKernel {
+    fn connect(
+        &self,
+        sock: std::os::fd::BorrowedFd<'_>,
+        cfg: &blktap3::nbd::kernel::ConnectConfig<'_>,
+    ) -> blktap3::nbd::kernel::Result<u32> {
+        self.0.connect(sock, cfg)
+    }
+    fn disconnect(&self, index: u32) -> blktap3::nbd::kernel::Result<()> {
+        self.0.disconnect(index)
+    }
+    fn devices(&self) -> Vec<(u32, String)> {
+        Vec::new()
+    }
+}
+
+/// Without backend identifiers the tapdev links are the record of which device serves
+/// which VBD: find_device, destroy (by pid/minor, /dev/nbdN or tapdev name) and the reaping
+/// of a killed tapdisk's device still find the device, and disconnect it.
+#[test]
+fn tapdev_links_stand_in_for_missing_backend_identifiers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, params) = raw_image(dir.path(), 1 << 20);
+    let sim = Arc::new(SimKernelNbd::new());
+    let c = client(dir.path()).with_kernel_nbd(Arc::new(NoBackendKernel(sim.clone())));
+    let kill = |pid: i32| {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        assert!(wait_gone(pid));
+    };
+    let connected = || -> Vec<u32> { sim.devices().into_iter().map(|(i, _)| i).collect() };
+
+    let a = c.create(OpenRequest::new(0, params.clone()), None).unwrap();
+    let b = c.create(OpenRequest::new(0, params.clone()), None).unwrap();
+    assert_eq!(
+        (a.devname.as_path(), b.devname.as_path()),
+        (Path::new("/dev/nbd0"), Path::new("/dev/nbd1"))
+    );
+    assert_eq!(c.find_device(a.minor).unwrap(), Path::new("/dev/nbd0"));
+    assert_eq!(c.nbd_device_of(b.pid, b.minor), Some(1));
+    assert_eq!(c.vbd_of_nbd_device(1), Some((b.pid, b.minor)));
+    assert_eq!(c.vbd_of_nbd_device(2), None);
+
+    // destroy -d /dev/nbd1 finds the VBD through the link.
+    let (st, _, err) = tap_ctl(&c, &["destroy", "-d", "/dev/nbd1"]);
+    assert_eq!(st, 0, "{err}");
+    assert_eq!(sim.calls().last(), Some(&SimCall::Disconnect(1)));
+    assert_eq!(tapdev_target(dir.path(), b.minor), None);
+    assert!(wait_gone(b.pid));
+
+    // A killed tapdisk: the next create reclaims its device through the link.
+    kill(a.pid);
+    let d = c.create(OpenRequest::new(0, params.clone()), None).unwrap();
+    assert!(
+        sim.calls().contains(&SimCall::Disconnect(0)),
+        "{:?}",
+        sim.calls()
+    );
+    assert_eq!(d.devname, Path::new("/dev/nbd0"));
+    assert_eq!(tapdev_target(dir.path(), a.minor), None);
+    assert_eq!(connected(), vec![0]);
+    // ... and the dead VBD is destroyed by its tapdev name (pid from its leftover socket).
+    let (st, _, err) = tap_ctl(&c, &["destroy", "-d", &format!("tapdev{}", a.minor)]);
+    assert_eq!(st, 0, "{err}");
+    assert_eq!(connected(), vec![0], "the live VBD's device stays");
+
+    // Killed, then destroyed by pid/minor: the device found through the link goes.
+    kill(d.pid);
+    c.destroy(d.pid, d.minor, false, None).unwrap();
+    assert_eq!(sim.calls().last(), Some(&SimCall::Disconnect(0)));
+    assert!(connected().is_empty());
+    assert_eq!(
+        std::fs::read_dir(tapdev_dir(dir.path())).unwrap().count(),
+        0
+    );
+    assert!(blktap3::control::minors::list(&dir.path().join("ctl"))
+        .unwrap()
+        .is_empty());
 }

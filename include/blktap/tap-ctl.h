@@ -48,13 +48,23 @@ void tap_ctl_list_free(struct list_head *list);
 /* The minor of the VBD serving type:path, or -ENOENT. */
 int tap_ctl_find_minor(const char *type, const char *path);
 
+/* The device of the VBD @minor of a live tapdisk: *@devname receives a malloc'ed
+ * path, /dev/nbdN if the kernel NBD driver has the VBD's export, else the export's
+ * NBD socket path. Returns 0, -ENOENT if no live tapdisk serves @minor (or nothing is
+ * open on it), -EINVAL for a negative @minor or a NULL @devname. */
+int tap_ctl_find_device(int minor, char **devname);
+
 /* allocate + spawn + attach + open. @flags are TAPDISK_MESSAGE_FLAG_*,
  * @prt_minor < 0 for none, @secondary may be NULL, @timeout is the per-request
- * timeout in seconds (0 = default). *@devname receives a malloc'ed device path. */
+ * timeout in seconds (0 = default). *@devname receives a malloc'ed device path:
+ * /dev/nbdN (also linked as /dev/xen/blktap-2/tapdev<minor>, or under
+ * $BLKTAP_TAPDEV_DIR) when the kernel NBD driver takes the export, else the
+ * export's NBD socket path (no tapdev link). */
 int tap_ctl_create(const char *params, char **devname, int flags, int prt_minor,
 		   const char *secondary, int timeout);
 
-/* close (forced if @force) + detach + free; @timeout may be NULL. */
+/* close (forced if @force) + detach + free, disconnecting the VBD's /dev/nbdN and
+ * removing its tapdev link; @timeout may be NULL. */
 int tap_ctl_destroy(int pid, int minor, int force, struct timeval *timeout);
 
 /* Lower-level operations. */

@@ -3,7 +3,7 @@
 //! The cdylib of this crate (`libblktap3.so`) carries the soname `libblktapctl.so.0`
 //! (build.rs); installing it under that name makes it a drop-in for libxl's blktap3 code,
 //! which needs `tap_ctl_list`, `tap_ctl_list_free`, `tap_ctl_create`, `tap_ctl_destroy` and
-//! `tap_ctl_find_minor`. Every function returns a negative errno on failure and never lets a
+//! `tap_ctl_find_minor` (and, patched for this implementation, `tap_ctl_find_device`). Every function returns a negative errno on failure and never lets a
 //! panic cross the C boundary (-EIO). Strings handed to C are `malloc`'ed.
 
 use std::ffi::{c_char, c_int, CStr};
@@ -247,6 +247,39 @@ pub extern "C" fn tap_ctl_find_pid(minor: c_int) -> c_int {
                 .find(|r| r.minor == Some(m) && r.pid.is_some())
                 .and_then(|r| r.pid)
                 .unwrap_or(-libc::ENOENT),
+            Err(e) => neg(&e),
+        }
+    })
+}
+
+/// The device of the VBD `minor` of a live tapdisk: `*devname` gets a malloc'ed
+/// `/dev/nbdN` if the kernel NBD driver has its export, else the export's socket path.
+/// -ENOENT if no live tapdisk serves `minor` (or it has nothing open), -EINVAL for a
+/// negative minor or a NULL `devname`. For libxl, to reuse an existing tapdisk without
+/// assuming a device name.
+///
+/// # Safety
+/// `devname` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn tap_ctl_find_device(minor: c_int, devname: *mut *mut c_char) -> c_int {
+    if devname.is_null() {
+        return -libc::EINVAL;
+    }
+    guard(|| {
+        let m = match minor_arg(minor) {
+            Ok(m) => m,
+            Err(e) => return e,
+        };
+        match Client::new().find_device(m) {
+            Ok(path) => {
+                let p = c_strdup(&path.to_string_lossy());
+                if p.is_null() {
+                    return -libc::ENOMEM;
+                }
+                // SAFETY: `devname` is non-NULL and writable per the contract.
+                unsafe { *devname = p };
+                0
+            }
             Err(e) => neg(&e),
         }
     })

@@ -23,10 +23,12 @@ use super::msg::{
     read_reply, split_params, Blkif, DiskInfo, ListEntry, OpenRequest, Reply, Request,
     ResumeRequest, VbdState, WireLayout,
 };
+use super::tapdev;
 use super::transport::{DeadlineReader, NoSigPipeWriter};
 use super::{
     control_dir, nbd_from_socket_name, nbd_socket_path, pid_from_socket_name, socket_path,
-    ControlError, Result, CONTROL_DIR_ENV, DEFAULT_TAPDISK, NBD_DEVICE_ENV, TAPDISK_ENV,
+    tapdev_dir, ControlError, Result, CONTROL_DIR_ENV, DEFAULT_TAPDISK, NBD_DEVICE_ENV,
+    TAPDISK_ENV,
 };
 use crate::nbd::kernel::{self, KernelNbd};
 use crate::util::error_chain;
@@ -56,6 +58,9 @@ pub struct Created {
     /// The device the VBD is reachable through: `/dev/nbd<N>` when the kernel NBD driver
     /// took the export, else the NBD socket `<dir>/nbd<pid>.<minor>`.
     pub devname: PathBuf,
+    /// The blktap2-style link `<tapdev dir>/tapdev<minor>` → `/dev/nbd<N>`, when it was
+    /// made (never for a socket; a failure to make it is logged, not an error).
+    pub tapdev: Option<PathBuf>,
 }
 
 /// How a [`Client`] uses the kernel NBD driver.
@@ -90,6 +95,7 @@ pub fn tapdisk_binary() -> PathBuf {
 #[derive(Clone, Debug)]
 pub struct Client {
     dir: PathBuf,
+    tapdev_dir: PathBuf,
     tapdisk: Option<PathBuf>,
     timeout: Option<Duration>,
     kernel: KernelMode,
@@ -107,10 +113,12 @@ impl Client {
         Client::with_dir(control_dir())
     }
 
-    /// A client on an explicit control directory.
+    /// A client on an explicit control directory (the tapdev link directory still comes from
+    /// `BLKTAP_TAPDEV_DIR`, else `/dev/xen/blktap-2`; see [`Client::with_tapdev_dir`]).
     pub fn with_dir(dir: impl Into<PathBuf>) -> Client {
         Client {
             dir: dir.into(),
+            tapdev_dir: tapdev_dir(),
             tapdisk: None,
             timeout: None,
             kernel: KernelMode::Auto,
@@ -155,17 +163,86 @@ impl Client {
     }
 
     /// The index of the kernel NBD device attached to VBD (`pid`, `minor`), if any.
+    ///
+    /// The kernel's backend identifier (`/sys/block/nbdN/backend`) says which device holds
+    /// the VBD's socket. Kernels older than the identifier (Linux 4.14 of OpenXT 8 among
+    /// them) accept and ignore it; there the `tapdev<minor>` link `create` made is the
+    /// record, trusted unless the kernel names another backend for that device.
     pub fn nbd_device_of(&self, pid: i32, minor: u16) -> Option<u32> {
         let k = self.kernel_for_cleanup()?;
         let sock = nbd_socket_path(&self.dir, pid, minor);
-        kernel::find_by_backend(&*k, sock.to_str()?)
+        let sock = sock.to_str()?;
+        if let Some(index) = kernel::find_by_backend(&*k, sock) {
+            return Some(index);
+        }
+        let index = self.linked_device(minor)?;
+        match kernel::backend_of(&*k, index) {
+            Some(other) if other != sock => None,
+            _ => Some(index),
+        }
     }
 
     /// The VBD (`pid`, `minor`) behind kernel NBD device `index`, from its backend
-    /// identifier.
+    /// identifier, else (kernels without one) from the `tapdev<minor>` link to it and the
+    /// tapdisk serving, or last serving, that minor ([`Client::pid_of_minor`]).
     pub fn vbd_of_nbd_device(&self, index: u32) -> Option<(i32, u16)> {
         let k = self.kernel_for_cleanup()?;
-        nbd_from_socket_name(&kernel::backend_of(&*k, index)?)
+        if let Some(backend) = kernel::backend_of(&*k, index) {
+            return nbd_from_socket_name(&backend);
+        }
+        let minor = self
+            .tapdev_links()
+            .into_iter()
+            .find(|&(_, i)| i == index)
+            .map(|(m, _)| m)?;
+        Some((self.pid_of_minor(minor)?, minor))
+    }
+
+    /// The device index the `tapdev<minor>` link points to, if it is a link to `/dev/nbdN`.
+    fn linked_device(&self, minor: u16) -> Option<u32> {
+        let target = tapdev::target(&self.tapdev_dir, minor)?;
+        kernel::parse_device_name(target.to_str()?).filter(|&i| kernel::device_path(i) == target)
+    }
+
+    /// Every `tapdev<minor>` link to a `/dev/nbdN`: (minor, N), by minor.
+    fn tapdev_links(&self) -> Vec<(u16, u32)> {
+        let Ok(rd) = std::fs::read_dir(&self.tapdev_dir) else {
+            return Vec::new();
+        };
+        let mut out: Vec<(u16, u32)> = rd
+            .flatten()
+            .filter_map(|e| tapdev::parse_tapdev_name(e.file_name().to_str()?))
+            .filter_map(|m| Some((m, self.linked_device(m)?)))
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// The pid of the tapdisk serving VBD `minor`, else of the one that served it and
+    /// died without closing it: the pid in the export socket `nbd<pid>.<minor>` it left
+    /// in the control directory (the live one if there are several).
+    pub fn pid_of_minor(&self, minor: u16) -> Option<i32> {
+        let live = self
+            .list()
+            .ok()?
+            .into_iter()
+            .find(|e| e.minor == Some(minor) && e.pid.is_some())
+            .and_then(|e| e.pid);
+        live.or_else(|| self.export_pid_of_minor(minor))
+    }
+
+    /// The pid in an export socket `nbd<pid>.<minor>` of the control directory, preferring
+    /// one whose process is alive.
+    fn export_pid_of_minor(&self, minor: u16) -> Option<i32> {
+        let mut pids: Vec<i32> = std::fs::read_dir(&self.dir)
+            .ok()?
+            .flatten()
+            .filter_map(|e| nbd_from_socket_name(e.file_name().to_str()?))
+            .filter(|&(_, m)| m == minor)
+            .map(|(p, _)| p)
+            .collect();
+        pids.sort_unstable_by_key(|&p| !process_exists(p));
+        pids.first().copied()
     }
 
     /// Bound every control exchange that is not given its own timeout (also those of
@@ -190,6 +267,56 @@ impl Client {
     /// The control directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Put the `tapdev<minor>` compatibility links in `dir` instead of
+    /// [`tapdev_dir()`](super::tapdev_dir).
+    pub fn with_tapdev_dir(mut self, dir: impl Into<PathBuf>) -> Client {
+        self.tapdev_dir = dir.into();
+        self
+    }
+
+    /// The directory of the `tapdev<minor>` compatibility links.
+    pub fn tapdev_dir(&self) -> &Path {
+        &self.tapdev_dir
+    }
+
+    /// Remove the `tapdev<minor>` link (if `only_to`, only when it points there); failures
+    /// are logged.
+    fn remove_tapdev(&self, minor: u16, only_to: Option<&Path>) {
+        match tapdev::unlink(&self.tapdev_dir, minor, only_to) {
+            Ok(true) => log::debug!(
+                "removed {}",
+                tapdev::tapdev_path(&self.tapdev_dir, minor).display()
+            ),
+            Ok(false) => {}
+            Err(e) => log::warn!(
+                "remove {}: {e}",
+                tapdev::tapdev_path(&self.tapdev_dir, minor).display()
+            ),
+        }
+    }
+
+    /// The device of the VBD `minor` of a live tapdisk: `/dev/nbd<N>` if the kernel NBD
+    /// driver has its export, else the export's socket. ENOENT when no live tapdisk serves
+    /// `minor` or the VBD has no export (nothing opened on it).
+    pub fn find_device(&self, minor: u16) -> Result<PathBuf> {
+        let pid = self
+            .list()?
+            .into_iter()
+            .find(|e| e.minor == Some(minor) && e.pid.is_some())
+            .and_then(|e| e.pid)
+            .ok_or_else(|| {
+                ControlError::os(format!("no tapdisk serves minor {minor}"), Errno::ENOENT)
+            })?;
+        if let Some(index) = self.nbd_device_of(pid, minor) {
+            return Ok(kernel::device_path(index));
+        }
+        let sock = nbd_socket_path(&self.dir, pid, minor);
+        match std::fs::symlink_metadata(&sock) {
+            Ok(_) => Ok(sock),
+            Err(e) => Err(ControlError::io(format!("stat {}", sock.display()), e)),
+        }
     }
 
     /// Send one request to tapdisk `pid` and read its whole reply (ERROR replies included).
@@ -517,20 +644,40 @@ impl Client {
                 }
             }
         };
+        let tapdev = if kernel::parse_device_name(&devname.to_string_lossy()).is_some() {
+            match tapdev::link(&self.tapdev_dir, minor, &devname) {
+                Ok(()) => Some(tapdev::tapdev_path(&self.tapdev_dir, minor)),
+                Err(e) => {
+                    log::warn!(
+                        "link {} to {}: {e}",
+                        tapdev::tapdev_path(&self.tapdev_dir, minor).display(),
+                        devname.display()
+                    );
+                    None
+                }
+            }
+        } else {
+            // A link left from an earlier user of this minor would name someone else's disk.
+            self.remove_tapdev(minor, None);
+            None
+        };
         Ok(Created {
             pid,
             minor,
             devname,
+            tapdev,
         })
     }
 
-    /// Disconnect the kernel NBD device of (`pid`, `minor`), if there is one, then
-    /// close (forced or not) + detach + free. A failed disconnect is logged; the close
-    /// goes ahead (tapdisk drops the connection anyway).
+    /// Disconnect the kernel NBD device of (`pid`, `minor`), if there is one, and remove
+    /// the `tapdev<minor>` link to it, then close (forced or not) + detach + free, and
+    /// remove any `tapdev<minor>` link left. A failed disconnect is logged; the close goes
+    /// ahead (tapdisk drops the connection anyway).
     ///
     /// When tapdisk `pid` no longer exists (killed, crashed) there is nothing to close:
-    /// the device is disconnected, the minor freed, and the destroy succeeds, so that a
-    /// toolstack tearing down a domain is not stuck on a disk whose server already died.
+    /// the device is disconnected, the minor freed (and its link removed), and the destroy
+    /// succeeds, so that a toolstack tearing down a domain is not stuck on a disk whose
+    /// server already died.
     pub fn destroy(
         &self,
         pid: i32,
@@ -539,28 +686,49 @@ impl Client {
         timeout: Option<Duration>,
     ) -> Result<()> {
         if let Some(k) = self.kernel_for_cleanup() {
-            let sock = nbd_socket_path(&self.dir, pid, minor);
-            if let Some(index) = sock.to_str().and_then(|s| kernel::find_by_backend(&*k, s)) {
+            if let Some(index) = self.nbd_device_of(pid, minor) {
                 if let Err(e) = k.disconnect(index) {
                     log::warn!("disconnect /dev/nbd{index}: {}", error_chain(&e));
                 }
+                self.remove_tapdev(minor, Some(&kernel::device_path(index)));
             }
         }
         if !process_exists(pid) {
             log::warn!("tapdisk {pid} is not running; releasing minor {minor}");
-            return self.free_when_released(minor);
+            self.free_when_released(minor)?;
+            self.remove_tapdev(minor, None);
+            return Ok(());
         }
         self.close(pid, minor, force, timeout)?;
         self.detach(pid, minor)?;
-        self.free_when_released(minor)
+        self.free_when_released(minor)?;
+        self.remove_tapdev(minor, None);
+        Ok(())
     }
 
     /// Disconnect every kernel NBD device still attached to an export of this control
     /// directory whose tapdisk no longer exists. The kernel keeps such a device (failing
     /// its I/O) until it is told, so a tapdisk that was killed would otherwise leak one
-    /// device per disk until none are left.
+    /// device per disk until none are left. Devices are found by their backend identifier,
+    /// and (kernels without one) by the `tapdev<minor>` links of VBDs whose tapdisk is gone.
     pub fn reap_orphaned_devices(&self, k: &dyn KernelNbd) {
-        for (index, backend) in k.devices() {
+        let known = k.devices();
+        for (minor, index) in self.tapdev_links() {
+            if known.iter().any(|(i, _)| *i == index) {
+                continue;
+            }
+            if self.export_pid_of_minor(minor).is_some_and(process_exists) {
+                continue;
+            }
+            match k.disconnect(index) {
+                Ok(()) => {
+                    log::info!("disconnected /dev/nbd{index}: the tapdisk of minor {minor} is gone")
+                }
+                Err(e) => log::warn!("disconnect orphaned /dev/nbd{index}: {}", error_chain(&e)),
+            }
+            self.remove_tapdev(minor, Some(&kernel::device_path(index)));
+        }
+        for (index, backend) in known {
             let Some((pid, minor)) = nbd_from_socket_name(&backend) else {
                 continue;
             };
@@ -573,6 +741,8 @@ impl Client {
                 Ok(()) => log::info!("disconnected /dev/nbd{index}: its tapdisk {pid} is gone"),
                 Err(e) => log::warn!("disconnect orphaned /dev/nbd{index}: {}", error_chain(&e)),
             }
+            // The device may go to the next VBD: its old name must not lead there.
+            self.remove_tapdev(minor, Some(&kernel::device_path(index)));
         }
     }
 

@@ -22,12 +22,18 @@
 //! when it can (generic netlink, see [`crate::nbd::kernel`]), else the socket path.
 //! [`NBD_DEVICE_ENV`] (`BLKTAP_NBD_DEVICE`) set to `0`/`no`/`off`/`false` turns that off:
 //! `create` then always returns the socket path. `destroy` disconnects the device either way.
+//!
+//! For blktap2-era scripts, a VBD on `/dev/nbdN` also gets the symlink
+//! `/dev/xen/blktap-2/tapdev<minor>` → `/dev/nbdN` ([`tapdev`]); [`TAPDEV_DIR_ENV`]
+//! (`BLKTAP_TAPDEV_DIR`) overrides that directory. A VBD reachable only through its socket
+//! gets no link (a socket is not a block device).
 
 pub mod client;
 pub mod minors;
 pub mod msg;
 pub mod server;
 pub mod tapctl;
+pub mod tapdev;
 mod transport;
 
 use std::io;
@@ -45,6 +51,21 @@ pub const DEFAULT_TAPDISK: &str = "/usr/libexec/tapdisk";
 /// Environment variable: `0`, `no`, `off` or `false` (any case) stop `create` from attaching
 /// kernel NBD devices; unset or anything else lets it try.
 pub const NBD_DEVICE_ENV: &str = "BLKTAP_NBD_DEVICE";
+
+/// Environment variable overriding the directory of the `tapdev<minor>` compatibility links
+/// (default [`DEFAULT_TAPDEV_DIR`]).
+pub const TAPDEV_DIR_ENV: &str = "BLKTAP_TAPDEV_DIR";
+/// Where blktap2 put its `tapdev<minor>` block devices, and we put links to `/dev/nbdN`.
+pub const DEFAULT_TAPDEV_DIR: &str = "/dev/xen/blktap-2";
+
+/// The tapdev link directory: `$BLKTAP_TAPDEV_DIR` if set and non-empty, else
+/// `/dev/xen/blktap-2`.
+pub fn tapdev_dir() -> PathBuf {
+    match std::env::var_os(TAPDEV_DIR_ENV) {
+        Some(d) if !d.is_empty() => PathBuf::from(d),
+        _ => PathBuf::from(DEFAULT_TAPDEV_DIR),
+    }
+}
 
 /// The control directory: `$BLKTAP_CONTROL_DIR` if set and non-empty, else `/run/blktap-control`.
 pub fn control_dir() -> PathBuf {

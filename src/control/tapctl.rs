@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use super::client::{Client, TapEntry};
 use super::msg::{c_hex, OpenFlags, OpenRequest, ResumeRequest, SecretKey};
-use super::ControlError;
+use super::{tapdev, ControlError};
 
 /// The global usage text.
 pub const USAGE: &str = "usage: tap-ctl COMMAND [OPTIONS]\n\
@@ -381,8 +381,9 @@ const CREATE_USAGE: Usage = Usage(
 );
 
 /// Printed after the `create -h` usage.
-const CREATE_NOTE: &str = "prints /dev/nbdN when the kernel NBD driver takes the disk, \
-else the NBD socket path; BLKTAP_NBD_DEVICE=0 always prints the socket path";
+const CREATE_NOTE: &str = "prints /dev/nbdN when the kernel NBD driver takes the disk \
+(and links /dev/xen/blktap-2/tapdev<minor> to it), else the NBD socket path (no tapdev link); \
+BLKTAP_NBD_DEVICE=0 always prints the socket path";
 
 fn cmd_create(client: &Client, args: &[String], io: &mut CliIo<'_>) -> Status {
     let mut oo = OpenOpts::default();
@@ -417,11 +418,15 @@ const DESTROY_USAGE: Usage =
 
 /// Printed after the `destroy -h` usage.
 const DESTROY_NOTE: &str =
-    "-d takes /dev/nbdN, an NBD socket path nbd<pid>.<minor>, tapdev<minor> \
-or tapdisk-<minor>; a VBD whose tapdisk has died is released (device disconnected, minor freed)";
+    "-d takes /dev/nbdN, an NBD socket path nbd<pid>.<minor>, /dev/xen/blktap-2/tapdev<minor> \
+or tapdisk-<minor>; a VBD whose tapdisk has died is released (device disconnected, tapdev link \
+removed, minor freed)";
 
 /// Find (pid, minor) from a device name: `nbd<pid>.<minor>`, a kernel NBD device `nbd<N>`
-/// (through its sysfs backend identifier), `tapdev<minor>`, `tapdisk-<minor>`.
+/// (through its sysfs backend identifier), `tapdev<minor>` (the blktap2-style link, any
+/// directory), `tapdisk-<minor>`. For the last two the pid is the live tapdisk serving the
+/// minor, else that of a dead one whose VBD is still around: the device the tapdev link
+/// points to, or the export socket it left behind.
 fn resolve_devname(client: &Client, dev: &str) -> Option<(Option<i32>, u16)> {
     if let Some(index) = crate::nbd::kernel::parse_device_name(dev) {
         let (pid, minor) = client.vbd_of_nbd_device(index)?;
@@ -432,17 +437,36 @@ fn resolve_devname(client: &Client, dev: &str) -> Option<(Option<i32>, u16)> {
         let (p, m) = rest.split_once('.')?;
         return Some((Some(parse_num(p)?), parse_num(m)?));
     }
-    let m = base
-        .strip_prefix("tapdev")
-        .or_else(|| base.strip_prefix("tapdisk-"))?;
-    let minor: u16 = parse_num(m)?;
+    let minor = match tapdev::parse_tapdev_name(base) {
+        Some(m) => m,
+        None => parse_num(base.strip_prefix("tapdisk-")?)?,
+    };
     let pid = client
         .list()
         .ok()?
         .into_iter()
         .find(|e| e.minor == Some(minor) && e.pid.is_some())
-        .and_then(|e| e.pid);
+        .and_then(|e| e.pid)
+        .or_else(|| dead_vbd_pid(client, dev, minor));
     Some((pid, minor))
+}
+
+/// The pid of a tapdisk that is gone but left VBD `minor` behind: the owner of the kernel
+/// device the tapdev link `dev` points to, else the pid in a leftover export socket
+/// `nbd<pid>.<minor>`.
+fn dead_vbd_pid(client: &Client, dev: &str, minor: u16) -> Option<i32> {
+    if dev.contains('/') {
+        if let Ok(target) = std::fs::read_link(dev) {
+            let owner = crate::nbd::kernel::parse_device_name(&target.to_string_lossy())
+                .and_then(|index| client.vbd_of_nbd_device(index));
+            if let Some((pid, m)) = owner {
+                if m == minor {
+                    return Some(pid);
+                }
+            }
+        }
+    }
+    client.pid_of_minor(minor)
 }
 
 fn cmd_destroy(client: &Client, args: &[String], io: &mut CliIo<'_>) -> Status {

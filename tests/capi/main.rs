@@ -60,6 +60,17 @@ fn build_c_test(work: &Path) -> PathBuf {
 }
 
 fn run(exe: &Path, work: &Path, ctl: &Path, extra_env: &[(&str, &str)], args: &[&str]) {
+    run_output(exe, work, ctl, extra_env, args);
+}
+
+/// [`run`], returning the test's stdout.
+fn run_output(
+    exe: &Path,
+    work: &Path,
+    ctl: &Path,
+    extra_env: &[(&str, &str)],
+    args: &[&str],
+) -> String {
     let mut c = Command::new(exe);
     c.args(args)
         .env("LD_LIBRARY_PATH", work)
@@ -75,6 +86,7 @@ fn run(exe: &Path, work: &Path, ctl: &Path, extra_env: &[(&str, &str)], args: &[
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
+    text.into_owned()
 }
 
 #[test]
@@ -157,6 +169,48 @@ fn c_abi_end_to_end() {
         &[],
         &["create_fail", "no-colon", &libc::EINVAL.to_string()],
     );
+}
+
+/// `tap_ctl_find_device` from C against a real tapdisk (spawned by `tap_ctl_create`): it
+/// names the device `tap_ctl_create` returned (here the NBD socket: no kernel devices),
+/// -ENOENT for other minors and after destroy, -EINVAL for bad arguments. No tapdev link
+/// is made for a socket.
+#[test]
+fn c_abi_find_device_of_an_existing_tapdisk() {
+    let work = tempfile::tempdir().unwrap();
+    let ctl = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let exe = build_c_test(work.path());
+    let img = data.path().join("disk.raw");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let links = data.path().join("blktap-2");
+    let out = run_output(
+        &exe,
+        work.path(),
+        ctl.path(),
+        &[
+            ("BLKTAP_TAPDISK", env!("CARGO_BIN_EXE_tapdisk")),
+            ("BLKTAP_NBD_DEVICE", "0"),
+            ("BLKTAP_TAPDEV_DIR", links.to_str().unwrap()),
+        ],
+        &["find_device", "aio", img.to_str().unwrap()],
+    );
+    let dev = out
+        .lines()
+        .find_map(|l| l.strip_prefix("devname "))
+        .unwrap_or_else(|| panic!("no devname line in {out}"));
+    let dev = Path::new(dev);
+    assert_eq!(dev.parent(), Some(ctl.path()), "{out}");
+    let name = dev.file_name().unwrap().to_str().unwrap();
+    assert!(
+        blktap3::control::nbd_from_socket_name(name).is_some(),
+        "{name}"
+    );
+    assert!(!links.exists(), "a socket got a tapdev link");
+    assert!(minors::list(ctl.path()).unwrap().is_empty());
 }
 
 #[test]

@@ -8,6 +8,7 @@
  *   tap_ctl_test live <pid> <minor> <state> <type> <path> <n orphan minors>
  *   tap_ctl_test destroy <pid> <minor>
  *   tap_ctl_test create_fail <type:path> <expected errno>
+ *   tap_ctl_test find_device <type> <path>   (needs a real tapdisk; prints "devname <path>")
  */
 #include <errno.h>
 #include <stdio.h>
@@ -146,6 +147,49 @@ static int test_create_fail(const char *params, int expected)
 	return 0;
 }
 
+/* libxl's path for an existing tapdisk: find its minor, then its device, instead of
+ * assuming /dev/xen/blktap-2/tapdev<minor>. */
+static int test_find_device(const char *type, const char *path)
+{
+	char params[4096], *created = NULL, *found = NULL, *again = NULL;
+	int err, minor, pid;
+
+	snprintf(params, sizeof(params), "%s:%s", type, path);
+	err = tap_ctl_create(params, &created, 0, -1, NULL, 0);
+	CHECK(err == 0, "tap_ctl_create = %d", err);
+	if (err)
+		return 0;
+	minor = tap_ctl_find_minor(type, path);
+	CHECK(minor >= 0, "tap_ctl_find_minor = %d", minor);
+	if (minor < 0)
+		return 0;
+	pid = tap_ctl_find_pid(minor);
+	CHECK(pid > 0, "tap_ctl_find_pid = %d", pid);
+
+	err = tap_ctl_find_device(minor, &found);
+	CHECK(err == 0, "tap_ctl_find_device = %d", err);
+	CHECK(found && !strcmp(found, created), "found %s, created %s",
+	      found ? found : "(null)", created);
+	printf("devname %s\n", created);
+
+	err = tap_ctl_find_device(minor + 1000, &again);
+	CHECK(err == -ENOENT, "tap_ctl_find_device(other minor) = %d", err);
+	CHECK(again == NULL, "devname set on failure");
+	err = tap_ctl_find_device(-1, &again);
+	CHECK(err == -EINVAL, "tap_ctl_find_device(-1) = %d", err);
+	err = tap_ctl_find_device(minor, NULL);
+	CHECK(err == -EINVAL, "tap_ctl_find_device(NULL) = %d", err);
+
+	err = tap_ctl_destroy(pid, minor, 0, NULL);
+	CHECK(err == 0, "tap_ctl_destroy = %d", err);
+	err = tap_ctl_find_device(minor, &again);
+	CHECK(err == -ENOENT, "tap_ctl_find_device after destroy = %d", err);
+	CHECK(again == NULL, "devname set after destroy");
+	free(created);
+	free(found);
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	if (argc < 2)
@@ -161,6 +205,8 @@ int main(int argc, char **argv)
 		test_destroy(atoi(argv[2]), atoi(argv[3]));
 	else if (!strcmp(argv[1], "create_fail") && argc == 4)
 		test_create_fail(argv[2], atoi(argv[3]));
+	else if (!strcmp(argv[1], "find_device") && argc == 4)
+		test_find_device(argv[2], argv[3]);
 	else
 		return 2;
 	if (failures)
