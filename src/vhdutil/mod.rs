@@ -123,9 +123,18 @@ pub const COMMANDS: &[Command] = &[
     cmd("copy", copy::run),
 ];
 
-/// `usage: vhd-util COMMAND [OPTIONS]` and the command list.
+/// Commands that blktap's vhd-util does not have.
+pub const EXTENSIONS: &[&str] = &["copy"];
+
+/// `usage: vhd-util COMMAND [OPTIONS]` and blktap's command list, byte for byte: the
+/// extension `copy` is left out of this line (scripts parse it); `vhd-util copy -h`
+/// describes it.
 pub fn print_help(io: &mut Io) {
-    let names: Vec<&str> = COMMANDS.iter().map(|c| c.name).collect();
+    let names: Vec<&str> = COMMANDS
+        .iter()
+        .map(|c| c.name)
+        .filter(|&n| !EXTENSIONS.contains(&n))
+        .collect();
     vout!(io, "usage: vhd-util COMMAND [OPTIONS]");
     vout!(io, "COMMAND := {{ {} }}", names.join(" | "));
 }
@@ -136,10 +145,8 @@ pub fn main(io: &mut Io, args: &[String]) -> i32 {
         print_help(io);
         return 0;
     };
-    if matches!(first.as_str(), "--help" | "-h" | "help") {
-        print_help(io);
-        return 0;
-    }
+    // Like blktap, `-h`, `--help` and `help` are no commands: "invalid COMMAND -h" on
+    // stderr, then the usage on stdout, exit 0.
     let Some(cmd) = COMMANDS.iter().find(|c| c.name == first) else {
         verr!(io, "invalid COMMAND {first}");
         print_help(io);
