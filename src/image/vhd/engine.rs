@@ -21,7 +21,8 @@
 //!    `extend` (called from `ensure_allocated`): explicitly zero every bitmap sector of the
 //!    blocks it will hold that lies inside the old file (stale data from a crashed session,
 //!    an old footer), extend the file with `ftruncate` (the new range reads as zeros), write
-//!    a valid footer at the new end, then **fdatasync**. Only after that sync returns are
+//!    a valid footer at the new end, zero the alignment gaps before the new blocks (where
+//!    the old footer usually is; libvhd and tapdisk zero them too), then **fdatasync**. Only after that sync returns are
 //!    BAT entries for reserve blocks published, and they need no further sync: whatever
 //!    subset of BAT/bitmap/data writes a crash keeps, a published entry points at a bitmap
 //!    that is either zero (sectors read from the parent, i.e. the unflushed write is lost)
