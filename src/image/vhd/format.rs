@@ -845,6 +845,16 @@ mod tests {
     }
 
     #[test]
+    fn bat_sizing_rounds_to_sectors_with_one_for_an_empty_bat() {
+        // libvhd's vhd_bytes_padded: a 0-size disk still has a 1-sector BAT.
+        assert_eq!(bat_bytes_padded(0), 512);
+        assert_eq!(bat_bytes_padded(1), 512);
+        assert_eq!(bat_bytes_padded(128), 512);
+        assert_eq!(bat_bytes_padded(129), 1024);
+        assert_eq!(bat_bytes_padded(2500), 10240);
+    }
+
+    #[test]
     fn block_sizes_and_bitmap_sectors() {
         assert!(valid_block_size(512).is_ok());
         assert!(valid_block_size(2 << 20).is_ok());
