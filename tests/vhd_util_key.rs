@@ -305,8 +305,8 @@ fn openxt_reference_vectors() {
         let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
         assert_eq!(hex(&o.raw[..32]), c0, "{name} sector 0");
         assert_eq!(hex(&o.raw[512..544]), c1, "{name} sector 1");
-        // And -r decrypts it back.
-        let o = run_env(&["read", "-n", &vhd, "-r", "0", "-c", "2"], &env);
+        // And -r -D decrypts it back.
+        let o = run_env(&["read", "-n", &vhd, "-r", "0", "-c", "2", "-D"], &env);
         assert_eq!(o.raw, vec![0u8; 1024]);
         // status-tool's spelling.
         assert_eq!(ok(&["check", "-iItn", &vhd]), format!("{vhd} is valid\n"));

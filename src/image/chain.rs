@@ -36,6 +36,13 @@ pub struct OpenOptions {
     pub use_backup_footer: bool,
     /// Refuse chains with more images than this.
     pub max_depth: u32,
+    /// Read the stored bytes: no keys are looked up and encrypted layers are not
+    /// decrypted (`vhd-util read -r/-R`, as blktap's vhd-util does). Read-only opens only.
+    pub stored_bytes: bool,
+    /// Open the leaf alone: no parent is looked up or attached (sectors the leaf does not
+    /// hold read as zeros); keys are resolved for the leaf only. For `vhd-util coalesce
+    /// -x`, which reads only the sectors the leaf holds.
+    pub leaf_only: bool,
 }
 
 impl Default for OpenOptions {
@@ -46,6 +53,8 @@ impl Default for OpenOptions {
             prealloc_blocks: DEFAULT_PREALLOC_BLOCKS,
             use_backup_footer: false,
             max_depth: DEFAULT_MAX_DEPTH,
+            stored_bytes: false,
+            leaf_only: false,
         }
     }
 }
@@ -87,7 +96,11 @@ pub fn open_vhd_chain_file(
         is_raw: false,
     }];
     let mut parents: Vec<Layer> = Vec::new();
-    let mut link = resolve_parent(&leaf)?;
+    let mut link = if opts.leaf_only {
+        None
+    } else {
+        resolve_parent(&leaf)?
+    };
     let mut child_uuid = leaf.header().map(|h| h.prt_uuid);
     let mut child_path: PathBuf = path.to_path_buf();
     while let Some(p) = link {
@@ -138,7 +151,16 @@ pub fn open_vhd_chain_file(
         child_path = p.path.clone();
         parents.push(Layer::Vhd(Box::new(v)));
     }
-    let ciphers = resolve_chain_keys(&entries, &opts.keys)?;
+    if opts.stored_bytes && !opts.read_only {
+        return Err(ImageError::Invalid(
+            "stored-bytes access is read-only".into(),
+        ));
+    }
+    let ciphers = if opts.stored_bytes {
+        Vec::new()
+    } else {
+        resolve_chain_keys(&entries, &opts.keys)?
+    };
     let mut below: Option<Box<dyn Image>> = None;
     for (i, layer) in parents.into_iter().enumerate().rev() {
         let img: Box<dyn Image> = match layer {

@@ -18,3 +18,14 @@ pub fn open_chain(name: &str, read_only: bool) -> Result<VhdImage, ImageError> {
     };
     open_vhd_chain(Path::new(name), &opts)
 }
+
+/// Open the VHD at `name` with its chain, read-only, for the bytes as stored: encrypted
+/// layers are not decrypted and no key is needed (blktap's `vhd-util read -r/-R`).
+pub fn open_chain_stored(name: &str) -> Result<VhdImage, ImageError> {
+    let opts = OpenOptions {
+        read_only: true,
+        stored_bytes: true,
+        ..Default::default()
+    };
+    open_vhd_chain(Path::new(name), &opts)
+}

@@ -59,8 +59,11 @@ struct Raw {
     footer: Footer,
     header: DynHeader,
     bat: Vec<u32>,
-    /// Batmap header when the footer says there is one (creator tap >= 1.2).
+    /// Batmap header when the footer says there is one (creator tap >= 1.2) and it could
+    /// be read.
     batmap: Option<BatmapHeader>,
+    /// The footer says there is a batmap (libvhd's `vhd_has_batmap`).
+    has_batmap: bool,
 }
 
 impl Raw {
@@ -79,9 +82,10 @@ impl Raw {
             .chunks_exact(4)
             .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
-        let batmap = if super::read::has_batmap_rule(&footer) {
+        let has_batmap = super::read::has_batmap_rule(&footer);
+        let batmap = if has_batmap {
             let mut b = [0u8; BATMAP_HEADER_SIZE];
-            let off = header.table_offset + pad512(n * 4);
+            let off = header.table_offset + bat_bytes_padded(header.max_bat_size);
             file.read_at(&mut b, off)
                 .ok()
                 .map(|()| BatmapHeader::decode(&b))
@@ -96,6 +100,7 @@ impl Raw {
             header,
             bat,
             batmap,
+            has_batmap,
         })
     }
 
@@ -117,6 +122,21 @@ impl Raw {
             return None;
         }
         common::read_exact(&self.file, &self.path, off, usize::try_from(len).ok()?).ok()
+    }
+
+    /// libvhd's `vhd_get_batmap`: the header (cookie, version) and the checksum of the
+    /// part of the map the disk size covers. `Err` is the errno libvhd returns.
+    fn get_batmap(&self) -> Result<(BatmapHeader, Vec<u8>), i32> {
+        let bh = self.batmap.ok_or(-libc::EIO)?;
+        if bh.validate().is_err() {
+            return Err(-libc::EINVAL);
+        }
+        let len = batmap_checksum_len(self.footer.curr_size, usize::MAX) as u64;
+        let map = self.read(bh.batmap_offset, len).ok_or(-libc::EIO)?;
+        if batmap_checksum(&map, self.footer.curr_size, bh.batmap_version) != bh.checksum {
+            return Err(-libc::EINVAL);
+        }
+        Ok((bh, map))
     }
 
     fn locator_data(&self, l: &Locator) -> Option<Vec<u8>> {
@@ -335,12 +355,12 @@ fn end_of_headers(r: &Raw) -> u64 {
     let mut eom = r.footer.data_offset.saturating_add(HEADER_SIZE as u64);
     eom = eom.max(
         h.table_offset
-            .saturating_add(pad512(u64::from(h.max_bat_size) * 4)),
+            .saturating_add(bat_bytes_padded(h.max_bat_size)),
     );
     if let Some(bh) = r.batmap.filter(|b| b.cookie == BATMAP_COOKIE) {
         let hdr_off = h
             .table_offset
-            .saturating_add(pad512(u64::from(h.max_bat_size) * 4));
+            .saturating_add(bat_bytes_padded(h.max_bat_size));
         eom = eom.max(hdr_off.saturating_add(BATMAP_HEADER_SIZE as u64));
         eom = eom.max(
             bh.batmap_offset
@@ -436,6 +456,13 @@ fn check_bat(io: &mut Io, ctx: &mut Ctx, r: &Raw, name: &str) -> Result<(), i32>
         eof += 1;
     }
     let bat = &r.bat;
+    // libvhd's vhd_end_of_headers reads and validates the batmap first.
+    if r.has_batmap {
+        if let Err(e) = r.get_batmap() {
+            vout!(io, "error calculating end of metadata: {e}");
+            return Err(e);
+        }
+    }
     let eoh = end_of_headers(r) >> 9;
     let eof = (eof.saturating_sub(FOOTER_SIZE as u64)) >> 9;
     let block_size = r.spb() + r.bm_secs();
@@ -656,10 +683,68 @@ fn check_parent_locators(io: &mut Io, ctx: &Ctx, r: &Raw) -> Result<(), i32> {
     Ok(())
 }
 
-fn dump_metadata(io: &mut Io, name: &str) {
+/// blktap runs `read -p` here. A file whose header could be read is dumped from the raw
+/// metadata, as libvhd's lenient open would show it (the engine refuses to open some of
+/// the damage check reports, e.g. a BAT entry past the end of the file).
+fn dump_metadata(io: &mut Io, name: &str, raw: Option<&Raw>) {
     vout!(io, "{name} appears invalid; dumping metadata");
-    let args: Vec<String> = ["-p", "-n", name].iter().map(|s| s.to_string()).collect();
-    let _ = super::read::run(io, &args);
+    match raw {
+        Some(r) => dump_raw(io, r),
+        None => {
+            let args: Vec<String> = ["-p", "-n", name].iter().map(|s| s.to_string()).collect();
+            let _ = super::read::run(io, &args);
+        }
+    }
+}
+
+fn dump_raw(io: &mut Io, r: &Raw) {
+    use super::dump::{BatmapView, LocatorView};
+    use super::read::{print_meta, BatmapDump};
+    let locs: Vec<LocatorView> = r
+        .header
+        .loc
+        .iter()
+        .enumerate()
+        .map(|(i, l)| LocatorView {
+            index: i,
+            code: l.code,
+            data_space: l.data_space,
+            data_len: l.data_len,
+            data_offset: l.data_offset,
+            decoded: r
+                .locator_data(l)
+                .and_then(|d| decode_locator(l.code, &d).ok()),
+        })
+        .collect();
+    let view = |bh: BatmapHeader| {
+        let computed = r
+            .read(bh.batmap_offset, u64::from(bh.batmap_size) * 512)
+            .map_or(0, |m| {
+                batmap_checksum(&m, r.footer.curr_size, bh.batmap_version)
+            });
+        let kh = &bh.keyhash;
+        let mut nonce = [0u8; 32];
+        let mut hash = [0u8; 32];
+        nonce.copy_from_slice(&kh[1..33]);
+        hash.copy_from_slice(&kh[33..65]);
+        BatmapView {
+            offset: bh.batmap_offset,
+            size_secs: bh.batmap_size,
+            version: bh.batmap_version,
+            checksum: bh.checksum,
+            computed_checksum: computed,
+            keyhash: Ok((kh[0] == 1).then_some((nonce, hash))),
+        }
+    };
+    let batmap = if !r.has_batmap {
+        BatmapDump::Absent
+    } else {
+        match r.get_batmap() {
+            Ok((bh, _)) => BatmapDump::Valid(view(bh)),
+            Err(_) => BatmapDump::Invalid(r.batmap.filter(|b| b.validate().is_ok()).map(view)),
+        }
+    };
+    print_meta(io, &r.footer, Some(&r.header), &locs, batmap, false);
 }
 
 fn check_vhd(io: &mut Io, ctx: &mut Ctx, name: &str) -> i32 {
@@ -682,20 +767,21 @@ fn check_vhd(io: &mut Io, ctx: &mut Ctx, name: &str) -> i32 {
             return ioerr(&e);
         }
     };
+    let mut loaded: Option<Raw> = None;
     let r = (|| -> Result<bool, i32> {
         let footer = check_footer(io, ctx, &file)?;
         if footer.disk_type != 3 && footer.disk_type != 4 {
             return Ok(false);
         }
         check_header(io, &file, &footer)?;
-        let raw = Raw::load(Path::new(name), file, footer)?;
-        check_differencing_header(io, &ctx.opts, &raw)?;
-        check_bat(io, ctx, &raw, name)?;
-        if raw.batmap.is_some() {
-            check_batmap(io, &raw)?;
+        let raw = loaded.insert(Raw::load(Path::new(name), file, footer)?);
+        check_differencing_header(io, &ctx.opts, raw)?;
+        check_bat(io, ctx, raw, name)?;
+        if raw.has_batmap {
+            check_batmap(io, raw)?;
         }
         if raw.is_diff() {
-            check_parent_locators(io, ctx, &raw)?;
+            check_parent_locators(io, ctx, raw)?;
         }
         Ok(true)
     })();
@@ -707,7 +793,7 @@ fn check_vhd(io: &mut Io, ctx: &mut Ctx, name: &str) -> i32 {
             0
         }
         Err(e) => {
-            dump_metadata(io, name);
+            dump_metadata(io, name, loaded.as_ref());
             e
         }
     }

@@ -1,37 +1,72 @@
-//! `vhd-util coalesce -n NAME [-s] [-p]` (`vhd-util-coalesce.c`): copy every sector the
-//! differencing disk NAME holds into its parent (VHD or raw), then print
-//! `Coalesced <n> sectors` (no newline, as blktap).
+//! `vhd-util coalesce -n NAME [-a ANCESTOR | -o OUTPUT] [-x PARENT] [-s] [-p]`
+//! (`vhd-util-coalesce.c`).
 //!
-//! The copy is [`coalesce_onto`] of the library. Data goes through the image layer on
-//! both sides: the child is read with its resolved
-//! key and the parent written with its own (`TAPDISK3_CRYPTO_KEYDIR`), so encrypted
-//! chains stay correct, also when the layers use different keys. A keyed layer without an
-//! available key fails the open (ENOKEY) before anything is written.
+//! - default: copy every sector the differencing disk NAME holds into its parent (VHD or
+//!   raw), then print `Coalesced <n> sectors` (no newline, as XenServer's blktap; OpenXT's
+//!   prints nothing). `-x PARENT` uses PARENT instead of the parent locators (OpenXT's
+//!   "custom parent"; like blktap, its uuid is not checked); NAME is then read on its own.
+//! - `-a ANCESTOR` (OpenXT): copy NAME's sectors into ANCESTOR, a VHD or raw image further
+//!   up NAME's chain, then clear those sectors from the bitmaps (and "full" batmap bits)
+//!   of the layers in between, so they read the ancestor's new data too. Prints nothing.
+//! - `-o OUTPUT` (OpenXT): write the whole chain's content into a new standalone dynamic
+//!   VHD (blocks that read as all zeros are left unallocated). Prints nothing. An existing
+//!   OUTPUT is refused; OUTPUT is removed on failure.
+//!
+//! The copies are [`coalesce_onto`] of the library. Data goes through the image layer on
+//! both sides: the child is read with its resolved key and the target written with its
+//! own (`TAPDISK3_CRYPTO_KEYDIR`), so encrypted chains stay correct, also when the layers
+//! use different keys (`-o` writes plaintext: the new VHD has no keyhash). A keyed layer
+//! without an available key fails the open (ENOKEY) before anything is written. blktap's
+//! `-a`/`-o` failures print only `error coalescing: N`, and so do ours.
 //!
 //! Progress: `-p` prints blktap's `\r%6.2f%%` on stdout; otherwise a qemu-img style
 //! progress is drawn on stderr when it is a terminal.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::chain::open_chain;
 use super::cli::{OptsExt, UsageSpec, EINVAL};
 use super::common::{self, neg};
 use super::progress::{progress_style, with_progress, Style};
 use super::Io;
+use crate::image::chain::{open_vhd_chain, OpenOptions};
+use crate::image::crypto::KeySource;
 use crate::image::raw::RawImage;
-use crate::image::vhd::ops::coalesce_onto;
-use crate::image::Image;
+use crate::image::vhd::engine::VhdImage;
+use crate::image::vhd::format::BAT_UNUSED;
+use crate::image::vhd::ops::{coalesce_onto, create, CreateOptions};
+use crate::image::{Image, ImageError, SECTOR_SIZE};
 use crate::vout;
 
 pub const USAGE: UsageSpec = UsageSpec {
     cmd: "coalesce",
     spec: "n:o:a:x:sph",
-    text: "options: <-n name> [-s sparse] [-p progress] [-h help]\n",
+    text: "options: <-n name> [-a ancestor] [-o output] [-s sparse] [-p progress] \
+[-x custom parent] [-h help]\n",
     to_stderr: false,
     h_status: EINVAL,
 };
 
-fn coalesce_parent(io: &mut Io, name: &str, sparse: bool, style: Style) -> Result<u64, i32> {
+fn errno_of(e: &std::io::Error) -> i32 {
+    -e.raw_os_error().unwrap_or(libc::EIO)
+}
+
+/// Open the coalesce target: a raw image, or a VHD with its chain, read-write.
+fn open_target(path: &Path, raw: bool) -> Result<Box<dyn Image>, ImageError> {
+    if raw {
+        Ok(Box::new(RawImage::open(path, false)?))
+    } else {
+        Ok(Box::new(open_chain(&path.to_string_lossy(), false)?))
+    }
+}
+
+fn coalesce_parent(
+    io: &mut Io,
+    name: &str,
+    sparse: bool,
+    style: Style,
+    step_parent: Option<&str>,
+) -> Result<u64, i32> {
     let meta = common::open(name, true).map_err(|e| {
         vout!(io, "error opening {name}: {}", neg(&e));
         neg(&e)
@@ -40,39 +75,54 @@ fn coalesce_parent(io: &mut Io, name: &str, sparse: bool, style: Style) -> Resul
         vout!(io, "coalescing of non-differencing disks is not supported");
         return Err(EINVAL);
     }
-    let (pname, raw) = match common::parent_path(&meta) {
-        Ok(Some(p)) => p,
-        Ok(None) => {
-            vout!(io, "error finding {name} parent: {EINVAL}");
-            return Err(EINVAL);
-        }
-        Err(e) => {
-            vout!(io, "error finding {name} parent: {}", neg(&e));
-            return Err(neg(&e));
-        }
+    let (pname, raw) = match step_parent {
+        Some(p) => (PathBuf::from(p), common::parent_is_raw(&meta)),
+        None => match common::parent_path(&meta) {
+            Ok(Some(p)) => p,
+            Ok(None) => {
+                vout!(io, "error finding {name} parent: {EINVAL}");
+                return Err(EINVAL);
+            }
+            Err(e) => {
+                vout!(io, "error finding {name} parent: {}", neg(&e));
+                return Err(neg(&e));
+            }
+        },
     };
     drop(meta);
-    let child = open_chain(name, true).map_err(|e| {
+    // With a custom parent the locators may point nowhere: read the child alone (only
+    // the sectors it holds are copied, and those never come from a parent).
+    let opened = if step_parent.is_some() {
+        open_vhd_chain(
+            Path::new(name),
+            &OpenOptions {
+                read_only: true,
+                keys: KeySource::from_env(),
+                leaf_only: true,
+                ..Default::default()
+            },
+        )
+    } else {
+        open_chain(name, true)
+    };
+    let child = opened.map_err(|e| {
         vout!(io, "error opening {name}: {}", neg(&e));
         let _ = writeln!(io.err, "{}", common::describe(&e));
         neg(&e)
     })?;
     let pstr = pname.to_string_lossy().into_owned();
-    let parent: Box<dyn Image> = if raw {
-        Box::new(RawImage::open(Path::new(&pname), false).map_err(|e| {
+    if sparse && !raw {
+        vout!(io, "opening for sparse writes");
+    }
+    let parent = open_target(&pname, raw).map_err(|e| {
+        if raw {
             vout!(io, "failed to open parent {pstr}: {}", neg(&e));
-            neg(&e)
-        })?)
-    } else {
-        if sparse {
-            vout!(io, "opening for sparse writes");
-        }
-        Box::new(open_chain(&pstr, false).map_err(|e| {
+        } else {
             vout!(io, "error opening {pstr}: {}", neg(&e));
             let _ = writeln!(io.err, "{}", common::describe(&e));
-            neg(&e)
-        })?)
-    };
+        }
+        neg(&e)
+    })?;
     let r = with_progress(io, style, |p| {
         coalesce_onto(&child, parent.as_ref(), Some(p))
     });
@@ -86,22 +136,194 @@ fn coalesce_parent(io: &mut Io, name: &str, sparse: bool, style: Style) -> Resul
     Ok(n)
 }
 
+/// NAME's chain up to ANCESTOR: the layers strictly between them (VHDs) and the
+/// ancestor itself (path, raw). blktap's errors: EINVAL when NAME is ANCESTOR or block
+/// sizes differ, ENOENT when the chain ends before reaching ANCESTOR.
+fn ancestor_chain(name: &str, ancestor: &str) -> Result<(Vec<PathBuf>, PathBuf, bool), i32> {
+    let target = std::fs::canonicalize(ancestor).map_err(|e| errno_of(&e))?;
+    if std::fs::canonicalize(name).map_err(|e| errno_of(&e))? == target {
+        return Err(EINVAL);
+    }
+    let mut cur = common::open(name, true).map_err(|e| neg(&e))?;
+    let block_size = cur.header().map(|h| h.block_size);
+    let mut between = Vec::new();
+    for _ in 0..common::MAX_CHAIN {
+        if !cur.is_differencing() || cur.header().map(|h| h.block_size) != block_size {
+            return Err(if cur.is_differencing() {
+                EINVAL
+            } else {
+                -libc::ENOENT
+            });
+        }
+        let (p, raw) = common::parent_path(&cur)
+            .map_err(|e| neg(&e))?
+            .ok_or(-libc::ENOENT)?;
+        if std::fs::canonicalize(&p).map_err(|e| errno_of(&e))? == target {
+            return Ok((between, p, raw));
+        }
+        if raw {
+            return Err(-libc::ENOENT);
+        }
+        cur = common::open(&p.to_string_lossy(), true).map_err(|e| neg(&e))?;
+        between.push(p);
+    }
+    Err(-libc::ELOOP)
+}
+
+fn coalesce_ancestor(
+    io: &mut Io,
+    name: &str,
+    ancestor: &str,
+    sparse: bool,
+    style: Style,
+) -> Result<u64, i32> {
+    let (between, anc, raw) = ancestor_chain(name, ancestor)?;
+    let child = open_chain(name, true).map_err(|e| {
+        let _ = writeln!(io.err, "{}", common::describe(&e));
+        neg(&e)
+    })?;
+    let mut layers: Vec<VhdImage> = Vec::with_capacity(between.len());
+    for p in &between {
+        layers.push(common::open(&p.to_string_lossy(), false).map_err(|e| neg(&e))?);
+    }
+    if sparse && !raw {
+        vout!(io, "opening for sparse writes");
+    }
+    let target = open_target(&anc, raw).map_err(|e| {
+        let _ = writeln!(io.err, "{}", common::describe(&e));
+        neg(&e)
+    })?;
+    let r = with_progress(io, style, |p| {
+        let n = coalesce_onto(&child, target.as_ref(), Some(p))?;
+        // The layers in between must no longer hide what the ancestor now holds.
+        for (i, &e) in child.bat().iter().enumerate() {
+            if e == BAT_UNUSED {
+                continue;
+            }
+            let blk = u32::try_from(i).map_err(|_| ImageError::Invalid("block number".into()))?;
+            let Some(mask) = child.block_bitmap(blk)? else {
+                continue;
+            };
+            for l in &layers {
+                l.clear_bitmap_bits(blk, &mask)?;
+            }
+        }
+        Ok(n)
+    });
+    let mut closed = target.close();
+    for l in &layers {
+        closed = closed.and(l.close());
+    }
+    let _ = child.close();
+    let n = r.map_err(|e| {
+        let _ = writeln!(io.err, "{}", common::describe(&e));
+        neg(&e)
+    })?;
+    closed.map_err(|e| neg(&e))?;
+    Ok(n)
+}
+
+fn coalesce_out(io: &mut Io, name: &str, out: &str, style: Style) -> Result<(), i32> {
+    let src = open_chain(name, true).map_err(|e| {
+        let _ = writeln!(io.err, "{}", common::describe(&e));
+        neg(&e)
+    })?;
+    match Path::new(out).symlink_metadata() {
+        Ok(_) => {
+            vout!(io, "{out} already exists");
+            return Err(-libc::EEXIST);
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            vout!(io, "error checking {out}: {}", -errno_of(&e));
+            return Err(errno_of(&e));
+        }
+    }
+    let size = src.footer().curr_size;
+    if let Err(e) = create(Path::new(out), &CreateOptions::dynamic(size)) {
+        vout!(io, "error creating {out}: {}", neg(&e));
+        return Err(neg(&e));
+    }
+    let remove = || {
+        let _ = std::fs::remove_file(out);
+    };
+    let dst = match open_chain(out, false) {
+        Ok(d) => d,
+        Err(e) => {
+            vout!(io, "error opening {out}: {}", neg(&e));
+            remove();
+            return Err(neg(&e));
+        }
+    };
+    let (sbs, dbs) = (
+        src.header().map_or(0, |h| h.block_size),
+        dst.header().map_or(0, |h| h.block_size),
+    );
+    if sbs != dbs {
+        // blktap prints this without a newline.
+        let _ = write!(
+            io.out,
+            "source and destination VHD block sizes are different: {sbs} != {dbs}"
+        );
+        let _ = dst.close();
+        remove();
+        return Err(EINVAL);
+    }
+    let spb = u64::from(src.sectors_per_block());
+    let total = src.bat().len() as u64;
+    let csize = src.info().size_sectors;
+    let r = with_progress(io, style, |p| {
+        let mut buf = Vec::new();
+        for i in 0..total {
+            p(i, total);
+            let first = i * spb;
+            if first >= csize {
+                break;
+            }
+            let n = spb.min(csize - first);
+            buf.resize((n * SECTOR_SIZE) as usize, 0);
+            src.read(first, &mut buf)?;
+            if buf.iter().any(|&b| b != 0) {
+                dst.write(first, &buf)?;
+            }
+        }
+        dst.flush()
+    });
+    let closed = dst.close();
+    let _ = src.close();
+    match r.and(closed) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let _ = writeln!(io.err, "{}", common::describe(&e));
+            remove();
+            Err(neg(&e))
+        }
+    }
+}
+
 pub fn run(io: &mut Io, args: &[String]) -> i32 {
     let (p, name) = match USAGE.parse_named(io, args) {
         Ok(v) => v,
         Err(s) => return s,
     };
     let name = name.as_str();
-    // blktap's option string lists -o, -a and -x but its switch sends them to usage.
-    if p.flag('o') || p.flag('a') || p.flag('x') {
+    let (out, ancestor) = (p.value('o'), p.value('a'));
+    if out.is_some() && ancestor.is_some() {
         return USAGE.fail(io, EINVAL);
     }
     let style = progress_style(io, p.flag('p'));
-    match coalesce_parent(io, name, p.flag('s'), style) {
-        Ok(n) => {
+    let sparse = p.flag('s');
+    let r = match (out, ancestor) {
+        (Some(o), _) => coalesce_out(io, name, o, style).map(|()| None),
+        (None, Some(a)) => coalesce_ancestor(io, name, a, sparse, style).map(|_| None),
+        (None, None) => coalesce_parent(io, name, sparse, style, p.value('x')).map(Some),
+    };
+    match r {
+        Ok(Some(n)) => {
             let _ = write!(io.out, "Coalesced {n} sectors");
             0
         }
+        Ok(None) => 0,
         Err(e) => {
             vout!(io, "error coalescing: {e}");
             e

@@ -49,7 +49,9 @@ fn allocate_fast(io: &mut Io, img: &VhdImage, from: u64, to: u64) -> Result<(), 
     let mut bat = img.bat();
     let spb = u64::from(h.spb());
     let bm = u64::from(h.bitmap_sectors());
-    let mut max = (common::phys_size(img).map_err(|e| neg(&e))? - FOOTER_SIZE as u64) / SECTOR_SIZE;
+    let old_len = common::phys_size(img).map_err(|e| neg(&e))?;
+    let mut max = (old_len - FOOTER_SIZE as u64) / SECTOR_SIZE;
+    let old_end = max;
     let align = |m: u64| align_block_start(m, h.bitmap_sectors());
     max = align(max);
     let to = to.min(bat.len() as u64 - 1);
@@ -85,8 +87,17 @@ fn allocate_fast(io: &mut Io, img: &VhdImage, from: u64, to: u64) -> Result<(), 
         w(&f.encode(), end)?;
     }
     let ones = vec![0xFFu8; (bm * SECTOR_SIZE) as usize];
+    // Zero the alignment gaps in the old part of the file: the first one holds the old
+    // footer (libvhd writes zeros from the old end of data up to the block).
+    let mut prev = old_end;
     for &i in &new {
-        w(&ones, u64::from(bat[i as usize]) * SECTOR_SIZE)?;
+        let s = u64::from(bat[i as usize]);
+        let (lo, hi) = (prev * SECTOR_SIZE, (s * SECTOR_SIZE).min(old_len));
+        if hi > lo {
+            w(&vec![0u8; (hi - lo) as usize], lo)?;
+        }
+        prev = s + bm + spb;
+        w(&ones, s * SECTOR_SIZE)?;
     }
     file.sync()
         .map_err(|e| -e.raw_os_error().unwrap_or(libc::EIO))?;

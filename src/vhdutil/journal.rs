@@ -167,7 +167,7 @@ pub fn grow(
 
     // New metadata layout after the (bigger) BAT.
     let t = h.table_offset;
-    let bat_len = pad512(u64::from(new_max.max(h.max_bat_size)) * 4);
+    let bat_len = bat_bytes_padded(new_max.max(h.max_bat_size));
     let mut bmh = BatmapHeader::new(t + bat_len, new_max.max(h.max_bat_size));
     bmh.marker = bh.marker;
     bmh.keyhash = bh.keyhash;

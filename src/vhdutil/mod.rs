@@ -6,29 +6,32 @@
 //! output formats follow blktap's `vhd/vhd-util.c` and `vhd/lib/vhd-util-*.c` (and, for
 //! `modify -t`, OpenXT's vhd-util). `src/bin/vhd-util.rs` only builds an [`Io`] over
 //! stdout/stderr and calls [`main`]. `--debug` is accepted anywhere and ignored;
-//! `--help` prints a command's usage and exits 0 (blktap's getopt would reject it).
+//! `COMMAND --help` prints that command's usage and exits 0 (blktap's getopt would reject
+//! it); `vhd-util -h`/`--help`/`help` behave as blktap's: `invalid COMMAND -h` on stderr,
+//! the usage on stdout, exit 0. The top-level usage lists blktap's commands only.
 //!
 //! | command | options | module |
 //! |---|---|---|
 //! | create | `-n -s MiB [-r] [-S MiB]` | [`create`] |
 //! | snapshot | `-n -p [-l limit] [-m] [-S MiB] [-e] [-K]` | [`snapshot`] |
 //! | query | `-n [-v] [-s] [-p] [-f] [-m] [-d] [-S] [-a] [-u]` | [`query`] |
-//! | read | `-n [-p] [-t sec] [-b blk] [-B] [-m blk] [-i sec] [-e sec] [-a] [-j blk] [-d blk] [-c n] [-r sec] [-R byte] [-x] [-C]` | [`read`] |
+//! | read | `-n [-p] [-t sec] [-b blk] [-B] [-m blk] [-i sec] [-e sec] [-a] [-j blk] [-d blk] [-c n] [-r sec] [-R byte] [-x] [-C] [-D]` | [`read`] |
 //! | set | `-n -f hidden\|marker -v 0..255` | [`set`] |
 //! | repair | `-n [-b]` | [`repair`] |
 //! | resize | `-n -s MiB (-f \\| -j journal)` | [`resize`], [`journal`] |
 //! | fill | `-n [-b [-f sec] [-t sec] [-B]]` | [`fill`] |
-//! | coalesce | `-n [-s] [-p]` | [`coalesce`] |
+//! | coalesce | `-n [-a ancestor \| -o output] [-x parent] [-s] [-p]` | [`coalesce`] |
 //! | modify | `-n [-p parent [-m]] [-s bytes] [-z] [-t type]` | [`modify`] |
 //! | scan | `[-m glob] [-f] [-c] [-p] [-a] [-v] [-M] FILES` (`-l` refused) | [`scan`] |
 //! | check | `-n [-i] [-I] [-t] [-p] [-b] [-B] [-s]` | [`check`] |
 //! | revert | `-n -j journal` | [`resize`], [`journal`] |
 //! | key | `-C -k [-N]`, `-s -n (-k\|-H) [-N]`, `-c -n -k`, `-p -n`, `-P pass -k -S salt [-i n]` | [`key`] |
-//! | copy | `-n -N [-k keyfile\|-E]` | [`copy`] |
+//! | copy (extension) | `-n -N [-k keyfile\|-E]` | [`copy`] |
 //!
-//! Data-moving commands (coalesce, fill, copy, read -r/-R) go through the image layer
+//! Data-moving commands (coalesce, fill, copy, read -r/-R -D) go through the image layer
 //! with keys from `TAPDISK3_CRYPTO_KEYDIR` (or `TAPDISK2_CRYPTO_KEYDIR`), so encrypted
 //! chains are handled; a keyed layer without its key fails with ENOKEY before any write.
+//! `read -r/-R` without `-D` print the stored bytes, as blktap does.
 //! Long operations draw qemu-img style progress on stderr only when it is a terminal.
 //!
 //! Deliberate differences from blktap: sizes that are not plain decimal numbers are
@@ -37,7 +40,10 @@
 //! `fill -b` leaves allocated blocks alone and refuses encrypted chains; `copy` makes a
 //! standalone (flattened) copy; `key -s/-c` accept any key file name but require 32 or
 //! 64 bytes; `scan -l` (LVM) is refused with EOPNOTSUPP; `resize -j` only grows and
-//! its journal is not libvhd's format; timestamps in `read -p` are printed in UTC.
+//! its journal is not libvhd's format; timestamps in `read -p` are printed in UTC;
+//! `read -p` prints numbers whole (OpenXT's cuts them to 14 characters); `read` names the
+//! last requested block in "block N past end of file" (blktap the one after it) and
+//! prints `-p`, `-r`, `-R` of fixed disks (blktap fails: no BAT).
 
 pub mod chain;
 pub mod check;
@@ -123,9 +129,18 @@ pub const COMMANDS: &[Command] = &[
     cmd("copy", copy::run),
 ];
 
-/// `usage: vhd-util COMMAND [OPTIONS]` and the command list.
+/// Commands that blktap's vhd-util does not have.
+pub const EXTENSIONS: &[&str] = &["copy"];
+
+/// `usage: vhd-util COMMAND [OPTIONS]` and blktap's command list, byte for byte: the
+/// extension `copy` is left out of this line (scripts parse it); `vhd-util copy -h`
+/// describes it.
 pub fn print_help(io: &mut Io) {
-    let names: Vec<&str> = COMMANDS.iter().map(|c| c.name).collect();
+    let names: Vec<&str> = COMMANDS
+        .iter()
+        .map(|c| c.name)
+        .filter(|&n| !EXTENSIONS.contains(&n))
+        .collect();
     vout!(io, "usage: vhd-util COMMAND [OPTIONS]");
     vout!(io, "COMMAND := {{ {} }}", names.join(" | "));
 }
@@ -136,10 +151,8 @@ pub fn main(io: &mut Io, args: &[String]) -> i32 {
         print_help(io);
         return 0;
     };
-    if matches!(first.as_str(), "--help" | "-h" | "help") {
-        print_help(io);
-        return 0;
-    }
+    // Like blktap, `-h`, `--help` and `help` are no commands: "invalid COMMAND -h" on
+    // stderr, then the usage on stdout, exit 0.
     let Some(cmd) = COMMANDS.iter().find(|c| c.name == first) else {
         verr!(io, "invalid COMMAND {first}");
         print_help(io);

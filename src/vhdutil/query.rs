@@ -105,8 +105,14 @@ pub fn run(io: &mut Io, args: &[String]) -> i32 {
         }
     }
     if p.flag('a') {
-        let used = img.bat().iter().filter(|&&e| e != BAT_UNUSED).count();
-        vout!(io, "{used}");
+        if img.header().is_none() {
+            // blktap: vhd_get_bat fails on a fixed disk.
+            vout!(io, "error reading bat: {}", -libc::EINVAL);
+            keep(&mut err, -libc::EINVAL);
+        } else {
+            let used = img.bat().iter().filter(|&&e| e != BAT_UNUSED).count();
+            vout!(io, "{used}");
+        }
     }
     if p.flag('S') {
         // blktap prints max_bat_size << 1 (2 MiB blocks); fixed disks have no BAT: 0.

@@ -191,7 +191,9 @@ pub fn run(io: &mut Io, args: &[String]) -> i32 {
                     format_line(&fail(n, e, "failure scanning target"), o.out, 0, false)
                 );
                 if !o.nofail {
-                    verr!(io, "scan failed: {e}. Check syslog for details");
+                    // OpenXT's wording, on stdout (XenServer's adds ". Check syslog for details"
+                    // on stderr).
+                    vout!(io, "scan failed: {e}");
                     return e;
                 }
             }

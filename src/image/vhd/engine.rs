@@ -21,7 +21,8 @@
 //!    `extend` (called from `ensure_allocated`): explicitly zero every bitmap sector of the
 //!    blocks it will hold that lies inside the old file (stale data from a crashed session,
 //!    an old footer), extend the file with `ftruncate` (the new range reads as zeros), write
-//!    a valid footer at the new end, then **fdatasync**. Only after that sync returns are
+//!    a valid footer at the new end, zero the alignment gaps before the new blocks (where
+//!    the old footer usually is; libvhd and tapdisk zero them too), then **fdatasync**. Only after that sync returns are
 //!    BAT entries for reserve blocks published, and they need no further sync: whatever
 //!    subset of BAT/bitmap/data writes a crash keeps, a published entry points at a bitmap
 //!    that is either zero (sectors read from the parent, i.e. the unflushed write is lost)
@@ -389,7 +390,7 @@ impl VhdImage {
         let bm_secs = header.bitmap_sectors();
         let blk_secs = u64::from(spb) + u64::from(bm_secs);
         let mut bat = Vec::with_capacity(raw.len() / 4);
-        let mut next_db = (pad512(bat_off + bat_bytes)) / SECTOR_SIZE;
+        let mut next_db = (bat_off + bat_bytes_padded(max_bat)) / SECTOR_SIZE;
         next_db = next_db.max((hoff + HEADER_SIZE as u64).div_ceil(SECTOR_SIZE));
         let mut allocated = 0u32;
         for (i, c) in raw.chunks_exact(4).enumerate() {
@@ -427,7 +428,7 @@ impl VhdImage {
         // Batmap.
         let rule = batmap_rule(&footer);
         if rule != Some(false) {
-            let hdr_off = bat_off + pad512(bat_bytes);
+            let hdr_off = bat_off + bat_bytes_padded(max_bat);
             let mut st = None;
             if hdr_off + BATMAP_HEADER_SIZE as u64 <= len {
                 let mut b = [0u8; BATMAP_HEADER_SIZE];
@@ -745,6 +746,47 @@ impl VhdImage {
         self.sync()
     }
 
+    /// Clear, in block `blk`'s sector bitmap, every bit that is set in `mask` (a bitmap of
+    /// the same block size), as `vhd-util coalesce -a` does on the layers between child
+    /// and ancestor: those sectors then read from below. Like a discard, the batmap's
+    /// "full" bit is cleared durably before the bitmap loses bits. Returns whether the
+    /// bitmap changed (false for an unallocated block).
+    pub fn clear_bitmap_bits(&self, blk: u32, mask: &[u8]) -> Result<bool, ImageError> {
+        self.writable()?;
+        let mut m = self.lock();
+        let Some(e) = m
+            .bat
+            .get(blk as usize)
+            .copied()
+            .filter(|&e| e != BAT_UNUSED)
+        else {
+            return Ok(false);
+        };
+        let mut nbm = self.load_bitmap(&mut m, blk, e)?.clone();
+        let mut changed = false;
+        for (b, &k) in nbm.iter_mut().zip(mask) {
+            if *b & k != 0 {
+                *b &= !k;
+                changed = true;
+            }
+        }
+        if !changed {
+            return Ok(false);
+        }
+        let curr = m.footer.curr_size;
+        if let Some(b) = m.batmap.as_mut() {
+            if bit_test(&b.map, u64::from(blk)) {
+                bit_set(&mut b.map, u64::from(blk), false);
+                self.write_batmap(b, curr)?;
+                self.sync()?;
+            }
+        }
+        self.pwrite(&nbm, u64::from(e) * SECTOR_SIZE, "write bitmap")?;
+        m.bitmaps.insert(blk, nbm);
+        self.sync()?;
+        Ok(true)
+    }
+
     /// Write raw bytes into the metadata area (locators); used by snapshot/reparent.
     pub(crate) fn write_raw(&self, buf: &[u8], off: u64) -> Result<(), ImageError> {
         self.writable()?;
@@ -963,6 +1005,25 @@ impl VhdImage {
                 .map_err(|e| ImageError::io(&self.path, "extend", e))?;
             let mut f = self.lock().footer;
             self.pwrite(&f.encode(), end_b, "write footer")?;
+        }
+        // The alignment gaps before the new blocks may hold stale bytes of the old file,
+        // typically the old footer at the old end of data: zero them as libvhd and
+        // tapdisk do, after the new footer is written (the sync below covers both).
+        let mut prev = from;
+        for &s in &bitmaps {
+            let (lo, hi) = (prev * SECTOR_SIZE, (s * SECTOR_SIZE).min(len));
+            if hi > lo {
+                let z = vec![0u8; usize::try_from(hi - lo).unwrap_or(0)];
+                self.pwrite(&z, lo, "zero gap")?;
+            }
+            prev = s + u64::from(g.bm_secs) + u64::from(g.spb);
+        }
+        // An old footer further out (the end of an earlier session's reserve) may sit in
+        // a new block's data area: zero it too.
+        if let Some(old) = len.checked_sub(FOOTER_SIZE as u64) {
+            if old >= from * SECTOR_SIZE && old + FOOTER_SIZE as u64 <= end_b {
+                self.pwrite(&[0u8; FOOTER_SIZE], old, "zero old footer")?;
+            }
         }
         self.sync()?;
         Ok(pos)

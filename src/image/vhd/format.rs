@@ -137,6 +137,13 @@ pub fn pad512(n: u64) -> u64 {
     n.div_ceil(SECTOR_SIZE) * SECTOR_SIZE
 }
 
+/// Bytes the BAT of `max_bat_size` entries occupies on disk: the entries padded to a whole
+/// sector, and one sector for an empty BAT (libvhd's `vhd_bytes_padded`, whose "no zero"
+/// rounding gives a 0-size disk a 1-sector BAT; the batmap header follows it).
+pub fn bat_bytes_padded(max_bat_size: u32) -> u64 {
+    pad512(u64::from(max_bat_size) * 4).max(SECTOR_SIZE)
+}
+
 /// CHS geometry of a disk of `size` bytes by the algorithm of the VHD specification,
 /// encoded as the footer's u32 (cylinders << 16 | heads << 8 | sectors per track).
 pub fn chs_geometry(size: u64) -> u32 {
@@ -835,6 +842,16 @@ mod tests {
             DynHeader::decode(&bad_b).validate(),
             Err(FormatError::Checksum("header"))
         );
+    }
+
+    #[test]
+    fn bat_sizing_rounds_to_sectors_with_one_for_an_empty_bat() {
+        // libvhd's vhd_bytes_padded: a 0-size disk still has a 1-sector BAT.
+        assert_eq!(bat_bytes_padded(0), 512);
+        assert_eq!(bat_bytes_padded(1), 512);
+        assert_eq!(bat_bytes_padded(128), 512);
+        assert_eq!(bat_bytes_padded(129), 1024);
+        assert_eq!(bat_bytes_padded(2500), 10240);
     }
 
     #[test]

@@ -52,7 +52,7 @@ fn invalid(s: impl Into<String>) -> ImageError {
 }
 
 fn check_size(size: u64) -> Result<(), ImageError> {
-    if size == 0 || !size.is_multiple_of(SECTOR_SIZE) || size > MAX_VIRTUAL_SIZE {
+    if !size.is_multiple_of(SECTOR_SIZE) || size > MAX_VIRTUAL_SIZE {
         return Err(invalid(format!(
             "bad virtual size {size} (a multiple of 512 up to 2040 GiB)"
         )));
@@ -123,7 +123,7 @@ fn create_dynamic(
     };
     let mut footer = Footer::new(dtype, opts.size, new_uuid(), vhd_time(SystemTime::now()));
     let mut header = DynHeader::new(max_bat, opts.block_size);
-    let bat_len = pad512(u64::from(max_bat) * 4);
+    let bat_len = bat_bytes_padded(max_bat);
     let bm_hdr_off = BAT_OFFSET + bat_len;
     let mut bmh = BatmapHeader::new(bm_hdr_off, max_bat);
     let map_len = u64::from(bmh.batmap_size) * SECTOR_SIZE;
@@ -156,13 +156,18 @@ fn create_dynamic(
     f.set_len(end + FOOTER_SIZE as u64).map_err(io)?;
     f.write_at(&fb, 0).map_err(io)?;
     f.write_at(&header.encode(), HEADER_OFFSET).map_err(io)?;
-    let ff = vec![0xFFu8; bat_len.min(1 << 20) as usize];
+    // Entries are 0xFF (unallocated); the tail of the last sector is 0x00, as libvhd
+    // writes it.
+    let entries = u64::from(max_bat) * 4;
+    let ff = vec![0xFFu8; entries.min(1 << 20) as usize];
     let mut off = 0;
-    while off < bat_len {
-        let n = (bat_len - off).min(ff.len() as u64) as usize;
+    while off < entries {
+        let n = (entries - off).min(ff.len() as u64) as usize;
         f.write_at(&ff[..n], BAT_OFFSET + off).map_err(io)?;
         off += n as u64;
     }
+    let tail = vec![0u8; (bat_len - entries) as usize];
+    f.write_at(&tail, BAT_OFFSET + entries).map_err(io)?;
     f.write_at(&bmh.encode(), bm_hdr_off).map_err(io)?;
     f.write_at(&map, bmh.batmap_offset).map_err(io)?;
     for (off, data) in loc_writes {
@@ -678,7 +683,7 @@ pub fn check(path: &Path) -> Result<Vec<String>, ImageError> {
     // BAT: blocks must not overlap each other or the metadata.
     let spb = u64::from(h.spb());
     let blk_secs = spb + u64::from(h.bitmap_sectors());
-    let meta_end = (h.table_offset + pad512(u64::from(h.max_bat_size) * 4)) / SECTOR_SIZE;
+    let meta_end = (h.table_offset + bat_bytes_padded(h.max_bat_size)) / SECTOR_SIZE;
     let mut blocks: Vec<(u64, usize)> = img
         .bat()
         .iter()
