@@ -6,15 +6,18 @@
       inherits from the layer, the files it requires) with ${VAR} references expanded the way
       bitbake expands them when it writes a task's run file, and runs TASK... in order, each in
       its [dirs] the way bitbake does (do_install: ${D} cleaned, cwd ${B}).
-  scripts/bb-tasks.py [--layer DIR] [--set VAR=VALUE]... RECIPE getvar VAR
-      print the expanded value of VAR (its name is expanded too: FILES_${PN}).
+  scripts/bb-tasks.py [--layer DIR] [--set VAR=VALUE]... RECIPE getvar VAR...
+      print the expanded value of each VAR (its name is expanded too: FILES_${PN}).
+  scripts/bb-tasks.py [--layer DIR] [--set VAR=VALUE]... RECIPE getflag VAR FLAG
+      print the expanded value of VAR[FLAG] (SRC_URI[rustc.sha256sum]: getflag SRC_URI rustc.sha256sum).
 
 --set gives the configuration (what bitbake.conf and local.conf would): it is applied before the
 recipe is parsed, so the recipe's own assignments win, as in bitbake. Supported: VAR = / ?= / ??=
 / := / += / =+ / .= / =. , export, VAR_append / VAR_prepend / VAR_remove, line continuations,
 inherit (classes found in the layer's classes/; others such as update-rc.d are skipped: they add
 no build code), require / include, EXPORT_FUNCTIONS, shell functions and their _append /
-_prepend. Python functions and flags are skipped. Inline python (${@...}) is not evaluated: it is
+_prepend. Python functions are skipped; flags are plain
+assignments (VAR[flag] = "..."). Inline python (${@...}) is not evaluated: it is
 an error in anything a task uses.
 """
 
@@ -46,6 +49,7 @@ class BBError(Exception):
 class Data:
     def __init__(self):
         self.vars = {}
+        self.flags = {}
         self.weak = {}
         self.deferred = []  # (op, name, value) for _append/_prepend/_remove
         self.funcs = {}
@@ -201,6 +205,7 @@ def parse_file(d, path, layer):
         if not m:
             raise BBError(f"{path}: cannot parse: {stripped[:100]}")
         if m.group("flag"):
+            d.flags[(d.expand(m.group("var")), m.group("flag")[1:-1])] = m.group("val")
             continue
         name, op, val = m.group("var"), m.group("op"), m.group("val")
         mo = re.match(r"^(.*)_(append|prepend|remove)$", name)
@@ -269,7 +274,7 @@ def main():
     ap.add_argument("--layer", help="the layer root (default: two directories above RECIPE's)")
     ap.add_argument("--set", action="append", default=[], metavar="VAR=VALUE")
     ap.add_argument("recipe")
-    ap.add_argument("command", choices=["emit", "getvar"])
+    ap.add_argument("command", choices=["emit", "getvar", "getflag"])
     ap.add_argument("args", nargs="+")
     a = ap.parse_args()
     layer = a.layer or os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(a.recipe))))
@@ -277,6 +282,13 @@ def main():
         d = load(a.recipe, layer, a.set)
         if a.command == "emit":
             sys.stdout.write(emit(d, a.args))
+        elif a.command == "getflag":
+            if len(a.args) != 2:
+                raise BBError("getflag takes VAR FLAG")
+            val = d.flags.get((d.expand(a.args[0]), a.args[1]))
+            if val is None:
+                raise BBError(f"{a.args[0]}[{a.args[1]}] is not set")
+            print(d.expand(val))
         else:
             for name in a.args:
                 val = d.get(d.expand(name))

@@ -113,6 +113,43 @@ triple=i686-unknown-linux-gnu
 native=$work/native-bin
 rm -rf "$native" && mkdir -p "$native"
 rust_bin=${LAYER_TEST_RUST_BIN:-}
+
+# LAYER_TEST_NATIVE=1: the toolchain is the pinned release, installed by rust-bin-native's own
+# do_install from its checksummed tarballs (about 150 MB, downloaded once into target/).
+native_toolchain() {
+    local nrecipe nwd names name url sum file got
+    nrecipe=$(ls "$layer"/recipes-devtools/rust-bin/rust-bin-native_*.bb) || return 1
+    nwd=$work/native-work
+    # shellcheck disable=SC2016
+    local nvars=(--set "WORKDIR=$nwd" --set 'D=${WORKDIR}/image' --set prefix=/usr --set bindir=/usr/bin
+        --set libdir=/usr/lib --set datadir=/usr/share --set mandir=/usr/share/man)
+    rm -rf "$nwd" && mkdir -p "$nwd" "$work/downloads"
+    names=$(scripts/bb-tasks.py "$nrecipe" getvar SRC_URI | tr ' ' '\n' | sed -n 's/.*;name=//p') || return 1
+    for name in $names; do
+        url=$(scripts/bb-tasks.py "$nrecipe" getvar SRC_URI | tr ' ' '\n' | grep ";name=$name\$" | cut -d';' -f1)
+        sum=$(scripts/bb-tasks.py "$nrecipe" getflag SRC_URI "$name.sha256sum") || return 1
+        file=$work/downloads/$(basename "$url")
+        if [ ! -f "$file" ] || [ "$(sha256sum "$file" | cut -d' ' -f1)" != "$sum" ]; then
+            curl -sSfL --retry 3 -o "$file.part" "$url" && mv "$file.part" "$file"
+        fi
+        got=$(sha256sum "$file" 2> /dev/null | cut -d' ' -f1)
+        [ "$got" = "$sum" ] || { echo "$url: sha256 ${got:-none} != recipe's $sum"; return 1; }
+        tar -xJf "$file" -C "$nwd" || return 1
+    done
+    scripts/bb-tasks.py "${nvars[@]}" "$nrecipe" emit do_install > "$work/native-tasks.sh" || return 1
+    if ! bash "$work/native-tasks.sh" > "$work/native-tasks.log" 2>&1; then
+        tail -n 20 "$work/native-tasks.log"
+        return 1
+    fi
+    rust_bin=$nwd/image/usr/bin
+    [ -d "$nwd/image/usr/lib/rustlib/i686-unknown-linux-gnu/lib" ] &&
+        [ -d "$nwd/image/usr/lib/rustlib/x86_64-unknown-linux-gnu/lib" ] &&
+        "$rust_bin/rustc" --version && "$rust_bin/cargo" --version
+}
+if [ "${LAYER_TEST_NATIVE:-0}" = 1 ]; then
+    check "rust-bin-native: tarballs match the recipe's sha256; its do_install installs rustc, cargo, i686 and x86_64 std" \
+        native_toolchain
+fi
 for tool in cargo rustc; do
     src_tool=$(if [ -n "$rust_bin" ]; then echo "$rust_bin/$tool"; else command -v "$tool"; fi)
     [ -x "$src_tool" ] && ln -s "$src_tool" "$native/$tool"
@@ -329,6 +366,14 @@ vhd_util_runs() {
     [ "$("$D/usr/bin/vhd-util" query -n "$t/a.vhd" -v)" = 24 ]
 }
 check "the installed i686 vhd-util runs (create, query -v through /usr/sbin/vhd-util and /usr/bin)" vhd_util_runs
+
+install_sh_debian() { # the Debian dom0 call: DESTDIR from the environment, default directories
+    local dd=$work/debian-destdir
+    rm -rf "$dd"
+    DESTDIR=$dd CARGO_TARGET_DIR=$(getvar CARGO_TARGET_DIR) "$S/scripts/install.sh" --no-build --target "$triple" || return 1
+    diff <(cd "$D" && find . | sort) <(cd "$dd" && find . | sort)
+}
+check "install.sh with DESTDIR in the environment and default directories installs the same tree" install_sh_debian
 
 install_sh_refuses() { # no build output for a target never built: install.sh must fail
     ! scripts/install.sh --no-build --target x86_64-unknown-none --destdir "$work/refused" 2> /dev/null &&
