@@ -97,6 +97,19 @@ check "layer.conf: collection, priority > 9, LAYERDEPENDS, LAYERSERIES_COMPAT, B
 # --- 2. crate list == Cargo.lock -------------------------------------------------------------------
 check "recipe crate list == Cargo.lock (names, versions, URLs, sha256)" scripts/gen-crate-srcuri.py --check
 
+msrv_is_pinned_toolchain() { # Cargo.toml's rust-version == rust-bin-native's version
+    local pv msrv norm_pv norm_msrv
+    pv=$(basename "$(ls "$layer"/recipes-devtools/rust-bin/rust-bin-native_*.bb)" .bb)
+    pv=${pv#rust-bin-native_}
+    msrv=$(sed -n '/^\[package\]/,/^\[/s/^rust-version *= *"\([^"]*\)".*/\1/p' Cargo.toml)
+    norm() { local a b c; IFS=. read -r a b c <<< "$1"; echo "$a.${b:-0}.${c:-0}"; }
+    norm_pv=$(norm "$pv")
+    norm_msrv=$(norm "$msrv")
+    echo "rust-bin-native $pv, Cargo.toml rust-version ${msrv:-none}"
+    [ -n "$msrv" ] && [ "$norm_pv" = "$norm_msrv" ]
+}
+check "Cargo.toml's rust-version is the pinned toolchain's version" msrv_is_pinned_toolchain
+
 mutated_check_fails() { # SED-EXPRESSION: the check must reject the recipe with the .inc edited
     local t=$work/mutated
     rm -rf "$t" && mkdir -p "$t"

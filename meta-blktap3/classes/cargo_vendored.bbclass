@@ -23,6 +23,8 @@ CARGO_TARGET_DIR = "${B}/target"
 CARGO_MANIFEST = "${S}/Cargo.toml"
 # Build profile; release keeps Cargo.toml's debug = 1 so bitbake splits the debug info into -dbg.
 CARGO_BUILD_FLAGS = "--release"
+# The directory cargo puts that profile's output in (under target/<triple>/).
+# nooelint: oelint.vars.mispell.unknown
 CARGO_PROFILE_DIR = "release"
 
 B = "${WORKDIR}/build"
