@@ -388,6 +388,27 @@ install_sh_debian() { # the Debian dom0 call: DESTDIR from the environment, defa
 }
 check "install.sh with DESTDIR in the environment and default directories installs the same tree" install_sh_debian
 
+configure_for() { # TARGET_SYS: run only the recipe's do_configure for another target, in its own WORKDIR
+    local w=$work/work-$1
+    rm -rf "$w" && mkdir -p "$w/cargo-crates"
+    cp -l "$crates_dir"/*.crate "$w/cargo-crates/" 2> /dev/null || cp "$crates_dir"/*.crate "$w/cargo-crates/"
+    mkdir -p "$w/git" && cp "$S/Cargo.lock" "$w/git/"
+    scripts/bb-tasks.py "${bbvars[@]}" --set "WORKDIR=$w" --set "TARGET_SYS=$1" "$recipe" emit do_configure > "$w/tasks.sh" &&
+        bash "$w/tasks.sh" > "$w/tasks.log" 2>&1
+}
+configure_x86_64() { # stable-9's 64-bit dom0: host and target triples are the same, one linker entry
+    configure_for x86_64-oe-linux || { tail -n 5 "$work/work-x86_64-oe-linux/tasks.log"; return 1; }
+    local c=$work/work-x86_64-oe-linux/cargo-home/config.toml
+    [ "$(grep -c '^\[target\.' "$c")" -eq 1 ] && grep -q '^\[target\.x86_64-unknown-linux-gnu\]' "$c" &&
+        grep -q '^linker = ".*/target-linker"' "$c"
+}
+check "do_configure for TARGET_SYS=x86_64-oe-linux (OpenXT 9): x86_64-unknown-linux-gnu with the \${CC} wrapper" configure_x86_64
+configure_refuses_arm() {
+    ! configure_for arm-oe-linux-gnueabi &&
+        grep -q "no Rust std for TARGET_SYS" "$work/work-arm-oe-linux-gnueabi/tasks.log"
+}
+check "do_configure refuses a TARGET_SYS without a Rust std in rust-bin-native (arm-oe-linux-gnueabi)" configure_refuses_arm
+
 install_sh_refuses() { # no build output for a target never built: install.sh must fail
     ! scripts/install.sh --no-build --target x86_64-unknown-none --destdir "$work/refused" 2> /dev/null &&
         [ ! -e "$work/refused/usr/bin/tapback" ]
