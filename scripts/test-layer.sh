@@ -344,6 +344,22 @@ openxt_paths() {
 }
 check "OpenXT paths: i686 ELF binaries linked with \${LDFLAGS}, libblktapctl.so.0 soname and links, headers, init/udev/hotplug files" openxt_paths
 
+script_interpreters_provided() { # pyro's file-rdeps QA: /bin/sh is exempt, bash needs RDEPENDS
+    local f line rdeps ok=0
+    rdeps=" $(getvar "RDEPENDS_$(getvar PN)" 2> /dev/null) "
+    while IFS= read -r -d '' f; do
+        readelf -h "$f" > /dev/null 2>&1 && continue
+        line=$(head -n1 "$f")
+        case "$line" in
+            '#!/bin/sh'|'#!/bin/sh '*) ;;
+            '#!/bin/bash'*) [[ "$rdeps" == *" bash "* ]] || { echo "${f#"$D"}: $line, but bash is not in RDEPENDS"; ok=1; } ;;
+            *) echo "${f#"$D"}: unexpected interpreter: $line"; ok=1 ;;
+        esac
+    done < <(find "$D" -type f -perm -u+x -print0)
+    return "$ok"
+}
+check "installed scripts' interpreters are provided (/bin/sh, or bash in RDEPENDS_\${PN})" script_interpreters_provided
+
 capi_links() { # libxl's calls, compiled for i686 against the installed headers and library
     local t=$work/capi
     rm -rf "$t" && mkdir -p "$t"
