@@ -113,7 +113,7 @@ check "Cargo.toml's rust-version is the pinned toolchain's version" msrv_is_pinn
 mutated_check_fails() { # SED-EXPRESSION: the check must reject the recipe with the .inc edited
     local t=$work/mutated
     rm -rf "$t" && mkdir -p "$t"
-    cp "$layer"/recipes-extended/blktap3/* "$t/"
+    cp -r "$layer"/recipes-extended/blktap3/. "$t/"
     sed -i "$1" "$t/blktap3-crates.inc"
     cmp -s "$t/blktap3-crates.inc" "$layer/recipes-extended/blktap3/blktap3-crates.inc" && return 1
     ! scripts/gen-crate-srcuri.py --check --recipe "$t/$(basename "$recipe")" 2> "$work/mutated.log"
