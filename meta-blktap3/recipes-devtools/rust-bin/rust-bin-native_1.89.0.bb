@@ -1,8 +1,9 @@
 SUMMARY = "Pinned official Rust release (rustc, cargo, host std, i686 and x86_64 Linux std)"
-DESCRIPTION = "Installs the official Rust ${PV} binary release from static.rust-lang.org into the \
-native sysroot: rustc and cargo for the build host, the standard library for the build host and \
-for the i686-unknown-linux-gnu (OpenXT 8 dom0) and x86_64-unknown-linux-gnu (OpenXT 9 dom0) \
-targets. Pyro's own Rust (1.15-1.24) is too old for blktap3. Used by cargo-vendored.bbclass."
+DESCRIPTION = "Installs the official Rust ${PV} binary release from static.rust-lang.org into \
+               the native sysroot: rustc and cargo for the build host, the standard library \
+               for the i686-unknown-linux-gnu (OpenXT 8 dom0) and x86_64-unknown-linux-gnu \
+               (OpenXT 9 dom0, and the x86_64 build host) targets. Pyro's own Rust \
+               (1.15-1.24) is too old for blktap3. Used by cargo_vendored.bbclass."
 HOMEPAGE = "https://www.rust-lang.org/"
 SECTION = "devel"
 LICENSE = "MIT | Apache-2.0"
@@ -16,8 +17,9 @@ RUST_BIN_HOST = "x86_64-unknown-linux-gnu"
 RUST_BIN_TARGETS = "i686-unknown-linux-gnu x86_64-unknown-linux-gnu"
 RUST_BIN_DIST = "https://static.rust-lang.org/dist"
 
-# Sums: the xz_hash entries of ${RUST_BIN_DIST}/channel-rust-${PV}.toml (also published as
-# <tarball>.sha256 beside each tarball), checked against the downloaded files.
+# Sums: the xz_hash entries of ${RUST_BIN_DIST}/channel-rust-${PV}.toml (the x86_64 tarballs
+# also have a <tarball>.sha256 beside them), checked against the downloaded files;
+# scripts/test-layer.sh with LAYER_TEST_NATIVE=1 checks them again and runs do_install.
 SRC_URI = "${RUST_BIN_DIST}/rustc-${PV}-${RUST_BIN_HOST}.tar.xz;name=rustc \
            ${RUST_BIN_DIST}/cargo-${PV}-${RUST_BIN_HOST}.tar.xz;name=cargo \
            ${RUST_BIN_DIST}/rust-std-${PV}-x86_64-unknown-linux-gnu.tar.xz;name=std-x86-64 \
