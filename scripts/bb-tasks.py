@@ -117,12 +117,24 @@ class Data:
 
 
 def logical_lines(text):
-    """Lines with backslash continuations joined, except inside functions."""
+    """Lines with backslash continuations joined, except inside functions (kept raw, as bitbake does)."""
     lines = text.split("\n")
     i = 0
+    in_func = False
     while i < len(lines):
         line = lines[i]
-        if SHFUNC_RE.match(line) or PYFUNC_RE.match(line) or DEF_RE.match(line):
+        if in_func:
+            if line.rstrip() == "}":
+                in_func = False
+            yield line
+            i += 1
+            continue
+        if SHFUNC_RE.match(line) or PYFUNC_RE.match(line):
+            in_func = True
+            yield line
+            i += 1
+            continue
+        if DEF_RE.match(line):
             yield line
             i += 1
             continue
@@ -197,7 +209,7 @@ def parse_file(d, path, layer):
             if not classname:
                 raise BBError(f"{path}: EXPORT_FUNCTIONS outside a class")
             for fn in words[1:]:
-                d.funcs[fn] = f"\t{classname}_{fn}\n"
+                d.funcs[fn] = f"    {classname}_{fn}\n"
             continue
         if words[0] in ("addtask", "deltask", "addhandler"):
             continue

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Test the meta-blktap3 Yocto layer without bitbake (a full OpenXT build does not fit here):
 #  1. oelint-adv (--release pyro) reports no error on the layer's recipes, bbappends and classes,
-#     which use only pyro's underscore override syntax; layer.conf's priority and BBMASK;
+#     which use only pyro's underscore override syntax; layer.conf's priority and BBMASK; with
+#     BITBAKE_LIB set, bitbake 1.34 itself parses the layer (scripts/bb134-check.py);
 #  2. the recipe's crate list (URLs, versions, sha256 sums) equals Cargo.lock, and the check
 #     catches a changed sum and a missing crate;
 #  3. the recipe's own do_configure/do_compile/do_install (with cargo_vendored.bbclass, extracted by
@@ -93,6 +94,15 @@ sys.exit(0 if ok else 1)
 EOF
 }
 check "layer.conf: collection, priority > 9, LAYERDEPENDS, LAYERSERIES_COMPAT, BBFILES, BBMASK of the C blktap3.bb" layer_conf_ok
+
+# BITBAKE_LIB=<bitbake 1.34 checkout>/lib: parse the layer with pyro's real bitbake too, and check
+# that bb-tasks.py (used below) writes the same task code as bitbake's emit_func.
+if [ -n "${BITBAKE_LIB:-}" ]; then
+    check "bitbake 1.34 parses layer.conf, the recipes and bbappends; its task code == bb-tasks.py's" \
+        scripts/bb134-check.py "$BITBAKE_LIB" "$layer"
+else
+    echo "skip: bitbake 1.34 parse check (set BITBAKE_LIB to a bitbake 1.34 lib/ directory)"
+fi
 
 # --- 2. crate list == Cargo.lock -------------------------------------------------------------------
 check "recipe crate list == Cargo.lock (names, versions, URLs, sha256)" scripts/gen-crate-srcuri.py --check
