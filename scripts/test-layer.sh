@@ -12,9 +12,12 @@
 #  4. the installed tree equals the recipe's FILES and OpenXT's paths: i686 ELF binaries, the
 #     libblktapctl.so.0 soname and links, headers a C program (libxl's calls) builds against, the
 #     init script, udev rule and hotplug script; the i686 vhd-util runs.
-# The host's cargo/rustc stand in for rust-bin-native (set LAYER_TEST_RUST_BIN to a directory
-# holding another cargo and rustc, e.g. the pinned release, to use those). Prints
-# "layer: N passed, M failed" and exits non-zero on any failure.
+# Also: the x86_64 (OpenXT 9) do_configure, MSRV == pinned toolchain, install.sh's Debian-style call.
+# The host's cargo/rustc stand in for rust-bin-native; LAYER_TEST_NATIVE=1 installs the pinned
+# release with rust-bin-native's own do_install from its checksummed tarballs (~150 MB, cached)
+# and builds with that; LAYER_TEST_RUST_BIN=DIR uses the cargo and rustc in DIR. Needs network
+# for the first download of the crates (static.crates.io). Prints "layer: N passed, M failed" and
+# exits non-zero on any failure.
 # shellcheck disable=SC2317 # the test functions are called through check()
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
