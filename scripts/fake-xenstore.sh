@@ -31,7 +31,7 @@ done
 BODY
             ;;
             write) cat <<'BODY'
-[ $# -ge 2 ] && [ $(($# % 2)) -eq 0 ] || { echo "usage: xenstore-write PATH VALUE..." >&2; exit 2; }
+if [ $# -lt 2 ] || [ $(($# % 2)) -ne 0 ]; then echo "usage: xenstore-write PATH VALUE..." >&2; exit 2; fi
 while [ $# -ge 2 ]; do
     d=$store$(abs "$1")
     mkdir -p "$d" && printf '%s' "$2" >"$d/.value" || exit 1
