@@ -12,7 +12,8 @@
 #   4. check: libxl's tap-ctl.h is this repo's (and the Makefile's -I=/usr/include/blktap
 #      finds it under a sysroot), the files the patches touch compile with libxl's own
 #      -Werror (x86_64, and i686 with -m32), every tap_ctl_* symbol libxenlight needs is
-#      in libblktapctl.so.0, and xl links against it (NEEDED libblktapctl.so.0).
+#      in libblktapctl.so.0, libxenlight.so itself needs it (NEEDED libblktapctl.so.0,
+#      kept also when relinked with --as-needed), and xl links against it.
 #
 # Usage: scripts/check-xen-patches.sh XEN XENCLIENT_OE
 #   XEN          a git dir (bare or not) holding tag RELEASE-4.9.3, or a Xen 4.9 source tree
@@ -201,11 +202,11 @@ grep -q '^CONFIG_BLKTAP2 *:= *y' "$W/xen/config/Tools.mk" || fail "configure did
 # gcc 12 vs 2017 code: warnings are not errors here (-Wno-error comes after -Werror),
 # -fcommon for the old tentative definitions; step 4 re-checks the patched files with -Werror.
 export CFLAGS="-I$INC"
-# libxenlight.so is not linked with -lblktapctl (libxl-blktap3-support.patch): its
-# tap_ctl_* symbols are resolved where xl links, with -lblktapctl placed before
-# libxenlight.so. OE's cross gcc does not default to --as-needed and
-# meta-virtualization's xen.inc exports LDFLAGS="", so that works there; Debian's gcc
-# defaults to --as-needed, which would drop -lblktapctl: turn it off as in OE.
+# libxl-blktap3-support.patch dropped -lblktapctl from libxenlight.so's link;
+# meta-blktap3-libxl-link-blktapctl.patch puts it back (checked below, also with
+# --as-needed). xl is linked with -lblktapctl too. OE's cross gcc does not default to
+# --as-needed and meta-virtualization's xen.inc exports LDFLAGS="": build as there,
+# with --as-needed off (Debian's gcc defaults to it).
 export LDFLAGS="-Wl,--no-as-needed -L$W/lib -Wl,-rpath-link=$W/lib"
 MAKEVARS=(APPEND_CFLAGS="-Wno-error -fcommon" LDLIBS_libblktapctl=-lblktapctl)
 for sub in include libs libxc xenstore libxl xl; do
@@ -272,6 +273,21 @@ LD_LIBRARY_PATH=$W/lib:$L:$W/xen/tools/libxl ldd "$XL" >"$W/logs/ldd.log" 2>&1 |
 grep -q "libblktapctl.so.0 => $W/lib/libblktapctl.so.0" "$W/logs/ldd.log" ||
 	fail_log "$W/logs/ldd.log" "xl does not resolve libblktapctl.so.0 to the repo's library"
 say "xl links against libblktapctl.so.0 (NEEDED) and resolves it to $W/lib/libblktapctl.so.0"
+
+# libxenlight.so calls tap_ctl_*(): it needs libblktapctl.so.0 itself, not only through
+# xl. Relinked with --as-needed, the entry stays only because the symbols are used.
+needed_by_libxl() {
+	readelf -d "$L/libxenlight.so.4.9.0" | grep -q 'NEEDED.*\[libblktapctl\.so\.0\]'
+}
+needed_by_libxl || fail "libxenlight.so.4.9.0 has no NEEDED libblktapctl.so.0"
+rm -f "$L/libxenlight.so.4.9.0"
+LDFLAGS="-Wl,--as-needed -L$W/lib -Wl,-rpath-link=$W/lib" make -C "$L" "${MAKEVARS[@]}" libxenlight.so.4.9.0 \
+	>"$W/logs/make-as-needed.log" 2>&1 || fail_log "$W/logs/make-as-needed.log" "relinking libxenlight.so with --as-needed failed"
+needed_by_libxl || fail "libxenlight.so.4.9.0 relinked with --as-needed has no NEEDED libblktapctl.so.0"
+LD_LIBRARY_PATH=$W/lib ldd "$L/libxenlight.so.4.9.0" >"$W/logs/ldd-libxl.log" 2>&1 || true
+grep -q "libblktapctl.so.0 => $W/lib/libblktapctl.so.0" "$W/logs/ldd-libxl.log" ||
+	fail_log "$W/logs/ldd-libxl.log" "libxenlight.so does not resolve libblktapctl.so.0 to the repo's library"
+say "libxenlight.so.4.9.0 needs libblktapctl.so.0 itself (NEEDED, also when linked with --as-needed)"
 
 # OpenXT 8's dom0 is i686: the patched files compile for it too, with -Werror. (Last:
 # the objects are left 32-bit.)

@@ -5,12 +5,17 @@
 #   - tap-ctl create prints /dev/nbdN, which is a block device of the VHD's size whose
 #     /sys/block/nbdN/backend names the tapdisk's NBD socket;
 #   - O_DIRECT writes through /dev/nbdN land in the VHD, flushed and read back intact;
+#   - create makes /dev/xen/blktap-2/tapdev<minor> a symlink to the /dev/nbdN it printed,
+#     and I/O through the link reaches the same device;
 #   - tap-ctl list shows the disk; tap-ctl destroy -d /dev/nbdN (OpenXT's form) disconnects
-#     the device (size 0) and ends the tapdisk;
-#   - a second create serves the data written through the first device;
-#   - without the module (first step, before insmod) create prints the socket path instead;
+#     the device (size 0), ends the tapdisk and removes the tapdev link;
+#   - a second create serves the data written through the first device, and
+#     tap-ctl destroy -d /dev/xen/blktap-2/tapdev<minor> destroys it and removes the link;
+#   - without the module (first step, before insmod) create prints the socket path instead,
+#     and makes no tapdev link;
 #   - a tapdisk killed with SIGKILL fails the device's I/O at once (no hang), the next create
-#     disconnects the orphaned device, and destroy of the dead VBD frees its minor.
+#     disconnects the orphaned device and removes the dead VBD's tapdev link (the new one
+#     points to the new device), and destroy of the dead VBD frees its minor.
 # The guest prints NBD-VM-RESULT: PASS or FAIL; this script exits 0 only on PASS.
 #
 # Usage: scripts/nbd-kernel-vm.sh [BIN_DIR]   (default: target/debug, built first)
@@ -70,12 +75,28 @@ mount -t tmpfs tmp /tmp
 export BLKTAP_CONTROL_DIR=/run/blktap-control
 fail() { echo "NBD-VM-FAIL: $*"; echo "NBD-VM-RESULT: FAIL"; poweroff -f; }
 step() { echo "NBD-VM-STEP: $*"; }
+tapdevs=/dev/xen/blktap-2
+# minor_of PATTERN: the minor of the VBD whose tap-ctl list line matches PATTERN.
+minor_of() { tap-ctl list | grep -- "$1" | awk '{print $2}' | cut -d= -f2; }
+# check_link MINOR DEV: tapdev<MINOR> is a symlink to DEV.
+check_link() {
+    [ -L "$tapdevs/tapdev$1" ] || fail "$tapdevs/tapdev$1 is not a symlink"
+    [ "$(readlink "$tapdevs/tapdev$1")" = "$2" ] ||
+        fail "$tapdevs/tapdev$1 points to '$(readlink "$tapdevs/tapdev$1")', not $2"
+    [ -b "$tapdevs/tapdev$1" ] || fail "$tapdevs/tapdev$1 does not lead to a block device"
+}
+# check_no_link MINOR
+check_no_link() {
+    [ ! -e "$tapdevs/tapdev$1" ] && [ ! -L "$tapdevs/tapdev$1" ] ||
+        fail "$tapdevs/tapdev$1 is still there (-> $(readlink "$tapdevs/tapdev$1"))"
+}
 
 vhd-util create -n /tmp/d.vhd -s 64 || fail "vhd-util create"
 
 step "no nbd module: create prints the socket path"
 out=$(tap-ctl create -a vhd:/tmp/d.vhd) || fail "create without module"
 case $out in /run/blktap-control/nbd*) ;; *) fail "expected a socket path, got '$out'" ;; esac
+check_no_link "$(minor_of vhd:/tmp/d.vhd)"
 tap-ctl destroy -p "$(tap-ctl list | awk '{print $1}' | cut -d= -f2)" -m 0 || fail "destroy without module"
 
 step "insmod nbd"
@@ -91,6 +112,9 @@ size=$(cat "/sys/block/$n/size")
 backend=$(cat "/sys/block/$n/backend" 2>/dev/null || true)
 case $backend in /run/blktap-control/nbd*) ;; *) fail "backend of $dev is '$backend'" ;; esac
 tap-ctl list | grep -q "vhd:/tmp/d.vhd" || fail "tap-ctl list does not show the disk"
+minor=$(minor_of vhd:/tmp/d.vhd)
+step "tapdev$minor -> $dev"
+check_link "$minor" "$dev"
 
 step "O_DIRECT I/O through $dev"
 dd if=/dev/urandom of=/tmp/pattern bs=1M count=2 2>/dev/null
@@ -98,6 +122,8 @@ dd if=/tmp/pattern of="$dev" bs=1M seek=5 oflag=direct conv=fsync 2>/dev/null ||
 dd if=/tmp/pattern of="$dev" bs=512 seek=131064 count=8 oflag=direct conv=fsync 2>/dev/null || fail "write at the end of $dev"
 echo 3 >/proc/sys/vm/drop_caches
 dd if="$dev" bs=1M skip=5 count=2 iflag=direct 2>/dev/null | cmp -s - /tmp/pattern || fail "read back through $dev"
+dd if="$tapdevs/tapdev$minor" bs=1M skip=5 count=2 iflag=direct 2>/dev/null | cmp -s - /tmp/pattern ||
+    fail "read back through $tapdevs/tapdev$minor"
 
 step "destroy -d $dev"
 pid=$(tap-ctl list | awk '{print $1}' | cut -d= -f2)
@@ -107,6 +133,7 @@ size=$(cat "/sys/block/$n/size")
 sleep 1
 [ ! -d "/proc/$pid" ] || fail "tapdisk $pid still runs after destroy"
 [ -z "$(tap-ctl list)" ] || fail "tap-ctl list not empty after destroy: $(tap-ctl list)"
+check_no_link "$minor"
 vhd-util check -n /tmp/d.vhd || fail "vhd-util check after destroy"
 
 step "a new create serves the data"
@@ -114,13 +141,23 @@ dev=$(tap-ctl create -a vhd:/tmp/d.vhd) || fail "second create"
 dd if="$dev" bs=1M skip=5 count=2 iflag=direct 2>/dev/null | cmp -s - /tmp/pattern || fail "data lost across create/destroy"
 head -c 4096 /tmp/pattern >/tmp/pattern4k
 dd if="$dev" bs=512 skip=131064 count=8 iflag=direct 2>/dev/null | cmp -s - /tmp/pattern4k || fail "last sectors lost"
-tap-ctl destroy -d "$dev" || fail "second destroy"
+minor=$(minor_of vhd:/tmp/d.vhd)
+check_link "$minor" "$dev"
+step "destroy -d $tapdevs/tapdev$minor"
+pid=$(tap-ctl list | awk '{print $1}' | cut -d= -f2)
+tap-ctl destroy -d "$tapdevs/tapdev$minor" || fail "tap-ctl destroy -d $tapdevs/tapdev$minor"
+[ "$(cat "/sys/block/${dev#/dev/}/size")" = 0 ] || fail "$dev still attached after destroy by its tapdev name"
+sleep 1
+[ ! -d "/proc/$pid" ] || fail "tapdisk $pid still runs after destroy by its tapdev name"
+[ -z "$(tap-ctl list)" ] || fail "tap-ctl list not empty after destroy by tapdev name: $(tap-ctl list)"
+check_no_link "$minor"
 
 step "tapdisk killed with the device attached"
 dev=$(tap-ctl create -a vhd:/tmp/d.vhd) || fail "third create"
 n=${dev#/dev/}
 pid=$(tap-ctl list | awk '{print $1}' | cut -d= -f2)
 minor=$(tap-ctl list | awk '{print $2}' | cut -d= -f2)
+check_link "$minor" "$dev"
 kill -9 "$pid"
 rc=0
 timeout 30 dd if="$dev" of=/dev/null bs=4k count=1 iflag=direct 2>/dev/null || rc=$?
@@ -128,10 +165,16 @@ timeout 30 dd if="$dev" of=/dev/null bs=4k count=1 iflag=direct 2>/dev/null || r
 dev2=$(tap-ctl create -a vhd:/tmp/d.vhd) || fail "create after SIGKILL"
 case $dev2 in /dev/nbd[0-9]*) ;; *) fail "expected /dev/nbdN after SIGKILL, got '$dev2'" ;; esac
 grep -l "nbd$pid\." /sys/block/nbd*/backend 2>/dev/null && fail "a device of dead tapdisk $pid is still attached"
+minor2=$(tap-ctl list | grep -v "minor=$minor " | grep vhd:/tmp/d.vhd | awk '{print $2}' | cut -d= -f2)
+[ -n "$minor2" ] && [ "$minor2" != "$minor" ] || fail "no new minor after SIGKILL: $(tap-ctl list)"
+step "after SIGKILL: tapdev$minor (dead, was $dev) cleaned up, tapdev$minor2 -> $dev2"
+check_no_link "$minor"
+check_link "$minor2" "$dev2"
 dd if="$dev2" bs=1M skip=5 count=2 iflag=direct 2>/dev/null | cmp -s - /tmp/pattern || fail "data through $dev2 after SIGKILL"
 tap-ctl destroy -p "$pid" -m "$minor" || fail "destroy of the dead tapdisk's VBD"
 tap-ctl list | grep -qx "minor=$minor" && fail "minor $minor still allocated after destroy"
 tap-ctl destroy -d "$dev2" || fail "destroy $dev2"
+check_no_link "$minor2"
 [ -z "$(tap-ctl list)" ] || fail "tap-ctl list not empty at the end: $(tap-ctl list)"
 
 echo "NBD-VM-RESULT: PASS"

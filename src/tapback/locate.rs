@@ -7,7 +7,9 @@
 //!    create` returned. The pid and minor are parsed from the name and checked with LIST.
 //! 2. `physical-device` = hex `major:minor` of the block device `tap-ctl create` returned.
 //!    For a kernel NBD device (major 43) the socket is looked up through the device's sysfs
-//!    `backend` identifier; anything else is not resolvable and falls through.
+//!    `backend` identifier, or, on kernels without it (before Linux 5.14, e.g. OpenXT 8's
+//!    4.14), through the `tapdev<minor>` link tap-ctl keeps to `/dev/nbdN`
+//!    ([`Client::vbd_of_nbd_device`]); anything else is not resolvable and falls through.
 //! 3. `tapdisk-params` = `type:/path`: the VBD of any tapdisk whose LIST shows that image.
 
 use std::path::{Path, PathBuf};
@@ -15,7 +17,7 @@ use std::time::Duration;
 
 use crate::control::client::Client;
 use crate::control::msg::{split_params, Blkif, DiskInfo, ListEntry};
-use crate::control::{nbd_from_socket_name, ControlError};
+use crate::control::{nbd_from_socket_name, nbd_socket_path, ControlError};
 use crate::tapback::{Result, TapbackError};
 use crate::util::error_chain;
 
@@ -255,22 +257,94 @@ impl TapdiskOps for ControlTapdisks {
         self.client.disconnect_xenblkif(pid, domid, devid, None)
     }
 
+    /// Through the device's sysfs `backend` identifier (Linux 5.14 and later), else through
+    /// the control client's record of which VBD the device serves
+    /// ([`Client::vbd_of_nbd_device`]: the `tapdev<minor>` link to `/dev/nbdN`), which is
+    /// all a kernel without the identifier (OpenXT 8's Linux 4.14) leaves.
     fn block_device_socket(&self, major: u32, minor: u32) -> Option<String> {
         if major != NBD_MAJOR {
             return None;
         }
-        let p = self
-            .sysfs
-            .join(format!("dev/block/{major}:{minor}/backend"));
-        let s = std::fs::read_to_string(p).ok()?;
-        let s = s.trim();
-        nbd_from_socket_name(s).map(|_| s.to_owned())
+        let dev = self.sysfs.join(format!("dev/block/{major}:{minor}"));
+        if let Ok(s) = std::fs::read_to_string(dev.join("backend")) {
+            let s = s.trim();
+            if nbd_from_socket_name(s).is_some() {
+                return Some(s.to_owned());
+            }
+        }
+        let index = nbd_index_of_sysfs_device(&dev)?;
+        let (pid, vbd_minor) = self.client.vbd_of_nbd_device(index)?;
+        nbd_socket_path(self.client.dir(), pid, vbd_minor)
+            .to_str()
+            .map(str::to_owned)
     }
+}
+
+/// The index N of the whole NBD device `nbdN` that a `/sys/dev/block/<major>:<minor>` entry
+/// stands for: the name its link points to (`../../devices/virtual/block/nbdN`), else the
+/// `DEVNAME` of its `uevent`. A partition (`nbdNpM`) is not a device tap-ctl hands out, so
+/// it gives `None`. The block minor of `nbdN` depends on the driver's `max_part`, which
+/// sysfs has already applied.
+fn nbd_index_of_sysfs_device(dev: &Path) -> Option<u32> {
+    if let Ok(target) = std::fs::read_link(dev) {
+        return target
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(nbd_device_name_index);
+    }
+    let uevent = std::fs::read_to_string(dev.join("uevent")).ok()?;
+    uevent
+        .lines()
+        .find_map(|l| l.strip_prefix("DEVNAME="))
+        .and_then(nbd_device_name_index)
+}
+
+/// N of a device name `nbdN` (no directory, no partition suffix).
+fn nbd_device_name_index(name: &str) -> Option<u32> {
+    let digits = name.trim().strip_prefix("nbd")?;
+    if digits.is_empty() || digits.len() > 9 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nbd_device_names() {
+        assert_eq!(nbd_device_name_index("nbd0"), Some(0));
+        assert_eq!(nbd_device_name_index("nbd15\n"), Some(15));
+        for bad in ["nbd", "nbd1p1", "sda", "nbd-1", "xnbd1", "nbd1234567890"] {
+            assert_eq!(nbd_device_name_index(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn sysfs_device_index_from_link_or_uevent() {
+        let t = tempfile::tempdir().unwrap();
+        let block = t.path().join("devices/virtual/block");
+        for n in ["nbd3", "nbd3p1"] {
+            std::fs::create_dir_all(block.join(n)).unwrap();
+        }
+        let devs = t.path().join("dev/block");
+        std::fs::create_dir_all(&devs).unwrap();
+        std::os::unix::fs::symlink("../../devices/virtual/block/nbd3", devs.join("43:96")).unwrap();
+        std::os::unix::fs::symlink("../../devices/virtual/block/nbd3p1", devs.join("43:97"))
+            .unwrap();
+        assert_eq!(nbd_index_of_sysfs_device(&devs.join("43:96")), Some(3));
+        assert_eq!(nbd_index_of_sysfs_device(&devs.join("43:97")), None);
+        assert_eq!(nbd_index_of_sysfs_device(&devs.join("43:98")), None);
+        // A plain directory (no link): its uevent names the device.
+        std::fs::create_dir_all(devs.join("43:64")).unwrap();
+        std::fs::write(
+            devs.join("43:64/uevent"),
+            "MAJOR=43\nMINOR=64\nDEVNAME=nbd2\n",
+        )
+        .unwrap();
+        assert_eq!(nbd_index_of_sysfs_device(&devs.join("43:64")), Some(2));
+    }
 
     #[test]
     fn physical_devices() {
