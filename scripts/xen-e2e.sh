@@ -38,6 +38,7 @@ if [ -z "$bin" ]; then
     (cd "$here" && cargo build --release --bins --lib >&2)
     bin=$here/target/release
 fi
+bin=$(cd "$bin" && pwd)
 for b in tapdisk tap-ctl tapback vhd-util libblktap3.so; do
     [ -e "$bin/$b" ] || { echo "xen-e2e: $bin/$b missing" >&2; exit 1; }
 done
