@@ -6,8 +6,15 @@
 # xenstore nodes the way OpenXT's libxl does, and start PV guests whose blkfront does I/O
 # over the shared ring (grant copy through /dev/xen/gntdev, event channels, xenstore).
 #
+# The overlay also installs what the OpenXT recipe installs, at its paths: libblktapctl.so.0
+# in /usr/lib (with a C program, tests/xen-e2e/libxl-tap.c, built here against
+# include/blktap and linked with -lblktapctl, that makes libxl's tap_ctl_* calls),
+# /etc/init.d/tapback-daemon with /usr/bin/tapback, and the udev rule and block-vbd3 hotplug
+# script (dom0 has udev; the udev test starts udevd).
+#
 # Usage: scripts/xen-e2e.sh [--tests "NAME ..."] [BIN_DIR]
-#   BIN_DIR  tapdisk/tap-ctl/tapback/vhd-util to test (default: target/release, built first)
+#   BIN_DIR  tapdisk/tap-ctl/tapback/vhd-util and libblktap3.so (the cdylib) to test
+#            (default: target/release, built first)
 #   --tests  run only these tests (file names in tests/xen-e2e/tests/ without NN- and .sh)
 # Environment: XEN_E2E_WORK (default target/xen-e2e: dom0 rootfs, boot files, logs),
 #   DEBIAN_KERNEL_DIR (default target/debian-kernel), XEN_E2E_TIMEOUT (seconds, default 900),
@@ -28,13 +35,14 @@ while [ $# -gt 0 ]; do
     esac
 done
 if [ -z "$bin" ]; then
-    (cd "$here" && cargo build --release --bins >&2)
+    (cd "$here" && cargo build --release --bins --lib >&2)
     bin=$here/target/release
 fi
-for b in tapdisk tap-ctl tapback vhd-util; do
-    [ -x "$bin/$b" ] || { echo "xen-e2e: $bin/$b missing" >&2; exit 1; }
+bin=$(cd "$bin" && pwd)
+for b in tapdisk tap-ctl tapback vhd-util libblktap3.so; do
+    [ -e "$bin/$b" ] || { echo "xen-e2e: $bin/$b missing" >&2; exit 1; }
 done
-for t in qemu-system-x86_64 mmdebstrap busybox cpio dpkg-deb apt-get depmod; do
+for t in qemu-system-x86_64 mmdebstrap busybox cpio dpkg-deb apt-get depmod gcc; do
     command -v "$t" >/dev/null || { echo "xen-e2e: $t is required (scripts/install-deps.sh)" >&2; exit 1; }
 done
 
@@ -61,12 +69,12 @@ fi
 
 # 2. The dom0 base rootfs (kept; rebuilt when the kernel changes): Debian minbase with the
 #    Xen tools, the kernel's Xen and block modules, and the guest kernel.
-stamp="$kver xen-utils-$xen_series v1"
+stamp="$kver xen-utils-$xen_series v2 udev"
 if [ ! -f "$work/boot/dom0-base.cpio" ] || [ "$(cat "$work/boot/dom0-base.stamp" 2>/dev/null)" != "$stamp" ]; then
     log "building the dom0 rootfs (mmdebstrap)"
     rm -rf "$work/dom0root" "$work/dom0-rootfs.tar"
     mmdebstrap --quiet --variant=minbase \
-        --include="xen-utils-$xen_series,xenstore-utils,kmod,procps" \
+        --include="xen-utils-$xen_series,xenstore-utils,kmod,procps,udev" \
         bookworm "$work/dom0-rootfs.tar" >&2
     mkdir -p "$work/dom0root"
     tar -C "$work/dom0root" -xf "$work/dom0-rootfs.tar"
@@ -98,6 +106,24 @@ cp "$(command -v busybox)" "$ov/xen-e2e/busybox"
 for b in tapdisk tap-ctl tapback vhd-util; do
     strip_copy "$bin/$b" "$ov/xen-e2e/bin/$b"
 done
+# What the recipe installs, at OpenXT's paths: the C library under its soname, the init
+# script (its default daemon path a link to the binary under test), the udev rule and the
+# hotplug script.
+mkdir -p "$ov/usr/lib" "$ov/usr/bin" "$ov/etc/init.d" "$ov/etc/udev/rules.d" "$ov/etc/xen/scripts"
+strip_copy "$bin/libblktap3.so" "$ov/usr/lib/libblktapctl.so.0"
+ln -s /xen-e2e/bin/tapback "$ov/usr/bin/tapback"
+install -m 0755 "$here/init/tapback-daemon" "$ov/etc/init.d/tapback-daemon"
+install -m 0644 "$here/udev/xen-vbd3-backend.rules" "$ov/etc/udev/rules.d/xen-vbd3-backend.rules"
+install -m 0755 "$here/scripts/block-vbd3" "$ov/etc/xen/scripts/block-vbd3"
+# libxl-tap: libxl's tap_ctl_* calls, compiled against our header and linked against the
+# library by its soname (as libxl links it).
+libdir=$work/libblktapctl
+rm -rf "$libdir" && mkdir -p "$libdir"
+ln -s "$bin/libblktap3.so" "$libdir/libblktapctl.so"
+gcc -std=gnu99 -Wall -Wextra -Werror -O2 -I "$here/include/blktap" \
+    -o "$ov/xen-e2e/bin/libxl-tap" "$here/tests/xen-e2e/libxl-tap.c" -L "$libdir" -lblktapctl
+readelf -d "$ov/xen-e2e/bin/libxl-tap" | grep -q 'NEEDED.*\[libblktapctl.so.0\]' ||
+    { log "libxl-tap does not link libblktapctl.so.0"; exit 1; }
 echo "XEN_E2E_TESTS='$tests'" >"$ov/xen-e2e/env"
 chmod +x "$ov/init" "$ov"/xen-e2e/tests/*.sh
 # The guest's initramfs: busybox, xen-blkfront and its init.

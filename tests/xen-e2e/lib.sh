@@ -52,22 +52,36 @@ CFG
     xl domid "$1"
 }
 
-# write_vbd3 DOMID DEVID DEV TAPDISK_PARAMS MODE LOCATOR_KEY LOCATOR_VALUE: the frontend and
-# backend nodes OpenXT's libxl writes for a vbd3 disk, in one transaction, with libxl's
-# permissions. LOCATOR_KEY is physical-device (hex major:minor of /dev/nbdN, what libxl
-# writes) or physical-device-path (the NBD socket).
+# write_vbd3 DOMID DEVID DEV TAPDISK_PARAMS MODE LOCATOR_KEY LOCATOR_VALUE [KEY VALUE...]: the
+# frontend and backend nodes OpenXT's libxl writes for a vbd3 disk, in one transaction, with
+# libxl's permissions. LOCATOR_KEY is physical-device (hex major:minor of /dev/nbdN, what libxl
+# writes) or physical-device-path (the NBD socket); more backend KEY VALUE pairs may follow.
+# hotplug-status=connected is written as OpenXT 8's libxl does, unless VBD3_HOTPLUG_STATUS is
+# set: then its value, or no hotplug-status at all when it is empty (OpenXT 9 leaves that
+# node to the block-vbd3 hotplug script).
 write_vbd3() {
     fe=/local/domain/$1/device/vbd/$2
     be=/local/domain/0/backend/vbd3/$1/$2
+    wv_dom=$1 wv_devid=$2 wv_dev=$3 wv_params=$4 wv_mode=$5 wv_key=$6 wv_value=$7
+    shift 7
+    # The extra pairs, rotated to the end with the backend directory in front of each key.
+    wv_n=$#
+    while [ "$wv_n" -ge 2 ]; do
+        wv_k=$1 wv_v=$2
+        shift 2
+        set -- "$@" "$be/$wv_k" "$wv_v"
+        wv_n=$((wv_n - 2))
+    done
+    hs=${VBD3_HOTPLUG_STATUS-connected}
     xenstore-write \
-        "$fe/backend" "$be" "$fe/backend-id" 0 "$fe/state" 1 "$fe/virtual-device" "$2" \
+        "$fe/backend" "$be" "$fe/backend-id" 0 "$fe/state" 1 "$fe/virtual-device" "$wv_devid" \
         "$fe/device-type" disk \
-        "$be/frontend" "$fe" "$be/frontend-id" "$1" "$be/online" 1 "$be/removable" 0 \
-        "$be/bootable" 1 "$be/state" 1 "$be/dev" "$3" "$be/type" tap "$be/mode" "$5" \
-        "$be/device-type" disk "$be/discard-enable" 1 "$be/$6" "$7" \
-        "$be/tapdisk-params" "$4" "$be/hotplug-status" connected || return 1
-    xenstore-chmod -r "$fe" "n$1" r0 || return 1
-    xenstore-chmod -r "$be" n0 "r$1"
+        "$be/frontend" "$fe" "$be/frontend-id" "$wv_dom" "$be/online" 1 "$be/removable" 0 \
+        "$be/bootable" 1 "$be/state" 1 "$be/dev" "$wv_dev" "$be/type" tap "$be/mode" "$wv_mode" \
+        "$be/device-type" disk "$be/discard-enable" 1 "$be/$wv_key" "$wv_value" \
+        "$be/tapdisk-params" "$wv_params" ${hs:+"$be/hotplug-status"} ${hs:+"$hs"} "$@" || return 1
+    xenstore-chmod -r "$fe" "n$wv_dom" r0 || return 1
+    xenstore-chmod -r "$be" n0 "r$wv_dom"
 }
 
 # start_tapback: tapback once, in the foreground logging to /tmp/tapback.log; with
