@@ -48,7 +48,8 @@ test_tools=(
     qemu-nbd:qemu-utils qemu-system-x86_64:qemu-system-x86
     fio:fio shellcheck:shellcheck openssl:openssl python3:python3 pip3:python3-pip
     busybox:busybox-static cpio:cpio mmdebstrap:mmdebstrap depmod:kmod dpkg-deb:dpkg
-    checkmodule:checkpolicy semodule_package:semodule-utils
+    checkmodule:checkpolicy semodule_package:semodule-utils m4:m4 make:make
+    readelf:binutils curl:curl xz:xz-utils
 )
 tools=("${demo_tools[@]}")
 [ "$profile" = test ] && tools+=("${test_tools[@]}")

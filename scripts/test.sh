@@ -1,46 +1,69 @@
 #!/usr/bin/env bash
 # Run every blktap3 test: style, lints, the x86_64 suite (unit, integration, real peers),
 # the kernel NBD driver in a QEMU-booted Linux, real Xen with PV guests under QEMU, the i686
-# suite (OpenXT 8's dom0 is 32-bit) and shellcheck. Installs what it needs first.
+# suite (OpenXT 8's dom0 is 32-bit), the Yocto layer (oelint-adv, crate list, the recipe's
+# build and install run outside bitbake for i686), the SELinux module, the kernel config, the
+# hotplug and init scripts, install-deps in fresh Debian roots, and shellcheck. Installs what
+# it needs first. Every step runs even when an earlier one failed; the exit status says
+# whether all passed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/install-deps.sh test
+mkdir -p target
 
-step() { printf '\n=== %s\n' "$*"; }
+failed_steps=()
+# run NAME CMD...: one step, its output shown and kept in target/test-NAME.log
+run() {
+    local name=$1 status
+    shift
+    printf '\n=== %s: %s\n' "$name" "$*"
+    set +e
+    "$@" 2>&1 | tee "target/test-$name.log"
+    status=${PIPESTATUS[0]}
+    set -e
+    [ "$status" -eq 0 ] || failed_steps+=("$name (exit $status)")
+}
 
-step "cargo fmt --check"
-cargo fmt --all -- --check
+run fmt cargo fmt --all -- --check
+run clippy cargo clippy --all-targets -- -D warnings
+run x86_64 cargo test
+run hostile cargo test --test xenio_hostile -- --ignored hostile_stream_million
+run i686 cargo test --target i686-unknown-linux-gnu
+run nbd-vm scripts/nbd-kernel-vm.sh
+run xen-e2e scripts/xen-e2e.sh
+run layer scripts/test-layer.sh
+run selinux scripts/check-selinux.sh --no-install
+run kernel-config scripts/check-kernel-config.sh
+run toolstack-patch scripts/test-toolstack-patch.sh
+run hotplug tests/hotplug/run.sh
+run install-deps-roots scripts/test-install-deps.sh
+mapfile -t shells < <(git ls-files | sort -u | while read -r f; do
+    [ -f "$f" ] && head -n1 "$f" | grep -q '^#!.*\(ba\|da\)\?sh\b' && echo "$f"
+done)
+run shellcheck shellcheck "${shells[@]}"
 
-step "cargo clippy --all-targets -- -D warnings"
-cargo clippy --all-targets -- -D warnings
-
-step "cargo test (x86_64)"
-cargo test 2>&1 | tee target/test-x86_64.log
-
-step "hostile guest: one million adversarial ring requests (x86_64)"
-cargo test --test xenio_hostile -- --ignored hostile_stream_million 2>&1 | tee target/test-hostile.log
-
-step "kernel NBD driver: tap-ctl create/destroy with a real /dev/nbdN (Linux in QEMU)"
-scripts/nbd-kernel-vm.sh 2>&1 | tee target/test-nbd-vm.log
-
-step "real Xen: tapdisk/tapback/tap-ctl under Xen 4.17 with Linux PV guests (QEMU/TCG)"
-scripts/xen-e2e.sh 2>&1 | tee target/test-xen-e2e.log
-
-step "cargo test (i686-unknown-linux-gnu)"
-cargo test --target i686-unknown-linux-gnu 2>&1 | tee target/test-i686.log
-
-step "shellcheck"
-mapfile -t shells < <(git ls-files '*.sh' 'scripts/*' 'meta-blktap3/**/*.sh' '.ci/*' | sort -u | while read -r f; do
-    [ -f "$f" ] && head -n1 "$f" | grep -q '^#!.*\(ba\)\?sh' && echo "$f"; done)
-shellcheck "${shells[@]}"
-
-step "summary"
-passed=$(cat target/test-x86_64.log target/test-hostile.log target/test-i686.log | sed -n 's/^test result: [A-Za-z]*\. \([0-9]*\) passed; \([0-9]*\) failed.*/\1 \2/p' | awk '{p+=$1; f+=$2} END {print p+0, f+0}')
-read -r p f <<<"$passed"
-grep -q '^nbd-kernel-vm: PASS' target/test-nbd-vm.log && p=$((p + 1)) || f=$((f + 1))
-read -r xp xf < <(sed -n 's/^\([0-9]*\) passed, \([0-9]*\) failed.*/\1 \2/p' target/test-xen-e2e.log | tail -n1) || true
-p=$((p + ${xp:-0}))
-f=$((f + ${xf:-1}))
+printf '\n=== summary\n'
+# Tests counted: cargo's "test result" lines, the scripts' "N passed, M failed" lines, and
+# one each for the checks that report by exit status alone.
+p=0 f=0
+for name in x86_64 hostile i686; do
+    read -r a b < <(sed -n 's/^test result: [A-Za-z]*\. \([0-9]*\) passed; \([0-9]*\) failed.*/\1 \2/p' \
+        "target/test-$name.log" | awk '{p+=$1; f+=$2} END {print p+0, f+0}')
+    p=$((p + a)) f=$((f + b))
+done
+for name in xen-e2e layer hotplug install-deps-roots; do
+    read -r a b < <(sed -n 's/^\([a-z0-9-]*: \)\{0,1\}\([0-9]*\) passed, \([0-9]*\) failed.*/\2 \3/p' \
+        "target/test-$name.log" | tail -n1) || true
+    p=$((p + ${a:-0})) f=$((f + ${b:-1}))
+    a="" b=""
+done
+for name in nbd-vm selinux kernel-config toolstack-patch; do
+    if printf '%s\n' "${failed_steps[@]}" | grep -q "^$name "; then f=$((f + 1)); else p=$((p + 1)); fi
+done
+if [ "${#failed_steps[@]}" -gt 0 ]; then
+    printf 'failed step: %s\n' "${failed_steps[@]}"
+    [ "$f" -gt 0 ] || f=1
+fi
 echo "all: $p passed, $f failed"
-[ "$f" -eq 0 ]
+[ "$f" -eq 0 ] && [ "${#failed_steps[@]}" -eq 0 ]
