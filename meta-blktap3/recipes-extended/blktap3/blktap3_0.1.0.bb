@@ -61,6 +61,16 @@ FILES_${PN}-dev = "${includedir}/blktap \
                    ${libdir}/libblktapctl.so \
                    "
 
+# What the installed scripts run (OpenXT stable-8 package names):
+# - /etc/xen/scripts/block-vbd3: xenstore-read, -write, -rm and -exists, from xen-xenstore
+#   (xenclient-oe's xen.bb; xenclient-toolstack's block script needs it too);
+# - /etc/init.d/tapback-daemon: start-stop-daemon, the busybox applet (OpenXT's and oe-core's
+#   busybox defconfigs enable it with the FANCY and LONG_OPTIONS features the script uses),
+#   with head, tr, grep and the other base tools;
+# - /etc/udev/rules.d/xen-vbd3-backend.rules: udev (eudev on a sysvinit dom0 RPROVIDES it).
+# logger and modprobe are optional for the scripts, so they are not listed.
+RDEPENDS_${PN} = "busybox udev xen-xenstore"
+
 # dom0 reaches a disk through the kernel NBD driver; built in (no package) or as this module.
 RRECOMMENDS_${PN} = "kernel-module-nbd"
 

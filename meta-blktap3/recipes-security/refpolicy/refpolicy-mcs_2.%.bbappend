@@ -6,7 +6,10 @@
 # kernel NBD devices (/dev/nbdN as blktap_device_t, like the blktap2 tapdevs they
 # replace) and allows what the NBD design adds: marker files, NBD sockets, generic
 # netlink to the nbd driver, the /dev/xen/blktap-2/tapdev<minor> links, and the same for
-# libxl inside xenmgr (xend_t) and xl (xm_t). Checked with scripts/check-selinux.sh.
+# libxl inside xenmgr (xend_t) and xl (xm_t); tapback reads those links, and the
+# tapback-daemon init script creates the control directory with its type. The installed
+# scripts need no labels of their own (refpolicy: init.d initrc_exec_t, /etc/xen/scripts
+# bin_t). Checked with scripts/check-selinux.sh.
 
 # (noncoreoverride: changing another layer's recipe is what a bbappend is for.)
 # nooelint: oelint.vars.noncoreoverride
