@@ -32,6 +32,8 @@
 //! same `IoEngine` as NBD against the VBD's image and count in `Vbd::inflight` (so PAUSE and
 //! CLOSE drain them), and rings are only consumed while `Vbd::accepts_io`.
 
+#![forbid(unsafe_code)]
+
 pub mod ctl;
 pub mod daemon;
 pub mod io;

@@ -59,14 +59,14 @@ use crate::image::{Image, ImageError};
 use crate::xen::evtchn::EvtchnDev;
 use crate::xen::gntdev::GntDev;
 use crate::xen::sim::{SimEvtchn, SimGrants, SimXen};
-use crate::xen::{
-    indirect_copy_segs, request_copy_segs, BufLayout, CopySeg, DomId, EventChannel, GrantCopier,
-    GrantMapper, GrantRef, Port,
-};
+use crate::xen::{CopySeg, DomId, EventChannel, GrantCopier, GrantMapper, GrantRef, Port};
 
 use super::io::{IoEngine, Op, Output};
 use super::reactor::{Interest, Reactor, Token};
 use super::vbd::{Vbd, VDISK_READONLY};
+use segs::{indirect_copy_segs, request_copy_segs, BufLayout};
+
+pub mod segs;
 
 /// Private buffer bytes (read/write data) in flight per ring before the ring is left alone
 /// until completions free some (256 slots of 1 MiB would otherwise pin 256 MiB).
