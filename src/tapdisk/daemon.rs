@@ -38,8 +38,9 @@ use crate::nbd::server::{Connection, Event, ReadStatus};
 use super::ctl::{CtlHandle, CtlMsg};
 use super::io::{IoEngine, Op, Output};
 use super::reactor::{Interest, Reactor, Ready, Ticker, Token};
+use super::tag::{Door, NbdReq, NbdTag, Tag};
 use super::vbd::{parse_params, state, DiskInfo, DiskType, OpenImage, Vbd, VDISK_READONLY};
-use super::xenio::{DevXenOpener, RingTag, Rings, XenOpener};
+use super::xenio::{DevXenOpener, Rings, XenOpener};
 use super::TapdiskError;
 
 mod nbd_export;
@@ -146,50 +147,6 @@ impl Config {
     }
 }
 
-/// Routing of an I/O completion.
-#[derive(Debug)]
-pub(crate) enum Tag {
-    /// A blkif ring request.
-    Ring(RingTag),
-    Nbd {
-        conn: u64,
-        minor: u16,
-        cookie: u64,
-        req: NbdReq,
-    },
-    Open {
-        minor: u16,
-    },
-    Resume {
-        minor: u16,
-    },
-    CloseImage {
-        minor: u16,
-    },
-    /// Closing an image nobody waits for (a failed OPEN's, a mismatching RESUME's).
-    Discard,
-}
-
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum NbdReq {
-    Read {
-        offset: u64,
-        len: u32,
-        skip: usize,
-    },
-    /// WRITE (`payload`: a data buffer is held) or WRITE_ZEROES.
-    Write {
-        nsectors: u64,
-        payload: bool,
-    },
-    Other,
-    BlockStatus {
-        offset: u64,
-        len: u32,
-        req_one: bool,
-    },
-}
-
 /// A control operation waiting for I/O.
 #[derive(Debug)]
 enum Waiting {
@@ -221,20 +178,6 @@ struct Listener {
     sock: UnixListener,
     path: PathBuf,
     registered: bool,
-}
-
-impl NbdReq {
-    /// Buffer memory the request holds while in flight.
-    fn mem_bytes(&self) -> u64 {
-        match *self {
-            NbdReq::Read { len, .. } => u64::from(len),
-            NbdReq::Write {
-                nsectors,
-                payload: true,
-            } => nsectors * SECTOR_SIZE,
-            _ => 0,
-        }
-    }
 }
 
 #[derive(Debug)]
@@ -404,7 +347,7 @@ impl Tapdisk {
                 self.io_ready();
             }
             // Re-poll rings and publish their responses: one notify per ring per iteration.
-            self.rings.flush(&self.io, &mut self.vbds);
+            self.rings.repoll_and_publish(&self.io, &mut self.vbds);
         }
         self.shutdown();
         Ok(())
@@ -623,13 +566,16 @@ impl Tapdisk {
                 }
                 Some(match self.rings.connect(&self.reactor, minor, &blkif) {
                     Ok(()) => Reply::XenblkifConnect,
-                    Err(e) => Reply::Error(e),
+                    Err(e) => {
+                        warn!("minor {minor}: {}", crate::util::error_chain(&e));
+                        Reply::Error(e.errno())
+                    }
                 })
             }
             Request::XenblkifDisconnect { domid, devid } => {
                 Some(match self.rings.disconnect(domid, devid) {
                     Ok(()) => Reply::XenblkifDisconnect,
-                    Err(e) => Reply::Error(e),
+                    Err(e) => Reply::Error(e.errno()),
                 })
             }
         }
@@ -755,7 +701,7 @@ impl Tapdisk {
                 // Nobody waits (cannot happen); do not leak an open image.
                 if let Ok(Output::Image(img)) = res {
                     self.io.run(
-                        Tag::Discard,
+                        Tag::CloseUnused,
                         Box::new(move || img.close().map(|_| Output::Done)),
                     );
                 }
@@ -788,7 +734,7 @@ impl Tapdisk {
         };
         let discard = |s: &mut Self, img: Arc<dyn Image>| {
             s.io.run(
-                Tag::Discard,
+                Tag::CloseUnused,
                 Box::new(move || img.close().map(|_| Output::Done)),
             );
         };
@@ -862,31 +808,27 @@ impl Tapdisk {
         let (mut touched, mut minors) = std::mem::take(&mut self.deferred);
         for c in done {
             match c.tag {
-                Tag::Ring(t) => {
-                    if let Some(minor) = self.rings.complete(t, c.result, &mut self.vbds) {
-                        if !minors.contains(&minor) {
-                            minors.push(minor);
-                        }
-                    }
-                }
-                Tag::Nbd {
-                    conn,
-                    minor,
-                    cookie,
-                    req,
-                } => {
-                    self.nbd_done(conn, minor, cookie, req, c.result);
-                    if !touched.contains(&conn) {
-                        touched.push(conn);
+                Tag::Io { minor, acct, door } => {
+                    if let Some(v) = self.vbds.get_mut(&minor) {
+                        v.end_io(acct, c.result.is_ok());
                     }
                     if !minors.contains(&minor) {
                         minors.push(minor);
+                    }
+                    match door {
+                        Door::Ring(t) => self.rings.complete(&self.io, t, c.result),
+                        Door::Nbd(t) => {
+                            if !touched.contains(&t.conn) {
+                                touched.push(t.conn);
+                            }
+                            self.nbd_done(minor, t, c.result);
+                        }
                     }
                 }
                 Tag::Open { minor } => self.opened(minor, false, c.result),
                 Tag::Resume { minor } => self.opened(minor, true, c.result),
                 Tag::CloseImage { minor } => self.closed(minor, c.result),
-                Tag::Discard => {
+                Tag::CloseUnused => {
                     if let Err(e) = c.result {
                         warn!("closing an unused image: {e}");
                     }

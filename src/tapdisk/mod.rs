@@ -39,6 +39,7 @@ pub mod daemon;
 pub mod io;
 pub mod mem;
 pub mod reactor;
+pub(crate) mod tag;
 pub mod vbd;
 pub mod xenio;
 

@@ -6,6 +6,9 @@ use std::sync::Arc;
 use crate::control::minors::MarkerLock;
 use crate::image::{Image, ImageFormat};
 
+use super::io::{IoEngine, Op};
+use super::tag::{Door, IoAcct, Tag};
+
 /// VBD state flags (reference §4.2), as the control codec defines them.
 pub mod state {
     use crate::control::msg::VbdState;
@@ -67,6 +70,11 @@ pub fn parse_params(params: &str) -> Result<(DiskType, PathBuf), i32> {
     }
     Ok((DiskType::parse(t)?, PathBuf::from(p)))
 }
+
+/// A request for a VBD that has no image (closed or paused).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("minor {0} has no open image")]
+pub struct NoImage(pub u16);
 
 /// Per-VBD counters (stats JSON).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -183,6 +191,50 @@ impl Vbd {
             stalled_logged: false,
             inflight: 0,
             busy: false,
+        }
+    }
+
+    /// Start a guest request (from a ring or an NBD client) on the image: it counts in
+    /// flight, so PAUSE and CLOSE wait for it, until [`end_io`](Self::end_io) is called with
+    /// its completion. The only way the front doors submit guest I/O.
+    pub(crate) fn begin_io(
+        &mut self,
+        io: &IoEngine<Tag>,
+        door: Door,
+        acct: IoAcct,
+        op: Op,
+    ) -> Result<(), NoImage> {
+        let Some(img) = &self.image else {
+            return Err(NoImage(self.minor));
+        };
+        if self.inflight == 0 {
+            self.last_progress = std::time::Instant::now();
+        }
+        self.inflight += 1;
+        let tag = Tag::Io {
+            minor: self.minor,
+            acct,
+            door,
+        };
+        io.submit(tag, Arc::clone(&img.image), op);
+        Ok(())
+    }
+
+    /// A request started by [`begin_io`](Self::begin_io) completed (`ok`: without error):
+    /// no longer in flight, counted in the stats.
+    pub(crate) fn end_io(&mut self, acct: IoAcct, ok: bool) {
+        self.inflight = self.inflight.saturating_sub(1);
+        self.last_progress = std::time::Instant::now();
+        let dir = usize::from(acct.write);
+        if ok {
+            self.stats.hits[dir] += 1;
+            if acct.write {
+                self.stats.wr_secs += acct.sectors;
+            } else {
+                self.stats.rd_secs += acct.sectors;
+            }
+        } else {
+            self.stats.fail[dir] += 1;
         }
     }
 
