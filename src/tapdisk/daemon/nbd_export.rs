@@ -71,7 +71,7 @@ impl Tapdisk {
                     return;
                 }
             };
-            let Some(info) = self.vbds.get(&minor).and_then(|v| v.info) else {
+            let Some(info) = self.vbds.get(&minor).and_then(Vbd::info) else {
                 return;
             };
             let Some(size) = info.sectors.checked_mul(u64::from(info.sector_size)) else {
@@ -229,7 +229,7 @@ impl Tapdisk {
         cmd: Command,
         data: Option<Vec<u8>>,
     ) {
-        if self.vbds.get(&minor).is_none_or(|v| v.image.is_none()) {
+        if self.vbds.get(&minor).is_none_or(|v| v.image().is_none()) {
             if let Some(c) = self.conns.get_mut(&id) {
                 c.conn.reply_error(cookie, true, proto::NBD_ESHUTDOWN);
             }

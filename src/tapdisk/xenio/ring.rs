@@ -10,7 +10,6 @@ use log::{debug, info, warn};
 use crate::blkif::{
     BackRing, IndirectRequest, Operation, ParseConfig, Parsed, Request, RingError, Status, Taken,
 };
-use crate::control::msg::OpenFlags;
 use crate::image::ImageError;
 use crate::xen::{DomId, Port, XEN_PAGE_SIZE};
 
@@ -96,10 +95,10 @@ struct SyncReq {
 
 /// The parse configuration of a VBD (None when it has no open image).
 pub fn parse_config(vbd: &Vbd) -> Option<ParseConfig> {
-    let info = vbd.info?;
+    let info = vbd.info()?;
     let bytes = info.sectors.checked_mul(u64::from(info.sector_size))?;
     let mut cfg = ParseConfig::new(bytes / crate::blkif::SECTOR_SIZE);
-    cfg.read_only = info.info & VDISK_READONLY != 0 || vbd.flags & OpenFlags::RDONLY.0 != 0;
+    cfg.read_only = info.info & VDISK_READONLY != 0 || vbd.read_only();
     cfg.max_indirect_segments = MAX_INDIRECT_SEGMENTS;
     Some(cfg)
 }
