@@ -2,10 +2,10 @@
 //!
 //! ```text
 //!            control thread ──CtlHandle::call──► [channel] + eventfd ─┐
-//!                                                                     ▼
-//!  NBD clients ◄─► Connection (nbd::server) ◄──► Tapdisk::run (epoll, one thread)
+//!                                                 control.rs handlers ▼
+//!  NBD clients ◄─► Connection (nbd::server) ◄──► Tapdisk::run (epoll, one thread) ◄─► xenio rings
 //!                                                    │  ▲
-//!                                        Job{Tag,Op} ▼  │ Completion + eventfd
+//!                     Vbd::begin_io: Job{Tag::Io,Op} ▼  │ Completion + eventfd: Vbd::end_io, door
 //!                                               IoEngine workers ──► Image (Arc<dyn Image>)
 //! ```
 //!

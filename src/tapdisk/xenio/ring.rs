@@ -13,12 +13,12 @@ use crate::blkif::{
 use crate::image::ImageError;
 use crate::xen::{DomId, Port, XEN_PAGE_SIZE};
 
-use super::super::io::{IoEngine, Op, Output};
-use super::super::tag::{Door, RingKind, RingTag, Tag};
-use super::super::vbd::{Vbd, VDISK_READONLY};
 use super::env::{RingMem, XenEnv};
 use super::segs::{indirect_copy_segs, request_copy_segs, BufLayout};
 use super::{MAX_INDIRECT_SEGMENTS, MAX_RING_BYTES};
+use crate::tapdisk::io::{IoEngine, Op, Output};
+use crate::tapdisk::tag::{Door, RingKind, RingTag, Tag};
+use crate::tapdisk::vbd::{Vbd, VDISK_READONLY};
 
 /// Buffers kept for re-use.
 const POOL_BUFFERS: usize = 64;
