@@ -234,7 +234,7 @@ impl Tapdisk {
                 c.conn.reply_error(cookie, true, proto::NBD_ESHUTDOWN);
             }
             return;
-        };
+        }
         let ss = SECTOR_SIZE;
         let (op, req) = match cmd {
             Command::Read { offset, len } => {
@@ -334,11 +334,17 @@ impl Tapdisk {
             cookie,
             req,
         });
-        let Some(vbd) = self.vbds.get_mut(&minor) else {
+        let started = self
+            .vbds
+            .get_mut(&minor)
+            .is_some_and(|v| v.begin_io(&self.io, door, acct, op).is_ok());
+        if !started {
+            // Not reached (the image was checked above); answer rather than leave the
+            // client waiting.
+            if let Some(c) = self.conns.get_mut(&id) {
+                c.conn.reply_error(cookie, true, proto::NBD_ESHUTDOWN);
+            }
             return;
-        };
-        if vbd.begin_io(&self.io, door, acct, op).is_err() {
-            return; // not reached: checked above
         }
         if let Some(c) = self.conns.get_mut(&id) {
             c.inflight += 1;
