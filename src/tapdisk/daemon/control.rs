@@ -547,3 +547,80 @@ fn reply_error(e: &VbdError) -> Reply {
     log::log!(e.level(), "{}", crate::util::error_chain(e));
     Reply::Error(e.errno())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The reply carries blktap's errno; the log line carries the whole cause.
+    #[test]
+    fn errors_keep_their_cause_and_map_to_blktaps_errno() {
+        let enoent = || std::io::Error::from_raw_os_error(libc::ENOENT);
+        let cases: Vec<(VbdError, i32, &str)> = vec![
+            (
+                VbdError::NotAttached(3),
+                libc::EINVAL,
+                "minor 3 is not attached",
+            ),
+            (VbdError::Busy(3), libc::EBUSY, "in progress"),
+            (VbdError::InUse(3), libc::EBUSY, "ring connected"),
+            (VbdError::NoMarker(3), libc::EPERM, "no marker"),
+            (
+                VbdError::Params {
+                    minor: 3,
+                    params: "qcow:/x".into(),
+                    source: parse_params("qcow:/x").unwrap_err(),
+                },
+                libc::ENOSYS,
+                "\"qcow\" is not implemented",
+            ),
+            (
+                VbdError::Ring {
+                    minor: 3,
+                    source: RingConnError::Map {
+                        domid: 1,
+                        devid: 51712,
+                        source: enoent(),
+                    },
+                },
+                libc::ENOENT,
+                "ring 1/51712: map: No such file",
+            ),
+            (
+                VbdError::Ring {
+                    minor: 3,
+                    source: RingConnError::Order(9),
+                },
+                libc::EINVAL,
+                "order 9",
+            ),
+            (
+                VbdError::Disconnect(RingConnError::NotConnected { domid: 1, devid: 2 }),
+                libc::ENODEV,
+                "ring 1/2 is not connected",
+            ),
+            (
+                VbdError::Listen {
+                    minor: 3,
+                    source: std::io::Error::other("no errno"),
+                },
+                libc::EIO,
+                "nbd listen: no errno",
+            ),
+            (
+                VbdError::Geometry {
+                    minor: 3,
+                    params: "aio:/x".into(),
+                },
+                libc::EMEDIUMTYPE,
+                "geometry changed",
+            ),
+        ];
+        for (e, errno, text) in cases {
+            assert_eq!(e.errno(), errno, "{e:?}");
+            let chain = crate::util::error_chain(&e);
+            assert!(chain.contains(text), "{chain:?} lacks {text:?}");
+            assert_eq!(reply_error(&e), Reply::Error(errno));
+        }
+    }
+}
