@@ -394,14 +394,6 @@ impl Tapdisk {
 
     // ---- completions of the asynchronous requests ------------------------------------
 
-    /// Answer the request `minor` was busy with.
-    fn answer(&mut self, reply: Option<Sender<Reply>>, r: Result<Reply, VbdError>) {
-        let r = r.unwrap_or_else(|e| reply_error(&e));
-        if let Some(tx) = reply {
-            let _ = tx.send(r);
-        }
-    }
-
     /// Move a draining PAUSE/CLOSE on once nothing is in flight: close the image.
     pub(super) fn progress(&mut self, minor: u16) {
         let Some(vbd) = self.vbds.get_mut(&minor) else {
@@ -434,7 +426,7 @@ impl Tapdisk {
             Ok(_) => Ok(Reply::Close),
             Err(source) => Err(VbdError::Close { minor, source }),
         };
-        self.answer(Some(reply), r);
+        answer(Some(reply), r);
     }
 
     /// The image of an OPEN (`resume` false) or RESUME is open (or not): start serving it
@@ -510,7 +502,7 @@ impl Tapdisk {
         } else {
             Reply::Open(info)
         };
-        self.answer(reply, Ok(r));
+        answer(reply, Ok(r));
     }
 
     /// An OPEN or RESUME failed (`resume_failed`: a RESUME's reopen failed, LIST shows it).
@@ -519,7 +511,7 @@ impl Tapdisk {
             .vbds
             .get_mut(&minor)
             .and_then(|v| v.open_failed(resume_failed));
-        self.answer(reply, Err(e));
+        answer(reply, Err(e));
     }
 
     fn close_unused(&mut self, img: Arc<dyn Image>) {
@@ -539,6 +531,14 @@ fn parse_target(minor: u16, params: String) -> Result<OpenTarget, VbdError> {
             params,
             source,
         }),
+    }
+}
+
+/// Answer a request that waited for I/O (its VBD held `reply`).
+fn answer(reply: Option<Sender<Reply>>, r: Result<Reply, VbdError>) {
+    let r = r.unwrap_or_else(|e| reply_error(&e));
+    if let Some(tx) = reply {
+        let _ = tx.send(r);
     }
 }
 
