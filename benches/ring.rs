@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use blktap3::blkif::abi::{op, PAGE_SIZE};
 use blktap3::blkif::request::encode_indirect_segments;
 use blktap3::blkif::*;
+use blktap3::tapdisk::xenio::segs::{indirect_copy_segs, request_copy_segs, BufLayout};
 use blktap3::xen::sim::SimXen;
 use blktap3::xen::*;
 

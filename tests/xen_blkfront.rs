@@ -14,6 +14,7 @@ use blktap3::blkif::xenbus::{
     keys, negotiate_ring_order, parse_protocol, parse_uint, ring_ref_key, XenbusState,
 };
 use blktap3::blkif::*;
+use blktap3::tapdisk::xenio::segs::{indirect_copy_segs, request_copy_segs, BufLayout};
 use blktap3::xen::sim::{toolstack_add_vbd, BlkfrontOptions, MemXenStore, SimBlkfront, SimXen};
 use blktap3::xen::xenstore::{transaction, Tx, XenStore};
 use blktap3::xen::*;

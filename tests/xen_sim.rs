@@ -4,6 +4,7 @@
 use std::os::fd::AsFd;
 
 use blktap3::blkif::SharedMem;
+use blktap3::tapdisk::xenio::segs::{request_copy_segs, BufLayout};
 use blktap3::xen::sim::{MemXenStore, SimCopyOp, SimCopyPtr, SimXen};
 use blktap3::xen::xenstore::{transaction, Access, Committed, Perm, Tx, XenStore, XsError};
 use blktap3::xen::*;

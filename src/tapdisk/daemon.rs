@@ -2,10 +2,10 @@
 //!
 //! ```text
 //!            control thread ──CtlHandle::call──► [channel] + eventfd ─┐
-//!                                                                     ▼
-//!  NBD clients ◄─► Connection (nbd::server) ◄──► Tapdisk::run (epoll, one thread)
+//!                                                 control.rs handlers ▼
+//!  NBD clients ◄─► Connection (nbd::server) ◄──► Tapdisk::run (epoll, one thread) ◄─► xenio rings
 //!                                                    │  ▲
-//!                                        Job{Tag,Op} ▼  │ Completion + eventfd
+//!                     Vbd::begin_io: Job{Tag::Io,Op} ▼  │ Completion + eventfd: Vbd::end_io, door
 //!                                               IoEngine workers ──► Image (Arc<dyn Image>)
 //! ```
 //!
@@ -38,13 +38,17 @@ use crate::nbd::server::{Connection, Event, ReadStatus};
 use super::ctl::{CtlHandle, CtlMsg};
 use super::io::{IoEngine, Op, Output};
 use super::reactor::{Interest, Reactor, Ready, Ticker, Token};
-use super::vbd::{parse_params, state, DiskInfo, DiskType, OpenImage, Vbd, VDISK_READONLY};
-use super::xenio::{DevXenOpener, RingTag, Rings, XenOpener};
+use super::tag::{Door, NbdReq, NbdTag, Tag};
+use super::vbd::{parse_params, DiskInfo, DiskType, OpenImage, Vbd, VDISK_READONLY};
+use super::xenio::{DevXenOpener, Rings, XenOpener};
 use super::TapdiskError;
 
+mod control;
 mod nbd_export;
 
-use crate::control::msg::{ListEntry, OpenFlags, Reply, Request, VbdState};
+pub use control::VbdError;
+
+use crate::control::msg::{ListEntry, OpenFlags, Reply, Request};
 use crate::control::{minors, nbd_socket_path};
 
 /// Requests in flight per NBD connection before the loop stops reading from it.
@@ -146,95 +150,11 @@ impl Config {
     }
 }
 
-/// Routing of an I/O completion.
-#[derive(Debug)]
-pub(crate) enum Tag {
-    /// A blkif ring request.
-    Ring(RingTag),
-    Nbd {
-        conn: u64,
-        minor: u16,
-        cookie: u64,
-        req: NbdReq,
-    },
-    Open {
-        minor: u16,
-    },
-    Resume {
-        minor: u16,
-    },
-    CloseImage {
-        minor: u16,
-    },
-    /// Closing an image nobody waits for (a failed OPEN's, a mismatching RESUME's).
-    Discard,
-}
-
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum NbdReq {
-    Read {
-        offset: u64,
-        len: u32,
-        skip: usize,
-    },
-    /// WRITE (`payload`: a data buffer is held) or WRITE_ZEROES.
-    Write {
-        nsectors: u64,
-        payload: bool,
-    },
-    Other,
-    BlockStatus {
-        offset: u64,
-        len: u32,
-        req_one: bool,
-    },
-}
-
-/// A control operation waiting for I/O.
-#[derive(Debug)]
-enum Waiting {
-    Open {
-        params: String,
-        kind: DiskType,
-        path: PathBuf,
-    },
-    Resume {
-        params: String,
-        kind: DiskType,
-        path: PathBuf,
-    },
-    PauseDrain,
-    CloseDrain,
-    Closing {
-        pause: bool,
-    },
-}
-
-#[derive(Debug)]
-struct Pending {
-    what: Waiting,
-    reply: Sender<Reply>,
-}
-
 #[derive(Debug)]
 struct Listener {
     sock: UnixListener,
     path: PathBuf,
     registered: bool,
-}
-
-impl NbdReq {
-    /// Buffer memory the request holds while in flight.
-    fn mem_bytes(&self) -> u64 {
-        match *self {
-            NbdReq::Read { len, .. } => u64::from(len),
-            NbdReq::Write {
-                nsectors,
-                payload: true,
-            } => nsectors * SECTOR_SIZE,
-            _ => 0,
-        }
-    }
 }
 
 #[derive(Debug)]
@@ -259,7 +179,6 @@ pub struct Tapdisk {
     ctl_rx: Receiver<CtlMsg>,
     ticker: Ticker,
     vbds: BTreeMap<u16, Vbd>,
-    pending: HashMap<u16, Pending>,
     listeners: HashMap<u16, Listener>,
     conns: HashMap<u64, NbdConn>,
     next_conn: u64,
@@ -317,7 +236,6 @@ impl Tapdisk {
             ctl_rx,
             ticker,
             vbds: BTreeMap::new(),
-            pending: HashMap::new(),
             listeners: HashMap::new(),
             conns: HashMap::new(),
             deferred: (Vec::new(), Vec::new()),
@@ -363,8 +281,13 @@ impl Tapdisk {
                 Ok(Signal::SIGUSR1) => {
                     for v in self.vbds.values() {
                         info!(
-                            "minor {} state {:#x} params {:?} inflight {} busy {} stats {:?}",
-                            v.minor, v.state, v.params, v.inflight, v.busy, v.stats
+                            "minor {} state {:#x} {:?} params {:?} inflight {} stats {:?}",
+                            v.minor(),
+                            v.wire_state().0,
+                            v.lifecycle(),
+                            v.params(),
+                            v.inflight(),
+                            v.stats()
                         );
                     }
                     info!("{} nbd clients", self.conns.len());
@@ -404,7 +327,7 @@ impl Tapdisk {
                 self.io_ready();
             }
             // Re-poll rings and publish their responses: one notify per ring per iteration.
-            self.rings.flush(&self.io, &mut self.vbds);
+            self.rings.repoll_and_publish(&self.io, &mut self.vbds);
         }
         self.shutdown();
         Ok(())
@@ -420,421 +343,6 @@ impl Tapdisk {
             Token::Conn(id) => self.conn_ready(id, r),
             Token::Evtchn => self.rings.on_event(&self.io, &mut self.vbds),
         }
-    }
-
-    // ---- control -------------------------------------------------------------------------
-
-    fn control_ready(&mut self) {
-        self.ctl.waker().reset();
-        while let Ok((req, reply)) = self.ctl_rx.try_recv() {
-            debug!("control request {req:?}");
-            if let Some(r) = self.control(req, &reply) {
-                let _ = reply.send(r);
-            }
-        }
-    }
-
-    /// Handle one request; `None` when the answer comes later (sent through `reply`).
-    fn control(&mut self, req: Request, reply: &Sender<Reply>) -> Option<Reply> {
-        let err = |e: i32| Some(Reply::Error(e));
-        match req {
-            Request::Pid => Some(Reply::Pid(self.cfg.pid)),
-            Request::Attach { minor } => Some(self.attach(minor)),
-            Request::Open(o) => {
-                let minor = o.minor;
-                let Some(vbd) = self.vbds.get_mut(&minor) else {
-                    return err(libc::EINVAL);
-                };
-                if vbd.busy {
-                    return err(libc::EBUSY);
-                }
-                if vbd.is_open() {
-                    return err(libc::EALREADY);
-                }
-                let params = o.params;
-                let flags = o.flags.0;
-                if flags & !SUPPORTED_OPEN_FLAGS.0 != 0 || o.secondary.is_some() {
-                    warn!("minor {minor}: open flags {flags:#x} not supported");
-                    return err(libc::EOPNOTSUPP);
-                }
-                let (kind, path) = match parse_params(&params) {
-                    Ok(v) => v,
-                    Err(e) => return err(e),
-                };
-                let keys = match o.key {
-                    Some(k) => KeySource::Explicit(k.into_key_bytes()),
-                    None => self.cfg.keys.clone(),
-                };
-                let spec = OpenSpec {
-                    kind,
-                    path: path.clone(),
-                    read_only: flags & OpenFlags::RDONLY.0 != 0,
-                    keys,
-                };
-                vbd.flags = flags;
-                self.begin(minor, Waiting::Open { params, kind, path }, reply);
-                let opener = Arc::clone(&self.cfg.opener);
-                self.io.run(
-                    Tag::Open { minor },
-                    Box::new(move || opener.open(&spec).map(Output::Image)),
-                );
-                None
-            }
-            Request::Pause { minor } => {
-                let Some(vbd) = self.vbds.get_mut(&minor) else {
-                    return err(libc::EINVAL);
-                };
-                if vbd.busy {
-                    return err(libc::EBUSY);
-                }
-                if vbd.state & state::PAUSED != 0 {
-                    return Some(Reply::Pause);
-                }
-                if !vbd.is_open() {
-                    return err(libc::EINVAL);
-                }
-                vbd.state |= state::PAUSE_REQUESTED;
-                self.begin(minor, Waiting::PauseDrain, reply);
-                self.set_listening(minor, false);
-                self.refresh_conns(minor);
-                self.progress(minor);
-                None
-            }
-            Request::Resume(r) => {
-                if r.flags.0 & !SUPPORTED_OPEN_FLAGS.0 != 0 || r.secondary.is_some() {
-                    return err(libc::EOPNOTSUPP);
-                }
-                let (minor, params) = (r.minor, r.params);
-                let Some(vbd) = self.vbds.get_mut(&minor) else {
-                    return err(libc::EINVAL);
-                };
-                if vbd.busy {
-                    return err(libc::EBUSY);
-                }
-                if vbd.state & state::PAUSED == 0 {
-                    return err(libc::EINVAL);
-                }
-                let params = params
-                    .filter(|p| !p.is_empty())
-                    .unwrap_or_else(|| vbd.params.clone());
-                let (kind, path) = match parse_params(&params) {
-                    Ok(v) => v,
-                    Err(e) => return err(e),
-                };
-                let spec = OpenSpec {
-                    kind,
-                    path: path.clone(),
-                    read_only: vbd.flags & OpenFlags::RDONLY.0 != 0,
-                    keys: self.cfg.keys.clone(),
-                };
-                self.begin(minor, Waiting::Resume { params, kind, path }, reply);
-                let opener = Arc::clone(&self.cfg.opener);
-                self.io.run(
-                    Tag::Resume { minor },
-                    Box::new(move || {
-                        let mut tries = 0;
-                        loop {
-                            tries += 1;
-                            match opener.open(&spec) {
-                                Ok(i) => return Ok(Output::Image(i)),
-                                Err(e) if tries >= RESUME_TRIES => return Err(e),
-                                Err(e) => {
-                                    warn!("resume: reopen {} failed: {e}", spec.path.display());
-                                    std::thread::sleep(Duration::from_secs(1));
-                                }
-                            }
-                        }
-                    }),
-                );
-                None
-            }
-            Request::Close { minor } | Request::ForceShutdown { minor } => {
-                let force = matches!(req, Request::ForceShutdown { .. });
-                let Some(vbd) = self.vbds.get_mut(&minor) else {
-                    return err(libc::EINVAL);
-                };
-                if vbd.busy {
-                    return err(libc::EBUSY);
-                }
-                if !vbd.is_open() {
-                    return Some(Reply::Close);
-                }
-                vbd.state |= state::SHUTDOWN_REQUESTED;
-                self.begin(minor, Waiting::CloseDrain, reply);
-                self.remove_listener(minor);
-                let ids = self.conn_ids(minor);
-                for id in ids {
-                    if force {
-                        self.drop_conn(id);
-                    } else if let Some(c) = self.conns.get_mut(&id) {
-                        c.ending = true;
-                    }
-                }
-                self.refresh_conns(minor);
-                self.progress(minor);
-                None
-            }
-            Request::Detach { minor } => {
-                let Some(vbd) = self.vbds.get(&minor) else {
-                    return err(libc::EINVAL);
-                };
-                if vbd.busy || vbd.is_open() || self.rings.has_live(minor) {
-                    return err(libc::EBUSY);
-                }
-                self.vbds.remove(&minor);
-                info!("minor {minor} detached");
-                if self.vbds.is_empty() && self.exit_when_empty {
-                    self.exit = true;
-                }
-                Some(Reply::Detach)
-            }
-            Request::List => Some(Reply::List(
-                self.vbds
-                    .values()
-                    .map(|v| ListEntry {
-                        minor: v.minor,
-                        state: VbdState(v.state),
-                        params: v.params.clone(),
-                    })
-                    .collect(),
-            )),
-            Request::Stats { minor: Some(m) } => match self.vbds.get(&m) {
-                Some(v) => Some(Reply::Stats(
-                    v.stats_json_with(self.rings.stats_json(m).as_deref())
-                        .into_bytes(),
-                )),
-                None => err(libc::EINVAL),
-            },
-            Request::Stats { minor: None } => {
-                let all: Vec<String> = self
-                    .vbds
-                    .values()
-                    .map(|v| v.stats_json_with(self.rings.stats_json(v.minor).as_deref()))
-                    .collect();
-                Some(Reply::Stats(format!("[ {} ]", all.join(", ")).into_bytes()))
-            }
-            Request::DiskInfo { minor } => match self.vbds.get(&minor).and_then(|v| v.info) {
-                Some(i) => Some(Reply::DiskInfo(i)),
-                None => err(libc::EINVAL),
-            },
-            Request::XenblkifConnect { minor, blkif } => {
-                if !self.vbds.contains_key(&minor) {
-                    return err(libc::ENODEV);
-                }
-                Some(match self.rings.connect(&self.reactor, minor, &blkif) {
-                    Ok(()) => Reply::XenblkifConnect,
-                    Err(e) => Reply::Error(e),
-                })
-            }
-            Request::XenblkifDisconnect { domid, devid } => {
-                Some(match self.rings.disconnect(domid, devid) {
-                    Ok(()) => Reply::XenblkifDisconnect,
-                    Err(e) => Reply::Error(e),
-                })
-            }
-        }
-    }
-
-    fn attach(&mut self, minor: u16) -> Reply {
-        if self.vbds.contains_key(&minor) {
-            return Reply::Error(libc::EEXIST);
-        }
-        let marker = if self.cfg.lock_markers {
-            match minors::lock_marker(&self.cfg.ctl_dir, minor, Duration::ZERO) {
-                Ok(m) => Some(m),
-                // blktap answers a missing marker with EPERM.
-                Err(e) if e.errno() == libc::ENOENT => return Reply::Error(libc::EPERM),
-                Err(e) => return Reply::Error(e.errno()),
-            }
-        } else {
-            None
-        };
-        self.vbds.insert(minor, Vbd::new(minor, marker));
-        info!("minor {minor} attached");
-        Reply::Attach
-    }
-
-    /// A control operation on `minor` goes asynchronous: the VBD is busy (other requests get
-    /// EBUSY) until [`Tapdisk::finish`] answers `reply`.
-    fn begin(&mut self, minor: u16, what: Waiting, reply: &Sender<Reply>) {
-        if let Some(v) = self.vbds.get_mut(&minor) {
-            v.busy = true;
-        }
-        self.pending.insert(
-            minor,
-            Pending {
-                what,
-                reply: reply.clone(),
-            },
-        );
-    }
-
-    fn finish(&mut self, minor: u16, r: Reply) {
-        if let Some(v) = self.vbds.get_mut(&minor) {
-            v.busy = false;
-        }
-        if let Some(p) = self.pending.remove(&minor) {
-            let _ = p.reply.send(r);
-        }
-    }
-
-    /// Move a draining PAUSE/CLOSE on once nothing is in flight.
-    fn progress(&mut self, minor: u16) {
-        let Some(p) = self.pending.get(&minor) else {
-            return;
-        };
-        let pause = match p.what {
-            Waiting::PauseDrain => true,
-            Waiting::CloseDrain => false,
-            _ => return,
-        };
-        let Some(vbd) = self.vbds.get_mut(&minor) else {
-            return;
-        };
-        if vbd.inflight > 0 {
-            return;
-        }
-        if let Some(p) = self.pending.get_mut(&minor) {
-            p.what = Waiting::Closing { pause };
-        }
-        match vbd.image.take() {
-            Some(img) => self.io.run(
-                Tag::CloseImage { minor },
-                Box::new(move || img.image.close().map(|_| Output::Done)),
-            ),
-            // Closing a paused VBD: the image is already closed.
-            None => self.closed(minor, Ok(Output::Done)),
-        }
-    }
-
-    fn closed(&mut self, minor: u16, res: Result<Output, ImageError>) {
-        let Some(Pending {
-            what: Waiting::Closing { pause },
-            ..
-        }) = self.pending.get(&minor)
-        else {
-            return;
-        };
-        let pause = *pause;
-        if let Err(e) = &res {
-            warn!("minor {minor}: close failed: {e}");
-        }
-        if let Some(vbd) = self.vbds.get_mut(&minor) {
-            if pause {
-                vbd.state = (vbd.state & !state::PAUSE_REQUESTED) | state::PAUSED;
-            } else {
-                vbd.state = state::CLOSED;
-                vbd.params.clear();
-                vbd.info = None;
-                let ids = self.conn_ids(minor);
-                for id in ids {
-                    self.drop_conn(id);
-                }
-            }
-        }
-        info!("minor {minor} {}", if pause { "paused" } else { "closed" });
-        let r = match res {
-            Ok(_) if pause => Reply::Pause,
-            Ok(_) => Reply::Close,
-            Err(e) => Reply::Error(e.errno()),
-        };
-        self.finish(minor, r);
-    }
-
-    fn opened(&mut self, minor: u16, resume: bool, res: Result<Output, ImageError>) {
-        let what = match self.pending.get(&minor) {
-            Some(Pending {
-                what: Waiting::Open { params, kind, path },
-                ..
-            }) if !resume => (params.clone(), *kind, path.clone()),
-            Some(Pending {
-                what: Waiting::Resume { params, kind, path },
-                ..
-            }) if resume => (params.clone(), *kind, path.clone()),
-            _ => {
-                // Nobody waits (cannot happen); do not leak an open image.
-                if let Ok(Output::Image(img)) = res {
-                    self.io.run(
-                        Tag::Discard,
-                        Box::new(move || img.close().map(|_| Output::Done)),
-                    );
-                }
-                return;
-            }
-        };
-        let (params, kind, path) = what;
-        let image = match res {
-            Ok(Output::Image(i)) => i,
-            Ok(_) => {
-                self.finish(minor, Reply::Error(libc::EIO));
-                return;
-            }
-            Err(e) => {
-                warn!("minor {minor}: open {params} failed: {e}");
-                if resume {
-                    if let Some(v) = self.vbds.get_mut(&minor) {
-                        v.state |= state::RESUME_FAILED;
-                    }
-                }
-                self.finish(minor, Reply::Error(e.errno()));
-                return;
-            }
-        };
-        let ii = image.info();
-        let info = DiskInfo {
-            sectors: ii.size_sectors,
-            sector_size: ii.sector_size,
-            info: if ii.read_only { VDISK_READONLY } else { 0 },
-        };
-        let discard = |s: &mut Self, img: Arc<dyn Image>| {
-            s.io.run(
-                Tag::Discard,
-                Box::new(move || img.close().map(|_| Output::Done)),
-            );
-        };
-        if resume {
-            let cached = self.vbds.get(&minor).and_then(|v| v.info);
-            if cached
-                .is_some_and(|c| c.sectors != info.sectors || c.sector_size != info.sector_size)
-            {
-                warn!("minor {minor}: resume onto {params}: disk geometry changed");
-                discard(self, image);
-                if let Some(v) = self.vbds.get_mut(&minor) {
-                    v.state |= state::RESUME_FAILED;
-                }
-                self.finish(minor, Reply::Error(libc::EMEDIUMTYPE));
-                return;
-            }
-        } else if let Err(e) = self.listen(minor) {
-            warn!("minor {minor}: nbd listen: {e}");
-            discard(self, image);
-            self.finish(minor, Reply::Error(e.raw_os_error().unwrap_or(libc::EIO)));
-            return;
-        }
-        if let Some(v) = self.vbds.get_mut(&minor) {
-            v.image = Some(OpenImage { image, kind, path });
-            v.params = params.clone();
-            v.info = Some(info);
-            v.state = 0;
-        }
-        if resume {
-            self.set_listening(minor, true);
-            self.refresh_conns(minor);
-        }
-        self.rings.wake_minor(minor);
-        info!(
-            "minor {minor} {} {params}: {} sectors",
-            if resume { "resumed on" } else { "opened" },
-            info.sectors
-        );
-        self.finish(
-            minor,
-            if resume {
-                Reply::Resume
-            } else {
-                Reply::Open(info)
-            },
-        );
     }
 
     // ---- I/O completions ------------------------------------------------------------------
@@ -862,31 +370,27 @@ impl Tapdisk {
         let (mut touched, mut minors) = std::mem::take(&mut self.deferred);
         for c in done {
             match c.tag {
-                Tag::Ring(t) => {
-                    if let Some(minor) = self.rings.complete(t, c.result, &mut self.vbds) {
-                        if !minors.contains(&minor) {
-                            minors.push(minor);
-                        }
-                    }
-                }
-                Tag::Nbd {
-                    conn,
-                    minor,
-                    cookie,
-                    req,
-                } => {
-                    self.nbd_done(conn, minor, cookie, req, c.result);
-                    if !touched.contains(&conn) {
-                        touched.push(conn);
+                Tag::Io { minor, acct, door } => {
+                    if let Some(v) = self.vbds.get_mut(&minor) {
+                        v.end_io(acct, c.result.is_ok());
                     }
                     if !minors.contains(&minor) {
                         minors.push(minor);
+                    }
+                    match door {
+                        Door::Ring(t) => self.rings.complete(&self.io, t, c.result),
+                        Door::Nbd(t) => {
+                            if !touched.contains(&t.conn) {
+                                touched.push(t.conn);
+                            }
+                            self.nbd_done(minor, t, c.result);
+                        }
                     }
                 }
                 Tag::Open { minor } => self.opened(minor, false, c.result),
                 Tag::Resume { minor } => self.opened(minor, true, c.result),
                 Tag::CloseImage { minor } => self.closed(minor, c.result),
-                Tag::Discard => {
+                Tag::CloseUnused => {
                     if let Err(e) = c.result {
                         warn!("closing an unused image: {e}");
                     }
@@ -913,16 +417,13 @@ impl Tapdisk {
             self.drop_conn(id);
         }
         for v in self.vbds.values_mut() {
-            if v.inflight == 0 {
-                v.stalled_logged = false;
-            } else if !v.stalled_logged && v.last_progress.elapsed() > WATCHDOG {
+            if let Some(idle) = v.stalled(WATCHDOG) {
                 warn!(
                     "minor {}: {} requests pending with no progress for {}s",
-                    v.minor,
-                    v.inflight,
-                    v.last_progress.elapsed().as_secs()
+                    v.minor(),
+                    v.inflight(),
+                    idle.as_secs()
                 );
-                v.stalled_logged = true;
             }
         }
     }
@@ -939,7 +440,7 @@ impl Tapdisk {
         }
         // Let the workers finish what was queued before closing the images under them.
         let deadline = Instant::now() + Duration::from_secs(30);
-        while self.vbds.values().any(|v| v.inflight > 0) && Instant::now() < deadline {
+        while self.vbds.values().any(|v| v.inflight() > 0) && Instant::now() < deadline {
             let mut ready = Vec::new();
             let _ = self
                 .reactor
@@ -948,16 +449,19 @@ impl Tapdisk {
                 self.io_ready();
             }
         }
+        let mut replies = Vec::new();
         for v in self.vbds.values_mut() {
-            if let Some(img) = v.image.take() {
+            let (image, reply) = v.shut_down();
+            if let Some(img) = image {
                 if let Err(e) = img.image.close() {
-                    warn!("minor {}: close: {e}", v.minor);
+                    warn!("minor {}: close: {e}", v.minor());
                 }
             }
+            replies.extend(reply);
         }
         self.vbds.clear();
-        for (_, p) in self.pending.drain() {
-            let _ = p.reply.send(Reply::Error(libc::ESHUTDOWN));
+        for reply in replies {
+            let _ = reply.send(Reply::Error(libc::ESHUTDOWN));
         }
     }
 }

@@ -1,16 +1,27 @@
 //! tapdisk: the daemon serving VBDs (virtual block devices) over NBD and blkif rings.
 //!
+//! Modules, top (the loop) to bottom (the OS); each uses only those below it:
+//!
 //! ```text
-//!  daemon.rs   Tapdisk: the single-threaded event loop; control requests, VBD lifecycle
-//!              (attach/open/pause/resume/close/detach), I/O completions, timer, shutdown
-//!  daemon/nbd_export.rs  NBD listeners and connections inside the loop
+//!  daemon.rs   Tapdisk: the single-threaded event loop; dispatch, I/O completions, timer,
+//!              signals, shutdown
+//!  daemon/control.rs     control request handlers (one per message), VbdError (errno
+//!                        only at the reply), completions of OPEN/PAUSE/RESUME/CLOSE
+//!  daemon/nbd_export.rs  NBD front door: listeners and connections inside the loop
+//!  xenio/      blkif front door: mod.rs Rings (CONNECT/DISCONNECT, events, re-poll and
+//!              publish), ring.rs one ring connection (service, start, grant copy,
+//!              completion), env.rs Xen devices (real or simulated), segs.rs copy lists
+//!  vbd.rs      Vbd: Lifecycle enum + transitions, wire state for LIST, I/O context
+//!              (begin_io/end_io: in-flight and stats), stats JSON, DiskType/params
+//!  tag.rs      completion tags (Tag, Door, IoAcct): what a job routes back to
+//!  io.rs       IoEngine: worker pool running blocking Image calls, completions via eventfd
 //!  ctl.rs      typed control API (Request/Reply) + CtlHandle used by the control thread
 //!  reactor.rs  epoll with typed tokens, eventfd waker, timerfd ticker
-//!  io.rs       IoEngine: worker pool running blocking Image calls, completions via eventfd
-//!  vbd.rs      Vbd: state flags, params, stats (blktap JSON), DiskType
 //!  mem.rs      in-memory image (simulation backend for tests)
-//!  xenio.rs    blkif rings: XENBLKIF_CONNECT/DISCONNECT, ring requests, grant copy
 //! ```
+//!
+//! No `unsafe` here (`forbid(unsafe_code)`): the Xen devices are reached through the safe
+//! traits of [`crate::xen`].
 //!
 //! Using it (what `src/bin/tapdisk.rs` does):
 //!
@@ -26,17 +37,21 @@
 //! OPEN, PAUSE, RESUME, CLOSE, FORCE_SHUTDOWN, DETACH, LIST, STATS, DISK_INFO, PID,
 //! XENBLKIF_CONNECT/DISCONNECT); the answer is the matching `Reply` or `Reply::Error(errno)`.
 //!
-//! blkif rings (`xenio.rs`): XENBLKIF_CONNECT maps the ring through the [`XenOpener`] of
+//! blkif rings (`xenio/`): XENBLKIF_CONNECT maps the ring through the [`XenOpener`] of
 //! `Config::xen` (real `/dev/xen` devices by default, opened at the first CONNECT; `SimXen`
 //! in tests), the event-channel fd is a `Token::Evtchn` of the loop, ring requests go to the
-//! same `IoEngine` as NBD against the VBD's image and count in `Vbd::inflight` (so PAUSE and
-//! CLOSE drain them), and rings are only consumed while `Vbd::accepts_io`.
+//! same `IoEngine` as NBD through `Vbd::begin_io`/`Vbd::end_io`, which count them in flight
+//! (so PAUSE and CLOSE drain them) and in the VBD's stats, and rings are only consumed while
+//! `Vbd::accepts_io`.
+
+#![forbid(unsafe_code)]
 
 pub mod ctl;
 pub mod daemon;
 pub mod io;
 pub mod mem;
 pub mod reactor;
+pub(crate) mod tag;
 pub mod vbd;
 pub mod xenio;
 

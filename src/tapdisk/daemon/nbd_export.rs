@@ -71,7 +71,7 @@ impl Tapdisk {
                     return;
                 }
             };
-            let Some(info) = self.vbds.get(&minor).and_then(|v| v.info) else {
+            let Some(info) = self.vbds.get(&minor).and_then(Vbd::info) else {
                 return;
             };
             let Some(size) = info.sectors.checked_mul(u64::from(info.sector_size)) else {
@@ -229,17 +229,12 @@ impl Tapdisk {
         cmd: Command,
         data: Option<Vec<u8>>,
     ) {
-        let Some(image) = self
-            .vbds
-            .get(&minor)
-            .and_then(|v| v.image.as_ref())
-            .map(|i| Arc::clone(&i.image))
-        else {
+        if self.vbds.get(&minor).is_none_or(|v| v.image().is_none()) {
             if let Some(c) = self.conns.get_mut(&id) {
                 c.conn.reply_error(cookie, true, proto::NBD_ESHUTDOWN);
             }
             return;
-        };
+        }
         let ss = SECTOR_SIZE;
         let (op, req) = match cmd {
             Command::Read { offset, len } => {
@@ -333,26 +328,28 @@ impl Tapdisk {
             }
             Command::Disconnect => return,
         };
-        if let Some(v) = self.vbds.get_mut(&minor) {
-            if v.inflight == 0 {
-                v.last_progress = Instant::now();
+        let acct = req.acct();
+        let door = Door::Nbd(NbdTag {
+            conn: id,
+            cookie,
+            req,
+        });
+        let started = self
+            .vbds
+            .get_mut(&minor)
+            .is_some_and(|v| v.begin_io(&self.io, door, acct, op).is_ok());
+        if !started {
+            // Not reached (the image was checked above); answer rather than leave the
+            // client waiting.
+            if let Some(c) = self.conns.get_mut(&id) {
+                c.conn.reply_error(cookie, true, proto::NBD_ESHUTDOWN);
             }
-            v.inflight += 1;
+            return;
         }
         if let Some(c) = self.conns.get_mut(&id) {
             c.inflight += 1;
             c.inflight_bytes += req.mem_bytes();
         }
-        self.io.submit(
-            Tag::Nbd {
-                conn: id,
-                minor,
-                cookie,
-                req,
-            },
-            image,
-            op,
-        );
     }
 
     /// Flush output, drop finished connections, and set epoll interest to match.
@@ -399,31 +396,13 @@ impl Tapdisk {
         }
     }
 
-    pub(super) fn nbd_done(
-        &mut self,
-        id: u64,
-        minor: u16,
-        cookie: u64,
-        req: NbdReq,
-        res: Result<Output, ImageError>,
-    ) {
-        if let Some(v) = self.vbds.get_mut(&minor) {
-            v.inflight = v.inflight.saturating_sub(1);
-            v.last_progress = Instant::now();
-            let dir = usize::from(matches!(req, NbdReq::Write { .. }));
-            if res.is_ok() {
-                v.stats.hits[dir] += 1;
-                match req {
-                    NbdReq::Read { len, .. } => {
-                        v.stats.rd_secs += u64::from(len).div_ceil(SECTOR_SIZE)
-                    }
-                    NbdReq::Write { nsectors, .. } => v.stats.wr_secs += nsectors,
-                    _ => {}
-                }
-            } else {
-                v.stats.fail[dir] += 1;
-            }
-        }
+    /// An NBD request completed (the VBD has counted it already): queue its reply.
+    pub(super) fn nbd_done(&mut self, minor: u16, t: NbdTag, res: Result<Output, ImageError>) {
+        let NbdTag {
+            conn: id,
+            cookie,
+            req,
+        } = t;
         let Some(c) = self.conns.get_mut(&id) else {
             return; // the client went away: drop the result
         };
