@@ -1,8 +1,8 @@
 //! Shared command-line plumbing: option parsing with blktap's usage and exit-status
 //! conventions.
 
-use super::getopt::{getopt, Parsed};
 use super::Io;
+use crate::util::getopt::{getopt, Parsed};
 
 /// `EINVAL` as blktap returns it from a command (negative errno convention).
 pub const EINVAL: i32 = -libc::EINVAL;
@@ -98,10 +98,72 @@ impl OptsExt for Parsed {
 /// A strict MiB/byte/sector count for `-s`-style options: print
 /// `invalid <what> '<s>'` and return -EINVAL on anything but plain decimal digits.
 pub fn number(io: &mut Io, what: &str, s: &str) -> Result<u64, i32> {
-    super::getopt::parse_u64_strict(s).ok_or_else(|| {
+    parse_u64_strict(s).ok_or_else(|| {
         let _ = writeln!(io.out, "invalid {what} '{s}'");
         EINVAL
     })
+}
+
+/// C `strtoull(s, NULL, 10)`: leading whitespace, optional sign, then as many decimal
+/// digits as there are; no digits gives 0; overflow saturates at `u64::MAX`; a minus sign
+/// negates modulo 2^64 as C does.
+pub fn strtoull(s: &str) -> u64 {
+    let t = s.trim_start();
+    let (neg, digits) = match t.as_bytes().first() {
+        Some(b'-') => (true, &t[1..]),
+        Some(b'+') => (false, &t[1..]),
+        _ => (false, t),
+    };
+    let mut v: u64 = 0;
+    for b in digits.bytes().take_while(u8::is_ascii_digit) {
+        match v
+            .checked_mul(10)
+            .and_then(|x| x.checked_add(u64::from(b - b'0')))
+        {
+            Some(n) => v = n,
+            None => return u64::MAX,
+        }
+    }
+    if neg {
+        v.wrapping_neg()
+    } else {
+        v
+    }
+}
+
+/// C `strtol(s, NULL, 10)` on a 64-bit long: saturates at the i64 range.
+pub fn strtol(s: &str) -> i64 {
+    let t = s.trim_start();
+    let (neg, digits) = match t.as_bytes().first() {
+        Some(b'-') => (true, &t[1..]),
+        Some(b'+') => (false, &t[1..]),
+        _ => (false, t),
+    };
+    let mut v: i64 = 0;
+    for b in digits.bytes().take_while(u8::is_ascii_digit) {
+        let d = i64::from(b - b'0');
+        let next = v.checked_mul(10).and_then(|x| {
+            if neg {
+                x.checked_sub(d)
+            } else {
+                x.checked_add(d)
+            }
+        });
+        match next {
+            Some(n) => v = n,
+            None => return if neg { i64::MIN } else { i64::MAX },
+        }
+    }
+    v
+}
+
+/// A strict decimal parse for sizes: the whole string must be digits (no sign, no
+/// suffix). vhd-util's C code accepts garbage as 0; we reject it with EINVAL instead.
+pub fn parse_u64_strict(s: &str) -> Option<u64> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
 }
 
 #[cfg(test)]
@@ -149,5 +211,21 @@ mod tests {
         assert_eq!(p.value('n'), Some("b"));
         assert!(p.flag('v'));
         assert!(!p.flag('x'));
+    }
+
+    #[test]
+    fn c_number_parsing() {
+        assert_eq!(strtoull("10"), 10);
+        assert_eq!(strtoull("  12abc"), 12);
+        assert_eq!(strtoull("abc"), 0);
+        assert_eq!(strtoull("99999999999999999999999"), u64::MAX);
+        assert_eq!(strtoull("-1"), u64::MAX);
+        assert_eq!(strtol("-5"), -5);
+        assert_eq!(strtol("300x"), 300);
+        assert_eq!(strtol("-99999999999999999999"), i64::MIN);
+        assert_eq!(parse_u64_strict("10"), Some(10));
+        assert_eq!(parse_u64_strict("10M"), None);
+        assert_eq!(parse_u64_strict(""), None);
+        assert_eq!(parse_u64_strict("-1"), None);
     }
 }

@@ -11,9 +11,9 @@
 //! accepted, but a block beyond the 2 TiB limit still fails: BAT entries are 32-bit.
 
 use super::chain::open_chain;
+use super::cli::strtoull;
 use super::cli::{OptsExt, UsageSpec, EINVAL};
 use super::common::{self, neg};
-use super::getopt::strtoull;
 use super::progress::{progress_style, with_progress};
 use super::Io;
 use crate::image::vhd::engine::{align_block_start, VhdImage};

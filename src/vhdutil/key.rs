@@ -12,9 +12,9 @@
 
 use std::path::Path;
 
+use super::cli::parse_u64_strict;
 use super::cli::{OptsExt, UsageSpec, EINVAL};
 use super::common::{self, neg};
-use super::getopt::parse_u64_strict;
 use super::Io;
 use crate::image::crypto::{
     derive_key_from_passphrase, key_bits_from_filename, keyhash_for_keyfile, parse_hex,

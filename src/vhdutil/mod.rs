@@ -2,7 +2,7 @@
 //!
 //! Every command is a function `fn(&mut Io, &[String]) -> i32` returning blktap's
 //! status convention: 0, or a negative errno; the binary exits with its absolute value.
-//! Options are parsed with getopt(3) semantics ([`getopt`]); usage texts, messages and
+//! Options are parsed with getopt(3) semantics ([`crate::util::getopt`]); usage texts, messages and
 //! output formats follow blktap's `vhd/vhd-util.c` and `vhd/lib/vhd-util-*.c` (and, for
 //! `modify -t`, OpenXT's vhd-util). `src/bin/vhd-util.rs` only builds an [`Io`] over
 //! stdout/stderr and calls [`main`]. `--debug` is accepted anywhere and ignored;
@@ -54,7 +54,6 @@ pub mod copy;
 pub mod create;
 pub mod dump;
 pub mod fill;
-pub mod getopt;
 pub mod glob;
 pub mod journal;
 pub mod key;

@@ -55,7 +55,7 @@ pub fn run(io: &mut Io, args: &[String]) -> i32 {
     let name = name.as_str();
     let newsize = match p.value('s') {
         None => None,
-        Some(s) => match super::getopt::parse_u64_strict(s) {
+        Some(s) => match super::cli::parse_u64_strict(s) {
             Some(v) => Some(v),
             None => {
                 verr!(io, "Invalid size '{s}'");

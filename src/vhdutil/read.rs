@@ -12,13 +12,13 @@
 
 use std::path::Path;
 
+use super::cli::strtoull;
 use super::cli::{OptsExt, UsageSpec};
 use super::common::{self, neg};
 use super::dump::{
     batmap_summary, conv, footer_summary, header_summary, locators_summary, BatmapView, FooterView,
     HeaderView, LocatorView,
 };
-use super::getopt::strtoull;
 use super::Io;
 use crate::image::file::{BlockFile, OsFile};
 use crate::image::vhd::engine::VhdImage;

@@ -1,8 +1,8 @@
 //! `vhd-util set -n NAME -f hidden|marker -v 0..255` (`vhd-util-set-field.c`).
 
+use super::cli::strtol;
 use super::cli::{UsageSpec, EINVAL};
 use super::common::{self, neg};
-use super::getopt::strtol;
 use super::Io;
 use crate::vout;
 

@@ -9,9 +9,9 @@
 
 use std::path::{Path, PathBuf};
 
+use super::cli::strtol;
 use super::cli::{number, OptsExt, UsageSpec, EINVAL};
 use super::common::{self, neg};
-use super::getopt::strtol;
 use super::Io;
 use crate::image::chain::chain_depth;
 use crate::image::vhd::ops::{snapshot, snapshot_target, SnapshotOptions};

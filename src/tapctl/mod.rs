@@ -1,4 +1,4 @@
-//! The `tap-ctl` command line: blktap's getopt surface, output formats and exit codes.
+//! The `tap-ctl` command line (over [`crate::control`]'s client): blktap's getopt surface, output formats and exit codes.
 //! `src/bin/tap-ctl.rs` is a thin main around [`run`].
 //!
 //! Exit status is `abs(errno)` of the failure (0 on success); the error's `strerror` text goes
@@ -9,9 +9,10 @@
 use std::io::{Read, Write};
 use std::time::Duration;
 
-use super::client::{Client, TapEntry};
-use super::msg::{c_hex, OpenFlags, OpenRequest, ResumeRequest, SecretKey};
-use super::{tapdev, ControlError};
+use crate::control::client::{Client, TapEntry};
+use crate::control::msg::{c_hex, OpenFlags, OpenRequest, ResumeRequest, SecretKey};
+use crate::control::{tapdev, ControlError};
+use crate::util::getopt::{self, Item};
 
 /// The global usage text.
 pub const USAGE: &str = "usage: tap-ctl COMMAND [OPTIONS]\n\
@@ -68,108 +69,26 @@ pub fn format_list_dict(e: &TapEntry) -> String {
     s
 }
 
-/// A tiny POSIX getopt: `spec` like `"hp:m:"`. Bundled flags, attached or separate values,
-/// `--` ends options, non-options are skipped (GNU getopt permutes them away). `--help` = `-h`.
-struct Getopt<'a> {
-    args: &'a [String],
-    spec: &'a str,
-    idx: usize,
-    pos: usize,
-}
-
+/// One option as the commands see it, from [`crate::util::getopt`]: operands are skipped
+/// (GNU getopt permutes them away and tap-ctl takes none), `--help` is `-h` where the
+/// command has `-h`, and every getopt error is [`Opt::Bad`].
 enum Opt {
     Flag(char),
     Value(char, String),
     Bad,
 }
 
-impl<'a> Getopt<'a> {
-    fn new(args: &'a [String], spec: &'a str) -> Self {
-        Getopt {
-            args,
-            spec,
-            idx: 0,
-            pos: 0,
-        }
-    }
-
-    fn takes_value(&self, c: char) -> Option<bool> {
-        let i = self.spec.find(c)?;
-        Some(self.spec[i + c.len_utf8()..].starts_with(':'))
-    }
-}
-
-impl Iterator for Getopt<'_> {
-    type Item = Opt;
-    fn next(&mut self) -> Option<Opt> {
-        loop {
-            let arg = self.args.get(self.idx)?;
-            if self.pos == 0 {
-                if arg == "--" {
-                    return None;
-                }
-                if arg == "--help" {
-                    self.idx += 1;
-                    return Some(if self.spec.contains('h') {
-                        Opt::Flag('h')
-                    } else {
-                        Opt::Bad
-                    });
-                }
-                if arg.starts_with("--") {
-                    self.idx += 1;
-                    return Some(Opt::Bad);
-                }
-                if !arg.starts_with('-') || arg == "-" {
-                    self.idx += 1;
-                    continue;
-                }
-                self.pos = 1;
-            }
-            let rest = &arg[self.pos..];
-            let Some(c) = rest.chars().next() else {
-                self.idx += 1;
-                self.pos = 0;
-                continue;
-            };
-            self.pos += c.len_utf8();
-            let at_end = self.pos >= arg.len();
-            let kind = if c == ':' { None } else { self.takes_value(c) };
-            match kind {
-                None => {
-                    if at_end {
-                        self.idx += 1;
-                        self.pos = 0;
-                    }
-                    return Some(Opt::Bad);
-                }
-                Some(false) => {
-                    if at_end {
-                        self.idx += 1;
-                        self.pos = 0;
-                    }
-                    return Some(Opt::Flag(c));
-                }
-                Some(true) => {
-                    let value = if !at_end {
-                        arg[self.pos..].to_string()
-                    } else {
-                        self.idx += 1;
-                        match self.args.get(self.idx) {
-                            Some(v) => v.clone(),
-                            None => {
-                                self.pos = 0;
-                                return Some(Opt::Bad);
-                            }
-                        }
-                    };
-                    self.idx += 1;
-                    self.pos = 0;
-                    return Some(Opt::Value(c, value));
-                }
-            }
-        }
-    }
+/// The options of `args` against the getopt string `spec` (like `"hp:m:"`), in order.
+fn options<'a>(args: &'a [String], spec: &'a str) -> impl Iterator<Item = Opt> + 'a {
+    getopt::Getopt::new("tap-ctl", args, spec).filter_map(move |item| match item {
+        Ok(Item::Opt(o)) => Some(match o.arg {
+            Some(v) => Opt::Value(o.letter, v),
+            None => Opt::Flag(o.letter),
+        }),
+        Ok(Item::Operand(_)) => None,
+        Ok(Item::LongHelp) if spec.contains('h') => Some(Opt::Flag('h')),
+        Ok(Item::LongHelp) | Err(_) => Some(Opt::Bad),
+    })
 }
 
 /// Outcome of a command: exit status.
@@ -178,7 +97,7 @@ type Status = i32;
 fn fail(io: &mut CliIo<'_>, e: &ControlError) -> Status {
     log::debug!("tap-ctl: {}", crate::util::error_chain(&e));
     let errno = e.errno();
-    let _ = writeln!(io.stderr, "{}", super::strerror(errno));
+    let _ = writeln!(io.stderr, "{}", crate::control::strerror(errno));
     errno
 }
 
@@ -236,7 +155,7 @@ const LIST_USAGE: Usage = Usage("list [-h] [-p pid] [-m minor] [-t type] [-f fil
 
 fn cmd_list(client: &Client, args: &[String], io: &mut CliIo<'_>) -> Status {
     let (mut pid, mut minor, mut ty, mut file) = (None::<i32>, None::<u16>, None, None);
-    for o in Getopt::new(args, "hp:m:t:f:") {
+    for o in options(args, "hp:m:t:f:") {
         match o {
             Opt::Flag('h') => return LIST_USAGE.help(io),
             Opt::Value('p', v) => match parse_num(&v) {
@@ -282,7 +201,7 @@ fn cmd_list(client: &Client, args: &[String], io: &mut CliIo<'_>) -> Status {
 const ALLOCATE_USAGE: Usage = Usage("allocate [-h]");
 
 fn cmd_allocate(client: &Client, args: &[String], io: &mut CliIo<'_>) -> Status {
-    for o in Getopt::new(args, "hd:") {
+    for o in options(args, "hd:") {
         match o {
             Opt::Flag('h') => return ALLOCATE_USAGE.help(io),
             Opt::Value('d', _) => {}
@@ -302,7 +221,7 @@ const FREE_USAGE: Usage = Usage("free [-h] <-m minor>");
 
 fn cmd_free(client: &Client, args: &[String], io: &mut CliIo<'_>) -> Status {
     let mut minor = None::<u16>;
-    for o in Getopt::new(args, "hm:") {
+    for o in options(args, "hm:") {
         match o {
             Opt::Flag('h') => return FREE_USAGE.help(io),
             Opt::Value('m', v) => match parse_num(&v) {
@@ -387,7 +306,7 @@ BLKTAP_NBD_DEVICE=0 always prints the socket path";
 
 fn cmd_create(client: &Client, args: &[String], io: &mut CliIo<'_>) -> Status {
     let mut oo = OpenOpts::default();
-    for o in Getopt::new(args, "ha:RDre:2:st:C:d:") {
+    for o in options(args, "ha:RDre:2:st:C:d:") {
         match &o {
             Opt::Flag('h') => {
                 let st = CREATE_USAGE.help(io);
@@ -471,7 +390,7 @@ fn dead_vbd_pid(client: &Client, dev: &str, minor: u16) -> Option<i32> {
 
 fn cmd_destroy(client: &Client, args: &[String], io: &mut CliIo<'_>) -> Status {
     let (mut pid, mut minor, mut timeout, mut dev) = (None::<i32>, None::<u16>, None, None);
-    for o in Getopt::new(args, "hp:m:t:d:") {
+    for o in options(args, "hp:m:t:d:") {
         match o {
             Opt::Flag('h') => {
                 let st = DESTROY_USAGE.help(io);
@@ -514,7 +433,7 @@ fn cmd_destroy(client: &Client, args: &[String], io: &mut CliIo<'_>) -> Status {
 const SPAWN_USAGE: Usage = Usage("spawn [-h]");
 
 fn cmd_spawn(client: &Client, args: &[String], io: &mut CliIo<'_>) -> Status {
-    if let Some(o) = Getopt::new(args, "h").next() {
+    if let Some(o) = options(args, "h").next() {
         return match o {
             Opt::Flag('h') => SPAWN_USAGE.help(io),
             _ => SPAWN_USAGE.bad(io),
@@ -540,7 +459,7 @@ fn pid_minor(
     mut extra: impl FnMut(&Opt) -> bool,
 ) -> Result<(i32, u16), bool> {
     let (mut pid, mut minor) = (None::<i32>, None::<u16>);
-    for o in Getopt::new(args, spec) {
+    for o in options(args, spec) {
         match &o {
             Opt::Flag('h') => return Err(true),
             Opt::Value('p', v) => match parse_num(v) {
@@ -740,7 +659,7 @@ const STATS_USAGE: Usage = Usage("stats [-h] <-p pid> <-m minor>");
 
 fn cmd_stats(client: &Client, args: &[String], io: &mut CliIo<'_>) -> Status {
     let (mut pid, mut minor) = (None::<i32>, None::<u16>);
-    for o in Getopt::new(args, "hp:m:") {
+    for o in options(args, "hp:m:") {
         match o {
             Opt::Flag('h') => return STATS_USAGE.help(io),
             Opt::Value('p', v) => match parse_num(&v) {
@@ -778,7 +697,7 @@ mod tests {
 
     fn opts(args: &[&str], spec: &str) -> Vec<String> {
         let a = s(args);
-        Getopt::new(&a, spec)
+        options(&a, spec)
             .map(|o| match o {
                 Opt::Flag(c) => format!("{c}"),
                 Opt::Value(c, v) => format!("{c}={v}"),
