@@ -17,6 +17,13 @@
 //!  util        logging (syslog + stderr), error chains, tty detection, getopt
 //! ```
 
+/// The sector: the unit of blkif requests, of every image API, of the VHD format and of
+/// the encryption (one AES-XTS data unit). The crate's only definition.
+pub const SECTOR_SIZE: u64 = 512;
+/// The page: Xen's grant and ring granularity and the alignment of VHD data blocks and
+/// I/O buffers. The crate's only definition.
+pub const PAGE_SIZE: usize = 4096;
+
 pub mod blkif;
 pub mod capi;
 pub mod control;

@@ -78,10 +78,7 @@ impl Raw {
         let mut raw = vec![0u8; len];
         file.read_at(&mut raw, header.table_offset)
             .map_err(|e| ioerr(&e))?;
-        let bat = raw
-            .chunks_exact(4)
-            .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        let bat = decode_bat(&raw);
         let has_batmap = super::read::has_batmap_rule(&footer);
         let batmap = if has_batmap {
             let mut b = [0u8; BATMAP_HEADER_SIZE];

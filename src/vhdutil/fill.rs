@@ -101,10 +101,7 @@ fn allocate_fast(io: &mut Io, img: &VhdImage, from: u64, to: u64) -> Result<(), 
     }
     file.sync()
         .map_err(|e| -e.raw_os_error().unwrap_or(libc::EIO))?;
-    let mut raw = Vec::with_capacity(bat.len() * 4);
-    for e in &bat {
-        raw.extend_from_slice(&e.to_be_bytes());
-    }
+    let raw = encode_bat(&bat);
     w(&raw, h.table_offset)?;
     file.sync()
         .map_err(|e| -e.raw_os_error().unwrap_or(libc::EIO))
