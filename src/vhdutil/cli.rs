@@ -1,11 +1,9 @@
 //! Shared command-line plumbing: option parsing with blktap's usage and exit-status
 //! conventions.
 
+use super::error::{Error, Result};
 use super::Io;
 use crate::util::getopt::{getopt, Parsed};
-
-/// `EINVAL` as blktap returns it from a command (negative errno convention).
-pub const EINVAL: i32 = -libc::EINVAL;
 
 /// How a command prints its usage and what `-h` returns.
 pub struct UsageSpec {
@@ -17,8 +15,8 @@ pub struct UsageSpec {
     pub text: &'static str,
     /// blktap prints usage on stderr for `key`, stdout for everything else.
     pub to_stderr: bool,
-    /// Status of `-h` (blktap: 0 for some commands, -EINVAL for others).
-    pub h_status: i32,
+    /// `-h` is a failure (blktap: EINVAL for some commands, success for others).
+    pub h_fails: bool,
 }
 
 impl UsageSpec {
@@ -31,48 +29,61 @@ impl UsageSpec {
         }
     }
 
-    /// Print usage and return `status` (for use as `return u.fail(io, EINVAL)`).
-    pub fn fail(&self, io: &mut Io, status: i32) -> i32 {
+    /// Print usage and return [`Error::Usage`] (for `return Err(u.fail(io))`).
+    pub fn fail(&self, io: &mut Io) -> Error {
         self.print(io);
-        status
+        Error::Usage
     }
 
-    /// Parse `args`. `Err(status)` means "usage was printed, exit with status": getopt
-    /// errors (glibc's message on stderr, then usage, -EINVAL), `-h` (usage, h_status)
-    /// and `--help` (usage, 0).
-    pub fn parse(&self, io: &mut Io, args: &[String]) -> Result<Parsed, i32> {
+    /// Parse `args`. `Ok(None)`: usage was printed for `-h` or `--help` and the command is
+    /// done (blktap: success, or [`Error::Usage`] for `-h` where `h_fails`); getopt errors
+    /// print glibc's message on stderr, then usage ([`Error::Usage`]).
+    pub fn parse(&self, io: &mut Io, args: &[String]) -> Result<Option<Parsed>> {
         match getopt(self.cmd, args, self.spec) {
             Err(e) => {
-                let _ = writeln!(io.err, "{}", e.message);
-                Err(self.fail(io, EINVAL))
+                let _ = writeln!(io.err, "{e}");
+                Err(self.fail(io))
             }
-            Ok(p) if p.long_help => Err(self.fail(io, 0)),
-            Ok(p) if p.opts.iter().any(|o| o.letter == 'h') => Err(self.fail(io, self.h_status)),
-            Ok(p) => Ok(p),
+            Ok(p) if p.long_help => {
+                self.print(io);
+                Ok(None)
+            }
+            Ok(p) if p.opts.iter().any(|o| o.letter == 'h') => {
+                self.print(io);
+                if self.h_fails {
+                    Err(Error::Usage)
+                } else {
+                    Ok(None)
+                }
+            }
+            Ok(p) => Ok(Some(p)),
         }
     }
 
     /// [`UsageSpec::parse`] for the commands working on one image: `-n NAME` is required
-    /// and operands are refused (usage, -EINVAL). Returns the options and NAME.
-    pub fn parse_named(&self, io: &mut Io, args: &[String]) -> Result<(Parsed, String), i32> {
-        let (p, [name]) = self.parse_required(io, args, ['n'])?;
-        Ok((p, name))
+    /// and operands are refused (usage). Returns the options and NAME.
+    pub fn parse_named(&self, io: &mut Io, args: &[String]) -> Result<Option<(Parsed, String)>> {
+        Ok(self
+            .parse_required(io, args, ['n'])?
+            .map(|(p, [name])| (p, name)))
     }
 
     /// [`UsageSpec::parse`] with the option values `letters` required and operands refused
-    /// (usage, -EINVAL). Returns the options and the required values, in `letters` order.
+    /// (usage). Returns the options and the required values, in `letters` order.
     pub fn parse_required<const N: usize>(
         &self,
         io: &mut Io,
         args: &[String],
         letters: [char; N],
-    ) -> Result<(Parsed, [String; N]), i32> {
-        let p = self.parse(io, args)?;
+    ) -> Result<Option<(Parsed, [String; N])>> {
+        let Some(p) = self.parse(io, args)? else {
+            return Ok(None);
+        };
         let values = letters.map(|c| p.value(c).map(str::to_string));
         if values.iter().any(Option::is_none) || !p.operands.is_empty() {
-            return Err(self.fail(io, EINVAL));
+            return Err(self.fail(io));
         }
-        Ok((p, values.map(Option::unwrap_or_default)))
+        Ok(Some((p, values.map(Option::unwrap_or_default))))
     }
 }
 
@@ -96,11 +107,11 @@ impl OptsExt for Parsed {
 }
 
 /// A strict MiB/byte/sector count for `-s`-style options: print
-/// `invalid <what> '<s>'` and return -EINVAL on anything but plain decimal digits.
-pub fn number(io: &mut Io, what: &str, s: &str) -> Result<u64, i32> {
+/// `invalid <what> '<s>'` and fail on anything but plain decimal digits.
+pub fn number(io: &mut Io, what: &str, s: &str) -> Result<u64> {
     parse_u64_strict(s).ok_or_else(|| {
         let _ = writeln!(io.out, "invalid {what} '{s}'");
-        EINVAL
+        Error::invalid(format!("invalid {what} '{s}'"))
     })
 }
 
@@ -175,10 +186,10 @@ mod tests {
         spec: "n:vh",
         text: "options: <-n name> [-v] [-h help]\n",
         to_stderr: false,
-        h_status: 0,
+        h_fails: false,
     };
 
-    fn run(args: &[&str]) -> (Result<Parsed, i32>, String, String) {
+    fn run(args: &[&str]) -> (Result<Option<Parsed>>, String, String) {
         let (mut out, mut err) = (Vec::new(), Vec::new());
         let mut io = Io {
             out: &mut out,
@@ -197,16 +208,17 @@ mod tests {
     #[test]
     fn usage_paths() {
         let (r, out, err) = run(&["-x"]);
-        assert_eq!(r.unwrap_err(), EINVAL);
+        assert!(matches!(r, Err(Error::Usage)));
         assert_eq!(out, U.text);
         assert_eq!(err, "demo: invalid option -- 'x'\n");
         let (r, out, _) = run(&["-h"]);
-        assert_eq!(r.unwrap_err(), 0);
+        assert!(matches!(r, Ok(None)));
         assert_eq!(out, U.text);
-        let (r, _, _) = run(&["--help"]);
-        assert_eq!(r.unwrap_err(), 0);
+        let (r, out, _) = run(&["--help"]);
+        assert!(matches!(r, Ok(None)));
+        assert_eq!(out, U.text);
         let (r, out, _) = run(&["-n", "a", "-n", "b", "-v"]);
-        let p = r.unwrap();
+        let p = r.unwrap().unwrap();
         assert!(out.is_empty());
         assert_eq!(p.value('n'), Some("b"));
         assert!(p.flag('v'));

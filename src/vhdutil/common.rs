@@ -120,10 +120,10 @@ pub fn read_exact(
 }
 
 /// `canonpath`: the absolute, symlink-free path (ENOENT etc. when it does not exist).
-pub fn canonpath(p: &str) -> Result<String, i32> {
+pub fn canonpath(p: &str) -> Result<String, super::error::Error> {
     std::fs::canonicalize(p)
         .map(|c| c.to_string_lossy().into_owned())
-        .map_err(|e| -e.raw_os_error().unwrap_or(libc::EIO))
+        .map_err(|e| super::error::Error::io(format!("resolve {p}"), e))
 }
 
 /// Whether `img` or any VHD above it carries a key hash: its data sectors are then
