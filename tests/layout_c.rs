@@ -1,12 +1,16 @@
 //! The declared on-disk and on-wire structs against C: a small C program declaring libvhd's
 //! VHD structs (written from the VHD specification and the field tables of blktap's
-//! `vhd.h`) is compiled with gcc for `-m64` and `-m32`; it prints every struct's size and
-//! every field's offset, and each must equal the Rust struct's `size_of`/`offset_of!`.
+//! `vhd.h`) and `tapdisk_message_t` (from the field tables of `tapdisk-message.h`) is
+//! compiled with gcc for `-m64` and `-m32`; it prints every struct's size and every field's
+//! offset, and each must equal the Rust struct's `size_of`/`offset_of!` (for the control
+//! message: the member structs, plus [`WireLayout::LP64`] / [`WireLayout::I686`] for the
+//! message size, the union offset and the union size).
 
 use std::collections::BTreeMap;
 use std::mem::{offset_of, size_of};
 use std::process::Command;
 
+use blktap3::control::msg::{wire, WireLayout};
 use blktap3::image::vhd::format::layout::{
     RawBatEntry, RawBatmapHeader, RawDynHeader, RawFooter, RawLocator,
 };
@@ -81,6 +85,86 @@ struct dd_batmap_hdr {
 
 typedef uint32_t vhd_bat_entry;
 
+typedef struct {
+    uint32_t flags;
+    uint32_t devnum;
+    uint32_t domid;
+    char     path[256];
+    uint32_t prt_devnum;
+    uint16_t req_timeout;
+    char     secondary[256];
+} td_params;
+
+typedef struct {
+    uint64_t sectors;
+    uint32_t sector_size;
+    uint32_t info;
+} td_image;
+
+typedef struct {
+    char text[256];
+} td_string;
+
+typedef struct {
+    int  error;
+    char message[256];
+} td_response;
+
+typedef struct {
+    int count;
+    int list[63];
+} td_minors;
+
+typedef struct {
+    int  count;
+    int  minor;
+    int  state;
+    char path[256];
+} td_list;
+
+typedef struct {
+    uint16_t type;
+    uint16_t cookie;
+    size_t   length;
+} td_info;
+
+typedef struct {
+    uint32_t domid;
+    uint32_t devid;
+    uint32_t gref[8];
+    uint32_t order;
+    uint32_t proto;
+    char     pool[256];
+    uint32_t port;
+    uint32_t poll_duration;
+    uint32_t poll_idle_threshold;
+} td_blkif;
+
+typedef struct {
+    uint32_t flags;
+    char     new_params[256];
+    char     secondary[256];
+} td_resume;
+
+typedef union {
+    int32_t     tapdisk_pid;
+    td_params   params;
+    td_image    image;
+    td_string   string;
+    td_response response;
+    td_minors   minors;
+    td_list     list;
+    td_info     info;
+    td_blkif    blkif;
+    td_resume   resume;
+} td_union;
+
+typedef struct {
+    uint16_t type;
+    uint16_t cookie;
+    td_union u;
+} tapdisk_message_t;
+
 #define SIZE(s) printf("sizeof %s %zu\n", #s, sizeof(s))
 #define OFF(s, f) printf("%s.%s %zu\n", #s, #f, offsetof(s, f))
 "#;
@@ -132,6 +216,55 @@ fn vhd_layouts() -> Vec<Layout> {
             size: size_of::<RawBatEntry>(),
             fields: vec![],
         },
+    ]
+}
+
+/// The control message for gcc's `-m64` (`m64`) or `-m32`: the members are declared once
+/// (unaligned, so the same on both); the message size, union offset and `size_t` come from
+/// the [`WireLayout`] of that target.
+fn msg_layouts(m64: bool) -> Vec<Layout> {
+    let wl = if m64 {
+        WireLayout::LP64
+    } else {
+        WireLayout::I686
+    };
+    let info = if m64 {
+        layout!("td_info", wire::Info64, { ty => "type", cookie => "cookie", length => "length" })
+    } else {
+        layout!("td_info", wire::Info32, { ty => "type", cookie => "cookie", length => "length" })
+    };
+    vec![
+        Layout {
+            c: "tapdisk_message_t",
+            size: wl.msg_size,
+            fields: vec![
+                ("type", offset_of!(wire::Head, ty)),
+                ("cookie", offset_of!(wire::Head, cookie)),
+                ("u", wl.union_offset),
+            ],
+        },
+        Layout {
+            c: "td_union",
+            size: wl.msg_size - wl.union_offset,
+            fields: vec![],
+        },
+        layout!("td_params", wire::Params, {
+            flags => "flags", devnum => "devnum", domid => "domid", path => "path",
+            prt_devnum => "prt_devnum", req_timeout => "req_timeout", secondary => "secondary",
+        }),
+        layout!("td_image", wire::Image, {
+            sectors => "sectors", sector_size => "sector_size", info => "info",
+        }),
+        layout!("td_response", wire::Response, { error => "error", message => "message" }),
+        layout!("td_list", wire::List, {
+            count => "count", minor => "minor", state => "state", path => "path",
+        }),
+        info,
+        layout!("td_blkif", wire::Blkif, {
+            domid => "domid", devid => "devid", gref => "gref", order => "order",
+            proto => "proto", pool => "pool", port => "port", poll_duration => "poll_duration",
+            poll_idle_threshold => "poll_idle_threshold",
+        }),
     ]
 }
 
@@ -201,4 +334,25 @@ fn vhd_structs_match_c_for_m64_and_m32() {
     assert_eq!(want["struct dd_hdr.loc"], 576);
     assert_eq!(want["sizeof struct dd_batmap_hdr"], 512);
     assert_eq!(want["struct dd_batmap_hdr.keyhash"], 29);
+}
+
+#[test]
+fn control_message_matches_c_for_m64_and_m32() {
+    for (mflag, m64) in [("-m64", true), ("-m32", false)] {
+        let layouts = msg_layouts(m64);
+        let c = run_c(&c_program(&layouts), mflag);
+        assert_eq!(c, rust_values(&layouts), "gcc {mflag}");
+        // Our order-4 extension (grant refs 8..15 after the C blkif struct) fits the union.
+        assert!(
+            size_of::<wire::BlkifExt>() <= c["sizeof td_union"],
+            "{mflag}"
+        );
+        assert_eq!(
+            offset_of!(wire::BlkifExt, gref_ext),
+            c["sizeof td_blkif"],
+            "{mflag}"
+        );
+    }
+    assert_eq!(WireLayout::LP64.msg_size, 544);
+    assert_eq!(WireLayout::I686.msg_size, 536);
 }
