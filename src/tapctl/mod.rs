@@ -118,6 +118,12 @@ fn parse_num<T: std::str::FromStr>(s: &str) -> Option<T> {
     s.trim().parse::<T>().ok()
 }
 
+/// Store the number `v` in `slot`; false (a usage error) if `v` is not one.
+fn set_num<T: std::str::FromStr>(slot: &mut Option<T>, v: &str) -> bool {
+    *slot = parse_num(v);
+    slot.is_some()
+}
+
 /// Run `tap-ctl` with `args` (without the program name and without `--debug`).
 pub fn run(args: &[String], io: &mut CliIo<'_>) -> Status {
     run_with(&Client::new(), args, io)
@@ -158,14 +164,8 @@ fn cmd_list(client: &Client, args: &[String], io: &mut CliIo<'_>) -> Status {
     for o in options(args, "hp:m:t:f:") {
         match o {
             Opt::Flag('h') => return LIST_USAGE.help(io),
-            Opt::Value('p', v) => match parse_num(&v) {
-                Some(p) => pid = Some(p),
-                None => return LIST_USAGE.bad(io),
-            },
-            Opt::Value('m', v) => match parse_num(&v) {
-                Some(m) => minor = Some(m),
-                None => return LIST_USAGE.bad(io),
-            },
+            Opt::Value('p', v) if set_num(&mut pid, &v) => {}
+            Opt::Value('m', v) if set_num(&mut minor, &v) => {}
             Opt::Value('t', v) => ty = Some(v),
             Opt::Value('f', v) => file = Some(v),
             _ => return LIST_USAGE.bad(io),
@@ -224,10 +224,7 @@ fn cmd_free(client: &Client, args: &[String], io: &mut CliIo<'_>) -> Status {
     for o in options(args, "hm:") {
         match o {
             Opt::Flag('h') => return FREE_USAGE.help(io),
-            Opt::Value('m', v) => match parse_num(&v) {
-                Some(m) => minor = Some(m),
-                None => return FREE_USAGE.bad(io),
-            },
+            Opt::Value('m', v) if set_num(&mut minor, &v) => {}
             _ => return FREE_USAGE.bad(io),
         }
     }
@@ -462,14 +459,8 @@ fn pid_minor(
     for o in options(args, spec) {
         match &o {
             Opt::Flag('h') => return Err(true),
-            Opt::Value('p', v) => match parse_num(v) {
-                Some(p) => pid = Some(p),
-                None => return Err(false),
-            },
-            Opt::Value('m', v) => match parse_num(v) {
-                Some(m) => minor = Some(m),
-                None => return Err(false),
-            },
+            Opt::Value('p', v) if set_num(&mut pid, v) => {}
+            Opt::Value('m', v) if set_num(&mut minor, v) => {}
             _ => {
                 if !extra(&o) {
                     return Err(false);
@@ -662,14 +653,8 @@ fn cmd_stats(client: &Client, args: &[String], io: &mut CliIo<'_>) -> Status {
     for o in options(args, "hp:m:") {
         match o {
             Opt::Flag('h') => return STATS_USAGE.help(io),
-            Opt::Value('p', v) => match parse_num(&v) {
-                Some(p) => pid = Some(p),
-                None => return STATS_USAGE.bad(io),
-            },
-            Opt::Value('m', v) => match parse_num(&v) {
-                Some(m) => minor = Some(m),
-                None => return STATS_USAGE.bad(io),
-            },
+            Opt::Value('p', v) if set_num(&mut pid, &v) => {}
+            Opt::Value('m', v) if set_num(&mut minor, &v) => {}
             _ => return STATS_USAGE.bad(io),
         }
     }
@@ -728,61 +713,58 @@ mod tests {
 
     #[test]
     fn list_formats() {
-        let full = TapEntry {
-            pid: Some(1234),
-            minor: Some(0),
-            state: Some(VbdState(0)),
-            disk_type: Some("vhd".into()),
-            path: Some("/storage/a.vhd".into()),
-        };
-        assert_eq!(
-            format_list_row(&full),
-            "    1234    0    0        vhd /storage/a.vhd\n"
-        );
-        assert_eq!(
-            format_list_dict(&full),
-            "pid=1234 minor=0 state=0 args=vhd:/storage/a.vhd\n"
-        );
-        let closed = TapEntry {
-            pid: Some(77),
-            minor: Some(12),
-            state: Some(VbdState::CLOSED),
-            ..TapEntry::default()
-        };
-        assert_eq!(
-            format_list_row(&closed),
-            "      77   12  0x2          - -\n"
-        );
-        assert_eq!(format_list_dict(&closed), "pid=77 minor=12 state=0x2\n");
-        let pid_only = TapEntry {
-            pid: Some(5),
-            ..TapEntry::default()
-        };
-        assert_eq!(
-            format_list_row(&pid_only),
-            "       5    -    -          - -\n"
-        );
-        assert_eq!(format_list_dict(&pid_only), "pid=5\n");
-        let minor_only = TapEntry {
-            minor: Some(3),
-            ..TapEntry::default()
-        };
-        assert_eq!(
-            format_list_row(&minor_only),
-            "       -    3    -          - -\n"
-        );
-        assert_eq!(format_list_dict(&minor_only), "minor=3\n");
-        let wide = TapEntry {
-            pid: Some(123456789),
-            minor: Some(16383),
-            state: Some(VbdState(0x220)),
-            disk_type: Some("x-chain-long".into()),
-            path: Some("/p".into()),
-        };
-        assert_eq!(
-            format_list_row(&wide),
-            "123456789 16383 0x220 x-chain-long /p\n"
-        );
+        let entry =
+            |pid, minor, state: Option<u32>, ty: Option<&str>, path: Option<&str>| TapEntry {
+                pid,
+                minor,
+                state: state.map(VbdState),
+                disk_type: ty.map(str::to_string),
+                path: path.map(str::to_string),
+            };
+        // (entry, TTY row, non-TTY line)
+        let cases = [
+            (
+                entry(
+                    Some(1234),
+                    Some(0),
+                    Some(0),
+                    Some("vhd"),
+                    Some("/storage/a.vhd"),
+                ),
+                "    1234    0    0        vhd /storage/a.vhd\n",
+                "pid=1234 minor=0 state=0 args=vhd:/storage/a.vhd\n",
+            ),
+            (
+                entry(Some(77), Some(12), Some(VbdState::CLOSED.0), None, None),
+                "      77   12  0x2          - -\n",
+                "pid=77 minor=12 state=0x2\n",
+            ),
+            (
+                entry(Some(5), None, None, None, None),
+                "       5    -    -          - -\n",
+                "pid=5\n",
+            ),
+            (
+                entry(None, Some(3), None, None, None),
+                "       -    3    -          - -\n",
+                "minor=3\n",
+            ),
+            (
+                entry(
+                    Some(123456789),
+                    Some(16383),
+                    Some(0x220),
+                    Some("x-chain-long"),
+                    Some("/p"),
+                ),
+                "123456789 16383 0x220 x-chain-long /p\n",
+                "pid=123456789 minor=16383 state=0x220 args=x-chain-long:/p\n",
+            ),
+        ];
+        for (e, row, dict) in cases {
+            assert_eq!(format_list_row(&e), row);
+            assert_eq!(format_list_dict(&e), dict);
+        }
     }
 
     #[test]
@@ -804,9 +786,13 @@ mod tests {
         }
     }
 
-    fn run_capture(args: &[&str], stdin: &[u8]) -> (i32, String, String) {
-        let d = tempfile::tempdir().unwrap();
-        let client = Client::with_dir(d.path());
+    /// Run tap-ctl `args` against `client`: (status, stdout, stderr).
+    fn run_client(
+        client: &Client,
+        args: &[&str],
+        stdin: &[u8],
+        tty: bool,
+    ) -> (i32, String, String) {
         let (mut out, mut err) = (Vec::new(), Vec::new());
         let mut inp = stdin;
         let st = {
@@ -814,15 +800,20 @@ mod tests {
                 stdout: &mut out,
                 stderr: &mut err,
                 stdin: &mut inp,
-                tty: false,
+                tty,
             };
-            run_with(&client, &s(args), &mut io)
+            run_with(client, &s(args), &mut io)
         };
         (
             st,
             String::from_utf8(out).unwrap(),
             String::from_utf8(err).unwrap(),
         )
+    }
+
+    fn run_capture(args: &[&str], stdin: &[u8]) -> (i32, String, String) {
+        let d = tempfile::tempdir().unwrap();
+        run_client(&Client::with_dir(d.path()), args, stdin, false)
     }
 
     #[test]
@@ -883,19 +874,8 @@ mod tests {
         std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
         let client = Client::with_dir(d.path()).with_tapdisk(&script);
         for (tty, want) in [(true, "tapdisk spawned with pid 4321\n"), (false, "4321\n")] {
-            let (mut out, mut err) = (Vec::new(), Vec::new());
-            let mut inp: &[u8] = b"";
-            let st = {
-                let mut io = CliIo {
-                    stdout: &mut out,
-                    stderr: &mut err,
-                    stdin: &mut inp,
-                    tty,
-                };
-                run_with(&client, &s(&["spawn"]), &mut io)
-            };
-            assert_eq!(st, 0);
-            assert_eq!(String::from_utf8(out).unwrap(), want);
+            let (st, out, _) = run_client(&client, &["spawn"], b"", tty);
+            assert_eq!((st, out.as_str()), (0, want));
         }
     }
 
@@ -904,18 +884,8 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let client = Client::with_dir(d.path());
         let run = |args: &[&str], tty: bool| {
-            let (mut out, mut err) = (Vec::new(), Vec::new());
-            let mut inp: &[u8] = b"";
-            let st = {
-                let mut io = CliIo {
-                    stdout: &mut out,
-                    stderr: &mut err,
-                    stdin: &mut inp,
-                    tty,
-                };
-                run_with(&client, &s(args), &mut io)
-            };
-            (st, String::from_utf8(out).unwrap())
+            let (st, out, _) = run_client(&client, args, b"", tty);
+            (st, out)
         };
         let (st, out) = run(&["allocate"], false);
         assert_eq!(st, 0);

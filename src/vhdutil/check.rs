@@ -723,16 +723,7 @@ fn dump_raw(io: &mut Io, r: &Raw) {
         .loc
         .iter()
         .enumerate()
-        .map(|(i, l)| LocatorView {
-            index: i,
-            code: l.code,
-            data_space: l.data_space,
-            data_len: l.data_len,
-            data_offset: l.data_offset,
-            decoded: r
-                .locator_data(l)
-                .and_then(|d| decode_locator(l.code, &d).ok()),
-        })
+        .map(|(i, l)| LocatorView::of(i, l, r.locator_data(l)))
         .collect();
     let view = |bh: BatmapHeader| {
         let computed = r

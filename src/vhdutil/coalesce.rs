@@ -132,6 +132,16 @@ fn coalesce_parent(
     });
     let closed = parent.close();
     let _ = child.close();
+    finish(io, r, closed)
+}
+
+/// The outcome of a coalesce: the copy's error (its cause on stderr) first, then the
+/// target's close.
+fn finish(
+    io: &mut Io,
+    r: std::result::Result<u64, ImageError>,
+    closed: std::result::Result<(), ImageError>,
+) -> Result<u64> {
     let n = r.map_err(|e| {
         let _ = writeln!(io.err, "{}", common::describe(&e));
         Error::from(e)
@@ -222,12 +232,7 @@ fn coalesce_ancestor(
         closed = closed.and(l.close());
     }
     let _ = child.close();
-    let n = r.map_err(|e| {
-        let _ = writeln!(io.err, "{}", common::describe(&e));
-        Error::from(e)
-    })?;
-    closed?;
-    Ok(n)
+    finish(io, r, closed)
 }
 
 fn coalesce_out(io: &mut Io, name: &str, out: &str, style: Style) -> Result<()> {

@@ -10,7 +10,7 @@
 use std::io::Read;
 use std::path::Path;
 
-use super::chain::open_chain;
+use super::chain::open_chain_or_report;
 use super::cli::{OptsExt, UsageSpec};
 use super::common::neg;
 use super::error::{Error, Result};
@@ -115,14 +115,7 @@ pub fn run(io: &mut Io, args: &[String]) -> Result {
         None
     };
 
-    let src = match open_chain(name, true) {
-        Ok(s) => s,
-        Err(e) => {
-            vout!(io, "error opening {name}: {}", neg(&e));
-            verr!(io, "{}", super::common::describe(&e));
-            return Err(e.into());
-        }
-    };
+    let src = open_chain_or_report(io, name, true)?;
     if Path::new(new).exists() {
         vout!(io, "VHD file {new} already exists, chose a different name");
         return Err(Error::invalid(format!("{new} already exists")));

@@ -10,7 +10,7 @@
 //! (marking never-written sectors present would make them decrypt to garbage). `-B` is
 //! accepted, but a block beyond the 2 TiB limit still fails: BAT entries are 32-bit.
 
-use super::chain::open_chain;
+use super::chain::open_chain_or_report;
 use super::cli::strtoull;
 use super::cli::{OptsExt, UsageSpec};
 use super::common::{self, neg};
@@ -148,14 +148,7 @@ pub fn run(io: &mut Io, args: &[String]) -> Result {
         drop(img);
         return r;
     }
-    let img = match open_chain(name, false) {
-        Ok(i) => i,
-        Err(e) => {
-            vout!(io, "error opening {name}: {}", neg(&e));
-            verr!(io, "{}", super::common::describe(&e));
-            return Err(e.into());
-        }
-    };
+    let img = open_chain_or_report(io, name, false)?;
     let style = progress_style(io, false);
     let r = with_progress(io, style, |p| fill_image(&img, Some(p)).map(drop)).map_err(|e| {
         verr!(io, "{}", super::common::describe(&e));

@@ -24,7 +24,7 @@ use super::Io;
 use crate::image::file::{BlockFile, OsFile};
 use crate::image::vhd::engine::VhdImage;
 use crate::image::vhd::format::{
-    bit_test, decode_locator, DiskType, DynHeader, Footer, BAT_UNUSED, FOOTER_SIZE, HEADER_SIZE,
+    bit_test, DiskType, DynHeader, Footer, BAT_UNUSED, FOOTER_SIZE, HEADER_SIZE,
 };
 use crate::image::Image;
 use crate::{verr, vout};
@@ -72,23 +72,6 @@ extension (not in blktap):\n\
     h_fails: true,
 };
 
-/// Header view; the parent name is decoded as UTF-16BE up to the first NUL.
-pub fn header_view(h: &DynHeader) -> HeaderView {
-    HeaderView {
-        cookie: h.cookie,
-        data_offset: h.data_offset,
-        table_offset: h.table_offset,
-        hdr_ver: h.hdr_ver,
-        max_bat_size: h.max_bat_size,
-        block_size: h.block_size,
-        checksum: h.checksum,
-        computed_checksum: h.compute_checksum(),
-        parent_name: Some(h.parent_name()),
-        prt_uuid: h.prt_uuid,
-        prt_ts: h.prt_ts,
-    }
-}
-
 /// The batmap part of `read -p`.
 pub enum BatmapDump {
     /// The disk has no batmap (fixed, or not made by tap >= 1.2).
@@ -119,7 +102,7 @@ pub fn print_meta(
     };
     let _ = io
         .out
-        .write_all(header_summary(&header_view(h), hex).as_bytes());
+        .write_all(header_summary(&HeaderView::of(h), hex).as_bytes());
     if footer.kind() == Some(DiskType::Differencing) {
         let _ = io.out.write_all(locators_summary(locs, hex).as_bytes());
     }
@@ -144,17 +127,7 @@ fn print_headers(io: &mut Io, img: &VhdImage, hex: bool) {
             .loc
             .iter()
             .enumerate()
-            .map(|(i, l)| LocatorView {
-                index: i,
-                code: l.code,
-                data_space: l.data_space,
-                data_len: l.data_len,
-                data_offset: l.data_offset,
-                decoded: img
-                    .locator_data(l)
-                    .ok()
-                    .and_then(|d| decode_locator(l.code, &d).ok()),
-            })
+            .map(|(i, l)| LocatorView::of(i, l, img.locator_data(l).ok()))
             .collect(),
         _ => Vec::new(),
     };
@@ -251,7 +224,7 @@ fn dump_headers(io: &mut Io, name: &str, hex: bool) {
         .write_all(footer_summary(&FooterView::of(&footer), hex).as_bytes());
     let _ = io
         .out
-        .write_all(header_summary(&header_view(&header), hex).as_bytes());
+        .write_all(header_summary(&HeaderView::of(&header), hex).as_bytes());
 }
 
 struct Ctx<'a> {
