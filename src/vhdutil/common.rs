@@ -153,3 +153,12 @@ pub fn chain_keyed(img: &VhdImage) -> Result<bool, ImageError> {
 pub fn describe(e: &ImageError) -> String {
     crate::util::error_chain(e)
 }
+
+/// Close an image opened read-write after an operation whose outcome is `ret`: the
+/// operation's error wins over the close's.
+pub fn close_rw(img: &VhdImage, ret: super::error::Result) -> super::error::Result {
+    use crate::image::Image;
+    let closed = img.close();
+    ret?;
+    Ok(closed?)
+}

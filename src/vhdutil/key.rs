@@ -317,7 +317,7 @@ pub fn run(io: &mut Io, args: &[String]) -> Result {
         }
     }
     if set {
-        ret = super::set::close(&img, ret);
+        ret = common::close_rw(&img, ret);
     }
     ret
 }

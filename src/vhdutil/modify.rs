@@ -16,7 +16,6 @@ use std::path::Path;
 use super::cli::{OptsExt, UsageSpec};
 use super::common::{self, neg};
 use super::error::{Error, Result};
-use super::set::close;
 use super::Io;
 use crate::image::vhd::engine::VhdImage;
 use crate::image::vhd::format::DiskType;
@@ -43,7 +42,7 @@ fn with_rw(
 ) -> Result {
     let img = common::open(name, false)?;
     let r = op(&img).map_err(Error::from);
-    close(&img, r)
+    common::close_rw(&img, r)
 }
 
 pub fn run(io: &mut Io, args: &[String]) -> Result {
@@ -106,7 +105,7 @@ fn change_type(io: &mut Io, name: &str, t: &str) -> Result {
     let img = common::open(name, false)?;
     if img.disk_type() == DiskType::Fixed {
         vout!(io, "changing fixed vhd type not supported");
-        return close(
+        return common::close_rw(
             &img,
             Err(Error::invalid("cannot change the type of a fixed VHD")),
         );
@@ -124,9 +123,9 @@ fn change_type(io: &mut Io, name: &str, t: &str) -> Result {
         }
         _ => {
             vout!(io, "invalid type {t} (must be 'differencing or dynamic')");
-            return close(&img, Err(Error::invalid(format!("invalid type {t}"))));
+            return common::close_rw(&img, Err(Error::invalid(format!("invalid type {t}"))));
         }
     };
     let r = img.update_footer(|f| f.disk_type = code);
-    close(&img, r.map_err(Error::from))
+    common::close_rw(&img, r.map_err(Error::from))
 }

@@ -39,9 +39,8 @@ struct Opts {
     out: ScanFlags,
 }
 
-/// `Err`: blktap's `-errno` for the scan line.
-fn stat_target(name: &str, raw: bool) -> std::result::Result<Target, i32> {
-    let md = std::fs::metadata(name).map_err(|e| -e.raw_os_error().unwrap_or(libc::EIO))?;
+fn stat_target(name: &str, raw: bool) -> Result<Target> {
+    let md = std::fs::metadata(name).map_err(|e| Error::io(format!("stat {name}"), e))?;
     Ok(Target {
         name: name.to_string(),
         size: md.len(),
@@ -190,13 +189,18 @@ pub fn run(io: &mut Io, args: &[String]) -> Result {
                 vout!(
                     io,
                     "{}",
-                    format_line(&fail(n, e, "failure scanning target"), o.out, 0, false)
+                    format_line(
+                        &fail(n, e.neg(), "failure scanning target"),
+                        o.out,
+                        0,
+                        false
+                    )
                 );
                 if !o.nofail {
                     // OpenXT's wording, on stdout (XenServer's adds ". Check syslog for details"
                     // on stderr).
-                    vout!(io, "scan failed: {e}");
-                    return Err(Error::os(format!("scan {n}"), Errno::from_raw(-e)));
+                    vout!(io, "scan failed: {}", e.neg());
+                    return Err(e);
                 }
             }
         }
@@ -225,7 +229,12 @@ pub fn run(io: &mut Io, args: &[String]) -> Result {
                         Err(e) => vout!(
                             io,
                             "{}",
-                            format_line(&fail(&pp, e, "failure scanning target"), o.out, 0, false)
+                            format_line(
+                                &fail(&pp, e.neg(), "failure scanning target"),
+                                o.out,
+                                0,
+                                false
+                            )
                         ),
                     }
                 }

@@ -60,13 +60,5 @@ pub fn run(io: &mut Io, args: &[String]) -> Result {
         img.set_marker(value)
     };
     let ret = r.map_err(Error::from);
-    close(&img, ret)
-}
-
-/// Close an image opened read-write, keeping the first error.
-pub fn close(img: &crate::image::vhd::engine::VhdImage, ret: Result) -> Result {
-    use crate::image::Image;
-    let closed = img.close();
-    ret?;
-    Ok(closed?)
+    common::close_rw(&img, ret)
 }
