@@ -1,5 +1,6 @@
 //! Small helpers shared by the binaries and daemons.
 
+pub mod getopt;
 pub mod logging;
 
 /// Whether standard output is a terminal (progress bars and TTY-only formats key off this).

@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 use blktap3::control::client::Client;
 use blktap3::control::msg::OpenRequest;
 use blktap3::control::nbd_socket_path;
-use blktap3::control::tapctl::{run_with, CliIo};
 use blktap3::nbd::kernel::{KernelNbd, KernelNbdError, Netlink, SimCall, SimKernelNbd};
 use blktap3::nbd::proto::TFLAG_HAS_FLAGS;
+use blktap3::tapctl::{run_with, CliIo};
 
 /// A client on `<dir>/ctl` whose tapdev links go to `<dir>/dev/xen/blktap-2` (never the
 /// host's /dev).

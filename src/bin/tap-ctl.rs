@@ -1,8 +1,8 @@
-//! `tap-ctl`: control tapdisks (blktap-compatible command line). See `control::tapctl`.
+//! `tap-ctl`: control tapdisks (blktap-compatible command line). See `tapctl`.
 
 use std::io::{self, IsTerminal, Write};
 
-use blktap3::control::tapctl::{run, strip_debug, CliIo};
+use blktap3::tapctl::{run, strip_debug, CliIo};
 use blktap3::util::logging::{self, LogOptions};
 
 fn main() {

@@ -22,10 +22,8 @@
 //! [`Abi::X86_64`]; on an i686 dom0 (OpenXT 8) it is [`Abi::X86_32`]. A frontend that writes
 //! no `protocol` key is assumed to use the native ABI (see [`crate::blkif::xenbus::parse_protocol`]).
 
-/// Size of a Xen page (grant granularity) in bytes.
-pub const PAGE_SIZE: usize = 4096;
-/// The blkif sector unit.
-pub const SECTOR_SIZE: u64 = 512;
+/// Size of a Xen page (grant granularity) and the blkif sector unit.
+pub use crate::{PAGE_SIZE, SECTOR_SIZE};
 /// Sectors in one page: a segment's `last_sect` is at most `SECTORS_PER_PAGE - 1`.
 pub const SECTORS_PER_PAGE: u8 = 8;
 /// `BLKIF_MAX_SEGMENTS_PER_REQUEST`: segments carried inline in a direct request.

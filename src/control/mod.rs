@@ -32,7 +32,6 @@ pub mod client;
 pub mod minors;
 pub mod msg;
 pub mod server;
-pub mod tapctl;
 pub mod tapdev;
 mod transport;
 

@@ -51,6 +51,7 @@
 use std::fmt;
 use std::io::{self, Read, Write};
 
+use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout};
 use zeroize::Zeroizing;
 
 use super::{ControlError, Result};
@@ -128,7 +129,7 @@ impl WireLayout {
 
     /// Absolute offset of `u.params.path` (20 on x86_64, 16 on i686).
     pub const fn params_path_offset(&self) -> usize {
-        self.union_offset + P_PATH
+        self.union_offset + std::mem::offset_of!(wire::Params, path)
     }
 }
 
@@ -137,38 +138,141 @@ pub const MSG_SIZE: usize = WireLayout::NATIVE.msg_size;
 /// The largest message of any layout (buffer size).
 pub const MAX_MSG_SIZE: usize = 544;
 
-// Offsets inside the union.
-const P_FLAGS: usize = 0;
-const P_DEVNUM: usize = 4;
-const P_DOMID: usize = 8;
-const P_PATH: usize = 12;
-const P_PRT_DEVNUM: usize = 268;
-const P_REQ_TIMEOUT: usize = 272;
-const P_SECONDARY: usize = 274;
-const I_SECTORS: usize = 0;
-const I_SECTOR_SIZE: usize = 8;
-const I_INFO: usize = 12;
-const R_ERROR: usize = 0;
-const L_COUNT: usize = 0;
-const L_MINOR: usize = 4;
-const L_STATE: usize = 8;
-const L_PATH: usize = 12;
-const B_DOMID: usize = 0;
-const B_DEVID: usize = 4;
-const B_GREF: usize = 8;
-const B_ORDER: usize = 40;
-const B_PROTO: usize = 44;
-const B_POOL: usize = 48;
-const B_PORT: usize = 304;
-const B_POLL_DURATION: usize = 308;
-const B_POLL_IDLE: usize = 312;
-/// Extension: grant refs 8..15 (order 4 only), right after the 316-byte C blkif struct.
-const B_GREF_EXT: usize = 316;
-// The extension must fit in the smallest union (i686: 532 bytes).
-const _: () = assert!(
-    B_GREF_EXT + 4 * (MAX_RING_PAGES - BLKIF_C_GREFS)
-        <= WireLayout::I686.msg_size - WireLayout::I686.union_offset
-);
+/// The members of `tapdisk_message_t` as blktap's `tapdisk-message.h` declares them, in
+/// host byte order and without alignment: each sits at the union offset of its
+/// [`WireLayout`], and its field offsets are the same on every target (checked against
+/// gcc's `-m64` and `-m32` layout in `tests/layout_c.rs`). The codec reads and writes
+/// messages only through these.
+pub mod wire {
+    use zerocopy::byteorder::native_endian::{I32, U16, U32, U64};
+    use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+    use super::STRING_LEN;
+
+    /// The message head: `type` and `cookie`; the union follows at the layout's offset.
+    #[derive(Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+    #[repr(C)]
+    pub struct Head {
+        pub ty: U16,
+        pub cookie: U16,
+    }
+
+    /// `u.tapdisk_pid`.
+    #[derive(Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+    #[repr(C)]
+    pub struct Pid {
+        pub pid: I32,
+    }
+
+    /// `u.params` (OPEN, and RESUME, which sends this layout).
+    #[derive(Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+    #[repr(C)]
+    pub struct Params {
+        pub flags: U32,
+        pub devnum: U32,
+        pub domid: U32,
+        pub path: [u8; STRING_LEN],
+        pub prt_devnum: U32,
+        pub req_timeout: U16,
+        pub secondary: [u8; STRING_LEN],
+        /// C's tail padding to the struct's 4-byte alignment.
+        pub _pad: [u8; 2],
+    }
+
+    /// `u.image` (OPEN_RSP, DISK_INFO_RSP).
+    #[derive(Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+    #[repr(C)]
+    pub struct Image {
+        pub sectors: U64,
+        pub sector_size: U32,
+        pub info: U32,
+    }
+
+    /// `u.response` (ERROR: a positive errno; the message is unused).
+    #[derive(Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+    #[repr(C)]
+    pub struct Response {
+        pub error: I32,
+        pub message: [u8; STRING_LEN],
+    }
+
+    /// `u.list` (LIST_RSP).
+    #[derive(Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+    #[repr(C)]
+    pub struct List {
+        pub count: I32,
+        pub minor: I32,
+        pub state: U32,
+        pub path: [u8; STRING_LEN],
+    }
+
+    /// `u.info` (STATS_RSP) where `size_t` is 8 bytes (LP64).
+    #[derive(Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+    #[repr(C)]
+    pub struct Info64 {
+        pub ty: U16,
+        pub cookie: U16,
+        pub _pad: [u8; 4],
+        pub length: U64,
+    }
+
+    /// `u.info` (STATS_RSP) where `size_t` is 4 bytes (i686, arm).
+    #[derive(Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+    #[repr(C)]
+    pub struct Info32 {
+        pub ty: U16,
+        pub cookie: U16,
+        pub length: U32,
+    }
+
+    /// `u.blkif` (XENBLKIF_CONNECT, DISCONNECT).
+    #[derive(Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+    #[repr(C)]
+    pub struct Blkif {
+        pub domid: U32,
+        pub devid: U32,
+        pub gref: [U32; super::BLKIF_C_GREFS],
+        pub order: U32,
+        pub proto: U32,
+        pub pool: [u8; STRING_LEN],
+        pub port: U32,
+        pub poll_duration: U32,
+        pub poll_idle_threshold: U32,
+    }
+
+    /// `u.blkif` followed by our extension: grant refs 8..15 of an order-4 ring, in the
+    /// spare union bytes right after the C struct (see the module doc).
+    #[derive(Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+    #[repr(C)]
+    pub struct BlkifExt {
+        pub blkif: Blkif,
+        pub gref_ext: [U32; super::MAX_RING_PAGES - super::BLKIF_C_GREFS],
+    }
+
+    const _: () = assert!(size_of::<Head>() == 4);
+    const _: () = assert!(size_of::<Params>() == 532);
+    const _: () = assert!(size_of::<Image>() == 16);
+    const _: () = assert!(size_of::<Response>() == 260);
+    const _: () = assert!(size_of::<List>() == 268);
+    const _: () = assert!(size_of::<Info64>() == 16);
+    const _: () = assert!(size_of::<Info32>() == 8);
+    const _: () = assert!(size_of::<Blkif>() == 316);
+    const _: () = assert!(size_of::<BlkifExt>() == 348);
+    // Every member fits in the smallest union (i686: 532 bytes).
+    const _: () = assert!(
+        size_of::<BlkifExt>()
+            <= super::WireLayout::I686.msg_size - super::WireLayout::I686.union_offset
+    );
+    const _: () = assert!(
+        size_of::<Params>()
+            <= super::WireLayout::I686.msg_size - super::WireLayout::I686.union_offset
+    );
+}
+
+#[cfg(target_arch = "x86_64")]
+const _: () = assert!(MSG_SIZE == 544);
+#[cfg(target_arch = "x86")]
+const _: () = assert!(MSG_SIZE == 536);
 
 /// Message types (`TAPDISK_MESSAGE_*`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -659,17 +763,19 @@ impl Request {
                 let mut flags = o.flags;
                 flags.set(OpenFlags::ADD_LOG, o.log_path.is_some());
                 flags.set(OpenFlags::OPEN_ENCRYPTED, o.key.is_some());
-                m.put_u32(P_FLAGS, flags.0);
-                m.put_u32(P_DEVNUM, o.devnum);
-                m.put_u32(P_DOMID, o.domid);
-                m.put_str(P_PATH, &o.params, "params")?;
-                m.put_u32(P_PRT_DEVNUM, o.prt_devnum);
-                m.put_u16(P_REQ_TIMEOUT, o.req_timeout);
-                m.put_str(
-                    P_SECONDARY,
+                let mut p = wire::Params::new_zeroed();
+                p.flags = flags.0.into();
+                p.devnum = o.devnum.into();
+                p.domid = o.domid.into();
+                put_cstr(&mut p.path, &o.params, "params")?;
+                p.prt_devnum = o.prt_devnum.into();
+                p.req_timeout = o.req_timeout.into();
+                put_cstr(
+                    &mut p.secondary,
                     o.secondary.as_deref().unwrap_or(""),
                     "secondary",
                 )?;
+                m.set(&p);
                 if let Some(l) = &o.log_path {
                     push_log_trailer(&mut trailer, l)?;
                 }
@@ -688,14 +794,16 @@ impl Request {
             Request::Resume(r) => {
                 let mut flags = r.flags;
                 flags.set(OpenFlags::ADD_LOG, r.log_path.is_some());
-                m.put_u32(P_FLAGS, flags.0);
-                m.put_u32(P_DEVNUM, u32::from(r.minor));
-                m.put_str(P_PATH, r.params.as_deref().unwrap_or(""), "params")?;
-                m.put_str(
-                    P_SECONDARY,
+                let mut p = wire::Params::new_zeroed();
+                p.flags = flags.0.into();
+                p.devnum = u32::from(r.minor).into();
+                put_cstr(&mut p.path, r.params.as_deref().unwrap_or(""), "params")?;
+                put_cstr(
+                    &mut p.secondary,
                     r.secondary.as_deref().unwrap_or(""),
                     "secondary",
                 )?;
+                m.set(&p);
                 if let Some(l) = &r.log_path {
                     push_log_trailer(&mut trailer, l)?;
                 }
@@ -704,31 +812,35 @@ impl Request {
                 if blkif.order > MAX_RING_ORDER {
                     return Err(ControlError::invalid(format!("ring order {}", blkif.order)));
                 }
-                m.put_u32(B_DOMID, blkif.domid);
-                m.put_u32(B_DEVID, blkif.devid);
+                let mut b = wire::BlkifExt::new_zeroed();
+                b.blkif.domid = blkif.domid.into();
+                b.blkif.devid = blkif.devid.into();
                 let (c_grefs, ext_grefs) = blkif.gref.split_at(BLKIF_C_GREFS);
-                for (i, g) in c_grefs.iter().enumerate() {
-                    m.put_u32(B_GREF + 4 * i, *g);
+                for (w, g) in b.blkif.gref.iter_mut().zip(c_grefs) {
+                    *w = (*g).into();
                 }
                 if blkif.order == EXT_ORDER {
-                    for (i, g) in ext_grefs.iter().enumerate() {
-                        m.put_u32(B_GREF_EXT + 4 * i, *g);
+                    for (w, g) in b.gref_ext.iter_mut().zip(ext_grefs) {
+                        *w = (*g).into();
                     }
                 }
-                m.put_u32(B_ORDER, blkif.order);
-                m.put_u32(B_PROTO, blkif.proto as u32);
-                m.put_str(B_POOL, &blkif.pool, "pool")?;
-                m.put_u32(B_PORT, blkif.port);
-                m.put_u32(B_POLL_DURATION, blkif.poll_duration);
-                m.put_u32(B_POLL_IDLE, blkif.poll_idle_threshold);
+                b.blkif.order = blkif.order.into();
+                b.blkif.proto = (blkif.proto as u32).into();
+                put_cstr(&mut b.blkif.pool, &blkif.pool, "pool")?;
+                b.blkif.port = blkif.port.into();
+                b.blkif.poll_duration = blkif.poll_duration.into();
+                b.blkif.poll_idle_threshold = blkif.poll_idle_threshold.into();
+                m.set(&b);
             }
             Request::XenblkifDisconnect { domid, devid } => {
-                m.put_u32(B_DOMID, *domid);
-                m.put_u32(B_DEVID, *devid);
+                let mut b = wire::Blkif::new_zeroed();
+                b.domid = (*domid).into();
+                b.devid = (*devid).into();
+                m.set(&b);
             }
         }
         // The server requires a NUL inside params.path whatever the type.
-        if !m.field(P_PATH, STRING_LEN).contains(&0) {
+        if !m.view().member::<wire::Params>()?.path.contains(&0) {
             return Err(ControlError::invalid(
                 "request (no NUL within params.path; pool too long?)",
             ));
@@ -766,8 +878,9 @@ pub fn request_len(buf: &[u8], layout: WireLayout) -> Result<Need> {
     if buf.len() < n {
         return Ok(Need::AtLeast(n));
     }
-    let ty = MsgType::from_u16(read_u16(buf, 0));
-    let flags = OpenFlags(read_u32(buf, layout.union_offset + P_FLAGS));
+    let m = MsgRef { buf, layout };
+    let ty = MsgType::from_u16(m.head()?.ty.get());
+    let flags = OpenFlags(m.member::<wire::Params>()?.flags.get());
     match ty {
         Some(MsgType::Open) => {
             let mut len = n;
@@ -795,11 +908,7 @@ pub fn request_len(buf: &[u8], layout: WireLayout) -> Result<Need> {
 
 /// The cookie of a message (0 if fewer than 4 bytes).
 pub fn peek_cookie(buf: &[u8]) -> u16 {
-    if buf.len() >= 4 {
-        read_u16(buf, 2)
-    } else {
-        0
-    }
+    wire::Head::read_from_prefix(buf).map_or(0, |(h, _)| h.cookie.get())
 }
 
 /// Decode and validate one request: `buf` must be exactly the message plus its trailers.
@@ -816,11 +925,12 @@ pub fn decode_request(buf: &[u8], layout: WireLayout) -> Result<Request> {
         layout,
     };
     // tapdisk's rule: a NUL within u.params.path, whatever the type.
-    if !m.field(P_PATH, STRING_LEN).contains(&0) {
+    let params = m.member::<wire::Params>()?;
+    if !params.path.contains(&0) {
         return Err(ControlError::invalid("request: params.path not terminated"));
     }
-    let raw_type = read_u16(buf, 0);
-    let cookie = read_u16(buf, 2);
+    let head = m.head()?;
+    let (raw_type, cookie) = (head.ty.get(), head.cookie.get());
     let Some(ty) = MsgType::from_u16(raw_type) else {
         return Err(ControlError::invalid(format!("message type {raw_type}")));
     };
@@ -853,9 +963,10 @@ pub fn decode_request(buf: &[u8], layout: WireLayout) -> Result<Request> {
             minor: (cookie != STATS_ALL).then_some(cookie),
         },
         MsgType::Open => {
-            let flags = OpenFlags(m.u32(P_FLAGS));
-            let params = m.string(P_PATH, "params")?;
-            let secondary = non_empty(m.string(P_SECONDARY, "secondary")?);
+            let p = params;
+            let flags = OpenFlags(p.flags.get());
+            let params = cstring(&p.path, "params")?;
+            let secondary = non_empty(cstring(&p.secondary, "secondary")?);
             let (log_path, rest) = split_log_trailer(trailer, flags)?;
             let key = if flags.contains(OpenFlags::OPEN_ENCRYPTED) {
                 // request_len validated the length byte and the total length.
@@ -872,20 +983,21 @@ pub fn decode_request(buf: &[u8], layout: WireLayout) -> Result<Request> {
             Request::Open(OpenRequest {
                 minor: cookie,
                 flags,
-                devnum: m.u32(P_DEVNUM),
-                domid: m.u32(P_DOMID),
+                devnum: p.devnum.get(),
+                domid: p.domid.get(),
                 params,
-                prt_devnum: m.u32(P_PRT_DEVNUM),
-                req_timeout: m.u16(P_REQ_TIMEOUT),
+                prt_devnum: p.prt_devnum.get(),
+                req_timeout: p.req_timeout.get(),
                 secondary,
                 log_path,
                 key,
             })
         }
         MsgType::Resume => {
-            let flags = OpenFlags(m.u32(P_FLAGS));
-            let params = non_empty(m.string(P_PATH, "params")?);
-            let secondary = non_empty(m.string(P_SECONDARY, "secondary")?);
+            let p = params;
+            let flags = OpenFlags(p.flags.get());
+            let params = non_empty(cstring(&p.path, "params")?);
+            let secondary = non_empty(cstring(&p.secondary, "secondary")?);
             let (log_path, _) = split_log_trailer(trailer, flags)?;
             Request::Resume(ResumeRequest {
                 minor: cookie,
@@ -896,40 +1008,44 @@ pub fn decode_request(buf: &[u8], layout: WireLayout) -> Result<Request> {
             })
         }
         MsgType::XenblkifConnect => {
-            let order = m.u32(B_ORDER);
+            let b = m.member::<wire::BlkifExt>()?;
+            let order = b.blkif.order.get();
             if order > MAX_RING_ORDER {
                 return Err(ControlError::invalid(format!("ring order {order}")));
             }
-            let proto = BlkifProto::from_u32(m.u32(B_PROTO))?;
+            let proto = BlkifProto::from_u32(b.blkif.proto.get())?;
             let mut gref = [0u32; MAX_RING_PAGES];
             let (c_grefs, ext_grefs) = gref.split_at_mut(BLKIF_C_GREFS);
-            for (i, g) in c_grefs.iter_mut().enumerate() {
-                *g = m.u32(B_GREF + 4 * i);
+            for (g, w) in c_grefs.iter_mut().zip(&b.blkif.gref) {
+                *g = w.get();
             }
             if order == EXT_ORDER {
-                for (i, g) in ext_grefs.iter_mut().enumerate() {
-                    *g = m.u32(B_GREF_EXT + 4 * i);
+                for (g, w) in ext_grefs.iter_mut().zip(&b.gref_ext) {
+                    *g = w.get();
                 }
             }
             Request::XenblkifConnect {
                 minor: cookie,
                 blkif: Blkif {
-                    domid: m.u32(B_DOMID),
-                    devid: m.u32(B_DEVID),
+                    domid: b.blkif.domid.get(),
+                    devid: b.blkif.devid.get(),
                     gref,
                     order,
                     proto,
-                    pool: m.string(B_POOL, "pool")?,
-                    port: m.u32(B_PORT),
-                    poll_duration: m.u32(B_POLL_DURATION),
-                    poll_idle_threshold: m.u32(B_POLL_IDLE),
+                    pool: cstring(&b.blkif.pool, "pool")?,
+                    port: b.blkif.port.get(),
+                    poll_duration: b.blkif.poll_duration.get(),
+                    poll_idle_threshold: b.blkif.poll_idle_threshold.get(),
                 },
             }
         }
-        MsgType::XenblkifDisconnect => Request::XenblkifDisconnect {
-            domid: m.u32(B_DOMID),
-            devid: m.u32(B_DEVID),
-        },
+        MsgType::XenblkifDisconnect => {
+            let b = m.member::<wire::Blkif>()?;
+            Request::XenblkifDisconnect {
+                domid: b.domid.get(),
+                devid: b.devid.get(),
+            }
+        }
         other => {
             return Err(ControlError::invalid(format!(
                 "request type {} ({}) has no handler",
@@ -1052,13 +1168,17 @@ impl Reply {
         };
         let mut m = Msg::new(layout, self.msg_type(), cookie);
         match self {
-            Reply::Error(e) => m.put_i32(R_ERROR, *e),
-            Reply::Pid(p) => m.put_i32(0, *p),
-            Reply::Open(d) | Reply::DiskInfo(d) => {
-                m.put_u64(I_SECTORS, d.sectors);
-                m.put_u32(I_SECTOR_SIZE, d.sector_size);
-                m.put_u32(I_INFO, d.info);
+            Reply::Error(e) => {
+                let mut r = wire::Response::new_zeroed();
+                r.error = (*e).into();
+                m.set(&r);
             }
+            Reply::Pid(p) => m.set(&wire::Pid { pid: (*p).into() }),
+            Reply::Open(d) | Reply::DiskInfo(d) => m.set(&wire::Image {
+                sectors: d.sectors.into(),
+                sector_size: d.sector_size.into(),
+                info: d.info.into(),
+            }),
             Reply::List(entries) => {
                 let n = entries.len();
                 if n > i32::MAX as usize {
@@ -1066,22 +1186,34 @@ impl Reply {
                 }
                 for (i, e) in entries.iter().enumerate() {
                     let mut item = Msg::new(layout, MsgType::ListRsp, cookie);
+                    let mut l = wire::List::new_zeroed();
                     // n - i <= n <= i32::MAX, checked above.
-                    item.put_i32(L_COUNT, (n - i) as i32);
-                    item.put_i32(L_MINOR, i32::from(e.minor));
-                    item.put_u32(L_STATE, e.state.0);
-                    item.put_str(L_PATH, &e.params, "list path")?;
+                    l.count = ((n - i) as i32).into();
+                    l.minor = i32::from(e.minor).into();
+                    l.state = e.state.0.into();
+                    put_cstr(&mut l.path, &e.params, "list path")?;
+                    item.set(&l);
                     wr(w, item.bytes())?;
                 }
-                m.put_i32(L_COUNT, 0);
-                m.put_i32(L_MINOR, -1);
+                let mut end = wire::List::new_zeroed();
+                end.minor = (-1).into();
+                m.set(&end);
             }
             Reply::Stats(payload) => {
+                // Only `length` is set; `u.info.type` and `cookie` stay zero, as tapdisk
+                // leaves them.
                 let len = payload.len() as u64;
-                if layout.size_t_len == 4 && len > u64::from(u32::MAX) {
-                    return Err(ControlError::invalid("stats payload too long"));
+                if layout.size_t_len == 8 {
+                    let mut i = wire::Info64::new_zeroed();
+                    i.length = len.into();
+                    m.set(&i);
+                } else {
+                    let len = u32::try_from(len)
+                        .map_err(|_| ControlError::invalid("stats payload too long"))?;
+                    let mut i = wire::Info32::new_zeroed();
+                    i.length = len.into();
+                    m.set(&i);
                 }
-                m.put_size_t(len);
                 wr(w, m.bytes())?;
                 return wr(w, payload);
             }
@@ -1128,44 +1260,52 @@ pub fn decode_frame(buf: &[u8], layout: WireLayout) -> Result<(u16, Frame)> {
         )));
     }
     let m = MsgRef { buf, layout };
-    let raw_type = read_u16(buf, 0);
-    let cookie = read_u16(buf, 2);
+    let head = m.head()?;
+    let (raw_type, cookie) = (head.ty.get(), head.cookie.get());
     let ty = MsgType::from_u16(raw_type).ok_or(ControlError::UnexpectedReply(raw_type))?;
-    let image = || DiskInfo {
-        sectors: m.u64(I_SECTORS),
-        sector_size: m.u32(I_SECTOR_SIZE),
-        info: m.u32(I_INFO),
+    let image = || -> Result<DiskInfo> {
+        let i = m.member::<wire::Image>()?;
+        Ok(DiskInfo {
+            sectors: i.sectors.get(),
+            sector_size: i.sector_size.get(),
+            info: i.info.get(),
+        })
     };
     let frame = match ty {
-        MsgType::Error => Frame::Reply(Reply::Error(m.i32(R_ERROR))),
-        MsgType::PidRsp => Frame::Reply(Reply::Pid(m.i32(0))),
+        MsgType::Error => Frame::Reply(Reply::Error(m.member::<wire::Response>()?.error.get())),
+        MsgType::PidRsp => Frame::Reply(Reply::Pid(m.member::<wire::Pid>()?.pid.get())),
         MsgType::AttachRsp => Frame::Reply(Reply::Attach),
-        MsgType::OpenRsp => Frame::Reply(Reply::Open(image())),
+        MsgType::OpenRsp => Frame::Reply(Reply::Open(image()?)),
         MsgType::PauseRsp => Frame::Reply(Reply::Pause),
         MsgType::ResumeRsp => Frame::Reply(Reply::Resume),
         MsgType::CloseRsp => Frame::Reply(Reply::Close),
         MsgType::DetachRsp => Frame::Reply(Reply::Detach),
         MsgType::XenblkifConnectRsp => Frame::Reply(Reply::XenblkifConnect),
         MsgType::XenblkifDisconnectRsp => Frame::Reply(Reply::XenblkifDisconnect),
-        MsgType::DiskInfoRsp => Frame::Reply(Reply::DiskInfo(image())),
-        MsgType::StatsRsp => Frame::StatsHeader(m.size_t(layout.info_length_offset())),
+        MsgType::DiskInfoRsp => Frame::Reply(Reply::DiskInfo(image()?)),
+        MsgType::StatsRsp => Frame::StatsHeader(if layout.size_t_len == 8 {
+            m.member::<wire::Info64>()?.length.get()
+        } else {
+            u64::from(m.member::<wire::Info32>()?.length.get())
+        }),
         MsgType::ListRsp => {
-            let count = m.i32(L_COUNT);
+            let l = m.member::<wire::List>()?;
+            let count = l.count.get();
             if count < 0 {
                 return Err(ControlError::invalid(format!("list count {count}")));
             }
             if count == 0 {
                 Frame::ListItem { count, entry: None }
             } else {
-                let minor = m.i32(L_MINOR);
+                let minor = l.minor.get();
                 let minor = u16::try_from(minor)
                     .map_err(|_| ControlError::invalid(format!("list minor {minor}")))?;
                 Frame::ListItem {
                     count,
                     entry: Some(ListEntry {
                         minor,
-                        state: VbdState(m.u32(L_STATE)),
-                        params: m.string(L_PATH, "list path")?,
+                        state: VbdState(l.state.get()),
+                        params: cstring(&l.path, "list path")?,
                     }),
                 }
             }
@@ -1286,68 +1426,43 @@ pub fn split_params(params: &str) -> Result<(&str, &str)> {
     }
 }
 
-// ---- byte helpers -------------------------------------------------------------------------
+// ---- message access through the declared members ------------------------------------------
 
-fn read_u16(b: &[u8], off: usize) -> u16 {
-    let mut a = [0u8; 2];
-    if let Some(s) = b.get(off..off + 2) {
-        a.copy_from_slice(s);
+/// Store `s` NUL-terminated in a string field (the rest stays zero).
+fn put_cstr(field: &mut [u8; STRING_LEN], s: &str, what: &str) -> Result<()> {
+    let b = s.as_bytes();
+    if b.len() >= STRING_LEN || b.contains(&0) {
+        return Err(ControlError::invalid(format!(
+            "{what}: longer than {} bytes or contains NUL",
+            STRING_LEN - 1
+        )));
     }
-    u16::from_ne_bytes(a)
+    field[..b.len()].copy_from_slice(b);
+    Ok(())
 }
 
-fn read_u32(b: &[u8], off: usize) -> u32 {
-    let mut a = [0u8; 4];
-    if let Some(s) = b.get(off..off + 4) {
-        a.copy_from_slice(s);
-    }
-    u32::from_ne_bytes(a)
-}
-
-fn read_u64(b: &[u8], off: usize) -> u64 {
-    let mut a = [0u8; 8];
-    if let Some(s) = b.get(off..off + 8) {
-        a.copy_from_slice(s);
-    }
-    u64::from_ne_bytes(a)
-}
-
-/// A read-only view of one message.
+/// A read-only view of one message (at least `layout.msg_size` bytes).
 struct MsgRef<'a> {
     buf: &'a [u8],
     layout: WireLayout,
 }
 
 impl MsgRef<'_> {
-    fn at(&self, off: usize) -> usize {
-        self.layout.union_offset + off
+    fn head(&self) -> Result<wire::Head> {
+        wire::Head::read_from_prefix(self.buf)
+            .map(|(h, _)| h)
+            .map_err(|_| ControlError::invalid("message too short"))
     }
-    fn u16(&self, off: usize) -> u16 {
-        read_u16(self.buf, self.at(off))
-    }
-    fn u32(&self, off: usize) -> u32 {
-        read_u32(self.buf, self.at(off))
-    }
-    fn i32(&self, off: usize) -> i32 {
-        self.u32(off) as i32
-    }
-    fn u64(&self, off: usize) -> u64 {
-        read_u64(self.buf, self.at(off))
-    }
-    fn size_t(&self, off: usize) -> u64 {
-        if self.layout.size_t_len == 8 {
-            self.u64(off)
-        } else {
-            u64::from(self.u32(off))
-        }
-    }
-    fn field(&self, off: usize, len: usize) -> &[u8] {
-        let start = self.at(off).min(self.buf.len());
-        let end = (start + len).min(self.buf.len());
-        &self.buf[start..end]
-    }
-    fn string(&self, off: usize, what: &str) -> Result<String> {
-        cstring(self.field(off, STRING_LEN), what)
+
+    /// The union read as member `T`.
+    fn member<T: FromBytes + KnownLayout + Immutable>(&self) -> Result<T> {
+        let u = self
+            .buf
+            .get(self.layout.union_offset..self.layout.msg_size)
+            .unwrap_or_default();
+        T::read_from_prefix(u)
+            .map(|(t, _)| t)
+            .map_err(|_| ControlError::invalid("message too short"))
     }
 }
 
@@ -1363,52 +1478,31 @@ impl Msg {
             buf: [0u8; MAX_MSG_SIZE],
             layout,
         };
-        m.buf[0..2].copy_from_slice(&(ty as u16).to_ne_bytes());
-        m.buf[2..4].copy_from_slice(&cookie.to_ne_bytes());
+        let head = wire::Head {
+            ty: (ty as u16).into(),
+            cookie: cookie.into(),
+        };
+        m.buf[..size_of::<wire::Head>()].copy_from_slice(head.as_bytes());
         m
     }
+
     fn bytes(&self) -> &[u8] {
         &self.buf[..self.layout.msg_size]
     }
-    fn put(&mut self, off: usize, b: &[u8]) {
-        let at = self.layout.union_offset + off;
+
+    fn view(&self) -> MsgRef<'_> {
+        MsgRef {
+            buf: self.bytes(),
+            layout: self.layout,
+        }
+    }
+
+    /// Write member `T` at the start of the union (every member fits in every layout's
+    /// union: asserted in [`wire`]).
+    fn set<T: IntoBytes + Immutable>(&mut self, member: &T) {
+        let b = member.as_bytes();
+        let at = self.layout.union_offset;
         self.buf[at..at + b.len()].copy_from_slice(b);
-    }
-    fn put_u16(&mut self, off: usize, v: u16) {
-        self.put(off, &v.to_ne_bytes())
-    }
-    fn put_u32(&mut self, off: usize, v: u32) {
-        self.put(off, &v.to_ne_bytes())
-    }
-    fn put_i32(&mut self, off: usize, v: i32) {
-        self.put(off, &v.to_ne_bytes())
-    }
-    fn put_u64(&mut self, off: usize, v: u64) {
-        self.put(off, &v.to_ne_bytes())
-    }
-    fn put_size_t(&mut self, v: u64) {
-        let off = self.layout.info_length_offset();
-        if self.layout.size_t_len == 8 {
-            self.put_u64(off, v)
-        } else {
-            // Callers check that v fits in 32 bits for a 4-byte size_t.
-            self.put_u32(off, v as u32)
-        }
-    }
-    fn put_str(&mut self, off: usize, s: &str, what: &str) -> Result<()> {
-        let b = s.as_bytes();
-        if b.len() >= STRING_LEN || b.contains(&0) {
-            return Err(ControlError::invalid(format!(
-                "{what}: longer than {} bytes or contains NUL",
-                STRING_LEN - 1
-            )));
-        }
-        self.put(off, b);
-        Ok(())
-    }
-    fn field(&self, off: usize, len: usize) -> &[u8] {
-        let at = self.layout.union_offset + off;
-        &self.buf[at..at + len]
     }
 }
 

@@ -22,7 +22,7 @@ use std::io;
 use std::path::PathBuf;
 
 /// The sector unit of every image API, the VHD format and the blkif protocol.
-pub const SECTOR_SIZE: u64 = 512;
+pub use crate::SECTOR_SIZE;
 /// `SECTOR_SIZE` as a shift.
 pub const SECTOR_SHIFT: u32 = 9;
 

@@ -29,3 +29,17 @@ pub fn open_chain_stored(name: &str) -> Result<VhdImage, ImageError> {
     };
     open_vhd_chain(Path::new(name), &opts)
 }
+
+/// [`open_chain`] for a command: on failure print blktap's `error opening NAME: -errno`
+/// on stdout and the cause on stderr.
+pub fn open_chain_or_report(
+    io: &mut super::Io,
+    name: &str,
+    read_only: bool,
+) -> super::error::Result<VhdImage> {
+    open_chain(name, read_only).map_err(|e| {
+        crate::vout!(io, "error opening {name}: {}", -e.errno());
+        crate::verr!(io, "{}", super::common::describe(&e));
+        e.into()
+    })
+}

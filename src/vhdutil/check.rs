@@ -8,8 +8,9 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 use std::time::SystemTime;
 
-use super::cli::{OptsExt, UsageSpec, EINVAL};
+use super::cli::{OptsExt, UsageSpec};
 use super::common::{self, neg};
+use super::error::{Error, Result};
 use super::scanfmt::basename;
 use super::Io;
 use crate::image::file::{BlockFile, OsFile};
@@ -17,6 +18,7 @@ use crate::image::vhd::format::*;
 use crate::image::vhd::ops::vhd_time;
 use crate::image::vhd::parent::resolve_locator;
 use crate::vout;
+use nix::errno::Errno;
 
 pub const USAGE: UsageSpec = UsageSpec {
     cmd: "check",
@@ -26,7 +28,7 @@ pub const USAGE: UsageSpec = UsageSpec {
 [-B do not check BAT for overlapping (precludes -s, -b)] \
 [-p check parents] [-b check bitmaps] [-s stats] [-h help]\n",
     to_stderr: false,
-    h_status: 0,
+    h_fails: false,
 };
 
 /// Allowed clock skew for timestamps in the future (NFS servers).
@@ -67,21 +69,18 @@ struct Raw {
 }
 
 impl Raw {
-    fn load(path: &Path, file: OsFile, footer: Footer) -> Result<Raw, i32> {
-        let eof = file.len().map_err(|e| ioerr(&e))?;
+    fn load(path: &Path, file: OsFile, footer: Footer) -> Result<Raw> {
+        let eof = file.len().map_err(|e| Error::io("stat", e))?;
         let mut hb = [0u8; HEADER_SIZE];
         file.read_at(&mut hb, footer.data_offset)
-            .map_err(|e| ioerr(&e))?;
+            .map_err(|e| Error::io("read header", e))?;
         let header = DynHeader::decode(&hb);
         let n = u64::from(header.max_bat_size);
-        let len = usize::try_from(n * 4).map_err(|_| EINVAL)?;
+        let len = usize::try_from(n * 4).map_err(|_| Error::invalid("BAT too large"))?;
         let mut raw = vec![0u8; len];
         file.read_at(&mut raw, header.table_offset)
-            .map_err(|e| ioerr(&e))?;
-        let bat = raw
-            .chunks_exact(4)
-            .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+            .map_err(|e| Error::io("read BAT", e))?;
+        let bat = decode_bat(&raw);
         let has_batmap = super::read::has_batmap_rule(&footer);
         let batmap = if has_batmap {
             let mut b = [0u8; BATMAP_HEADER_SIZE];
@@ -126,15 +125,16 @@ impl Raw {
 
     /// libvhd's `vhd_get_batmap`: the header (cookie, version) and the checksum of the
     /// part of the map the disk size covers. `Err` is the errno libvhd returns.
-    fn get_batmap(&self) -> Result<(BatmapHeader, Vec<u8>), i32> {
-        let bh = self.batmap.ok_or(-libc::EIO)?;
-        if bh.validate().is_err() {
-            return Err(-libc::EINVAL);
+    fn get_batmap(&self) -> Result<(BatmapHeader, Vec<u8>)> {
+        let unreadable = || Error::os("read batmap", Errno::EIO);
+        let bh = self.batmap.ok_or_else(unreadable)?;
+        if let Err(e) = bh.validate() {
+            return Err(Error::invalid(format!("batmap: {e}")));
         }
         let len = batmap_checksum_len(self.footer.curr_size, usize::MAX) as u64;
-        let map = self.read(bh.batmap_offset, len).ok_or(-libc::EIO)?;
+        let map = self.read(bh.batmap_offset, len).ok_or_else(unreadable)?;
         if batmap_checksum(&map, self.footer.curr_size, bh.batmap_version) != bh.checksum {
-            return Err(-libc::EINVAL);
+            return Err(Error::invalid("batmap checksum"));
         }
         Ok((bh, map))
     }
@@ -248,33 +248,46 @@ fn footer_at(file: &dyn BlockFile, off: u64) -> std::io::Result<Footer> {
     Ok(Footer::decode(&b))
 }
 
-fn ioerr(e: &std::io::Error) -> i32 {
-    -e.raw_os_error().unwrap_or(libc::EIO)
+/// An I/O failure: print blktap's `<what>: -errno` and fail with its cause.
+fn io_fail(io: &mut Io, what: &str, e: std::io::Error) -> Error {
+    let e = Error::io(what, e);
+    vout!(io, "{what}: {}", e.neg());
+    e
 }
 
-fn check_footer(io: &mut Io, ctx: &mut Ctx, file: &dyn BlockFile) -> Result<Footer, i32> {
-    let eof = file.len().map_err(|e| {
-        vout!(io, "error calculating end of file: {}", ioerr(&e));
-        ioerr(&e)
-    })?;
+/// The image is inconsistent: print blktap's message and fail (EINVAL).
+fn bad(io: &mut Io, msg: String) -> Error {
+    vout!(io, "{msg}");
+    Error::invalid(msg)
+}
+
+/// A failure blktap reports by `errno`: print its message and fail.
+fn os_fail(io: &mut Io, msg: String, errno: Errno) -> Error {
+    vout!(io, "{msg}");
+    Error::os(msg, errno)
+}
+
+fn check_footer(io: &mut Io, ctx: &mut Ctx, file: &dyn BlockFile) -> Result<Footer> {
+    let eof = file
+        .len()
+        .map_err(|e| io_fail(io, "error calculating end of file", e))?;
     let size = if eof % 512 != 0 { 511 } else { 512 };
     if eof < size {
-        vout!(io, "error reading primary footer: {}", -libc::EIO);
-        return Err(-libc::EIO);
+        return Err(os_fail(
+            io,
+            format!("error reading primary footer: {}", -libc::EIO),
+            Errno::EIO,
+        ));
     }
     let mut b = [0u8; FOOTER_SIZE];
     file.read_at(&mut b[..size as usize], eof - size)
-        .map_err(|e| {
-            vout!(io, "error reading primary footer: {}", ioerr(&e));
-            ioerr(&e)
-        })?;
+        .map_err(|e| io_fail(io, "error reading primary footer", e))?;
     let primary = Footer::decode(&b);
     let mut skip_backup = false;
     if let Some(msg) = validate_footer(&ctx.opts, &primary) {
         ctx.primary_footer_missing = true;
         if !ctx.opts.ignore_footer {
-            vout!(io, "primary footer invalid: {msg}");
-            return Err(EINVAL);
+            return Err(bad(io, format!("primary footer invalid: {msg}")));
         }
     } else if primary.disk_type == 2 {
         skip_backup = true;
@@ -282,13 +295,9 @@ fn check_footer(io: &mut Io, ctx: &mut Ctx, file: &dyn BlockFile) -> Result<Foot
     if skip_backup {
         return Ok(primary);
     }
-    let backup = footer_at(file, 0).map_err(|e| {
-        vout!(io, "error reading backup footer: {}", ioerr(&e));
-        ioerr(&e)
-    })?;
+    let backup = footer_at(file, 0).map_err(|e| io_fail(io, "error reading backup footer", e))?;
     if let Some(msg) = validate_footer(&ctx.opts, &backup) {
-        vout!(io, "backup footer invalid: {msg}");
-        return Err(EINVAL);
+        return Err(bad(io, format!("backup footer invalid: {msg}")));
     }
     if primary != backup {
         if ctx.opts.ignore_footer {
@@ -300,29 +309,29 @@ fn check_footer(io: &mut Io, ctx: &mut Ctx, file: &dyn BlockFile) -> Result<Foot
         let mut b0 = backup;
         b0.hidden = 0;
         if !(old_tap && b0 == primary) {
-            vout!(io, "primary and backup footers do not match");
-            return Err(EINVAL);
+            return Err(bad(
+                io,
+                "primary and backup footers do not match".to_string(),
+            ));
         }
     }
     Ok(primary)
 }
 
-fn check_header(io: &mut Io, file: &dyn BlockFile, footer: &Footer) -> Result<(), i32> {
+fn check_header(io: &mut Io, file: &dyn BlockFile, footer: &Footer) -> Result<()> {
     let mut b = [0u8; HEADER_SIZE];
     if let Err(e) = file.read_at(&mut b, footer.data_offset) {
-        vout!(io, "error reading header: {}", ioerr(&e));
-        return Err(ioerr(&e));
+        return Err(io_fail(io, "error reading header", e));
     }
     let h = DynHeader::decode(&b);
     let eof = file.len().unwrap_or(0);
     if let Some(msg) = validate_header(&h, eof) {
-        vout!(io, "header is invalid: {msg}");
-        return Err(EINVAL);
+        return Err(bad(io, format!("header is invalid: {msg}")));
     }
     Ok(())
 }
 
-fn check_differencing_header(io: &mut Io, o: &Opts, r: &Raw) -> Result<(), i32> {
+fn check_differencing_header(io: &mut Io, o: &Opts, r: &Raw) -> Result<()> {
     let h = &r.header;
     let msg = if r.is_diff() {
         if !o.ignore_timestamps && h.prt_ts > now().saturating_add(TIMESTAMP_MAX_SLACK) {
@@ -342,8 +351,7 @@ fn check_differencing_header(io: &mut Io, o: &Opts, r: &Raw) -> Result<(), i32> 
         None
     };
     if let Some(m) = msg {
-        vout!(io, "differencing header is invalid: {m}");
-        return Err(EINVAL);
+        return Err(bad(io, format!("differencing header is invalid: {m}")));
     }
     Ok(())
 }
@@ -373,26 +381,32 @@ fn end_of_headers(r: &Raw) -> u64 {
     eom
 }
 
-fn check_bitmap(io: &mut Io, ctx: &mut Ctx, r: &Raw, block: u32) -> Result<(), i32> {
+fn check_bitmap(io: &mut Io, ctx: &mut Ctx, r: &Raw, block: u32) -> Result<()> {
     let spb = r.spb() as u32;
     let sector = u64::from(block) * u64::from(spb);
     let e = u64::from(r.bat[block as usize]);
     let Some(bitmap) = r.read(e * 512, r.bm_secs() * 512) else {
-        vout!(io, "error reading bitmap {:#x}", block);
-        return Err(-libc::EIO);
+        return Err(os_fail(
+            io,
+            format!("error reading bitmap {:#x}", block),
+            Errno::EIO,
+        ));
     };
     let data = if ctx.opts.check_data {
         match r.read((e + r.bm_secs()) * 512, u64::from(spb) * 512) {
             Some(d) => Some(d),
             None => {
-                vout!(io, "error reading data block {:#x}", block);
-                return Err(-libc::EIO);
+                return Err(os_fail(
+                    io,
+                    format!("error reading data block {:#x}", block),
+                    Errno::EIO,
+                ));
             }
         }
     } else {
         None
     };
-    let mut err = 0;
+    let mut err = Ok(());
     for i in 0..spb {
         let set = bit_test(&bitmap, u64::from(i));
         if ctx.opts.collect_stats && set {
@@ -404,24 +418,17 @@ fn check_bitmap(io: &mut Io, ctx: &mut Ctx, r: &Raw, block: u32) -> Result<(), i
         if let Some(d) = &data {
             let start = i as usize * 512;
             if d[start..start + 512].iter().any(|&b| b != 0) && !set {
-                vout!(
+                err = Err(bad(
                     io,
-                    "sector {:#x} of block {:#x} has data where bitmap is clear",
-                    i,
-                    block
-                );
-                err = EINVAL;
+                    format!("sector {i:#x} of block {block:#x} has data where bitmap is clear"),
+                ));
             }
         }
     }
-    if err != 0 {
-        Err(err)
-    } else {
-        Ok(())
-    }
+    err
 }
 
-fn check_bat(io: &mut Io, ctx: &mut Ctx, r: &Raw, name: &str) -> Result<(), i32> {
+fn check_bat(io: &mut Io, ctx: &mut Ctx, r: &Raw, name: &str) -> Result<()> {
     let h = &r.header;
     if ctx.opts.collect_stats {
         let total = r.spb() * u64::from(h.max_bat_size);
@@ -433,8 +440,11 @@ fn check_bat(io: &mut Io, ctx: &mut Ctx, r: &Raw, name: &str) -> Result<(), i32>
             }
         });
         if !ok {
-            vout!(io, "failed to allocate stats for {name}");
-            return Err(-libc::ENOMEM);
+            return Err(os_fail(
+                io,
+                format!("failed to allocate stats for {name}"),
+                Errno::ENOMEM,
+            ));
         }
         ctx.stats.insert(
             0,
@@ -450,8 +460,7 @@ fn check_bat(io: &mut Io, ctx: &mut Ctx, r: &Raw, name: &str) -> Result<(), i32>
     let mut eof = r.eof;
     if !eof.is_multiple_of(512) {
         if eof % 512 != 511 {
-            vout!(io, "invalid file size: {:#x}", eof);
-            return Err(EINVAL);
+            return Err(bad(io, format!("invalid file size: {:#x}", eof)));
         }
         eof += 1;
     }
@@ -459,7 +468,7 @@ fn check_bat(io: &mut Io, ctx: &mut Ctx, r: &Raw, name: &str) -> Result<(), i32>
     // libvhd's vhd_end_of_headers reads and validates the batmap first.
     if r.has_batmap {
         if let Err(e) = r.get_batmap() {
-            vout!(io, "error calculating end of metadata: {e}");
+            vout!(io, "error calculating end of metadata: {}", e.neg());
             return Err(e);
         }
     }
@@ -468,12 +477,13 @@ fn check_bat(io: &mut Io, ctx: &mut Ctx, r: &Raw, name: &str) -> Result<(), i32>
     let block_size = r.spb() + r.bm_secs();
     let vhd_blks = r.footer.curr_size >> 21;
     if vhd_blks > u64::from(h.max_bat_size) {
-        vout!(
+        return Err(bad(
             io,
-            "VHD size ({vhd_blks} blocks) exceeds BAT size ({})",
-            h.max_bat_size
-        );
-        return Err(EINVAL);
+            format!(
+                "VHD size ({vhd_blks} blocks) exceeds BAT size ({})",
+                h.max_bat_size
+            ),
+        ));
     }
     let n = (vhd_blks as usize).min(bat.len());
     // Allocated entries sorted by offset make the overlap test O(n log n).
@@ -490,14 +500,18 @@ fn check_bat(io: &mut Io, ctx: &mut Ctx, r: &Raw, name: &str) -> Result<(), i32>
         }
         let o = u64::from(off);
         if o < eoh {
-            vout!(io, "block {i} (offset {:#x}) clobbers headers", off);
-            return Err(EINVAL);
+            return Err(bad(
+                io,
+                format!("block {i} (offset {:#x}) clobbers headers", off),
+            ));
         }
         if o + block_size > eof
             && !(ctx.primary_footer_missing && ctx.opts.ignore_footer && o + block_size == eof + 1)
         {
-            vout!(io, "block {i} (offset {:#x}) clobbers footer", off);
-            return Err(EINVAL);
+            return Err(bad(
+                io,
+                format!("block {i} (offset {:#x}) clobbers footer", off),
+            ));
         }
         if ctx.opts.no_check_bat {
             continue;
@@ -516,13 +530,13 @@ fn check_bat(io: &mut Io, ctx: &mut Ctx, r: &Raw, name: &str) -> Result<(), i32>
                 || (o > jo && o < jo + block_size)
                 || (o + block_size > jo && o + block_size < jo + block_size);
             if overlap {
-                vout!(
+                return Err(bad(
                     io,
-                    "block {i} (offset {:#x}) clobbers block {j} (offset {:#x})",
-                    off,
-                    jo
-                );
-                return Err(EINVAL);
+                    format!(
+                        "block {i} (offset {:#x}) clobbers block {j} (offset {:#x})",
+                        off, jo
+                    ),
+                ));
             }
         }
         if ctx.opts.check_data || ctx.opts.collect_stats {
@@ -537,11 +551,14 @@ fn check_bat(io: &mut Io, ctx: &mut Ctx, r: &Raw, name: &str) -> Result<(), i32>
     Ok(())
 }
 
-fn check_batmap(io: &mut Io, r: &Raw) -> Result<(), i32> {
+fn check_batmap(io: &mut Io, r: &Raw) -> Result<()> {
     let h = &r.header;
     let Some(bh) = r.batmap else {
-        vout!(io, "error reading batmap: {}", -libc::EIO);
-        return Err(-libc::EIO);
+        return Err(os_fail(
+            io,
+            format!("error reading batmap: {}", -libc::EIO),
+            Errno::EIO,
+        ));
     };
     let eof = r.eof;
     let msg = if bh.cookie != BATMAP_COOKIE {
@@ -574,8 +591,7 @@ fn check_batmap(io: &mut Io, r: &Raw) -> Result<(), i32> {
                     if bit_test(&m, i)
                         && bat.get(i as usize).copied().unwrap_or(BAT_UNUSED) == BAT_UNUSED
                     {
-                        vout!(io, "batmap shows unallocated block {i} full");
-                        return Err(EINVAL);
+                        return Err(bad(io, format!("batmap shows unallocated block {i} full")));
                     }
                 }
                 None
@@ -583,13 +599,12 @@ fn check_batmap(io: &mut Io, r: &Raw) -> Result<(), i32> {
         }
     };
     if let Some(m) = msg {
-        vout!(io, "batmap is invalid: {m}");
-        return Err(EINVAL);
+        return Err(bad(io, format!("batmap is invalid: {m}")));
     }
     Ok(())
 }
 
-fn check_parent_locators(io: &mut Io, ctx: &Ctx, r: &Raw) -> Result<(), i32> {
+fn check_parent_locators(io: &mut Io, ctx: &Ctx, r: &Raw) -> Result<()> {
     let h = &r.header;
     let pname = h.parent_name();
     let eof = r.eof;
@@ -622,15 +637,16 @@ fn check_parent_locators(io: &mut Io, ctx: &Ctx, r: &Raw) -> Result<(), i32> {
             None
         };
         if let Some(m) = msg {
-            vout!(io, "invalid parent locator {i}: {m}");
-            return Err(EINVAL);
+            return Err(bad(io, format!("invalid parent locator {i}: {m}")));
         }
         if l.code == PLAT_NONE {
             continue;
         }
         if seen.contains(&l.code) {
-            vout!(io, "duplicate platform code in locator {i}: {:#x}", l.code);
-            return Err(EINVAL);
+            return Err(bad(
+                io,
+                format!("duplicate platform code in locator {i}: {:#x}", l.code),
+            ));
         }
         seen.push(l.code);
         if !matches!(l.code, PLAT_MACX | PLAT_W2RU | PLAT_W2KU) {
@@ -638,28 +654,32 @@ fn check_parent_locators(io: &mut Io, ctx: &Ctx, r: &Raw) -> Result<(), i32> {
         }
         let ppath = match r
             .locator_data(l)
-            .ok_or(-libc::EIO)
-            .and_then(|d| decode_locator(l.code, &d).map_err(|_| EINVAL))
-        {
+            .ok_or_else(|| Error::os(format!("read parent locator {i}"), Errno::EIO))
+            .and_then(|d| {
+                decode_locator(l.code, &d)
+                    .map_err(|e| Error::invalid(format!("parent locator {i}: {e}")))
+            }) {
             Ok(p) => p,
             Err(e) => {
-                vout!(io, "error reading parent locator {i}: {e}");
+                vout!(io, "error reading parent locator {i}: {}", e.neg());
                 return Err(e);
             }
         };
         let file = basename(&ppath);
         if file != pname {
-            vout!(
+            return Err(bad(
                 io,
-                "parent locator {i} name ({file}) does not match header name ({pname})"
-            );
-            return Err(EINVAL);
+                format!("parent locator {i} name ({file}) does not match header name ({pname})"),
+            ));
         }
         let Some(location) = resolve_locator(&r.path, &ppath) else {
             // libvhd's vhd_find_parent fails (ENOENT) when the resolved path is not
             // readable, before check's own "points to missing file" test can run.
-            vout!(io, "error resolving {ppath}: {}", -libc::ENOENT);
-            return Err(-libc::ENOENT);
+            return Err(os_fail(
+                io,
+                format!("error resolving {ppath}: {}", -libc::ENOENT),
+                Errno::ENOENT,
+            ));
         };
         let raw = h.prt_uuid == [0; 16];
         if !raw && !ctx.opts.ignore_parent_uuid {
@@ -670,15 +690,13 @@ fn check_parent_locators(io: &mut Io, ctx: &Ctx, r: &Raw) -> Result<(), i32> {
                 Ok(_) => None,
             };
             if let Some(m) = msg {
-                vout!(io, "invalid parent {loc}: {m}");
-                return Err(EINVAL);
+                return Err(bad(io, format!("invalid parent {loc}: {m}")));
             }
         }
         found += 1;
     }
     if found == 0 {
-        vout!(io, "could not find parent {pname}");
-        return Err(EINVAL);
+        return Err(bad(io, format!("could not find parent {pname}")));
     }
     Ok(())
 }
@@ -705,16 +723,7 @@ fn dump_raw(io: &mut Io, r: &Raw) {
         .loc
         .iter()
         .enumerate()
-        .map(|(i, l)| LocatorView {
-            index: i,
-            code: l.code,
-            data_space: l.data_space,
-            data_len: l.data_len,
-            data_offset: l.data_offset,
-            decoded: r
-                .locator_data(l)
-                .and_then(|d| decode_locator(l.code, &d).ok()),
-        })
+        .map(|(i, l)| LocatorView::of(i, l, r.locator_data(l)))
         .collect();
     let view = |bh: BatmapHeader| {
         let computed = r
@@ -747,28 +756,30 @@ fn dump_raw(io: &mut Io, r: &Raw) {
     print_meta(io, &r.footer, Some(&r.header), &locs, batmap, false);
 }
 
-fn check_vhd(io: &mut Io, ctx: &mut Ctx, name: &str) -> i32 {
+fn check_vhd(io: &mut Io, ctx: &mut Ctx, name: &str) -> Result {
     let md = match std::fs::metadata(name) {
         Ok(m) => m,
         Err(e) => {
             let n = e.raw_os_error().unwrap_or(libc::EIO);
             vout!(io, "cannot stat {name}: {n}");
-            return -n;
+            return Err(Error::io(format!("stat {name}"), e));
         }
     };
     if !md.is_file() && !md.file_type().is_block_device() {
-        vout!(io, "{name} is not a regular file or block device");
-        return EINVAL;
+        return Err(bad(
+            io,
+            format!("{name} is not a regular file or block device"),
+        ));
     }
     let file = match OsFile::open(Path::new(name), false) {
         Ok(f) => f,
         Err(e) => {
             vout!(io, "error opening {name}");
-            return ioerr(&e);
+            return Err(Error::io(format!("open {name}"), e));
         }
     };
     let mut loaded: Option<Raw> = None;
-    let r = (|| -> Result<bool, i32> {
+    let r = (|| -> Result<bool> {
         let footer = check_footer(io, ctx, &file)?;
         if footer.disk_type != 3 && footer.disk_type != 4 {
             return Ok(false);
@@ -790,23 +801,23 @@ fn check_vhd(io: &mut Io, ctx: &mut Ctx, name: &str) -> i32 {
             if dynamic && !ctx.opts.collect_stats {
                 vout!(io, "{name} is valid");
             }
-            0
+            Ok(())
         }
         Err(e) => {
             dump_metadata(io, name, loaded.as_ref());
-            e
+            Err(e)
         }
     }
 }
 
-fn check_parents(io: &mut Io, ctx: &mut Ctx, name: &str) -> i32 {
+fn check_parents(io: &mut Io, ctx: &mut Ctx, name: &str) -> Result {
     let mut cur = name.to_string();
-    let mut err = 0;
+    let mut err = Ok(());
     for _ in 0..common::MAX_CHAIN {
         let img = match common::open(&cur, true) {
             Ok(i) => i,
             Err(e) => {
-                err = neg(&e);
+                err = Err(e.into());
                 break;
             }
         };
@@ -818,18 +829,18 @@ fn check_parents(io: &mut Io, ctx: &mut Ctx, name: &str) -> i32 {
             Ok(None) => break,
             Err(e) => {
                 vout!(io, "error getting parent: {}", neg(&e));
-                err = neg(&e);
+                err = Err(e.into());
                 break;
             }
         };
         cur = parent;
         err = check_vhd(io, ctx, &cur);
-        if err != 0 {
+        if err.is_err() {
             break;
         }
     }
-    if err != 0 {
-        vout!(io, "error checking parents: {err}");
+    if let Err(e) = &err {
+        vout!(io, "error checking parents: {}", e.neg());
     }
     err
 }
@@ -887,10 +898,9 @@ fn print_stats(io: &mut Io, ctx: &Ctx) {
     }
 }
 
-pub fn run(io: &mut Io, args: &[String]) -> i32 {
-    let (p, name) = match USAGE.parse_named(io, args) {
-        Ok(v) => v,
-        Err(s) => return s,
+pub fn run(io: &mut Io, args: &[String]) -> Result {
+    let Some((p, name)) = USAGE.parse_named(io, args)? else {
+        return Ok(());
     };
     let opts = Opts {
         ignore_footer: p.flag('i'),
@@ -901,17 +911,15 @@ pub fn run(io: &mut Io, args: &[String]) -> i32 {
         collect_stats: p.flag('s'),
     };
     if (opts.collect_stats || opts.check_data) && opts.no_check_bat {
-        return USAGE.fail(io, EINVAL);
+        return Err(USAGE.fail(io));
     }
     let mut ctx = Ctx {
         opts,
         stats: Vec::new(),
         primary_footer_missing: false,
     };
-    let mut err = check_vhd(io, &mut ctx, &name);
-    if err != 0 {
-        return err;
-    }
+    check_vhd(io, &mut ctx, &name)?;
+    let mut err = Ok(());
     if p.flag('p') {
         err = check_parents(io, &mut ctx, &name);
     }

@@ -1,11 +1,9 @@
 //! Shared command-line plumbing: option parsing with blktap's usage and exit-status
 //! conventions.
 
-use super::getopt::{getopt, Parsed};
+use super::error::{Error, Result};
 use super::Io;
-
-/// `EINVAL` as blktap returns it from a command (negative errno convention).
-pub const EINVAL: i32 = -libc::EINVAL;
+use crate::util::getopt::{getopt, Parsed};
 
 /// How a command prints its usage and what `-h` returns.
 pub struct UsageSpec {
@@ -17,8 +15,8 @@ pub struct UsageSpec {
     pub text: &'static str,
     /// blktap prints usage on stderr for `key`, stdout for everything else.
     pub to_stderr: bool,
-    /// Status of `-h` (blktap: 0 for some commands, -EINVAL for others).
-    pub h_status: i32,
+    /// `-h` is a failure (blktap: EINVAL for some commands, success for others).
+    pub h_fails: bool,
 }
 
 impl UsageSpec {
@@ -31,48 +29,61 @@ impl UsageSpec {
         }
     }
 
-    /// Print usage and return `status` (for use as `return u.fail(io, EINVAL)`).
-    pub fn fail(&self, io: &mut Io, status: i32) -> i32 {
+    /// Print usage and return [`Error::Usage`] (for `return Err(u.fail(io))`).
+    pub fn fail(&self, io: &mut Io) -> Error {
         self.print(io);
-        status
+        Error::Usage
     }
 
-    /// Parse `args`. `Err(status)` means "usage was printed, exit with status": getopt
-    /// errors (glibc's message on stderr, then usage, -EINVAL), `-h` (usage, h_status)
-    /// and `--help` (usage, 0).
-    pub fn parse(&self, io: &mut Io, args: &[String]) -> Result<Parsed, i32> {
+    /// Parse `args`. `Ok(None)`: usage was printed for `-h` or `--help` and the command is
+    /// done (blktap: success, or [`Error::Usage`] for `-h` where `h_fails`); getopt errors
+    /// print glibc's message on stderr, then usage ([`Error::Usage`]).
+    pub fn parse(&self, io: &mut Io, args: &[String]) -> Result<Option<Parsed>> {
         match getopt(self.cmd, args, self.spec) {
             Err(e) => {
-                let _ = writeln!(io.err, "{}", e.message);
-                Err(self.fail(io, EINVAL))
+                let _ = writeln!(io.err, "{e}");
+                Err(self.fail(io))
             }
-            Ok(p) if p.long_help => Err(self.fail(io, 0)),
-            Ok(p) if p.opts.iter().any(|o| o.letter == 'h') => Err(self.fail(io, self.h_status)),
-            Ok(p) => Ok(p),
+            Ok(p) if p.long_help => {
+                self.print(io);
+                Ok(None)
+            }
+            Ok(p) if p.opts.iter().any(|o| o.letter == 'h') => {
+                self.print(io);
+                if self.h_fails {
+                    Err(Error::Usage)
+                } else {
+                    Ok(None)
+                }
+            }
+            Ok(p) => Ok(Some(p)),
         }
     }
 
     /// [`UsageSpec::parse`] for the commands working on one image: `-n NAME` is required
-    /// and operands are refused (usage, -EINVAL). Returns the options and NAME.
-    pub fn parse_named(&self, io: &mut Io, args: &[String]) -> Result<(Parsed, String), i32> {
-        let (p, [name]) = self.parse_required(io, args, ['n'])?;
-        Ok((p, name))
+    /// and operands are refused (usage). Returns the options and NAME.
+    pub fn parse_named(&self, io: &mut Io, args: &[String]) -> Result<Option<(Parsed, String)>> {
+        Ok(self
+            .parse_required(io, args, ['n'])?
+            .map(|(p, [name])| (p, name)))
     }
 
     /// [`UsageSpec::parse`] with the option values `letters` required and operands refused
-    /// (usage, -EINVAL). Returns the options and the required values, in `letters` order.
+    /// (usage). Returns the options and the required values, in `letters` order.
     pub fn parse_required<const N: usize>(
         &self,
         io: &mut Io,
         args: &[String],
         letters: [char; N],
-    ) -> Result<(Parsed, [String; N]), i32> {
-        let p = self.parse(io, args)?;
+    ) -> Result<Option<(Parsed, [String; N])>> {
+        let Some(p) = self.parse(io, args)? else {
+            return Ok(None);
+        };
         let values = letters.map(|c| p.value(c).map(str::to_string));
         if values.iter().any(Option::is_none) || !p.operands.is_empty() {
-            return Err(self.fail(io, EINVAL));
+            return Err(self.fail(io));
         }
-        Ok((p, values.map(Option::unwrap_or_default)))
+        Ok(Some((p, values.map(Option::unwrap_or_default))))
     }
 }
 
@@ -96,12 +107,74 @@ impl OptsExt for Parsed {
 }
 
 /// A strict MiB/byte/sector count for `-s`-style options: print
-/// `invalid <what> '<s>'` and return -EINVAL on anything but plain decimal digits.
-pub fn number(io: &mut Io, what: &str, s: &str) -> Result<u64, i32> {
-    super::getopt::parse_u64_strict(s).ok_or_else(|| {
+/// `invalid <what> '<s>'` and fail on anything but plain decimal digits.
+pub fn number(io: &mut Io, what: &str, s: &str) -> Result<u64> {
+    parse_u64_strict(s).ok_or_else(|| {
         let _ = writeln!(io.out, "invalid {what} '{s}'");
-        EINVAL
+        Error::invalid(format!("invalid {what} '{s}'"))
     })
+}
+
+/// C `strtoull(s, NULL, 10)`: leading whitespace, optional sign, then as many decimal
+/// digits as there are; no digits gives 0; overflow saturates at `u64::MAX`; a minus sign
+/// negates modulo 2^64 as C does.
+pub fn strtoull(s: &str) -> u64 {
+    let t = s.trim_start();
+    let (neg, digits) = match t.as_bytes().first() {
+        Some(b'-') => (true, &t[1..]),
+        Some(b'+') => (false, &t[1..]),
+        _ => (false, t),
+    };
+    let mut v: u64 = 0;
+    for b in digits.bytes().take_while(u8::is_ascii_digit) {
+        match v
+            .checked_mul(10)
+            .and_then(|x| x.checked_add(u64::from(b - b'0')))
+        {
+            Some(n) => v = n,
+            None => return u64::MAX,
+        }
+    }
+    if neg {
+        v.wrapping_neg()
+    } else {
+        v
+    }
+}
+
+/// C `strtol(s, NULL, 10)` on a 64-bit long: saturates at the i64 range.
+pub fn strtol(s: &str) -> i64 {
+    let t = s.trim_start();
+    let (neg, digits) = match t.as_bytes().first() {
+        Some(b'-') => (true, &t[1..]),
+        Some(b'+') => (false, &t[1..]),
+        _ => (false, t),
+    };
+    let mut v: i64 = 0;
+    for b in digits.bytes().take_while(u8::is_ascii_digit) {
+        let d = i64::from(b - b'0');
+        let next = v.checked_mul(10).and_then(|x| {
+            if neg {
+                x.checked_sub(d)
+            } else {
+                x.checked_add(d)
+            }
+        });
+        match next {
+            Some(n) => v = n,
+            None => return if neg { i64::MIN } else { i64::MAX },
+        }
+    }
+    v
+}
+
+/// A strict decimal parse for sizes: the whole string must be digits (no sign, no
+/// suffix). vhd-util's C code accepts garbage as 0; we reject it with EINVAL instead.
+pub fn parse_u64_strict(s: &str) -> Option<u64> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
 }
 
 #[cfg(test)]
@@ -113,10 +186,10 @@ mod tests {
         spec: "n:vh",
         text: "options: <-n name> [-v] [-h help]\n",
         to_stderr: false,
-        h_status: 0,
+        h_fails: false,
     };
 
-    fn run(args: &[&str]) -> (Result<Parsed, i32>, String, String) {
+    fn run(args: &[&str]) -> (Result<Option<Parsed>>, String, String) {
         let (mut out, mut err) = (Vec::new(), Vec::new());
         let mut io = Io {
             out: &mut out,
@@ -135,19 +208,36 @@ mod tests {
     #[test]
     fn usage_paths() {
         let (r, out, err) = run(&["-x"]);
-        assert_eq!(r.unwrap_err(), EINVAL);
+        assert!(matches!(r, Err(Error::Usage)));
         assert_eq!(out, U.text);
         assert_eq!(err, "demo: invalid option -- 'x'\n");
         let (r, out, _) = run(&["-h"]);
-        assert_eq!(r.unwrap_err(), 0);
+        assert!(matches!(r, Ok(None)));
         assert_eq!(out, U.text);
-        let (r, _, _) = run(&["--help"]);
-        assert_eq!(r.unwrap_err(), 0);
+        let (r, out, _) = run(&["--help"]);
+        assert!(matches!(r, Ok(None)));
+        assert_eq!(out, U.text);
         let (r, out, _) = run(&["-n", "a", "-n", "b", "-v"]);
-        let p = r.unwrap();
+        let p = r.unwrap().unwrap();
         assert!(out.is_empty());
         assert_eq!(p.value('n'), Some("b"));
         assert!(p.flag('v'));
         assert!(!p.flag('x'));
+    }
+
+    #[test]
+    fn c_number_parsing() {
+        assert_eq!(strtoull("10"), 10);
+        assert_eq!(strtoull("  12abc"), 12);
+        assert_eq!(strtoull("abc"), 0);
+        assert_eq!(strtoull("99999999999999999999999"), u64::MAX);
+        assert_eq!(strtoull("-1"), u64::MAX);
+        assert_eq!(strtol("-5"), -5);
+        assert_eq!(strtol("300x"), 300);
+        assert_eq!(strtol("-99999999999999999999"), i64::MIN);
+        assert_eq!(parse_u64_strict("10"), Some(10));
+        assert_eq!(parse_u64_strict("10M"), None);
+        assert_eq!(parse_u64_strict(""), None);
+        assert_eq!(parse_u64_strict("-1"), None);
     }
 }

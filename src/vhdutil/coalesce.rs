@@ -25,8 +25,9 @@
 use std::path::{Path, PathBuf};
 
 use super::chain::open_chain;
-use super::cli::{OptsExt, UsageSpec, EINVAL};
+use super::cli::{OptsExt, UsageSpec};
 use super::common::{self, neg};
+use super::error::{Error, Result};
 use super::progress::{progress_style, with_progress, Style};
 use super::Io;
 use crate::image::chain::{open_vhd_chain, OpenOptions};
@@ -37,6 +38,7 @@ use crate::image::vhd::format::BAT_UNUSED;
 use crate::image::vhd::ops::{coalesce_onto, create, CreateOptions};
 use crate::image::{Image, ImageError, SECTOR_SIZE};
 use crate::vout;
+use nix::errno::Errno;
 
 pub const USAGE: UsageSpec = UsageSpec {
     cmd: "coalesce",
@@ -44,15 +46,17 @@ pub const USAGE: UsageSpec = UsageSpec {
     text: "options: <-n name> [-a ancestor] [-o output] [-s sparse] [-p progress] \
 [-x custom parent] [-h help]\n",
     to_stderr: false,
-    h_status: EINVAL,
+    h_fails: true,
 };
 
-fn errno_of(e: &std::io::Error) -> i32 {
-    -e.raw_os_error().unwrap_or(libc::EIO)
+/// `canonicalize` with the path in the error.
+fn canonical(p: impl AsRef<Path>) -> Result<PathBuf> {
+    let p = p.as_ref();
+    std::fs::canonicalize(p).map_err(|e| Error::io(format!("resolve {}", p.display()), e))
 }
 
 /// Open the coalesce target: a raw image, or a VHD with its chain, read-write.
-fn open_target(path: &Path, raw: bool) -> Result<Box<dyn Image>, ImageError> {
+fn open_target(path: &Path, raw: bool) -> std::result::Result<Box<dyn Image>, ImageError> {
     if raw {
         Ok(Box::new(RawImage::open(path, false)?))
     } else {
@@ -66,26 +70,26 @@ fn coalesce_parent(
     sparse: bool,
     style: Style,
     step_parent: Option<&str>,
-) -> Result<u64, i32> {
+) -> Result<u64> {
     let meta = common::open(name, true).map_err(|e| {
         vout!(io, "error opening {name}: {}", neg(&e));
-        neg(&e)
+        Error::from(e)
     })?;
     if !meta.is_differencing() {
         vout!(io, "coalescing of non-differencing disks is not supported");
-        return Err(EINVAL);
+        return Err(Error::invalid(format!("{name} is not a differencing disk")));
     }
     let (pname, raw) = match step_parent {
         Some(p) => (PathBuf::from(p), common::parent_is_raw(&meta)),
         None => match common::parent_path(&meta) {
             Ok(Some(p)) => p,
             Ok(None) => {
-                vout!(io, "error finding {name} parent: {EINVAL}");
-                return Err(EINVAL);
+                vout!(io, "error finding {name} parent: {}", -libc::EINVAL);
+                return Err(Error::invalid(format!("{name} has no parent")));
             }
             Err(e) => {
                 vout!(io, "error finding {name} parent: {}", neg(&e));
-                return Err(neg(&e));
+                return Err(e.into());
             }
         },
     };
@@ -108,7 +112,7 @@ fn coalesce_parent(
     let child = opened.map_err(|e| {
         vout!(io, "error opening {name}: {}", neg(&e));
         let _ = writeln!(io.err, "{}", common::describe(&e));
-        neg(&e)
+        Error::from(e)
     })?;
     let pstr = pname.to_string_lossy().into_owned();
     if sparse && !raw {
@@ -121,53 +125,66 @@ fn coalesce_parent(
             vout!(io, "error opening {pstr}: {}", neg(&e));
             let _ = writeln!(io.err, "{}", common::describe(&e));
         }
-        neg(&e)
+        Error::from(e)
     })?;
     let r = with_progress(io, style, |p| {
         coalesce_onto(&child, parent.as_ref(), Some(p))
     });
     let closed = parent.close();
     let _ = child.close();
+    finish(io, r, closed)
+}
+
+/// The outcome of a coalesce: the copy's error (its cause on stderr) first, then the
+/// target's close.
+fn finish(
+    io: &mut Io,
+    r: std::result::Result<u64, ImageError>,
+    closed: std::result::Result<(), ImageError>,
+) -> Result<u64> {
     let n = r.map_err(|e| {
         let _ = writeln!(io.err, "{}", common::describe(&e));
-        neg(&e)
+        Error::from(e)
     })?;
-    closed.map_err(|e| neg(&e))?;
+    closed?;
     Ok(n)
+}
+
+/// The chain ends before the ancestor (blktap: ENOENT).
+fn not_found() -> Error {
+    Error::os("ancestor not in the chain", Errno::ENOENT)
 }
 
 /// NAME's chain up to ANCESTOR: the layers strictly between them (VHDs) and the
 /// ancestor itself (path, raw). blktap's errors: EINVAL when NAME is ANCESTOR or block
 /// sizes differ, ENOENT when the chain ends before reaching ANCESTOR.
-fn ancestor_chain(name: &str, ancestor: &str) -> Result<(Vec<PathBuf>, PathBuf, bool), i32> {
-    let target = std::fs::canonicalize(ancestor).map_err(|e| errno_of(&e))?;
-    if std::fs::canonicalize(name).map_err(|e| errno_of(&e))? == target {
-        return Err(EINVAL);
+fn ancestor_chain(name: &str, ancestor: &str) -> Result<(Vec<PathBuf>, PathBuf, bool)> {
+    let target = canonical(ancestor)?;
+    if canonical(name)? == target {
+        return Err(Error::invalid(format!("{name} is its own ancestor")));
     }
-    let mut cur = common::open(name, true).map_err(|e| neg(&e))?;
+    let mut cur = common::open(name, true)?;
     let block_size = cur.header().map(|h| h.block_size);
     let mut between = Vec::new();
     for _ in 0..common::MAX_CHAIN {
         if !cur.is_differencing() || cur.header().map(|h| h.block_size) != block_size {
             return Err(if cur.is_differencing() {
-                EINVAL
+                Error::invalid(format!("block sizes differ on the way to {ancestor}"))
             } else {
-                -libc::ENOENT
+                not_found()
             });
         }
-        let (p, raw) = common::parent_path(&cur)
-            .map_err(|e| neg(&e))?
-            .ok_or(-libc::ENOENT)?;
-        if std::fs::canonicalize(&p).map_err(|e| errno_of(&e))? == target {
+        let (p, raw) = common::parent_path(&cur)?.ok_or_else(not_found)?;
+        if canonical(&p)? == target {
             return Ok((between, p, raw));
         }
         if raw {
-            return Err(-libc::ENOENT);
+            return Err(not_found());
         }
-        cur = common::open(&p.to_string_lossy(), true).map_err(|e| neg(&e))?;
+        cur = common::open(&p.to_string_lossy(), true)?;
         between.push(p);
     }
-    Err(-libc::ELOOP)
+    Err(Error::os(format!("chain of {name}"), Errno::ELOOP))
 }
 
 fn coalesce_ancestor(
@@ -176,22 +193,22 @@ fn coalesce_ancestor(
     ancestor: &str,
     sparse: bool,
     style: Style,
-) -> Result<u64, i32> {
+) -> Result<u64> {
     let (between, anc, raw) = ancestor_chain(name, ancestor)?;
     let child = open_chain(name, true).map_err(|e| {
         let _ = writeln!(io.err, "{}", common::describe(&e));
-        neg(&e)
+        Error::from(e)
     })?;
     let mut layers: Vec<VhdImage> = Vec::with_capacity(between.len());
     for p in &between {
-        layers.push(common::open(&p.to_string_lossy(), false).map_err(|e| neg(&e))?);
+        layers.push(common::open(&p.to_string_lossy(), false)?);
     }
     if sparse && !raw {
         vout!(io, "opening for sparse writes");
     }
     let target = open_target(&anc, raw).map_err(|e| {
         let _ = writeln!(io.err, "{}", common::describe(&e));
-        neg(&e)
+        Error::from(e)
     })?;
     let r = with_progress(io, style, |p| {
         let n = coalesce_onto(&child, target.as_ref(), Some(p))?;
@@ -215,34 +232,30 @@ fn coalesce_ancestor(
         closed = closed.and(l.close());
     }
     let _ = child.close();
-    let n = r.map_err(|e| {
-        let _ = writeln!(io.err, "{}", common::describe(&e));
-        neg(&e)
-    })?;
-    closed.map_err(|e| neg(&e))?;
-    Ok(n)
+    finish(io, r, closed)
 }
 
-fn coalesce_out(io: &mut Io, name: &str, out: &str, style: Style) -> Result<(), i32> {
+fn coalesce_out(io: &mut Io, name: &str, out: &str, style: Style) -> Result<()> {
     let src = open_chain(name, true).map_err(|e| {
         let _ = writeln!(io.err, "{}", common::describe(&e));
-        neg(&e)
+        Error::from(e)
     })?;
     match Path::new(out).symlink_metadata() {
         Ok(_) => {
             vout!(io, "{out} already exists");
-            return Err(-libc::EEXIST);
+            return Err(Error::os(out, Errno::EEXIST));
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => {
-            vout!(io, "error checking {out}: {}", -errno_of(&e));
-            return Err(errno_of(&e));
+            let e = Error::io(format!("stat {out}"), e);
+            vout!(io, "error checking {out}: {}", e.errno());
+            return Err(e);
         }
     }
     let size = src.footer().curr_size;
     if let Err(e) = create(Path::new(out), &CreateOptions::dynamic(size)) {
         vout!(io, "error creating {out}: {}", neg(&e));
-        return Err(neg(&e));
+        return Err(e.into());
     }
     let remove = || {
         let _ = std::fs::remove_file(out);
@@ -252,7 +265,7 @@ fn coalesce_out(io: &mut Io, name: &str, out: &str, style: Style) -> Result<(), 
         Err(e) => {
             vout!(io, "error opening {out}: {}", neg(&e));
             remove();
-            return Err(neg(&e));
+            return Err(e.into());
         }
     };
     let (sbs, dbs) = (
@@ -267,7 +280,9 @@ fn coalesce_out(io: &mut Io, name: &str, out: &str, style: Style) -> Result<(), 
         );
         let _ = dst.close();
         remove();
-        return Err(EINVAL);
+        return Err(Error::invalid(format!(
+            "block sizes differ: {sbs} != {dbs}"
+        )));
     }
     let spb = u64::from(src.sectors_per_block());
     let total = src.bat().len() as u64;
@@ -296,20 +311,19 @@ fn coalesce_out(io: &mut Io, name: &str, out: &str, style: Style) -> Result<(), 
         Err(e) => {
             let _ = writeln!(io.err, "{}", common::describe(&e));
             remove();
-            Err(neg(&e))
+            Err(e.into())
         }
     }
 }
 
-pub fn run(io: &mut Io, args: &[String]) -> i32 {
-    let (p, name) = match USAGE.parse_named(io, args) {
-        Ok(v) => v,
-        Err(s) => return s,
+pub fn run(io: &mut Io, args: &[String]) -> Result {
+    let Some((p, name)) = USAGE.parse_named(io, args)? else {
+        return Ok(());
     };
     let name = name.as_str();
     let (out, ancestor) = (p.value('o'), p.value('a'));
     if out.is_some() && ancestor.is_some() {
-        return USAGE.fail(io, EINVAL);
+        return Err(USAGE.fail(io));
     }
     let style = progress_style(io, p.flag('p'));
     let sparse = p.flag('s');
@@ -321,12 +335,12 @@ pub fn run(io: &mut Io, args: &[String]) -> i32 {
     match r {
         Ok(Some(n)) => {
             let _ = write!(io.out, "Coalesced {n} sectors");
-            0
+            Ok(())
         }
-        Ok(None) => 0,
+        Ok(None) => Ok(()),
         Err(e) => {
-            vout!(io, "error coalescing: {e}");
-            e
+            vout!(io, "error coalescing: {}", e.neg());
+            Err(e)
         }
     }
 }

@@ -120,10 +120,10 @@ pub fn read_exact(
 }
 
 /// `canonpath`: the absolute, symlink-free path (ENOENT etc. when it does not exist).
-pub fn canonpath(p: &str) -> Result<String, i32> {
+pub fn canonpath(p: &str) -> Result<String, super::error::Error> {
     std::fs::canonicalize(p)
         .map(|c| c.to_string_lossy().into_owned())
-        .map_err(|e| -e.raw_os_error().unwrap_or(libc::EIO))
+        .map_err(|e| super::error::Error::io(format!("resolve {p}"), e))
 }
 
 /// Whether `img` or any VHD above it carries a key hash: its data sectors are then
@@ -152,4 +152,13 @@ pub fn chain_keyed(img: &VhdImage) -> Result<bool, ImageError> {
 /// An error with its sources (`a.vhd: create: File exists (os error 17)`), for stderr.
 pub fn describe(e: &ImageError) -> String {
     crate::util::error_chain(e)
+}
+
+/// Close an image opened read-write after an operation whose outcome is `ret`: the
+/// operation's error wins over the close's.
+pub fn close_rw(img: &VhdImage, ret: super::error::Result) -> super::error::Result {
+    use crate::image::Image;
+    let closed = img.close();
+    ret?;
+    Ok(closed?)
 }

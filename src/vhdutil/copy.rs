@@ -10,9 +10,10 @@
 use std::io::Read;
 use std::path::Path;
 
-use super::chain::open_chain;
-use super::cli::{OptsExt, UsageSpec, EINVAL};
+use super::chain::open_chain_or_report;
+use super::cli::{OptsExt, UsageSpec};
 use super::common::neg;
+use super::error::{Error, Result};
 use super::progress::{progress_style, with_progress};
 use super::Io;
 use crate::image::chain::{open_vhd_chain, OpenOptions};
@@ -22,6 +23,7 @@ use crate::image::vhd::ops::ProgressFn;
 use crate::image::vhd::ops::{create, CreateOptions};
 use crate::image::{Image, ImageError, SECTOR_SIZE};
 use crate::{verr, vout};
+use nix::errno::Errno;
 
 pub const USAGE: UsageSpec = UsageSpec {
     cmd: "copy",
@@ -29,22 +31,26 @@ pub const USAGE: UsageSpec = UsageSpec {
     text: "options: -n <name> -N <new VHD name> \
 [-k <keyfile> | -E (pass encryption key on stdin)] [-h help] \n",
     to_stderr: false,
-    h_status: EINVAL,
+    h_fails: true,
 };
 
-fn read_key(io: &mut Io, src: &mut dyn Read) -> Result<KeyBytes, i32> {
+fn read_key(io: &mut Io, src: &mut dyn Read) -> Result<KeyBytes> {
     let mut key = KeyBytes::new(Vec::new());
     if let Err(e) = src.take(1025).read_to_end(&mut key) {
-        return Err(-e.raw_os_error().unwrap_or(libc::EIO));
+        return Err(Error::io("read key", e));
     }
     if key.len() != 32 && key.len() != 64 {
         verr!(io, "Unsupported keysize, use either 256 bit or 512 bit key");
-        return Err(-1);
+        // blktap's status for this case: -1.
+        return Err(Error::os(
+            format!("key of {} bytes (must be 32 or 64)", key.len()),
+            Errno::EPERM,
+        ));
     }
     Ok(key)
 }
 
-fn copy_data(io: &mut Io, src: &dyn Image, dst: &dyn Image) -> Result<(), ImageError> {
+fn copy_data(io: &mut Io, src: &dyn Image, dst: &dyn Image) -> std::result::Result<(), ImageError> {
     let style = progress_style(io, false);
     with_progress(io, style, |progress| copy_allocated(src, dst, progress))
 }
@@ -55,7 +61,7 @@ fn copy_allocated(
     src: &dyn Image,
     dst: &dyn Image,
     progress: ProgressFn<'_>,
-) -> Result<(), ImageError> {
+) -> std::result::Result<(), ImageError> {
     let size = src.info().size_sectors;
     let step = u64::from(DEFAULT_BLOCK_SIZE) / SECTOR_SIZE;
     let mut buf = Vec::new();
@@ -79,19 +85,19 @@ fn copy_allocated(
     dst.flush()
 }
 
-pub fn run(io: &mut Io, args: &[String]) -> i32 {
-    let p = match USAGE.parse(io, args) {
-        Ok(p) => p,
-        Err(s) => return s,
+pub fn run(io: &mut Io, args: &[String]) -> Result {
+    let Some(p) = USAGE.parse(io, args)? else {
+        return Ok(());
     };
     let (name, new) = (p.value('n'), p.value('N'));
     let (Some(name), Some(new)) = (name, new) else {
         verr!(io, "Must supply both existing and new VHD names");
-        return USAGE.fail(io, EINVAL);
+        return Err(USAGE.fail(io));
     };
     if p.value('k').is_some() && p.flag('E') {
         verr!(io, "Only supply -E or -k once");
-        return 1;
+        // blktap's status for this case: 1.
+        return Err(Error::os("both -E and -k", Errno::EPERM));
     }
     let key = if let Some(k) = p.value('k') {
         let mut f = match std::fs::File::open(k) {
@@ -99,33 +105,20 @@ pub fn run(io: &mut Io, args: &[String]) -> i32 {
             Err(e) => {
                 let n = e.raw_os_error().unwrap_or(libc::EIO);
                 vout!(io, "Failed to open key file {k}: {n}");
-                return -n;
+                return Err(Error::io(format!("open key file {k}"), e));
             }
         };
-        match read_key(io, &mut f) {
-            Ok(k) => Some(k),
-            Err(e) => return e,
-        }
+        Some(read_key(io, &mut f)?)
     } else if p.flag('E') {
-        match read_key(io, &mut std::io::stdin()) {
-            Ok(k) => Some(k),
-            Err(e) => return e,
-        }
+        Some(read_key(io, &mut std::io::stdin())?)
     } else {
         None
     };
 
-    let src = match open_chain(name, true) {
-        Ok(s) => s,
-        Err(e) => {
-            vout!(io, "error opening {name}: {}", neg(&e));
-            verr!(io, "{}", super::common::describe(&e));
-            return neg(&e);
-        }
-    };
+    let src = open_chain_or_report(io, name, true)?;
     if Path::new(new).exists() {
         vout!(io, "VHD file {new} already exists, chose a different name");
-        return EINVAL;
+        return Err(Error::invalid(format!("{new} already exists")));
     }
     let size = src.footer().curr_size;
     let fixed = src.disk_type() == DiskType::Fixed;
@@ -137,13 +130,13 @@ pub fn run(io: &mut Io, args: &[String]) -> i32 {
     };
     if let Err(e) = create(Path::new(new), &copts) {
         vout!(io, "error creating {new}: {}", neg(&e));
-        return neg(&e);
+        return Err(e.into());
     }
-    let fail = |io: &mut Io, what: &str, e: &ImageError| {
-        vout!(io, "{what}: {}", neg(e));
-        verr!(io, "{}", super::common::describe(e));
+    let fail = |io: &mut Io, what: &str, e: ImageError| -> Result {
+        vout!(io, "{what}: {}", neg(&e));
+        verr!(io, "{}", super::common::describe(&e));
         let _ = std::fs::remove_file(new);
-        neg(e)
+        Err(e.into())
     };
     let mut opts = OpenOptions {
         read_only: false,
@@ -153,27 +146,27 @@ pub fn run(io: &mut Io, args: &[String]) -> i32 {
         if fixed {
             let _ = std::fs::remove_file(new);
             verr!(io, "copy: fixed VHDs cannot carry a key hash");
-            return EINVAL;
+            return Err(Error::invalid("fixed VHDs cannot carry a key hash"));
         }
         let meta = match super::common::open(new, false) {
             Ok(m) => m,
-            Err(e) => return fail(io, &format!("error opening {new}"), &e),
+            Err(e) => return fail(io, &format!("error opening {new}"), e),
         };
         let kh = KeyHash::for_key(k, &[0u8; 32]);
         if let Err(e) = meta.set_keyhash(&kh).and_then(|()| meta.close()) {
-            return fail(io, "failed to set keyhash", &e);
+            return fail(io, "failed to set keyhash", e);
         }
         opts.keys = KeySource::Explicit(k.clone());
     }
     let dst = match open_vhd_chain(Path::new(new), &opts) {
         Ok(d) => d,
-        Err(e) => return fail(io, &format!("error opening {new}"), &e),
+        Err(e) => return fail(io, &format!("error opening {new}"), e),
     };
     let r = copy_data(io, &src, &dst);
     let c = dst.close();
     let _ = src.close();
     match r.and(c) {
-        Ok(()) => 0,
-        Err(e) => fail(io, "Failed to copy", &e),
+        Ok(()) => Ok(()),
+        Err(e) => fail(io, "Failed to copy", e),
     }
 }

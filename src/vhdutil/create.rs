@@ -5,8 +5,9 @@
 
 use std::path::Path;
 
-use super::cli::{number, OptsExt, UsageSpec, EINVAL};
+use super::cli::{number, OptsExt, UsageSpec};
 use super::common::neg;
+use super::error::{Error, Result};
 use super::Io;
 use crate::image::vhd::format::DEFAULT_BLOCK_SIZE;
 use crate::image::vhd::ops::{create, CreateOptions};
@@ -18,7 +19,7 @@ pub const USAGE: UsageSpec = UsageSpec {
     text: "options: <-n name> <-s size (MB)> [-r reserve] [-h help] \
 [<-S size (MB) for metadata preallocation (see vhd-util resize)>]\n",
     to_stderr: false,
-    h_status: EINVAL,
+    h_fails: true,
 };
 
 /// MiB to bytes rounded up to whole 2 MiB blocks; `None` on overflow.
@@ -28,27 +29,24 @@ pub fn mib_to_block_bytes(mib: u64) -> Option<u64> {
     bytes.checked_add(bs - 1).map(|b| b / bs * bs)
 }
 
-pub fn run(io: &mut Io, args: &[String]) -> i32 {
-    let (p, [name, s]) = match USAGE.parse_required(io, args, ['n', 's']) {
-        Ok(v) => v,
-        Err(s) => return s,
+pub fn run(io: &mut Io, args: &[String]) -> Result {
+    let Some((p, [name, s])) = USAGE.parse_required(io, args, ['n', 's'])? else {
+        return Ok(());
     };
     let (name, s) = (name.as_str(), s.as_str());
-    let size = match number(io, "size", s) {
-        Ok(v) => v,
-        Err(e) => return e,
-    };
-    let msize = match p.value('S').map(|v| number(io, "size", v)).transpose() {
-        Ok(v) => v.unwrap_or(0),
-        Err(e) => return e,
-    };
+    let size = number(io, "size", s)?;
+    let msize = p
+        .value('S')
+        .map(|v| number(io, "size", v))
+        .transpose()?
+        .unwrap_or(0);
     if msize != 0 && msize < size {
         vout!(io, "Error: <-S size> must be greater than <-s size>");
-        return EINVAL;
+        return Err(Error::invalid("-S size smaller than -s size"));
     }
     let (Some(bytes), Some(mbytes)) = (mib_to_block_bytes(size), mib_to_block_bytes(msize)) else {
         vout!(io, "invalid size '{s}'");
-        return EINVAL;
+        return Err(Error::invalid(format!("size {s} MiB too large")));
     };
     let fixed = p.flag('r');
     let opts = CreateOptions {
@@ -57,12 +55,9 @@ pub fn run(io: &mut Io, args: &[String]) -> i32 {
         block_size: DEFAULT_BLOCK_SIZE,
         max_size: (mbytes != 0 && !fixed).then_some(mbytes),
     };
-    match create(Path::new(name), &opts) {
-        Ok(()) => 0,
-        Err(e) => {
-            verr!(io, "{name}: failed to create: {}", neg(&e));
-            verr!(io, "{}", super::common::describe(&e));
-            neg(&e)
-        }
-    }
+    create(Path::new(name), &opts).map_err(|e| {
+        verr!(io, "{name}: failed to create: {}", neg(&e));
+        verr!(io, "{}", super::common::describe(&e));
+        e.into()
+    })
 }

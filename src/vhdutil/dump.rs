@@ -8,8 +8,8 @@
 use std::fmt::Write;
 
 use crate::image::vhd::format::{
-    Footer, PLAT_MAC, PLAT_MACX, PLAT_NONE, PLAT_W2KU, PLAT_W2RU, PLAT_WI2K, PLAT_WI2R,
-    VHD_EPOCH_OFFSET,
+    decode_locator, DynHeader, Footer, Locator, PLAT_MAC, PLAT_MACX, PLAT_NONE, PLAT_W2KU,
+    PLAT_W2RU, PLAT_WI2K, PLAT_WI2R, VHD_EPOCH_OFFSET,
 };
 
 /// A footer as read, with the checksum recomputed over it as stored.
@@ -29,21 +29,24 @@ impl FooterView {
     }
 }
 
-/// Dynamic header fields, host order.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// The dynamic header as `read -p` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HeaderView {
-    pub cookie: [u8; 8],
-    pub data_offset: u64,
-    pub table_offset: u64,
-    pub hdr_ver: u32,
-    pub max_bat_size: u32,
-    pub block_size: u32,
-    pub checksum: u32,
+    pub header: DynHeader,
     pub computed_checksum: u32,
     /// Decoded parent name, `None` when it cannot be decoded.
     pub parent_name: Option<String>,
-    pub prt_uuid: [u8; 16],
-    pub prt_ts: u32,
+}
+
+impl HeaderView {
+    /// The view of `header`, its checksum recomputed and its parent name decoded.
+    pub fn of(header: &DynHeader) -> HeaderView {
+        HeaderView {
+            header: header.clone(),
+            computed_checksum: header.compute_checksum(),
+            parent_name: Some(header.parent_name()),
+        }
+    }
 }
 
 /// One parent locator entry (only non-empty ones are printed).
@@ -56,6 +59,20 @@ pub struct LocatorView {
     pub data_offset: u64,
     /// The decoded location, `None` when it cannot be read or decoded.
     pub decoded: Option<String>,
+}
+
+impl LocatorView {
+    /// Locator `index` with its payload `data` (if it could be read).
+    pub fn of(index: usize, l: &Locator, data: Option<Vec<u8>>) -> LocatorView {
+        LocatorView {
+            index,
+            code: l.code,
+            data_space: l.data_space,
+            data_len: l.data_len,
+            data_offset: l.data_offset,
+            decoded: data.and_then(|d| decode_locator(l.code, &d).ok()),
+        }
+    }
 }
 
 /// `(nonce, hash)` of a set keyhash, `None` when unset, `Err(errno)` if unreadable.
@@ -255,7 +272,8 @@ pub fn footer_summary(f: &FooterView, hex: bool) -> String {
 }
 
 /// `VHD Header Summary` block, with the trailing blank line.
-pub fn header_summary(h: &HeaderView, hex: bool) -> String {
+pub fn header_summary(v: &HeaderView, hex: bool) -> String {
+    let h = &v.header;
     let mut s = String::new();
     s.push_str("VHD Header Summary:\n-------------------\n");
     let _ = writeln!(s, "Cookie              : {}", cstr(&h.cookie));
@@ -276,11 +294,11 @@ pub fn header_summary(h: &HeaderView, hex: bool) -> String {
     let _ = writeln!(
         s,
         "Parent name         : {}",
-        h.parent_name.as_deref().unwrap_or("failed to read name")
+        v.parent_name.as_deref().unwrap_or("failed to read name")
     );
     let _ = writeln!(s, "Parent UUID         : {}", uuid_string(&h.prt_uuid));
     let _ = writeln!(s, "Parent timestamp    : {}", vhd_time_to_string(h.prt_ts));
-    checksum_line(&mut s, h.checksum, h.computed_checksum);
+    checksum_line(&mut s, h.checksum, v.computed_checksum);
     s.push('\n');
     s
 }
@@ -456,18 +474,12 @@ Hidden              : 1
 
     #[test]
     fn header_locators_and_batmap_golden() {
+        let mut header = DynHeader::new(5, 2 << 20);
+        header.checksum = 0xffff_f3a1;
         let h = HeaderView {
-            cookie: *b"cxsparse",
-            data_offset: u64::MAX,
-            table_offset: 1536,
-            hdr_ver: 0x0001_0000,
-            max_bat_size: 5,
-            block_size: 2 << 20,
-            checksum: 0xffff_f3a1,
+            header,
             computed_checksum: 0xffff_f3a1,
             parent_name: Some(String::new()),
-            prt_uuid: [0; 16],
-            prt_ts: 0,
         };
         let want = "VHD Header Summary:
 -------------------

@@ -10,10 +10,11 @@
 //! (marking never-written sectors present would make them decrypt to garbage). `-B` is
 //! accepted, but a block beyond the 2 TiB limit still fails: BAT entries are 32-bit.
 
-use super::chain::open_chain;
-use super::cli::{OptsExt, UsageSpec, EINVAL};
+use super::chain::open_chain_or_report;
+use super::cli::strtoull;
+use super::cli::{OptsExt, UsageSpec};
 use super::common::{self, neg};
-use super::getopt::strtoull;
+use super::error::{Error, Result};
 use super::progress::{progress_style, with_progress};
 use super::Io;
 use crate::image::vhd::engine::{align_block_start, VhdImage};
@@ -21,6 +22,7 @@ use crate::image::vhd::format::*;
 use crate::image::vhd::ops::fill_image;
 use crate::image::{Image, SECTOR_SIZE};
 use crate::{verr, vout};
+use nix::errno::Errno;
 
 pub const USAGE: UsageSpec = UsageSpec {
     cmd: "fill",
@@ -31,25 +33,25 @@ intialisation from this sector, only usable with -b] [-t \
 intialise up to this sector (inclusive), only usable with -b] \
 [-B ignore the 2 TB limit, only usable with -b]\n",
     to_stderr: false,
-    h_status: EINVAL,
+    h_fails: true,
 };
 
 /// `-b`: allocate extents `from..=to` with full bitmaps and no data writes.
-fn allocate_fast(io: &mut Io, img: &VhdImage, from: u64, to: u64) -> Result<(), i32> {
+fn allocate_fast(io: &mut Io, img: &VhdImage, from: u64, to: u64) -> Result {
     let Some(h) = img.header() else {
-        return Err(EINVAL);
+        return Err(Error::invalid("a fixed VHD has no BAT"));
     };
-    if common::chain_keyed(img).map_err(|e| neg(&e))? {
+    if common::chain_keyed(img)? {
         verr!(
             io,
             "fill: -b would expose unwritten sectors of an encrypted VHD as garbage; use fill without -b"
         );
-        return Err(EINVAL);
+        return Err(Error::invalid("fill -b of an encrypted chain"));
     }
     let mut bat = img.bat();
     let spb = u64::from(h.spb());
     let bm = u64::from(h.bitmap_sectors());
-    let old_len = common::phys_size(img).map_err(|e| neg(&e))?;
+    let old_len = common::phys_size(img)?;
     let mut max = (old_len - FOOTER_SIZE as u64) / SECTOR_SIZE;
     let old_end = max;
     let align = |m: u64| align_block_start(m, h.bitmap_sectors());
@@ -62,7 +64,7 @@ fn allocate_fast(io: &mut Io, img: &VhdImage, from: u64, to: u64) -> Result<(), 
         }
         if max + bm + spb > u64::from(u32::MAX) {
             vout!(io, "sector offset for extent {i} exceeds the 2 TB limit");
-            return Err(-libc::EOVERFLOW);
+            return Err(Error::os(format!("extent {i} past 2 TB"), Errno::EOVERFLOW));
         }
         bat[i as usize] = max as u32;
         new.push(i);
@@ -78,12 +80,12 @@ fn allocate_fast(io: &mut Io, img: &VhdImage, from: u64, to: u64) -> Result<(), 
         .unwrap_or(max)
         * SECTOR_SIZE;
     let file = img.file();
-    let w = |buf: &[u8], off: u64| img.write_raw(buf, off).map_err(|e| neg(&e));
+    let w = |buf: &[u8], off: u64| img.write_raw(buf, off);
     // Space first (zeros), bitmaps next, then the BAT that publishes them, then the footer.
     if file.resizable() {
         let mut f = img.footer();
         file.set_len(end + FOOTER_SIZE as u64)
-            .map_err(|e| -e.raw_os_error().unwrap_or(libc::EIO))?;
+            .map_err(|e| Error::io("extend the file", e))?;
         w(&f.encode(), end)?;
     }
     let ones = vec![0xFFu8; (bm * SECTOR_SIZE) as usize];
@@ -99,21 +101,15 @@ fn allocate_fast(io: &mut Io, img: &VhdImage, from: u64, to: u64) -> Result<(), 
         prev = s + bm + spb;
         w(&ones, s * SECTOR_SIZE)?;
     }
-    file.sync()
-        .map_err(|e| -e.raw_os_error().unwrap_or(libc::EIO))?;
-    let mut raw = Vec::with_capacity(bat.len() * 4);
-    for e in &bat {
-        raw.extend_from_slice(&e.to_be_bytes());
-    }
+    file.sync().map_err(|e| Error::io("fsync", e))?;
+    let raw = encode_bat(&bat);
     w(&raw, h.table_offset)?;
-    file.sync()
-        .map_err(|e| -e.raw_os_error().unwrap_or(libc::EIO))
+    file.sync().map_err(|e| Error::io("fsync", e))
 }
 
-pub fn run(io: &mut Io, args: &[String]) -> i32 {
-    let (p, name) = match USAGE.parse_named(io, args) {
-        Ok(v) => v,
-        Err(s) => return s,
+pub fn run(io: &mut Io, args: &[String]) -> Result {
+    let Some((p, name)) = USAGE.parse_named(io, args)? else {
+        return Ok(());
     };
     let name = name.as_str();
     let init_bat = p.flag('b');
@@ -121,28 +117,28 @@ pub fn run(io: &mut Io, args: &[String]) -> i32 {
     let to = p.value('t').map(strtoull);
     if (from.is_some() || to.is_some()) && !init_bat {
         vout!(io, "-f/-t can only be used with -b");
-        return USAGE.fail(io, EINVAL);
+        return Err(USAGE.fail(io));
     }
     if let (Some(f), Some(t)) = (from, to) {
         if t < f {
             vout!(io, "invalid sector range {f}-{t}");
-            return USAGE.fail(io, EINVAL);
+            return Err(USAGE.fail(io));
         }
     }
     if p.flag('B') && !init_bat {
         vout!(io, "-B can only be used with -b");
-        return USAGE.fail(io, EINVAL);
+        return Err(USAGE.fail(io));
     }
     if init_bat {
         let img = match common::open(name, false) {
             Ok(i) => i,
             Err(e) => {
                 vout!(io, "error opening {name}: {}", neg(&e));
-                return neg(&e);
+                return Err(e.into());
             }
         };
         if img.header().is_none() || img.bat().is_empty() {
-            return EINVAL;
+            return Err(Error::invalid(format!("{name} has no BAT")));
         }
         let spb = u64::from(img.sectors_per_block().max(1));
         let fe = from.map_or(0, |s| s / spb);
@@ -150,21 +146,14 @@ pub fn run(io: &mut Io, args: &[String]) -> i32 {
         // Raw metadata writes: the engine handle is dropped without its close path.
         let r = allocate_fast(io, &img, fe, te);
         drop(img);
-        return r.err().unwrap_or(0);
+        return r;
     }
-    let img = match open_chain(name, false) {
-        Ok(i) => i,
-        Err(e) => {
-            vout!(io, "error opening {name}: {}", neg(&e));
-            verr!(io, "{}", super::common::describe(&e));
-            return neg(&e);
-        }
-    };
+    let img = open_chain_or_report(io, name, false)?;
     let style = progress_style(io, false);
     let r = with_progress(io, style, |p| fill_image(&img, Some(p)).map(drop)).map_err(|e| {
         verr!(io, "{}", super::common::describe(&e));
-        neg(&e)
+        Error::from(e)
     });
-    let c = img.close().map_err(|e| neg(&e));
-    r.and(c).err().unwrap_or(0)
+    let c = img.close().map_err(Error::from);
+    r.and(c)
 }

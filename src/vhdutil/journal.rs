@@ -243,10 +243,7 @@ pub fn grow(
     }
 
     // 2. New metadata: BAT, batmap, locators, header.
-    let mut raw = Vec::with_capacity(bat_len as usize);
-    for e in &new_bat {
-        raw.extend_from_slice(&e.to_be_bytes());
-    }
+    let mut raw = encode_bat(&new_bat);
     raw.resize(bat_len as usize, 0);
     f.write_at(&raw, t).map_err(io_err(path, "write BAT"))?;
     let mut newmap = vec![0u8; map_len as usize];

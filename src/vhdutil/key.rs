@@ -12,13 +12,14 @@
 
 use std::path::Path;
 
-use super::cli::{OptsExt, UsageSpec, EINVAL};
+use super::cli::parse_u64_strict;
+use super::cli::{OptsExt, UsageSpec};
 use super::common::{self, neg};
-use super::getopt::parse_u64_strict;
+use super::error::{Error, Result};
 use super::Io;
 use crate::image::crypto::{
     derive_key_from_passphrase, key_bits_from_filename, keyhash_for_keyfile, parse_hex,
-    read_keyfile_whole, to_hex, write_key_file, CryptoError, KeyHash, PBKDF2_DEFAULT_ITERATIONS,
+    read_keyfile_whole, to_hex, write_key_file, KeyHash, PBKDF2_DEFAULT_ITERATIONS,
 };
 use crate::image::vhd::engine::VhdImage;
 use crate::image::vhd::format::{DiskType, BAT_UNUSED};
@@ -41,22 +42,18 @@ extension (not in blktap):\n\
    or ...,aes-xts-plain,256.key (32 bytes, AES-128-XTS). Keep the salt: the same\n\
    passphrase, salt and count give the same key.\n",
     to_stderr: true,
-    h_status: 0,
+    h_fails: false,
 };
 
-fn cerr(e: &CryptoError) -> i32 {
-    -e.errno()
-}
-
 /// Read a key file for `-s`/`-c`: whole file, 32 or 64 bytes, consistent with its name.
-fn read_key_checked(io: &mut Io, keypath: &str) -> Result<crate::image::crypto::KeyBytes, i32> {
+fn read_key_checked(io: &mut Io, keypath: &str) -> Result<crate::image::crypto::KeyBytes> {
     let key = read_keyfile_whole(Path::new(keypath)).map_err(|e| {
         verr!(
             io,
             "vhd_util_read_key: failed to open {keypath}: {}",
             e.errno()
         );
-        cerr(&e)
+        Error::from(e)
     })?;
     if let Ok(bits) = key_bits_from_filename(Path::new(keypath)) {
         let want = (bits / 8) as usize;
@@ -66,7 +63,10 @@ fn read_key_checked(io: &mut Io, keypath: &str) -> Result<crate::image::crypto::
                 "vhd_util_calculate_keyhash: incorrect key size: {want} != {}",
                 key.len()
             );
-            return Err(EINVAL);
+            return Err(Error::invalid(format!(
+                "{keypath}: {} bytes, its name says {want}",
+                key.len()
+            )));
         }
     } else if key.len() != 32 && key.len() != 64 {
         verr!(
@@ -74,12 +74,15 @@ fn read_key_checked(io: &mut Io, keypath: &str) -> Result<crate::image::crypto::
             "vhd_util_calculate_keyhash: incorrect key size: {} (must be 32 or 64 bytes)",
             key.len()
         );
-        return Err(EINVAL);
+        return Err(Error::invalid(format!(
+            "{keypath}: {} bytes (must be 32 or 64)",
+            key.len()
+        )));
     }
     Ok(key)
 }
 
-fn parse_nonce(io: &mut Io, nonce: Option<&str>) -> Result<[u8; 32], i32> {
+fn parse_nonce(io: &mut Io, nonce: Option<&str>) -> Result<[u8; 32]> {
     match nonce {
         None => Ok([0u8; 32]),
         Some(n) => parse_hex::<32>(n).map_err(|_| {
@@ -87,7 +90,7 @@ fn parse_nonce(io: &mut Io, nonce: Option<&str>) -> Result<[u8; 32], i32> {
                 io,
                 "vhd_util_set_hex: invalid size for hex string or invalid hex digit"
             );
-            EINVAL
+            Error::invalid(format!("nonce '{n}' is not 64 hex digits"))
         }),
     }
 }
@@ -98,22 +101,19 @@ fn set_key(
     keypath: Option<&str>,
     hash: Option<&str>,
     nonce: Option<&str>,
-) -> i32 {
+) -> Result {
     if img.disk_type() == DiskType::Fixed {
         verr!(io, "vhd_util_set_key: can't save key hashes for fixed vhds");
-        return EINVAL;
+        return Err(Error::invalid("a fixed VHD has no key hash"));
     }
     if img.bat().iter().any(|&e| e != BAT_UNUSED) {
         verr!(
             io,
             "vhd_util_set_key: can't save key hashes for non-empty vhds"
         );
-        return EINVAL;
+        return Err(Error::invalid("the VHD has allocated blocks"));
     }
-    let nonce = match parse_nonce(io, nonce) {
-        Ok(n) => n,
-        Err(e) => return e,
-    };
+    let nonce = parse_nonce(io, nonce)?;
     let kh = if let Some(h) = hash {
         match parse_hex::<32>(h) {
             Ok(hash) => KeyHash {
@@ -126,26 +126,22 @@ fn set_key(
                     io,
                     "vhd_util_set_hex: invalid size for hex string or invalid hex digit"
                 );
-                return EINVAL;
+                return Err(Error::invalid(format!("hash '{h}' is not 64 hex digits")));
             }
         }
     } else {
-        let Some(k) = keypath else { return EINVAL };
-        match read_key_checked(io, k) {
-            Ok(key) => KeyHash::for_key(&key, &nonce),
-            Err(e) => return e,
-        }
+        let Some(k) = keypath else {
+            return Err(Error::invalid("neither a key file nor a hash"));
+        };
+        KeyHash::for_key(&read_key_checked(io, k)?, &nonce)
     };
-    match img.set_keyhash(&kh) {
-        Ok(()) => 0,
-        Err(e) => {
-            verr!(io, "vhd_util_set_key: failed to set keyhash: {}", neg(&e));
-            neg(&e)
-        }
-    }
+    img.set_keyhash(&kh).map_err(|e| {
+        verr!(io, "vhd_util_set_key: failed to set keyhash: {}", neg(&e));
+        Error::from(e)
+    })
 }
 
-fn check_key(io: &mut Io, img: &VhdImage, keypath: &str) -> i32 {
+fn check_key(io: &mut Io, img: &VhdImage, keypath: &str) -> Result {
     let kh = match img.keyhash() {
         Ok(k) => k,
         Err(e) => {
@@ -154,42 +150,47 @@ fn check_key(io: &mut Io, img: &VhdImage, keypath: &str) -> i32 {
                 "vhd_util_check_key: failed to read keyhash: {}",
                 neg(&e)
             );
-            return neg(&e);
+            return Err(e.into());
         }
     };
     if !kh.is_set() {
         verr!(io, "vhd_util_check_key: this vhd has no keyhash");
-        return EINVAL;
+        return Err(Error::invalid("the VHD has no key hash"));
     }
-    let key = match read_key_checked(io, keypath) {
-        Ok(k) => k,
-        Err(e) => return e,
-    };
+    let key = read_key_checked(io, keypath)?;
     if !kh.matches(&key) {
         verr!(io, "vhd_util_check_key: vhd hash doesn't match key hash");
-        return EINVAL;
+        return Err(Error::invalid(format!(
+            "{keypath} does not match the key hash"
+        )));
     }
-    0
+    Ok(())
 }
 
-fn derive(io: &mut Io, pass: &str, keypath: &str, salt: Option<&str>, iter: Option<&str>) -> i32 {
+fn derive(
+    io: &mut Io,
+    pass: &str,
+    keypath: &str,
+    salt: Option<&str>,
+    iter: Option<&str>,
+) -> Result {
     if Path::new(keypath).symlink_metadata().is_ok() {
         verr!(
             io,
             "key: {keypath} already exists; refusing to overwrite a key file"
         );
-        return -libc::EEXIST;
+        return Err(Error::os(keypath, nix::errno::Errno::EEXIST));
     }
     let bits = match key_bits_from_filename(Path::new(keypath)) {
         Ok(b) => b,
         Err(e) => {
             verr!(io, "key: {}", crate::util::error_chain(&e));
-            return cerr(&e);
+            return Err(e.into());
         }
     };
     let Some(salt) = salt.and_then(|s| crate::image::crypto::parse_hex_vec(s).ok()) else {
         verr!(io, "key: -P needs -S SALTHEX (at least 16 bytes of hex)");
-        return EINVAL;
+        return Err(Error::invalid("-P without a valid -S salt"));
     };
     let iterations = match iter {
         None => PBKDF2_DEFAULT_ITERATIONS,
@@ -197,7 +198,7 @@ fn derive(io: &mut Io, pass: &str, keypath: &str, salt: Option<&str>, iter: Opti
             Some(v) => v,
             None => {
                 verr!(io, "key: invalid iteration count '{s}'");
-                return EINVAL;
+                return Err(Error::invalid(format!("invalid iteration count '{s}'")));
             }
         },
     };
@@ -209,104 +210,101 @@ fn derive(io: &mut Io, pass: &str, keypath: &str, salt: Option<&str>, iter: Opti
     };
     if let Err(e) = r {
         verr!(io, "key: failed to read passphrase from {pass}: {e}");
-        return -e.raw_os_error().unwrap_or(libc::EIO);
+        return Err(Error::io(format!("read passphrase from {pass}"), e));
     }
     if phrase.last() == Some(&b'\n') {
         phrase.pop();
     }
     if phrase.is_empty() {
         verr!(io, "key: empty passphrase");
-        return EINVAL;
+        return Err(Error::invalid("empty passphrase"));
     }
     let key = match derive_key_from_passphrase(&phrase, &salt, iterations, bits) {
         Ok(k) => k,
         Err(e) => {
             verr!(io, "key: {}", crate::util::error_chain(&e));
-            return cerr(&e);
+            return Err(e.into());
         }
     };
-    match write_key_file(Path::new(keypath), &key) {
-        Ok(()) => 0,
-        Err(e) => {
-            verr!(io, "key: {}", crate::util::error_chain(&e));
-            cerr(&e)
-        }
-    }
+    write_key_file(Path::new(keypath), &key).map_err(|e| {
+        verr!(io, "key: {}", crate::util::error_chain(&e));
+        Error::from(e)
+    })
 }
 
-pub fn run(io: &mut Io, args: &[String]) -> i32 {
-    let p = match USAGE.parse(io, args) {
-        Ok(p) => p,
-        Err(s) => return s,
+pub fn run(io: &mut Io, args: &[String]) -> Result {
+    let Some(p) = USAGE.parse(io, args)? else {
+        return Ok(());
     };
     if !p.operands.is_empty() {
-        return USAGE.fail(io, EINVAL);
+        return Err(USAGE.fail(io));
     }
     let (name, keypath, nonce, hash) = (p.value('n'), p.value('k'), p.value('N'), p.value('H'));
     let (set, check, calc, print) = (p.flag('s'), p.flag('c'), p.flag('C'), p.flag('p'));
 
     if let Some(pass) = p.value('P') {
         let Some(k) = keypath else {
-            return USAGE.fail(io, EINVAL);
+            return Err(USAGE.fail(io));
         };
         if set || check || calc || print || name.is_some() {
-            return USAGE.fail(io, EINVAL);
+            return Err(USAGE.fail(io));
         }
         return derive(io, pass, k, p.value('S'), p.value('i'));
     }
 
     if calc {
         let Some(k) = keypath else {
-            return USAGE.fail(io, EINVAL);
+            return Err(USAGE.fail(io));
         };
-        let nonce = match parse_nonce(io, nonce) {
-            Ok(n) => n,
-            Err(e) => return e,
-        };
+        let nonce = parse_nonce(io, nonce)?;
         return match keyhash_for_keyfile(Path::new(k), &nonce) {
             Ok(kh) => {
                 vout!(io, "{}", to_hex(&kh.hash));
-                0
+                Ok(())
             }
             Err(e) => {
-                verr!(io, "vhd_util_key: calculating keyhash failed: {}", cerr(&e));
-                cerr(&e)
+                verr!(
+                    io,
+                    "vhd_util_key: calculating keyhash failed: {}",
+                    -e.errno()
+                );
+                Err(e.into())
             }
         };
     }
 
     let Some(name) = name else {
-        return USAGE.fail(io, EINVAL);
+        return Err(USAGE.fail(io));
     };
     if set {
         if check || keypath.is_some() == hash.is_some() {
-            return USAGE.fail(io, EINVAL);
+            return Err(USAGE.fail(io));
         }
     } else if check {
         if keypath.is_none() || nonce.is_some() || hash.is_some() {
-            return USAGE.fail(io, EINVAL);
+            return Err(USAGE.fail(io));
         }
     } else if !print {
-        return USAGE.fail(io, EINVAL);
+        return Err(USAGE.fail(io));
     }
 
     let img = match common::open(name, !set) {
         Ok(i) => i,
         Err(e) => {
             verr!(io, "failed to open {name}: {}", neg(&e));
-            return neg(&e);
+            return Err(e.into());
         }
     };
-    let mut err = 0;
+    let mut ret = Ok(());
     if set {
-        err = set_key(io, &img, keypath, hash, nonce);
-        if err != 0 {
-            verr!(io, "setting key failed: {err}");
+        ret = set_key(io, &img, keypath, hash, nonce);
+        if let Err(e) = &ret {
+            verr!(io, "setting key failed: {}", e.neg());
         }
     } else if check {
-        err = check_key(io, &img, keypath.unwrap_or_default());
-        if err != 0 {
-            verr!(io, "key check failed: {err}");
+        ret = check_key(io, &img, keypath.unwrap_or_default());
+        if let Err(e) = &ret {
+            verr!(io, "key check failed: {}", e.neg());
         }
     }
     if print {
@@ -314,12 +312,12 @@ pub fn run(io: &mut Io, args: &[String]) -> i32 {
             Ok(kh) => vout!(io, "{}", kh.print_form()),
             Err(e) => {
                 verr!(io, "failed to read keyhash: {}", neg(&e));
-                err = neg(&e);
+                ret = Err(e.into());
             }
         }
     }
     if set {
-        err = super::set::close(&img, err);
+        ret = common::close_rw(&img, ret);
     }
-    err
+    ret
 }

@@ -1,8 +1,9 @@
 //! `vhd-util`: blktap's VHD command-line tool, option- and output-compatible.
 //!
-//! Every command is a function `fn(&mut Io, &[String]) -> i32` returning blktap's
-//! status convention: 0, or a negative errno; the binary exits with its absolute value.
-//! Options are parsed with getopt(3) semantics ([`getopt`]); usage texts, messages and
+//! Every command is a function `fn(&mut Io, &[String]) -> error::Result`: the error says
+//! what failed and carries its cause ([`error::Error`]); [`main`] turns it into blktap's
+//! exit status, the absolute value of the errno.
+//! Options are parsed with getopt(3) semantics ([`crate::util::getopt`]); usage texts, messages and
 //! output formats follow blktap's `vhd/vhd-util.c` and `vhd/lib/vhd-util-*.c` (and, for
 //! `modify -t`, OpenXT's vhd-util). `src/bin/vhd-util.rs` only builds an [`Io`] over
 //! stdout/stderr and calls [`main`]. `--debug` is accepted anywhere and ignored;
@@ -53,8 +54,8 @@ pub mod common;
 pub mod copy;
 pub mod create;
 pub mod dump;
+pub mod error;
 pub mod fill;
-pub mod getopt;
 pub mod glob;
 pub mod journal;
 pub mod key;
@@ -98,7 +99,7 @@ macro_rules! verr {
 }
 
 /// A command entry point: `args` excludes the command name.
-pub type CommandFn = fn(&mut Io, &[String]) -> i32;
+pub type CommandFn = fn(&mut Io, &[String]) -> error::Result;
 
 /// One vhd-util command.
 pub struct Command {
@@ -166,5 +167,11 @@ pub fn main(io: &mut Io, args: &[String]) -> i32 {
         .collect();
     let ret = (cmd.func)(io, &rest);
     let _ = io.out.flush();
-    ret.checked_abs().unwrap_or(i32::MAX)
+    match ret {
+        Ok(()) => 0,
+        Err(e) => {
+            log::debug!("vhd-util {}: {}", cmd.name, crate::util::error_chain(&e));
+            e.errno()
+        }
+    }
 }

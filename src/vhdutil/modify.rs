@@ -13,15 +13,16 @@
 
 use std::path::Path;
 
-use super::cli::{OptsExt, UsageSpec, EINVAL};
+use super::cli::{OptsExt, UsageSpec};
 use super::common::{self, neg};
-use super::set::close;
+use super::error::{Error, Result};
 use super::Io;
 use crate::image::vhd::engine::VhdImage;
 use crate::image::vhd::format::DiskType;
 use crate::image::vhd::ops::set_parent;
 use crate::image::ImageError;
 use crate::{verr, vout};
+use nix::errno::Errno;
 
 pub const USAGE: UsageSpec = UsageSpec {
     cmd: "modify",
@@ -31,35 +32,31 @@ options: <-n name> [-p NEW_PARENT set parent [-m raw]] \
 [-s NEW_SIZE set size] [-z zero (kill data)] \
 [-t TYPE (differencing|dynamic|original)] [-h help]\n",
     to_stderr: false,
-    h_status: EINVAL,
+    h_fails: true,
 };
 
 /// Run `op` on the image opened read-write, then close it (first error wins).
-fn with_rw(name: &str, op: impl FnOnce(&VhdImage) -> Result<(), ImageError>) -> i32 {
-    let img = match common::open(name, false) {
-        Ok(i) => i,
-        Err(e) => return neg(&e),
-    };
-    let r = match op(&img) {
-        Ok(()) => 0,
-        Err(e) => neg(&e),
-    };
-    close(&img, r)
+fn with_rw(
+    name: &str,
+    op: impl FnOnce(&VhdImage) -> std::result::Result<(), ImageError>,
+) -> Result {
+    let img = common::open(name, false)?;
+    let r = op(&img).map_err(Error::from);
+    common::close_rw(&img, r)
 }
 
-pub fn run(io: &mut Io, args: &[String]) -> i32 {
-    let (p, name) = match USAGE.parse_named(io, args) {
-        Ok(v) => v,
-        Err(s) => return s,
+pub fn run(io: &mut Io, args: &[String]) -> Result {
+    let Some((p, name)) = USAGE.parse_named(io, args)? else {
+        return Ok(());
     };
     let name = name.as_str();
     let newsize = match p.value('s') {
         None => None,
-        Some(s) => match super::getopt::parse_u64_strict(s) {
+        Some(s) => match super::cli::parse_u64_strict(s) {
             Some(v) => Some(v),
             None => {
                 verr!(io, "Invalid size '{s}'");
-                return USAGE.fail(io, EINVAL);
+                return Err(USAGE.fail(io));
             }
         },
     };
@@ -69,51 +66,49 @@ pub fn run(io: &mut Io, args: &[String]) -> i32 {
         Ok(img) => img.disk_type() == DiskType::Fixed,
         Err(e) => {
             vout!(io, "error opening {name}: {}", neg(&e));
-            return neg(&e);
+            return Err(e.into());
         }
     };
-    let mut err = 0;
+    // As blktap: the outcome of the last operation is the command's.
+    let mut ret = Ok(());
     if p.flag('z') {
-        err = if fixed {
-            -libc::ENOSYS
+        ret = if fixed {
+            Err(Error::os("zero a fixed VHD", Errno::ENOSYS))
         } else {
             // Empty the BAT, then cut the file after the metadata (blktap truncates).
-            match with_rw(name, |img| img.zero_bat()) {
-                0 => with_rw(name, |img| img.set_physical_size(img.physical_size())),
-                e => e,
-            }
+            with_rw(name, |img| img.zero_bat())
+                .and_then(|()| with_rw(name, |img| img.set_physical_size(img.physical_size())))
         };
-        if err != 0 {
-            vout!(io, "failed to zero VHD: {err}");
+        if let Err(e) = &ret {
+            vout!(io, "failed to zero VHD: {}", e.neg());
         }
     }
     if let Some(sz) = newsize {
-        err = with_rw(name, |img| img.set_physical_size(sz));
-        if err != 0 {
-            vout!(io, "failed to set physical size to {sz}: {err}");
+        ret = with_rw(name, |img| img.set_physical_size(sz));
+        if let Err(e) = &ret {
+            vout!(io, "failed to set physical size to {sz}: {}", e.neg());
         }
     }
     if let Some(np) = p.value('p') {
         if let Err(e) = set_parent(Path::new(name), Path::new(np), p.flag('m')) {
             vout!(io, "failed to set parent to '{np}': {}", neg(&e));
-            err = neg(&e);
-            return err;
+            return Err(e.into());
         }
     }
     if let Some(t) = p.value('t') {
-        err = change_type(io, name, t);
+        ret = change_type(io, name, t);
     }
-    err
+    ret
 }
 
-fn change_type(io: &mut Io, name: &str, t: &str) -> i32 {
-    let img = match common::open(name, false) {
-        Ok(i) => i,
-        Err(e) => return neg(&e),
-    };
+fn change_type(io: &mut Io, name: &str, t: &str) -> Result {
+    let img = common::open(name, false)?;
     if img.disk_type() == DiskType::Fixed {
         vout!(io, "changing fixed vhd type not supported");
-        return close(&img, EINVAL);
+        return common::close_rw(
+            &img,
+            Err(Error::invalid("cannot change the type of a fixed VHD")),
+        );
     }
     let code = match t {
         "differencing" => DiskType::Differencing.code(),
@@ -128,11 +123,9 @@ fn change_type(io: &mut Io, name: &str, t: &str) -> i32 {
         }
         _ => {
             vout!(io, "invalid type {t} (must be 'differencing or dynamic')");
-            return close(&img, EINVAL);
+            return common::close_rw(&img, Err(Error::invalid(format!("invalid type {t}"))));
         }
     };
-    let r = img
-        .update_footer(|f| f.disk_type = code)
-        .map_or_else(|e| neg(&e), |()| 0);
-    close(&img, r)
+    let r = img.update_footer(|f| f.disk_type = code);
+    common::close_rw(&img, r.map_err(Error::from))
 }

@@ -3,6 +3,7 @@
 
 use super::cli::{OptsExt, UsageSpec};
 use super::common::{self, neg};
+use super::error::{Error, Result};
 use super::Io;
 use crate::image::chain::chain_depth;
 use crate::image::vhd::format::BAT_UNUSED;
@@ -21,26 +22,24 @@ pub const USAGE: UsageSpec = UsageSpec {
 [-u don't resolve parent path] \
 [-h help]\n",
     to_stderr: false,
-    h_status: 0,
+    h_fails: false,
 };
 
-pub fn run(io: &mut Io, args: &[String]) -> i32 {
-    let (p, name) = match USAGE.parse_named(io, args) {
-        Ok(v) => v,
-        Err(s) => return s,
+pub fn run(io: &mut Io, args: &[String]) -> Result {
+    let Some((p, name)) = USAGE.parse_named(io, args)? else {
+        return Ok(());
     };
     let img = match common::open(&name, true) {
         Ok(i) => i,
         Err(e) => {
             vout!(io, "error opening {name}: {}", neg(&e));
-            return neg(&e);
+            return Err(e.into());
         }
     };
-    let mut err = 0;
-    let keep = |err: &mut i32, r: i32| {
-        if *err == 0 {
-            *err = r;
-        }
+    // As blktap: a failed -s sets the status, later failures only when it is still 0.
+    let mut err: Option<Error> = None;
+    let keep = |err: &mut Option<Error>, e: Error| {
+        err.get_or_insert(e);
     };
     if p.flag('v') {
         vout!(io, "{}", img.footer().curr_size >> 20);
@@ -50,7 +49,7 @@ pub fn run(io: &mut Io, args: &[String]) -> i32 {
             Ok(s) => vout!(io, "{s}"),
             Err(e) => {
                 vout!(io, "failed to get physical size: {}", neg(&e));
-                err = neg(&e);
+                err = Some(e.into());
             }
         }
     }
@@ -70,7 +69,7 @@ pub fn run(io: &mut Io, args: &[String]) -> i32 {
                 Ok(s) => vout!(io, "{s}"),
                 Err(e) => {
                     vout!(io, "query failed");
-                    keep(&mut err, neg(&e));
+                    keep(&mut err, e.into());
                 }
             }
         }
@@ -80,7 +79,7 @@ pub fn run(io: &mut Io, args: &[String]) -> i32 {
             Ok(h) => vout!(io, "hidden: {h}"),
             Err(e) => {
                 vout!(io, "error checking 'hidden' field: {}", neg(&e));
-                keep(&mut err, neg(&e));
+                keep(&mut err, e.into());
             }
         }
     }
@@ -90,7 +89,7 @@ pub fn run(io: &mut Io, args: &[String]) -> i32 {
             Ok(m) => vout!(io, "marker: {}", m as i8),
             Err(e) => {
                 vout!(io, "error checking 'marker' field: {}", neg(&e));
-                keep(&mut err, neg(&e));
+                keep(&mut err, e.into());
             }
         }
     }
@@ -100,7 +99,7 @@ pub fn run(io: &mut Io, args: &[String]) -> i32 {
             Ok(d) => vout!(io, "chain depth: {d}"),
             Err(e) => {
                 vout!(io, "error checking chain depth: {}", neg(&e));
-                keep(&mut err, neg(&e));
+                keep(&mut err, e.into());
             }
         }
     }
@@ -108,7 +107,7 @@ pub fn run(io: &mut Io, args: &[String]) -> i32 {
         if img.header().is_none() {
             // blktap: vhd_get_bat fails on a fixed disk.
             vout!(io, "error reading bat: {}", -libc::EINVAL);
-            keep(&mut err, -libc::EINVAL);
+            keep(&mut err, Error::invalid("a fixed VHD has no BAT"));
         } else {
             let used = img.bat().iter().filter(|&&e| e != BAT_UNUSED).count();
             vout!(io, "{used}");
@@ -123,5 +122,5 @@ pub fn run(io: &mut Io, args: &[String]) -> i32 {
         };
         vout!(io, "{max}");
     }
-    err
+    err.map_or(Ok(()), Err)
 }

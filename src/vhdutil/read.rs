@@ -12,24 +12,38 @@
 
 use std::path::Path;
 
+use super::cli::strtoull;
 use super::cli::{OptsExt, UsageSpec};
 use super::common::{self, neg};
 use super::dump::{
     batmap_summary, conv, footer_summary, header_summary, locators_summary, BatmapView, FooterView,
     HeaderView, LocatorView,
 };
-use super::getopt::strtoull;
+use super::error::{Error, Result};
 use super::Io;
 use crate::image::file::{BlockFile, OsFile};
 use crate::image::vhd::engine::VhdImage;
 use crate::image::vhd::format::{
-    bit_test, decode_locator, DiskType, DynHeader, Footer, BAT_UNUSED, FOOTER_SIZE, HEADER_SIZE,
+    bit_test, DiskType, DynHeader, Footer, BAT_UNUSED, FOOTER_SIZE, HEADER_SIZE,
 };
 use crate::image::Image;
 use crate::{verr, vout};
+use nix::errno::Errno;
 
-const EINVAL_POS: i32 = libc::EINVAL;
-const ERANGE: i32 = -libc::ERANGE;
+/// A fixed disk has no BAT, bitmaps or batmap (blktap: EINVAL).
+fn no_blocks() -> Error {
+    Error::invalid("a fixed VHD has no BAT")
+}
+
+/// The batmap is missing or invalid (blktap: EINVAL).
+fn no_batmap() -> Error {
+    Error::invalid("no valid batmap")
+}
+
+/// A request past the end of the disk or the BAT (blktap: ERANGE).
+fn out_of_range(what: String) -> Error {
+    Error::os(what, Errno::ERANGE)
+}
 
 pub const USAGE: UsageSpec = UsageSpec {
     cmd: "read",
@@ -55,25 +69,8 @@ extension (not in blktap):\n\
 -D          decrypt -r/-R output (keys from TAPDISK3_CRYPTO_KEYDIR)\n",
     to_stderr: false,
     // blktap's read returns a positive EINVAL from its usage path.
-    h_status: EINVAL_POS,
+    h_fails: true,
 };
-
-/// Header view; the parent name is decoded as UTF-16BE up to the first NUL.
-pub fn header_view(h: &DynHeader) -> HeaderView {
-    HeaderView {
-        cookie: h.cookie,
-        data_offset: h.data_offset,
-        table_offset: h.table_offset,
-        hdr_ver: h.hdr_ver,
-        max_bat_size: h.max_bat_size,
-        block_size: h.block_size,
-        checksum: h.checksum,
-        computed_checksum: h.compute_checksum(),
-        parent_name: Some(h.parent_name()),
-        prt_uuid: h.prt_uuid,
-        prt_ts: h.prt_ts,
-    }
-}
 
 /// The batmap part of `read -p`.
 pub enum BatmapDump {
@@ -105,7 +102,7 @@ pub fn print_meta(
     };
     let _ = io
         .out
-        .write_all(header_summary(&header_view(h), hex).as_bytes());
+        .write_all(header_summary(&HeaderView::of(h), hex).as_bytes());
     if footer.kind() == Some(DiskType::Differencing) {
         let _ = io.out.write_all(locators_summary(locs, hex).as_bytes());
     }
@@ -130,17 +127,7 @@ fn print_headers(io: &mut Io, img: &VhdImage, hex: bool) {
             .loc
             .iter()
             .enumerate()
-            .map(|(i, l)| LocatorView {
-                index: i,
-                code: l.code,
-                data_space: l.data_space,
-                data_len: l.data_len,
-                data_offset: l.data_offset,
-                decoded: img
-                    .locator_data(l)
-                    .ok()
-                    .and_then(|d| decode_locator(l.code, &d).ok()),
-            })
+            .map(|(i, l)| LocatorView::of(i, l, img.locator_data(l).ok()))
             .collect(),
         _ => Vec::new(),
     };
@@ -237,7 +224,7 @@ fn dump_headers(io: &mut Io, name: &str, hex: bool) {
         .write_all(footer_summary(&FooterView::of(&footer), hex).as_bytes());
     let _ = io
         .out
-        .write_all(header_summary(&header_view(&header), hex).as_bytes());
+        .write_all(header_summary(&HeaderView::of(&header), hex).as_bytes());
 }
 
 struct Ctx<'a> {
@@ -258,27 +245,27 @@ impl Ctx<'_> {
     }
 
     /// `end` = first block + count. The message names the last requested block.
-    fn check_block_range(&self, io: &mut Io, end: u64) -> Result<(), i32> {
+    fn check_block_range(&self, io: &mut Io, end: u64) -> Result {
         if end > self.max_bat {
             verr!(
                 io,
                 "block {} past end of file",
                 conv(self.hex, end.saturating_sub(1))
             );
-            return Err(ERANGE);
+            return Err(out_of_range(format!("block {}", end.saturating_sub(1))));
         }
         Ok(())
     }
 
-    fn bitmap(&self, blk: u64) -> Result<Option<Vec<u8>>, i32> {
-        let b = u32::try_from(blk).map_err(|_| ERANGE)?;
-        self.img.block_bitmap(b).map_err(|e| neg(&e))
+    fn bitmap(&self, blk: u64) -> Result<Option<Vec<u8>>> {
+        let b = u32::try_from(blk).map_err(|_| out_of_range(format!("block {blk}")))?;
+        Ok(self.img.block_bitmap(b)?)
     }
 }
 
-fn logical_to_physical(io: &mut Io, c: &Ctx, sector: u64, count: u64) -> i32 {
+fn logical_to_physical(io: &mut Io, c: &Ctx, sector: u64, count: u64) -> Result {
     if c.spb == 0 {
-        return -libc::EINVAL;
+        return Err(no_blocks());
     }
     if sector.saturating_add(count).saturating_mul(512) > c.curr {
         verr!(
@@ -286,7 +273,10 @@ fn logical_to_physical(io: &mut Io, c: &Ctx, sector: u64, count: u64) -> i32 {
             "sector {} past end of file",
             conv(c.hex, sector.saturating_add(count))
         );
-        return ERANGE;
+        return Err(out_of_range(format!(
+            "sector {}",
+            sector.saturating_add(count)
+        )));
     }
     for cur in sector..sector + count {
         let blk = cur / c.spb;
@@ -305,13 +295,11 @@ fn logical_to_physical(io: &mut Io, c: &Ctx, sector: u64, count: u64) -> i32 {
             conv(c.hex, lsec)
         );
     }
-    0
+    Ok(())
 }
 
-fn print_bat(io: &mut Io, c: &Ctx, block: u64, count: u64) -> i32 {
-    if let Err(e) = c.check_block_range(io, block.saturating_add(count)) {
-        return e;
-    }
+fn print_bat(io: &mut Io, c: &Ctx, block: u64, count: u64) -> Result {
+    c.check_block_range(io, block.saturating_add(count))?;
     for cur in block..block + count.min(c.bat.len() as u64) {
         let e = c.entry(cur);
         let off = if e == BAT_UNUSED {
@@ -321,12 +309,12 @@ fn print_bat(io: &mut Io, c: &Ctx, block: u64, count: u64) -> i32 {
         };
         vout!(io, "block: {}: offset: {off}", conv(c.hex, cur));
     }
-    0
+    Ok(())
 }
 
-fn print_bat_str(io: &mut Io, c: &Ctx) -> i32 {
+fn print_bat_str(io: &mut Io, c: &Ctx) -> Result {
     let Some(h) = c.img.header() else {
-        return -libc::EINVAL;
+        return Err(no_blocks());
     };
     let total = c.curr / u64::from(h.block_size.max(1));
     let mut map = vec![0u8; usize::try_from(total.div_ceil(8)).unwrap_or(0)];
@@ -335,36 +323,32 @@ fn print_bat_str(io: &mut Io, c: &Ctx) -> i32 {
             crate::image::vhd::format::bit_set(&mut map, i, true);
         }
     }
-    match io.out.write_all(&map) {
-        Ok(()) => 0,
-        Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
-    }
+    io.out
+        .write_all(&map)
+        .map_err(|e| Error::io("write the BAT bitmap", e))
 }
 
-fn print_bitmap(io: &mut Io, c: &Ctx, block: u64, count: u64) -> i32 {
-    if let Err(e) = c.check_block_range(io, block.saturating_add(count)) {
-        return e;
-    }
+fn print_bitmap(io: &mut Io, c: &Ctx, block: u64, count: u64) -> Result {
+    c.check_block_range(io, block.saturating_add(count))?;
     for cur in block..block + count {
-        match c.bitmap(cur) {
-            Ok(Some(b)) => {
+        match c.bitmap(cur)? {
+            Some(b) => {
                 let _ = io.out.write_all(&b);
             }
-            Ok(None) => vout!(io, "block {} not allocated", conv(c.hex, cur)),
-            Err(e) => return e,
+            None => vout!(io, "block {} not allocated", conv(c.hex, cur)),
         }
     }
-    0
+    Ok(())
 }
 
 /// `-i` (per-sector test) and `-e` (extents of set bits).
-fn walk_bitmap(io: &mut Io, c: &Ctx, sector: u64, count: u64, extents: bool) -> i32 {
+fn walk_bitmap(io: &mut Io, c: &Ctx, sector: u64, count: u64, extents: bool) -> Result {
     if c.spb == 0 {
-        return -libc::EINVAL;
+        return Err(no_blocks());
     }
     if sector.saturating_add(count).saturating_mul(512) > c.curr {
         vout!(io, "sector {} past end of file", conv(c.hex, sector));
-        return ERANGE;
+        return Err(out_of_range(format!("sector {sector}")));
     }
     let mut cached: Option<(u64, Option<Vec<u8>>)> = None;
     let (mut start, mut run) = (0u64, 0u64);
@@ -372,10 +356,7 @@ fn walk_bitmap(io: &mut Io, c: &Ctx, sector: u64, count: u64, extents: bool) -> 
         let blk = cur / c.spb;
         let sec = cur % c.spb;
         if cached.as_ref().map(|x| x.0) != Some(blk) {
-            match c.bitmap(blk) {
-                Ok(b) => cached = Some((blk, b)),
-                Err(e) => return e,
-            }
+            cached = Some((blk, c.bitmap(blk)?));
         }
         let bit = cached
             .as_ref()
@@ -404,29 +385,27 @@ fn walk_bitmap(io: &mut Io, c: &Ctx, sector: u64, count: u64, extents: bool) -> 
     if extents && run > 0 {
         vout!(io, "{} {}", conv(c.hex, start), conv(c.hex, run));
     }
-    0
+    Ok(())
 }
 
-fn print_batmap(io: &mut Io, c: &Ctx) -> i32 {
+fn print_batmap(io: &mut Io, c: &Ctx) -> Result {
     match c.img.batmap() {
         Some((_, map)) => {
             let _ = io.out.write_all(&map);
-            0
+            Ok(())
         }
         None => {
             vout!(io, "failed to read batmap: {}", -libc::EINVAL);
-            -libc::EINVAL
+            Err(no_batmap())
         }
     }
 }
 
-fn test_batmap(io: &mut Io, c: &Ctx, block: u64, count: u64) -> i32 {
-    if let Err(e) = c.check_block_range(io, block.saturating_add(count)) {
-        return e;
-    }
+fn test_batmap(io: &mut Io, c: &Ctx, block: u64, count: u64) -> Result {
+    c.check_block_range(io, block.saturating_add(count))?;
     let Some((_, map)) = c.img.batmap() else {
         verr!(io, "failed to get batmap");
-        return -libc::EINVAL;
+        return Err(no_batmap());
     };
     for cur in block..block + count {
         vout!(
@@ -436,15 +415,13 @@ fn test_batmap(io: &mut Io, c: &Ctx, block: u64, count: u64) -> i32 {
             u8::from(bit_test(&map, cur))
         );
     }
-    0
+    Ok(())
 }
 
-fn print_data(io: &mut Io, c: &Ctx, block: u64, count: u64) -> i32 {
-    if let Err(e) = c.check_block_range(io, block.saturating_add(count)) {
-        return e;
-    }
+fn print_data(io: &mut Io, c: &Ctx, block: u64, count: u64) -> Result {
+    c.check_block_range(io, block.saturating_add(count))?;
     let Some(h) = c.img.header() else {
-        return -libc::EINVAL;
+        return Err(no_blocks());
     };
     let bm = u64::from(h.bitmap_sectors());
     for cur in block..block + count {
@@ -454,26 +431,29 @@ fn print_data(io: &mut Io, c: &Ctx, block: u64, count: u64) -> i32 {
             continue;
         }
         let off = (u64::from(e) + bm) * 512;
-        match common::read_exact(
+        let b = common::read_exact(
             c.img.file().as_ref(),
             c.img.path(),
             off,
             h.block_size as usize,
-        ) {
-            Ok(b) => {
-                let _ = io.out.write_all(&b);
-            }
-            Err(e) => return neg(&e),
-        }
+        )?;
+        let _ = io.out.write_all(&b);
     }
-    0
+    Ok(())
 }
 
 /// `-r` (sectors) and `-R` (bytes) through the image layer: stored bytes, or plaintext
 /// with `decrypt`.
-fn read_through(io: &mut Io, name: &str, curr: u64, byte: u64, count: u64, decrypt: bool) -> i32 {
+fn read_through(
+    io: &mut Io,
+    name: &str,
+    curr: u64,
+    byte: u64,
+    count: u64,
+    decrypt: bool,
+) -> Result {
     if byte.checked_add(count).is_none_or(|e| e > curr) {
-        return ERANGE;
+        return Err(out_of_range(format!("{count} bytes at byte {byte}")));
     }
     let opened = if decrypt {
         super::chain::open_chain(name, true)
@@ -484,7 +464,7 @@ fn read_through(io: &mut Io, name: &str, curr: u64, byte: u64, count: u64, decry
         Ok(c) => c,
         Err(e) => {
             verr!(io, "failed to open {name}: {e}");
-            return neg(&e);
+            return Err(e.into());
         }
     };
     const MAX: u64 = 2 << 20;
@@ -495,28 +475,27 @@ fn read_through(io: &mut Io, name: &str, curr: u64, byte: u64, count: u64, decry
         let last = (end.min(first + MAX)).div_ceil(512) * 512;
         let mut buf = vec![0u8; (last - first) as usize];
         if let Err(e) = chain.read(first / 512, &mut buf) {
-            return neg(&e);
+            return Err(e.into());
         }
         let lo = (cur - first) as usize;
         let hi = (end.min(last) - first) as usize;
         if let Err(e) = io.out.write_all(&buf[lo..hi]) {
-            return -e.raw_os_error().unwrap_or(libc::EIO);
+            return Err(Error::io("write data", e));
         }
         cur = first + hi as u64;
     }
-    0
+    Ok(())
 }
 
-pub fn run(io: &mut Io, args: &[String]) -> i32 {
-    let p = match USAGE.parse(io, args) {
-        Ok(p) => p,
-        Err(s) => return s,
+pub fn run(io: &mut Io, args: &[String]) -> Result {
+    let Some(p) = USAGE.parse(io, args)? else {
+        return Ok(());
     };
     let Some(name) = p.value('n').map(str::to_string) else {
-        return USAGE.fail(io, EINVAL_POS);
+        return Err(USAGE.fail(io));
     };
     if !p.operands.is_empty() {
-        return USAGE.fail(io, EINVAL_POS);
+        return Err(USAGE.fail(io));
     }
     let hex = p.flag('x');
     let num = |c: char| p.value(c).map(strtoull);
@@ -526,7 +505,7 @@ pub fn run(io: &mut Io, args: &[String]) -> i32 {
         Err(e) => {
             vout!(io, "Failed to open {name}: {}", neg(&e));
             dump_headers(io, &name, hex);
-            return neg(&e);
+            return Err(e.into());
         }
     };
     let h = img.header();
@@ -539,7 +518,7 @@ pub fn run(io: &mut Io, args: &[String]) -> i32 {
     if h.is_none() && (needs_bat || !extension_only) {
         // blktap's vhd_get_bat fails on a fixed disk before any option is looked at.
         vout!(io, "Failed to get bat for {name}: {}", -libc::EINVAL);
-        return -libc::EINVAL;
+        return Err(no_blocks());
     }
     let c = Ctx {
         img: &img,
@@ -549,54 +528,46 @@ pub fn run(io: &mut Io, args: &[String]) -> i32 {
         curr: img.footer().curr_size,
         hex,
     };
-    macro_rules! step {
-        ($e:expr) => {{
-            let r = $e;
-            if r != 0 {
-                return r;
-            }
-        }};
-    }
     if p.flag('p') {
         // blktap ignores vhd_print_headers' status.
         print_headers(io, &img, hex);
     }
     if let Some(s) = num('t') {
-        step!(logical_to_physical(io, &c, s, count));
+        logical_to_physical(io, &c, s, count)?;
     }
     if let Some(b) = num('b') {
-        step!(print_bat(io, &c, b, count));
+        print_bat(io, &c, b, count)?;
     }
     if p.flag('B') {
-        step!(print_bat_str(io, &c));
+        print_bat_str(io, &c)?;
     }
     if let Some(b) = num('m') {
-        step!(print_bitmap(io, &c, b, count));
+        print_bitmap(io, &c, b, count)?;
     }
     if let Some(s) = num('i') {
-        step!(walk_bitmap(io, &c, s, count, false));
+        walk_bitmap(io, &c, s, count, false)?;
     }
     if let Some(s) = num('e') {
-        step!(walk_bitmap(io, &c, s, count, true));
+        walk_bitmap(io, &c, s, count, true)?;
     }
     if p.flag('a') {
-        step!(print_batmap(io, &c));
+        print_batmap(io, &c)?;
     }
     if let Some(b) = num('j') {
-        step!(test_batmap(io, &c, b, count));
+        test_batmap(io, &c, b, count)?;
     }
     if let Some(b) = num('d') {
-        step!(print_data(io, &c, b, count));
+        print_data(io, &c, b, count)?;
     }
     if let Some(s) = num('r') {
         let (Some(byte), Some(n)) = (s.checked_mul(512), count.checked_mul(512)) else {
-            return ERANGE;
+            return Err(out_of_range(format!("sector {s}")));
         };
-        step!(read_through(io, &name, c.curr, byte, n, p.flag('D')));
+        read_through(io, &name, c.curr, byte, n, p.flag('D'))?;
     }
     if let Some(b) = num('R') {
-        step!(read_through(io, &name, c.curr, b, count, p.flag('D')));
+        read_through(io, &name, c.curr, b, count, p.flag('D'))?;
     }
     drop(img);
-    0
+    Ok(())
 }

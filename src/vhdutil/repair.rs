@@ -2,8 +2,9 @@
 //! the footer that opens (the primary, else the backup; `-b`: the backup), giving it a
 //! fresh uuid if it has a null one.
 
-use super::cli::{OptsExt, UsageSpec, EINVAL};
+use super::cli::{OptsExt, UsageSpec};
 use super::common::{self, neg};
+use super::error::{Error, Result};
 use super::Io;
 use crate::image::vhd::ops::repair;
 use crate::vout;
@@ -14,26 +15,22 @@ pub const USAGE: UsageSpec = UsageSpec {
     spec: "n:bh",
     text: "options: <-n name> <-b use the back-up footer> [-h help]\n",
     to_stderr: false,
-    h_status: EINVAL,
+    h_fails: true,
 };
 
-pub fn run(io: &mut Io, args: &[String]) -> i32 {
-    let (p, name) = match USAGE.parse_named(io, args) {
-        Ok(v) => v,
-        Err(s) => return s,
+pub fn run(io: &mut Io, args: &[String]) -> Result {
+    let Some((p, name)) = USAGE.parse_named(io, args)? else {
+        return Ok(());
     };
     let name = name.as_str();
     // Open once read-only for blktap's "error opening" message, then let the engine
     // rewrite both footers (primary at the end of the data, backup at 0).
     if let Err(e) = common::open_opts(name, true, p.flag('b')) {
         vout!(io, "error opening {name}: {}", neg(&e));
-        return neg(&e);
+        return Err(e.into());
     }
-    match repair(Path::new(name), p.flag('b')) {
-        Ok(()) => 0,
-        Err(e) => {
-            vout!(io, "error writing footer: {}", neg(&e));
-            neg(&e)
-        }
-    }
+    repair(Path::new(name), p.flag('b')).map_err(|e| {
+        vout!(io, "error writing footer: {}", neg(&e));
+        Error::from(e)
+    })
 }

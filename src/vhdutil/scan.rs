@@ -2,8 +2,9 @@
 //! (`vhd-util-scan.c`). Line formats are in [`super::scanfmt`]. `-l VG` (LVM) is not
 //! supported and refused with EOPNOTSUPP.
 
-use super::cli::{OptsExt, UsageSpec, EINVAL};
+use super::cli::{OptsExt, UsageSpec};
 use super::common::{self, neg};
+use super::error::{Error, Result};
 use super::glob::glob;
 use super::scanfmt::{
     basename, format_line, pretty_lines, ScanEntry, ScanFailure, ScanFlags, ScanInfo,
@@ -11,6 +12,7 @@ use super::scanfmt::{
 use super::Io;
 use crate::image::vhd::format::DiskType;
 use crate::{verr, vout};
+use nix::errno::Errno;
 
 pub const USAGE: UsageSpec = UsageSpec {
     cmd: "scan",
@@ -20,7 +22,7 @@ options: [-m match filter] [-f fast] [-c continue on failure] \
 [-l LVM volume] [-p pretty print] [-a scan parents] \
 [-v verbose] [-h help] [-M show markers]\n",
     to_stderr: false,
-    h_status: 0,
+    h_fails: false,
 };
 
 struct Target {
@@ -37,8 +39,8 @@ struct Opts {
     out: ScanFlags,
 }
 
-fn stat_target(name: &str, raw: bool) -> Result<Target, i32> {
-    let md = std::fs::metadata(name).map_err(|e| -e.raw_os_error().unwrap_or(libc::EIO))?;
+fn stat_target(name: &str, raw: bool) -> Result<Target> {
+    let md = std::fs::metadata(name).map_err(|e| Error::io(format!("stat {name}"), e))?;
     Ok(Target {
         name: name.to_string(),
         size: md.len(),
@@ -58,7 +60,7 @@ fn scan_one(t: &Target, o: Opts) -> (ScanEntry, Option<(String, bool)>) {
     let name = if o.out.pretty {
         match common::canonpath(&t.name) {
             Ok(n) => n,
-            Err(e) => return (fail(&t.name, e, "resolving name"), None),
+            Err(e) => return (fail(&t.name, e.neg(), "resolving name"), None),
         }
     } else {
         t.name.clone()
@@ -146,21 +148,20 @@ fn scan_one(t: &Target, o: Opts) -> (ScanEntry, Option<(String, bool)>) {
     )
 }
 
-pub fn run(io: &mut Io, args: &[String]) -> i32 {
-    let p = match USAGE.parse(io, args) {
-        Ok(p) => p,
-        Err(s) => return s,
+pub fn run(io: &mut Io, args: &[String]) -> Result {
+    let Some(p) = USAGE.parse(io, args)? else {
+        return Ok(());
     };
     let filter = p.value('m').map(str::to_string);
     if filter.is_none() && p.operands.is_empty() {
-        return USAGE.fail(io, EINVAL);
+        return Err(USAGE.fail(io));
     }
     if p.value('l').is_some() {
         verr!(
             io,
             "scan: LVM volume groups (-l) are not supported by this vhd-util; scan the volumes' device paths instead"
         );
-        return -libc::EOPNOTSUPP;
+        return Err(Error::os("scan -l (LVM)", Errno::EOPNOTSUPP));
     }
     let pretty = p.flag('p');
     let o = Opts {
@@ -188,22 +189,27 @@ pub fn run(io: &mut Io, args: &[String]) -> i32 {
                 vout!(
                     io,
                     "{}",
-                    format_line(&fail(n, e, "failure scanning target"), o.out, 0, false)
+                    format_line(
+                        &fail(n, e.neg(), "failure scanning target"),
+                        o.out,
+                        0,
+                        false
+                    )
                 );
                 if !o.nofail {
                     // OpenXT's wording, on stdout (XenServer's adds ". Check syslog for details"
                     // on stderr).
-                    vout!(io, "scan failed: {e}");
-                    return e;
+                    vout!(io, "scan failed: {}", e.neg());
+                    return Err(e);
                 }
             }
         }
     }
     if targets.is_empty() {
-        return 0;
+        return Ok(());
     }
 
-    let mut err = 0;
+    let mut err = Ok(());
     let mut collected: Vec<ScanEntry> = Vec::new();
     let mut i = 0;
     while i < targets.len() {
@@ -223,14 +229,22 @@ pub fn run(io: &mut Io, args: &[String]) -> i32 {
                         Err(e) => vout!(
                             io,
                             "{}",
-                            format_line(&fail(&pp, e, "failure scanning target"), o.out, 0, false)
+                            format_line(
+                                &fail(&pp, e.neg(), "failure scanning target"),
+                                o.out,
+                                0,
+                                false
+                            )
                         ),
                     }
                 }
             }
         }
         if this_err != 0 {
-            err = this_err;
+            err = Err(Error::os(
+                format!("scan {}", targets[i].name),
+                Errno::from_raw(-this_err),
+            ));
             if !o.nofail {
                 break;
             }
@@ -243,7 +257,7 @@ pub fn run(io: &mut Io, args: &[String]) -> i32 {
         }
     }
     if o.nofail {
-        0
+        Ok(())
     } else {
         err
     }

@@ -1,8 +1,9 @@
 //! `vhd-util set -n NAME -f hidden|marker -v 0..255` (`vhd-util-set-field.c`).
 
-use super::cli::{UsageSpec, EINVAL};
+use super::cli::strtol;
+use super::cli::UsageSpec;
 use super::common::{self, neg};
-use super::getopt::strtol;
+use super::error::{Error, Result};
 use super::Io;
 use crate::vout;
 
@@ -11,34 +12,33 @@ pub const USAGE: UsageSpec = UsageSpec {
     spec: "n:f:v:h",
     text: "options: <-n name> <-f field> <-v value> [-h help]\n",
     to_stderr: false,
-    h_status: EINVAL,
+    h_fails: true,
 };
 
-pub fn run(io: &mut Io, args: &[String]) -> i32 {
-    let (_, [name, field, v]) = match USAGE.parse_required(io, args, ['n', 'f', 'v']) {
-        Ok(v) => v,
-        Err(s) => return s,
+pub fn run(io: &mut Io, args: &[String]) -> Result {
+    let Some((_, [name, field, v])) = USAGE.parse_required(io, args, ['n', 'f', 'v'])? else {
+        return Ok(());
     };
     let (name, field, v) = (name.as_str(), field.as_str(), v.as_str());
     if field.len() >= 25 {
         vout!(io, "invalid field");
-        return USAGE.fail(io, EINVAL);
+        return Err(USAGE.fail(io));
     }
     if field != "hidden" && field != "marker" {
         vout!(io, "invalid field {field}");
-        return USAGE.fail(io, EINVAL);
+        return Err(USAGE.fail(io));
     }
     let value = strtol(v);
     if !(0..=255).contains(&value) {
         vout!(io, "invalid value {value}");
-        return USAGE.fail(io, EINVAL);
+        return Err(USAGE.fail(io));
     }
     let value = value as u8;
     let img = match common::open(name, false) {
         Ok(i) => i,
         Err(e) => {
             vout!(io, "error opening {name}: {}", neg(&e));
-            return neg(&e);
+            return Err(e.into());
         }
     };
     let r = if field == "hidden" {
@@ -59,18 +59,6 @@ pub fn run(io: &mut Io, args: &[String]) -> i32 {
     } else {
         img.set_marker(value)
     };
-    let ret = match r {
-        Ok(()) => 0,
-        Err(e) => neg(&e),
-    };
-    close(&img, ret)
-}
-
-/// Close an image opened read-write, keeping the first error.
-pub fn close(img: &crate::image::vhd::engine::VhdImage, ret: i32) -> i32 {
-    use crate::image::Image;
-    match img.close() {
-        Err(e) if ret == 0 => neg(&e),
-        _ => ret,
-    }
+    let ret = r.map_err(Error::from);
+    common::close_rw(&img, ret)
 }

@@ -9,9 +9,10 @@
 
 use std::path::{Path, PathBuf};
 
-use super::cli::{number, OptsExt, UsageSpec, EINVAL};
+use super::cli::strtol;
+use super::cli::{number, OptsExt, UsageSpec};
 use super::common::{self, neg};
-use super::getopt::strtol;
+use super::error::{Error, Result};
 use super::Io;
 use crate::image::chain::chain_depth;
 use crate::image::vhd::ops::{snapshot, snapshot_target, SnapshotOptions};
@@ -28,31 +29,24 @@ extension: [-K copy the parent's keyhash into the snapshot (upstream blktap beha
 the default, as in OpenXT 8, leaves the snapshot without a keyhash so it uses the \
 nearest keyed ancestor's key)]\n",
     to_stderr: false,
-    h_status: 0,
+    h_fails: false,
 };
 
-pub fn run(io: &mut Io, args: &[String]) -> i32 {
-    let p = match USAGE.parse(io, args) {
-        Ok(p) => p,
-        Err(s) => return s,
+pub fn run(io: &mut Io, args: &[String]) -> Result {
+    let Some(p) = USAGE.parse(io, args)? else {
+        return Ok(());
     };
     let (Some(name), Some(pname)) = (p.value('n'), p.value('p')) else {
-        return USAGE.fail(io, EINVAL);
+        return Err(USAGE.fail(io));
     };
     if !p.operands.is_empty() {
-        return USAGE.fail(io, EINVAL);
+        return Err(USAGE.fail(io));
     }
-    let msize = match p.value('S').map(|v| number(io, "size", v)).transpose() {
-        Ok(v) => v,
-        Err(e) => return e,
-    };
+    let msize = p.value('S').map(|v| number(io, "size", v)).transpose()?;
     let limit = p.value('l').map(strtol).unwrap_or(0);
     let raw = p.flag('m');
     let exact = p.flag('e');
-    let ppath = match common::canonpath(pname) {
-        Ok(c) => c,
-        Err(e) => return e,
-    };
+    let ppath = common::canonpath(pname)?;
 
     if limit != 0 && !raw {
         let depth = (if exact {
@@ -70,21 +64,24 @@ pub fn run(io: &mut Io, args: &[String]) -> i32 {
         match depth {
             Err(e) => {
                 vout!(io, "error checking snapshot depth: {}", neg(&e));
-                return neg(&e);
+                return Err(e.into());
             }
             Ok(Some(d)) if i64::from(d) + 1 > limit => {
                 vout!(
                     io,
                     "snapshot depth exceeded: current depth: {d}, limit: {limit}"
                 );
-                return -libc::ENOSPC;
+                return Err(Error::os(
+                    format!("snapshot depth {d} exceeds limit {limit}"),
+                    nix::errno::Errno::ENOSPC,
+                ));
             }
             Ok(_) => {}
         }
     }
 
     let msize_bytes = match msize.map(super::create::mib_to_block_bytes) {
-        Some(None) => return USAGE.fail(io, EINVAL),
+        Some(None) => return Err(USAGE.fail(io)),
         Some(Some(b)) if b > 0 => Some(b),
         _ => None,
     };
@@ -96,10 +93,10 @@ pub fn run(io: &mut Io, args: &[String]) -> i32 {
         copy_keyhash: p.flag('K'),
     };
     match snapshot(Path::new(name), Path::new(&ppath), &opts) {
-        Ok(_) => 0,
+        Ok(_) => Ok(()),
         Err(e) => {
             verr!(io, "{}", super::common::describe(&e));
-            neg(&e)
+            Err(e.into())
         }
     }
 }

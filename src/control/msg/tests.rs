@@ -1,5 +1,20 @@
 use super::*;
 use proptest::prelude::*;
+use std::mem::offset_of;
+
+// Offsets inside the union, from the declared members.
+const P_PATH: usize = offset_of!(wire::Params, path);
+const P_PRT_DEVNUM: usize = offset_of!(wire::Params, prt_devnum);
+const P_REQ_TIMEOUT: usize = offset_of!(wire::Params, req_timeout);
+const P_SECONDARY: usize = offset_of!(wire::Params, secondary);
+const I_INFO: usize = offset_of!(wire::Image, info);
+const L_PATH: usize = offset_of!(wire::List, path);
+const B_ORDER: usize = offset_of!(wire::Blkif, order);
+const B_PROTO: usize = offset_of!(wire::Blkif, proto);
+const B_POOL: usize = offset_of!(wire::Blkif, pool);
+const B_PORT: usize = offset_of!(wire::Blkif, port);
+const B_POLL_IDLE: usize = offset_of!(wire::Blkif, poll_idle_threshold);
+const B_GREF_EXT: usize = offset_of!(wire::BlkifExt, gref_ext);
 
 const LAYOUTS: [WireLayout; 3] = [WireLayout::LP64, WireLayout::I686, WireLayout::ILP32_ALIGN8];
 
@@ -67,7 +82,7 @@ mod mirror {
 
 #[test]
 fn native_layout_matches_the_c_abi_of_this_target() {
-    use std::mem::{offset_of, size_of};
+    use std::mem::size_of;
     let l = WireLayout::NATIVE;
     assert_eq!(size_of::<mirror::Message>(), l.msg_size);
     assert_eq!(offset_of!(mirror::Message, u), l.union_offset);

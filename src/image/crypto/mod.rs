@@ -28,7 +28,7 @@ pub use keys::{
     KeyFile, KeySource, KeyWalkEntry, KEYDIR_ENV, KEYDIR_ENV_LEGACY, KEY_FILE_MAX, KEY_SIZES_BITS,
     PBKDF2_DEFAULT_ITERATIONS, PBKDF2_MIN_SALT_LEN,
 };
-pub use xts::{XtsCipher, CHUNK_SECTORS, SECTOR_BYTES};
+pub use xts::{XtsCipher, CHUNK_SECTORS};
 
 /// Raw key bytes (32 = AES-128-XTS, 64 = AES-256-XTS), zeroed on drop.
 ///

@@ -20,11 +20,10 @@ use aes::cipher::{BlockCipherDecrypt, BlockCipherEncrypt, KeyInit};
 use aes::{Aes128, Aes128Enc, Aes256, Aes256Enc, Block};
 
 use super::CryptoError;
+use crate::SECTOR_SIZE;
 
-/// Bytes per data unit (one virtual-disk sector).
-pub const SECTOR_BYTES: usize = 512;
-/// AES blocks per sector.
-const BLOCKS_PER_SECTOR: usize = SECTOR_BYTES / 16;
+/// AES blocks per data unit (one virtual-disk sector, [`SECTOR_SIZE`]).
+const BLOCKS_PER_SECTOR: usize = SECTOR_SIZE as usize / 16;
 /// Sectors processed per batch (8 KiB of data plus 8 KiB of tweaks: fits in L1).
 pub const CHUNK_SECTORS: usize = 16;
 /// AES blocks per batch.
@@ -261,11 +260,11 @@ impl XtsCipher {
 
     fn crypt_sectors(&self, first_lba: u64, src: Option<&[u8]>, data: &mut [u8], dir: Dir) {
         debug_assert!(
-            data.len().is_multiple_of(SECTOR_BYTES),
+            data.len().is_multiple_of(SECTOR_SIZE as usize),
             "XTS sector buffer of {} bytes is not whole sectors",
             data.len()
         );
-        let whole = data.len() - data.len() % SECTOR_BYTES;
+        let whole = data.len() - data.len() % SECTOR_SIZE as usize;
         let (blocks, _) = Array::<u8, U16>::slice_as_chunks_mut(&mut data[..whole]);
         let src = src.map(|s| Array::<u8, U16>::slice_as_chunks(&s[..whole]).0);
         match &self.keys {

@@ -393,8 +393,7 @@ impl VhdImage {
         let mut next_db = (bat_off + bat_bytes_padded(max_bat)) / SECTOR_SIZE;
         next_db = next_db.max((hoff + HEADER_SIZE as u64).div_ceil(SECTOR_SIZE));
         let mut allocated = 0u32;
-        for (i, c) in raw.chunks_exact(4).enumerate() {
-            let e = u32::from_be_bytes([c[0], c[1], c[2], c[3]]);
+        for (i, e) in decode_bat(&raw).into_iter().enumerate() {
             if e != BAT_UNUSED {
                 let end = u64::from(e) + blk_secs;
                 if end * SECTOR_SIZE > len {
@@ -740,7 +739,7 @@ impl VhdImage {
             self.write_batmap(b, curr)?;
             self.sync()?;
         }
-        let raw: Vec<u8> = m.bat.iter().flat_map(|e| e.to_be_bytes()).collect();
+        let raw = encode_bat(&m.bat);
         self.pwrite(&raw, g.bat_off, "write BAT")?;
         m.dirty = true;
         self.sync()
@@ -902,10 +901,7 @@ impl VhdImage {
         let g = self.geom_or_err()?;
         let first = (blk / 128) * 128;
         let last = (first + 128).min(g.max_bat);
-        let mut b = Vec::with_capacity(512);
-        for i in first..last {
-            b.extend_from_slice(&m.bat[i as usize].to_be_bytes());
-        }
+        let b = encode_bat(&m.bat[first as usize..last as usize]);
         self.pwrite(&b, g.bat_off + u64::from(first) * 4, "write BAT")
     }
 

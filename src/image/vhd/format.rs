@@ -1,7 +1,12 @@
 //! VHD on-disk structures: pure encode/decode and validation, no I/O.
 //!
-//! All integers are big-endian. Every struct is decoded from a private fixed-size copy of
-//! its bytes and validated before use; encoding always recomputes the checksum.
+//! All integers are big-endian. The on-disk structures are declared once, as the `Raw*`
+//! structs of [`layout`] (byte for byte libvhd's `hd_ftr`, `dd_hdr`, `prt_loc`,
+//! `dd_batmap_hdr`, checked against C in `tests/vhd_layout.rs`); each validated type here
+//! ([`Footer`], [`DynHeader`], [`BatmapHeader`], the BAT as `u32`s) converts from and into
+//! its `Raw*` struct, so there is one decode and one encode path per structure. Every struct
+//! is decoded from a private fixed-size copy of its bytes and validated before use; encoding
+//! always recomputes the checksum.
 //!
 //! Layout written by [`super::ops::create`] (as libvhd does):
 //!
@@ -97,24 +102,109 @@ pub enum FormatError {
     Invalid(String),
 }
 
-fn be32(b: &[u8], o: usize) -> u32 {
-    u32::from_be_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
+/// The on-disk structures as declared by libvhd (`vhd.h`), big-endian fields, no padding.
+pub mod layout {
+    use zerocopy::byteorder::{BigEndian, U32, U64};
+    use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+    /// A big-endian u32 as stored.
+    pub type Be32 = U32<BigEndian>;
+    /// A big-endian u64 as stored.
+    pub type Be64 = U64<BigEndian>;
+
+    /// `struct hd_ftr`: the 512-byte footer.
+    #[derive(Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+    #[repr(C)]
+    pub struct RawFooter {
+        pub cookie: [u8; 8],
+        pub features: Be32,
+        pub ff_version: Be32,
+        pub data_offset: Be64,
+        pub timestamp: Be32,
+        pub crtr_app: [u8; 4],
+        pub crtr_ver: Be32,
+        pub crtr_os: Be32,
+        pub orig_size: Be64,
+        pub curr_size: Be64,
+        pub geometry: Be32,
+        pub disk_type: Be32,
+        pub checksum: Be32,
+        pub uuid: [u8; 16],
+        pub saved: u8,
+        pub hidden: u8,
+        pub reserved: [u8; 426],
+    }
+
+    /// `struct prt_loc`: one 24-byte parent locator entry.
+    #[derive(Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+    #[repr(C)]
+    pub struct RawLocator {
+        pub code: Be32,
+        pub data_space: Be32,
+        pub data_len: Be32,
+        pub res: Be32,
+        pub data_offset: Be64,
+    }
+
+    /// `struct dd_hdr`: the 1024-byte dynamic disk header.
+    #[derive(Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+    #[repr(C)]
+    pub struct RawDynHeader {
+        pub cookie: [u8; 8],
+        pub data_offset: Be64,
+        pub table_offset: Be64,
+        pub hdr_ver: Be32,
+        pub max_bat_size: Be32,
+        pub block_size: Be32,
+        pub checksum: Be32,
+        pub prt_uuid: [u8; 16],
+        pub prt_ts: Be32,
+        pub res1: Be32,
+        pub prt_name: [u8; 512],
+        pub loc: [RawLocator; 8],
+        pub res2: [u8; 256],
+    }
+
+    /// `struct dd_batmap_hdr`: tapdisk's 512-byte batmap header (the keyhash record
+    /// `{u8 cookie, u8 nonce[32], u8 hash[32]}` kept as its 65 bytes).
+    #[derive(Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+    #[repr(C)]
+    pub struct RawBatmapHeader {
+        pub cookie: [u8; 8],
+        pub batmap_offset: Be64,
+        pub batmap_size: Be32,
+        pub batmap_version: Be32,
+        pub checksum: Be32,
+        pub marker: u8,
+        pub keyhash: [u8; 65],
+        pub res: [u8; 418],
+    }
+
+    /// One BAT entry: the sector of a block's bitmap, or `BAT_UNUSED`.
+    pub type RawBatEntry = Be32;
+
+    const _: () = assert!(size_of::<RawFooter>() == super::FOOTER_SIZE);
+    const _: () = assert!(size_of::<RawLocator>() == 24);
+    const _: () = assert!(size_of::<RawDynHeader>() == super::HEADER_SIZE);
+    const _: () = assert!(size_of::<RawBatmapHeader>() == super::BATMAP_HEADER_SIZE);
+    const _: () = assert!(size_of::<RawBatEntry>() == 4);
 }
-fn be64(b: &[u8], o: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[o..o + 8]);
-    u64::from_be_bytes(a)
+
+use layout::{RawBatEntry, RawBatmapHeader, RawDynHeader, RawFooter, RawLocator};
+use zerocopy::IntoBytes;
+
+/// Decode BAT entries from their on-disk bytes (a trailing partial entry is ignored).
+pub fn decode_bat(raw: &[u8]) -> Vec<u32> {
+    raw.chunks_exact(4)
+        .filter_map(|c| zerocopy::FromBytes::read_from_bytes(c).ok())
+        .map(|e: RawBatEntry| e.get())
+        .collect()
 }
-fn put32(b: &mut [u8], o: usize, v: u32) {
-    b[o..o + 4].copy_from_slice(&v.to_be_bytes());
-}
-fn put64(b: &mut [u8], o: usize, v: u64) {
-    b[o..o + 8].copy_from_slice(&v.to_be_bytes());
-}
-fn arr<const N: usize>(b: &[u8], o: usize) -> [u8; N] {
-    let mut a = [0u8; N];
-    a.copy_from_slice(&b[o..o + N]);
-    a
+
+/// Encode BAT entries as stored.
+pub fn encode_bat(entries: &[u32]) -> Vec<u8> {
+    let raw: Vec<RawBatEntry> = entries.iter().map(|&e| RawBatEntry::new(e)).collect();
+    raw.as_bytes().to_vec()
 }
 
 /// One's complement of the byte sum of `b`, skipping the 4 bytes at `skip` (the checksum
@@ -234,52 +324,57 @@ impl Footer {
 
     /// Decode without validation.
     pub fn decode(b: &[u8; FOOTER_SIZE]) -> Footer {
+        let r: RawFooter = zerocopy::transmute!(*b);
         Footer {
-            cookie: arr(b, 0),
-            features: be32(b, 8),
-            ff_version: be32(b, 12),
-            data_offset: be64(b, 16),
-            timestamp: be32(b, 24),
-            crtr_app: arr(b, 28),
-            crtr_ver: be32(b, 32),
-            crtr_os: be32(b, 36),
-            orig_size: be64(b, 40),
-            curr_size: be64(b, 48),
-            geometry: be32(b, 56),
-            disk_type: be32(b, 60),
-            checksum: be32(b, 64),
-            uuid: arr(b, 68),
-            saved: b[84],
-            hidden: b[85],
-            reserved: arr(b, 86),
+            cookie: r.cookie,
+            features: r.features.get(),
+            ff_version: r.ff_version.get(),
+            data_offset: r.data_offset.get(),
+            timestamp: r.timestamp.get(),
+            crtr_app: r.crtr_app,
+            crtr_ver: r.crtr_ver.get(),
+            crtr_os: r.crtr_os.get(),
+            orig_size: r.orig_size.get(),
+            curr_size: r.curr_size.get(),
+            geometry: r.geometry.get(),
+            disk_type: r.disk_type.get(),
+            checksum: r.checksum.get(),
+            uuid: r.uuid,
+            saved: r.saved,
+            hidden: r.hidden,
+            reserved: r.reserved,
         }
     }
 
     fn encode_raw(&self) -> [u8; FOOTER_SIZE] {
-        let mut b = [0u8; FOOTER_SIZE];
-        b[0..8].copy_from_slice(&self.cookie);
-        put32(&mut b, 8, self.features);
-        put32(&mut b, 12, self.ff_version);
-        put64(&mut b, 16, self.data_offset);
-        put32(&mut b, 24, self.timestamp);
-        b[28..32].copy_from_slice(&self.crtr_app);
-        put32(&mut b, 32, self.crtr_ver);
-        put32(&mut b, 36, self.crtr_os);
-        put64(&mut b, 40, self.orig_size);
-        put64(&mut b, 48, self.curr_size);
-        put32(&mut b, 56, self.geometry);
-        put32(&mut b, 60, self.disk_type);
-        put32(&mut b, 64, self.checksum);
-        b[68..84].copy_from_slice(&self.uuid);
-        b[84] = self.saved;
-        b[85] = self.hidden;
-        b[86..].copy_from_slice(&self.reserved);
-        b
+        let r = RawFooter {
+            cookie: self.cookie,
+            features: self.features.into(),
+            ff_version: self.ff_version.into(),
+            data_offset: self.data_offset.into(),
+            timestamp: self.timestamp.into(),
+            crtr_app: self.crtr_app,
+            crtr_ver: self.crtr_ver.into(),
+            crtr_os: self.crtr_os.into(),
+            orig_size: self.orig_size.into(),
+            curr_size: self.curr_size.into(),
+            geometry: self.geometry.into(),
+            disk_type: self.disk_type.into(),
+            checksum: self.checksum.into(),
+            uuid: self.uuid,
+            saved: self.saved,
+            hidden: self.hidden,
+            reserved: self.reserved,
+        };
+        zerocopy::transmute!(r)
     }
 
     /// The checksum these fields should carry.
     pub fn compute_checksum(&self) -> u32 {
-        checksum(&self.encode_raw(), Some(64))
+        checksum(
+            &self.encode_raw(),
+            Some(std::mem::offset_of!(RawFooter, checksum)),
+        )
     }
 
     /// Encode with a freshly computed checksum (also stored in `self`).
@@ -365,6 +460,30 @@ impl Locator {
     }
 }
 
+impl From<RawLocator> for Locator {
+    fn from(r: RawLocator) -> Locator {
+        Locator {
+            code: r.code.get(),
+            data_space: r.data_space.get(),
+            data_len: r.data_len.get(),
+            res: r.res.get(),
+            data_offset: r.data_offset.get(),
+        }
+    }
+}
+
+impl From<Locator> for RawLocator {
+    fn from(l: Locator) -> RawLocator {
+        RawLocator {
+            code: l.code.into(),
+            data_space: l.data_space.into(),
+            data_len: l.data_len.into(),
+            res: l.res.into(),
+            data_offset: l.data_offset.into(),
+        }
+    }
+}
+
 /// The 1024-byte dynamic disk header.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DynHeader {
@@ -409,62 +528,49 @@ impl DynHeader {
 
     /// Decode without validation.
     pub fn decode(b: &[u8; HEADER_SIZE]) -> DynHeader {
-        let mut loc = [Locator::default(); 8];
-        for (i, l) in loc.iter_mut().enumerate() {
-            let o = 576 + i * 24;
-            *l = Locator {
-                code: be32(b, o),
-                data_space: be32(b, o + 4),
-                data_len: be32(b, o + 8),
-                res: be32(b, o + 12),
-                data_offset: be64(b, o + 16),
-            };
-        }
+        let r: RawDynHeader = zerocopy::transmute!(*b);
         DynHeader {
-            cookie: arr(b, 0),
-            data_offset: be64(b, 8),
-            table_offset: be64(b, 16),
-            hdr_ver: be32(b, 24),
-            max_bat_size: be32(b, 28),
-            block_size: be32(b, 32),
-            checksum: be32(b, 36),
-            prt_uuid: arr(b, 40),
-            prt_ts: be32(b, 56),
-            res1: be32(b, 60),
-            prt_name: arr(b, 64),
-            loc,
-            res2: arr(b, 768),
+            cookie: r.cookie,
+            data_offset: r.data_offset.get(),
+            table_offset: r.table_offset.get(),
+            hdr_ver: r.hdr_ver.get(),
+            max_bat_size: r.max_bat_size.get(),
+            block_size: r.block_size.get(),
+            checksum: r.checksum.get(),
+            prt_uuid: r.prt_uuid,
+            prt_ts: r.prt_ts.get(),
+            res1: r.res1.get(),
+            prt_name: r.prt_name,
+            loc: r.loc.map(Locator::from),
+            res2: r.res2,
         }
     }
 
     fn encode_raw(&self) -> [u8; HEADER_SIZE] {
-        let mut b = [0u8; HEADER_SIZE];
-        b[0..8].copy_from_slice(&self.cookie);
-        put64(&mut b, 8, self.data_offset);
-        put64(&mut b, 16, self.table_offset);
-        put32(&mut b, 24, self.hdr_ver);
-        put32(&mut b, 28, self.max_bat_size);
-        put32(&mut b, 32, self.block_size);
-        put32(&mut b, 36, self.checksum);
-        b[40..56].copy_from_slice(&self.prt_uuid);
-        put32(&mut b, 56, self.prt_ts);
-        put32(&mut b, 60, self.res1);
-        b[64..576].copy_from_slice(&self.prt_name);
-        for (i, l) in self.loc.iter().enumerate() {
-            let o = 576 + i * 24;
-            put32(&mut b, o, l.code);
-            put32(&mut b, o + 4, l.data_space);
-            put32(&mut b, o + 8, l.data_len);
-            put32(&mut b, o + 12, l.res);
-            put64(&mut b, o + 16, l.data_offset);
-        }
-        b[768..].copy_from_slice(&self.res2);
-        b
+        let r = RawDynHeader {
+            cookie: self.cookie,
+            data_offset: self.data_offset.into(),
+            table_offset: self.table_offset.into(),
+            hdr_ver: self.hdr_ver.into(),
+            max_bat_size: self.max_bat_size.into(),
+            block_size: self.block_size.into(),
+            checksum: self.checksum.into(),
+            prt_uuid: self.prt_uuid,
+            prt_ts: self.prt_ts.into(),
+            res1: self.res1.into(),
+            prt_name: self.prt_name,
+            loc: self.loc.map(RawLocator::from),
+            res2: self.res2,
+        };
+        zerocopy::transmute!(r)
     }
 
     /// The checksum these fields should carry.
     pub fn compute_checksum(&self) -> u32 {
-        checksum(&self.encode_raw(), Some(36))
+        checksum(
+            &self.encode_raw(),
+            Some(std::mem::offset_of!(RawDynHeader, checksum)),
+        )
     }
 
     /// Encode with a freshly computed checksum (also stored in `self`).
@@ -580,29 +686,32 @@ impl BatmapHeader {
 
     /// Decode without validation.
     pub fn decode(b: &[u8; BATMAP_HEADER_SIZE]) -> BatmapHeader {
+        let r: RawBatmapHeader = zerocopy::transmute!(*b);
         BatmapHeader {
-            cookie: arr(b, 0),
-            batmap_offset: be64(b, 8),
-            batmap_size: be32(b, 16),
-            batmap_version: be32(b, 20),
-            checksum: be32(b, 24),
-            marker: b[28],
-            keyhash: arr(b, 29),
+            cookie: r.cookie,
+            batmap_offset: r.batmap_offset.get(),
+            batmap_size: r.batmap_size.get(),
+            batmap_version: r.batmap_version.get(),
+            checksum: r.checksum.get(),
+            marker: r.marker,
+            keyhash: r.keyhash,
         }
     }
 
     /// Encode (reserved bytes zero). The checksum covers the map, not the header: set it
     /// with [`batmap_checksum`] first.
     pub fn encode(&self) -> [u8; BATMAP_HEADER_SIZE] {
-        let mut b = [0u8; BATMAP_HEADER_SIZE];
-        b[0..8].copy_from_slice(&self.cookie);
-        put64(&mut b, 8, self.batmap_offset);
-        put32(&mut b, 16, self.batmap_size);
-        put32(&mut b, 20, self.batmap_version);
-        put32(&mut b, 24, self.checksum);
-        b[28] = self.marker;
-        b[29..94].copy_from_slice(&self.keyhash);
-        b
+        let r = RawBatmapHeader {
+            cookie: self.cookie,
+            batmap_offset: self.batmap_offset.into(),
+            batmap_size: self.batmap_size.into(),
+            batmap_version: self.batmap_version.into(),
+            checksum: self.checksum.into(),
+            marker: self.marker,
+            keyhash: self.keyhash,
+            res: [0; 418],
+        };
+        zerocopy::transmute!(r)
     }
 
     /// Cookie and version check (the map checksum is checked by the engine).
@@ -748,7 +857,7 @@ mod tests {
         let b = f.encode();
         assert_eq!(&b[0..8], b"conectix");
         assert_eq!(&b[28..32], b"tap\0");
-        assert_eq!(be32(&b, 32), 0x0001_0003);
+        assert_eq!(&b[32..36], &[0, 1, 0, 3]);
         let g = Footer::decode(&b);
         assert_eq!(g, f);
         g.validate().unwrap();
@@ -793,6 +902,16 @@ mod tests {
     }
 
     #[test]
+    fn bat_entries_are_big_endian_u32s() {
+        let e = [0, 0x0102_0304, BAT_UNUSED];
+        let raw = encode_bat(&e);
+        assert_eq!(raw, [0, 0, 0, 0, 1, 2, 3, 4, 0xff, 0xff, 0xff, 0xff]);
+        assert_eq!(decode_bat(&raw), e);
+        // A trailing partial entry is not an entry.
+        assert_eq!(decode_bat(&raw[..6]), [0]);
+    }
+
+    #[test]
     fn checksum_is_ones_complement_of_byte_sum() {
         assert_eq!(checksum(&[1, 2, 3], None), !6u32);
         assert_eq!(checksum(&[1, 2, 3, 4, 5, 6], Some(1)), !(1u32 + 6));
@@ -821,7 +940,11 @@ mod tests {
         };
         let b = h.encode();
         assert_eq!(&b[0..8], b"cxsparse");
-        assert_eq!(be64(&b, 16), 1536);
+        assert_eq!(&b[16..24], &1536u64.to_be_bytes());
+        // Locator 0 at 576: code, data_space, data_len, res, data_offset.
+        assert_eq!(&b[576..580], b"MacX");
+        assert_eq!(&b[580..584], &512u32.to_be_bytes());
+        assert_eq!(&b[592..600], &4096u64.to_be_bytes());
         // UTF-16BE: 'p' = 00 70.
         assert_eq!(&b[64..66], &[0, b'p']);
         let g = DynHeader::decode(&b);

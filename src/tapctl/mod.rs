@@ -1,4 +1,4 @@
-//! The `tap-ctl` command line: blktap's getopt surface, output formats and exit codes.
+//! The `tap-ctl` command line (over [`crate::control`]'s client): blktap's getopt surface, output formats and exit codes.
 //! `src/bin/tap-ctl.rs` is a thin main around [`run`].
 //!
 //! Exit status is `abs(errno)` of the failure (0 on success); the error's `strerror` text goes
@@ -9,9 +9,10 @@
 use std::io::{Read, Write};
 use std::time::Duration;
 
-use super::client::{Client, TapEntry};
-use super::msg::{c_hex, OpenFlags, OpenRequest, ResumeRequest, SecretKey};
-use super::{tapdev, ControlError};
+use crate::control::client::{Client, TapEntry};
+use crate::control::msg::{c_hex, OpenFlags, OpenRequest, ResumeRequest, SecretKey};
+use crate::control::{tapdev, ControlError};
+use crate::util::getopt::{self, Item};
 
 /// The global usage text.
 pub const USAGE: &str = "usage: tap-ctl COMMAND [OPTIONS]\n\
@@ -68,108 +69,26 @@ pub fn format_list_dict(e: &TapEntry) -> String {
     s
 }
 
-/// A tiny POSIX getopt: `spec` like `"hp:m:"`. Bundled flags, attached or separate values,
-/// `--` ends options, non-options are skipped (GNU getopt permutes them away). `--help` = `-h`.
-struct Getopt<'a> {
-    args: &'a [String],
-    spec: &'a str,
-    idx: usize,
-    pos: usize,
-}
-
+/// One option as the commands see it, from [`crate::util::getopt`]: operands are skipped
+/// (GNU getopt permutes them away and tap-ctl takes none), `--help` is `-h` where the
+/// command has `-h`, and every getopt error is [`Opt::Bad`].
 enum Opt {
     Flag(char),
     Value(char, String),
     Bad,
 }
 
-impl<'a> Getopt<'a> {
-    fn new(args: &'a [String], spec: &'a str) -> Self {
-        Getopt {
-            args,
-            spec,
-            idx: 0,
-            pos: 0,
-        }
-    }
-
-    fn takes_value(&self, c: char) -> Option<bool> {
-        let i = self.spec.find(c)?;
-        Some(self.spec[i + c.len_utf8()..].starts_with(':'))
-    }
-}
-
-impl Iterator for Getopt<'_> {
-    type Item = Opt;
-    fn next(&mut self) -> Option<Opt> {
-        loop {
-            let arg = self.args.get(self.idx)?;
-            if self.pos == 0 {
-                if arg == "--" {
-                    return None;
-                }
-                if arg == "--help" {
-                    self.idx += 1;
-                    return Some(if self.spec.contains('h') {
-                        Opt::Flag('h')
-                    } else {
-                        Opt::Bad
-                    });
-                }
-                if arg.starts_with("--") {
-                    self.idx += 1;
-                    return Some(Opt::Bad);
-                }
-                if !arg.starts_with('-') || arg == "-" {
-                    self.idx += 1;
-                    continue;
-                }
-                self.pos = 1;
-            }
-            let rest = &arg[self.pos..];
-            let Some(c) = rest.chars().next() else {
-                self.idx += 1;
-                self.pos = 0;
-                continue;
-            };
-            self.pos += c.len_utf8();
-            let at_end = self.pos >= arg.len();
-            let kind = if c == ':' { None } else { self.takes_value(c) };
-            match kind {
-                None => {
-                    if at_end {
-                        self.idx += 1;
-                        self.pos = 0;
-                    }
-                    return Some(Opt::Bad);
-                }
-                Some(false) => {
-                    if at_end {
-                        self.idx += 1;
-                        self.pos = 0;
-                    }
-                    return Some(Opt::Flag(c));
-                }
-                Some(true) => {
-                    let value = if !at_end {
-                        arg[self.pos..].to_string()
-                    } else {
-                        self.idx += 1;
-                        match self.args.get(self.idx) {
-                            Some(v) => v.clone(),
-                            None => {
-                                self.pos = 0;
-                                return Some(Opt::Bad);
-                            }
-                        }
-                    };
-                    self.idx += 1;
-                    self.pos = 0;
-                    return Some(Opt::Value(c, value));
-                }
-            }
-        }
-    }
+/// The options of `args` against the getopt string `spec` (like `"hp:m:"`), in order.
+fn options<'a>(args: &'a [String], spec: &'a str) -> impl Iterator<Item = Opt> + 'a {
+    getopt::Getopt::new("tap-ctl", args, spec).filter_map(move |item| match item {
+        Ok(Item::Opt(o)) => Some(match o.arg {
+            Some(v) => Opt::Value(o.letter, v),
+            None => Opt::Flag(o.letter),
+        }),
+        Ok(Item::Operand(_)) => None,
+        Ok(Item::LongHelp) if spec.contains('h') => Some(Opt::Flag('h')),
+        Ok(Item::LongHelp) | Err(_) => Some(Opt::Bad),
+    })
 }
 
 /// Outcome of a command: exit status.
@@ -178,7 +97,7 @@ type Status = i32;
 fn fail(io: &mut CliIo<'_>, e: &ControlError) -> Status {
     log::debug!("tap-ctl: {}", crate::util::error_chain(&e));
     let errno = e.errno();
-    let _ = writeln!(io.stderr, "{}", super::strerror(errno));
+    let _ = writeln!(io.stderr, "{}", crate::control::strerror(errno));
     errno
 }
 
@@ -197,6 +116,12 @@ impl Usage {
 
 fn parse_num<T: std::str::FromStr>(s: &str) -> Option<T> {
     s.trim().parse::<T>().ok()
+}
+
+/// Store the number `v` in `slot`; false (a usage error) if `v` is not one.
+fn set_num<T: std::str::FromStr>(slot: &mut Option<T>, v: &str) -> bool {
+    *slot = parse_num(v);
+    slot.is_some()
 }
 
 /// Run `tap-ctl` with `args` (without the program name and without `--debug`).
@@ -236,17 +161,11 @@ const LIST_USAGE: Usage = Usage("list [-h] [-p pid] [-m minor] [-t type] [-f fil
 
 fn cmd_list(client: &Client, args: &[String], io: &mut CliIo<'_>) -> Status {
     let (mut pid, mut minor, mut ty, mut file) = (None::<i32>, None::<u16>, None, None);
-    for o in Getopt::new(args, "hp:m:t:f:") {
+    for o in options(args, "hp:m:t:f:") {
         match o {
             Opt::Flag('h') => return LIST_USAGE.help(io),
-            Opt::Value('p', v) => match parse_num(&v) {
-                Some(p) => pid = Some(p),
-                None => return LIST_USAGE.bad(io),
-            },
-            Opt::Value('m', v) => match parse_num(&v) {
-                Some(m) => minor = Some(m),
-                None => return LIST_USAGE.bad(io),
-            },
+            Opt::Value('p', v) if set_num(&mut pid, &v) => {}
+            Opt::Value('m', v) if set_num(&mut minor, &v) => {}
             Opt::Value('t', v) => ty = Some(v),
             Opt::Value('f', v) => file = Some(v),
             _ => return LIST_USAGE.bad(io),
@@ -282,7 +201,7 @@ fn cmd_list(client: &Client, args: &[String], io: &mut CliIo<'_>) -> Status {
 const ALLOCATE_USAGE: Usage = Usage("allocate [-h]");
 
 fn cmd_allocate(client: &Client, args: &[String], io: &mut CliIo<'_>) -> Status {
-    for o in Getopt::new(args, "hd:") {
+    for o in options(args, "hd:") {
         match o {
             Opt::Flag('h') => return ALLOCATE_USAGE.help(io),
             Opt::Value('d', _) => {}
@@ -302,13 +221,10 @@ const FREE_USAGE: Usage = Usage("free [-h] <-m minor>");
 
 fn cmd_free(client: &Client, args: &[String], io: &mut CliIo<'_>) -> Status {
     let mut minor = None::<u16>;
-    for o in Getopt::new(args, "hm:") {
+    for o in options(args, "hm:") {
         match o {
             Opt::Flag('h') => return FREE_USAGE.help(io),
-            Opt::Value('m', v) => match parse_num(&v) {
-                Some(m) => minor = Some(m),
-                None => return FREE_USAGE.bad(io),
-            },
+            Opt::Value('m', v) if set_num(&mut minor, &v) => {}
             _ => return FREE_USAGE.bad(io),
         }
     }
@@ -387,7 +303,7 @@ BLKTAP_NBD_DEVICE=0 always prints the socket path";
 
 fn cmd_create(client: &Client, args: &[String], io: &mut CliIo<'_>) -> Status {
     let mut oo = OpenOpts::default();
-    for o in Getopt::new(args, "ha:RDre:2:st:C:d:") {
+    for o in options(args, "ha:RDre:2:st:C:d:") {
         match &o {
             Opt::Flag('h') => {
                 let st = CREATE_USAGE.help(io);
@@ -471,7 +387,7 @@ fn dead_vbd_pid(client: &Client, dev: &str, minor: u16) -> Option<i32> {
 
 fn cmd_destroy(client: &Client, args: &[String], io: &mut CliIo<'_>) -> Status {
     let (mut pid, mut minor, mut timeout, mut dev) = (None::<i32>, None::<u16>, None, None);
-    for o in Getopt::new(args, "hp:m:t:d:") {
+    for o in options(args, "hp:m:t:d:") {
         match o {
             Opt::Flag('h') => {
                 let st = DESTROY_USAGE.help(io);
@@ -514,7 +430,7 @@ fn cmd_destroy(client: &Client, args: &[String], io: &mut CliIo<'_>) -> Status {
 const SPAWN_USAGE: Usage = Usage("spawn [-h]");
 
 fn cmd_spawn(client: &Client, args: &[String], io: &mut CliIo<'_>) -> Status {
-    if let Some(o) = Getopt::new(args, "h").next() {
+    if let Some(o) = options(args, "h").next() {
         return match o {
             Opt::Flag('h') => SPAWN_USAGE.help(io),
             _ => SPAWN_USAGE.bad(io),
@@ -540,17 +456,11 @@ fn pid_minor(
     mut extra: impl FnMut(&Opt) -> bool,
 ) -> Result<(i32, u16), bool> {
     let (mut pid, mut minor) = (None::<i32>, None::<u16>);
-    for o in Getopt::new(args, spec) {
+    for o in options(args, spec) {
         match &o {
             Opt::Flag('h') => return Err(true),
-            Opt::Value('p', v) => match parse_num(v) {
-                Some(p) => pid = Some(p),
-                None => return Err(false),
-            },
-            Opt::Value('m', v) => match parse_num(v) {
-                Some(m) => minor = Some(m),
-                None => return Err(false),
-            },
+            Opt::Value('p', v) if set_num(&mut pid, v) => {}
+            Opt::Value('m', v) if set_num(&mut minor, v) => {}
             _ => {
                 if !extra(&o) {
                     return Err(false);
@@ -740,17 +650,11 @@ const STATS_USAGE: Usage = Usage("stats [-h] <-p pid> <-m minor>");
 
 fn cmd_stats(client: &Client, args: &[String], io: &mut CliIo<'_>) -> Status {
     let (mut pid, mut minor) = (None::<i32>, None::<u16>);
-    for o in Getopt::new(args, "hp:m:") {
+    for o in options(args, "hp:m:") {
         match o {
             Opt::Flag('h') => return STATS_USAGE.help(io),
-            Opt::Value('p', v) => match parse_num(&v) {
-                Some(p) => pid = Some(p),
-                None => return STATS_USAGE.bad(io),
-            },
-            Opt::Value('m', v) => match parse_num(&v) {
-                Some(m) => minor = Some(m),
-                None => return STATS_USAGE.bad(io),
-            },
+            Opt::Value('p', v) if set_num(&mut pid, &v) => {}
+            Opt::Value('m', v) if set_num(&mut minor, &v) => {}
             _ => return STATS_USAGE.bad(io),
         }
     }
@@ -778,7 +682,7 @@ mod tests {
 
     fn opts(args: &[&str], spec: &str) -> Vec<String> {
         let a = s(args);
-        Getopt::new(&a, spec)
+        options(&a, spec)
             .map(|o| match o {
                 Opt::Flag(c) => format!("{c}"),
                 Opt::Value(c, v) => format!("{c}={v}"),
@@ -809,61 +713,58 @@ mod tests {
 
     #[test]
     fn list_formats() {
-        let full = TapEntry {
-            pid: Some(1234),
-            minor: Some(0),
-            state: Some(VbdState(0)),
-            disk_type: Some("vhd".into()),
-            path: Some("/storage/a.vhd".into()),
-        };
-        assert_eq!(
-            format_list_row(&full),
-            "    1234    0    0        vhd /storage/a.vhd\n"
-        );
-        assert_eq!(
-            format_list_dict(&full),
-            "pid=1234 minor=0 state=0 args=vhd:/storage/a.vhd\n"
-        );
-        let closed = TapEntry {
-            pid: Some(77),
-            minor: Some(12),
-            state: Some(VbdState::CLOSED),
-            ..TapEntry::default()
-        };
-        assert_eq!(
-            format_list_row(&closed),
-            "      77   12  0x2          - -\n"
-        );
-        assert_eq!(format_list_dict(&closed), "pid=77 minor=12 state=0x2\n");
-        let pid_only = TapEntry {
-            pid: Some(5),
-            ..TapEntry::default()
-        };
-        assert_eq!(
-            format_list_row(&pid_only),
-            "       5    -    -          - -\n"
-        );
-        assert_eq!(format_list_dict(&pid_only), "pid=5\n");
-        let minor_only = TapEntry {
-            minor: Some(3),
-            ..TapEntry::default()
-        };
-        assert_eq!(
-            format_list_row(&minor_only),
-            "       -    3    -          - -\n"
-        );
-        assert_eq!(format_list_dict(&minor_only), "minor=3\n");
-        let wide = TapEntry {
-            pid: Some(123456789),
-            minor: Some(16383),
-            state: Some(VbdState(0x220)),
-            disk_type: Some("x-chain-long".into()),
-            path: Some("/p".into()),
-        };
-        assert_eq!(
-            format_list_row(&wide),
-            "123456789 16383 0x220 x-chain-long /p\n"
-        );
+        let entry =
+            |pid, minor, state: Option<u32>, ty: Option<&str>, path: Option<&str>| TapEntry {
+                pid,
+                minor,
+                state: state.map(VbdState),
+                disk_type: ty.map(str::to_string),
+                path: path.map(str::to_string),
+            };
+        // (entry, TTY row, non-TTY line)
+        let cases = [
+            (
+                entry(
+                    Some(1234),
+                    Some(0),
+                    Some(0),
+                    Some("vhd"),
+                    Some("/storage/a.vhd"),
+                ),
+                "    1234    0    0        vhd /storage/a.vhd\n",
+                "pid=1234 minor=0 state=0 args=vhd:/storage/a.vhd\n",
+            ),
+            (
+                entry(Some(77), Some(12), Some(VbdState::CLOSED.0), None, None),
+                "      77   12  0x2          - -\n",
+                "pid=77 minor=12 state=0x2\n",
+            ),
+            (
+                entry(Some(5), None, None, None, None),
+                "       5    -    -          - -\n",
+                "pid=5\n",
+            ),
+            (
+                entry(None, Some(3), None, None, None),
+                "       -    3    -          - -\n",
+                "minor=3\n",
+            ),
+            (
+                entry(
+                    Some(123456789),
+                    Some(16383),
+                    Some(0x220),
+                    Some("x-chain-long"),
+                    Some("/p"),
+                ),
+                "123456789 16383 0x220 x-chain-long /p\n",
+                "pid=123456789 minor=16383 state=0x220 args=x-chain-long:/p\n",
+            ),
+        ];
+        for (e, row, dict) in cases {
+            assert_eq!(format_list_row(&e), row);
+            assert_eq!(format_list_dict(&e), dict);
+        }
     }
 
     #[test]
@@ -885,9 +786,13 @@ mod tests {
         }
     }
 
-    fn run_capture(args: &[&str], stdin: &[u8]) -> (i32, String, String) {
-        let d = tempfile::tempdir().unwrap();
-        let client = Client::with_dir(d.path());
+    /// Run tap-ctl `args` against `client`: (status, stdout, stderr).
+    fn run_client(
+        client: &Client,
+        args: &[&str],
+        stdin: &[u8],
+        tty: bool,
+    ) -> (i32, String, String) {
         let (mut out, mut err) = (Vec::new(), Vec::new());
         let mut inp = stdin;
         let st = {
@@ -895,15 +800,20 @@ mod tests {
                 stdout: &mut out,
                 stderr: &mut err,
                 stdin: &mut inp,
-                tty: false,
+                tty,
             };
-            run_with(&client, &s(args), &mut io)
+            run_with(client, &s(args), &mut io)
         };
         (
             st,
             String::from_utf8(out).unwrap(),
             String::from_utf8(err).unwrap(),
         )
+    }
+
+    fn run_capture(args: &[&str], stdin: &[u8]) -> (i32, String, String) {
+        let d = tempfile::tempdir().unwrap();
+        run_client(&Client::with_dir(d.path()), args, stdin, false)
     }
 
     #[test]
@@ -964,19 +874,8 @@ mod tests {
         std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
         let client = Client::with_dir(d.path()).with_tapdisk(&script);
         for (tty, want) in [(true, "tapdisk spawned with pid 4321\n"), (false, "4321\n")] {
-            let (mut out, mut err) = (Vec::new(), Vec::new());
-            let mut inp: &[u8] = b"";
-            let st = {
-                let mut io = CliIo {
-                    stdout: &mut out,
-                    stderr: &mut err,
-                    stdin: &mut inp,
-                    tty,
-                };
-                run_with(&client, &s(&["spawn"]), &mut io)
-            };
-            assert_eq!(st, 0);
-            assert_eq!(String::from_utf8(out).unwrap(), want);
+            let (st, out, _) = run_client(&client, &["spawn"], b"", tty);
+            assert_eq!((st, out.as_str()), (0, want));
         }
     }
 
@@ -985,18 +884,8 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let client = Client::with_dir(d.path());
         let run = |args: &[&str], tty: bool| {
-            let (mut out, mut err) = (Vec::new(), Vec::new());
-            let mut inp: &[u8] = b"";
-            let st = {
-                let mut io = CliIo {
-                    stdout: &mut out,
-                    stderr: &mut err,
-                    stdin: &mut inp,
-                    tty,
-                };
-                run_with(&client, &s(args), &mut io)
-            };
-            (st, String::from_utf8(out).unwrap())
+            let (st, out, _) = run_client(&client, args, b"", tty);
+            (st, out)
         };
         let (st, out) = run(&["allocate"], false);
         assert_eq!(st, 0);
