@@ -36,41 +36,29 @@ pub trait SharedMem {
     fn write_bytes(&self, off: usize, data: &[u8]);
 }
 
-impl<T: SharedMem + ?Sized> SharedMem for &T {
-    fn size(&self) -> usize {
-        (**self).size()
-    }
-    fn load_u32(&self, off: usize, order: Ordering) -> u32 {
-        (**self).load_u32(off, order)
-    }
-    fn store_u32(&self, off: usize, val: u32, order: Ordering) {
-        (**self).store_u32(off, val, order)
-    }
-    fn read_bytes(&self, off: usize, buf: &mut [u8]) {
-        (**self).read_bytes(off, buf)
-    }
-    fn write_bytes(&self, off: usize, data: &[u8]) {
-        (**self).write_bytes(off, data)
-    }
+/// `SharedMem` through a reference or a shared pointer: every method forwards.
+macro_rules! forward_shared_mem {
+    ($($ptr:ty),*) => {$(
+        impl<T: SharedMem + ?Sized> SharedMem for $ptr {
+            fn size(&self) -> usize {
+                (**self).size()
+            }
+            fn load_u32(&self, off: usize, order: Ordering) -> u32 {
+                (**self).load_u32(off, order)
+            }
+            fn store_u32(&self, off: usize, val: u32, order: Ordering) {
+                (**self).store_u32(off, val, order)
+            }
+            fn read_bytes(&self, off: usize, buf: &mut [u8]) {
+                (**self).read_bytes(off, buf)
+            }
+            fn write_bytes(&self, off: usize, data: &[u8]) {
+                (**self).write_bytes(off, data)
+            }
+        }
+    )*};
 }
-
-impl<T: SharedMem + ?Sized> SharedMem for std::sync::Arc<T> {
-    fn size(&self) -> usize {
-        (**self).size()
-    }
-    fn load_u32(&self, off: usize, order: Ordering) -> u32 {
-        (**self).load_u32(off, order)
-    }
-    fn store_u32(&self, off: usize, val: u32, order: Ordering) {
-        (**self).store_u32(off, val, order)
-    }
-    fn read_bytes(&self, off: usize, buf: &mut [u8]) {
-        (**self).read_bytes(off, buf)
-    }
-    fn write_bytes(&self, off: usize, data: &[u8]) {
-        (**self).write_bytes(off, data)
-    }
-}
+forward_shared_mem!(&T, std::sync::Arc<T>);
 
 /// A plain, safe, in-process [`SharedMem`] (atomics per 32-bit word). Used by tests, fuzzing
 /// and anything that needs a ring without an OS mapping; slower than a real mapping.
