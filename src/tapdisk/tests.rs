@@ -492,15 +492,7 @@ fn nbd_pipelined_requests_block_status_and_dead_client() {
         };
         c.send(&w, &vec![i as u8; 4096]).unwrap();
     }
-    let mut seen = Vec::new();
-    for _ in 0..16 {
-        match c.recv(None, &mut Vec::new()).unwrap() {
-            ClientReply::Simple { cookie, error: 0 } => seen.push(cookie),
-            r => panic!("{r:?}"),
-        }
-    }
-    seen.sort();
-    assert_eq!(seen, (0..16).collect::<Vec<_>>());
+    assert_eq!(ok_cookies(&mut c, 16), (0..16).collect::<Vec<_>>());
     // Unaligned structured read crossing two written blocks.
     c.send(
         &RequestHeader {
@@ -643,16 +635,8 @@ fn nbd_on_a_memory_backed_image(inline: bool) {
         }
     }
     for (k, c) in clients.iter_mut().enumerate() {
-        let mut seen = Vec::new();
-        for _ in 0..40 {
-            match c.recv(None, &mut Vec::new()).unwrap() {
-                ClientReply::Simple { cookie, error: 0 } => seen.push(cookie),
-                r => panic!("{r:?}"),
-            }
-        }
-        seen.sort();
         let first = k as u64 * 40;
-        assert_eq!(seen, (first..first + 40).collect::<Vec<_>>());
+        assert_eq!(ok_cookies(c, 40), (first..first + 40).collect::<Vec<_>>());
     }
     let c = &mut clients[0];
     for block in 0..80u64 {
@@ -816,4 +800,16 @@ fn block_status_describes_at_most_32_mib_per_request() {
             r => panic!("{r:?}"),
         }
     }
+}
+
+/// Receive `n` simple replies, each a success, and return their cookies in order.
+fn ok_cookies(c: &mut Client, n: usize) -> Vec<u64> {
+    let mut seen: Vec<u64> = (0..n)
+        .map(|_| match c.recv(None, &mut Vec::new()).unwrap() {
+            ClientReply::Simple { cookie, error: 0 } => cookie,
+            r => panic!("{r:?}"),
+        })
+        .collect();
+    seen.sort();
+    seen
 }
