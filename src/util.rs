@@ -52,18 +52,27 @@ mod tests {
         }
     }
 
+    /// A two-level error like control's and tapback's (the test stays inside util).
+    #[derive(Debug, thiserror::Error)]
+    enum Inner {
+        #[error("connect /x/ctl1")]
+        Io(#[source] std::io::Error),
+    }
+    #[derive(Debug, thiserror::Error)]
+    enum Outer {
+        #[error("tapdisk control")]
+        Control(#[from] Inner),
+    }
+
     #[test]
     fn error_chain_appends_each_cause_once() {
-        let e = crate::control::ControlError::io(
-            "connect /x/ctl1",
-            std::io::Error::from_raw_os_error(libc::ENOENT),
-        );
+        let e = Inner::Io(std::io::Error::from_raw_os_error(libc::ENOENT));
         assert_eq!(e.to_string(), "connect /x/ctl1");
         assert_eq!(
             error_chain(&e),
             "connect /x/ctl1: No such file or directory (os error 2)"
         );
-        let t = crate::tapback::TapbackError::Control(e);
+        let t = Outer::from(e);
         assert_eq!(t.to_string(), "tapdisk control");
         assert_eq!(
             error_chain(&t),
