@@ -15,6 +15,8 @@
 #   3. no artifact carries a simulation's source path (panic locations, debug line tables).
 # Prints one line per check and "N passed, M failed"; exit 1 if any failed. Pointed with
 # --dir at a build made with `--features sim` it fails: that is how the check was checked.
+# With --no-build, mind that `cargo bench` and `cargo test --release` (which turn `sim` on)
+# leave their own library and binaries in target/release until the next release build.
 set -u
 
 src=$(cd "$(dirname "$0")/.." && pwd)
@@ -26,7 +28,7 @@ while [ $# -gt 0 ]; do
     --no-build) build=0 ;;
     --target) target=${2:?--target needs a triple}; shift ;;
     --dir) dir=${2:?--dir needs a directory}; shift ;;
-    -h | --help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "check-release-no-sim: unknown argument $1" >&2; exit 2 ;;
     esac
     shift
