@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Run every blktap3 test: style, lints, the x86_64 suite (unit, integration, real peers),
 # the kernel NBD driver in a QEMU-booted Linux, real Xen with PV guests under QEMU, the i686
-# suite (OpenXT 8's dom0 is 32-bit), the Yocto layer (oelint-adv, crate list, the recipe's
-# build and install run outside bitbake for i686), the SELinux module, the kernel config, the
-# hotplug and init scripts, install-deps in fresh Debian roots, and shellcheck. Installs what
-# it needs first. Every step runs even when an earlier one failed; the exit status says
-# whether all passed.
+# suite (OpenXT 8's dom0 is 32-bit), that a release build holds no test simulation, the
+# Yocto layer (oelint-adv, crate list, the recipe's build and install run outside bitbake for
+# i686), the SELinux module, the kernel config, the hotplug and init scripts, install-deps in
+# fresh Debian roots, and shellcheck. Installs what it needs first. Every step runs even
+# when an earlier one failed; the exit status says whether all passed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,6 +30,7 @@ run clippy cargo clippy --all-targets -- -D warnings
 run x86_64 cargo test
 run hostile cargo test --test xenio_hostile -- --ignored hostile_stream_million
 run i686 cargo test --target i686-unknown-linux-gnu
+run no-sim scripts/check-release-no-sim.sh
 run nbd-vm scripts/nbd-kernel-vm.sh
 run xen-e2e scripts/xen-e2e.sh
 run layer scripts/test-layer.sh
@@ -52,7 +53,7 @@ for name in x86_64 hostile i686; do
         "target/test-$name.log" | awk '{p+=$1; f+=$2} END {print p+0, f+0}')
     p=$((p + a)) f=$((f + b))
 done
-for name in xen-e2e layer hotplug install-deps-roots; do
+for name in no-sim xen-e2e layer hotplug install-deps-roots; do
     read -r a b < <(sed -n 's/^\([a-z0-9-]*: \)\{0,1\}\([0-9]*\) passed, \([0-9]*\) failed.*/\2 \3/p' \
         "target/test-$name.log" | tail -n1) || true
     p=$((p + ${a:-0})) f=$((f + ${b:-1}))

@@ -1,8 +1,9 @@
 //! The Xen block-interface protocol: shared ring ABIs, request parsing and xenbus vocabulary.
 //!
-//! Pure protocol code: no OS calls, safe Rust only (`forbid(unsafe_code)`). Shared memory is reached through the
-//! [`SharedMem`] trait (implemented by `xen` for grant mappings and simulated pages, and by
-//! [`HeapMem`] for tests).
+//! Pure protocol code: no OS calls, safe Rust only (`forbid(unsafe_code)`, set on the
+//! module in `src/lib.rs`). Shared memory is reached through the [`SharedMem`] trait
+//! (implemented by `xen` for grant mappings and simulated pages, and by [`HeapMem`] for
+//! tests).
 //!
 //! ```text
 //!  BackRing::next_request ──copy slot once──► parse_request ──► Parsed::Ready(Request)
@@ -15,8 +16,6 @@
 //! `last_sect <= 7` is enforced; the sector range and read-only checks happen at parse time;
 //! FLUSH/DISCARD/INDIRECT are parsed (whether they are offered is a [`ParseConfig`] choice,
 //! otherwise they get `EOPNOTSUPP`); a missing `protocol` means the native ABI.
-
-#![forbid(unsafe_code)]
 
 pub mod abi;
 pub mod request;

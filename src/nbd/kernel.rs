@@ -3,7 +3,8 @@
 //! ```text
 //!  netlink.rs  pure generic-netlink codec: GETFAMILY, NBD_CMD_CONNECT/DISCONNECT, replies
 //!  kernel.rs   the [`KernelNbd`] trait, its netlink implementation ([`Netlink`]), a
-//!              simulation ([`SimKernelNbd`]) and [`attach`]: handshake + hand-over
+//!              simulation (`SimKernelNbd`, feature `sim`: tests only) and [`attach`]:
+//!              handshake + hand-over
 //! ```
 //!
 //! [`attach`] connects to an export's Unix socket, negotiates with `NBD_OPT_GO` (through
@@ -22,6 +23,7 @@ pub mod netlink;
 use std::fmt::Debug;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
+#[cfg(any(test, feature = "sim"))]
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -336,6 +338,7 @@ impl GenlSocket {
     }
 }
 
+#[cfg(any(test, feature = "sim"))]
 /// A call made to a [`SimKernelNbd`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SimCall {
@@ -349,6 +352,7 @@ pub enum SimCall {
     Disconnect(u32),
 }
 
+#[cfg(any(test, feature = "sim"))]
 #[derive(Debug, Default)]
 struct SimState {
     first_index: u32,
@@ -358,6 +362,7 @@ struct SimState {
     calls: Vec<SimCall>,
 }
 
+#[cfg(any(test, feature = "sim"))]
 /// In-process stand-in for the kernel driver: it takes its own reference to the socket (as
 /// the kernel does) and hands out the lowest free index from a configurable start.
 #[derive(Debug, Default)]
@@ -365,6 +370,7 @@ pub struct SimKernelNbd {
     state: Mutex<SimState>,
 }
 
+#[cfg(any(test, feature = "sim"))]
 impl SimKernelNbd {
     /// Indices from 0.
     pub fn new() -> SimKernelNbd {
@@ -404,6 +410,7 @@ impl SimKernelNbd {
     }
 }
 
+#[cfg(any(test, feature = "sim"))]
 impl KernelNbd for SimKernelNbd {
     fn connect(&self, sock: BorrowedFd<'_>, cfg: &ConnectConfig<'_>) -> Result<u32> {
         let mut st = self.lock();

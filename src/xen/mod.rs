@@ -1,8 +1,10 @@
 //! Xen OS interfaces: grant copy/map (`/dev/xen/gntdev`), event channels (`/dev/xen/evtchn`)
-//! and xenstore, each as a trait with a real implementation and an in-process simulation.
+//! and xenstore, each as a trait with a real implementation and an in-process simulation
+//! (`sim`, only with the cargo feature `sim`: tests and benchmarks turn it on, release
+//! builds leave it out).
 //!
-//! This is the only module of the crate allowed to use `unsafe` (ioctls, mmap, raw shared
-//! memory). Every `unsafe` block carries a `// SAFETY:` comment.
+//! With `capi`, this is the only module of the crate allowed to use `unsafe` (ioctls, mmap,
+//! raw shared memory). Every `unsafe` block carries a `// SAFETY:` comment.
 //!
 //! ```text
 //!  traits (this file)      real                           sim
@@ -16,6 +18,7 @@
 pub mod evtchn;
 pub mod gntdev;
 pub mod mem;
+#[cfg(any(test, feature = "sim"))]
 pub mod sim;
 pub mod sys;
 pub mod xenstore;

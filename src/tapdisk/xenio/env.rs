@@ -1,5 +1,6 @@
 //! The rings' environment: the Xen interfaces one tapdisk uses (an event-channel handle,
-//! grant copy, grant mapping of ring pages), the real devices and the simulated ones.
+//! grant copy, grant mapping of ring pages), the real devices and (with feature `sim`, for
+//! tests and benchmarks) the simulated ones.
 
 use std::io;
 use std::sync::Arc;
@@ -7,6 +8,7 @@ use std::sync::Arc;
 use crate::blkif::SharedMem;
 use crate::xen::evtchn::EvtchnDev;
 use crate::xen::gntdev::GntDev;
+#[cfg(any(test, feature = "sim"))]
 use crate::xen::sim::{SimEvtchn, SimGrants, SimXen};
 use crate::xen::{DomId, EventChannel, GrantCopier, GrantMapper, GrantRef};
 
@@ -59,13 +61,15 @@ impl XenOpener for DevXenOpener {
     }
 }
 
-/// A backend domain on a [`SimXen`] (tests, benchmarks).
+/// A backend domain on a [`SimXen`] (tests, benchmarks; feature `sim`).
+#[cfg(any(test, feature = "sim"))]
 #[derive(Debug)]
 pub struct SimXenEnv {
     grants: SimGrants,
     evt: SimEvtchn,
 }
 
+#[cfg(any(test, feature = "sim"))]
 impl XenEnv for SimXenEnv {
     fn evtchn(&self) -> &dyn EventChannel {
         &self.evt
@@ -78,13 +82,15 @@ impl XenEnv for SimXenEnv {
     }
 }
 
-/// Opens [`SimXenEnv`] for backend domain `dom` of `xen`.
+/// Opens [`SimXenEnv`] for backend domain `dom` of `xen` (feature `sim`).
+#[cfg(any(test, feature = "sim"))]
 #[derive(Debug, Clone)]
 pub struct SimXenOpener {
     pub xen: SimXen,
     pub dom: DomId,
 }
 
+#[cfg(any(test, feature = "sim"))]
 impl XenOpener for SimXenOpener {
     fn open(&self) -> io::Result<Box<dyn XenEnv>> {
         Ok(Box::new(SimXenEnv {

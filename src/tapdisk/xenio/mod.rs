@@ -69,7 +69,9 @@ pub mod env;
 mod ring;
 pub mod segs;
 
-pub use env::{DevXen, DevXenOpener, RingMem, SimXenEnv, SimXenOpener, XenEnv, XenOpener};
+pub use env::{DevXen, DevXenOpener, RingMem, XenEnv, XenOpener};
+#[cfg(any(test, feature = "sim"))]
+pub use env::{SimXenEnv, SimXenOpener};
 pub use ring::{parse_config, RingStats};
 
 use ring::{push_unique, BufPool, Ctx, Drained, Ring};

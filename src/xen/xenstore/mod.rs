@@ -1,7 +1,7 @@
 //! xenstore: the [`XenStore`] trait, permissions, watch events and the transaction helper.
 //!
 //! Implementations: [`client::XsClient`] (real, wire protocol over the xenstored socket or
-//! `/dev/xen/xenbus`) and [`crate::xen::sim::MemXsConn`] (in-memory).
+//! `/dev/xen/xenbus`) and `xen::sim::MemXsConn` (in-memory, feature `sim`).
 
 pub mod client;
 pub mod wire;
