@@ -43,8 +43,8 @@ pub struct GrantRef(pub u32);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Port(pub u32);
 
-/// The Xen page size used by grants.
-pub const XEN_PAGE_SIZE: usize = 4096;
+/// The Xen page size used by grants: the crate's one page constant under Xen's name.
+pub use crate::PAGE_SIZE as XEN_PAGE_SIZE;
 
 /// One grant-copy segment: `len` bytes at `page_off` in the granted page `gref`, to or from
 /// `buf[buf_off..buf_off + len]` in the caller's buffer.

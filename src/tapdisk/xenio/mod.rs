@@ -353,10 +353,16 @@ impl Rings {
         }
     }
 
-    /// Take and start requests from ring `id`.
-    fn service(&mut self, id: u64, io: &IoEngine<Tag>, vbds: &mut BTreeMap<u16, Vbd>) {
+    /// Run `f` on ring `id` with its context borrowed from the set; `None` if there is no
+    /// such ring (or no Xen environment).
+    fn with_ring<R>(
+        &mut self,
+        id: u64,
+        io: &IoEngine<Tag>,
+        f: impl FnOnce(&mut Ring, &mut Ctx) -> R,
+    ) -> Option<R> {
         let (Some(env), Some(r)) = (self.env.as_deref(), self.rings.get_mut(&id)) else {
-            return;
+            return None;
         };
         let mut ctx = Ctx {
             env,
@@ -365,7 +371,12 @@ impl Rings {
             repoll: &mut self.repoll,
             dirty: &mut self.dirty,
         };
-        r.service(&mut ctx, vbds);
+        Some(f(r, &mut ctx))
+    }
+
+    /// Take and start requests from ring `id`.
+    fn service(&mut self, id: u64, io: &IoEngine<Tag>, vbds: &mut BTreeMap<u16, Vbd>) {
+        self.with_ring(id, io, |r, ctx| r.service(ctx, vbds));
     }
 
     /// An I/O job of a ring finished (already counted by its VBD).
@@ -376,17 +387,7 @@ impl Rings {
         result: Result<Output, ImageError>,
     ) {
         let id = tag.ring;
-        let (Some(env), Some(r)) = (self.env.as_deref(), self.rings.get_mut(&id)) else {
-            return;
-        };
-        let mut ctx = Ctx {
-            env,
-            io,
-            bufs: &mut self.buffers,
-            repoll: &mut self.repoll,
-            dirty: &mut self.dirty,
-        };
-        if r.complete(&mut ctx, tag, result) == Drained::Yes {
+        if self.with_ring(id, io, |r, ctx| r.complete(ctx, tag, result)) == Some(Drained::Yes) {
             self.rings.remove(&id);
         }
     }
