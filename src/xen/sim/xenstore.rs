@@ -705,6 +705,23 @@ fn send(fd: &OwnedFd, msg: &Message) -> io::Result<()> {
     Ok(())
 }
 
+/// Send the watch events pending on `conn` as WATCH_EVENT messages.
+fn send_watch_events(conn: &MemXsConn, stream: &OwnedFd) -> io::Result<()> {
+    for ev in conn
+        .take_watch_events()
+        .map_err(|e| io::Error::other(e.to_string()))?
+    {
+        let m = Message::new(
+            MsgType::WatchEvent,
+            0,
+            0,
+            wire::join_strings(&[ev.path, ev.token]),
+        );
+        send(stream, &m)?;
+    }
+    Ok(())
+}
+
 /// Serve the xenstore wire protocol on `stream` as domain `dom` until the peer closes it or
 /// sends garbage: a fake xenstored for testing the real client. Watch events are sent as
 /// they happen (also between requests). Run it on its own thread.
@@ -713,18 +730,7 @@ pub fn serve_wire(store: &MemXenStore, dom: DomId, stream: OwnedFd) -> io::Resul
     let mut rbuf: Vec<u8> = Vec::new();
     loop {
         // Flush pending watch events first.
-        for ev in conn
-            .take_watch_events()
-            .map_err(|e| io::Error::other(e.to_string()))?
-        {
-            let m = Message::new(
-                MsgType::WatchEvent,
-                0,
-                0,
-                wire::join_strings(&[ev.path, ev.token]),
-            );
-            send(&stream, &m)?;
-        }
+        send_watch_events(&conn, &stream)?;
         match wire::decode(&rbuf) {
             Ok(Some((msg, used))) => {
                 rbuf.drain(..used);
@@ -733,18 +739,7 @@ pub fn serve_wire(store: &MemXenStore, dom: DomId, stream: OwnedFd) -> io::Resul
                     Err(e) => (MsgType::Error, wire::error_payload(e.errno())),
                 };
                 // Events caused by this request go out before its reply, like xenstored.
-                for ev in conn
-                    .take_watch_events()
-                    .map_err(|e| io::Error::other(e.to_string()))?
-                {
-                    let m = Message::new(
-                        MsgType::WatchEvent,
-                        0,
-                        0,
-                        wire::join_strings(&[ev.path, ev.token]),
-                    );
-                    send(&stream, &m)?;
-                }
+                send_watch_events(&conn, &stream)?;
                 send(&stream, &Message::new(ty, msg.req_id, msg.tx_id, payload))?;
                 continue;
             }
