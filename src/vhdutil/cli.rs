@@ -115,16 +115,21 @@ pub fn number(io: &mut Io, what: &str, s: &str) -> Result<u64> {
     })
 }
 
+/// C's number prefix: leading whitespace skipped, then an optional sign (`true` for `-`).
+fn split_sign(s: &str) -> (bool, &str) {
+    let t = s.trim_start();
+    match t.as_bytes().first() {
+        Some(b'-') => (true, &t[1..]),
+        Some(b'+') => (false, &t[1..]),
+        _ => (false, t),
+    }
+}
+
 /// C `strtoull(s, NULL, 10)`: leading whitespace, optional sign, then as many decimal
 /// digits as there are; no digits gives 0; overflow saturates at `u64::MAX`; a minus sign
 /// negates modulo 2^64 as C does.
 pub fn strtoull(s: &str) -> u64 {
-    let t = s.trim_start();
-    let (neg, digits) = match t.as_bytes().first() {
-        Some(b'-') => (true, &t[1..]),
-        Some(b'+') => (false, &t[1..]),
-        _ => (false, t),
-    };
+    let (neg, digits) = split_sign(s);
     let mut v: u64 = 0;
     for b in digits.bytes().take_while(u8::is_ascii_digit) {
         match v
@@ -144,12 +149,7 @@ pub fn strtoull(s: &str) -> u64 {
 
 /// C `strtol(s, NULL, 10)` on a 64-bit long: saturates at the i64 range.
 pub fn strtol(s: &str) -> i64 {
-    let t = s.trim_start();
-    let (neg, digits) = match t.as_bytes().first() {
-        Some(b'-') => (true, &t[1..]),
-        Some(b'+') => (false, &t[1..]),
-        _ => (false, t),
-    };
+    let (neg, digits) = split_sign(s);
     let mut v: i64 = 0;
     for b in digits.bytes().take_while(u8::is_ascii_digit) {
         let d = i64::from(b - b'0');
