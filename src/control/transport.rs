@@ -23,17 +23,21 @@ impl<'a> DeadlineReader<'a> {
     }
 }
 
+/// The time left before `deadline` (`None`: no deadline), or TimedOut once it has passed.
+fn time_left(deadline: Option<Instant>) -> io::Result<Option<Duration>> {
+    let Some(d) = deadline else {
+        return Ok(None);
+    };
+    let left = d.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(io::ErrorKind::TimedOut.into());
+    }
+    Ok(Some(left))
+}
+
 impl Read for DeadlineReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if let Some(d) = self.deadline {
-            let left = d.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(io::ErrorKind::TimedOut.into());
-            }
-            self.stream.set_read_timeout(Some(left))?;
-        } else {
-            self.stream.set_read_timeout(None)?;
-        }
+        self.stream.set_read_timeout(time_left(self.deadline)?)?;
         let mut s = self.stream;
         s.read(buf)
     }
@@ -57,15 +61,7 @@ impl<'a> NoSigPipeWriter<'a> {
 
 impl Write for NoSigPipeWriter<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if let Some(d) = self.deadline {
-            let left = d.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(io::ErrorKind::TimedOut.into());
-            }
-            self.stream.set_write_timeout(Some(left))?;
-        } else {
-            self.stream.set_write_timeout(None)?;
-        }
+        self.stream.set_write_timeout(time_left(self.deadline)?)?;
         loop {
             match send(self.stream.as_raw_fd(), buf, MsgFlags::MSG_NOSIGNAL) {
                 Ok(n) => return Ok(n),
