@@ -3,12 +3,14 @@
 //! is the in-process simulation here (it holds the negotiated socket like the kernel does),
 //! plus the real netlink driver, which falls back to the socket path without the module.
 
+mod common;
+use common::proc::wait_exited;
+
 use std::io::Read;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use blktap3::control::client::Client;
 use blktap3::control::msg::OpenRequest;
@@ -39,20 +41,6 @@ fn raw_image(dir: &Path, len: u64) -> (std::path::PathBuf, String) {
     std::fs::File::create(&p).unwrap().set_len(len).unwrap();
     let params = format!("aio:{}", p.display());
     (p, params)
-}
-
-/// Waits until `pid` has exited (a zombie counts: a daemonised tapdisk is reaped by init,
-/// which may take its time).
-fn wait_gone(pid: i32) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(5) {
-        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        if state.is_empty() || state.contains(") Z") {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
 }
 
 fn tap_ctl(c: &Client, args: &[&str]) -> (i32, String, String) {
@@ -131,7 +119,7 @@ fn create_returns_dev_nbd_and_destroy_by_devname_disconnects() {
     assert_eq!(st, 0, "{err}");
     assert_eq!(sim.calls().last(), Some(&SimCall::Disconnect(3)));
     assert!(sim.devices().is_empty());
-    assert!(wait_gone(created.pid));
+    assert!(wait_exited(created.pid));
     assert!(!sock.exists());
     // An unknown kernel device is ENOENT.
     let (st, _, _) = tap_ctl(&c, &["destroy", "-d", "/dev/nbd3"]);
@@ -150,7 +138,7 @@ fn destroy_by_pid_and_minor_disconnects_the_device() {
     let calls = sim.calls();
     assert_eq!(calls.len(), 2, "{calls:?}");
     assert_eq!(calls[1], SimCall::Disconnect(0));
-    assert!(wait_gone(created.pid));
+    assert!(wait_exited(created.pid));
 }
 
 #[test]
@@ -168,7 +156,7 @@ fn refused_attach_falls_back_to_the_socket_path() {
     drop(nbd);
     c.destroy(created.pid, created.minor, false, None).unwrap();
     assert!(sim.calls().is_empty());
-    assert!(wait_gone(created.pid));
+    assert!(wait_exited(created.pid));
 
     // Kernel devices off: the socket path, and the driver is never asked.
     let c = client(dir.path()).without_kernel_nbd();
@@ -178,7 +166,7 @@ fn refused_attach_falls_back_to_the_socket_path() {
         nbd_socket_path(&dir.path().join("ctl"), created.pid, created.minor)
     );
     c.destroy(created.pid, created.minor, false, None).unwrap();
-    assert!(wait_gone(created.pid));
+    assert!(wait_exited(created.pid));
 }
 
 /// A pid that existed and is gone now (reaped), for backends that must look orphaned.
@@ -228,7 +216,7 @@ fn orphaned_devices_of_a_killed_tapdisk_are_reclaimed() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    assert!(wait_gone(first.pid));
+    assert!(wait_exited(first.pid));
     assert_eq!(c.nbd_device_of(first.pid, first.minor), Some(2));
 
     let second = c.create(OpenRequest::new(0, params), None).unwrap();
@@ -270,7 +258,7 @@ fn orphaned_devices_of_a_killed_tapdisk_are_reclaimed() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    assert!(wait_gone(second.pid));
+    assert!(wait_exited(second.pid));
     let (st, _, err) = tap_ctl(&c, &["destroy", "-d", "/dev/nbd2"]);
     assert_eq!(st, 0, "{err}");
     assert_eq!(sim.calls().last(), Some(&SimCall::Disconnect(2)));
@@ -310,7 +298,7 @@ fn real_driver_attaches_or_falls_back() {
         assert_eq!(created.devname, sock);
     }
     c.destroy(created.pid, created.minor, false, None).unwrap();
-    assert!(wait_gone(created.pid));
+    assert!(wait_exited(created.pid));
     assert_eq!(c.nbd_device_of(created.pid, created.minor), None);
 }
 
@@ -353,7 +341,7 @@ fn tapdev_link_follows_the_kernel_device() {
     assert_eq!(st, 0, "{err}");
     assert!(sim.calls().contains(&SimCall::Disconnect(4)));
     assert!(!link_a.exists() && tapdev_target(dir.path(), a.minor).is_none());
-    assert!(wait_gone(a.pid));
+    assert!(wait_exited(a.pid));
     assert_eq!(c.find_device(a.minor).unwrap_err().errno(), libc::ENOENT);
     assert!(tapdev_target(dir.path(), b.minor).is_some());
 
@@ -361,7 +349,7 @@ fn tapdev_link_follows_the_kernel_device() {
     let (st, _, err) = tap_ctl(&c, &["destroy", "-d", "/dev/nbd5"]);
     assert_eq!(st, 0, "{err}");
     assert!(tapdev_target(dir.path(), b.minor).is_none());
-    assert!(wait_gone(b.pid));
+    assert!(wait_exited(b.pid));
     let rest: Vec<_> = sim.devices();
     assert_eq!(rest.len(), 1, "{rest:?}");
     let (pid, minor) = c.vbd_of_nbd_device(6).unwrap();
@@ -371,7 +359,7 @@ fn tapdev_link_follows_the_kernel_device() {
     );
     c.destroy(pid, minor, false, None).unwrap();
     assert!(tapdev_target(dir.path(), minor).is_none());
-    assert!(wait_gone(pid));
+    assert!(wait_exited(pid));
     // Nothing is left in the link directory.
     assert_eq!(
         std::fs::read_dir(tapdev_dir(dir.path())).unwrap().count(),
@@ -405,7 +393,7 @@ fn socket_only_vbds_get_no_tapdev_link() {
         c.free(spare).unwrap();
         let (st, _, err) = tap_ctl(&c, &["destroy", "-d", "tapdev0"]);
         assert_eq!(st, 0, "{err}");
-        assert!(wait_gone(created.pid));
+        assert!(wait_exited(created.pid));
         assert_eq!(c.find_device(0).unwrap_err().errno(), libc::ENOENT);
     }
 }
@@ -425,7 +413,7 @@ fn tapdev_links_of_killed_tapdisks_do_not_outlive_their_devices() {
             nix::sys::signal::Signal::SIGKILL,
         )
         .unwrap();
-        assert!(wait_gone(pid));
+        assert!(wait_exited(pid));
     };
 
     let a = c.create(OpenRequest::new(0, params.clone()), None).unwrap();
@@ -462,7 +450,7 @@ fn tapdev_links_of_killed_tapdisks_do_not_outlive_their_devices() {
     // ... and the live one is untouched.
     assert_eq!(c.find_device(d.minor).unwrap(), Path::new("/dev/nbd0"));
     c.destroy(d.pid, d.minor, false, None).unwrap();
-    assert!(wait_gone(d.pid));
+    assert!(wait_exited(d.pid));
     assert_eq!(
         std::fs::read_dir(tapdev_dir(dir.path())).unwrap().count(),
         0
@@ -505,7 +493,7 @@ fn tapdev_links_stand_in_for_missing_backend_identifiers() {
             nix::sys::signal::Signal::SIGKILL,
         )
         .unwrap();
-        assert!(wait_gone(pid));
+        assert!(wait_exited(pid));
     };
     let connected = || -> Vec<u32> { sim.devices().into_iter().map(|(i, _)| i).collect() };
 
@@ -525,7 +513,7 @@ fn tapdev_links_stand_in_for_missing_backend_identifiers() {
     assert_eq!(st, 0, "{err}");
     assert_eq!(sim.calls().last(), Some(&SimCall::Disconnect(1)));
     assert_eq!(tapdev_target(dir.path(), b.minor), None);
-    assert!(wait_gone(b.pid));
+    assert!(wait_exited(b.pid));
 
     // A killed tapdisk: the next create reclaims its device through the link.
     kill(a.pid);

@@ -2,6 +2,9 @@
 //! by hand-made bad requests. Each test starts `tapdisk -D --open aio:<image>` in a private
 //! control directory.
 
+mod common;
+use common::cmd::run_ok;
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -55,17 +58,19 @@ impl Td {
     fn start_vhd(image_len: usize) -> Td {
         let dir = tempfile::tempdir().unwrap();
         let image = dir.path().join("disk.vhd");
-        run(Command::new("qemu-img")
-            .args([
-                "create",
-                "-q",
-                "-f",
-                "vpc",
-                "-o",
-                "subformat=dynamic,force_size=on",
-            ])
-            .arg(&image)
-            .arg(image_len.to_string()));
+        run_ok(
+            Command::new("qemu-img")
+                .args([
+                    "create",
+                    "-q",
+                    "-f",
+                    "vpc",
+                    "-o",
+                    "subformat=dynamic,force_size=on",
+                ])
+                .arg(&image)
+                .arg(image_len.to_string()),
+        );
         Td::serve(dir, image, "vhd", false)
     }
 
@@ -135,19 +140,8 @@ impl Drop for Td {
     }
 }
 
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn sha256_file(p: &Path) -> String {
-    run(Command::new("sha256sum").arg(p))
+    run_ok(Command::new("sha256sum").arg(p))
         .split_whitespace()
         .next()
         .unwrap()
@@ -163,15 +157,19 @@ fn qemu_img_convert_in_and_out_roundtrips() {
     let td = Td::start(8 << 20, None, false);
     let src = td.dir.path().join("src.raw");
     std::fs::write(&src, pattern(8 << 20, 7)).unwrap();
-    run(Command::new("qemu-img")
-        .args(["convert", "-n", "-f", "raw", "-O", "raw"])
-        .arg(&src)
-        .arg(td.uri()));
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+            .arg(&src)
+            .arg(td.uri()),
+    );
     let out = td.dir.path().join("out.raw");
-    run(Command::new("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "raw"])
-        .arg(td.uri())
-        .arg(&out));
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "raw"])
+            .arg(td.uri())
+            .arg(&out),
+    );
     let want = std::fs::read(&src).unwrap();
     assert!(std::fs::read(&out).unwrap() == want, "read back differs");
     assert!(std::fs::read(&td.image).unwrap() == want, "image differs");
@@ -184,7 +182,7 @@ fn qemu_io_pattern_write_read_and_nbdinfo() {
         return;
     }
     let td = Td::start(16 << 20, None, false);
-    let out = run(Command::new("qemu-io").args([
+    let out = run_ok(Command::new("qemu-io").args([
         "-f",
         "raw",
         &td.uri(),
@@ -206,7 +204,7 @@ fn qemu_io_pattern_write_read_and_nbdinfo() {
     assert!(img[..1 << 20].iter().all(|b| *b == 0xab));
     assert!(img[3 << 20..(3 << 20) + 65536].iter().all(|b| *b == 0xcd));
 
-    let info = run(Command::new("nbdinfo").arg(td.uri()));
+    let info = run_ok(Command::new("nbdinfo").arg(td.uri()));
     assert!(info.contains("export-size: 16777216"), "{info}");
     for flag in [
         "can_flush: true",
@@ -228,7 +226,7 @@ fn vhd_export_roundtrips_and_maps_allocation() {
         return;
     }
     let mut td = Td::start_vhd(16 << 20);
-    let out = run(Command::new("qemu-io").args([
+    let out = run_ok(Command::new("qemu-io").args([
         "-f",
         "raw",
         &td.uri(),
@@ -244,7 +242,7 @@ fn vhd_export_roundtrips_and_maps_allocation() {
         "read -P 0 4M 512",
     ]));
     assert!(!out.contains("Pattern verification failed"), "{out}");
-    let map = run(Command::new("nbdinfo").arg("--map").arg(td.uri()));
+    let map = run_ok(Command::new("nbdinfo").arg("--map").arg(td.uri()));
     let lines: Vec<Vec<String>> = map
         .lines()
         .map(|l| l.split_whitespace().map(String::from).collect())
@@ -257,21 +255,27 @@ fn vhd_export_roundtrips_and_maps_allocation() {
     // Whole-image copy in and out with qemu-img, then qemu-img compare on the VHD itself.
     let src = td.dir.path().join("src.raw");
     std::fs::write(&src, pattern(16 << 20, 3)).unwrap();
-    run(Command::new("qemu-img")
-        .args(["convert", "-n", "-f", "raw", "-O", "raw"])
-        .arg(&src)
-        .arg(td.uri()));
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+            .arg(&src)
+            .arg(td.uri()),
+    );
     let out = td.dir.path().join("out.raw");
-    run(Command::new("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "raw"])
-        .arg(td.uri())
-        .arg(&out));
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "raw"])
+            .arg(td.uri())
+            .arg(&out),
+    );
     assert!(std::fs::read(&out).unwrap() == std::fs::read(&src).unwrap());
     td.child_stop().unwrap();
-    run(Command::new("qemu-img")
-        .args(["compare", "-f", "raw", "-F", "vpc"])
-        .arg(&src)
-        .arg(&td.image));
+    run_ok(
+        Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "vpc"])
+            .arg(&src)
+            .arg(&td.image),
+    );
 }
 
 #[test]
@@ -283,12 +287,12 @@ fn nbdcopy_whole_export_matches_file_sha256() {
     let data = pattern(24 << 20, 99);
     let td = Td::start(data.len(), Some(&data), false);
     let out = td.dir.path().join("copy.raw");
-    run(Command::new("nbdcopy").arg(td.uri()).arg(&out));
+    run_ok(Command::new("nbdcopy").arg(td.uri()).arg(&out));
     assert_eq!(sha256_file(&out), sha256_file(&td.image));
     // And the other way: nbdcopy into the export, then compare.
     let src = td.dir.path().join("src2.raw");
     std::fs::write(&src, pattern(24 << 20, 5)).unwrap();
-    run(Command::new("nbdcopy").arg(&src).arg(td.uri()));
+    run_ok(Command::new("nbdcopy").arg(&src).arg(td.uri()));
     assert_eq!(sha256_file(&src), sha256_file(&td.image));
 }
 
@@ -306,7 +310,7 @@ fn concurrent_clients_write_disjoint_regions() {
             std::thread::spawn(move || {
                 let off = format!("{}M", i * 4);
                 let pat = format!("0x{:x}", 0x10 + i);
-                run(Command::new("qemu-io").args([
+                run_ok(Command::new("qemu-io").args([
                     "-f",
                     "raw",
                     &uri,
@@ -341,7 +345,7 @@ fn read_only_export_refuses_writes() {
         return;
     }
     let td = Td::start(4 << 20, Some(&[0x5a; 4 << 20]), true);
-    let info = run(Command::new("nbdinfo").arg(td.uri()));
+    let info = run_ok(Command::new("nbdinfo").arg(td.uri()));
     assert!(info.contains("is_read_only: true"), "{info}");
     let out = Command::new("qemu-io")
         .args(["-f", "raw", &td.uri(), "-c", "write -P 1 0 4k"])
@@ -469,11 +473,13 @@ fn qemu_img_convert_keeps_a_vhd_export_sparse() {
     data.resize(16 << 20, 0);
     std::fs::write(&src, &data).unwrap();
     // -n: the target is not known to be zero, so qemu-img sends WRITE_ZEROES for the rest.
-    run(Command::new("qemu-img")
-        .args(["convert", "-n", "-f", "raw", "-O", "raw"])
-        .arg(&src)
-        .arg(td.uri()));
-    let map = run(Command::new("nbdinfo").arg("--map").arg(td.uri()));
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+            .arg(&src)
+            .arg(td.uri()),
+    );
+    let map = run_ok(Command::new("nbdinfo").arg("--map").arg(td.uri()));
     let lines: Vec<Vec<String>> = map
         .lines()
         .map(|l| l.split_whitespace().map(String::from).collect())
@@ -482,10 +488,12 @@ fn qemu_img_convert_keeps_a_vhd_export_sparse() {
     assert_eq!(lines[0][..3], ["0", "1048576", "0"], "{map}");
     assert_eq!(lines[1][2], "3", "{map}");
     let out = td.dir.path().join("back.raw");
-    run(Command::new("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "raw"])
-        .arg(td.uri())
-        .arg(&out));
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "raw"])
+            .arg(td.uri())
+            .arg(&out),
+    );
     assert!(std::fs::read(&out).unwrap() == data);
 }
 
@@ -526,7 +534,7 @@ fn a_client_that_never_reads_does_not_stall_others() {
         }
     }
     if have("nbdinfo") {
-        let list = run(Command::new("nbdinfo").arg("--list").arg(td.uri()));
+        let list = run_ok(Command::new("nbdinfo").arg("--list").arg(td.uri()));
         assert!(list.contains("export=\"\""), "{list}");
     }
 }

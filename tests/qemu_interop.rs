@@ -5,6 +5,10 @@
 //! support checks", exit 63), so the peer check is `qemu-img info` (full open and header
 //! parse) plus `qemu-img compare` against the raw data written.
 
+mod common;
+use common::cmd::success;
+use common::image::{create_fixed, rw_prealloc};
+
 use std::path::Path;
 use std::process::Command;
 
@@ -20,22 +24,7 @@ fn run(cmd: &str, args: &[&str]) -> std::process::Output {
 }
 
 fn ok(cmd: &str, args: &[&str]) -> String {
-    let out = run(cmd, args);
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn rw() -> OpenOptions {
-    OpenOptions {
-        read_only: false,
-        prealloc_blocks: 3,
-        ..Default::default()
-    }
+    success(format_args!("{cmd} {args:?}"), &run(cmd, args))
 }
 
 fn s(p: &Path) -> &str {
@@ -93,7 +82,7 @@ fn our_dynamic_vhd_reads_back_in_qemu() {
     let p = d.path().join("d.vhd");
     let size = 37u64 << 20; // not a multiple of the block size
     create(&p, &CreateOptions::dynamic(size)).unwrap();
-    let img = open_vhd_chain(&p, &rw()).unwrap();
+    let img = open_vhd_chain(&p, &rw_prealloc(3)).unwrap();
     let mut raw = vec![0u8; size as usize];
     scatter(&img, &mut raw);
     img.close().unwrap();
@@ -115,7 +104,7 @@ fn our_small_block_and_presized_vhd_reads_back_in_qemu() {
         },
     )
     .unwrap();
-    let img = open_vhd_chain(&p, &rw()).unwrap();
+    let img = open_vhd_chain(&p, &rw_prealloc(3)).unwrap();
     let mut raw = vec![0u8; size as usize];
     scatter(&img, &mut raw);
     img.close().unwrap();
@@ -127,17 +116,8 @@ fn our_fixed_vhd_reads_back_in_qemu() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("f.vhd");
     let size = 6u64 << 20;
-    create(
-        &p,
-        &CreateOptions {
-            size,
-            fixed: true,
-            block_size: 0,
-            max_size: None,
-        },
-    )
-    .unwrap();
-    let img = open_vhd_chain(&p, &rw()).unwrap();
+    create_fixed(&p, size);
+    let img = open_vhd_chain(&p, &rw_prealloc(3)).unwrap();
     let mut raw = vec![0u8; size as usize];
     scatter(&img, &mut raw);
     img.close().unwrap();
@@ -190,7 +170,7 @@ fn qemu_fixed_vhd_reads_in_our_engine() {
 fn our_writes_into_qemu_vhd_read_back_in_qemu() {
     let d = tempfile::tempdir().unwrap();
     let p = qemu_made(d.path(), "q.vhd", false);
-    let img = open_vhd_chain(&p, &rw()).unwrap();
+    let img = open_vhd_chain(&p, &rw_prealloc(3)).unwrap();
     let n = img.info().size_sectors;
     let mut raw = vec![0u8; (n * 512) as usize];
     img.read(0, &mut raw).unwrap();

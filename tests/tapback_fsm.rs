@@ -1,6 +1,6 @@
 //! tapback's state machine over the in-memory xenstore with fake tapdisks.
 
-mod tapback_common;
+mod common;
 
 use std::time::{Duration, Instant};
 
@@ -11,7 +11,7 @@ use blktap3::control::msg::BlkifProto;
 use blktap3::tapback::{BackendConfig, MAX_RING_ORDER};
 use blktap3::xen::xenstore::{Access, Perm, Tx, XenStore};
 use blktap3::xen::DomId;
-use tapback_common::*;
+use common::tapback::*;
 
 const PID: i32 = 4242;
 

@@ -4,9 +4,11 @@
 //! device serves, the `tapdev<minor>` link to `/dev/nbdN`. Real tapdisks, the simulated
 //! kernel driver reporting no backends, and a sysfs tree as Linux 4.14 lays it out.
 
+mod common;
+use common::proc::wait_exited;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use blktap3::control::client::Client;
 use blktap3::control::msg::OpenRequest;
@@ -58,18 +60,6 @@ fn sysfs_4_14(sys: &Path, indices: &[u32]) {
         )
         .unwrap();
     }
-}
-
-fn wait_gone(pid: i32) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(5) {
-        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        if state.is_empty() || state.contains(") Z") {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
 }
 
 fn keys(physical_device: &str, tapdisk_params: Option<&str>) -> LocatorKeys {
@@ -144,7 +134,7 @@ fn physical_device_resolves_through_tapdev_links_without_backend_identifiers() {
 
     // Destroyed: the link is gone, and with it the answer for nbd1.
     c.destroy(b.pid, b.minor, false, None).unwrap();
-    assert!(wait_gone(b.pid));
+    assert!(wait_exited(b.pid));
     assert!(std::fs::symlink_metadata(tapdevs.join(format!("tapdev{}", b.minor))).is_err());
     assert_eq!(t.block_device_socket(43, 32), None);
     assert!(locate_tapdisk(&t, &keys("2b:20", None)).is_err());
@@ -156,7 +146,7 @@ fn physical_device_resolves_through_tapdev_links_without_backend_identifiers() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    assert!(wait_gone(a.pid));
+    assert!(wait_exited(a.pid));
     let err = locate_tapdisk(&t, &keys("2b:0", None)).unwrap_err();
     assert!(err.to_string().contains(KEY_PHYSICAL_DEVICE), "{err}");
     c.destroy(a.pid, a.minor, false, None).unwrap();

@@ -2,9 +2,13 @@
 //! spawn (daemonise + readiness line), attach/open, list, stats, pause/unpause, close,
 //! detach, and exit after the last detach with the sockets removed.
 
+mod common;
+use common::cmd::tap_ctl;
+use common::proc::{alive, wait_gone};
+
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use blktap3::control::client::Client;
 use blktap3::control::msg::{OpenFlags, OpenRequest, ResumeRequest, VbdState};
@@ -15,21 +19,6 @@ fn client(dir: &Path) -> Client {
     Client::with_dir(dir.join("ctl"))
         .with_tapdisk(env!("CARGO_BIN_EXE_tapdisk"))
         .without_kernel_nbd()
-}
-
-fn alive(pid: i32) -> bool {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
-}
-
-fn wait_gone(pid: i32) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(5) {
-        if !alive(pid) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
 }
 
 fn raw_image(dir: &Path, name: &str, len: u64) -> String {
@@ -85,7 +74,7 @@ fn create_use_pause_resume_destroy_through_the_control_socket() {
 
     c.destroy(pid, created.minor, false, None).unwrap();
     assert!(
-        wait_gone(pid),
+        wait_gone(pid, Duration::from_secs(5)),
         "tapdisk must exit after its last VBD is detached"
     );
     assert!(!dir.path().join(format!("ctl/ctl{pid}")).exists());
@@ -120,7 +109,7 @@ fn many_vbds_in_one_tapdisk_list_and_serve() {
     for m in &minors {
         c.destroy(pid, *m, true, None).unwrap();
     }
-    assert!(wait_gone(pid));
+    assert!(wait_gone(pid, Duration::from_secs(5)));
 }
 
 #[test]
@@ -138,7 +127,7 @@ fn sighup_and_sigusr1_are_harmless_sigterm_removes_sockets() {
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    assert!(wait_gone(created.pid));
+    assert!(wait_gone(created.pid, Duration::from_secs(5)));
     assert!(!created.devname.exists());
     assert!(!dir.path().join(format!("ctl/ctl{}", created.pid)).exists());
 }
@@ -177,7 +166,7 @@ fn stats_list_every_image_of_the_chain_leaf_first() {
         "{stats}"
     );
     c.destroy(created.pid, created.minor, true, None).unwrap();
-    assert!(wait_gone(created.pid));
+    assert!(wait_gone(created.pid, Duration::from_secs(5)));
 }
 
 #[test]
@@ -228,7 +217,7 @@ fn nbdinfo_map_shows_the_holes_of_a_sparse_raw_image() {
         assert_eq!(kinds, ["data"], "{map}");
     }
     c.destroy(created.pid, created.minor, true, None).unwrap();
-    assert!(wait_gone(created.pid));
+    assert!(wait_gone(created.pid, Duration::from_secs(5)));
 }
 
 #[test]
@@ -254,10 +243,8 @@ fn start_up_failure_reaches_the_spawner_with_its_errno() {
     assert!(e.to_string().contains("exit status: 20"), "{e}");
     assert_eq!(e.errno(), libc::ENOTDIR);
     // tap-ctl spawn: non-zero exit, and tapdisk's reason on its stderr.
-    let out = Command::new(env!("CARGO_BIN_EXE_tap-ctl"))
+    let out = tap_ctl(&bad, env!("CARGO_BIN_EXE_tapdisk"))
         .arg("spawn")
-        .env("BLKTAP_CONTROL_DIR", &bad)
-        .env("BLKTAP_TAPDISK", env!("CARGO_BIN_EXE_tapdisk"))
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);

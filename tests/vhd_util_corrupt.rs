@@ -1,22 +1,9 @@
 //! vhd-util on damaged images: every command must fail cleanly (an errno exit status and
 //! a message), never panic (Rust's exit status 101) or die from a signal.
 
-mod vhd_util_common;
-use vhd_util_common::*;
-
-/// A tiny deterministic PRNG (xorshift64*), so failures reproduce.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+mod common;
+use common::data::Rng;
+use common::vhd_util::*;
 
 /// The read-only commands run on every damaged image.
 fn readers(victim: &str) -> Vec<Vec<&str>> {

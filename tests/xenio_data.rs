@@ -7,13 +7,13 @@
 //! so the sectors read as zeros); flush and barrier leave the data unchanged. Requests of a
 //! batch never overlap each other, so the model does not depend on completion order.
 
-mod xenio_common;
+mod common;
 
 use blktap3::blkif::ring::header_index;
 use blktap3::blkif::{op, Abi};
 use blktap3::control::msg::{Reply, Request};
 use blktap3::xen::sim::{MemXsConn, SimBlkfront};
-use xenio_common::*;
+use common::xenio::*;
 
 const SECTORS_PER_PAGE: u64 = 8;
 

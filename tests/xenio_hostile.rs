@@ -17,7 +17,7 @@
 //! `hostile_stream_million` runs 1 000 000 (`scripts/xenio-hostile-million.sh` runs it in
 //! release).
 
-mod xenio_common;
+mod common;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,7 +30,7 @@ use blktap3::blkif::{op, parse_request, Abi, ParseConfig, Parsed, SharedMem, Sta
 use blktap3::xen::sim::{MemXsConn, SimBlkfront, SimDomain};
 use blktap3::xen::xenstore::{Tx, XenStore};
 use blktap3::xen::{EventChannel, Port};
-use xenio_common::*;
+use common::xenio::*;
 
 const DISK: usize = 4 << 20;
 const BAD_GREF: u32 = 0x8000_0000;

@@ -1,6 +1,5 @@
 //! Helpers shared by the vhd-util integration tests: run the built binary, make temp
 //! directories and key files.
-#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -94,4 +93,26 @@ pub fn be32(f: &[u8], off: usize) -> u32 {
 }
 pub fn be64(f: &[u8], off: usize) -> u64 {
     u64::from_be_bytes(f[off..off + 8].try_into().unwrap())
+}
+
+/// Runs vhd-util with `args`; asserts its exit status and its whole stdout.
+pub fn expect_stdout(args: &[&str], status: i32, stdout: &str) {
+    let o = run(args);
+    assert_eq!(
+        (o.status, o.stdout.as_str()),
+        (status, stdout),
+        "vhd-util {args:?} (stderr {:?})",
+        o.stderr
+    );
+}
+
+/// Runs vhd-util with `args`; asserts its exit status and its whole stderr.
+pub fn expect_stderr(args: &[&str], status: i32, stderr: &str) {
+    let o = run(args);
+    assert_eq!(
+        (o.status, o.stderr.as_str()),
+        (status, stderr),
+        "vhd-util {args:?} (stdout {:?})",
+        o.stdout
+    );
 }

@@ -1,7 +1,6 @@
 //! Test rig for the blkif data path: an in-process tapdisk on a simulated Xen (SimXen), a
 //! minimal xenstore backend negotiator that issues XENBLKIF_CONNECT through the control API,
 //! and the simulated blkfront on the guest side.
-#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::channel;

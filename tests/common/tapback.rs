@@ -1,6 +1,5 @@
 //! Shared test rig for tapback: a fake tapdisk set recording calls, a recording xenstore
 //! wrapper, and helpers playing the toolstack and the frontend over the in-memory xenstore.
-#![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::os::fd::{AsFd, BorrowedFd};
