@@ -4,6 +4,8 @@
 //! plus the real netlink driver, which falls back to the socket path without the module.
 
 mod common;
+use common::image::aio_raw;
+use common::nbd::NoBackendKernel;
 use common::proc::wait_exited;
 
 use std::io::Read;
@@ -36,11 +38,14 @@ fn tapdev_target(dir: &Path, minor: u16) -> Option<std::path::PathBuf> {
     std::fs::read_link(tapdev_dir(dir).join(format!("tapdev{minor}"))).ok()
 }
 
-fn raw_image(dir: &Path, len: u64) -> (std::path::PathBuf, String) {
-    let p = dir.join("disk.raw");
-    std::fs::File::create(&p).unwrap().set_len(len).unwrap();
-    let params = format!("aio:{}", p.display());
-    (p, params)
+/// SIGKILL `pid` and wait for it to exit.
+fn kill(pid: i32) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(wait_exited(pid));
 }
 
 fn tap_ctl(c: &Client, args: &[&str]) -> (i32, String, String) {
@@ -66,7 +71,8 @@ fn tap_ctl(c: &Client, args: &[&str]) -> (i32, String, String) {
 #[test]
 fn create_returns_dev_nbd_and_destroy_by_devname_disconnects() {
     let dir = tempfile::tempdir().unwrap();
-    let (img, params) = raw_image(dir.path(), 8 << 20);
+    let params = aio_raw(dir.path(), "disk.raw", 8 << 20);
+    let img = dir.path().join("disk.raw");
     let sim = Arc::new(SimKernelNbd::starting_at(3));
     let c = client(dir.path()).with_kernel_nbd(sim.clone());
 
@@ -129,7 +135,7 @@ fn create_returns_dev_nbd_and_destroy_by_devname_disconnects() {
 #[test]
 fn destroy_by_pid_and_minor_disconnects_the_device() {
     let dir = tempfile::tempdir().unwrap();
-    let (_, params) = raw_image(dir.path(), 1 << 20);
+    let params = aio_raw(dir.path(), "disk.raw", 1 << 20);
     let sim = Arc::new(SimKernelNbd::new());
     let c = client(dir.path()).with_kernel_nbd(sim.clone());
     let created = c.create(OpenRequest::new(0, params), None).unwrap();
@@ -144,7 +150,7 @@ fn destroy_by_pid_and_minor_disconnects_the_device() {
 #[test]
 fn refused_attach_falls_back_to_the_socket_path() {
     let dir = tempfile::tempdir().unwrap();
-    let (_, params) = raw_image(dir.path(), 1 << 20);
+    let params = aio_raw(dir.path(), "disk.raw", 1 << 20);
     let sim = Arc::new(SimKernelNbd::failing(libc::EBUSY));
     let c = client(dir.path()).with_kernel_nbd(sim.clone());
     let created = c.create(OpenRequest::new(0, params.clone()), None).unwrap();
@@ -184,7 +190,7 @@ fn dead_pid() -> i32 {
 #[test]
 fn orphaned_devices_of_a_killed_tapdisk_are_reclaimed() {
     let dir = tempfile::tempdir().unwrap();
-    let (_, params) = raw_image(dir.path(), 1 << 20);
+    let params = aio_raw(dir.path(), "disk.raw", 1 << 20);
     let sim = Arc::new(SimKernelNbd::new());
     let c = client(dir.path()).with_kernel_nbd(sim.clone());
 
@@ -274,7 +280,7 @@ fn orphaned_devices_of_a_killed_tapdisk_are_reclaimed() {
 #[test]
 fn real_driver_attaches_or_falls_back() {
     let dir = tempfile::tempdir().unwrap();
-    let (_, params) = raw_image(dir.path(), 1 << 20);
+    let params = aio_raw(dir.path(), "disk.raw", 1 << 20);
     let k = Netlink::new();
     let available = match k.family() {
         Err(KernelNbdError::NotAvailable) => false,
@@ -308,7 +314,7 @@ fn real_driver_attaches_or_falls_back() {
 #[test]
 fn tapdev_link_follows_the_kernel_device() {
     let dir = tempfile::tempdir().unwrap();
-    let (_, params) = raw_image(dir.path(), 1 << 20);
+    let params = aio_raw(dir.path(), "disk.raw", 1 << 20);
     let sim = Arc::new(SimKernelNbd::starting_at(4));
     let c = client(dir.path()).with_kernel_nbd(sim.clone());
     assert!(!tapdev_dir(dir.path()).exists());
@@ -372,7 +378,7 @@ fn tapdev_link_follows_the_kernel_device() {
 #[test]
 fn socket_only_vbds_get_no_tapdev_link() {
     let dir = tempfile::tempdir().unwrap();
-    let (_, params) = raw_image(dir.path(), 1 << 20);
+    let params = aio_raw(dir.path(), "disk.raw", 1 << 20);
     // A link left by an earlier user of minor 0 (e.g. a minor freed by hand).
     std::fs::create_dir_all(tapdev_dir(dir.path())).unwrap();
     std::os::unix::fs::symlink("/dev/nbd9", tapdev_dir(dir.path()).join("tapdev0")).unwrap();
@@ -404,17 +410,9 @@ fn socket_only_vbds_get_no_tapdev_link() {
 #[test]
 fn tapdev_links_of_killed_tapdisks_do_not_outlive_their_devices() {
     let dir = tempfile::tempdir().unwrap();
-    let (_, params) = raw_image(dir.path(), 1 << 20);
+    let params = aio_raw(dir.path(), "disk.raw", 1 << 20);
     let sim = Arc::new(SimKernelNbd::new());
     let c = client(dir.path()).with_kernel_nbd(sim.clone());
-    let kill = |pid: i32| {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .unwrap();
-        assert!(wait_exited(pid));
-    };
 
     let a = c.create(OpenRequest::new(0, params.clone()), None).unwrap();
     assert_eq!(a.devname, Path::new("/dev/nbd0"));
@@ -457,44 +455,15 @@ fn tapdev_links_of_killed_tapdisks_do_not_outlive_their_devices() {
     );
 }
 
-/// A kernel NBD driver from before the backend identifier (Linux < 5.14, e.g. OpenXT 8's
-/// 4.14): it connects and disconnects, but no device reports a backend.
-#[derive(Debug)]
-struct NoBackendKernel(Arc<SimKernelNbd>);
-
-impl KernelNbd for NoBackendKernel {
-    fn connect(
-        &self,
-        sock: std::os::fd::BorrowedFd<'_>,
-        cfg: &blktap3::nbd::kernel::ConnectConfig<'_>,
-    ) -> blktap3::nbd::kernel::Result<u32> {
-        self.0.connect(sock, cfg)
-    }
-    fn disconnect(&self, index: u32) -> blktap3::nbd::kernel::Result<()> {
-        self.0.disconnect(index)
-    }
-    fn devices(&self) -> Vec<(u32, String)> {
-        Vec::new()
-    }
-}
-
 /// Without backend identifiers the tapdev links are the record of which device serves
 /// which VBD: find_device, destroy (by pid/minor, /dev/nbdN or tapdev name) and the reaping
 /// of a killed tapdisk's device still find the device, and disconnect it.
 #[test]
 fn tapdev_links_stand_in_for_missing_backend_identifiers() {
     let dir = tempfile::tempdir().unwrap();
-    let (_, params) = raw_image(dir.path(), 1 << 20);
+    let params = aio_raw(dir.path(), "disk.raw", 1 << 20);
     let sim = Arc::new(SimKernelNbd::new());
     let c = client(dir.path()).with_kernel_nbd(Arc::new(NoBackendKernel(sim.clone())));
-    let kill = |pid: i32| {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .unwrap();
-        assert!(wait_exited(pid));
-    };
     let connected = || -> Vec<u32> { sim.devices().into_iter().map(|(i, _)| i).collect() };
 
     let a = c.create(OpenRequest::new(0, params.clone()), None).unwrap();

@@ -140,6 +140,34 @@ impl Drop for Td {
     }
 }
 
+/// Copies `src` into the export and the export back out to `out.raw` with qemu-img; returns
+/// the copy's path.
+fn qemu_img_roundtrip(td: &Td, src: &Path) -> PathBuf {
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+            .arg(src)
+            .arg(td.uri()),
+    );
+    let out = td.dir.path().join("out.raw");
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "raw"])
+            .arg(td.uri())
+            .arg(&out),
+    );
+    out
+}
+
+/// Whether one of `tools` is not installed (then the test is skipped, and says so).
+fn missing(tools: &[&str]) -> bool {
+    let absent: Vec<&str> = tools.iter().copied().filter(|t| !have(t)).collect();
+    if !absent.is_empty() {
+        eprintln!("skipped: {} not installed", absent.join(", "));
+    }
+    !absent.is_empty()
+}
+
 fn sha256_file(p: &Path) -> String {
     run_ok(Command::new("sha256sum").arg(p))
         .split_whitespace()
@@ -150,26 +178,13 @@ fn sha256_file(p: &Path) -> String {
 
 #[test]
 fn qemu_img_convert_in_and_out_roundtrips() {
-    if !have("qemu-img") {
-        eprintln!("skipped: qemu-img not installed");
+    if missing(&["qemu-img"]) {
         return;
     }
     let td = Td::start(8 << 20, None, false);
     let src = td.dir.path().join("src.raw");
     std::fs::write(&src, pattern(8 << 20, 7)).unwrap();
-    run_ok(
-        Command::new("qemu-img")
-            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
-            .arg(&src)
-            .arg(td.uri()),
-    );
-    let out = td.dir.path().join("out.raw");
-    run_ok(
-        Command::new("qemu-img")
-            .args(["convert", "-f", "raw", "-O", "raw"])
-            .arg(td.uri())
-            .arg(&out),
-    );
+    let out = qemu_img_roundtrip(&td, &src);
     let want = std::fs::read(&src).unwrap();
     assert!(std::fs::read(&out).unwrap() == want, "read back differs");
     assert!(std::fs::read(&td.image).unwrap() == want, "image differs");
@@ -177,8 +192,7 @@ fn qemu_img_convert_in_and_out_roundtrips() {
 
 #[test]
 fn qemu_io_pattern_write_read_and_nbdinfo() {
-    if !have("qemu-io") || !have("nbdinfo") {
-        eprintln!("skipped: qemu-io/nbdinfo not installed");
+    if missing(&["qemu-io", "nbdinfo"]) {
         return;
     }
     let td = Td::start(16 << 20, None, false);
@@ -221,8 +235,7 @@ fn qemu_io_pattern_write_read_and_nbdinfo() {
 
 #[test]
 fn vhd_export_roundtrips_and_maps_allocation() {
-    if !have("qemu-img") || !have("qemu-io") || !have("nbdinfo") {
-        eprintln!("skipped: qemu tools/nbdinfo not installed");
+    if missing(&["qemu-img", "qemu-io", "nbdinfo"]) {
         return;
     }
     let mut td = Td::start_vhd(16 << 20);
@@ -255,19 +268,7 @@ fn vhd_export_roundtrips_and_maps_allocation() {
     // Whole-image copy in and out with qemu-img, then qemu-img compare on the VHD itself.
     let src = td.dir.path().join("src.raw");
     std::fs::write(&src, pattern(16 << 20, 3)).unwrap();
-    run_ok(
-        Command::new("qemu-img")
-            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
-            .arg(&src)
-            .arg(td.uri()),
-    );
-    let out = td.dir.path().join("out.raw");
-    run_ok(
-        Command::new("qemu-img")
-            .args(["convert", "-f", "raw", "-O", "raw"])
-            .arg(td.uri())
-            .arg(&out),
-    );
+    let out = qemu_img_roundtrip(&td, &src);
     assert!(std::fs::read(&out).unwrap() == std::fs::read(&src).unwrap());
     td.child_stop().unwrap();
     run_ok(
@@ -280,8 +281,7 @@ fn vhd_export_roundtrips_and_maps_allocation() {
 
 #[test]
 fn nbdcopy_whole_export_matches_file_sha256() {
-    if !have("nbdcopy") {
-        eprintln!("skipped: nbdcopy not installed");
+    if missing(&["nbdcopy"]) {
         return;
     }
     let data = pattern(24 << 20, 99);
@@ -298,8 +298,7 @@ fn nbdcopy_whole_export_matches_file_sha256() {
 
 #[test]
 fn concurrent_clients_write_disjoint_regions() {
-    if !have("qemu-io") {
-        eprintln!("skipped: qemu-io not installed");
+    if missing(&["qemu-io"]) {
         return;
     }
     let td = Td::start(16 << 20, None, false);
@@ -340,8 +339,7 @@ fn concurrent_clients_write_disjoint_regions() {
 
 #[test]
 fn read_only_export_refuses_writes() {
-    if !have("qemu-io") || !have("nbdinfo") {
-        eprintln!("skipped: qemu-io/nbdinfo not installed");
+    if missing(&["qemu-io", "nbdinfo"]) {
         return;
     }
     let td = Td::start(4 << 20, Some(&[0x5a; 4 << 20]), true);
@@ -463,8 +461,7 @@ fn bad_requests_get_errors_and_the_daemon_keeps_serving() {
 
 #[test]
 fn qemu_img_convert_keeps_a_vhd_export_sparse() {
-    if !have("qemu-img") || !have("nbdinfo") {
-        eprintln!("skipped: qemu-img/nbdinfo not installed");
+    if missing(&["qemu-img", "nbdinfo"]) {
         return;
     }
     let td = Td::start_vhd(16 << 20);

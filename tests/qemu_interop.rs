@@ -76,17 +76,23 @@ fn check_against_qemu(vhd: &Path, raw: &[u8], dir: &Path) {
     );
 }
 
+/// Writes scattered data into our image at `p` (of `size` bytes) and checks qemu reads the
+/// same.
+fn scatter_and_check(p: &Path, size: u64, dir: &Path) {
+    let img = open_vhd_chain(p, &rw_prealloc(3)).unwrap();
+    let mut raw = vec![0u8; size as usize];
+    scatter(&img, &mut raw);
+    img.close().unwrap();
+    check_against_qemu(p, &raw, dir);
+}
+
 #[test]
 fn our_dynamic_vhd_reads_back_in_qemu() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("d.vhd");
     let size = 37u64 << 20; // not a multiple of the block size
     create(&p, &CreateOptions::dynamic(size)).unwrap();
-    let img = open_vhd_chain(&p, &rw_prealloc(3)).unwrap();
-    let mut raw = vec![0u8; size as usize];
-    scatter(&img, &mut raw);
-    img.close().unwrap();
-    check_against_qemu(&p, &raw, d.path());
+    scatter_and_check(&p, size, d.path());
 }
 
 #[test]
@@ -104,11 +110,7 @@ fn our_small_block_and_presized_vhd_reads_back_in_qemu() {
         },
     )
     .unwrap();
-    let img = open_vhd_chain(&p, &rw_prealloc(3)).unwrap();
-    let mut raw = vec![0u8; size as usize];
-    scatter(&img, &mut raw);
-    img.close().unwrap();
-    check_against_qemu(&p, &raw, d.path());
+    scatter_and_check(&p, size, d.path());
 }
 
 #[test]
@@ -117,11 +119,7 @@ fn our_fixed_vhd_reads_back_in_qemu() {
     let p = d.path().join("f.vhd");
     let size = 6u64 << 20;
     create_fixed(&p, size);
-    let img = open_vhd_chain(&p, &rw_prealloc(3)).unwrap();
-    let mut raw = vec![0u8; size as usize];
-    scatter(&img, &mut raw);
-    img.close().unwrap();
-    check_against_qemu(&p, &raw, d.path());
+    scatter_and_check(&p, size, d.path());
 }
 
 fn qemu_made(d: &Path, name: &str, fixed: bool) -> std::path::PathBuf {

@@ -4,6 +4,7 @@
 
 mod common;
 use common::cmd::tap_ctl;
+use common::image::aio_raw;
 use common::proc::{alive, wait_gone};
 
 use std::path::Path;
@@ -21,18 +22,12 @@ fn client(dir: &Path) -> Client {
         .without_kernel_nbd()
 }
 
-fn raw_image(dir: &Path, name: &str, len: u64) -> String {
-    let p = dir.join(name);
-    std::fs::File::create(&p).unwrap().set_len(len).unwrap();
-    format!("aio:{}", p.display())
-}
-
 #[test]
 fn create_use_pause_resume_destroy_through_the_control_socket() {
     let dir = tempfile::tempdir().unwrap();
     let c = client(dir.path());
-    let params = raw_image(dir.path(), "a.raw", 8 << 20);
-    let snap = raw_image(dir.path(), "b.raw", 8 << 20);
+    let params = aio_raw(dir.path(), "a.raw", 8 << 20);
+    let snap = aio_raw(dir.path(), "b.raw", 8 << 20);
     let created = c.create(OpenRequest::new(0, params.clone()), None).unwrap();
     let pid = created.pid;
     assert!(alive(pid));
@@ -90,7 +85,7 @@ fn many_vbds_in_one_tapdisk_list_and_serve() {
     for i in 0..9 {
         let (m, _) = c.allocate().unwrap();
         c.attach(pid, m).unwrap();
-        let mut o = OpenRequest::new(m, raw_image(dir.path(), &format!("{i}.raw"), 1 << 20));
+        let mut o = OpenRequest::new(m, aio_raw(dir.path(), &format!("{i}.raw"), 1 << 20));
         if i % 2 == 1 {
             o.flags = OpenFlags::RDONLY;
         }
@@ -118,7 +113,7 @@ fn sighup_and_sigusr1_are_harmless_sigterm_removes_sockets() {
     let c = client(dir.path());
     let created = c
         .create(
-            OpenRequest::new(0, raw_image(dir.path(), "x.raw", 1 << 20)),
+            OpenRequest::new(0, aio_raw(dir.path(), "x.raw", 1 << 20)),
             None,
         )
         .unwrap();
@@ -170,7 +165,7 @@ fn stats_list_every_image_of_the_chain_leaf_first() {
 }
 
 #[test]
-fn nbdinfo_map_shows_the_holes_of_a_sparse_raw_image() {
+fn nbdinfo_map_shows_the_holes_of_a_sparse_aio_raw() {
     use std::os::unix::fs::FileExt;
     if Command::new("nbdinfo").arg("--version").output().is_err() {
         eprintln!("skipped: nbdinfo not installed");

@@ -102,11 +102,7 @@ fn coalesce_plain_chain_and_compare() {
     );
     let o = run(&["coalesce"]);
     assert_eq!(o.status, 22);
-    assert_eq!(
-        o.stdout,
-        "options: <-n name> [-a ancestor] [-o output] [-s sparse] [-p progress] \
-         [-x custom parent] [-h help]\n"
-    );
+    assert_eq!(o.stdout, COALESCE_USAGE);
 }
 
 #[test]

@@ -46,16 +46,9 @@ fn workload(
             };
             let pages = 1 + rng.below(max_pages);
             let sectors = pages * SECTORS_PER_PAGE - rng.below(SECTORS_PER_PAGE);
-            let mut pick = None;
-            for _ in 0..10 {
-                let s = rng.below(disk_sectors - sectors);
-                if used.iter().all(|&(a, b)| s + sectors <= a || s >= b) {
-                    pick = Some(s);
-                    break;
-                }
-            }
-            let Some(sector) = pick else { continue };
-            used.push((sector, sector + sectors));
+            let Some(sector) = pick_free(rng, &mut used, disk_sectors, sectors, 10) else {
+                continue;
+            };
             let off = (sector * 512) as usize;
             let len = (sectors * 512) as usize;
             let (id, p) = match dice {

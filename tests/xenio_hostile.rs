@@ -459,16 +459,9 @@ fn run(total: usize, abi: Abi, order: u32, seed: u64) {
             if rng.below(10) == 0 {
                 // A valid request on a region nobody else touches in this batch.
                 let sectors = 1 + rng.below(64);
-                let mut pick = None;
-                for _ in 0..8 {
-                    let s = rng.below(disk_sectors - sectors);
-                    if used.iter().all(|&(a, b)| s + sectors <= a || s >= b) {
-                        pick = Some(s);
-                        break;
-                    }
-                }
-                let Some(sector) = pick else { continue };
-                used.push((sector, sector + sectors));
+                let Some(sector) = pick_free(&mut rng, &mut used, disk_sectors, sectors, 8) else {
+                    continue;
+                };
                 let off = sector as usize * 512;
                 let len = sectors as usize * 512;
                 let id = if rng.below(2) == 0 {

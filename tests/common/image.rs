@@ -78,3 +78,10 @@ pub fn create_fixed(p: &Path, size: u64) {
     )
     .unwrap();
 }
+
+/// A sparse raw file `dir/name` of `len` bytes; returns its tapdisk params, `aio:<path>`.
+pub fn aio_raw(dir: &Path, name: &str, len: u64) -> String {
+    let p = dir.join(name);
+    std::fs::File::create(&p).unwrap().set_len(len).unwrap();
+    format!("aio:{}", p.display())
+}

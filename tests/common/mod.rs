@@ -9,6 +9,8 @@ pub mod data;
 #[allow(dead_code)]
 pub mod image;
 #[allow(dead_code)]
+pub mod nbd;
+#[allow(dead_code)]
 pub mod proc;
 #[allow(dead_code)]
 pub mod tapback;

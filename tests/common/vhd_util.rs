@@ -11,6 +11,11 @@ pub struct Out {
     pub raw: Vec<u8>,
 }
 
+/// vhd-util coalesce's usage line.
+pub const COALESCE_USAGE: &str =
+    "options: <-n name> [-a ancestor] [-o output] [-s sparse] [-p progress] \
+     [-x custom parent] [-h help]\n";
+
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_vhd-util")
 }

@@ -268,6 +268,25 @@ impl Rng {
     }
 }
 
+/// A start sector for `sectors` sectors of a `disk_sectors` disk overlapping none of the
+/// ranges in `used`, from at most `tries` random picks; the range is added to `used`.
+pub fn pick_free(
+    rng: &mut Rng,
+    used: &mut Vec<(u64, u64)>,
+    disk_sectors: u64,
+    sectors: u64,
+    tries: usize,
+) -> Option<u64> {
+    for _ in 0..tries {
+        let s = rng.below(disk_sectors - sectors);
+        if used.iter().all(|&(a, b)| s + sectors <= a || s >= b) {
+            used.push((s, s + sectors));
+            return Some(s);
+        }
+    }
+    None
+}
+
 /// Wait for exactly `n` completions.
 pub fn wait(front: &mut SimBlkfront<MemXsConn>, n: usize) -> Vec<Completion> {
     let got = front.wait_completions(n, Duration::from_secs(30)).unwrap();
