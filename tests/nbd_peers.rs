@@ -3,7 +3,7 @@
 //! control directory.
 
 mod common;
-use common::cmd::run_ok;
+use common::cmd::{qemu_io, run_ok};
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -196,23 +196,17 @@ fn qemu_io_pattern_write_read_and_nbdinfo() {
         return;
     }
     let td = Td::start(16 << 20, None, false);
-    let out = run_ok(Command::new("qemu-io").args([
-        "-f",
-        "raw",
+    let out = run_ok(&mut qemu_io(
         &td.uri(),
-        "-c",
-        "write -P 0xab 0 1M",
-        "-c",
-        "read -P 0xab 0 1M",
-        "-c",
-        "write -P 0xcd 3M 64k",
-        "-c",
-        "read -P 0xcd 3M 64k",
-        "-c",
-        "read -P 0 2M 512",
-        "-c",
-        "flush",
-    ]));
+        &[
+            "write -P 0xab 0 1M",
+            "read -P 0xab 0 1M",
+            "write -P 0xcd 3M 64k",
+            "read -P 0xcd 3M 64k",
+            "read -P 0 2M 512",
+            "flush",
+        ],
+    ));
     assert!(!out.contains("Pattern verification failed"), "{out}");
     let img = std::fs::read(&td.image).unwrap();
     assert!(img[..1 << 20].iter().all(|b| *b == 0xab));
@@ -239,21 +233,16 @@ fn vhd_export_roundtrips_and_maps_allocation() {
         return;
     }
     let mut td = Td::start_vhd(16 << 20);
-    let out = run_ok(Command::new("qemu-io").args([
-        "-f",
-        "raw",
+    let out = run_ok(&mut qemu_io(
         &td.uri(),
-        "-c",
-        "write -P 0xab 0 1M",
-        "-c",
-        "write -P 0xcd 6M 64k",
-        "-c",
-        "read -P 0xab 0 1M",
-        "-c",
-        "read -P 0xcd 6M 64k",
-        "-c",
-        "read -P 0 4M 512",
-    ]));
+        &[
+            "write -P 0xab 0 1M",
+            "write -P 0xcd 6M 64k",
+            "read -P 0xab 0 1M",
+            "read -P 0xcd 6M 64k",
+            "read -P 0 4M 512",
+        ],
+    ));
     assert!(!out.contains("Pattern verification failed"), "{out}");
     let map = run_ok(Command::new("nbdinfo").arg("--map").arg(td.uri()));
     let lines: Vec<Vec<String>> = map
@@ -309,19 +298,15 @@ fn concurrent_clients_write_disjoint_regions() {
             std::thread::spawn(move || {
                 let off = format!("{}M", i * 4);
                 let pat = format!("0x{:x}", 0x10 + i);
-                run_ok(Command::new("qemu-io").args([
-                    "-f",
-                    "raw",
+                run_ok(&mut qemu_io(
                     &uri,
-                    "-c",
-                    &format!("aio_write -P {pat} {off} 2M"),
-                    "-c",
-                    &format!("aio_write -P {pat} {}M 2M", i * 4 + 2),
-                    "-c",
-                    "aio_flush",
-                    "-c",
-                    &format!("read -P {pat} {off} 4M"),
-                ]))
+                    &[
+                        &format!("aio_write -P {pat} {off} 2M"),
+                        &format!("aio_write -P {pat} {}M 2M", i * 4 + 2),
+                        "aio_flush",
+                        &format!("read -P {pat} {off} 4M"),
+                    ],
+                ))
             })
         })
         .collect();
@@ -345,10 +330,7 @@ fn read_only_export_refuses_writes() {
     let td = Td::start(4 << 20, Some(&[0x5a; 4 << 20]), true);
     let info = run_ok(Command::new("nbdinfo").arg(td.uri()));
     assert!(info.contains("is_read_only: true"), "{info}");
-    let out = Command::new("qemu-io")
-        .args(["-f", "raw", &td.uri(), "-c", "write -P 1 0 4k"])
-        .output()
-        .unwrap();
+    let out = qemu_io(&td.uri(), &["write -P 1 0 4k"]).output().unwrap();
     let text =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(!text.contains("wrote 4096"), "{text}");

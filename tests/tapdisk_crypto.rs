@@ -38,16 +38,8 @@ fn keyed_vhd(dir: &Path) -> (PathBuf, PathBuf, Vec<u8>) {
 }
 
 fn qemu_io(devname: &Path, cmds: &[&str]) -> String {
-    let mut c = Command::new("qemu-io");
-    c.args([
-        "-f",
-        "raw",
-        &format!("nbd+unix:///?socket={}", devname.display()),
-    ]);
-    for x in cmds {
-        c.args(["-c", x]);
-    }
-    run_ok(&mut c)
+    let uri = format!("nbd+unix:///?socket={}", devname.display());
+    run_ok(&mut common::cmd::qemu_io(&uri, cmds))
 }
 
 #[test]

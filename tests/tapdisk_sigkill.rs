@@ -4,11 +4,11 @@
 //! kernel dropped the dead process's flock), and `create` serves the disk again.
 
 mod common;
-use common::cmd::{success, tap_ctl};
+use common::cmd::{qemu_io, success, tap_ctl};
 use common::proc::wait_gone;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 /// `(pid, minor)` of the `list` row serving `path` (non-TTY `key=value` format).
@@ -105,16 +105,8 @@ fn tap_ctl_recovers_after_tapdisk_is_killed() {
     let (pid2, minor2) = row_for(&list, img.to_str().unwrap()).expect("row after re-create");
     let (pid2, minor2) = (pid2.expect("pid"), minor2.expect("minor"));
     assert_ne!(pid2, pid);
-    let out = Command::new("qemu-io")
-        .args([
-            "-f",
-            "raw",
-            &format!("nbd+unix:///?socket={}", dev.trim()),
-            "-c",
-            "write -P 0x77 0 64k",
-            "-c",
-            "read -P 0x77 0 64k",
-        ])
+    let uri = format!("nbd+unix:///?socket={}", dev.trim());
+    let out = qemu_io(&uri, &["write -P 0x77 0 64k", "read -P 0x77 0 64k"])
         .output()
         .expect("qemu-io (install qemu-utils)");
     let text = String::from_utf8_lossy(&out.stdout);

@@ -31,3 +31,13 @@ pub fn tap_ctl(ctl: &Path, tapdisk: impl AsRef<OsStr>) -> Command {
         .env("BLKTAP_TAPDISK", tapdisk);
     c
 }
+
+/// `qemu-io -f raw <uri> -c <cmd>...`.
+pub fn qemu_io(uri: &str, cmds: &[&str]) -> Command {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw", uri]);
+    for x in cmds {
+        c.args(["-c", x]);
+    }
+    c
+}

@@ -372,6 +372,13 @@ impl Rig {
         Backend::new(xs, self.tap.clone(), cfg, Instant::now()).unwrap()
     }
 
+    /// A backend with the default configuration that has handled what is already there.
+    pub fn started(&self) -> TestBackend {
+        let mut b = self.backend(BackendConfig::default());
+        pump(&mut b);
+        b
+    }
+
     /// The toolstack creates a vbd3 device served by tapdisk `pid` minor `minor`, announced
     /// through `physical-device-path`.
     pub fn add_vbd(&self, fe: u16, devid: u32, pid: i32, minor: u16) -> Vbd {
