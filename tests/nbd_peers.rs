@@ -4,6 +4,7 @@
 
 mod common;
 use common::cmd::{qemu_io, run_ok};
+use common::data::XorShift64;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -31,15 +32,8 @@ fn have(tool: &str) -> bool {
 
 /// Deterministic pseudo-random bytes.
 fn pattern(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    let mut x = XorShift64(seed | 1);
+    (0..n).map(|_| x.next() as u8).collect()
 }
 
 impl Td {
@@ -149,7 +143,12 @@ fn qemu_img_roundtrip(td: &Td, src: &Path) -> PathBuf {
             .arg(src)
             .arg(td.uri()),
     );
-    let out = td.dir.path().join("out.raw");
+    qemu_img_out(td, "out.raw")
+}
+
+/// Copies the export out to `name` in the test's directory with qemu-img; returns its path.
+fn qemu_img_out(td: &Td, name: &str) -> PathBuf {
+    let out = td.dir.path().join(name);
     run_ok(
         Command::new("qemu-img")
             .args(["convert", "-f", "raw", "-O", "raw"])
@@ -466,13 +465,7 @@ fn qemu_img_convert_keeps_a_vhd_export_sparse() {
     assert_eq!(lines.len(), 2, "{map}");
     assert_eq!(lines[0][..3], ["0", "1048576", "0"], "{map}");
     assert_eq!(lines[1][2], "3", "{map}");
-    let out = td.dir.path().join("back.raw");
-    run_ok(
-        Command::new("qemu-img")
-            .args(["convert", "-f", "raw", "-O", "raw"])
-            .arg(td.uri())
-            .arg(&out),
-    );
+    let out = qemu_img_out(&td, "back.raw");
     assert!(std::fs::read(&out).unwrap() == data);
 }
 

@@ -7,6 +7,7 @@
 
 mod common;
 use common::cmd::success;
+use common::data::XorShift64;
 use common::image::{create_fixed, rw_prealloc};
 
 use std::path::Path;
@@ -34,11 +35,9 @@ fn s(p: &Path) -> &str {
 /// Write a deterministic scatter of data through the engine and into a raw mirror.
 fn scatter(img: &dyn Image, raw: &mut [u8]) {
     let size = img.info().size_sectors;
-    let mut x: u64 = 0x9e3779b97f4a7c15;
+    let mut rng = XorShift64(0x9e3779b97f4a7c15);
     for i in 0..40u64 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
+        let x = rng.next();
         let n = 1 + (x % 64);
         let sec = (x >> 20) % (size - n);
         let buf: Vec<u8> = (0..n * 512)

@@ -3,6 +3,7 @@
 //! from several threads end in the state the model predicts.
 
 mod common;
+use common::data::XorShift64;
 use common::image::rw_prealloc;
 
 use std::path::{Path, PathBuf};
@@ -126,11 +127,9 @@ fn run(leaf: &Path, below: &[u8], ops: &[Op]) -> Result<(), TestCaseError> {
 }
 
 fn write_random(img: &dyn Image, seed: u8, model: &mut [u8]) {
-    let mut x = u64::from(seed) * 0x9e37_79b9 + 1;
+    let mut rng = XorShift64(u64::from(seed) * 0x9e37_79b9 + 1);
     for _ in 0..20 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
+        let x = rng.next();
         let n = 1 + x % 200;
         let lba = (x >> 16) % (NSEC - n);
         let d = fill(seed ^ (x as u8), lba, n);
@@ -193,11 +192,9 @@ fn concurrent_writers_match_model() {
                 let img = img.clone();
                 s.spawn(move || {
                     let mut log = Vec::new();
-                    let mut x = 0x1234_5678u64 + t;
+                    let mut rng = XorShift64(0x1234_5678u64 + t);
                     for i in 0..600u64 {
-                        x ^= x << 13;
-                        x ^= x >> 7;
-                        x ^= x << 17;
+                        let x = rng.next();
                         let lba = ((x >> 8) % (NSEC / THREADS)) * THREADS + t;
                         let seed = (i as u8) ^ (t as u8);
                         img.write(lba, &fill(seed, lba, 1)).unwrap();

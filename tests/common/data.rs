@@ -24,3 +24,19 @@ impl Rng {
         (0..n).map(|_| self.next() as u8).collect()
     }
 }
+
+/// xorshift64 (13, 7, 17): the plainer generator some tests' data was made with. The state
+/// must not be 0.
+pub struct XorShift64(pub u64);
+
+impl XorShift64 {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
