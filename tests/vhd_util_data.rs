@@ -227,9 +227,11 @@ fn fill_allocates_everything_and_keeps_content() {
     if let Some(q) = qemu_raw(&e, d.path()) {
         assert_eq!(q, vec![0u8; 6 * MIB]);
     }
-    let o = run(&["fill", "-n", &e, "-f", "10"]);
-    assert_eq!(o.status, 22);
-    assert!(o.stdout.starts_with("-f/-t can only be used with -b\n"));
+    expect_stdout_start(
+        &["fill", "-n", &e, "-f", "10"],
+        22,
+        "-f/-t can only be used with -b\n",
+    );
 }
 
 #[test]
@@ -511,13 +513,10 @@ fn check_finds_data_and_batmap_inconsistencies() {
     b[e0 * 512] &= 0x7f;
     std::fs::write(&f, &b).unwrap();
     assert_eq!(ok(&["check", "-n", &f]), format!("{f} is valid\n"));
-    let o = run(&["check", "-n", &f, "-b"]);
-    assert_eq!(o.status, 22);
-    assert!(
-        o.stdout
-            .starts_with("sector 0x0 of block 0x0 has data where bitmap is clear\n"),
-        "{}",
-        o.stdout
+    expect_stdout_start(
+        &["check", "-n", &f, "-b"],
+        22,
+        "sector 0x0 of block 0x0 has data where bitmap is clear\n",
     );
     // Batmap marks an unallocated block full (with a correct checksum).
     let g = p(d.path(), "g.vhd");
@@ -527,26 +526,20 @@ fn check_finds_data_and_batmap_inconsistencies() {
     let sum: u32 = b[2560..3072].iter().map(|&x| u32::from(x)).sum();
     b[2048 + 24..2048 + 28].copy_from_slice(&(!sum).to_be_bytes());
     std::fs::write(&g, &b).unwrap();
-    let o = run(&["check", "-n", &g]);
-    assert_eq!(o.status, 22);
-    assert!(
-        o.stdout
-            .starts_with("batmap shows unallocated block 1 full\n"),
-        "{}",
-        o.stdout
+    expect_stdout_start(
+        &["check", "-n", &g],
+        22,
+        "batmap shows unallocated block 1 full\n",
     );
     // A bad batmap checksum.
     b[2048 + 24] ^= 1;
     std::fs::write(&g, &b).unwrap();
     // blktap's check fails computing the end of the metadata (libvhd validates the
     // batmap there) before it looks at the batmap itself.
-    let o = run(&["check", "-n", &g]);
-    assert_eq!(o.status, 22);
-    assert!(
-        o.stdout
-            .starts_with("error calculating end of metadata: -22\n"),
-        "{}",
-        o.stdout
+    expect_stdout_start(
+        &["check", "-n", &g],
+        22,
+        "error calculating end of metadata: -22\n",
     );
 }
 

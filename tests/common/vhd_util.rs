@@ -121,3 +121,14 @@ pub fn expect_stderr(args: &[&str], status: i32, stderr: &str) {
         o.stdout
     );
 }
+
+/// Runs vhd-util with `args`; asserts its exit status and that its stdout starts with `start`.
+pub fn expect_stdout_start(args: &[&str], status: i32, start: &str) {
+    let o = run(args);
+    assert!(
+        o.status == status && o.stdout.starts_with(start),
+        "vhd-util {args:?}: status {} (want {status}), stdout {:?} (want it to start with {start:?})",
+        o.status,
+        o.stdout
+    );
+}
