@@ -32,6 +32,13 @@ fn one() -> (Rig, Vbd, TestBackend) {
     (rig, v, b)
 }
 
+/// `one()` with the frontend connected (ring ref 100, port 7).
+fn connected_one() -> (Rig, Vbd, TestBackend) {
+    let (rig, v, mut b) = one();
+    connected(&rig, &v, &mut b, 100, 7);
+    (rig, v, b)
+}
+
 fn connected(rig: &Rig, v: &Vbd, b: &mut TestBackend, gref: u32, port: u32) {
     rig.fe_publish(v, gref, port);
     pump(b);
@@ -546,8 +553,7 @@ fn tapdisk_refusing_the_ring_fails_the_device() {
 
 #[test]
 fn guest_reboot_reconnects_with_new_ring() {
-    let (rig, v, mut b) = one();
-    connected(&rig, &v, &mut b, 100, 7);
+    let (rig, v, mut b) = connected_one();
     fe_step(&rig, &v, &mut b, 5, "5");
     assert!(
         rig.tap.disconnects().is_empty(),
@@ -575,8 +581,7 @@ fn guest_reboot_reconnects_with_new_ring() {
 
 #[test]
 fn frontend_reset_without_closing_drops_the_stale_ring() {
-    let (rig, v, mut b) = one();
-    connected(&rig, &v, &mut b, 100, 7);
+    let (rig, v, mut b) = connected_one();
     fe_step(&rig, &v, &mut b, 1, "2");
     assert_eq!(rig.tap.disconnects().len(), 1);
     connected(&rig, &v, &mut b, 300, 9);
@@ -760,8 +765,7 @@ fn physical_device_nbd_major_resolves_through_the_host() {
 
 #[test]
 fn restart_reconnects_idempotently() {
-    let (rig, v, mut b) = one();
-    connected(&rig, &v, &mut b, 100, 7);
+    let (rig, v, mut b) = connected_one();
     rig.fe_state(&v, 4);
     pump(&mut b);
     drop(b); // killed: nothing is torn down
@@ -804,8 +808,7 @@ fn restart_reconnects_idempotently() {
 
 #[test]
 fn restart_while_frontend_republished_replaces_the_stale_ring() {
-    let (rig, v, mut b) = one();
-    connected(&rig, &v, &mut b, 100, 7);
+    let (rig, v, b) = connected_one();
     drop(b);
     // While tapback was away the guest rebooted and published a new ring.
     rig.fe_state(&v, 6);
@@ -820,8 +823,7 @@ fn restart_while_frontend_republished_replaces_the_stale_ring() {
 
 #[test]
 fn restart_with_frontend_closed_drops_a_left_over_ring() {
-    let (rig, v, mut b) = one();
-    connected(&rig, &v, &mut b, 100, 7);
+    let (rig, v, b) = connected_one();
     drop(b);
     rig.fe_state(&v, 6);
     let _b2 = rig.started();
