@@ -3,12 +3,16 @@
 //! is the in-process simulation here (it holds the negotiated socket like the kernel does),
 //! plus the real netlink driver, which falls back to the socket path without the module.
 
+mod common;
+use common::image::aio_raw;
+use common::nbd::NoBackendKernel;
+use common::proc::wait_exited;
+
 use std::io::Read;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use blktap3::control::client::Client;
 use blktap3::control::msg::OpenRequest;
@@ -34,25 +38,14 @@ fn tapdev_target(dir: &Path, minor: u16) -> Option<std::path::PathBuf> {
     std::fs::read_link(tapdev_dir(dir).join(format!("tapdev{minor}"))).ok()
 }
 
-fn raw_image(dir: &Path, len: u64) -> (std::path::PathBuf, String) {
-    let p = dir.join("disk.raw");
-    std::fs::File::create(&p).unwrap().set_len(len).unwrap();
-    let params = format!("aio:{}", p.display());
-    (p, params)
-}
-
-/// Waits until `pid` has exited (a zombie counts: a daemonised tapdisk is reaped by init,
-/// which may take its time).
-fn wait_gone(pid: i32) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(5) {
-        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        if state.is_empty() || state.contains(") Z") {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
+/// SIGKILL `pid` and wait for it to exit.
+fn kill(pid: i32) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(wait_exited(pid));
 }
 
 fn tap_ctl(c: &Client, args: &[&str]) -> (i32, String, String) {
@@ -78,7 +71,8 @@ fn tap_ctl(c: &Client, args: &[&str]) -> (i32, String, String) {
 #[test]
 fn create_returns_dev_nbd_and_destroy_by_devname_disconnects() {
     let dir = tempfile::tempdir().unwrap();
-    let (img, params) = raw_image(dir.path(), 8 << 20);
+    let params = aio_raw(dir.path(), "disk.raw", 8 << 20);
+    let img = dir.path().join("disk.raw");
     let sim = Arc::new(SimKernelNbd::starting_at(3));
     let c = client(dir.path()).with_kernel_nbd(sim.clone());
 
@@ -131,7 +125,7 @@ fn create_returns_dev_nbd_and_destroy_by_devname_disconnects() {
     assert_eq!(st, 0, "{err}");
     assert_eq!(sim.calls().last(), Some(&SimCall::Disconnect(3)));
     assert!(sim.devices().is_empty());
-    assert!(wait_gone(created.pid));
+    assert!(wait_exited(created.pid));
     assert!(!sock.exists());
     // An unknown kernel device is ENOENT.
     let (st, _, _) = tap_ctl(&c, &["destroy", "-d", "/dev/nbd3"]);
@@ -141,7 +135,7 @@ fn create_returns_dev_nbd_and_destroy_by_devname_disconnects() {
 #[test]
 fn destroy_by_pid_and_minor_disconnects_the_device() {
     let dir = tempfile::tempdir().unwrap();
-    let (_, params) = raw_image(dir.path(), 1 << 20);
+    let params = aio_raw(dir.path(), "disk.raw", 1 << 20);
     let sim = Arc::new(SimKernelNbd::new());
     let c = client(dir.path()).with_kernel_nbd(sim.clone());
     let created = c.create(OpenRequest::new(0, params), None).unwrap();
@@ -150,13 +144,13 @@ fn destroy_by_pid_and_minor_disconnects_the_device() {
     let calls = sim.calls();
     assert_eq!(calls.len(), 2, "{calls:?}");
     assert_eq!(calls[1], SimCall::Disconnect(0));
-    assert!(wait_gone(created.pid));
+    assert!(wait_exited(created.pid));
 }
 
 #[test]
 fn refused_attach_falls_back_to_the_socket_path() {
     let dir = tempfile::tempdir().unwrap();
-    let (_, params) = raw_image(dir.path(), 1 << 20);
+    let params = aio_raw(dir.path(), "disk.raw", 1 << 20);
     let sim = Arc::new(SimKernelNbd::failing(libc::EBUSY));
     let c = client(dir.path()).with_kernel_nbd(sim.clone());
     let created = c.create(OpenRequest::new(0, params.clone()), None).unwrap();
@@ -168,7 +162,7 @@ fn refused_attach_falls_back_to_the_socket_path() {
     drop(nbd);
     c.destroy(created.pid, created.minor, false, None).unwrap();
     assert!(sim.calls().is_empty());
-    assert!(wait_gone(created.pid));
+    assert!(wait_exited(created.pid));
 
     // Kernel devices off: the socket path, and the driver is never asked.
     let c = client(dir.path()).without_kernel_nbd();
@@ -178,7 +172,7 @@ fn refused_attach_falls_back_to_the_socket_path() {
         nbd_socket_path(&dir.path().join("ctl"), created.pid, created.minor)
     );
     c.destroy(created.pid, created.minor, false, None).unwrap();
-    assert!(wait_gone(created.pid));
+    assert!(wait_exited(created.pid));
 }
 
 /// A pid that existed and is gone now (reaped), for backends that must look orphaned.
@@ -196,7 +190,7 @@ fn dead_pid() -> i32 {
 #[test]
 fn orphaned_devices_of_a_killed_tapdisk_are_reclaimed() {
     let dir = tempfile::tempdir().unwrap();
-    let (_, params) = raw_image(dir.path(), 1 << 20);
+    let params = aio_raw(dir.path(), "disk.raw", 1 << 20);
     let sim = Arc::new(SimKernelNbd::new());
     let c = client(dir.path()).with_kernel_nbd(sim.clone());
 
@@ -228,7 +222,7 @@ fn orphaned_devices_of_a_killed_tapdisk_are_reclaimed() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    assert!(wait_gone(first.pid));
+    assert!(wait_exited(first.pid));
     assert_eq!(c.nbd_device_of(first.pid, first.minor), Some(2));
 
     let second = c.create(OpenRequest::new(0, params), None).unwrap();
@@ -270,7 +264,7 @@ fn orphaned_devices_of_a_killed_tapdisk_are_reclaimed() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    assert!(wait_gone(second.pid));
+    assert!(wait_exited(second.pid));
     let (st, _, err) = tap_ctl(&c, &["destroy", "-d", "/dev/nbd2"]);
     assert_eq!(st, 0, "{err}");
     assert_eq!(sim.calls().last(), Some(&SimCall::Disconnect(2)));
@@ -286,7 +280,7 @@ fn orphaned_devices_of_a_killed_tapdisk_are_reclaimed() {
 #[test]
 fn real_driver_attaches_or_falls_back() {
     let dir = tempfile::tempdir().unwrap();
-    let (_, params) = raw_image(dir.path(), 1 << 20);
+    let params = aio_raw(dir.path(), "disk.raw", 1 << 20);
     let k = Netlink::new();
     let available = match k.family() {
         Err(KernelNbdError::NotAvailable) => false,
@@ -310,7 +304,7 @@ fn real_driver_attaches_or_falls_back() {
         assert_eq!(created.devname, sock);
     }
     c.destroy(created.pid, created.minor, false, None).unwrap();
-    assert!(wait_gone(created.pid));
+    assert!(wait_exited(created.pid));
     assert_eq!(c.nbd_device_of(created.pid, created.minor), None);
 }
 
@@ -320,7 +314,7 @@ fn real_driver_attaches_or_falls_back() {
 #[test]
 fn tapdev_link_follows_the_kernel_device() {
     let dir = tempfile::tempdir().unwrap();
-    let (_, params) = raw_image(dir.path(), 1 << 20);
+    let params = aio_raw(dir.path(), "disk.raw", 1 << 20);
     let sim = Arc::new(SimKernelNbd::starting_at(4));
     let c = client(dir.path()).with_kernel_nbd(sim.clone());
     assert!(!tapdev_dir(dir.path()).exists());
@@ -353,7 +347,7 @@ fn tapdev_link_follows_the_kernel_device() {
     assert_eq!(st, 0, "{err}");
     assert!(sim.calls().contains(&SimCall::Disconnect(4)));
     assert!(!link_a.exists() && tapdev_target(dir.path(), a.minor).is_none());
-    assert!(wait_gone(a.pid));
+    assert!(wait_exited(a.pid));
     assert_eq!(c.find_device(a.minor).unwrap_err().errno(), libc::ENOENT);
     assert!(tapdev_target(dir.path(), b.minor).is_some());
 
@@ -361,7 +355,7 @@ fn tapdev_link_follows_the_kernel_device() {
     let (st, _, err) = tap_ctl(&c, &["destroy", "-d", "/dev/nbd5"]);
     assert_eq!(st, 0, "{err}");
     assert!(tapdev_target(dir.path(), b.minor).is_none());
-    assert!(wait_gone(b.pid));
+    assert!(wait_exited(b.pid));
     let rest: Vec<_> = sim.devices();
     assert_eq!(rest.len(), 1, "{rest:?}");
     let (pid, minor) = c.vbd_of_nbd_device(6).unwrap();
@@ -371,7 +365,7 @@ fn tapdev_link_follows_the_kernel_device() {
     );
     c.destroy(pid, minor, false, None).unwrap();
     assert!(tapdev_target(dir.path(), minor).is_none());
-    assert!(wait_gone(pid));
+    assert!(wait_exited(pid));
     // Nothing is left in the link directory.
     assert_eq!(
         std::fs::read_dir(tapdev_dir(dir.path())).unwrap().count(),
@@ -384,7 +378,7 @@ fn tapdev_link_follows_the_kernel_device() {
 #[test]
 fn socket_only_vbds_get_no_tapdev_link() {
     let dir = tempfile::tempdir().unwrap();
-    let (_, params) = raw_image(dir.path(), 1 << 20);
+    let params = aio_raw(dir.path(), "disk.raw", 1 << 20);
     // A link left by an earlier user of minor 0 (e.g. a minor freed by hand).
     std::fs::create_dir_all(tapdev_dir(dir.path())).unwrap();
     std::os::unix::fs::symlink("/dev/nbd9", tapdev_dir(dir.path()).join("tapdev0")).unwrap();
@@ -405,7 +399,7 @@ fn socket_only_vbds_get_no_tapdev_link() {
         c.free(spare).unwrap();
         let (st, _, err) = tap_ctl(&c, &["destroy", "-d", "tapdev0"]);
         assert_eq!(st, 0, "{err}");
-        assert!(wait_gone(created.pid));
+        assert!(wait_exited(created.pid));
         assert_eq!(c.find_device(0).unwrap_err().errno(), libc::ENOENT);
     }
 }
@@ -416,17 +410,9 @@ fn socket_only_vbds_get_no_tapdev_link() {
 #[test]
 fn tapdev_links_of_killed_tapdisks_do_not_outlive_their_devices() {
     let dir = tempfile::tempdir().unwrap();
-    let (_, params) = raw_image(dir.path(), 1 << 20);
+    let params = aio_raw(dir.path(), "disk.raw", 1 << 20);
     let sim = Arc::new(SimKernelNbd::new());
     let c = client(dir.path()).with_kernel_nbd(sim.clone());
-    let kill = |pid: i32| {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .unwrap();
-        assert!(wait_gone(pid));
-    };
 
     let a = c.create(OpenRequest::new(0, params.clone()), None).unwrap();
     assert_eq!(a.devname, Path::new("/dev/nbd0"));
@@ -462,32 +448,11 @@ fn tapdev_links_of_killed_tapdisks_do_not_outlive_their_devices() {
     // ... and the live one is untouched.
     assert_eq!(c.find_device(d.minor).unwrap(), Path::new("/dev/nbd0"));
     c.destroy(d.pid, d.minor, false, None).unwrap();
-    assert!(wait_gone(d.pid));
+    assert!(wait_exited(d.pid));
     assert_eq!(
         std::fs::read_dir(tapdev_dir(dir.path())).unwrap().count(),
         0
     );
-}
-
-/// A kernel NBD driver from before the backend identifier (Linux < 5.14, e.g. OpenXT 8's
-/// 4.14): it connects and disconnects, but no device reports a backend.
-#[derive(Debug)]
-struct NoBackendKernel(Arc<SimKernelNbd>);
-
-impl KernelNbd for NoBackendKernel {
-    fn connect(
-        &self,
-        sock: std::os::fd::BorrowedFd<'_>,
-        cfg: &blktap3::nbd::kernel::ConnectConfig<'_>,
-    ) -> blktap3::nbd::kernel::Result<u32> {
-        self.0.connect(sock, cfg)
-    }
-    fn disconnect(&self, index: u32) -> blktap3::nbd::kernel::Result<()> {
-        self.0.disconnect(index)
-    }
-    fn devices(&self) -> Vec<(u32, String)> {
-        Vec::new()
-    }
 }
 
 /// Without backend identifiers the tapdev links are the record of which device serves
@@ -496,17 +461,9 @@ impl KernelNbd for NoBackendKernel {
 #[test]
 fn tapdev_links_stand_in_for_missing_backend_identifiers() {
     let dir = tempfile::tempdir().unwrap();
-    let (_, params) = raw_image(dir.path(), 1 << 20);
+    let params = aio_raw(dir.path(), "disk.raw", 1 << 20);
     let sim = Arc::new(SimKernelNbd::new());
     let c = client(dir.path()).with_kernel_nbd(Arc::new(NoBackendKernel(sim.clone())));
-    let kill = |pid: i32| {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .unwrap();
-        assert!(wait_gone(pid));
-    };
     let connected = || -> Vec<u32> { sim.devices().into_iter().map(|(i, _)| i).collect() };
 
     let a = c.create(OpenRequest::new(0, params.clone()), None).unwrap();
@@ -525,7 +482,7 @@ fn tapdev_links_stand_in_for_missing_backend_identifiers() {
     assert_eq!(st, 0, "{err}");
     assert_eq!(sim.calls().last(), Some(&SimCall::Disconnect(1)));
     assert_eq!(tapdev_target(dir.path(), b.minor), None);
-    assert!(wait_gone(b.pid));
+    assert!(wait_exited(b.pid));
 
     // A killed tapdisk: the next create reclaims its device through the link.
     kill(a.pid);

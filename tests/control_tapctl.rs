@@ -6,11 +6,15 @@
 //! after its last VBD is detached. Otherwise it runs the tests, pointing `BLKTAP_TAPDISK` at
 //! itself.
 
+mod common;
+use common::cmd::tap_ctl;
+use common::proc::{alive, wait_gone};
+
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -234,10 +238,8 @@ impl Env {
         self.tap_ctl_stdin(args, &[])
     }
     fn tap_ctl_stdin(&self, args: &[&str], stdin: &[u8]) -> Out {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tap-ctl"))
+        let mut child = tap_ctl(self.path(), std::env::current_exe().unwrap())
             .args(args)
-            .env("BLKTAP_CONTROL_DIR", self.path())
-            .env("BLKTAP_TAPDISK", std::env::current_exe().unwrap())
             .env("FAKE_TAPDISK", "1")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -268,20 +270,6 @@ impl Env {
     }
 }
 
-fn alive(pid: i32) -> bool {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
-}
-
-fn wait_gone(pid: i32) -> bool {
-    for _ in 0..200 {
-        if !alive(pid) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    false
-}
-
 fn test_spawn_and_list_pid_only() {
     let env = Env::new();
     let out = env.ok(&["spawn"]);
@@ -297,7 +285,7 @@ fn test_spawn_and_list_pid_only() {
     assert_eq!(o.status, libc::ENOENT);
     assert_eq!(o.stderr, "No such file or directory\n");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGTERM).unwrap();
-    assert!(wait_gone(pid));
+    assert!(wait_gone(pid, Duration::from_secs(2)));
 }
 
 fn test_create_list_stats_pause_destroy() {
@@ -394,7 +382,10 @@ fn test_create_list_stats_pause_destroy() {
     env.ok(&["detach", "-p", &p, "-m", &m2.to_string()]);
     env.ok(&["free", "-m", &m2.to_string()]);
     env.ok(&["destroy", "-p", &p, "-m", "0", "-t", "5"]);
-    assert!(wait_gone(pid), "tapdisk exits after its last detach");
+    assert!(
+        wait_gone(pid, Duration::from_secs(2)),
+        "tapdisk exits after its last detach"
+    );
     assert!(!minors::marker_path(env.path(), 0).exists());
     assert_eq!(env.ok(&["list"]), "");
 }
@@ -431,7 +422,7 @@ fn test_destroy_by_devname() {
     let dev = dev.trim().to_string();
     let pid = Client::with_dir(env.path()).tapdisks().unwrap()[0];
     env.ok(&["destroy", "-d", &dev]);
-    assert!(wait_gone(pid));
+    assert!(wait_gone(pid, Duration::from_secs(2)));
     assert_eq!(env.ok(&["list"]), "");
 }
 

@@ -3,24 +3,13 @@
 //! numbers and request sizes, and the `openssl` CLI's AES-ECB (the tweak arithmetic done
 //! here, as the OpenXT vectors were produced).
 
+mod common;
+use common::data::Rng;
+
 use aes::cipher::KeyInit;
 use blktap3::image::crypto::{to_hex, XtsCipher, CHUNK_SECTORS};
 use std::io::Write;
 use std::process::{Command, Stdio};
-
-/// xorshift64*: deterministic test data.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-}
 
 fn plain_tweak(lba: u64) -> aes::Block {
     let mut t = [0u8; 16];

@@ -2,6 +2,10 @@
 //! by hand-made bad requests. Each test starts `tapdisk -D --open aio:<image>` in a private
 //! control directory.
 
+mod common;
+use common::cmd::{qemu_io, run_ok};
+use common::data::XorShift64;
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -28,15 +32,8 @@ fn have(tool: &str) -> bool {
 
 /// Deterministic pseudo-random bytes.
 fn pattern(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    let mut x = XorShift64(seed | 1);
+    (0..n).map(|_| x.next() as u8).collect()
 }
 
 impl Td {
@@ -55,17 +52,19 @@ impl Td {
     fn start_vhd(image_len: usize) -> Td {
         let dir = tempfile::tempdir().unwrap();
         let image = dir.path().join("disk.vhd");
-        run(Command::new("qemu-img")
-            .args([
-                "create",
-                "-q",
-                "-f",
-                "vpc",
-                "-o",
-                "subformat=dynamic,force_size=on",
-            ])
-            .arg(&image)
-            .arg(image_len.to_string()));
+        run_ok(
+            Command::new("qemu-img")
+                .args([
+                    "create",
+                    "-q",
+                    "-f",
+                    "vpc",
+                    "-o",
+                    "subformat=dynamic,force_size=on",
+                ])
+                .arg(&image)
+                .arg(image_len.to_string()),
+        );
         Td::serve(dir, image, "vhd", false)
     }
 
@@ -135,19 +134,41 @@ impl Drop for Td {
     }
 }
 
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+/// Copies `src` into the export and the export back out to `out.raw` with qemu-img; returns
+/// the copy's path.
+fn qemu_img_roundtrip(td: &Td, src: &Path) -> PathBuf {
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+            .arg(src)
+            .arg(td.uri()),
     );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    qemu_img_out(td, "out.raw")
+}
+
+/// Copies the export out to `name` in the test's directory with qemu-img; returns its path.
+fn qemu_img_out(td: &Td, name: &str) -> PathBuf {
+    let out = td.dir.path().join(name);
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "raw"])
+            .arg(td.uri())
+            .arg(&out),
+    );
+    out
+}
+
+/// Whether one of `tools` is not installed (then the test is skipped, and says so).
+fn missing(tools: &[&str]) -> bool {
+    let absent: Vec<&str> = tools.iter().copied().filter(|t| !have(t)).collect();
+    if !absent.is_empty() {
+        eprintln!("skipped: {} not installed", absent.join(", "));
+    }
+    !absent.is_empty()
 }
 
 fn sha256_file(p: &Path) -> String {
-    run(Command::new("sha256sum").arg(p))
+    run_ok(Command::new("sha256sum").arg(p))
         .split_whitespace()
         .next()
         .unwrap()
@@ -156,22 +177,13 @@ fn sha256_file(p: &Path) -> String {
 
 #[test]
 fn qemu_img_convert_in_and_out_roundtrips() {
-    if !have("qemu-img") {
-        eprintln!("skipped: qemu-img not installed");
+    if missing(&["qemu-img"]) {
         return;
     }
     let td = Td::start(8 << 20, None, false);
     let src = td.dir.path().join("src.raw");
     std::fs::write(&src, pattern(8 << 20, 7)).unwrap();
-    run(Command::new("qemu-img")
-        .args(["convert", "-n", "-f", "raw", "-O", "raw"])
-        .arg(&src)
-        .arg(td.uri()));
-    let out = td.dir.path().join("out.raw");
-    run(Command::new("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "raw"])
-        .arg(td.uri())
-        .arg(&out));
+    let out = qemu_img_roundtrip(&td, &src);
     let want = std::fs::read(&src).unwrap();
     assert!(std::fs::read(&out).unwrap() == want, "read back differs");
     assert!(std::fs::read(&td.image).unwrap() == want, "image differs");
@@ -179,34 +191,27 @@ fn qemu_img_convert_in_and_out_roundtrips() {
 
 #[test]
 fn qemu_io_pattern_write_read_and_nbdinfo() {
-    if !have("qemu-io") || !have("nbdinfo") {
-        eprintln!("skipped: qemu-io/nbdinfo not installed");
+    if missing(&["qemu-io", "nbdinfo"]) {
         return;
     }
     let td = Td::start(16 << 20, None, false);
-    let out = run(Command::new("qemu-io").args([
-        "-f",
-        "raw",
+    let out = run_ok(&mut qemu_io(
         &td.uri(),
-        "-c",
-        "write -P 0xab 0 1M",
-        "-c",
-        "read -P 0xab 0 1M",
-        "-c",
-        "write -P 0xcd 3M 64k",
-        "-c",
-        "read -P 0xcd 3M 64k",
-        "-c",
-        "read -P 0 2M 512",
-        "-c",
-        "flush",
-    ]));
+        &[
+            "write -P 0xab 0 1M",
+            "read -P 0xab 0 1M",
+            "write -P 0xcd 3M 64k",
+            "read -P 0xcd 3M 64k",
+            "read -P 0 2M 512",
+            "flush",
+        ],
+    ));
     assert!(!out.contains("Pattern verification failed"), "{out}");
     let img = std::fs::read(&td.image).unwrap();
     assert!(img[..1 << 20].iter().all(|b| *b == 0xab));
     assert!(img[3 << 20..(3 << 20) + 65536].iter().all(|b| *b == 0xcd));
 
-    let info = run(Command::new("nbdinfo").arg(td.uri()));
+    let info = run_ok(Command::new("nbdinfo").arg(td.uri()));
     assert!(info.contains("export-size: 16777216"), "{info}");
     for flag in [
         "can_flush: true",
@@ -223,28 +228,22 @@ fn qemu_io_pattern_write_read_and_nbdinfo() {
 
 #[test]
 fn vhd_export_roundtrips_and_maps_allocation() {
-    if !have("qemu-img") || !have("qemu-io") || !have("nbdinfo") {
-        eprintln!("skipped: qemu tools/nbdinfo not installed");
+    if missing(&["qemu-img", "qemu-io", "nbdinfo"]) {
         return;
     }
     let mut td = Td::start_vhd(16 << 20);
-    let out = run(Command::new("qemu-io").args([
-        "-f",
-        "raw",
+    let out = run_ok(&mut qemu_io(
         &td.uri(),
-        "-c",
-        "write -P 0xab 0 1M",
-        "-c",
-        "write -P 0xcd 6M 64k",
-        "-c",
-        "read -P 0xab 0 1M",
-        "-c",
-        "read -P 0xcd 6M 64k",
-        "-c",
-        "read -P 0 4M 512",
-    ]));
+        &[
+            "write -P 0xab 0 1M",
+            "write -P 0xcd 6M 64k",
+            "read -P 0xab 0 1M",
+            "read -P 0xcd 6M 64k",
+            "read -P 0 4M 512",
+        ],
+    ));
     assert!(!out.contains("Pattern verification failed"), "{out}");
-    let map = run(Command::new("nbdinfo").arg("--map").arg(td.uri()));
+    let map = run_ok(Command::new("nbdinfo").arg("--map").arg(td.uri()));
     let lines: Vec<Vec<String>> = map
         .lines()
         .map(|l| l.split_whitespace().map(String::from).collect())
@@ -257,45 +256,37 @@ fn vhd_export_roundtrips_and_maps_allocation() {
     // Whole-image copy in and out with qemu-img, then qemu-img compare on the VHD itself.
     let src = td.dir.path().join("src.raw");
     std::fs::write(&src, pattern(16 << 20, 3)).unwrap();
-    run(Command::new("qemu-img")
-        .args(["convert", "-n", "-f", "raw", "-O", "raw"])
-        .arg(&src)
-        .arg(td.uri()));
-    let out = td.dir.path().join("out.raw");
-    run(Command::new("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "raw"])
-        .arg(td.uri())
-        .arg(&out));
+    let out = qemu_img_roundtrip(&td, &src);
     assert!(std::fs::read(&out).unwrap() == std::fs::read(&src).unwrap());
     td.child_stop().unwrap();
-    run(Command::new("qemu-img")
-        .args(["compare", "-f", "raw", "-F", "vpc"])
-        .arg(&src)
-        .arg(&td.image));
+    run_ok(
+        Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "vpc"])
+            .arg(&src)
+            .arg(&td.image),
+    );
 }
 
 #[test]
 fn nbdcopy_whole_export_matches_file_sha256() {
-    if !have("nbdcopy") {
-        eprintln!("skipped: nbdcopy not installed");
+    if missing(&["nbdcopy"]) {
         return;
     }
     let data = pattern(24 << 20, 99);
     let td = Td::start(data.len(), Some(&data), false);
     let out = td.dir.path().join("copy.raw");
-    run(Command::new("nbdcopy").arg(td.uri()).arg(&out));
+    run_ok(Command::new("nbdcopy").arg(td.uri()).arg(&out));
     assert_eq!(sha256_file(&out), sha256_file(&td.image));
     // And the other way: nbdcopy into the export, then compare.
     let src = td.dir.path().join("src2.raw");
     std::fs::write(&src, pattern(24 << 20, 5)).unwrap();
-    run(Command::new("nbdcopy").arg(&src).arg(td.uri()));
+    run_ok(Command::new("nbdcopy").arg(&src).arg(td.uri()));
     assert_eq!(sha256_file(&src), sha256_file(&td.image));
 }
 
 #[test]
 fn concurrent_clients_write_disjoint_regions() {
-    if !have("qemu-io") {
-        eprintln!("skipped: qemu-io not installed");
+    if missing(&["qemu-io"]) {
         return;
     }
     let td = Td::start(16 << 20, None, false);
@@ -306,19 +297,15 @@ fn concurrent_clients_write_disjoint_regions() {
             std::thread::spawn(move || {
                 let off = format!("{}M", i * 4);
                 let pat = format!("0x{:x}", 0x10 + i);
-                run(Command::new("qemu-io").args([
-                    "-f",
-                    "raw",
+                run_ok(&mut qemu_io(
                     &uri,
-                    "-c",
-                    &format!("aio_write -P {pat} {off} 2M"),
-                    "-c",
-                    &format!("aio_write -P {pat} {}M 2M", i * 4 + 2),
-                    "-c",
-                    "aio_flush",
-                    "-c",
-                    &format!("read -P {pat} {off} 4M"),
-                ]))
+                    &[
+                        &format!("aio_write -P {pat} {off} 2M"),
+                        &format!("aio_write -P {pat} {}M 2M", i * 4 + 2),
+                        "aio_flush",
+                        &format!("read -P {pat} {off} 4M"),
+                    ],
+                ))
             })
         })
         .collect();
@@ -336,17 +323,13 @@ fn concurrent_clients_write_disjoint_regions() {
 
 #[test]
 fn read_only_export_refuses_writes() {
-    if !have("qemu-io") || !have("nbdinfo") {
-        eprintln!("skipped: qemu-io/nbdinfo not installed");
+    if missing(&["qemu-io", "nbdinfo"]) {
         return;
     }
     let td = Td::start(4 << 20, Some(&[0x5a; 4 << 20]), true);
-    let info = run(Command::new("nbdinfo").arg(td.uri()));
+    let info = run_ok(Command::new("nbdinfo").arg(td.uri()));
     assert!(info.contains("is_read_only: true"), "{info}");
-    let out = Command::new("qemu-io")
-        .args(["-f", "raw", &td.uri(), "-c", "write -P 1 0 4k"])
-        .output()
-        .unwrap();
+    let out = qemu_io(&td.uri(), &["write -P 1 0 4k"]).output().unwrap();
     let text =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(!text.contains("wrote 4096"), "{text}");
@@ -459,8 +442,7 @@ fn bad_requests_get_errors_and_the_daemon_keeps_serving() {
 
 #[test]
 fn qemu_img_convert_keeps_a_vhd_export_sparse() {
-    if !have("qemu-img") || !have("nbdinfo") {
-        eprintln!("skipped: qemu-img/nbdinfo not installed");
+    if missing(&["qemu-img", "nbdinfo"]) {
         return;
     }
     let td = Td::start_vhd(16 << 20);
@@ -469,11 +451,13 @@ fn qemu_img_convert_keeps_a_vhd_export_sparse() {
     data.resize(16 << 20, 0);
     std::fs::write(&src, &data).unwrap();
     // -n: the target is not known to be zero, so qemu-img sends WRITE_ZEROES for the rest.
-    run(Command::new("qemu-img")
-        .args(["convert", "-n", "-f", "raw", "-O", "raw"])
-        .arg(&src)
-        .arg(td.uri()));
-    let map = run(Command::new("nbdinfo").arg("--map").arg(td.uri()));
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+            .arg(&src)
+            .arg(td.uri()),
+    );
+    let map = run_ok(Command::new("nbdinfo").arg("--map").arg(td.uri()));
     let lines: Vec<Vec<String>> = map
         .lines()
         .map(|l| l.split_whitespace().map(String::from).collect())
@@ -481,11 +465,7 @@ fn qemu_img_convert_keeps_a_vhd_export_sparse() {
     assert_eq!(lines.len(), 2, "{map}");
     assert_eq!(lines[0][..3], ["0", "1048576", "0"], "{map}");
     assert_eq!(lines[1][2], "3", "{map}");
-    let out = td.dir.path().join("back.raw");
-    run(Command::new("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "raw"])
-        .arg(td.uri())
-        .arg(&out));
+    let out = qemu_img_out(&td, "back.raw");
     assert!(std::fs::read(&out).unwrap() == data);
 }
 
@@ -526,7 +506,7 @@ fn a_client_that_never_reads_does_not_stall_others() {
         }
     }
     if have("nbdinfo") {
-        let list = run(Command::new("nbdinfo").arg("--list").arg(td.uri()));
+        let list = run_ok(Command::new("nbdinfo").arg("--list").arg(td.uri()));
         assert!(list.contains("export=\"\""), "{list}");
     }
 }

@@ -5,6 +5,11 @@
 //! support checks", exit 63), so the peer check is `qemu-img info` (full open and header
 //! parse) plus `qemu-img compare` against the raw data written.
 
+mod common;
+use common::cmd::success;
+use common::data::XorShift64;
+use common::image::{create_fixed, rw_prealloc};
+
 use std::path::Path;
 use std::process::Command;
 
@@ -20,22 +25,7 @@ fn run(cmd: &str, args: &[&str]) -> std::process::Output {
 }
 
 fn ok(cmd: &str, args: &[&str]) -> String {
-    let out = run(cmd, args);
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn rw() -> OpenOptions {
-    OpenOptions {
-        read_only: false,
-        prealloc_blocks: 3,
-        ..Default::default()
-    }
+    success(format_args!("{cmd} {args:?}"), &run(cmd, args))
 }
 
 fn s(p: &Path) -> &str {
@@ -45,11 +35,9 @@ fn s(p: &Path) -> &str {
 /// Write a deterministic scatter of data through the engine and into a raw mirror.
 fn scatter(img: &dyn Image, raw: &mut [u8]) {
     let size = img.info().size_sectors;
-    let mut x: u64 = 0x9e3779b97f4a7c15;
+    let mut rng = XorShift64(0x9e3779b97f4a7c15);
     for i in 0..40u64 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
+        let x = rng.next();
         let n = 1 + (x % 64);
         let sec = (x >> 20) % (size - n);
         let buf: Vec<u8> = (0..n * 512)
@@ -87,17 +75,23 @@ fn check_against_qemu(vhd: &Path, raw: &[u8], dir: &Path) {
     );
 }
 
+/// Writes scattered data into our image at `p` (of `size` bytes) and checks qemu reads the
+/// same.
+fn scatter_and_check(p: &Path, size: u64, dir: &Path) {
+    let img = open_vhd_chain(p, &rw_prealloc(3)).unwrap();
+    let mut raw = vec![0u8; size as usize];
+    scatter(&img, &mut raw);
+    img.close().unwrap();
+    check_against_qemu(p, &raw, dir);
+}
+
 #[test]
 fn our_dynamic_vhd_reads_back_in_qemu() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("d.vhd");
     let size = 37u64 << 20; // not a multiple of the block size
     create(&p, &CreateOptions::dynamic(size)).unwrap();
-    let img = open_vhd_chain(&p, &rw()).unwrap();
-    let mut raw = vec![0u8; size as usize];
-    scatter(&img, &mut raw);
-    img.close().unwrap();
-    check_against_qemu(&p, &raw, d.path());
+    scatter_and_check(&p, size, d.path());
 }
 
 #[test]
@@ -115,11 +109,7 @@ fn our_small_block_and_presized_vhd_reads_back_in_qemu() {
         },
     )
     .unwrap();
-    let img = open_vhd_chain(&p, &rw()).unwrap();
-    let mut raw = vec![0u8; size as usize];
-    scatter(&img, &mut raw);
-    img.close().unwrap();
-    check_against_qemu(&p, &raw, d.path());
+    scatter_and_check(&p, size, d.path());
 }
 
 #[test]
@@ -127,21 +117,8 @@ fn our_fixed_vhd_reads_back_in_qemu() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("f.vhd");
     let size = 6u64 << 20;
-    create(
-        &p,
-        &CreateOptions {
-            size,
-            fixed: true,
-            block_size: 0,
-            max_size: None,
-        },
-    )
-    .unwrap();
-    let img = open_vhd_chain(&p, &rw()).unwrap();
-    let mut raw = vec![0u8; size as usize];
-    scatter(&img, &mut raw);
-    img.close().unwrap();
-    check_against_qemu(&p, &raw, d.path());
+    create_fixed(&p, size);
+    scatter_and_check(&p, size, d.path());
 }
 
 fn qemu_made(d: &Path, name: &str, fixed: bool) -> std::path::PathBuf {
@@ -190,7 +167,7 @@ fn qemu_fixed_vhd_reads_in_our_engine() {
 fn our_writes_into_qemu_vhd_read_back_in_qemu() {
     let d = tempfile::tempdir().unwrap();
     let p = qemu_made(d.path(), "q.vhd", false);
-    let img = open_vhd_chain(&p, &rw()).unwrap();
+    let img = open_vhd_chain(&p, &rw_prealloc(3)).unwrap();
     let n = img.info().size_sectors;
     let mut raw = vec![0u8; (n * 512) as usize];
     img.read(0, &mut raw).unwrap();

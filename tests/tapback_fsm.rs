@@ -1,6 +1,6 @@
 //! tapback's state machine over the in-memory xenstore with fake tapdisks.
 
-mod tapback_common;
+mod common;
 
 use std::time::{Duration, Instant};
 
@@ -11,7 +11,7 @@ use blktap3::control::msg::BlkifProto;
 use blktap3::tapback::{BackendConfig, MAX_RING_ORDER};
 use blktap3::xen::xenstore::{Access, Perm, Tx, XenStore};
 use blktap3::xen::DomId;
-use tapback_common::*;
+use common::tapback::*;
 
 const PID: i32 = 4242;
 
@@ -28,8 +28,14 @@ fn one() -> (Rig, Vbd, TestBackend) {
     let rig = Rig::new();
     rig.tap.add_vbd(PID, 3, "vhd:/images/a.vhd", 2048);
     let v = rig.add_vbd(5, 51712, PID, 3);
-    let mut b = rig.backend(BackendConfig::default());
-    pump(&mut b);
+    let b = rig.started();
+    (rig, v, b)
+}
+
+/// `one()` with the frontend connected (ring ref 100, port 7).
+fn connected_one() -> (Rig, Vbd, TestBackend) {
+    let (rig, v, mut b) = one();
+    connected(&rig, &v, &mut b, 100, 7);
     (rig, v, b)
 }
 
@@ -37,6 +43,21 @@ fn connected(rig: &Rig, v: &Vbd, b: &mut TestBackend, gref: u32, port: u32) {
     rig.fe_publish(v, gref, port);
     pump(b);
     assert_eq!(rig.bstate(v).as_deref(), Some("4"), "{:?}", status(b, v));
+}
+
+/// The frontend moves to state `fe`; after a pump the backend's state is `want`.
+fn fe_step(rig: &Rig, v: &Vbd, b: &mut TestBackend, fe: u32, want: &str) {
+    rig.fe_state(v, fe);
+    pump(b);
+    assert_eq!(rig.bstate(v).as_deref(), Some(want), "{:?}", status(b, v));
+}
+
+/// Starts a backend and connects `v` (domain 5, device 1) to it; the (pid, minor) of the
+/// tapdisk that got the ring.
+fn ring_owner(rig: &Rig, v: &Vbd) -> Option<(i32, u16)> {
+    let mut b = rig.started();
+    connected(rig, v, &mut b, 1, 2);
+    rig.tap.ring(5, 1).map(|r| (r.0, r.1))
 }
 
 #[test]
@@ -296,9 +317,7 @@ fn order_out_of_range_fails_the_device_then_recovers_after_reset() {
     // The frontend closes and starts over with good values.
     rig.fe_state(&v, 5);
     pump(&mut b);
-    rig.fe_state(&v, 6);
-    pump(&mut b);
-    assert_eq!(rig.bstate(&v).as_deref(), Some("6"));
+    fe_step(&rig, &v, &mut b, 6, "6");
     rig.fe_write(&v, &[("ring-page-order", "0"), ("state", "1")]);
     pump(&mut b);
     assert_eq!(rig.bstate(&v).as_deref(), Some("2"));
@@ -534,18 +553,13 @@ fn tapdisk_refusing_the_ring_fails_the_device() {
 
 #[test]
 fn guest_reboot_reconnects_with_new_ring() {
-    let (rig, v, mut b) = one();
-    connected(&rig, &v, &mut b, 100, 7);
-    rig.fe_state(&v, 5);
-    pump(&mut b);
-    assert_eq!(rig.bstate(&v).as_deref(), Some("5"));
+    let (rig, v, mut b) = connected_one();
+    fe_step(&rig, &v, &mut b, 5, "5");
     assert!(
         rig.tap.disconnects().is_empty(),
         "disconnect waits for Closed"
     );
-    rig.fe_state(&v, 6);
-    pump(&mut b);
-    assert_eq!(rig.bstate(&v).as_deref(), Some("6"));
+    fe_step(&rig, &v, &mut b, 6, "6");
     assert_eq!(
         rig.tap.disconnects(),
         vec![Call::Disconnect {
@@ -557,9 +571,7 @@ fn guest_reboot_reconnects_with_new_ring() {
     );
     assert!(status(&b, &v).ring.is_none());
     // Reboot: Initialising → InitWait → Connected with the new refs.
-    rig.fe_state(&v, 1);
-    pump(&mut b);
-    assert_eq!(rig.bstate(&v).as_deref(), Some("2"));
+    fe_step(&rig, &v, &mut b, 1, "2");
     connected(&rig, &v, &mut b, 200, 8);
     let (_, _, blkif) = rig.tap.ring(5, 51712).unwrap();
     assert_eq!(blkif.ring_refs(), &[200]);
@@ -569,11 +581,8 @@ fn guest_reboot_reconnects_with_new_ring() {
 
 #[test]
 fn frontend_reset_without_closing_drops_the_stale_ring() {
-    let (rig, v, mut b) = one();
-    connected(&rig, &v, &mut b, 100, 7);
-    rig.fe_state(&v, 1);
-    pump(&mut b);
-    assert_eq!(rig.bstate(&v).as_deref(), Some("2"));
+    let (rig, v, mut b) = connected_one();
+    fe_step(&rig, &v, &mut b, 1, "2");
     assert_eq!(rig.tap.disconnects().len(), 1);
     connected(&rig, &v, &mut b, 300, 9);
     assert_eq!(rig.tap.ring(5, 51712).unwrap().2.ring_refs(), &[300]);
@@ -628,8 +637,7 @@ fn frontend_absent_at_creation_is_waited_for() {
     rig.tap.add_vbd(PID, 3, "vhd:/a", 10);
     let v = rig.add_vbd(5, 1, PID, 3);
     rig.dom0.rm(Tx::NONE, &v.fpath).unwrap();
-    let mut b = rig.backend(BackendConfig::default());
-    pump(&mut b);
+    let mut b = rig.started();
     assert!(
         rig.read(&v.bpath).is_some(),
         "not removed: frontend never seen"
@@ -693,8 +701,7 @@ fn online_zero_blocks_connect_and_initwait() {
     rig.tap.add_vbd(PID, 3, "vhd:/a", 10);
     let v = rig.add_vbd(5, 1, PID, 3);
     rig.wb(&v, "online", "0");
-    let mut b = rig.backend(BackendConfig::default());
-    pump(&mut b);
+    let mut b = rig.started();
     assert_eq!(rig.bstate(&v).as_deref(), Some("1"));
     rig.fe_publish(&v, 1, 2);
     pump(&mut b);
@@ -708,8 +715,7 @@ fn online_zero_blocks_connect_and_initwait() {
 fn tapdisk_located_later_and_in_any_order() {
     let rig = Rig::new();
     let v = rig.add_vbd_bare(5, 768);
-    let mut b = rig.backend(BackendConfig::default());
-    pump(&mut b);
+    let mut b = rig.started();
     rig.fe_publish(&v, 1, 2);
     pump(&mut b);
     let st = status(&b, &v);
@@ -734,20 +740,14 @@ fn physical_device_path_wins_and_is_verified() {
     rig.tap.add_vbd(20, 2, "vhd:/a", 10);
     let v = rig.add_vbd(5, 1, 20, 2);
     rig.wb(&v, "tapdisk-params", "vhd:/a");
-    let mut b = rig.backend(BackendConfig::default());
-    pump(&mut b);
-    connected(&rig, &v, &mut b, 1, 2);
-    assert_eq!(rig.tap.ring(5, 1).map(|r| (r.0, r.1)), Some((20, 2)));
+    assert_eq!(ring_owner(&rig, &v), Some((20, 2)));
 
     // physical-device-path naming a minor the tapdisk does not serve falls back.
     let rig = Rig::new();
     rig.tap.add_vbd(10, 1, "vhd:/a", 10);
     let v = rig.add_vbd(5, 1, 10, 9);
     rig.wb(&v, "tapdisk-params", "vhd:/a");
-    let mut b = rig.backend(BackendConfig::default());
-    pump(&mut b);
-    connected(&rig, &v, &mut b, 1, 2);
-    assert_eq!(rig.tap.ring(5, 1).map(|r| (r.0, r.1)), Some((10, 1)));
+    assert_eq!(ring_owner(&rig, &v), Some((10, 1)));
 }
 
 #[test]
@@ -760,16 +760,12 @@ fn physical_device_nbd_major_resolves_through_the_host() {
         .insert((43, 0x20), "/run/blktap-control/nbd33.4".to_owned());
     let v = rig.add_vbd_bare(5, 1);
     rig.wb(&v, "physical-device", "2b:20");
-    let mut b = rig.backend(BackendConfig::default());
-    pump(&mut b);
-    connected(&rig, &v, &mut b, 1, 2);
-    assert_eq!(rig.tap.ring(5, 1).map(|r| (r.0, r.1)), Some((33, 4)));
+    assert_eq!(ring_owner(&rig, &v), Some((33, 4)));
 }
 
 #[test]
 fn restart_reconnects_idempotently() {
-    let (rig, v, mut b) = one();
-    connected(&rig, &v, &mut b, 100, 7);
+    let (rig, v, mut b) = connected_one();
     rig.fe_state(&v, 4);
     pump(&mut b);
     drop(b); // killed: nothing is torn down
@@ -784,8 +780,7 @@ fn restart_reconnects_idempotently() {
         "the registration event"
     );
 
-    let mut b2 = rig.backend(BackendConfig::default());
-    pump(&mut b2);
+    let mut b2 = rig.started();
     let events = fe.take_watch_events().unwrap();
     assert!(events.is_empty(), "backend state rewritten: {events:?}");
     let st = status(&b2, &v);
@@ -807,23 +802,19 @@ fn restart_reconnects_idempotently() {
     // And the restarted instance still handles the teardown.
     rig.fe_state(&v, 5);
     pump(&mut b2);
-    rig.fe_state(&v, 6);
-    pump(&mut b2);
-    assert_eq!(rig.bstate(&v).as_deref(), Some("6"));
+    fe_step(&rig, &v, &mut b2, 6, "6");
     assert!(rig.tap.ring(5, 51712).is_none());
 }
 
 #[test]
 fn restart_while_frontend_republished_replaces_the_stale_ring() {
-    let (rig, v, mut b) = one();
-    connected(&rig, &v, &mut b, 100, 7);
+    let (rig, v, b) = connected_one();
     drop(b);
     // While tapback was away the guest rebooted and published a new ring.
     rig.fe_state(&v, 6);
     rig.fe_state(&v, 1);
     rig.fe_publish(&v, 555, 12);
-    let mut b2 = rig.backend(BackendConfig::default());
-    pump(&mut b2);
+    let _b2 = rig.started();
     assert_eq!(rig.bstate(&v).as_deref(), Some("4"));
     assert_eq!(rig.tap.disconnects().len(), 1);
     let (_, _, blkif) = rig.tap.ring(5, 51712).unwrap();
@@ -832,12 +823,10 @@ fn restart_while_frontend_republished_replaces_the_stale_ring() {
 
 #[test]
 fn restart_with_frontend_closed_drops_a_left_over_ring() {
-    let (rig, v, mut b) = one();
-    connected(&rig, &v, &mut b, 100, 7);
+    let (rig, v, b) = connected_one();
     drop(b);
     rig.fe_state(&v, 6);
-    let mut b2 = rig.backend(BackendConfig::default());
-    pump(&mut b2);
+    let _b2 = rig.started();
     assert_eq!(rig.bstate(&v).as_deref(), Some("6"));
     assert!(rig.tap.ring(5, 51712).is_none());
 }
@@ -855,8 +844,7 @@ fn many_devices_and_domains() {
             .add_vbd(pid, i as u16, &format!("vhd:/d{i}"), 10 + i as u64);
         vs.push((rig.add_vbd(dom, devid, pid, i as u16), pid));
     }
-    let mut b = rig.backend(BackendConfig::default());
-    pump(&mut b);
+    let mut b = rig.started();
     assert_eq!(b.devices().len(), 4);
     for (i, (v, _)) in vs.iter().enumerate() {
         rig.fe_publish(v, 1000 + i as u32, 50 + i as u32);
@@ -993,13 +981,9 @@ fn chown_tree(rig: &Rig, path: &str, perms: &[Perm]) {
 fn reconfiguring_is_logged_and_ignored() {
     let (rig, v, mut b) = one();
     connected(&rig, &v, &mut b, 1, 2);
-    rig.fe_state(&v, 7);
-    pump(&mut b);
-    assert_eq!(rig.bstate(&v).as_deref(), Some("4"));
+    fe_step(&rig, &v, &mut b, 7, "4");
     assert!(status(&b, &v).ring.is_some());
-    rig.fe_state(&v, 42);
-    pump(&mut b);
-    assert_eq!(rig.bstate(&v).as_deref(), Some("4"));
+    fe_step(&rig, &v, &mut b, 42, "4");
 }
 
 #[test]
@@ -1036,8 +1020,7 @@ fn garbage_directory_entries_are_ignored() {
     rig.dom0
         .write(Tx::NONE, "/local/domain/0/backend/vbd3/70000/1/state", b"1")
         .unwrap();
-    let mut b = rig.backend(BackendConfig::default());
-    pump(&mut b);
+    let b = rig.started();
     assert!(b.devices().is_empty());
 }
 
@@ -1046,8 +1029,7 @@ fn vbd_without_an_open_image_is_waited_for() {
     let rig = Rig::new();
     rig.tap.add_vbd(PID, 3, "", 10);
     let v = rig.add_vbd(5, 1, PID, 3);
-    let mut b = rig.backend(BackendConfig::default());
-    pump(&mut b);
+    let mut b = rig.started();
     rig.fe_publish(&v, 1, 2);
     pump(&mut b);
     assert!(status(&b, &v).pending.unwrap().contains("no image open"));

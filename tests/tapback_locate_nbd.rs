@@ -4,45 +4,22 @@
 //! device serves, the `tapdev<minor>` link to `/dev/nbdN`. Real tapdisks, the simulated
 //! kernel driver reporting no backends, and a sysfs tree as Linux 4.14 lays it out.
 
+mod common;
+use common::image::aio_raw;
+use common::nbd::NoBackendKernel;
+use common::proc::wait_exited;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use blktap3::control::client::Client;
 use blktap3::control::msg::OpenRequest;
 use blktap3::control::nbd_socket_path;
-use blktap3::nbd::kernel::{ConnectConfig, KernelNbd, SimKernelNbd};
+use blktap3::nbd::kernel::{KernelNbd, SimKernelNbd};
 use blktap3::tapback::locate::{
     locate_tapdisk, LocatorKeys, KEY_PHYSICAL_DEVICE, KEY_TAPDISK_PARAMS,
 };
 use blktap3::tapback::{ControlTapdisks, TapdiskOps};
-
-/// The kernel NBD driver before the backend identifier: it connects and disconnects, but
-/// no device reports a backend.
-#[derive(Debug)]
-struct NoBackendKernel(Arc<SimKernelNbd>);
-
-impl KernelNbd for NoBackendKernel {
-    fn connect(
-        &self,
-        sock: std::os::fd::BorrowedFd<'_>,
-        cfg: &ConnectConfig<'_>,
-    ) -> blktap3::nbd::kernel::Result<u32> {
-        self.0.connect(sock, cfg)
-    }
-    fn disconnect(&self, index: u32) -> blktap3::nbd::kernel::Result<()> {
-        self.0.disconnect(index)
-    }
-    fn devices(&self) -> Vec<(u32, String)> {
-        Vec::new()
-    }
-}
-
-fn raw_image(dir: &Path, name: &str) -> String {
-    let p = dir.join(name);
-    std::fs::File::create(&p).unwrap().set_len(1 << 20).unwrap();
-    format!("aio:{}", p.display())
-}
 
 /// `<sys>/dev/block/43:<index * 32>` → `../../devices/virtual/block/nbd<index>` for each
 /// index (nbd's default max_part=16 gives 32 minors per device), with no `backend` file.
@@ -58,18 +35,6 @@ fn sysfs_4_14(sys: &Path, indices: &[u32]) {
         )
         .unwrap();
     }
-}
-
-fn wait_gone(pid: i32) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(5) {
-        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        if state.is_empty() || state.contains(") Z") {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
 }
 
 fn keys(physical_device: &str, tapdisk_params: Option<&str>) -> LocatorKeys {
@@ -91,8 +56,8 @@ fn physical_device_resolves_through_tapdev_links_without_backend_identifiers() {
         .with_tapdev_dir(&tapdevs)
         .with_kernel_nbd(Arc::new(NoBackendKernel(sim.clone())));
     let (pa, pb) = (
-        raw_image(dir.path(), "a.raw"),
-        raw_image(dir.path(), "b.raw"),
+        aio_raw(dir.path(), "a.raw", 1 << 20),
+        aio_raw(dir.path(), "b.raw", 1 << 20),
     );
     let a = c.create(OpenRequest::new(0, pa.clone()), None).unwrap();
     let b = c.create(OpenRequest::new(0, pb.clone()), None).unwrap();
@@ -144,7 +109,7 @@ fn physical_device_resolves_through_tapdev_links_without_backend_identifiers() {
 
     // Destroyed: the link is gone, and with it the answer for nbd1.
     c.destroy(b.pid, b.minor, false, None).unwrap();
-    assert!(wait_gone(b.pid));
+    assert!(wait_exited(b.pid));
     assert!(std::fs::symlink_metadata(tapdevs.join(format!("tapdev{}", b.minor))).is_err());
     assert_eq!(t.block_device_socket(43, 32), None);
     assert!(locate_tapdisk(&t, &keys("2b:20", None)).is_err());
@@ -156,7 +121,7 @@ fn physical_device_resolves_through_tapdev_links_without_backend_identifiers() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    assert!(wait_gone(a.pid));
+    assert!(wait_exited(a.pid));
     let err = locate_tapdisk(&t, &keys("2b:0", None)).unwrap_err();
     assert!(err.to_string().contains(KEY_PHYSICAL_DEVICE), "{err}");
     c.destroy(a.pid, a.minor, false, None).unwrap();

@@ -2,9 +2,14 @@
 //! spawn (daemonise + readiness line), attach/open, list, stats, pause/unpause, close,
 //! detach, and exit after the last detach with the sockets removed.
 
+mod common;
+use common::cmd::tap_ctl;
+use common::image::aio_raw;
+use common::proc::{alive, wait_gone};
+
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use blktap3::control::client::Client;
 use blktap3::control::msg::{OpenFlags, OpenRequest, ResumeRequest, VbdState};
@@ -17,33 +22,12 @@ fn client(dir: &Path) -> Client {
         .without_kernel_nbd()
 }
 
-fn alive(pid: i32) -> bool {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
-}
-
-fn wait_gone(pid: i32) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(5) {
-        if !alive(pid) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
-}
-
-fn raw_image(dir: &Path, name: &str, len: u64) -> String {
-    let p = dir.join(name);
-    std::fs::File::create(&p).unwrap().set_len(len).unwrap();
-    format!("aio:{}", p.display())
-}
-
 #[test]
 fn create_use_pause_resume_destroy_through_the_control_socket() {
     let dir = tempfile::tempdir().unwrap();
     let c = client(dir.path());
-    let params = raw_image(dir.path(), "a.raw", 8 << 20);
-    let snap = raw_image(dir.path(), "b.raw", 8 << 20);
+    let params = aio_raw(dir.path(), "a.raw", 8 << 20);
+    let snap = aio_raw(dir.path(), "b.raw", 8 << 20);
     let created = c.create(OpenRequest::new(0, params.clone()), None).unwrap();
     let pid = created.pid;
     assert!(alive(pid));
@@ -85,7 +69,7 @@ fn create_use_pause_resume_destroy_through_the_control_socket() {
 
     c.destroy(pid, created.minor, false, None).unwrap();
     assert!(
-        wait_gone(pid),
+        wait_gone(pid, Duration::from_secs(5)),
         "tapdisk must exit after its last VBD is detached"
     );
     assert!(!dir.path().join(format!("ctl/ctl{pid}")).exists());
@@ -101,7 +85,7 @@ fn many_vbds_in_one_tapdisk_list_and_serve() {
     for i in 0..9 {
         let (m, _) = c.allocate().unwrap();
         c.attach(pid, m).unwrap();
-        let mut o = OpenRequest::new(m, raw_image(dir.path(), &format!("{i}.raw"), 1 << 20));
+        let mut o = OpenRequest::new(m, aio_raw(dir.path(), &format!("{i}.raw"), 1 << 20));
         if i % 2 == 1 {
             o.flags = OpenFlags::RDONLY;
         }
@@ -120,7 +104,7 @@ fn many_vbds_in_one_tapdisk_list_and_serve() {
     for m in &minors {
         c.destroy(pid, *m, true, None).unwrap();
     }
-    assert!(wait_gone(pid));
+    assert!(wait_gone(pid, Duration::from_secs(5)));
 }
 
 #[test]
@@ -129,7 +113,7 @@ fn sighup_and_sigusr1_are_harmless_sigterm_removes_sockets() {
     let c = client(dir.path());
     let created = c
         .create(
-            OpenRequest::new(0, raw_image(dir.path(), "x.raw", 1 << 20)),
+            OpenRequest::new(0, aio_raw(dir.path(), "x.raw", 1 << 20)),
             None,
         )
         .unwrap();
@@ -138,7 +122,7 @@ fn sighup_and_sigusr1_are_harmless_sigterm_removes_sockets() {
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    assert!(wait_gone(created.pid));
+    assert!(wait_gone(created.pid, Duration::from_secs(5)));
     assert!(!created.devname.exists());
     assert!(!dir.path().join(format!("ctl/ctl{}", created.pid)).exists());
 }
@@ -177,11 +161,11 @@ fn stats_list_every_image_of_the_chain_leaf_first() {
         "{stats}"
     );
     c.destroy(created.pid, created.minor, true, None).unwrap();
-    assert!(wait_gone(created.pid));
+    assert!(wait_gone(created.pid, Duration::from_secs(5)));
 }
 
 #[test]
-fn nbdinfo_map_shows_the_holes_of_a_sparse_raw_image() {
+fn nbdinfo_map_shows_the_holes_of_a_sparse_aio_raw() {
     use std::os::unix::fs::FileExt;
     if Command::new("nbdinfo").arg("--version").output().is_err() {
         eprintln!("skipped: nbdinfo not installed");
@@ -228,7 +212,7 @@ fn nbdinfo_map_shows_the_holes_of_a_sparse_raw_image() {
         assert_eq!(kinds, ["data"], "{map}");
     }
     c.destroy(created.pid, created.minor, true, None).unwrap();
-    assert!(wait_gone(created.pid));
+    assert!(wait_gone(created.pid, Duration::from_secs(5)));
 }
 
 #[test]
@@ -254,10 +238,8 @@ fn start_up_failure_reaches_the_spawner_with_its_errno() {
     assert!(e.to_string().contains("exit status: 20"), "{e}");
     assert_eq!(e.errno(), libc::ENOTDIR);
     // tap-ctl spawn: non-zero exit, and tapdisk's reason on its stderr.
-    let out = Command::new(env!("CARGO_BIN_EXE_tap-ctl"))
+    let out = tap_ctl(&bad, env!("CARGO_BIN_EXE_tapdisk"))
         .arg("spawn")
-        .env("BLKTAP_CONTROL_DIR", &bad)
-        .env("BLKTAP_TAPDISK", env!("CARGO_BIN_EXE_tapdisk"))
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);

@@ -2,30 +2,24 @@
 //! daemon) and from the OPEN key trailer (`tap-ctl open -E`). Data written over NBD lands
 //! encrypted in the file and reads back as plaintext with the right key only.
 
+mod common;
+use common::cmd::run_ok;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use blktap3::control::client::Client;
 use blktap3::control::msg::{OpenRequest, SecretKey};
 
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// A 16 MiB dynamic VHD keyed with a fresh 512-bit key; returns (vhd, keydir, key).
 fn keyed_vhd(dir: &Path) -> (PathBuf, PathBuf, Vec<u8>) {
     let vhd = dir.join("enc.vhd");
-    run(Command::new(env!("CARGO_BIN_EXE_vhd-util"))
-        .args(["create", "-n"])
-        .arg(&vhd)
-        .args(["-s", "16"]));
+    run_ok(
+        Command::new(env!("CARGO_BIN_EXE_vhd-util"))
+            .args(["create", "-n"])
+            .arg(&vhd)
+            .args(["-s", "16"]),
+    );
     let keydir = dir.join("keys");
     std::fs::create_dir(&keydir).unwrap();
     let key: Vec<u8> = (0..64u8)
@@ -33,25 +27,19 @@ fn keyed_vhd(dir: &Path) -> (PathBuf, PathBuf, Vec<u8>) {
         .collect();
     let keyfile = keydir.join("enc,aes-xts-plain,512.key");
     std::fs::write(&keyfile, &key).unwrap();
-    run(Command::new(env!("CARGO_BIN_EXE_vhd-util"))
-        .args(["key", "-s", "-n"])
-        .arg(&vhd)
-        .arg("-k")
-        .arg(&keyfile));
+    run_ok(
+        Command::new(env!("CARGO_BIN_EXE_vhd-util"))
+            .args(["key", "-s", "-n"])
+            .arg(&vhd)
+            .arg("-k")
+            .arg(&keyfile),
+    );
     (vhd, keydir, key)
 }
 
 fn qemu_io(devname: &Path, cmds: &[&str]) -> String {
-    let mut c = Command::new("qemu-io");
-    c.args([
-        "-f",
-        "raw",
-        &format!("nbd+unix:///?socket={}", devname.display()),
-    ]);
-    for x in cmds {
-        c.args(["-c", x]);
-    }
-    run(&mut c)
+    let uri = format!("nbd+unix:///?socket={}", devname.display());
+    run_ok(&mut common::cmd::qemu_io(&uri, cmds))
 }
 
 #[test]

@@ -3,29 +3,13 @@
 //! orphaned minor, without hanging on the dead socket), `free` releases the minor (the
 //! kernel dropped the dead process's flock), and `create` serves the disk again.
 
+mod common;
+use common::cmd::{qemu_io, success, tap_ctl};
+use common::proc::wait_gone;
+
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::{Duration, Instant};
-
-fn tap_ctl(ctl: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tap-ctl"))
-        .args(args)
-        .env("BLKTAP_CONTROL_DIR", ctl)
-        .env("BLKTAP_TAPDISK", env!("CARGO_BIN_EXE_tapdisk"))
-        .output()
-        .expect("run tap-ctl")
-}
-
-fn stdout(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "tap-ctl failed: {:?}\nstdout: {}\nstderr: {}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
 
 /// `(pid, minor)` of the `list` row serving `path` (non-TTY `key=value` format).
 fn row_for(list: &str, path: &str) -> Option<(Option<i32>, Option<u16>)> {
@@ -42,14 +26,22 @@ fn row_for(list: &str, path: &str) -> Option<(Option<i32>, Option<u16>)> {
 }
 
 fn wait_dead(pid: i32) {
-    let start = Instant::now();
-    while nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok() {
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "pid {pid} did not die"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    assert!(
+        wait_gone(pid, Duration::from_secs(5)),
+        "pid {pid} did not die"
+    );
+}
+
+fn run(ctl: &Path, args: &[&str]) -> Output {
+    tap_ctl(ctl, env!("CARGO_BIN_EXE_tapdisk"))
+        .args(args)
+        .output()
+        .expect("run tap-ctl")
+}
+
+/// `tap-ctl args`'s stdout; it must succeed.
+fn ok(ctl: &Path, args: &[&str]) -> String {
+    success(("tap-ctl", args), &run(ctl, args))
 }
 
 #[test]
@@ -63,17 +55,17 @@ fn tap_ctl_recovers_after_tapdisk_is_killed() {
         .unwrap();
     let params = format!("aio:{}", img.display());
 
-    let dev = stdout(&tap_ctl(&ctl, &["create", "-a", &params]));
+    let dev = ok(&ctl, &["create", "-a", &params]);
     assert!(
         Path::new(dev.trim()).exists(),
         "device {dev:?} does not exist"
     );
-    let list = stdout(&tap_ctl(&ctl, &["list"]));
+    let list = ok(&ctl, &["list"]);
     let (pid, minor) = row_for(&list, img.to_str().unwrap()).expect("row for the disk");
     let (pid, minor) = (pid.expect("pid"), minor.expect("minor"));
 
     // The minor is locked while its tapdisk lives: free must refuse.
-    let busy = tap_ctl(&ctl, &["free", "-m", &minor.to_string()]);
+    let busy = run(&ctl, &["free", "-m", &minor.to_string()]);
     assert!(
         !busy.status.success(),
         "free succeeded while the tapdisk held the minor"
@@ -92,7 +84,7 @@ fn tap_ctl_recovers_after_tapdisk_is_killed() {
 
     // list answers, shows the orphaned minor without a pid, and does not hang.
     let start = Instant::now();
-    let list = stdout(&tap_ctl(&ctl, &["list"]));
+    let list = ok(&ctl, &["list"]);
     assert!(
         start.elapsed() < Duration::from_secs(5),
         "list hung on a dead tapdisk"
@@ -107,22 +99,14 @@ fn tap_ctl_recovers_after_tapdisk_is_killed() {
     );
 
     // The dead process's flock is gone: free works, and create serves the disk again.
-    stdout(&tap_ctl(&ctl, &["free", "-m", &minor.to_string()]));
-    let dev = stdout(&tap_ctl(&ctl, &["create", "-a", &params]));
-    let list = stdout(&tap_ctl(&ctl, &["list"]));
+    ok(&ctl, &["free", "-m", &minor.to_string()]);
+    let dev = ok(&ctl, &["create", "-a", &params]);
+    let list = ok(&ctl, &["list"]);
     let (pid2, minor2) = row_for(&list, img.to_str().unwrap()).expect("row after re-create");
     let (pid2, minor2) = (pid2.expect("pid"), minor2.expect("minor"));
     assert_ne!(pid2, pid);
-    let out = Command::new("qemu-io")
-        .args([
-            "-f",
-            "raw",
-            &format!("nbd+unix:///?socket={}", dev.trim()),
-            "-c",
-            "write -P 0x77 0 64k",
-            "-c",
-            "read -P 0x77 0 64k",
-        ])
+    let uri = format!("nbd+unix:///?socket={}", dev.trim());
+    let out = qemu_io(&uri, &["write -P 0x77 0 64k", "read -P 0x77 0 64k"])
         .output()
         .expect("qemu-io (install qemu-utils)");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -130,7 +114,7 @@ fn tap_ctl_recovers_after_tapdisk_is_killed() {
         out.status.success() && !text.contains("fail"),
         "I/O after recovery: {text}"
     );
-    stdout(&tap_ctl(
+    ok(
         &ctl,
         &[
             "destroy",
@@ -139,8 +123,8 @@ fn tap_ctl_recovers_after_tapdisk_is_killed() {
             "-m",
             &minor2.to_string(),
         ],
-    ));
+    );
     wait_dead(pid2);
-    let list = stdout(&tap_ctl(&ctl, &["list"]));
+    let list = ok(&ctl, &["list"]);
     assert!(list.trim().is_empty(), "left over after destroy: {list:?}");
 }

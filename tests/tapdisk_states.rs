@@ -4,7 +4,7 @@
 //! request queued while paused). After the table, the VBD must still serve I/O: nothing is
 //! wedged.
 
-mod xenio_common;
+mod common;
 
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::Arc;
@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use blktap3::control::msg::{OpenFlags, OpenRequest, Reply, Request, ResumeRequest};
 use blktap3::xen::sim::{MemXsConn, SimBlkfront};
-use xenio_common::*;
+use common::xenio::*;
 
 const MINOR: u16 = 0;
 const DOMID: u16 = 7;

@@ -1,5 +1,9 @@
 //! End-to-end behaviour of the VHD engine on real files.
 
+mod common;
+use common::data::pattern;
+use common::image::{create_fixed, rw};
+
 use std::path::Path;
 
 use blktap3::image::chain::{open_vhd_chain, OpenOptions};
@@ -7,19 +11,6 @@ use blktap3::image::vhd::format::{DiskType, BAT_UNUSED};
 use blktap3::image::vhd::ops::{create, snapshot, CreateOptions, SnapshotOptions};
 use blktap3::image::vhd::{VhdImage, VhdOpenOptions};
 use blktap3::image::{Image, ImageError};
-
-fn rw() -> OpenOptions {
-    OpenOptions {
-        read_only: false,
-        ..Default::default()
-    }
-}
-
-fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect()
-}
 
 #[test]
 fn create_dynamic_layout_matches_libvhd() {
@@ -48,7 +39,7 @@ fn dynamic_write_read_reopen() {
     let p = d.path().join("a.vhd");
     create(&p, &CreateOptions::dynamic(8 << 20)).unwrap();
     let img = open_vhd_chain(&p, &rw()).unwrap();
-    let data = pattern(3, 8192);
+    let data = pattern(8192, 3);
     img.write(4095, &data).unwrap(); // spans blocks 0 and 1
     let mut back = vec![0u8; 8192];
     img.read(4095, &mut back).unwrap();
@@ -77,18 +68,18 @@ fn snapshot_chain_reads_through_and_validates() {
     let base = d.path().join("base.vhd");
     create(&base, &CreateOptions::dynamic(4 << 20)).unwrap();
     let img = open_vhd_chain(&base, &rw()).unwrap();
-    img.write(0, &pattern(1, 4096)).unwrap();
-    img.write(100, &pattern(2, 512)).unwrap();
+    img.write(0, &pattern(4096, 1)).unwrap();
+    img.write(100, &pattern(512, 2)).unwrap();
     img.close().unwrap();
     let snap = d.path().join("snap.vhd");
     let linked = snapshot(&snap, &base, &SnapshotOptions::default()).unwrap();
     assert_eq!(linked, base);
     let img = open_vhd_chain(&snap, &rw()).unwrap();
-    img.write(2, &pattern(9, 512)).unwrap();
+    img.write(2, &pattern(512, 9)).unwrap();
     let mut b = vec![0u8; 4096];
     img.read(0, &mut b).unwrap();
-    let mut expect = pattern(1, 4096);
-    expect[1024..1536].copy_from_slice(&pattern(9, 512));
+    let mut expect = pattern(4096, 1);
+    expect[1024..1536].copy_from_slice(&pattern(512, 9));
     assert_eq!(b, expect);
     let st = img.block_status(0, 8192).unwrap();
     assert!(st[0].allocated && st[0].nsectors == 8);
@@ -104,7 +95,7 @@ fn snapshot_chain_reads_through_and_validates() {
 fn raw_parent_snapshot() {
     let d = tempfile::tempdir().unwrap();
     let raw = d.path().join("base.img");
-    let data = pattern(5, 1 << 20);
+    let data = pattern(1 << 20, 5);
     std::fs::write(&raw, &data).unwrap();
     let snap = d.path().join("s.vhd");
     snapshot(
@@ -164,16 +155,7 @@ fn probe_and_open_entry_point() {
 fn fixed_vhd_io_and_discard() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("f.vhd");
-    create(
-        &p,
-        &CreateOptions {
-            size: 1 << 20,
-            fixed: true,
-            block_size: 0,
-            max_size: None,
-        },
-    )
-    .unwrap();
+    create_fixed(&p, 1 << 20);
     assert_eq!(std::fs::metadata(&p).unwrap().len(), (1 << 20) + 512);
     let img = open_vhd_chain(&p, &rw()).unwrap();
     assert_eq!(img.disk_type(), DiskType::Fixed);

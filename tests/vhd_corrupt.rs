@@ -1,6 +1,9 @@
 //! Untrusted VHD metadata: every corruption gives a clear error (never a panic, never a
 //! huge allocation) and leaves the file unchanged, even when opened read-write.
 
+mod common;
+use common::image::{create_fixed, rw};
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -11,13 +14,6 @@ use blktap3::image::vhd::ops::{create, snapshot, CreateOptions, SnapshotOptions}
 use blktap3::image::vhd::{FooterSource, VhdImage, VhdOpenOptions};
 use blktap3::image::{Image, ImageError};
 use proptest::prelude::*;
-
-fn rw() -> OpenOptions {
-    OpenOptions {
-        read_only: false,
-        ..Default::default()
-    }
-}
 
 /// A 10 MiB dynamic VHD with two allocated blocks.
 fn sample(dir: &Path) -> PathBuf {
@@ -192,16 +188,7 @@ fn absurd_header_values_are_rejected_without_huge_allocation() {
 fn fixed_disk_larger_than_file_is_rejected() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("f.vhd");
-    create(
-        &p,
-        &CreateOptions {
-            size: 1 << 20,
-            fixed: true,
-            block_size: 0,
-            max_size: None,
-        },
-    )
-    .unwrap();
+    create_fixed(&p, 1 << 20);
     let b = std::fs::read(&p).unwrap();
     let mut fb = [0u8; 512];
     fb.copy_from_slice(&b[b.len() - 512..]);

@@ -8,6 +8,9 @@
 //! - every other sector reads as its flushed value or one of the values written since
 //!   (never garbage).
 
+mod common;
+use common::data::XorShift64;
+
 use std::path::Path;
 use std::sync::Arc;
 
@@ -16,19 +19,6 @@ use blktap3::image::file::{BlockFile, MemFile};
 use blktap3::image::vhd::ops::{create, CreateOptions};
 use blktap3::image::vhd::VhdImage;
 use blktap3::image::Image;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// Sector content for write `tag` at `lba` (tag 0 = zeros).
 fn sector(tag: u32, lba: u64) -> [u8; 512] {
@@ -165,7 +155,7 @@ fn verify_crash_image(bytes: Vec<u8>, model: &Model, what: &str) {
 }
 
 fn run_sequence(seed: u64, size: u64, block: u32, steps: usize) {
-    let mut rng = Rng(seed | 1);
+    let mut rng = XorShift64(seed | 1);
     let bytes = fresh_image(size, block);
     let f = Arc::new(MemFile::from_bytes(bytes));
     let img = open_vhd_chain_file(Path::new("c.vhd"), f.clone(), &opts(false)).unwrap();
@@ -200,7 +190,7 @@ fn run_sequence(seed: u64, size: u64, block: u32, steps: usize) {
             // writes kept, each sector shows its latest value exactly.
             verify_crash_image(f.crash_image(&mut |_| true), &model.latest(), "keep all");
             for _ in 0..3 {
-                let mut r = Rng(rng.next() | 1);
+                let mut r = XorShift64(rng.next() | 1);
                 verify_crash_image(f.crash_image(&mut |_| r.below(2) == 0), &model, "subset");
             }
             if pending > 0 {
@@ -237,7 +227,7 @@ fn stop_after_write_n_then_reopen() {
         let f = Arc::new(MemFile::from_bytes(bytes));
         let img = open_vhd_chain_file(Path::new("c.vhd"), f.clone(), &opts(false)).unwrap();
         let mut model = Model::new(16384);
-        let mut rng = Rng(n * 31 + 5);
+        let mut rng = XorShift64(n * 31 + 5);
         // A flushed baseline.
         for t in 1..4u32 {
             let lba = rng.below(16000);

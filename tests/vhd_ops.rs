@@ -1,6 +1,9 @@
 //! Library operations for vhd-util: snapshot rules, metadata accessors, resize, repair,
 //! coalesce, reparent, fill, check, keyhash/marker/hidden storage.
 
+mod common;
+use common::image::{create_fixed, rw};
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -12,13 +15,6 @@ use blktap3::image::vhd::ops::*;
 use blktap3::image::vhd::parent::{locator_texts, resolve_parent};
 use blktap3::image::vhd::{FooterSource, VhdImage};
 use blktap3::image::{Image, ImageError};
-
-fn rw() -> OpenOptions {
-    OpenOptions {
-        read_only: false,
-        ..Default::default()
-    }
-}
 
 fn dynamic(dir: &Path, name: &str, mib: u64) -> PathBuf {
     let p = dir.join(name);
@@ -168,16 +164,7 @@ fn marker_hidden_and_xattr_fallback() {
     assert_eq!(bytes[2048 + 28], 7);
     // A fixed disk has no batmap: keyhash and marker live in xattrs (simulated file).
     let f = d.path().join("f.vhd");
-    create(
-        &f,
-        &CreateOptions {
-            size: 1 << 20,
-            fixed: true,
-            block_size: 0,
-            max_size: None,
-        },
-    )
-    .unwrap();
+    create_fixed(&f, 1 << 20);
     let mf = Arc::new(MemFile::from_bytes(std::fs::read(&f).unwrap()));
     let img = open_meta_file(&f, mf.clone(), false).unwrap();
     assert!(img.batmap().is_none());

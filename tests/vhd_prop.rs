@@ -2,6 +2,10 @@
 //! dynamic VHD and against a 3-deep chain behave like an in-memory disk; concurrent writers
 //! from several threads end in the state the model predicts.
 
+mod common;
+use common::data::XorShift64;
+use common::image::rw_prealloc;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -45,14 +49,6 @@ fn fill(seed: u8, lba: u64, n: u64) -> Vec<u8> {
     v
 }
 
-fn rw() -> OpenOptions {
-    OpenOptions {
-        read_only: false,
-        prealloc_blocks: 3,
-        ..Default::default()
-    }
-}
-
 fn make(dir: &Path, name: &str) -> PathBuf {
     let p = dir.join(name);
     create(
@@ -81,7 +77,7 @@ fn run(leaf: &Path, below: &[u8], ops: &[Op]) -> Result<(), TestCaseError> {
         }
         v
     };
-    let mut img = open_vhd_chain(leaf, &rw()).unwrap();
+    let mut img = open_vhd_chain(leaf, &rw_prealloc(3)).unwrap();
     for o in ops {
         match *o {
             Op::Write { lba, n, seed } => {
@@ -116,7 +112,7 @@ fn run(leaf: &Path, below: &[u8], ops: &[Op]) -> Result<(), TestCaseError> {
             Op::Flush => img.flush().unwrap(),
             Op::Reopen => {
                 img.close().unwrap();
-                img = open_vhd_chain(leaf, &rw()).unwrap();
+                img = open_vhd_chain(leaf, &rw_prealloc(3)).unwrap();
             }
         }
     }
@@ -131,11 +127,9 @@ fn run(leaf: &Path, below: &[u8], ops: &[Op]) -> Result<(), TestCaseError> {
 }
 
 fn write_random(img: &dyn Image, seed: u8, model: &mut [u8]) {
-    let mut x = u64::from(seed) * 0x9e37_79b9 + 1;
+    let mut rng = XorShift64(u64::from(seed) * 0x9e37_79b9 + 1);
     for _ in 0..20 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
+        let x = rng.next();
         let n = 1 + x % 200;
         let lba = (x >> 16) % (NSEC - n);
         let d = fill(seed ^ (x as u8), lba, n);
@@ -159,12 +153,12 @@ proptest! {
         let d = tempfile::tempdir().unwrap();
         let base = make(d.path(), "base.vhd");
         let mut model = vec![0u8; SIZE as usize];
-        let img = open_vhd_chain(&base, &rw()).unwrap();
+        let img = open_vhd_chain(&base, &rw_prealloc(3)).unwrap();
         write_random(&img, s1, &mut model);
         img.close().unwrap();
         let mid = d.path().join("mid.vhd");
         snapshot(&mid, &base, &SnapshotOptions::default()).unwrap();
-        let img = open_vhd_chain(&mid, &rw()).unwrap();
+        let img = open_vhd_chain(&mid, &rw_prealloc(3)).unwrap();
         write_random(&img, s2, &mut model);
         img.close().unwrap();
         let leaf = d.path().join("leaf.vhd");
@@ -183,12 +177,12 @@ fn concurrent_writers_match_model() {
     let d = tempfile::tempdir().unwrap();
     let base = make(d.path(), "base.vhd");
     let mut below = vec![0u8; SIZE as usize];
-    let img = open_vhd_chain(&base, &rw()).unwrap();
+    let img = open_vhd_chain(&base, &rw_prealloc(3)).unwrap();
     write_random(&img, 77, &mut below);
     img.close().unwrap();
     let leaf = d.path().join("leaf.vhd");
     snapshot(&leaf, &base, &SnapshotOptions::default()).unwrap();
-    let img = Arc::new(open_vhd_chain(&leaf, &rw()).unwrap());
+    let img = Arc::new(open_vhd_chain(&leaf, &rw_prealloc(3)).unwrap());
     const THREADS: u64 = 4;
     // Thread t owns sectors with lba % THREADS == t: every block is shared by all threads,
     // so allocation races, bitmap updates and reserve extensions interleave.
@@ -198,11 +192,9 @@ fn concurrent_writers_match_model() {
                 let img = img.clone();
                 s.spawn(move || {
                     let mut log = Vec::new();
-                    let mut x = 0x1234_5678u64 + t;
+                    let mut rng = XorShift64(0x1234_5678u64 + t);
                     for i in 0..600u64 {
-                        x ^= x << 13;
-                        x ^= x >> 7;
-                        x ^= x << 17;
+                        let x = rng.next();
                         let lba = ((x >> 8) % (NSEC / THREADS)) * THREADS + t;
                         let seed = (i as u8) ^ (t as u8);
                         img.write(lba, &fill(seed, lba, 1)).unwrap();

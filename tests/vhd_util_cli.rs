@@ -3,18 +3,17 @@
 //! `vhd/vhd-util.c` and `vhd/lib/vhd-util-*.c` printf formats and libvhd's layout rules
 //! (blktap-c-reference.md §7), not from our own output.
 
-mod vhd_util_common;
-use vhd_util_common::*;
+mod common;
+use common::vhd_util::*;
 
 const COMMANDS_LINE: &str = "COMMAND := { create | snapshot | query | read | set | repair | resize | fill | coalesce | modify | scan | check | revert | key }\n";
 
 #[test]
 fn top_level_usage_and_invalid_command() {
-    let o = run(&[]);
-    assert_eq!(o.status, 0);
-    assert_eq!(
-        o.stdout,
-        format!("usage: vhd-util COMMAND [OPTIONS]\n{COMMANDS_LINE}")
+    expect_stdout(
+        &[],
+        0,
+        &format!("usage: vhd-util COMMAND [OPTIONS]\n{COMMANDS_LINE}"),
     );
     let o = run(&["frobnicate"]);
     assert_eq!(o.status, 0);
@@ -56,15 +55,16 @@ fn create_usage_errors() {
     assert_eq!(o.status, 22);
     assert!(!path(d.path(), "a.vhd").exists());
     // Unknown option: glibc's getopt message, then usage.
-    let o = run(&["create", "-n", &f, "-s", "10", "-q"]);
-    assert_eq!(o.status, 22);
-    assert_eq!(o.stderr, "create: invalid option -- 'q'\n");
+    expect_stderr(
+        &["create", "-n", &f, "-s", "10", "-q"],
+        22,
+        "create: invalid option -- 'q'\n",
+    );
     // -S smaller than -s.
-    let o = run(&["create", "-n", &f, "-s", "10", "-S", "4"]);
-    assert_eq!(o.status, 22);
-    assert_eq!(
-        o.stdout,
-        "Error: <-S size> must be greater than <-s size>\n"
+    expect_stdout(
+        &["create", "-n", &f, "-s", "10", "-S", "4"],
+        22,
+        "Error: <-S size> must be greater than <-s size>\n",
     );
     // A size that is not a number is refused (blktap would silently use 0).
     let o = run(&["create", "-n", &f, "-s", "10M"]);
@@ -133,15 +133,19 @@ fn create_with_metadata_preallocation_and_fixed() {
 fn query_errors() {
     let d = tmpdir();
     let missing = p(d.path(), "missing.vhd");
-    let o = run(&["query", "-n", &missing, "-v"]);
-    assert_eq!(o.status, 2);
-    assert_eq!(o.stdout, format!("error opening {missing}: -2\n"));
+    expect_stdout(
+        &["query", "-n", &missing, "-v"],
+        2,
+        &format!("error opening {missing}: -2\n"),
+    );
     // Not a VHD at all.
     let junk = p(d.path(), "junk.vhd");
     std::fs::write(&junk, vec![0x5au8; 8192]).unwrap();
-    let o = run(&["query", "-n", &junk, "-v"]);
-    assert_eq!(o.status, 22);
-    assert_eq!(o.stdout, format!("error opening {junk}: -22\n"));
+    expect_stdout(
+        &["query", "-n", &junk, "-v"],
+        22,
+        &format!("error opening {junk}: -22\n"),
+    );
     // No -n.
     let o = run(&["query", "-v"]);
     assert_eq!(o.status, 22);
@@ -172,21 +176,24 @@ fn set_hidden_and_marker() {
     );
     assert_eq!(ok(&["check", "-n", &f]), format!("{f} is valid\n"));
 
-    let o = run(&["set", "-n", &f, "-f", "bogus", "-v", "1"]);
-    assert_eq!(o.status, 22);
-    assert_eq!(
-        o.stdout,
-        "invalid field bogus\noptions: <-n name> <-f field> <-v value> [-h help]\n"
+    expect_stdout(
+        &["set", "-n", &f, "-f", "bogus", "-v", "1"],
+        22,
+        "invalid field bogus\noptions: <-n name> <-f field> <-v value> [-h help]\n",
     );
-    let o = run(&["set", "-n", &f, "-f", "hidden", "-v", "300"]);
-    assert_eq!(o.status, 22);
-    assert!(o.stdout.starts_with("invalid value 300\n"));
+    expect_stdout_start(
+        &["set", "-n", &f, "-f", "hidden", "-v", "300"],
+        22,
+        "invalid value 300\n",
+    );
     let o = run(&["set", "-n", &f, "-f", "hidden"]);
     assert_eq!(o.status, 22);
     let missing = p(d.path(), "nope.vhd");
-    let o = run(&["set", "-n", &missing, "-f", "hidden", "-v", "1"]);
-    assert_eq!(o.status, 2);
-    assert_eq!(o.stdout, format!("error opening {missing}: -2\n"));
+    expect_stdout(
+        &["set", "-n", &missing, "-f", "hidden", "-v", "1"],
+        2,
+        &format!("error opening {missing}: -2\n"),
+    );
 }
 
 #[test]
@@ -237,9 +244,11 @@ fn snapshot_chain_query_and_depth_limit() {
     assert_eq!(ok(&["query", "-n", &rs, "-d"]), "chain depth: 2\n");
 
     // Errors.
-    let o = run(&["snapshot", "-n", &s3]);
-    assert_eq!(o.status, 22);
-    assert!(o.stdout.starts_with("options: <-n name> <-p parent name>"));
+    expect_stdout_start(
+        &["snapshot", "-n", &s3],
+        22,
+        "options: <-n name> <-p parent name>",
+    );
     let o = run(&[
         "snapshot",
         "-n",
@@ -332,25 +341,21 @@ fn scan_plain_markers_tree_and_errors() {
     // A target that is not a VHD; -c continues and exits 0.
     let junk = p(d.path(), "junk.vhd");
     std::fs::write(&junk, vec![1u8; 4096]).unwrap();
-    let o = run(&["scan", "-c", &junk, &base]);
-    assert_eq!(o.status, 0);
-    assert_eq!(
-        o.stdout,
-        format!(
+    expect_stdout(
+        &["scan", "-c", &junk, &base],
+        0,
+        &format!(
             "vhd={junk} scan-error=-22 error-message='opening file'\n\
              vhd=base.vhd capacity=10485760 size=3584 hidden=1 parent=none\n"
-        )
+        ),
     );
-    let o = run(&["scan", &junk, &base]);
-    assert_eq!(o.status, 22);
-    assert_eq!(
-        o.stdout,
-        format!("vhd={junk} scan-error=-22 error-message='opening file'\n")
+    expect_stdout(
+        &["scan", &junk, &base],
+        22,
+        &format!("vhd={junk} scan-error=-22 error-message='opening file'\n"),
     );
     // No targets.
-    let o = run(&["scan"]);
-    assert_eq!(o.status, 22);
-    assert!(o.stdout.starts_with("usage: [OPTIONS] FILES\n"));
+    expect_stdout_start(&["scan"], 22, "usage: [OPTIONS] FILES\n");
     // LVM is not supported.
     let o = run(&["scan", "-l", "VG_XenStorage", "-m", "VHD-*"]);
     assert_ne!(o.status, 0);
@@ -404,13 +409,10 @@ fn check_valid_corrupt_and_parents() {
     let mut b = std::fs::read(&clobber).unwrap();
     b[1536..1540].copy_from_slice(&2u32.to_be_bytes());
     std::fs::write(&clobber, &b).unwrap();
-    let o = run(&["check", "-n", &clobber]);
-    assert_eq!(o.status, 22);
-    assert!(
-        o.stdout
-            .starts_with("block 0 (offset 0x2) clobbers headers\n"),
-        "{}",
-        o.stdout
+    expect_stdout_start(
+        &["check", "-n", &clobber],
+        22,
+        "block 0 (offset 0x2) clobbers headers\n",
     );
 
     // Stats mode.
@@ -426,19 +428,18 @@ fn check_valid_corrupt_and_parents() {
     ok(&["create", "-n", &orphan_base, "-s", "10"]);
     ok(&["snapshot", "-n", &orphan, "-p", &orphan_base]);
     std::fs::remove_file(&orphan_base).unwrap();
-    let o = run(&["check", "-n", &orphan]);
-    assert_eq!(o.status, 2);
-    assert!(
-        o.stdout
-            .starts_with("error resolving ./gone-base.vhd: -2\n"),
-        "{}",
-        o.stdout
+    expect_stdout_start(
+        &["check", "-n", &orphan],
+        2,
+        "error resolving ./gone-base.vhd: -2\n",
     );
 
     let missing = p(d.path(), "none.vhd");
-    let o = run(&["check", "-n", &missing]);
-    assert_eq!(o.status, 2);
-    assert_eq!(o.stdout, format!("cannot stat {missing}: 2\n"));
+    expect_stdout(
+        &["check", "-n", &missing],
+        2,
+        &format!("cannot stat {missing}: 2\n"),
+    );
     let o = run(&["check", "-n", &base, "-B", "-s"]);
     assert_eq!(o.status, 22);
 }
@@ -515,9 +516,7 @@ fn read_headers_bat_and_batmap() {
     let o = run(&["read", "-n", &base, "-b", "9"]);
     assert_eq!(o.status, 34, "ERANGE");
     assert_eq!(o.stderr, "block 9 past end of file\n");
-    let o = run(&["read", "-p"]);
-    assert_eq!(o.status, 22);
-    assert!(o.stdout.starts_with("options:\n-h          help\n"));
+    expect_stdout_start(&["read", "-p"], 22, "options:\n-h          help\n");
 
     // A file that does not open: the headers are dumped anyway.
     let junk = p(d.path(), "junk.vhd");
@@ -543,11 +542,10 @@ fn repair_rewrites_a_damaged_footer() {
     assert_eq!(ok(&["repair", "-n", &f]), "");
     assert_eq!(ok(&["check", "-n", &f]), format!("{f} is valid\n"));
     assert_eq!(std::fs::read(&f).unwrap(), good);
-    let o = run(&["repair"]);
-    assert_eq!(o.status, 22);
-    assert_eq!(
-        o.stdout,
-        "options: <-n name> <-b use the back-up footer> [-h help]\n"
+    expect_stdout(
+        &["repair"],
+        22,
+        "options: <-n name> <-b use the back-up footer> [-h help]\n",
     );
 }
 
@@ -563,11 +561,10 @@ fn resize_fast_within_preallocation() {
     let o = run(&["resize", "-n", &f, "-s", "200", "-f"]);
     assert_eq!(o.status, 22);
     // Shrinking is refused by fast resize.
-    let o = run(&["resize", "-n", &f, "-s", "20", "-f"]);
-    assert_eq!(o.status, 22);
-    assert_eq!(
-        o.stdout,
-        format!("{f}: size (20971520) < curr size (52428800)\n")
+    expect_stdout(
+        &["resize", "-n", &f, "-s", "20", "-f"],
+        22,
+        &format!("{f}: size (20971520) < curr size (52428800)\n"),
     );
     // Neither -f nor -j: usage.
     let o = run(&["resize", "-n", &f, "-s", "60"]);
@@ -593,15 +590,19 @@ fn modify_zero_and_physical_size_and_reparent() {
     ok(&["modify", "-n", &base, "-s", "8192"]);
     assert_eq!(std::fs::metadata(&base).unwrap().len(), 8192);
     assert_eq!(ok(&["query", "-n", &base, "-v"]), "10\n");
-    let o = run(&["modify", "-n", &base, "-s", "1024"]);
-    assert_eq!(o.status, 22);
-    assert_eq!(o.stdout, "failed to set physical size to 1024: -22\n");
+    expect_stdout(
+        &["modify", "-n", &base, "-s", "1024"],
+        22,
+        "failed to set physical size to 1024: -22\n",
+    );
     // -z on a fixed disk is ENOSYS.
     let fixed = p(d.path(), "fixed.vhd");
     ok(&["create", "-n", &fixed, "-s", "2", "-r"]);
-    let o = run(&["modify", "-n", &fixed, "-z"]);
-    assert_eq!(o.status, 38);
-    assert_eq!(o.stdout, "failed to zero VHD: -38\n");
+    expect_stdout(
+        &["modify", "-n", &fixed, "-z"],
+        38,
+        "failed to zero VHD: -38\n",
+    );
     // -t (OpenXT): flip the footer type and back.
     assert_eq!(ok(&["modify", "-n", &leaf, "-t", "dynamic"]), "");
     assert_eq!(
@@ -610,15 +611,16 @@ fn modify_zero_and_physical_size_and_reparent() {
     );
     assert_eq!(ok(&["modify", "-n", &leaf, "-t", "original"]), "");
     assert_eq!(ok(&["query", "-n", &leaf, "-p"]), format!("{other}\n"));
-    let o = run(&["modify", "-n", &leaf, "-t", "weird"]);
-    assert_eq!(o.status, 22);
-    assert_eq!(
-        o.stdout,
-        "invalid type weird (must be 'differencing or dynamic')\n"
+    expect_stdout(
+        &["modify", "-n", &leaf, "-t", "weird"],
+        22,
+        "invalid type weird (must be 'differencing or dynamic')\n",
     );
-    let o = run(&["modify", "-n", &fixed, "-t", "dynamic"]);
-    assert_eq!(o.status, 22);
-    assert_eq!(o.stdout, "changing fixed vhd type not supported\n");
+    expect_stdout(
+        &["modify", "-n", &fixed, "-t", "dynamic"],
+        22,
+        "changing fixed vhd type not supported\n",
+    );
     let o = run(&["modify"]);
     assert_eq!(o.status, 22);
     assert!(o

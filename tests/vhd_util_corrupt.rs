@@ -1,22 +1,9 @@
 //! vhd-util on damaged images: every command must fail cleanly (an errno exit status and
 //! a message), never panic (Rust's exit status 101) or die from a signal.
 
-mod vhd_util_common;
-use vhd_util_common::*;
-
-/// A tiny deterministic PRNG (xorshift64*), so failures reproduce.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+mod common;
+use common::data::Rng;
+use common::vhd_util::*;
 
 /// The read-only commands run on every damaged image.
 fn readers(victim: &str) -> Vec<Vec<&str>> {
@@ -42,15 +29,20 @@ fn assert_clean(o: &Out, what: &str) {
     assert!(o.status >= 0, "{what} died from a signal: {}", o.stderr);
 }
 
-#[test]
-fn damaged_metadata_never_panics() {
-    let d = tmpdir();
-    let base = p(d.path(), "base.vhd");
-    let leaf = p(d.path(), "leaf.vhd");
+/// The bytes of a filled 8 MiB snapshot (leaf.vhd over base.vhd, made in `dir`).
+fn filled_snapshot(dir: &std::path::Path) -> Vec<u8> {
+    let base = p(dir, "base.vhd");
+    let leaf = p(dir, "leaf.vhd");
     ok(&["create", "-n", &base, "-s", "8"]);
     ok(&["snapshot", "-n", &leaf, "-p", &base]);
     ok(&["fill", "-n", &leaf, "-b", "-t", "5000"]);
-    let pristine = std::fs::read(&leaf).unwrap();
+    std::fs::read(&leaf).unwrap()
+}
+
+#[test]
+fn damaged_metadata_never_panics() {
+    let d = tmpdir();
+    let pristine = filled_snapshot(d.path());
     let meta_end = 8192.min(pristine.len());
     let n = pristine.len();
     let mut rng = Rng(0x5eed_1234_abcd_0001);
@@ -140,12 +132,8 @@ type FooterEdit = Box<dyn Fn(&mut blktap3::image::vhd::Footer)>;
 #[test]
 fn checksummed_header_and_footer_extremes_never_panic() {
     let d = tmpdir();
+    let pristine = filled_snapshot(d.path());
     let base = p(d.path(), "base.vhd");
-    let leaf = p(d.path(), "leaf.vhd");
-    ok(&["create", "-n", &base, "-s", "8"]);
-    ok(&["snapshot", "-n", &leaf, "-p", &base]);
-    ok(&["fill", "-n", &leaf, "-b", "-t", "5000"]);
-    let pristine = std::fs::read(&leaf).unwrap();
     let victim = p(d.path(), "v.vhd");
     let vals64 = [
         0u64,

@@ -2,61 +2,17 @@
 //! -> coalesce -> compare, on plain and encrypted chains, raw parents, fill, copy, and
 //! qemu-img as the independent reader of what we write.
 
-mod vhd_util_common;
-use vhd_util_common::*;
+mod common;
+use common::data::pattern;
+use common::image::{read_all, read_range, write};
+use common::vhd_util::*;
 
 use std::path::{Path, PathBuf};
 
 use blktap3::image::chain::{open_vhd_chain, OpenOptions};
-use blktap3::image::crypto::KeySource;
 use blktap3::image::Image;
 
 const MIB: usize = 1 << 20;
-
-fn open_rw(path: &str, keydir: Option<&Path>) -> impl Image {
-    let opts = OpenOptions {
-        read_only: false,
-        keys: keydir.map_or(KeySource::None, |d| KeySource::Dirs(vec![d.to_path_buf()])),
-        ..Default::default()
-    };
-    open_vhd_chain(Path::new(path), &opts).expect("open chain")
-}
-
-fn write(path: &str, keydir: Option<&Path>, sector: u64, data: &[u8]) {
-    let img = open_rw(path, keydir);
-    img.write(sector, data).unwrap();
-    img.close().unwrap();
-}
-
-fn read_all(path: &str, keydir: Option<&Path>) -> Vec<u8> {
-    let opts = OpenOptions {
-        keys: keydir.map_or(KeySource::None, |d| KeySource::Dirs(vec![d.to_path_buf()])),
-        ..Default::default()
-    };
-    let img = open_vhd_chain(Path::new(path), &opts).expect("open chain");
-    let mut buf = vec![0u8; (img.info().size_sectors * 512) as usize];
-    img.read(0, &mut buf).unwrap();
-    img.close().unwrap();
-    buf
-}
-
-fn read_range(path: &str, keydir: Option<&Path>, sector: u64, len: usize) -> Vec<u8> {
-    let opts = OpenOptions {
-        keys: keydir.map_or(KeySource::None, |d| KeySource::Dirs(vec![d.to_path_buf()])),
-        ..Default::default()
-    };
-    let img = open_vhd_chain(Path::new(path), &opts).expect("open chain");
-    let mut buf = vec![0u8; len];
-    img.read(sector, &mut buf).unwrap();
-    img.close().unwrap();
-    buf
-}
-
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect()
-}
 
 /// qemu-img's view of a dynamic VHD as raw bytes.
 fn qemu_raw(vhd: &str, dir: &Path) -> Option<Vec<u8>> {
@@ -139,19 +95,14 @@ fn coalesce_plain_chain_and_compare() {
     assert!(o.ends_with("\r100.00%\nCoalesced 73 sectors"), "{o:?}");
 
     // Not a differencing disk.
-    let o = run(&["coalesce", "-n", &base]);
-    assert_eq!(o.status, 22);
-    assert_eq!(
-        o.stdout,
-        "coalescing of non-differencing disks is not supported\nerror coalescing: -22\n"
+    expect_stdout(
+        &["coalesce", "-n", &base],
+        22,
+        "coalescing of non-differencing disks is not supported\nerror coalescing: -22\n",
     );
     let o = run(&["coalesce"]);
     assert_eq!(o.status, 22);
-    assert_eq!(
-        o.stdout,
-        "options: <-n name> [-a ancestor] [-o output] [-s sparse] [-p progress] \
-         [-x custom parent] [-h help]\n"
-    );
+    assert_eq!(o.stdout, COALESCE_USAGE);
 }
 
 #[test]
@@ -276,9 +227,11 @@ fn fill_allocates_everything_and_keeps_content() {
     if let Some(q) = qemu_raw(&e, d.path()) {
         assert_eq!(q, vec![0u8; 6 * MIB]);
     }
-    let o = run(&["fill", "-n", &e, "-f", "10"]);
-    assert_eq!(o.status, 22);
-    assert!(o.stdout.starts_with("-f/-t can only be used with -b\n"));
+    expect_stdout_start(
+        &["fill", "-n", &e, "-f", "10"],
+        22,
+        "-f/-t can only be used with -b\n",
+    );
 }
 
 #[test]
@@ -312,11 +265,10 @@ fn copy_flattens_and_optionally_encrypts() {
     ok(&["key", "-c", "-n", &enc, "-k", &kf.to_string_lossy()]);
     assert_eq!(read_all(&enc, Some(&keys)), want);
 
-    let o = run(&["copy", "-n", &leaf, "-N", &enc]);
-    assert_eq!(o.status, 22);
-    assert_eq!(
-        o.stdout,
-        format!("VHD file {enc} already exists, chose a different name\n")
+    expect_stdout(
+        &["copy", "-n", &leaf, "-N", &enc],
+        22,
+        &format!("VHD file {enc} already exists, chose a different name\n"),
     );
 }
 
@@ -561,13 +513,10 @@ fn check_finds_data_and_batmap_inconsistencies() {
     b[e0 * 512] &= 0x7f;
     std::fs::write(&f, &b).unwrap();
     assert_eq!(ok(&["check", "-n", &f]), format!("{f} is valid\n"));
-    let o = run(&["check", "-n", &f, "-b"]);
-    assert_eq!(o.status, 22);
-    assert!(
-        o.stdout
-            .starts_with("sector 0x0 of block 0x0 has data where bitmap is clear\n"),
-        "{}",
-        o.stdout
+    expect_stdout_start(
+        &["check", "-n", &f, "-b"],
+        22,
+        "sector 0x0 of block 0x0 has data where bitmap is clear\n",
     );
     // Batmap marks an unallocated block full (with a correct checksum).
     let g = p(d.path(), "g.vhd");
@@ -577,26 +526,20 @@ fn check_finds_data_and_batmap_inconsistencies() {
     let sum: u32 = b[2560..3072].iter().map(|&x| u32::from(x)).sum();
     b[2048 + 24..2048 + 28].copy_from_slice(&(!sum).to_be_bytes());
     std::fs::write(&g, &b).unwrap();
-    let o = run(&["check", "-n", &g]);
-    assert_eq!(o.status, 22);
-    assert!(
-        o.stdout
-            .starts_with("batmap shows unallocated block 1 full\n"),
-        "{}",
-        o.stdout
+    expect_stdout_start(
+        &["check", "-n", &g],
+        22,
+        "batmap shows unallocated block 1 full\n",
     );
     // A bad batmap checksum.
     b[2048 + 24] ^= 1;
     std::fs::write(&g, &b).unwrap();
     // blktap's check fails computing the end of the metadata (libvhd validates the
     // batmap there) before it looks at the batmap itself.
-    let o = run(&["check", "-n", &g]);
-    assert_eq!(o.status, 22);
-    assert!(
-        o.stdout
-            .starts_with("error calculating end of metadata: -22\n"),
-        "{}",
-        o.stdout
+    expect_stdout_start(
+        &["check", "-n", &g],
+        22,
+        "error calculating end of metadata: -22\n",
     );
 }
 
@@ -685,18 +628,19 @@ fn journaled_resize_moves_metadata_and_blocks() {
 
     // An existing journal is never reused.
     std::fs::write(&j, b"someone else's").unwrap();
-    let o = run(&["resize", "-n", &f, "-s", "600", "-j", &j]);
-    assert_eq!(o.status, 17);
-    assert_eq!(o.stdout, "creating journal failed: -17\n");
+    expect_stdout(
+        &["resize", "-n", &f, "-s", "600", "-j", &j],
+        17,
+        "creating journal failed: -17\n",
+    );
     assert_eq!(std::fs::read(&j).unwrap(), b"someone else's");
     std::fs::remove_file(&j).unwrap();
 
     // Shrinking is refused like blktap.
-    let o = run(&["resize", "-n", &f, "-s", "256", "-j", &j]);
-    assert_eq!(o.status, 38);
-    assert_eq!(
-        o.stdout,
-        "dynamic shrink not fully implemented\nresize failed: -38\n"
+    expect_stdout(
+        &["resize", "-n", &f, "-s", "256", "-j", &j],
+        38,
+        "dynamic shrink not fully implemented\nresize failed: -38\n",
     );
 }
 
@@ -726,10 +670,14 @@ fn interrupted_journaled_resize_reverts_exactly() {
     ok(&["create", "-n", &f, "-s", "4"]);
     let bogus = p(d.path(), "bogus");
     std::fs::write(&bogus, b"garbage").unwrap();
-    let o = run(&["revert", "-n", &f, "-j", &bogus]);
-    assert_eq!(o.status, 22);
-    assert_eq!(o.stdout, "reverting journal failed: -22\n");
-    let o = run(&["revert", "-n", &f]);
-    assert_eq!(o.status, 22);
-    assert_eq!(o.stdout, "options: <-n name> <-j journal> [-h help]\n");
+    expect_stdout(
+        &["revert", "-n", &f, "-j", &bogus],
+        22,
+        "reverting journal failed: -22\n",
+    );
+    expect_stdout(
+        &["revert", "-n", &f],
+        22,
+        "options: <-n name> <-j journal> [-h help]\n",
+    );
 }

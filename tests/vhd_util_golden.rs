@@ -11,13 +11,13 @@
 //! Optional cross-check: with `BLKTAP_C_VHD_UTIL=/path/to/c/vhd-util` set, the coalesce
 //! tests also run the C tool on copies of the same chains and require identical results.
 
-mod vhd_util_common;
-use vhd_util_common::*;
+mod common;
+use common::image::{read_all, write};
+use common::vhd_util::*;
 
 use std::path::{Path, PathBuf};
 
 use blktap3::image::chain::{open_vhd_chain, OpenOptions};
-use blktap3::image::crypto::KeySource;
 use blktap3::image::Image;
 
 const MIB: usize = 1 << 20;
@@ -121,33 +121,11 @@ fn materialize(name: &str) -> Vec<u8> {
     b
 }
 
-fn keys(dir: Option<&Path>) -> KeySource {
-    dir.map_or(KeySource::None, |d| KeySource::Dirs(vec![d.to_path_buf()]))
-}
-
-fn write(path: &str, keydir: Option<&Path>, sector: u64, data: &[u8]) {
-    let opts = OpenOptions {
-        read_only: false,
-        keys: keys(keydir),
-        ..Default::default()
-    };
-    let img = open_vhd_chain(Path::new(path), &opts).expect("open chain");
-    img.write(sector, data).unwrap();
-    img.close().unwrap();
-}
-
-fn read_all(path: &str) -> Vec<u8> {
-    let img = open_vhd_chain(Path::new(path), &OpenOptions::default()).expect("open chain");
-    let mut buf = vec![0u8; (img.info().size_sectors * 512) as usize];
-    img.read(0, &mut buf).unwrap();
-    img.close().unwrap();
-    buf
-}
-
+/// `common::data::pattern` with every byte odd (never zero).
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1)
-        .collect()
+    let mut v = common::data::pattern(len, seed);
+    v.iter_mut().for_each(|b| *b |= 1);
+    v
 }
 
 // ---------------------------------------------------------------------------------------
@@ -248,15 +226,11 @@ fn fixed_vhd_read_and_query_fail_like_blktap() {
             "read {opts:?}"
         );
     }
-    let o = run(&["query", "-n", &f, "-a"]);
-    assert_eq!(
-        (o.status, o.stdout.as_str()),
-        (22, "error reading bat: -22\n")
-    );
-    let o = run(&["query", "-n", &f, "-v", "-a"]);
-    assert_eq!(
-        (o.status, o.stdout.as_str()),
-        (22, "4\nerror reading bat: -22\n")
+    expect_stdout(&["query", "-n", &f, "-a"], 22, "error reading bat: -22\n");
+    expect_stdout(
+        &["query", "-n", &f, "-v", "-a"],
+        22,
+        "4\nerror reading bat: -22\n",
     );
     // Extensions (blktap refuses these too): headers and data of a fixed disk.
     let o = run(&["read", "-n", &f, "-p"]);
@@ -272,24 +246,22 @@ fn block_past_the_bat_names_the_last_requested_block() {
     let f = p(d.path(), "d.vhd");
     ok(&["create", "-n", &f, "-s", "8"]); // 4 blocks
     for opt in ["-b", "-m", "-j", "-d"] {
-        let o = run(&["read", "-n", &f, opt, "4"]);
-        assert_eq!(
-            (o.status, o.stderr.as_str()),
-            (34, "block 4 past end of file\n"),
-            "{opt}"
+        expect_stderr(
+            &["read", "-n", &f, opt, "4"],
+            34,
+            "block 4 past end of file\n",
         );
-        let o = run(&["read", "-n", &f, opt, "2", "-c", "3", "-x"]);
-        assert_eq!(
-            (o.status, o.stderr.as_str()),
-            (34, "block 0x4 past end of file\n"),
-            "{opt}"
+        expect_stderr(
+            &["read", "-n", &f, opt, "2", "-c", "3", "-x"],
+            34,
+            "block 0x4 past end of file\n",
         );
     }
     // The last block is in range.
-    let o = run(&["read", "-n", &f, "-b", "3"]);
-    assert_eq!(
-        (o.status, o.stdout.as_str()),
-        (0, "block: 3: offset: not allocated\n")
+    expect_stdout(
+        &["read", "-n", &f, "-b", "3"],
+        0,
+        "block: 3: offset: not allocated\n",
     );
 }
 
@@ -485,7 +457,7 @@ fn unclean_stop_leaves_a_valid_file() {
     img.flush().unwrap();
     std::mem::forget(img); // no close: the footer is not rewritten, the reserve not trimmed
     assert_eq!(ok(&["check", "-n", &f]), format!("{f} is valid\n"));
-    assert!(read_all(&f)[2 * MIB..2 * MIB + 4096] == data[..]);
+    assert!(read_all(&f, None)[2 * MIB..2 * MIB + 4096] == data[..]);
     assert_eq!(ok(&["query", "-n", &f, "-a"]), "1\n");
     if let Some(c) = c_tool() {
         assert_eq!(
@@ -530,25 +502,25 @@ fn run_c(c: &str, args: &[&str]) -> (i32, String) {
 fn coalesce_onto_an_ancestor() {
     let d = tmpdir();
     let (base, mid, leaf) = chain(d.path(), "a");
-    let leaf_view = read_all(&leaf);
-    let mid_before = read_all(&mid);
+    let leaf_view = read_all(&leaf, None);
+    let mid_before = read_all(&mid, None);
     let o = run(&["coalesce", "-n", &leaf, "-a", &base]);
     assert_eq!((o.status, o.stdout.as_str()), (0, ""), "{}", o.stderr);
     // The leaf's sectors are in base now, and mid no longer hides them.
-    let mut base_want = read_all(&base); // base alone (no parent)
+    let mut base_want = read_all(&base, None); // base alone (no parent)
     let mut mid_want = mid_before.clone();
     for (s, n) in [(48usize, 32usize), (5000, 8)] {
         let r = s * 512..(s + n) * 512;
         base_want[r.clone()].copy_from_slice(&leaf_view[r.clone()]);
         mid_want[r.clone()].copy_from_slice(&leaf_view[r]);
     }
-    assert_eq!(read_all(&base), base_want);
+    assert_eq!(read_all(&base, None), base_want);
     assert_eq!(
-        &read_all(&base)[48 * 512..80 * 512],
+        &read_all(&base, None)[48 * 512..80 * 512],
         &leaf_view[48 * 512..80 * 512]
     );
-    assert_eq!(read_all(&mid), mid_want);
-    assert_eq!(read_all(&leaf), leaf_view);
+    assert_eq!(read_all(&mid, None), mid_want);
+    assert_eq!(read_all(&leaf, None), leaf_view);
     // Block 1 of mid is no longer full: its batmap bit was cleared.
     let o = run(&["read", "-n", &mid, "-j", "1"]);
     assert_eq!(o.stdout, "batmap for block 1: 0\n");
@@ -561,39 +533,38 @@ fn coalesce_onto_an_ancestor() {
             run_c(&c, &["coalesce", "-n", &cl, "-a", &cb]),
             (0, String::new())
         );
-        assert_eq!(read_all(&cb)[..], base_want[..]);
-        assert_eq!(read_all(&cm)[..], mid_want[..]);
+        assert_eq!(read_all(&cb, None)[..], base_want[..]);
+        assert_eq!(read_all(&cm, None)[..], mid_want[..]);
     }
 
     // Errors: the ancestor is the child itself (EINVAL), or not in the chain (ENOENT).
-    let o = run(&["coalesce", "-n", &leaf, "-a", &leaf]);
-    assert_eq!(
-        (o.status, o.stdout.as_str()),
-        (22, "error coalescing: -22\n")
+    expect_stdout(
+        &["coalesce", "-n", &leaf, "-a", &leaf],
+        22,
+        "error coalescing: -22\n",
     );
     let other = p(d.path(), "other.vhd");
     ok(&["create", "-n", &other, "-s", "8"]);
-    let o = run(&["coalesce", "-n", &leaf, "-a", &other]);
-    assert_eq!((o.status, o.stdout.as_str()), (2, "error coalescing: -2\n"));
+    expect_stdout(
+        &["coalesce", "-n", &leaf, "-a", &other],
+        2,
+        "error coalescing: -2\n",
+    );
     // -a and -o together: usage.
     let o = run(&["coalesce", "-n", &leaf, "-a", &base, "-o", &other]);
     assert_eq!(o.status, 22);
-    assert_eq!(
-        o.stdout,
-        "options: <-n name> [-a ancestor] [-o output] [-s sparse] [-p progress] \
-         [-x custom parent] [-h help]\n"
-    );
+    assert_eq!(o.stdout, COALESCE_USAGE);
 }
 
 #[test]
 fn coalesce_to_a_new_output() {
     let d = tmpdir();
     let (_base, _mid, leaf) = chain(d.path(), "o");
-    let view = read_all(&leaf);
+    let view = read_all(&leaf, None);
     let out = p(d.path(), "flat.vhd");
     let o = run(&["coalesce", "-n", &leaf, "-o", &out]);
     assert_eq!((o.status, o.stdout.as_str()), (0, ""), "{}", o.stderr);
-    assert_eq!(read_all(&out), view);
+    assert_eq!(read_all(&out, None), view);
     // Standalone dynamic disk; blocks 0, 1 and 2 hold data, block 3 reads as zeros and
     // stays unallocated.
     assert_eq!(
@@ -615,7 +586,7 @@ fn coalesce_to_a_new_output() {
             run_c(&c, &["coalesce", "-n", &cl, "-o", &cout]),
             (0, String::new())
         );
-        assert_eq!(read_all(&cout), view);
+        assert_eq!(read_all(&cout, None), view);
         assert_eq!(ok(&["query", "-n", &cout, "-a"]), "2\n");
     }
 }
@@ -641,7 +612,7 @@ fn coalesce_with_a_custom_parent() {
         o.stderr
     );
     assert_eq!(
-        &read_all(&moved)[100 * 512..116 * 512],
+        &read_all(&moved, None)[100 * 512..116 * 512],
         &pattern(16 * 512, 6)[..]
     );
     let o = run(&["coalesce", "-n", &leaf, "-x", &p(d.path(), "nowhere.vhd")]);
@@ -660,7 +631,7 @@ fn coalesce_with_a_custom_parent() {
             run_c(&c, &["coalesce", "-n", &cleaf, "-x", &cmoved]),
             (0, String::new())
         );
-        assert!(read_all(&cmoved) == read_all(&moved));
+        assert!(read_all(&cmoved, None) == read_all(&moved, None));
     }
 }
 

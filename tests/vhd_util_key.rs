@@ -2,8 +2,8 @@
 //! hash (OpenXT reference §1.2 hex dump), `snapshot -K`, and the passphrase extra.
 //! Expected hashes are SHA-256(nonce || key) computed independently (Python hashlib).
 
-mod vhd_util_common;
-use vhd_util_common::*;
+mod common;
+use common::vhd_util::*;
 
 /// SHA-256(32 zero bytes || 00..3f), as in the reference's verified hex dump.
 const H64: &str = "dc7a48014fc1fac8b52af39bc7ea5cafafabf8bb81fb8f880fdf3b4a4566795c";
@@ -86,20 +86,18 @@ fn set_print_check_and_layout() {
 
     // Wrong key.
     let other = keyfile(d.path(), "other,aes-xts-plain,256.key", 32);
-    let o = run(&["key", "-c", "-n", &vhd, "-k", &other]);
-    assert_eq!(o.status, 22);
-    assert_eq!(
-        o.stderr,
-        "vhd_util_check_key: vhd hash doesn't match key hash\nkey check failed: -22\n"
+    expect_stderr(
+        &["key", "-c", "-n", &vhd, "-k", &other],
+        22,
+        "vhd_util_check_key: vhd hash doesn't match key hash\nkey check failed: -22\n",
     );
     // No keyhash.
     let plain = p(d.path(), "plain.vhd");
     ok(&["create", "-n", &plain, "-s", "10"]);
-    let o = run(&["key", "-c", "-n", &plain, "-k", &k]);
-    assert_eq!(o.status, 22);
-    assert_eq!(
-        o.stderr,
-        "vhd_util_check_key: this vhd has no keyhash\nkey check failed: -22\n"
+    expect_stderr(
+        &["key", "-c", "-n", &plain, "-k", &k],
+        22,
+        "vhd_util_check_key: this vhd has no keyhash\nkey check failed: -22\n",
     );
 }
 
@@ -127,21 +125,19 @@ fn refusals_and_usage() {
     // Fixed disks.
     let fixed = p(d.path(), "fixed.vhd");
     ok(&["create", "-n", &fixed, "-s", "2", "-r"]);
-    let o = run(&["key", "-s", "-n", &fixed, "-k", &k]);
-    assert_eq!(o.status, 22);
-    assert_eq!(
-        o.stderr,
-        "vhd_util_set_key: can't save key hashes for fixed vhds\nsetting key failed: -22\n"
+    expect_stderr(
+        &["key", "-s", "-n", &fixed, "-k", &k],
+        22,
+        "vhd_util_set_key: can't save key hashes for fixed vhds\nsetting key failed: -22\n",
     );
     // Disks with data.
     let full = p(d.path(), "full.vhd");
     ok(&["create", "-n", &full, "-s", "4"]);
     ok(&["fill", "-n", &full, "-b", "-t", "0"]);
-    let o = run(&["key", "-s", "-n", &full, "-k", &k]);
-    assert_eq!(o.status, 22);
-    assert_eq!(
-        o.stderr,
-        "vhd_util_set_key: can't save key hashes for non-empty vhds\nsetting key failed: -22\n"
+    expect_stderr(
+        &["key", "-s", "-n", &full, "-k", &k],
+        22,
+        "vhd_util_set_key: can't save key hashes for non-empty vhds\nsetting key failed: -22\n",
     );
     assert_eq!(ok(&["key", "-p", "-n", &full]), "none\n");
     // An empty differencing disk is allowed.
@@ -171,9 +167,11 @@ fn refusals_and_usage() {
     assert_eq!(run(&["key", "-n", &base]).status, 22);
     assert_eq!(run(&["key", "-h"]).status, 0);
     let missing = p(d.path(), "missing.vhd");
-    let o = run(&["key", "-p", "-n", &missing]);
-    assert_eq!(o.status, 2);
-    assert_eq!(o.stderr, format!("failed to open {missing}: -2\n"));
+    expect_stderr(
+        &["key", "-p", "-n", &missing],
+        2,
+        &format!("failed to open {missing}: -2\n"),
+    );
 }
 
 #[test]

@@ -3,6 +3,9 @@
 //! The real backend is tapdisk's job; this loop exists to check the frontend and the
 //! blkif/xen building blocks together.
 
+mod common;
+use common::data::pattern;
+
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -315,12 +318,6 @@ impl Drop for Rig {
 }
 
 const T: Duration = Duration::from_secs(10);
-
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect()
-}
 
 fn io_round_trip<X: XenStore>(f: &mut SimBlkfront<X>) {
     let data = pattern(44 * 1024, 3);

@@ -7,13 +7,13 @@
 //! so the sectors read as zeros); flush and barrier leave the data unchanged. Requests of a
 //! batch never overlap each other, so the model does not depend on completion order.
 
-mod xenio_common;
+mod common;
 
 use blktap3::blkif::ring::header_index;
 use blktap3::blkif::{op, Abi};
 use blktap3::control::msg::{Reply, Request};
 use blktap3::xen::sim::{MemXsConn, SimBlkfront};
-use xenio_common::*;
+use common::xenio::*;
 
 const SECTORS_PER_PAGE: u64 = 8;
 
@@ -46,16 +46,9 @@ fn workload(
             };
             let pages = 1 + rng.below(max_pages);
             let sectors = pages * SECTORS_PER_PAGE - rng.below(SECTORS_PER_PAGE);
-            let mut pick = None;
-            for _ in 0..10 {
-                let s = rng.below(disk_sectors - sectors);
-                if used.iter().all(|&(a, b)| s + sectors <= a || s >= b) {
-                    pick = Some(s);
-                    break;
-                }
-            }
-            let Some(sector) = pick else { continue };
-            used.push((sector, sector + sectors));
+            let Some(sector) = pick_free(rng, &mut used, disk_sectors, sectors, 10) else {
+                continue;
+            };
             let off = (sector * 512) as usize;
             let len = (sectors * 512) as usize;
             let (id, p) = match dice {

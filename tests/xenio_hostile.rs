@@ -17,7 +17,7 @@
 //! `hostile_stream_million` runs 1 000 000 (`scripts/xenio-hostile-million.sh` runs it in
 //! release).
 
-mod xenio_common;
+mod common;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,7 +30,7 @@ use blktap3::blkif::{op, parse_request, Abi, ParseConfig, Parsed, SharedMem, Sta
 use blktap3::xen::sim::{MemXsConn, SimBlkfront, SimDomain};
 use blktap3::xen::xenstore::{Tx, XenStore};
 use blktap3::xen::{EventChannel, Port};
-use xenio_common::*;
+use common::xenio::*;
 
 const DISK: usize = 4 << 20;
 const BAD_GREF: u32 = 0x8000_0000;
@@ -459,16 +459,9 @@ fn run(total: usize, abi: Abi, order: u32, seed: u64) {
             if rng.below(10) == 0 {
                 // A valid request on a region nobody else touches in this batch.
                 let sectors = 1 + rng.below(64);
-                let mut pick = None;
-                for _ in 0..8 {
-                    let s = rng.below(disk_sectors - sectors);
-                    if used.iter().all(|&(a, b)| s + sectors <= a || s >= b) {
-                        pick = Some(s);
-                        break;
-                    }
-                }
-                let Some(sector) = pick else { continue };
-                used.push((sector, sector + sectors));
+                let Some(sector) = pick_free(&mut rng, &mut used, disk_sectors, sectors, 8) else {
+                    continue;
+                };
                 let off = sector as usize * 512;
                 let len = sectors as usize * 512;
                 let id = if rng.below(2) == 0 {

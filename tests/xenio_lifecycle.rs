@@ -2,7 +2,7 @@
 //! socket), disconnect with I/O in flight (dead ring), reconnect after a guest reboot, two
 //! rings plus NBD on one VBD, pause/resume with requests queued in the ring.
 
-mod xenio_common;
+mod common;
 
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
@@ -19,7 +19,7 @@ use blktap3::control::msg::{
 use blktap3::control::server::{serve_connection, ControlServer};
 use blktap3::control::ControlError;
 use blktap3::nbd::client::Client as NbdClient;
-use xenio_common::*;
+use common::xenio::*;
 
 fn blkif(domid: u32, devid: u32, order: u32) -> Blkif {
     Blkif {

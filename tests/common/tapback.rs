@@ -1,6 +1,5 @@
 //! Shared test rig for tapback: a fake tapdisk set recording calls, a recording xenstore
 //! wrapper, and helpers playing the toolstack and the frontend over the in-memory xenstore.
-#![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::os::fd::{AsFd, BorrowedFd};
@@ -371,6 +370,13 @@ impl Rig {
             before_commit: Arc::clone(&self.before_commit),
         };
         Backend::new(xs, self.tap.clone(), cfg, Instant::now()).unwrap()
+    }
+
+    /// A backend with the default configuration that has handled what is already there.
+    pub fn started(&self) -> TestBackend {
+        let mut b = self.backend(BackendConfig::default());
+        pump(&mut b);
+        b
     }
 
     /// The toolstack creates a vbd3 device served by tapdisk `pid` minor `minor`, announced

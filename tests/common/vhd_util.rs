@@ -1,6 +1,5 @@
 //! Helpers shared by the vhd-util integration tests: run the built binary, make temp
 //! directories and key files.
-#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -11,6 +10,11 @@ pub struct Out {
     pub stderr: String,
     pub raw: Vec<u8>,
 }
+
+/// vhd-util coalesce's usage line.
+pub const COALESCE_USAGE: &str =
+    "options: <-n name> [-a ancestor] [-o output] [-s sparse] [-p progress] \
+     [-x custom parent] [-h help]\n";
 
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_vhd-util")
@@ -94,4 +98,37 @@ pub fn be32(f: &[u8], off: usize) -> u32 {
 }
 pub fn be64(f: &[u8], off: usize) -> u64 {
     u64::from_be_bytes(f[off..off + 8].try_into().unwrap())
+}
+
+/// Runs vhd-util with `args`; asserts its exit status and its whole stdout.
+pub fn expect_stdout(args: &[&str], status: i32, stdout: &str) {
+    let o = run(args);
+    assert_eq!(
+        (o.status, o.stdout.as_str()),
+        (status, stdout),
+        "vhd-util {args:?} (stderr {:?})",
+        o.stderr
+    );
+}
+
+/// Runs vhd-util with `args`; asserts its exit status and its whole stderr.
+pub fn expect_stderr(args: &[&str], status: i32, stderr: &str) {
+    let o = run(args);
+    assert_eq!(
+        (o.status, o.stderr.as_str()),
+        (status, stderr),
+        "vhd-util {args:?} (stdout {:?})",
+        o.stdout
+    );
+}
+
+/// Runs vhd-util with `args`; asserts its exit status and that its stdout starts with `start`.
+pub fn expect_stdout_start(args: &[&str], status: i32, start: &str) {
+    let o = run(args);
+    assert!(
+        o.status == status && o.stdout.starts_with(start),
+        "vhd-util {args:?}: status {} (want {status}), stdout {:?} (want it to start with {start:?})",
+        o.status,
+        o.stdout
+    );
 }

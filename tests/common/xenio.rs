@@ -1,7 +1,6 @@
 //! Test rig for the blkif data path: an in-process tapdisk on a simulated Xen (SimXen), a
 //! minimal xenstore backend negotiator that issues XENBLKIF_CONNECT through the control API,
 //! and the simulated blkfront on the guest side.
-#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::channel;
@@ -267,6 +266,25 @@ impl Rng {
             c.copy_from_slice(&v[..c.len()]);
         }
     }
+}
+
+/// A start sector for `sectors` sectors of a `disk_sectors` disk overlapping none of the
+/// ranges in `used`, from at most `tries` random picks; the range is added to `used`.
+pub fn pick_free(
+    rng: &mut Rng,
+    used: &mut Vec<(u64, u64)>,
+    disk_sectors: u64,
+    sectors: u64,
+    tries: usize,
+) -> Option<u64> {
+    for _ in 0..tries {
+        let s = rng.below(disk_sectors - sectors);
+        if used.iter().all(|&(a, b)| s + sectors <= a || s >= b) {
+            used.push((s, s + sectors));
+            return Some(s);
+        }
+    }
+    None
 }
 
 /// Wait for exactly `n` completions.
