@@ -513,3 +513,78 @@ fn tapdev_links_stand_in_for_missing_backend_identifiers() {
         .unwrap()
         .is_empty());
 }
+
+/// Without backend identifiers the tapdev links are the only record, so they are trusted
+/// only where they cannot name another VBD's device: a stale destroy of a dead tapdisk
+/// whose minor went to a new VBD leaves that VBD's device and link alone, and a device
+/// named by two links (one stale) is neither handed out nor reaped.
+#[test]
+fn stale_pids_and_links_never_reach_another_vbds_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let params = aio_raw(dir.path(), "disk.raw", 1 << 20);
+    let sim = Arc::new(SimKernelNbd::new());
+    let c = client(dir.path()).with_kernel_nbd(Arc::new(NoBackendKernel(sim.clone())));
+    let connected = || -> Vec<u32> { sim.devices().into_iter().map(|(i, _)| i).collect() };
+
+    // A dies and is destroyed; its minor and device go to Q.
+    let a = c.create(OpenRequest::new(0, params.clone()), None).unwrap();
+    kill(a.pid);
+    c.destroy(a.pid, a.minor, false, None).unwrap();
+    let q = c.create(OpenRequest::new(0, params.clone()), None).unwrap();
+    assert_eq!(q.minor, a.minor, "the freed minor is reused");
+    let q_dev = tapdev_target(dir.path(), q.minor).expect("Q's link");
+    // A retried destroy of A must not touch Q.
+    let calls = sim.calls().len();
+    let _ = c.destroy(a.pid, a.minor, false, None);
+    assert_eq!(sim.calls().len(), calls, "no disconnect: {:?}", sim.calls());
+    assert_eq!(tapdev_target(dir.path(), q.minor), Some(q_dev.clone()));
+    assert_eq!(c.nbd_device_of(a.pid, a.minor), None);
+    assert_eq!(
+        c.nbd_device_of(q.pid, q.minor),
+        blktap3::nbd::kernel::parse_device_name(q_dev.to_str().unwrap())
+    );
+
+    // A stale second link to Q's device: ambiguous, so neither resolved nor reaped.
+    let q_index = blktap3::nbd::kernel::parse_device_name(q_dev.to_str().unwrap()).unwrap();
+    std::os::unix::fs::symlink(&q_dev, tapdev_dir(dir.path()).join("tapdev900")).unwrap();
+    assert_eq!(c.vbd_of_nbd_device(q_index), None);
+    let r = c.create(OpenRequest::new(0, params.clone()), None).unwrap();
+    assert!(connected().contains(&q_index), "{:?}", sim.calls());
+    std::fs::remove_file(tapdev_dir(dir.path()).join("tapdev900")).unwrap();
+    assert_eq!(c.vbd_of_nbd_device(q_index), Some((q.pid, q.minor)));
+
+    for v in [&q, &r] {
+        c.destroy(v.pid, v.minor, false, None).unwrap();
+    }
+    assert!(connected().is_empty());
+}
+
+/// Without backend identifiers a device whose tapdev link cannot be made would be
+/// unreachable for destroy: create serves the socket instead and gives the device back.
+/// With them the device is kept (the kernel says whose it is).
+#[test]
+fn a_device_without_link_or_backend_identifier_is_not_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let params = aio_raw(dir.path(), "disk.raw", 1 << 20);
+    // Something that is not a directory where the links go: every link fails.
+    std::fs::create_dir_all(dir.path().join("dev/xen")).unwrap();
+    std::fs::write(tapdev_dir(dir.path()), b"").unwrap();
+
+    let sim = Arc::new(SimKernelNbd::new());
+    let c = client(dir.path()).with_kernel_nbd(Arc::new(NoBackendKernel(sim.clone())));
+    let v = c.create(OpenRequest::new(0, params.clone()), None).unwrap();
+    assert_eq!(
+        v.devname,
+        nbd_socket_path(&dir.path().join("ctl"), v.pid, v.minor)
+    );
+    assert!(sim.devices().is_empty(), "{:?}", sim.calls());
+    c.destroy(v.pid, v.minor, false, None).unwrap();
+
+    let sim = Arc::new(SimKernelNbd::new());
+    let c = client(dir.path()).with_kernel_nbd(sim.clone());
+    let v = c.create(OpenRequest::new(0, params), None).unwrap();
+    assert_eq!(v.devname, Path::new("/dev/nbd0"));
+    assert_eq!(v.tapdev, None);
+    c.destroy(v.pid, v.minor, false, None).unwrap();
+    assert!(sim.devices().is_empty());
+}

@@ -167,13 +167,18 @@ impl Client {
     /// The kernel's backend identifier (`/sys/block/nbdN/backend`) says which device holds
     /// the VBD's socket. Kernels older than the identifier (Linux 4.14 of OpenXT 8 among
     /// them) accept and ignore it; there the `tapdev<minor>` link `create` made is the
-    /// record, trusted unless the kernel names another backend for that device.
+    /// record, trusted only while `pid` is the tapdisk of `minor` (a stale pid must not
+    /// reach the device of the VBD that now has the minor) and unless the kernel names
+    /// another backend for that device.
     pub fn nbd_device_of(&self, pid: i32, minor: u16) -> Option<u32> {
         let k = self.kernel_for_cleanup()?;
         let sock = nbd_socket_path(&self.dir, pid, minor);
         let sock = sock.to_str()?;
         if let Some(index) = kernel::find_by_backend(&*k, sock) {
             return Some(index);
+        }
+        if self.pid_of_minor(minor) != Some(pid) {
+            return None;
         }
         let index = self.linked_device(minor)?;
         match kernel::backend_of(&*k, index) {
@@ -204,7 +209,9 @@ impl Client {
         kernel::parse_device_name(target.to_str()?).filter(|&i| kernel::device_path(i) == target)
     }
 
-    /// Every `tapdev<minor>` link to a `/dev/nbdN`: (minor, N), by minor.
+    /// Every `tapdev<minor>` link to a `/dev/nbdN`: (minor, N), by minor. A device named
+    /// by more than one link (one of them stale) is left out: which VBD has it is unknown,
+    /// and guessing could hand a guest, or a disconnect, another VBD's disk.
     fn tapdev_links(&self) -> Vec<(u16, u32)> {
         let Ok(rd) = std::fs::read_dir(&self.tapdev_dir) else {
             return Vec::new();
@@ -215,6 +222,19 @@ impl Client {
             .filter_map(|m| Some((m, self.linked_device(m)?)))
             .collect();
         out.sort_unstable();
+        let named_twice: Vec<u32> = out
+            .iter()
+            .filter(|(_, i)| out.iter().filter(|(_, j)| j == i).count() > 1)
+            .map(|&(_, i)| i)
+            .collect();
+        if !named_twice.is_empty() {
+            log::warn!(
+                "{}: /dev/nbd{:?} named by more than one tapdev link; ignored",
+                self.tapdev_dir.display(),
+                named_twice
+            );
+            out.retain(|(_, i)| !named_twice.contains(i));
+        }
         out
     }
 
@@ -602,6 +622,12 @@ impl Client {
     /// tapdisk that never got its VBD is terminated).
     pub fn create(&self, open: OpenRequest, timeout: Option<Duration>) -> Result<Created> {
         split_params(&open.params)?;
+        // Before a minor is taken: a dead earlier holder of the minor we get must not keep
+        // its device (its link would be overwritten below and the device leaked).
+        let kernel = self.kernel_for_create();
+        if let Some(k) = &kernel {
+            self.reap_orphaned_devices(&**k);
+        }
         let (minor, _) = self.allocate()?;
         let pid = match self.spawn() {
             Ok(p) => p,
@@ -627,39 +653,47 @@ impl Client {
             }
         };
         let socket = nbd_socket_path(&self.dir, pid, minor);
-        let devname = match self.kernel_for_create() {
-            None => socket,
-            Some(k) => {
-                self.reap_orphaned_devices(&*k);
-                match kernel::attach(&*k, &socket, info.sector_size) {
-                    Ok(index) => kernel::device_path(index),
+        let attached = kernel.and_then(|k| match kernel::attach(&*k, &socket, info.sector_size) {
+            Ok(index) => Some((k, index)),
+            Err(e) => {
+                log::debug!(
+                    "kernel nbd attach of {}: {}; using the socket",
+                    socket.display(),
+                    error_chain(&e)
+                );
+                None
+            }
+        });
+        let (devname, tapdev) = match attached {
+            None => {
+                // A link left from an earlier user of this minor would name someone else's disk.
+                self.remove_tapdev(minor, None);
+                (socket, None)
+            }
+            Some((k, index)) => {
+                let dev = kernel::device_path(index);
+                match tapdev::link(&self.tapdev_dir, minor, &dev) {
+                    Ok(()) => (dev, Some(tapdev::tapdev_path(&self.tapdev_dir, minor))),
                     Err(e) => {
-                        log::debug!(
-                            "kernel nbd attach of {}: {}; using the socket",
-                            socket.display(),
-                            error_chain(&e)
+                        log::warn!(
+                            "link {} to {}: {e}",
+                            tapdev::tapdev_path(&self.tapdev_dir, minor).display(),
+                            dev.display()
                         );
-                        socket
+                        if kernel::backend_of(&*k, index).is_some() {
+                            (dev, None)
+                        } else {
+                            // Without a backend identifier the link is the only record of
+                            // which VBD has the device: without it destroy could never
+                            // disconnect it. Serve the socket instead.
+                            if let Err(e) = k.disconnect(index) {
+                                log::warn!("disconnect {}: {}", dev.display(), error_chain(&e));
+                            }
+                            (socket, None)
+                        }
                     }
                 }
             }
-        };
-        let tapdev = if kernel::parse_device_name(&devname.to_string_lossy()).is_some() {
-            match tapdev::link(&self.tapdev_dir, minor, &devname) {
-                Ok(()) => Some(tapdev::tapdev_path(&self.tapdev_dir, minor)),
-                Err(e) => {
-                    log::warn!(
-                        "link {} to {}: {e}",
-                        tapdev::tapdev_path(&self.tapdev_dir, minor).display(),
-                        devname.display()
-                    );
-                    None
-                }
-            }
-        } else {
-            // A link left from an earlier user of this minor would name someone else's disk.
-            self.remove_tapdev(minor, None);
-            None
         };
         Ok(Created {
             pid,
@@ -693,17 +727,20 @@ impl Client {
                 self.remove_tapdev(minor, Some(&kernel::device_path(index)));
             }
         }
+        // Links go before the minor is freed: once free, another create may take the minor
+        // and publish its own link under the same name.
         if !process_exists(pid) {
             log::warn!("tapdisk {pid} is not running; releasing minor {minor}");
-            self.free_when_released(minor)?;
-            self.remove_tapdev(minor, None);
-            return Ok(());
+            // Unless another tapdisk has the minor now (a stale destroy): its link stays.
+            if self.pid_of_minor(minor).is_none_or(|p| p == pid) {
+                self.remove_tapdev(minor, None);
+            }
+            return self.free_when_released(minor);
         }
         self.close(pid, minor, force, timeout)?;
         self.detach(pid, minor)?;
-        self.free_when_released(minor)?;
         self.remove_tapdev(minor, None);
-        Ok(())
+        self.free_when_released(minor)
     }
 
     /// Disconnect every kernel NBD device still attached to an export of this control

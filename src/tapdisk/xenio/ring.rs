@@ -313,6 +313,7 @@ impl Ring {
     fn submit(&mut self, ctx: &mut Ctx<'_>, vbd: &mut Vbd, tag: RingTag, op: Op) {
         let (id, wire_op, bytes) = (tag.id, tag.op, tag.bytes);
         let acct = tag.kind.acct();
+        let is_sync = matches!(tag.kind, RingKind::Sync { .. });
         match vbd.begin_io(ctx.io, Door::Ring(tag), acct, op) {
             Ok(()) => {
                 self.jobs += 1;
@@ -322,6 +323,11 @@ impl Ring {
             Err(e) => {
                 debug!("ring {}/{}: {e}", self.domid, self.devid);
                 self.stats.err_vbd += 1;
+                // An answered flush/barrier must not hold the ring back (`service` waits
+                // while one is pending).
+                if is_sync {
+                    self.sync = None;
+                }
                 self.respond(ctx, id, wire_op, Status::Error);
             }
         }
