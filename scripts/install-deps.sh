@@ -11,7 +11,7 @@
 # exact version through qemu-system-common/qemu-block-extra). Three cases are handled:
 #   - nothing installed: both from the apt sources;
 #   - qemu-utils installed and a qemu-system-x86 of the same version available (e.g. the
-#     backports are in the sources): that version;
+#     backports are in the sources): qemu-system-x86 from that release;
 #   - qemu-utils installed from a series the sources no longer carry (these machines come with
 #     qemu-utils 10.0 from bookworm-backports and bookworm's sources only, where a plain install
 #     fails with "held broken packages"): both at qemu-system-x86's candidate version, which
@@ -71,6 +71,13 @@ if [ "$profile" = test ]; then
     extra_checks+=(/usr/share/selinux/devel/Makefile)
 fi
 
+# release_of PKG VERSION: the release (suite) of the apt sources that offers PKG at VERSION.
+release_of() {
+    apt-cache policy "$1" | awk -v v="$2" '
+        /^ +(\*\*\* )?[^ ]+ [0-9]+$/ { cur = ($1 == "***") ? $2 : $1; next }
+        cur == v && $2 ~ /^(https?|file|cdrom):/ { split($3, a, "/"); print a[1]; exit }'
+}
+
 # Which qemu packages to ask for, with versions where the series must be forced.
 qemu_args=()
 qemu_plan() {
@@ -84,8 +91,12 @@ qemu_plan() {
     fi
     if [ -z "$installed" ]; then
         qemu_args+=(qemu-system-x86 qemu-utils)
-    elif apt-cache madison qemu-system-x86 | awk -F'|' '{gsub(/ /, "", $2); print $2}' | grep -qxF "$installed"; then
-        qemu_args+=("qemu-system-x86=$installed")
+    elif rel=$(release_of qemu-system-x86 "$installed") && [ -n "$rel" ]; then
+        # The sources still carry that series (e.g. bookworm-backports): take qemu-system-x86
+        # and its dependencies (qemu-system-common, -data, seabios) from that release. A
+        # plain "=version" would pin the named package only and leave its dependencies at
+        # the default release's versions, which conflict.
+        qemu_args+=(-t "$rel" qemu-system-x86)
     else
         cand=$(apt-cache policy qemu-system-x86 | sed -n 's/^ *Candidate: //p')
         if [ -z "$cand" ] || [ "$cand" = "(none)" ]; then

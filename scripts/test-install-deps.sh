@@ -5,17 +5,24 @@
 #              installs the rest; a second `test` run installs nothing.
 #   backport:  bookworm with qemu-utils from bookworm-backports installed and the backports
 #              source removed again (how these machines come): `install-deps.sh test` ends with
-#              one qemu series.
+#              one qemu series (bookworm's, qemu-utils downgraded).
+#   backport-kept: the same with the backports source kept: qemu-system-x86 comes from the
+#              backports, qemu-utils stays.
 # The host's Rust toolchain (rustup/cargo homes) is bind-mounted into the roots: a new machine
 # of this kind comes with it, and no toolchain can be downloaded here.
-# Prints "install-deps-roots: N passed, M failed". Usage: scripts/test-install-deps.sh [plain|backport]...
+# Prints "install-deps-roots: N passed, M failed".
+# Usage: scripts/test-install-deps.sh [plain|backport|backport-kept]...
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 work=$here/target/install-deps-roots
 cases=("$@")
-[ "${#cases[@]}" -gt 0 ] || cases=(plain backport)
+[ "${#cases[@]}" -gt 0 ] || cases=(plain backport backport-kept)
 
-[ "$(id -u)" -eq 0 ] || { echo "test-install-deps: run as root (mmdebstrap, chroot, mounts)" >&2; exit 1; }
+if [ "$(id -u)" -ne 0 ]; then
+    echo "test-install-deps: skipped: needs root (mmdebstrap, chroot, mounts)" >&2
+    echo "install-deps-roots: 0 passed, 0 failed, ${#cases[@]} skipped"
+    exit 0
+fi
 command -v mmdebstrap >/dev/null || { echo "test-install-deps: mmdebstrap is required (scripts/install-deps.sh)" >&2; exit 1; }
 cargo_home=${CARGO_HOME:-$HOME/.cargo}
 rustup_home=${RUSTUP_HOME:-$HOME/.rustup}
@@ -122,24 +129,30 @@ case_plain() {
     cleanup
 }
 
+# case_backport NAME keep|drop: qemu-utils from bookworm-backports, the source kept or dropped
 case_backport() {
-    local root=$work/backport bpo
-    echo "== bookworm with qemu-utils from bookworm-backports (as these machines come)"
+    local name=$1 keep=$2 root=$work/$1 bpo
+    echo "== bookworm with qemu-utils from bookworm-backports, backports source: $keep"
     make_root "$root"
     enter "$root"
     echo "deb $mirror bookworm-backports main" >"$root/etc/apt/sources.list.d/backports.list"
     in_root "$root" apt-get update -qq
     in_root "$root" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -t bookworm-backports qemu-utils >/dev/null
-    rm "$root/etc/apt/sources.list.d/backports.list"
-    in_root "$root" apt-get update -qq
+    if [ "$keep" = drop ]; then
+        rm "$root/etc/apt/sources.list.d/backports.list"
+        in_root "$root" apt-get update -qq
+    fi
     bpo=$(pkg_version "$root" qemu-utils)
     echo "  pre-installed qemu-utils $bpo"
-    check "backport: qemu-utils from the backports is installed" grep -q 'bpo' <<<"$bpo"
-    check "backport: install-deps test" run_logged "$root" "$work/backport-test-deps.log" /src/scripts/install-deps.sh test
-    check "backport: one qemu series" same_qemu_series "$root"
+    check "$name: qemu-utils from the backports is installed" grep -q 'bpo' <<<"$bpo"
+    check "$name: install-deps test" run_logged "$root" "$work/$name-test-deps.log" /src/scripts/install-deps.sh test
+    check "$name: one qemu series" same_qemu_series "$root"
+    if [ "$keep" = keep ]; then
+        check "$name: qemu-utils kept at $bpo" test "$(pkg_version "$root" qemu-utils)" = "$bpo"
+    fi
     local q
     for q in qemu-img qemu-io qemu-nbd qemu-system-x86_64; do
-        check "backport: $q runs" run_logged "$root" "$work/backport-$q.log" "$q" --version
+        check "$name: $q runs" run_logged "$root" "$work/$name-$q.log" "$q" --version
     done
     cleanup
 }
@@ -148,7 +161,8 @@ mkdir -p "$work"
 for c in "${cases[@]}"; do
     case $c in
     plain) case_plain ;;
-    backport) case_backport ;;
+    backport) case_backport backport drop ;;
+    backport-kept) case_backport backport-kept keep ;;
     *) echo "test-install-deps: unknown case $c" >&2; exit 2 ;;
     esac
 done
