@@ -162,6 +162,25 @@ fn check_geometry<M: SharedMem>(mem: &M, abi: Abi, order: u32) -> Result<u32, Ri
 /// One item taken from the ring by [`BackRing::next_request`].
 pub type Taken = Result<Parsed, Rejected>;
 
+/// The second half of `RING_FINAL_CHECK_FOR_{REQUESTS,RESPONSES}`: nothing was pending, so
+/// ask for a notification at `cons + 1` (the event field at `event_off`) and look again, so
+/// an entry produced concurrently is never missed (either it is seen now, or the producer
+/// sees the new event index and notifies).
+fn final_check<M: SharedMem>(
+    mem: &M,
+    event_off: usize,
+    cons: Wrapping<u32>,
+    unconsumed: impl Fn() -> Result<u32, RingError>,
+) -> Result<bool, RingError> {
+    if unconsumed()? > 0 {
+        return Ok(true);
+    }
+    mem.store_u32(event_off, (cons + Wrapping(1)).0, Ordering::Relaxed);
+    // mb(): the event index store before re-reading the producer index.
+    fence(Ordering::SeqCst);
+    Ok(unconsumed()? > 0)
+}
+
 /// The backend end of a blkif ring (`BACK_RING_ATTACH`).
 #[derive(Debug)]
 pub struct BackRing<M> {
@@ -309,17 +328,10 @@ impl<M: SharedMem> BackRing<M> {
     /// `req_cons + 1` and check again, so a request produced concurrently is never missed
     /// (either we see it now, or the frontend sees the new `req_event` and notifies us).
     pub fn final_check_for_requests(&mut self) -> Result<bool, RingError> {
-        if self.unconsumed_requests()? > 0 {
-            return Ok(true);
-        }
-        self.mem.store_u32(
-            sring::REQ_EVENT,
-            (self.req_cons + Wrapping(1)).0,
-            Ordering::Relaxed,
-        );
-        // mb(): the req_event store before re-reading req_prod.
-        fence(Ordering::SeqCst);
-        Ok(self.unconsumed_requests()? > 0)
+        let cons = self.req_cons;
+        final_check(&self.mem, sring::REQ_EVENT, cons, || {
+            self.unconsumed_requests()
+        })
     }
 }
 
@@ -439,17 +451,10 @@ impl<M: SharedMem> FrontRing<M> {
 
     /// `RING_FINAL_CHECK_FOR_RESPONSES`.
     pub fn final_check_for_responses(&mut self) -> Result<bool, RingError> {
-        if self.unconsumed_responses()? > 0 {
-            return Ok(true);
-        }
-        self.mem.store_u32(
-            sring::RSP_EVENT,
-            (self.rsp_cons + Wrapping(1)).0,
-            Ordering::Relaxed,
-        );
-        // mb(): rsp_event store before re-reading rsp_prod.
-        fence(Ordering::SeqCst);
-        Ok(self.unconsumed_responses()? > 0)
+        let cons = self.rsp_cons;
+        final_check(&self.mem, sring::RSP_EVENT, cons, || {
+            self.unconsumed_responses()
+        })
     }
 }
 
