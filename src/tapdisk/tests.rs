@@ -216,14 +216,7 @@ fn lifecycle_attach_open_close_detach_then_exit() {
         h.call(Request::Attach { minor: 1 }),
         Reply::Error(libc::EEXIST)
     );
-    assert_eq!(
-        h.call(Request::List),
-        Reply::List(vec![ListEntry {
-            minor: 1,
-            state: VbdState::CLOSED,
-            params: String::new()
-        }])
-    );
+    assert_eq!(h.call(Request::List), only_closed(1));
     assert_eq!(h.open(1, "aio:/missing", 0), Reply::Error(libc::ENOENT));
     assert_eq!(h.open(1, "qcow:/a", 0), Reply::Error(libc::ENOSYS));
     for f in [
@@ -287,14 +280,7 @@ fn lifecycle_attach_open_close_detach_then_exit() {
     );
     assert_eq!(h.call(Request::Close { minor: 1 }), Reply::Close);
     assert!(!h.nbd(1).exists());
-    assert_eq!(
-        h.call(Request::List),
-        Reply::List(vec![ListEntry {
-            minor: 1,
-            state: VbdState::CLOSED,
-            params: String::new()
-        }])
-    );
+    assert_eq!(h.call(Request::List), only_closed(1));
     assert_eq!(h.call(Request::Detach { minor: 1 }), Reply::Detach);
     assert!(h.exited(), "tapdisk must exit after the last detach");
     assert_eq!(h.call(Request::Pid), Reply::Error(libc::ESHUTDOWN));
@@ -812,4 +798,13 @@ fn ok_cookies(c: &mut Client, n: usize) -> Vec<u64> {
         .collect();
     seen.sort();
     seen
+}
+
+/// The LIST reply of a tapdisk whose one VBD, `minor`, is attached with nothing open.
+fn only_closed(minor: u16) -> Reply {
+    Reply::List(vec![ListEntry {
+        minor,
+        state: VbdState::CLOSED,
+        params: String::new(),
+    }])
 }
