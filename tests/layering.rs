@@ -19,7 +19,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "tapdisk",
         &["blkif", "control", "image", "nbd", "util", "xen"],
     ),
-    ("tapback", &["blkif", "control", "util", "xen"]),
+    ("tapback", &["blkif", "control", "nbd", "util", "xen"]),
     ("tapctl", &["control", "image", "nbd", "util"]),
     ("capi", &["control", "image", "util"]),
 ];

@@ -12,6 +12,7 @@
 //!    ([`Client::vbd_of_nbd_device`]); anything else is not resolvable and falls through.
 //! 3. `tapdisk-params` = `type:/path`: the VBD of any tapdisk whose LIST shows that image.
 
+use crate::nbd::kernel::parse_device_name;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -290,22 +291,13 @@ fn nbd_index_of_sysfs_device(dev: &Path) -> Option<u32> {
         return target
             .file_name()
             .and_then(|n| n.to_str())
-            .and_then(nbd_device_name_index);
+            .and_then(parse_device_name);
     }
     let uevent = std::fs::read_to_string(dev.join("uevent")).ok()?;
     uevent
         .lines()
         .find_map(|l| l.strip_prefix("DEVNAME="))
-        .and_then(nbd_device_name_index)
-}
-
-/// N of a device name `nbdN` (no directory, no partition suffix).
-fn nbd_device_name_index(name: &str) -> Option<u32> {
-    let digits = name.trim().strip_prefix("nbd")?;
-    if digits.is_empty() || digits.len() > 9 || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    digits.parse().ok()
+        .and_then(parse_device_name)
 }
 
 #[cfg(test)]
@@ -314,10 +306,10 @@ mod tests {
 
     #[test]
     fn nbd_device_names() {
-        assert_eq!(nbd_device_name_index("nbd0"), Some(0));
-        assert_eq!(nbd_device_name_index("nbd15\n"), Some(15));
+        assert_eq!(parse_device_name("nbd0"), Some(0));
+        assert_eq!(parse_device_name("nbd15\n"), Some(15));
         for bad in ["nbd", "nbd1p1", "sda", "nbd-1", "xnbd1", "nbd1234567890"] {
-            assert_eq!(nbd_device_name_index(bad), None, "{bad:?}");
+            assert_eq!(parse_device_name(bad), None, "{bad:?}");
         }
     }
 
