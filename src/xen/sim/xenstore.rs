@@ -212,6 +212,24 @@ impl MemXsConn {
 
     /// Run `f` on the tree for `tx` (the live tree, or the transaction's working copy).
     /// `f` returns the result and the list of changed paths (for watches / conflicts).
+    /// Look at node `path` as this domain reads it: `None` if missing, EACCES without read
+    /// permission, else `f(tree, absolute path, node)`.
+    fn read_node<T>(
+        &self,
+        tx: Tx,
+        path: &str,
+        f: impl FnOnce(&Tree, &str, &Node) -> T,
+    ) -> Result<Option<T>, XsError> {
+        let p = self.abs(path)?;
+        self.note_access(tx, &p);
+        let dom = self.dom;
+        self.with_tree(tx, |tree, _, _| match tree.get(&p) {
+            None => Ok(None),
+            Some(n) if !can(&n.perms, dom, Access::Read) => Err(XsError::Errno(Errno::EACCES)),
+            Some(n) => Ok(Some(f(tree, &p, n))),
+        })
+    }
+
     fn with_tree<T>(
         &self,
         tx: Tx,
@@ -382,14 +400,7 @@ impl AsFd for MemXsConn {
 
 impl XenStore for MemXsConn {
     fn read(&self, tx: Tx, path: &str) -> Result<Option<Vec<u8>>, XsError> {
-        let p = self.abs(path)?;
-        self.note_access(tx, &p);
-        let dom = self.dom;
-        self.with_tree(tx, |tree, _, _| match tree.get(&p) {
-            None => Ok(None),
-            Some(n) if !can(&n.perms, dom, Access::Read) => Err(XsError::Errno(Errno::EACCES)),
-            Some(n) => Ok(Some(n.value.clone())),
-        })
+        self.read_node(tx, path, |_, _, n| n.value.clone())
     }
 
     fn write(&self, tx: Tx, path: &str, value: &[u8]) -> Result<(), XsError> {
@@ -405,14 +416,10 @@ impl XenStore for MemXsConn {
     }
 
     fn directory(&self, tx: Tx, path: &str) -> Result<Vec<String>, XsError> {
-        let p = self.abs(path)?;
-        self.note_access(tx, &p);
-        let dom = self.dom;
-        self.with_tree(tx, |tree, _, _| match tree.get(&p) {
-            None => Err(XsError::Errno(Errno::ENOENT)),
-            Some(n) if !can(&n.perms, dom, Access::Read) => Err(XsError::Errno(Errno::EACCES)),
-            Some(_) => Ok(children(tree, &p).into_iter().map(str::to_owned).collect()),
-        })
+        self.read_node(tx, path, |tree, p, _| {
+            children(tree, p).into_iter().map(str::to_owned).collect()
+        })?
+        .ok_or(XsError::Errno(Errno::ENOENT))
     }
 
     fn mkdir(&self, tx: Tx, path: &str) -> Result<(), XsError> {
@@ -466,14 +473,8 @@ impl XenStore for MemXsConn {
     }
 
     fn get_perms(&self, tx: Tx, path: &str) -> Result<Vec<Perm>, XsError> {
-        let p = self.abs(path)?;
-        self.note_access(tx, &p);
-        let dom = self.dom;
-        self.with_tree(tx, |tree, _, _| match tree.get(&p) {
-            None => Err(XsError::Errno(Errno::ENOENT)),
-            Some(n) if !can(&n.perms, dom, Access::Read) => Err(XsError::Errno(Errno::EACCES)),
-            Some(n) => Ok(n.perms.clone()),
-        })
+        self.read_node(tx, path, |_, _, n| n.perms.clone())?
+            .ok_or(XsError::Errno(Errno::ENOENT))
     }
 
     fn set_perms(&self, tx: Tx, path: &str, perms: &[Perm]) -> Result<(), XsError> {
