@@ -223,24 +223,23 @@ impl XtsCipher {
     /// Both lengths must be equal multiples of 512 (debug-asserted); only the common
     /// whole sectors are processed.
     pub fn encrypt_sectors_to(&self, first_lba: u64, src: &[u8], dst: &mut [u8]) {
-        debug_assert_eq!(
-            src.len(),
-            dst.len(),
-            "source and destination lengths differ"
-        );
-        let n = src.len().min(dst.len());
-        self.crypt_sectors(first_lba, Some(&src[..n]), &mut dst[..n], Dir::Encrypt);
+        self.crypt_sectors_to(first_lba, src, dst, Dir::Encrypt);
     }
 
     /// Decrypt whole sectors from `src` into `dst`; see [`XtsCipher::encrypt_sectors_to`].
     pub fn decrypt_sectors_to(&self, first_lba: u64, src: &[u8], dst: &mut [u8]) {
+        self.crypt_sectors_to(first_lba, src, dst, Dir::Decrypt);
+    }
+
+    /// `src` → `dst` in direction `dir`, over the length both have.
+    fn crypt_sectors_to(&self, first_lba: u64, src: &[u8], dst: &mut [u8], dir: Dir) {
         debug_assert_eq!(
             src.len(),
             dst.len(),
             "source and destination lengths differ"
         );
         let n = src.len().min(dst.len());
-        self.crypt_sectors(first_lba, Some(&src[..n]), &mut dst[..n], Dir::Decrypt);
+        self.crypt_sectors(first_lba, Some(&src[..n]), &mut dst[..n], dir);
     }
 
     /// General XTS encryption of one data unit (any whole number of 16-byte blocks, no
