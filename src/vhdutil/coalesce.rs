@@ -34,7 +34,6 @@ use crate::image::chain::{open_vhd_chain, OpenOptions};
 use crate::image::crypto::KeySource;
 use crate::image::raw::RawImage;
 use crate::image::vhd::engine::VhdImage;
-use crate::image::vhd::format::BAT_UNUSED;
 use crate::image::vhd::ops::{coalesce_onto, create, CreateOptions};
 use crate::image::{Image, ImageError, SECTOR_SIZE};
 use crate::vout;
@@ -212,18 +211,13 @@ fn coalesce_ancestor(
     })?;
     let r = with_progress(io, style, |p| {
         let n = coalesce_onto(&child, target.as_ref(), Some(p))?;
-        // The layers in between must no longer hide what the ancestor now holds.
-        for (i, &e) in child.bat().iter().enumerate() {
-            if e == BAT_UNUSED {
-                continue;
-            }
-            let blk = u32::try_from(i).map_err(|_| ImageError::Invalid("block number".into()))?;
-            let Some(mask) = child.block_bitmap(blk)? else {
-                continue;
-            };
-            for l in &layers {
-                l.clear_bitmap_bits(blk, &mask)?;
-            }
+        // The layers in between must no longer hide what the ancestor now holds. The
+        // ancestor's copy is durable (coalesce_onto ends with its flush), so each layer
+        // clears its "full" batmap bits and syncs, then rewrites its bitmaps and syncs:
+        // two syncs per layer, and every crash state in between reads the same data
+        // (argument at VhdImage::clear_bitmap_bits_batch).
+        for l in &layers {
+            l.clear_bitmap_bits_batch(&mut |blk| child.block_bitmap(blk))?;
         }
         Ok(n)
     });

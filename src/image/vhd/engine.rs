@@ -786,6 +786,82 @@ impl VhdImage {
         Ok(true)
     }
 
+    /// [`VhdImage::clear_bitmap_bits`] for a whole layer at once, with two syncs instead of
+    /// one or two per block. `mask_of(blk)` gives the mask for each allocated block of this
+    /// layer (`None`: leave the block alone); it is called up to twice per block, must
+    /// return the same mask each time, and must not use this image (our lock is held).
+    /// Returns the number of bitmaps changed.
+    ///
+    /// Crash ordering (the same states the per-block path allows, module doc invariant 4):
+    /// the caller has made the sectors being uncovered durable below (`vhd-util coalesce -a`
+    /// flushes the ancestor first). Pass 1 finds the blocks whose bitmap loses bits and
+    /// clears their "full" batmap bits in memory; the batmap is written once and **synced**
+    /// before any bitmap is touched, so on disk the batmap never claims a block full whose
+    /// bitmap has lost bits (a crash before that sync leaves the old batmap, or one with a
+    /// bad checksum, which reads as "nothing full"). Pass 2 writes every changed bitmap,
+    /// then **syncs** once. Any subset of those bitmap writes reaching the disk is a
+    /// consistent chain: a cleared bit only makes the sector read from below, which
+    /// already holds the same data durably, and a bit not yet cleared reads this layer's
+    /// old sector as before. Bits are only ever cleared, never set, so no BAT/bitmap
+    /// invariant (1) is at stake. An error mid-way can leave the in-memory batmap with
+    /// bits cleared that are not on disk yet: it then understates fullness, which is safe.
+    pub fn clear_bitmap_bits_batch(
+        &self,
+        mask_of: &mut dyn FnMut(u32) -> Result<Option<Vec<u8>>, ImageError>,
+    ) -> Result<u64, ImageError> {
+        self.writable()?;
+        let mut m = self.lock();
+        let mut changed: Vec<u32> = Vec::new();
+        let mut batmap_changed = false;
+        for i in 0..m.bat.len() {
+            let e = m.bat[i];
+            if e == BAT_UNUSED {
+                continue;
+            }
+            let blk = u32::try_from(i).map_err(|_| corrupt(&self.path, "block number"))?;
+            let Some(mask) = mask_of(blk)? else {
+                continue;
+            };
+            let bm = self.load_bitmap(&mut m, blk, e)?;
+            if !bm.iter().zip(&mask).any(|(&b, &k)| b & k != 0) {
+                continue;
+            }
+            changed.push(blk);
+            if let Some(b) = m.batmap.as_mut() {
+                if bit_test(&b.map, u64::from(blk)) {
+                    bit_set(&mut b.map, u64::from(blk), false);
+                    batmap_changed = true;
+                }
+            }
+        }
+        if changed.is_empty() {
+            return Ok(0);
+        }
+        if batmap_changed {
+            let curr = m.footer.curr_size;
+            if let Some(b) = m.batmap.as_mut() {
+                self.write_batmap(b, curr)?;
+            }
+            self.sync()?;
+        }
+        let mut n = 0u64;
+        for &blk in &changed {
+            let e = m.bat[blk as usize];
+            let Some(mask) = mask_of(blk)? else {
+                continue;
+            };
+            let mut nbm = self.load_bitmap(&mut m, blk, e)?.clone();
+            for (b, &k) in nbm.iter_mut().zip(&mask) {
+                *b &= !k;
+            }
+            self.pwrite(&nbm, u64::from(e) * SECTOR_SIZE, "write bitmap")?;
+            m.bitmaps.insert(blk, nbm);
+            n += 1;
+        }
+        self.sync()?;
+        Ok(n)
+    }
+
     /// Write raw bytes into the metadata area (locators); used by snapshot/reparent.
     pub(crate) fn write_raw(&self, buf: &[u8], off: u64) -> Result<(), ImageError> {
         self.writable()?;
