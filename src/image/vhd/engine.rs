@@ -40,7 +40,8 @@
 //!    file rewrites the primary first.
 //! 4. *The batmap is a hint that only ever understates fullness on disk.* It is written at
 //!    close after a sync (so the full bitmaps it summarises are durable first), and when a
-//!    discard clears bits of a block marked full, the batmap is rewritten and synced before
+//!    discard (or `coalesce -a`, [`VhdImage::clear_bitmap_bits_batch`], for a whole layer at
+//!    once) clears bits of a block marked full, the batmap is rewritten and synced before
 //!    the bitmap changes. Its checksum is verified on open; a bad one is treated as "nothing
 //!    full" and rewritten at close.
 //!
