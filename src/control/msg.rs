@@ -11,11 +11,11 @@
 //! ```
 //!
 //! Union members (offsets relative to the union, identical on both targets except `info`):
-//! `params` (flags@0, devnum@4, domid@8, path[256]@12, prt_devnum@268, req_timeout u16@272,
-//! secondary[256]@274), `image` (sectors u64@0, sector_size@8, info@12), `tapdisk_pid` i32@0,
-//! `response` (error i32@0, message[256]@4), `list` (count@0, minor@4, state@8, path[256]@12),
+//! `params` (flags@0, devnum@4, domid@8, path\[256\]@12, prt_devnum@268, req_timeout u16@272,
+//! secondary\[256\]@274), `image` (sectors u64@0, sector_size@8, info@12), `tapdisk_pid` i32@0,
+//! `response` (error i32@0, message\[256\]@4), `list` (count@0, minor@4, state@8, path\[256\]@12),
 //! `info` (type u16@0, cookie u16@2, length size_t@8 on LP64 / @4 on i686), `blkif` (domid@0,
-//! devid@4, gref[8]@8, order@40, proto@44, pool[256]@48, port@304, poll_duration@308,
+//! devid@4, gref\[8\]@8, order@40, proto@44, pool\[256\]@48, port@304, poll_duration@308,
 //! poll_idle_threshold@312).
 //!
 //! # Extension: XENBLKIF_CONNECT with ring order 4

@@ -192,7 +192,7 @@ impl Connection {
     /// replies to refused requests count as events). A short read marks the socket drained:
     /// later calls only decode what is buffered until [`Connection::mark_readable`] (saves
     /// the EAGAIN read per request; level-triggered epoll reports any data that arrives
-    /// meanwhile). Work per call is bounded: at most `max` events, [`READ_BUDGET`] bytes
+    /// meanwhile). Work per call is bounded: at most `max` events, `READ_BUDGET` bytes
     /// read, and nothing more once the output queue is backlogged.
     pub fn on_readable(&mut self, max: usize, events: &mut Vec<Event>) -> ReadStatus {
         let mut budget = max;
