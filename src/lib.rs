@@ -13,12 +13,12 @@
 //!  nbd         NBD fixed-newstyle protocol, server, small client, kernel /dev/nbdN attach
 //!  blkif       ring ABIs and request parsing (pure, safe Rust only: forbid(unsafe_code))
 //!  image       raw, VHD, crypto, chains (pure file I/O, safe Rust only)
-//!  xen         gntdev, evtchn, xenstore (unsafe: ioctls, mmap, shared ring memory);
+//!  xen         gntdev, evtchn, xenstore (raw ioctls, mmap, shared ring memory);
 //!              xen::sim, the in-process simulations, only with feature `sim` (tests, benches)
 //!  util        logging (syslog + stderr), error chains, tty detection, getopt
 //! ```
 //!
-//! `unsafe` lives only in `xen` and `capi` (each block with a `// SAFETY:` comment); every
+//! Only `xen` and `capi` may use unsafe_code (each block with a `// SAFETY:` comment); every
 //! other module is declared below with `#[forbid(unsafe_code)]`.
 //!
 //! Feature `sim` (off in releases; `cargo test` and `cargo bench` turn it on through the
@@ -34,7 +34,7 @@ pub const SECTOR_SIZE: u64 = 512;
 /// I/O buffers. The crate's only definition.
 pub const PAGE_SIZE: usize = 4096;
 
-// `unsafe` is allowed in `xen` (ioctls, mmap, shared ring memory) and `capi` (the C ABI)
+// unsafe_code is allowed in `xen` (ioctls, mmap, shared ring memory) and `capi` (the C ABI)
 // only; every other module is compiled with `forbid(unsafe_code)`, set here so that no file
 // inside a module can lift it.
 #[forbid(unsafe_code)]

@@ -21,8 +21,8 @@
 //!  mem.rs      in-memory image (simulation backend for tests; feature `sim`)
 //! ```
 //!
-//! No `unsafe` here (`forbid(unsafe_code)`, set on the module in `src/lib.rs`): the Xen devices are reached through the safe
-//! traits of [`crate::xen`].
+//! Safe Rust only (`forbid(unsafe_code)`, set on the module in `src/lib.rs`): the Xen
+//! devices are reached through the safe traits of [`crate::xen`].
 //!
 //! Using it (what `src/bin/tapdisk.rs` does):
 //!
