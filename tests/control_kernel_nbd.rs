@@ -38,6 +38,21 @@ fn tapdev_target(dir: &Path, minor: u16) -> Option<std::path::PathBuf> {
     std::fs::read_link(tapdev_dir(dir).join(format!("tapdev{minor}"))).ok()
 }
 
+/// Whether no minor is allocated in `<dir>/ctl`.
+fn no_minors(dir: &Path) -> bool {
+    blktap3::control::minors::list(&dir.join("ctl"))
+        .unwrap()
+        .is_empty()
+}
+
+/// The names in `<dir>/dev/xen/blktap-2`.
+fn tapdev_links(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(tapdev_dir(dir))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
 /// SIGKILL `pid` and wait for it to exit.
 fn kill(pid: i32) {
     nix::sys::signal::kill(
@@ -269,9 +284,7 @@ fn orphaned_devices_of_a_killed_tapdisk_are_reclaimed() {
     assert_eq!(st, 0, "{err}");
     assert_eq!(sim.calls().last(), Some(&SimCall::Disconnect(2)));
     assert_eq!(sim.devices().len(), 2);
-    assert!(blktap3::control::minors::list(&dir.path().join("ctl"))
-        .unwrap()
-        .is_empty());
+    assert!(no_minors(dir.path()));
 }
 
 /// The real netlink driver. Without the nbd module (this build machine) the family lookup
@@ -367,10 +380,7 @@ fn tapdev_link_follows_the_kernel_device() {
     assert!(tapdev_target(dir.path(), minor).is_none());
     assert!(wait_exited(pid));
     // Nothing is left in the link directory.
-    assert_eq!(
-        std::fs::read_dir(tapdev_dir(dir.path())).unwrap().count(),
-        0
-    );
+    assert_eq!(tapdev_links(dir.path()), Vec::<String>::new());
 }
 
 /// Without a kernel device there is no tapdev link (a socket is not a block device), a
@@ -422,9 +432,7 @@ fn tapdev_links_of_killed_tapdisks_do_not_outlive_their_devices() {
     assert_eq!(st, 0, "{err}");
     assert_eq!(sim.calls().last(), Some(&SimCall::Disconnect(0)));
     assert!(tapdev_target(dir.path(), a.minor).is_none());
-    assert!(blktap3::control::minors::list(&dir.path().join("ctl"))
-        .unwrap()
-        .is_empty());
+    assert!(no_minors(dir.path()));
 
     // Killed and never destroyed: the next create reclaims /dev/nbd0 and the old name.
     let b = c.create(OpenRequest::new(0, params.clone()), None).unwrap();
@@ -449,10 +457,7 @@ fn tapdev_links_of_killed_tapdisks_do_not_outlive_their_devices() {
     assert_eq!(c.find_device(d.minor).unwrap(), Path::new("/dev/nbd0"));
     c.destroy(d.pid, d.minor, false, None).unwrap();
     assert!(wait_exited(d.pid));
-    assert_eq!(
-        std::fs::read_dir(tapdev_dir(dir.path())).unwrap().count(),
-        0
-    );
+    assert_eq!(tapdev_links(dir.path()), Vec::<String>::new());
 }
 
 /// Without backend identifiers the tapdev links are the record of which device serves
@@ -505,13 +510,8 @@ fn tapdev_links_stand_in_for_missing_backend_identifiers() {
     c.destroy(d.pid, d.minor, false, None).unwrap();
     assert_eq!(sim.calls().last(), Some(&SimCall::Disconnect(0)));
     assert!(connected().is_empty());
-    assert_eq!(
-        std::fs::read_dir(tapdev_dir(dir.path())).unwrap().count(),
-        0
-    );
-    assert!(blktap3::control::minors::list(&dir.path().join("ctl"))
-        .unwrap()
-        .is_empty());
+    assert_eq!(tapdev_links(dir.path()), Vec::<String>::new());
+    assert!(no_minors(dir.path()));
 }
 
 /// Without backend identifiers the tapdev links are the only record, so they are trusted
