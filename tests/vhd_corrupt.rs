@@ -50,6 +50,14 @@ fn expect_corrupt(p: &Path, what: &str) -> String {
         .to_string()
 }
 
+/// Inverts the byte at `off`: unlike writing a fixed value, this changes it whatever it held
+/// (byte 70 of a footer is inside its random UUID).
+fn flip(p: &Path, off: usize) {
+    let mut b = std::fs::read(p).unwrap();
+    b[off] ^= 0xff;
+    std::fs::write(p, b).unwrap();
+}
+
 fn patch(p: &Path, off: usize, bytes: &[u8]) {
     let mut b = std::fs::read(p).unwrap();
     b[off..off + bytes.len()].copy_from_slice(bytes);
@@ -93,7 +101,7 @@ fn bad_primary_footer_recovers_from_backup() {
     let d = tempfile::tempdir().unwrap();
     let p = sample(d.path());
     let len = std::fs::metadata(&p).unwrap().len() as usize;
-    patch(&p, len - 512 + 70, &[0xee]); // breaks the checksum
+    flip(&p, len - 512 + 70); // breaks the checksum
     let before = std::fs::read(&p).unwrap();
     let img = VhdImage::open(&p, &VhdOpenOptions::default()).unwrap();
     assert_eq!(img.footer_source(), FooterSource::Backup);
@@ -133,8 +141,8 @@ fn both_footers_bad_is_an_error() {
     let d = tempfile::tempdir().unwrap();
     let p = sample(d.path());
     let len = std::fs::metadata(&p).unwrap().len() as usize;
-    patch(&p, len - 512 + 70, &[0xee]);
-    patch(&p, 70, &[0xee]);
+    flip(&p, len - 512 + 70);
+    flip(&p, 70);
     let msg = expect_corrupt(&p, "both footers");
     assert!(msg.contains("footer"), "{msg}");
 }
