@@ -2,7 +2,8 @@
 //!
 //! * [`XtsCipher`]: XTS-AES-128 (32-byte key) / XTS-AES-256 (64-byte key), one data unit
 //!   per 512-byte sector, blktap's 32-bit "plain" tweak (the low 32 bits of the virtual
-//!   sector number, little-endian, zero-padded). Batched over aes 0.9's multi-block API.
+//!   sector number, little-endian, zero-padded). Batched inside the backend aes 0.9 selects
+//!   at run time (VAES-512, VAES-256 or AES-NI).
 //! * [`KeyHash`]: the 65-byte key check value, `SHA-256(nonce || key)`.
 //! * Key files `<basename>,aes-xts-plain,<512|256>.key` in the directories of
 //!   `TAPDISK3_CRYPTO_KEYDIR` / `TAPDISK2_CRYPTO_KEYDIR` ([`find_key_file`],

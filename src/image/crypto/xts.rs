@@ -1,19 +1,23 @@
 //! XTS-AES (IEEE 1619) over aes 0.9's backend API.
 //!
-//! The data path is batched per chunk of up to [`CHUNK_SECTORS`] sectors: the sectors'
-//! initial tweaks are encrypted with K2 in one `encrypt_blocks` call, then the whole XTS
-//! loop over the chunk runs inside one `encrypt_with_backend`/`decrypt_with_backend`
-//! closure of K1. The closure is generic over the backend the aes crate picks at run time
-//! (VAES-512, VAES-256 or AES-NI, with 64, 30 or 8 blocks per parallel call) and is
-//! inlined into that backend's target-feature function, so the tweak arithmetic and the
-//! XORs are compiled for the same vector width as the cipher (AVX-512 on a VAES-512 CPU,
-//! although the shipped build targets a generic x86-64). Per parallel batch the tweaks
-//! are computed directly (t0 * x^j, no serial doubling chain), XORed in, the batch is
-//! encrypted in place and the tweaks are XORed in again while it is still in L1.
+//! The data path is batched per chunk of sectors (one chunk for requests of up to 8
+//! sectors, [`CHUNK_SECTORS`] otherwise): the sectors' first tweaks are encrypted with K2
+//! in one `encrypt_blocks` call, then the whole XTS loop over the chunk runs inside one
+//! `encrypt_with_backend`/`decrypt_with_backend` closure of K1. The closure is generic
+//! over the backend the aes crate picks at run time (VAES-512, VAES-256 or AES-NI, with
+//! 64, 30 or 8 blocks per parallel call) and is inlined into that backend's
+//! target-feature function, so the tweak arithmetic and the XORs are compiled for the same
+//! vector width as the cipher (AVX-512 on a VAES-512 CPU, although the shipped build
+//! targets a generic x86-64 or i686). Per parallel batch the tweaks are computed directly
+//! (t0 * x^j: two shifts and a fold each, no serial doubling chain), XORed in, the batch
+//! is encrypted in place and the tweaks are XORed in again while it is still in L1. A
+//! last, shorter batch goes through a zero-padded copy, sector by sector with fixed-size
+//! loops when the batch width is whole sectors (a single 512-byte sector on VAES-512).
 //!
-//! Performance note: aes 0.9's backends only inline their block helpers into this loop
-//! when the crate is built with one codegen unit (`[profile.release] codegen-units = 1`);
-//! with the default 16 the same code runs at roughly 0.6x.
+//! Performance note: aes 0.9's backends only inline their block loads and stores into
+//! this loop when the crate is built with one codegen unit (`[profile.release]
+//! codegen-units = 1`); with the default 16 the same code runs at roughly 0.3x (512 B)
+//! to 0.6x (64 KiB).
 
 use aes::cipher::array::{Array, ArraySize};
 use aes::cipher::consts::{U16, U32};
