@@ -16,12 +16,14 @@
 #   --quick          short smoke run (sizes, reps and runtime above)
 #   --images LIST    comma-separated, default raw,vhd,enc:
 #                      raw  a raw file of random data (aio:, qemu-nbd -f raw)
-#                      vhd  a fully allocated dynamic VHD (qemu-img convert -O vpc
-#                           -o subformat=dynamic,force_size=on of the raw file; vhd:, -f vpc)
-#                      enc  an encrypted dynamic VHD (vhd-util create + vhd-util key -s, 512-bit
-#                           XTS key in TAPDISK3_CRYPTO_KEYDIR) filled with the raw file's bytes
-#                           through its own export; compared with our plain VHD (qemu-nbd cannot
+#                      vhd  a fully allocated dynamic VHD made as OpenXT makes them: vhd-util
+#                           create, then the raw file's bytes written in order through its own
+#                           export (tap-ctl create; nbdcopy -C 1 -R 1); vhd:, qemu-nbd -f vpc
+#                      enc  the same with a 512-bit XTS key (vhd-util key -s, the key in
+#                           TAPDISK3_CRYPTO_KEYDIR); compared with our plain VHD (qemu-nbd cannot
 #                           read OpenXT's encryption), so it needs vhd
+#   --qemu-vhd       make the vhd image with qemu-img convert -O vpc -o subformat=dynamic,
+#                    force_size=on instead (no batmap; enc keeps the vhd-util layout)
 #   --workloads LIST "name:rw:bs:qd ..." (default: seqread:read:1M:8 seqwrite:write:1M:8
 #                    randread_qd1:randread:4k:1 randread_qd32:randread:4k:32
 #                    randwrite_qd1:randwrite:4k:1 randwrite_qd32:randwrite:4k:32)
@@ -54,7 +56,7 @@ prog=bench-ext4
 die() { echo "$prog: $*" >&2; exit 1; }
 usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; }
 
-DIR=/var/tmp SIZE="" REPS="" RUNTIME="" QUICK=0 IMAGES=raw,vhd,enc PIN=same CPU=1 TMPFS=0
+DIR=/var/tmp SIZE="" REPS="" RUNTIME="" QUICK=0 IMAGES=raw,vhd,enc PIN=same CPU=1 TMPFS=0 QEMU_VHD=0
 BINDIR=$here/target/release
 WORKLOADS="seqread:read:1M:8 seqwrite:write:1M:8 randread_qd1:randread:4k:1 randread_qd32:randread:4k:32 randwrite_qd1:randwrite:4k:1 randwrite_qd32:randwrite:4k:32"
 while [ $# -gt 0 ]; do
@@ -69,6 +71,7 @@ while [ $# -gt 0 ]; do
         --pin) PIN=${2:?--pin needs same, cross or none}; shift ;;
         --cpu) CPU=${2:?--cpu needs a number}; shift ;;
         --tmpfs) TMPFS=1 ;;
+        --qemu-vhd) QEMU_VHD=1 ;;
         --bindir) BINDIR=${2:?--bindir needs a directory}; shift ;;
         -h | --help) usage; exit 0 ;;
         *) usage >&2; die "unknown argument $1" ;;
@@ -214,18 +217,28 @@ gen_raw "$raw"
 plain_sum=$(sha256sum <"$raw" | cut -d' ' -f1)
 cells="ceil:ceil:$raw"
 want raw && cells="$cells td_raw:td:aio:$raw qemu_raw:qemu:raw:$raw:none"
+make_vhd() { # PATH [KEYNAME]: vhd-util create (and key), filled in order through tapdisk
+    "$VHD_UTIL" create -n "$1" -s $((bytes / 1048576)) >/dev/null
+    if [ -n "${2:-}" ]; then
+        head -c 64 /dev/urandom >"$keys/$2,aes-xts-plain,512.key"
+        "$VHD_UTIL" key -s -n "$1" -k "$keys/$2,aes-xts-plain,512.key"
+    fi
+    start_tapdisk "vhd:$1"
+    nbdcopy -C 1 -R 1 "$raw" "$(uri)"
+    stop_server
+}
+vhd_how="vhd-util create + filled through tap-ctl create"
 if want vhd; then
-    qemu-img convert -f raw -O vpc -o subformat=dynamic,force_size=on "$raw" "$vhd"
+    if [ "$QEMU_VHD" = 1 ]; then
+        qemu-img convert -f raw -O vpc -o subformat=dynamic,force_size=on "$raw" "$vhd"
+        vhd_how="qemu-img convert -O vpc -o subformat=dynamic,force_size=on"
+    else
+        make_vhd "$vhd"
+    fi
     cells="$cells td_vhd:td:vhd:$vhd qemu_vhd:qemu:vpc:$vhd:none"
 fi
 if want enc; then
-    "$VHD_UTIL" create -n "$enc" -s $((bytes / 1048576)) >/dev/null
-    head -c 64 /dev/urandom >"$keys/enc,aes-xts-plain,512.key"
-    "$VHD_UTIL" key -s -n "$enc" -k "$keys/enc,aes-xts-plain,512.key"
-    # Fill it in order (one connection, one request), as a guest's sequential copy would.
-    start_tapdisk "vhd:$enc"
-    nbdcopy -C 1 -R 1 "$raw" "$(uri)"
-    stop_server
+    make_vhd "$enc" enc
     rc=0
     qemu-img compare -q -f raw -F vpc "$raw" "$enc" 2>/dev/null || rc=$?
     [ "$rc" -eq 1 ] || die "the encrypted VHD holds the plaintext (or qemu-img compare failed: $rc)"
@@ -257,6 +270,7 @@ if [ "$DROP" = 1 ]; then
 else
     echo "# page cache NOT dropped between runs (no permission to write /proc/sys/vm/drop_caches): reads may come from dom0's page cache"
 fi
+want vhd && echo "# dynamic VHD: $vhd_how; encrypted VHD: vhd-util create + vhd-util key -s + filled through tap-ctl create"
 echo "# tapdisk: $TAPCTL create -a TYPE:PATH (spawns $TAPDISK; TAPDISK3_DIRECT_IO=${TAPDISK3_DIRECT_IO-unset}); qemu-nbd: $(qemu-nbd --version | head -1 | awk '{print $2}') -t -e 8 --cache=none --aio=native; client $(fio --version), --ioengine=nbd; ceiling: fio --ioengine=libaio --direct=1 on img.raw"
 [ "$TMPFS" = 1 ] && echo "# tmpfs row (reported only): /dev/shm, qemu-nbd ${shm_cache}"
 
