@@ -25,6 +25,7 @@
 # start the server, record VmRSS (idle), read the whole export once, record VmRSS and VmHWM
 # (the peak) of the server process, the image's resident bytes and Cached again, stop the
 # server. Cached is machine-wide (other processes' files count too); fincore is the image only.
+# "read MB/s" is the image size over the reader's wall time (its start-up included).
 # Verdict (issue 12: "near zero with O_DIRECT", the default) on every row but the
 # TAPDISK3_DIRECT_IO=0 one: met when the image's page-cache growth is at most 1% of its size.
 # The O_DIRECT column is what the server's descriptor on the image has (/proc/PID/fdinfo).
