@@ -54,6 +54,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 prog=bench-ext4
 die() { echo "$prog: $*" >&2; exit 1; }
+args="$*"
 usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; }
 
 DIR=/var/tmp SIZE="" REPS="" RUNTIME="" QUICK=0 IMAGES=raw,vhd,enc PIN=same CPU=1 TMPFS=0 QEMU_VHD=0
@@ -263,6 +264,7 @@ start_cell() { # KIND SPEC
 
 commit=$(git -C "$here" rev-parse --short HEAD 2>/dev/null || echo unknown)
 dirty=""; [ -n "$(git -C "$here" status --porcelain -- src 2>/dev/null)" ] && dirty=" (src modified)"
+echo "# command: scripts/bench-ext4.sh${args:+ $args}"
 echo "# bench-ext4 start $(date -u '+%F %T') UTC; commit $commit$dirty; $(nproc) CPUs; loadavg $(loadavg); foreign busy processes: $(foreign)"
 echo "# images on $fsname ($DIR), $bytes bytes each; reps=$REPS, ${RUNTIME}s per run, no ramp; PIN=$PIN${srv_cpu:+ (servers on CPU $srv_cpu)}, ${prio:-no nice}"
 if [ "$DROP" = 1 ]; then

@@ -34,6 +34,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 prog=bench-memory
 die() { echo "$prog: $*" >&2; exit 1; }
+args="$*"
 usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; }
 
 DIR=/var/tmp SIZE="" IMAGES=raw,vhd READER=nbdcopy QUICK=0 CPU="" BINDIR=$here/target/release
@@ -160,6 +161,7 @@ read_all() {
 
 commit=$(git -C "$here" rev-parse --short HEAD 2>/dev/null || echo unknown)
 dirty=""; [ -n "$(git -C "$here" status --porcelain -- src 2>/dev/null)" ] && dirty=" (src modified)"
+echo "# command: scripts/bench-memory.sh${args:+ $args}"
 echo "# bench-memory start $(date -u '+%F %T') UTC; commit $commit$dirty; loadavg $(cut -d' ' -f1-3 /proc/loadavg); MemTotal $(awk '/MemTotal/ {print $2}' /proc/meminfo) kB"
 echo "# images on $fsname ($DIR), $bytes bytes each; reader: $READER over the whole export; ${pin:-unpinned}"
 if [ "$DROP" = 1 ]; then

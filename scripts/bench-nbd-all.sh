@@ -120,6 +120,12 @@ section_of() { # NAME: its "## NAME" section in the previous file, to the next "
     awk -v h="## $1" '$0 == h {on = 1; next} on && /^## / {exit} on {print}' <<<"$old" | sed '/./,$!d'
 }
 command_of() { # NAME DIR MODE PIN CACHE KEYBITS
+    local kept
+    # A kept bench-ext4/bench-memory section says how it was run.
+    if [ ! -f "$logs/$1.final" ]; then
+        kept=$(section_of "$1" | sed -n 's/^    command: //p' | head -1)
+        if [ -n "$kept" ]; then echo "$kept   # $1"; return; fi
+    fi
     case $3 in
         ext4) echo "scripts/bench-ext4.sh --dir $2${EXT4_ARGS:+ $EXT4_ARGS}   # $1" ;;
         memory) echo "scripts/bench-memory.sh --dir $2${MEMORY_ARGS:+ $MEMORY_ARGS}   # $1" ;;
