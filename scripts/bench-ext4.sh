@@ -264,6 +264,7 @@ start_cell() { # KIND SPEC
 
 commit=$(git -C "$here" rev-parse --short HEAD 2>/dev/null || echo unknown)
 dirty=""; [ -n "$(git -C "$here" status --porcelain -- src 2>/dev/null)" ] && dirty=" (src modified)"
+[ "$BINDIR" = "$here/target/release" ] || dirty="$dirty (but the binaries are from $BINDIR)"
 echo "# command: scripts/bench-ext4.sh${args:+ $args}"
 echo "# bench-ext4 start $(date -u '+%F %T') UTC; commit $commit$dirty; $(nproc) CPUs; loadavg $(loadavg); foreign busy processes: $(foreign)"
 echo "# images on $fsname ($DIR), $bytes bytes each; reps=$REPS, ${RUNTIME}s per run, no ramp; PIN=$PIN${srv_cpu:+ (servers on CPU $srv_cpu)}, ${prio:-no nice}"

@@ -161,6 +161,7 @@ read_all() {
 
 commit=$(git -C "$here" rev-parse --short HEAD 2>/dev/null || echo unknown)
 dirty=""; [ -n "$(git -C "$here" status --porcelain -- src 2>/dev/null)" ] && dirty=" (src modified)"
+[ "$BINDIR" = "$here/target/release" ] || dirty="$dirty (but the binaries are from $BINDIR)"
 echo "# command: scripts/bench-memory.sh${args:+ $args}"
 echo "# bench-memory start $(date -u '+%F %T') UTC; commit $commit$dirty; loadavg $(cut -d' ' -f1-3 /proc/loadavg); MemTotal $(awk '/MemTotal/ {print $2}' /proc/meminfo) kB"
 echo "# images on $fsname ($DIR), $bytes bytes each; reader: $READER over the whole export; ${pin:-unpinned}"
