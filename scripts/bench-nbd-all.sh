@@ -1,40 +1,53 @@
 #!/bin/bash
-# bench-nbd-all.sh: run every scripts/bench-nbd.sh mode in sequence and write the results file.
+# bench-nbd-all.sh: run issue 12's ext4 benchmark (scripts/bench-ext4.sh), its memory
+# measurement (scripts/bench-memory.sh) and every scripts/bench-nbd.sh mode in sequence and
+# write the results file.
 #
 # Usage: scripts/bench-nbd-all.sh [OUT]     (OUT default: docs/benchmarks.md; a "## Reading"
-#        section at its end is kept when the file is regenerated)
+#        section at its end is kept when the file is regenerated, and so is the section of
+#        every run that has no log in LOGDIR, so runs can be redone one by one)
 # Environment:
-#   REPS=2 RUNTIME=3    per mode (passed to bench-nbd.sh)
-#   EXT4_DIR=target/bench-nbd   directory on the real filesystem for the ext4 placement
-#   ONLY="shm-raw ..."  run only these runs (names below); the results file is written from
-#                       the logs of every run present in LOGDIR, so runs can be redone one by one
+#   REPS=2 RUNTIME=3    per bench-nbd.sh mode (passed to bench-nbd.sh)
+#   EXT4_ARGS=""        options for bench-ext4.sh (e.g. "--quick", "--reps 5 --tmpfs")
+#   MEMORY_ARGS=""      options for bench-memory.sh (e.g. "--quick")
+#   EXT4_DIR=/var/tmp   directory on the real filesystem (--dir of both scripts above)
+#   ONLY="ext4 ..."     run only these runs (names below); the results file is written from
+#                       the logs of every run present in LOGDIR
 #   LOGDIR=target/bench-nbd-logs   where each run's output is kept (<name>.final)
 #   LOADMAX=2 QUIET_WAIT=30     before each run wait up to QUIET_WAIT s for the 1-min load
 #                       average to fall below LOADMAX; a run that started above LOADMAX is
 #                       re-run once (RERUN=1, the default) and the run that started with the
 #                       lowest load is kept (a kept result from an earlier invocation competes)
-# Runs (name: placement, mode, pinning, qemu-nbd cache):
-#   shm-raw shm-vpc shm-enc shm-alloc   /dev/shm (tmpfs + O_DIRECT), PIN=same  (gated)
+# Runs:
+#   ext4                issue 12's targets: scripts/bench-ext4.sh $EXT4_ARGS (raw, allocated
+#                       dynamic VHD, encrypted VHD on ext4; tap-ctl create vs qemu-nbd
+#                       --cache=none --aio=native vs the fio libaio O_DIRECT ceiling)
+#   memory              scripts/bench-memory.sh $MEMORY_ARGS (RSS per VBD, page-cache growth)
+#   (name: placement, bench-nbd.sh mode, pinning, qemu-nbd cache; reported only, no target:)
+#   shm-raw shm-vpc shm-enc shm-alloc   /dev/shm (tmpfs + O_DIRECT), PIN=same
 #   shm-enc128                          shm-enc with a 256-bit key (XTS-AES-128) instead of 512
 #   shm-encq                            the encrypted VHD, ours (decrypting) against qemu-nbd
 #                                       serving the same file (ciphertext: it cannot decrypt)
-#   ext4-raw ext4-vpc ext4-alloc        $EXT4_DIR (ext4; qemu-nbd O_DIRECT), PIN=cross (reported)
-#   ext4-raw-wb ext4-vpc-wb             the same with qemu-nbd --cache=writeback: like for like,
-#                                       since our tapdisk opens images without O_DIRECT
+# (The former ext4-* runs of bench-nbd.sh are superseded by "ext4"; bench-nbd.sh still takes
+# DIR=/var/tmp for them.)
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${1:-$here/docs/benchmarks.md}
 REPS=${REPS:-2}
 RUNTIME=${RUNTIME:-3}
-EXT4_DIR=${EXT4_DIR:-$here/target/bench-nbd}
+EXT4_DIR=${EXT4_DIR:-/var/tmp}
+EXT4_ARGS=${EXT4_ARGS:-}
+MEMORY_ARGS=${MEMORY_ARGS:-}
+read -ra ext4_args <<<"$EXT4_ARGS"
+read -ra memory_args <<<"$MEMORY_ARGS"
 LOADMAX=${LOADMAX:-2}
 QUIET_WAIT=${QUIET_WAIT:-30}
 RERUN=${RERUN:-1}
-RUNS="shm-raw:/dev/shm:raw:same:none shm-vpc:/dev/shm:vpc:same:none shm-enc:/dev/shm:enc:same:none shm-enc128:/dev/shm:enc:same:none:256 shm-encq:/dev/shm:encq:same:none shm-alloc:/dev/shm:alloc:same:none ext4-raw:$EXT4_DIR:raw:cross:none ext4-vpc:$EXT4_DIR:vpc:cross:none ext4-alloc:$EXT4_DIR:alloc:cross:none ext4-raw-wb:$EXT4_DIR:raw:cross:writeback ext4-vpc-wb:$EXT4_DIR:vpc:cross:writeback"
+RUNS="ext4:$EXT4_DIR:ext4 memory:$EXT4_DIR:memory shm-raw:/dev/shm:raw:same:none shm-vpc:/dev/shm:vpc:same:none shm-enc:/dev/shm:enc:same:none shm-enc128:/dev/shm:enc:same:none:256 shm-encq:/dev/shm:encq:same:none shm-alloc:/dev/shm:alloc:same:none"
 ONLY=${ONLY:-}
 
-(cd "$here" && cargo build --release --bin tapdisk --bin vhd-util >&2)
+(cd "$here" && cargo build --release --bin tapdisk --bin tap-ctl --bin vhd-util >&2)
 mkdir -p "$(dirname "$OUT")" "$EXT4_DIR"
 logs=${LOGDIR:-$here/target/bench-nbd-logs}
 mkdir -p "$logs"
@@ -52,7 +65,13 @@ run_one() { # name dir mode pin n cache keybits
     wait_quiet
     l=$(load1)
     echo "== $1 (try $5): start load $l" >&2
-    DIR=$2 PIN=$4 QEMU_CACHE=$6 KEYBITS=${7:-512} REPS=$REPS RUNTIME=$RUNTIME "$here/scripts/bench-nbd.sh" "" "$3" >"$logs/$1.$5" 2>&1 || {
+    local cmd
+    case $3 in
+        ext4) cmd=("$here/scripts/bench-ext4.sh" --dir "$2" "${ext4_args[@]}") ;;
+        memory) cmd=("$here/scripts/bench-memory.sh" --dir "$2" "${memory_args[@]}") ;;
+        *) cmd=(env DIR="$2" PIN="$4" QEMU_CACHE="$6" KEYBITS="${7:-512}" REPS="$REPS" RUNTIME="$RUNTIME" "$here/scripts/bench-nbd.sh" "" "$3") ;;
+    esac
+    "${cmd[@]}" >"$logs/$1.$5" 2>&1 || {
         cat "$logs/$1.$5" >&2
         echo "bench-nbd-all: $1 failed" >&2
         exit 1
@@ -90,49 +109,75 @@ for r in $RUNS; do
     cat "$logs/$name.final" >&2
 done
 
-# A hand-written "## Reading" section (to the end of the file) survives regeneration.
-reading=""
-[ -f "$OUT" ] && reading=$(sed -n '/^## Reading/,$p' "$OUT")
+# A hand-written "## Reading" section (to the end of the file) survives regeneration, and so
+# does the section of a run that has no log here.
+reading="" old=""
+if [ -f "$OUT" ]; then
+    reading=$(sed -n '/^## Reading/,$p' "$OUT")
+    old=$(cat "$OUT")
+fi
+section_of() { # NAME: its "## NAME" section in the previous file, to the next "## " heading
+    awk -v h="## $1" '$0 == h {on = 1; next} on && /^## / {exit} on {print}' <<<"$old" | sed '/./,$!d'
+}
+command_of() { # NAME DIR MODE PIN CACHE KEYBITS
+    local kept
+    # A kept bench-ext4/bench-memory section says how it was run.
+    if [ ! -f "$logs/$1.final" ]; then
+        kept=$(section_of "$1" | sed -n 's/^    command: //p' | head -1)
+        if [ -n "$kept" ]; then echo "$kept   # $1"; return; fi
+    fi
+    case $3 in
+        ext4) echo "scripts/bench-ext4.sh --dir $2${EXT4_ARGS:+ $EXT4_ARGS}   # $1" ;;
+        memory) echo "scripts/bench-memory.sh --dir $2${MEMORY_ARGS:+ $MEMORY_ARGS}   # $1" ;;
+        *) echo "DIR=${2/#$here\//} PIN=$4 QEMU_CACHE=$5${6:+ KEYBITS=$6} REPS=$REPS RUNTIME=$RUNTIME scripts/bench-nbd.sh \"\" $3   # $1" ;;
+    esac
+}
 cpu_model=$(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
 {
-    echo "# NBD benchmarks: our tapdisk against qemu-nbd (and our encrypted VHD against our plain VHD and against qemu-nbd serving its ciphertext)"
+    echo "# NBD benchmarks: tapdisk's NBD export on ext4 against qemu-nbd and the storage (issue 12), tapdisk's memory, and the tmpfs tables"
     echo
-    echo "Generated by \`scripts/bench-nbd-all.sh\` (protocol: perf-anchors §6)."
+    echo "Generated by \`scripts/bench-nbd-all.sh\`. This invocation:"
     echo
-    echo "- date: $(date -u '+%F %T') UTC"
-    echo "- commit: $(git -C "$here" rev-parse --short HEAD)"
+    echo "- date: $(date -u '+%F %T') UTC; commit: $(git -C "$here" rev-parse --short HEAD); load at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
     echo "- machine: $(nproc) CPUs, $cpu_model; $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo); crypto flags: $(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -xE 'aes|vaes|vpclmulqdq|avx2|avx512f' | tr '\n' ' '); kernel $(uname -r)"
     echo "- peers: $(qemu-nbd --version | head -1); $(fio --version); nbdcopy $(nbdcopy --version | head -1 | awk '{print $2}')"
-    echo "- tapdisk: \`target/release/tapdisk -D --open TYPE:PATH\` (release build, default I/O threads)"
-    echo "- per mode: REPS=$REPS, RUNTIME=${RUNTIME}s; A/B alternated in each repetition; identical-bytes check (sha256 of the whole export) before timing (encq: ours must return the plaintext, qemu-nbd the ciphertext)"
     echo
-    echo "Cells are medians (min-max) of the repetitions: MB/s for seq/nbdcopy rows (1 MiB, QD8), IOPS for"
-    echo "4 KiB random rows. Server CPU/op is the server process's utime+stime (all threads) over the fio"
-    echo "run divided by the operations done (us per I/O; ms per GB for 1 MiB rows). Ratio ="
-    echo "candidate/reference. Only the tmpfs rows are gated; ext4 rows are reported."
+    echo "Every section starts with its own start time, commit and load (sections of runs not redone"
+    echo "by this invocation are kept from the previous file). Method of the \`ext4\` section: see"
+    echo "\`scripts/bench-ext4.sh --help\` and the Reading section; it carries issue 12's targets. The"
+    echo "\`shm-*\` sections (tmpfs, \`scripts/bench-nbd.sh\`) are reported only: their cells are medians"
+    echo "(min-max) of the repetitions, MB/s for seq/nbdcopy rows (1 MiB, QD8), IOPS for 4 KiB rows, server"
+    echo "CPU in us per I/O (ms per GB for 1 MiB rows), ratio = candidate/reference."
     echo
     echo "Commands (from the repository root):"
     echo
     echo '```sh'
     for r in $RUNS; do
         IFS=: read -r name dir mode pin cache keybits <<<"$r"
-        [ -f "$logs/$name.final" ] || continue
-        echo "DIR=${dir/#$here\//} PIN=$pin QEMU_CACHE=$cache${keybits:+ KEYBITS=$keybits} REPS=$REPS RUNTIME=$RUNTIME scripts/bench-nbd.sh \"\" $mode   # $name"
+        if [ -f "$logs/$name.final" ] || [ -n "$(section_of "$name")" ]; then
+            command_of "$name" "$dir" "$mode" "$pin" "$cache" "$keybits"
+        fi
     done
     echo '```'
     for r in $RUNS; do
-        IFS=: read -r name dir mode pin cache <<<"$r"
-        [ -f "$logs/$name.final" ] || continue
+        IFS=: read -r name _ <<<"$r"
+        if [ -f "$logs/$name.final" ]; then
+            body=$(grep '^#' "$logs/$name.final" | sed 's/^# */    /'
+                echo
+                grep -v '^#' "$logs/$name.final" | sed '/./,$!d')
+        else
+            body=$(section_of "$name")
+        fi
+        [ -n "$body" ] || continue
         echo
         echo "## $name"
         echo
-        grep '^#' "$logs/$name.final" | sed 's/^# */    /'
-        echo
-        grep '^|' "$logs/$name.final"
+        echo "$body"
     done
     if [ -n "$reading" ]; then
         echo
         echo "$reading"
     fi
-} >"$OUT"
+} >"$OUT.new"
+mv "$OUT.new" "$OUT"
 echo "bench-nbd-all: wrote $OUT" >&2
