@@ -26,7 +26,8 @@
 #   --rounds N          rounds (default 3)
 #   --secs S            counted seconds per workload (default 5)
 #   --ramp S            uncounted seconds before each workload (default 1)
-#   --size MIB          size of the image (default 256; even)
+#   --size MIB          size of the image (default 1024: more than dom0's free page cache;
+#                       even)
 #   --backends "B ..."  default "tap-raw tap-vhd tap-enc qdisk blkback"
 #   --workloads "NAME:MODE:BS:QD ..."  MODE read|write|randread|randwrite, BS like 4k or 1M
 #                       (default "seqread:read:1M:8 seqwrite:write:1M:8
@@ -49,7 +50,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 work=${XEN_E2E_WORK:-$here/target/bench-xen}
 disk_dir=${BENCH_DISK_DIR:-/var/tmp/blktap3-bench-xen}
-rounds=3 secs=5 ramp=1 size=256 pin=cross loop_dio=on out=""
+rounds=3 secs=5 ramp=1 size=1024 pin=cross loop_dio=on out=""
 backends="tap-raw tap-vhd tap-enc qdisk blkback"
 workloads="seqread:read:1M:8 seqwrite:write:1M:8 randread_qd1:randread:4k:1 randread_qd32:randread:4k:32 randwrite_qd1:randwrite:4k:1 randwrite_qd32:randwrite:4k:32"
 bin=""
@@ -134,12 +135,13 @@ done
 [ "$(id -u)" = 0 ] || fail "must run as root (mmdebstrap, the dom0 rootfs's ownership)"
 
 mkdir -p "$work" "$disk_dir"
-disk_fs=$(stat -f -c %T "$disk_dir")
+disk_fs=$(findmnt -n -o FSTYPE -T "$disk_dir" 2>/dev/null || stat -f -c %T "$disk_dir")
 case $disk_fs in tmpfs | ramfs) fail "BENCH_DISK_DIR $disk_dir is on $disk_fs: the bench disk must be on real storage" ;; esac
 log() { echo "bench-xen: $*" >&2; }
 t_start=$(date +%s)
 load_start=$(uptime)
 commit=$(cd "$here" && git rev-parse --short HEAD 2>/dev/null || echo unknown)
+src_commit=$(cd "$here" && git log -1 --format=%h -- src Cargo.toml Cargo.lock 2>/dev/null || echo unknown)
 dirty=""
 if (cd "$here" && git status --porcelain --untracked-files=no 2>/dev/null | grep -q .); then
     dirty=" (uncommitted changes)"
@@ -196,6 +198,7 @@ if [ ! -f "$work/boot/dom0-base.cpio" ] || [ "$(cat "$work/boot/dom0-base.stamp"
     echo "$stamp" >"$work/boot/dom0-base.stamp"
     rm -rf "$work/dom0root"
 fi
+cp "$kdir/vmlinuz" "$work/boot/vmlinuz"
 
 # 3. The overlay: dom0-init.sh as /init with the bench as its only test, our binaries, and
 #    the guest's initramfs (busybox, xen-blkfront, blkbench, domu-bench.sh).
@@ -239,7 +242,7 @@ stage=$disk_dir/stage
 rm -rf "$stage" "$disk_dir/dom0-disk.img" && mkdir -p "$stage/bench"
 head -c $((size << 20)) /dev/urandom >"$stage/bench/raw.img"
 [ "$(stat -c %s "$stage/bench/raw.img")" = $((size << 20)) ] || fail "short raw.img"
-mkfs.ext4 -q -F -L benchxen -E nodiscard -d "$stage" "$disk_dir/dom0-disk.img" $((size * 3 + 256))M ||
+mkfs.ext4 -q -F -L benchxen -E nodiscard -d "$stage" "$disk_dir/dom0-disk.img" $((size * 3 + 256))M >&2 ||
     fail "mkfs.ext4 -d failed (e2fsprogs >= 1.43 needed)"
 rm -rf "$stage"
 
@@ -273,11 +276,11 @@ if ! tr -d '\r' <"$console" | grep -aq '^XEN-E2E-RESULT: bench PASS' || [ "$got"
     exit 1
 fi
 header=$(
-    echo "date: $(date -u -d "@$t_start" '+%Y-%m-%d %H:%M') UTC; commit $commit$dirty; binaries: $bin"
+    echo "date: $(date -u -d "@$t_start" '+%Y-%m-%d %H:%M') UTC; commit $commit$dirty (last change to src/: $src_commit); binaries: $bin"
     echo "host: $(nproc) CPUs; load at start: ${load_start#*load average: }; at end: ${load_end#*load average: }; run time $(((t_end - t_start) / 60)) min $(((t_end - t_start) % 60)) s"
     echo "Xen $xen_series under QEMU/TCG ($(qemu-system-x86_64 --version | head -n1 | sed 's/.*version //')), dom0 Linux $kver, -cpu ${QEMU_CPU:-qemu64} -smp 2; pin=$pin; dom0 disk: virtio, ext4 image on $disk_fs ($disk_dir), QEMU cache=none"
     echo "$rounds round(s), order rotated per round; ${secs} s counted + ${ramp} s ramp per workload; image ${size} MiB; guest: 1 vCPU, blkbench (O_DIRECT, Linux AIO)"
-    tr -d '\r' <"$console" | sed -n 's/^XEN-BENCH-INFO: /backend /p'
+    tr -d '\r' <"$console" | sed -n 's/^XEN-BENCH-INFO: backend=//p'
 )
 report=$(python3 "$here/tests/xen-e2e/bench/report.py" "$work/results.txt" "$backends" "$workloads" "$header") ||
     fail "report.py failed on $work/results.txt"

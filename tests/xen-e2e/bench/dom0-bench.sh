@@ -30,12 +30,9 @@ guest_mb=${GUEST_MB:-128}
 d=/var/tmp/bench
 raw=$d/raw.img
 
-# live MESSAGE: on the console now (the test's own log is printed only when it ends) and in
-# the log.
-live() {
-    echo "$*"
-    echo "$*" >/dev/console
-}
+# live MESSAGE: on the console now (the test's own log, which dom0-init.sh prints when the
+# test ends, keeps only the failures).
+live() { echo "$*" >/dev/console; }
 
 for m in virtio_pci virtio_blk ext4 loop xen-blkback crc32c_generic; do
     modprobe "$m" || die "modprobe $m"
