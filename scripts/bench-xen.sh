@@ -38,6 +38,9 @@
 #                       default placement, dom0 with 2 vCPUs
 #   --loop-dio on|off   blkback's loop device with or without direct I/O (default on)
 #   --quick             a smoke run: 1 round, 2 s + 1 s ramp, 64 MiB
+#   --nice N            QEMU's nice level (default -15, as bench-nbd.sh runs its servers:
+#                       other work on the host slows every backend alike, but TCG is its
+#                       only CPU; 0 to leave the host's other work alone)
 #   --out FILE          also write the report (markdown) to FILE
 # Environment: XEN_E2E_WORK (default target/bench-xen: the bench's dom0 rootfs, which adds
 #   qemu-system-xen to the xen-e2e one, boot files, console.log), BENCH_DISK_DIR (default
@@ -50,7 +53,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 work=${XEN_E2E_WORK:-$here/target/bench-xen}
 disk_dir=${BENCH_DISK_DIR:-/var/tmp/blktap3-bench-xen}
-rounds=3 secs=5 ramp=1 size=1024 pin=cross loop_dio=on out=""
+rounds=3 secs=5 ramp=1 size=1024 pin=cross loop_dio=on out="" nice=-15
 backends="tap-raw tap-vhd tap-enc qdisk blkback"
 workloads="seqread:read:1M:8 seqwrite:write:1M:8 randread_qd1:randread:4k:1 randread_qd32:randread:4k:32 randwrite_qd1:randwrite:4k:1 randwrite_qd32:randwrite:4k:32"
 bin=""
@@ -67,7 +70,7 @@ need_arg() {
 }
 while [ $# -gt 0 ]; do
     case $1 in
-        --rounds | --secs | --ramp | --size | --backends | --workloads | --pin | --loop-dio | --out)
+        --rounds | --secs | --ramp | --size | --backends | --workloads | --pin | --loop-dio | --out | --nice)
             need_arg "$@"
             case $1 in
                 --rounds) rounds=$2 ;;
@@ -79,6 +82,7 @@ while [ $# -gt 0 ]; do
                 --pin) pin=$2 ;;
                 --loop-dio) loop_dio=$2 ;;
                 --out) out=$2 ;;
+                --nice) nice=$2 ;;
             esac
             shift 2
             ;;
@@ -91,6 +95,7 @@ done
 for v in rounds secs size; do
     [[ ${!v} =~ ^[1-9][0-9]*$ ]] || { echo "bench-xen: --$v must be a positive integer, not '${!v}'" >&2; exit 2; }
 done
+[[ $nice =~ ^-?[0-9]+$ ]] || { echo "bench-xen: --nice must be an integer, not '$nice'" >&2; exit 2; }
 [[ $ramp =~ ^[0-9]+$ ]] || { echo "bench-xen: --ramp must be an integer, not '$ramp'" >&2; exit 2; }
 [ $((size % 2)) = 0 ] || { echo "bench-xen: --size must be even (whole 2 MiB VHD blocks)" >&2; exit 2; }
 case $pin in cross | none) ;; *) echo "bench-xen: --pin cross|none, not '$pin'" >&2; exit 2 ;; esac
@@ -255,7 +260,7 @@ timeout_s=${XEN_E2E_TIMEOUT:-$((900 + rounds * nb * (120 + nw * (secs + ramp) * 
 console=$work/console.log
 log "booting Xen $xen_series + Linux $kver (TCG), $rounds round(s) x $nb backends x $nw workloads x ${secs}+${ramp} s; timeout ${timeout_s}s; console: $console"
 set +e
-timeout "$timeout_s" qemu-system-x86_64 -machine pc -accel tcg -cpu "${QEMU_CPU:-qemu64}" -smp 2 -m 2048 \
+timeout "$timeout_s" nice -n "$nice" qemu-system-x86_64 -machine pc -accel tcg -cpu "${QEMU_CPU:-qemu64}" -smp 2 -m 2048 \
     -display none -vga none -no-reboot -monitor none -serial stdio -net none \
     -drive "file=$disk_dir/dom0-disk.img,format=raw,if=virtio,cache=none,aio=native" \
     -kernel "$work/boot/xen" \
@@ -278,7 +283,7 @@ fi
 header=$(
     echo "date: $(date -u -d "@$t_start" '+%Y-%m-%d %H:%M') UTC; commit $commit$dirty (last change to src/: $src_commit); binaries: $bin"
     echo "host: $(nproc) CPUs; load at start: ${load_start#*load average: }; at end: ${load_end#*load average: }; run time $(((t_end - t_start) / 60)) min $(((t_end - t_start) % 60)) s"
-    echo "Xen $xen_series under QEMU/TCG ($(qemu-system-x86_64 --version | head -n1 | sed 's/.*version //')), dom0 Linux $kver, -cpu ${QEMU_CPU:-qemu64} -smp 2; pin=$pin; dom0 disk: virtio, ext4 image on $disk_fs ($disk_dir), QEMU cache=none"
+    echo "Xen $xen_series under QEMU/TCG ($(qemu-system-x86_64 --version | head -n1 | sed 's/.*version //')), dom0 Linux $kver, -cpu ${QEMU_CPU:-qemu64} -smp 2, nice $nice; pin=$pin; dom0 disk: virtio, ext4 image on $disk_fs ($disk_dir), QEMU cache=none"
     echo "$rounds round(s), order rotated per round; ${secs} s counted + ${ramp} s ramp per workload; image ${size} MiB; guest: 1 vCPU, blkbench (O_DIRECT, Linux AIO)"
     tr -d '\r' <"$console" | sed -n 's/^XEN-BENCH-INFO: backend=//p'
 )

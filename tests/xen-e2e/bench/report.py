@@ -6,7 +6,8 @@ report.py RESULTS BACKENDS WORKLOADS HEADER
 RESULTS holds "XEN-BENCH-RESULT: round=R backend=B workload=W mbps=X iops=Y" lines; BACKENDS
 and WORKLOADS are bench-xen.sh's (space-separated; workloads NAME:MODE:BS:QD); HEADER is
 printed as the table's preamble. Prints markdown: medians (min-max) per backend, then the
-ratios of each tapdisk variant to qdisk (target >= 1.0, met or not met) and to blkback.
+ratios of each tapdisk variant to qdisk (target >= 1.0, met or not met) and to blkback,
+marked * where the two backends' min-max ranges overlap.
 Workloads of 64 KiB requests and more are compared in MB/s, smaller ones in IOPS.
 """
 import re
@@ -94,20 +95,33 @@ def main():
         a, b = med(t, w), med(p, w)
         return None if a is None or b is None or b == 0 else a / b
 
+    def overlap(t, p, w):
+        """Whether the two backends' min-max ranges over the rounds overlap."""
+        a, b = series(t, w), series(p, w)
+        return len(a) > 1 and len(b) > 1 and min(a) <= max(b) and min(b) <= max(a)
+
+    def cell(t, p, w):
+        r = ratio(t, p, w)
+        if r is None:
+            return "-"
+        return f"{r:.2f}*" if overlap(t, p, w) else f"{r:.2f}"
+
     for w in wl:
         cells = []
         misses = []
         for t, p in qcols:
             r = ratio(t, p, w)
-            cells.append("-" if r is None else f"{r:.2f}")
+            cells.append(cell(t, p, w))
             if r is not None and r < 1.0:
                 misses.append(f"{t[4:]} {r:.2f}")
         if qcols:
             cells.append("met" if not misses else "NOT met (" + ", ".join(misses) + ")")
         for t, p in others:
-            r = ratio(t, p, w)
-            cells.append("-" if r is None else f"{r:.2f}")
+            cells.append(cell(t, p, w))
         print(f"| {w[0]} | " + " | ".join(cells) + " |")
+    print()
+    print("Ratios are of medians; * marks a ratio whose two min-max ranges overlap (not resolved")
+    print("at this run's noise).")
 
 if __name__ == "__main__":
     main()
