@@ -42,16 +42,16 @@
 #                       other work on the host slows every backend alike, but TCG is its
 #                       only CPU; 0 to leave the host's other work alone)
 #   --out FILE          also write the report (markdown) to FILE
-# Environment: XEN_E2E_WORK (default target/bench-xen: the bench's dom0 rootfs, which adds
+# Environment: BENCH_XEN_WORK (default target/bench-xen: the bench's dom0 rootfs, which adds
 #   qemu-system-xen to the xen-e2e one, boot files, console.log), BENCH_DISK_DIR (default
 #   /var/tmp/blktap3-bench-xen: the ext4 image; must not be tmpfs), DEBIAN_KERNEL_DIR (default
-#   target/debian-kernel), XEN_E2E_TIMEOUT (seconds, default: from the settings), QEMU_CPU
-#   (default qemu64).
+#   target/debian-kernel), BENCH_XEN_TIMEOUT (seconds, default: from the settings), QEMU_CPU
+#   (default qemu64), GUEST_MB (the guest's memory, default 128).
 # Exits 0 when every backend produced every result (whether or not the targets are met),
 # 1 otherwise.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
-work=${XEN_E2E_WORK:-$here/target/bench-xen}
+work=${BENCH_XEN_WORK:-$here/target/bench-xen}
 disk_dir=${BENCH_DISK_DIR:-/var/tmp/blktap3-bench-xen}
 rounds=3 secs=5 ramp=1 size=1024 pin=cross loop_dio=on out="" nice=-15
 backends="tap-raw tap-vhd tap-enc qdisk blkback"
@@ -256,7 +256,7 @@ xen_cmdline="console=com1 com1=115200,8n1 dom0_mem=1024M,max:1024M loglvl=all gu
 [ "$pin" != cross ] || xen_cmdline="$xen_cmdline dom0_max_vcpus=1 dom0_vcpus_pin"
 nb=$(wc -w <<<"$backends")
 nw=$(wc -w <<<"$workloads")
-timeout_s=${XEN_E2E_TIMEOUT:-$((900 + rounds * nb * (120 + nw * (secs + ramp) * 3)))}
+timeout_s=${BENCH_XEN_TIMEOUT:-$((900 + rounds * nb * (120 + nw * (secs + ramp) * 3)))}
 console=$work/console.log
 log "booting Xen $xen_series + Linux $kver (TCG), $rounds round(s) x $nb backends x $nw workloads x ${secs}+${ramp} s; timeout ${timeout_s}s; console: $console"
 set +e
