@@ -72,6 +72,12 @@ pub trait Image: Send + Sync + std::fmt::Debug {
     /// Write whole sectors. Returns only once the data and the metadata that makes it
     /// visible are written (not necessarily synced: see [`Image::flush`]).
     fn write(&self, sector: u64, buf: &[u8]) -> Result<(), ImageError>;
+    /// [`Image::write`] from a buffer the caller owns and gives up: afterwards its contents
+    /// are unspecified. An encrypted image encrypts in place instead of into a bounce
+    /// buffer (tapdisk's engine, whose request buffers are private). Defaults to `write`.
+    fn write_in_place(&self, sector: u64, buf: &mut [u8]) -> Result<(), ImageError> {
+        self.write(sector, buf)
+    }
     /// Make every acknowledged write durable (fdatasync of the files involved).
     fn flush(&self) -> Result<(), ImageError>;
     /// Drop the contents of a range. Afterwards the range reads as zeros (or, for a

@@ -39,6 +39,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use crate::image::{Extent, Image, ImageError, SECTOR_SIZE};
+use crate::util::AlignedBuf;
 
 use super::reactor::Waker;
 
@@ -57,15 +58,18 @@ const ZERO_STATUS_WINDOW: u64 = 1 << 16;
 /// Something a worker runs (besides the image calls): opening and closing images.
 pub type Task = Box<dyn FnOnce() -> Result<Output, ImageError> + Send>;
 
-/// An operation on an image. Sector numbers and counts are 512-byte sectors.
+/// An operation on an image. Sector numbers and counts are 512-byte sectors. Reads and
+/// writes carry their own page-aligned buffer from the front door (grant copy or socket)
+/// to the disk; a write's buffer comes back in [`Output::Data`] with unspecified contents
+/// (an encrypted image encrypts it in place: [`Image::write_in_place`]).
 pub enum Op {
     Read {
         sector: u64,
-        buf: Vec<u8>,
+        buf: AlignedBuf,
     },
     Write {
         sector: u64,
-        buf: Vec<u8>,
+        buf: AlignedBuf,
         fua: bool,
     },
     Flush,
@@ -111,7 +115,7 @@ impl std::fmt::Debug for Op {
 /// What a successful job produced.
 pub enum Output {
     /// Read data (the buffer handed in), or the buffer of a write given back.
-    Data(Vec<u8>),
+    Data(AlignedBuf),
     Done,
     Extents(Vec<Extent>),
     Image(Arc<dyn Image>),
@@ -319,8 +323,12 @@ fn execute(image: Option<&dyn Image>, op: Op) -> Result<Output, ImageError> {
             img.read(sector, &mut buf)?;
             Ok(Output::Data(buf))
         }
-        Op::Write { sector, buf, fua } => {
-            img.write(sector, &buf)?;
+        Op::Write {
+            sector,
+            mut buf,
+            fua,
+        } => {
+            img.write_in_place(sector, &mut buf)?;
             if fua {
                 img.flush()?;
             }
@@ -344,7 +352,7 @@ fn execute(image: Option<&dyn Image>, op: Op) -> Result<Output, ImageError> {
             fua,
             no_hole,
         } => {
-            let zero = vec![0u8; ZERO_CHUNK];
+            let zero = AlignedBuf::zeroed(ZERO_CHUNK);
             let per = ZERO_CHUNK as u64 / SECTOR_SIZE;
             // Check the whole range first: nothing is zeroed when it is out of range.
             crate::image::check_sectors(sector, nsectors, img.info().size_sectors)?;
@@ -411,7 +419,7 @@ mod tests {
             img.clone(),
             Op::Write {
                 sector: 2,
-                buf: vec![7u8; 1024],
+                buf: AlignedBuf::from_slice(&[7u8; 1024]),
                 fua: true,
             },
         );
@@ -423,7 +431,7 @@ mod tests {
                 img.clone(),
                 Op::Read {
                     sector: 2,
-                    buf: vec![0u8; 1024],
+                    buf: AlignedBuf::zeroed(1024),
                 },
             );
         }
@@ -558,7 +566,7 @@ mod tests {
     fn read(len: usize) -> Op {
         Op::Read {
             sector: 0,
-            buf: vec![0u8; len],
+            buf: AlignedBuf::zeroed(len),
         }
     }
 
@@ -568,7 +576,7 @@ mod tests {
         let e = IoEngine::new(2).unwrap();
         let write = Op::Write {
             sector: 8,
-            buf: vec![5u8; 4096],
+            buf: AlignedBuf::from_slice(&[5u8; 4096]),
             fua: true,
         };
         e.submit(1u32, spy.clone(), write);

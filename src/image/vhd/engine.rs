@@ -1416,6 +1416,15 @@ impl Image for VhdImage {
         })
     }
 
+    fn write_in_place(&self, sector: u64, buf: &mut [u8]) -> Result<(), ImageError> {
+        self.writable()?;
+        check_range(sector, buf.len(), self.size_sectors)?;
+        if let Some(c) = &self.cipher {
+            c.encrypt_sectors(sector, buf);
+        }
+        self.write_plain(sector, buf)
+    }
+
     fn flush(&self) -> Result<(), ImageError> {
         self.live()?;
         if self.read_only {
@@ -1553,6 +1562,20 @@ mod tests {
             "unwritten sectors are not decrypted"
         );
         assert_eq!(&back[2560..3584], &plain[..]);
+        // In place (the engine's owned buffers): the same bytes on disk, no bounce.
+        let mut owned = plain.clone();
+        parent.write_in_place(5 + 4096, &mut owned).unwrap();
+        assert_ne!(owned, plain, "encrypted in the caller's (given up) buffer");
+        let s1 = u64::from(parent.bat()[1]);
+        let mut on_disk1 = vec![0u8; 1024];
+        pf.read_at(&mut on_disk1, (s1 + 1 + 5) * 512).unwrap();
+        let mut expect1 = plain.clone();
+        reference_encrypt(&key, 5 + 4096, &mut expect1);
+        assert_eq!(on_disk1, expect1);
+        assert_eq!(owned, expect1);
+        let mut back1 = vec![0u8; 1024];
+        parent.read(5 + 4096, &mut back1).unwrap();
+        assert_eq!(back1, plain);
         let lf = mem_vhd(4 << 20);
         let mut leaf = VhdImage::open_file(Path::new("l.vhd"), lf.clone(), &rw).unwrap();
         leaf.set_parent(Box::new(parent));
