@@ -99,6 +99,28 @@ pub trait Image: Send + Sync + std::fmt::Debug {
     fn memory_backed(&self) -> bool {
         false
     }
+    /// Where `nsectors` at `sector` live when a reader or writer may go to the file
+    /// directly (asynchronous I/O from tapdisk's loop) and nothing else has to happen:
+    /// one contiguous run in one file whose descriptor takes asynchronous I/O
+    /// ([`BlockFile::aio_fd`]), needing no metadata change and no parent. `None` (the
+    /// default) means "go through [`Image::read`] / [`Image::write`]". A raw image always
+    /// maps; a VHD when the range lies in one allocated block whose cached bitmap has every
+    /// bit of the range set. Answered from memory, without I/O.
+    fn direct_map(&self, sector: u64, nsectors: u64, write: bool) -> Option<DirectMap> {
+        let _ = (sector, nsectors, write);
+        None
+    }
+}
+
+/// The answer of [`Image::direct_map`]: the bytes are at `offset` in `file` (kept open by
+/// the `Arc` while the I/O runs); when `cipher` is set they are stored encrypted, with the
+/// request's first virtual sector as the first tweak (encrypt before writing, decrypt
+/// after reading).
+#[derive(Clone, Debug)]
+pub struct DirectMap {
+    pub file: std::sync::Arc<dyn file::BlockFile>,
+    pub offset: u64,
+    pub cipher: Option<std::sync::Arc<crypto::XtsCipher>>,
 }
 
 /// Errors of the image layer. `errno()` maps each to the errno that tapdisk reports.

@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 
 use super::file::{BlockFile, OsFile, SysOpener};
 use super::{
-    check_range, check_sectors, check_usable, Extent, Image, ImageError, ImageFormat, ImageInfo,
-    LayerInfo, SECTOR_SIZE,
+    check_range, check_sectors, check_usable, DirectMap, Extent, Image, ImageError, ImageFormat,
+    ImageInfo, LayerInfo, SECTOR_SIZE,
 };
 
 /// A raw disk image.
@@ -131,6 +131,19 @@ impl Image for RawImage {
 
     fn memory_backed(&self) -> bool {
         self.file.memory_backed()
+    }
+
+    fn direct_map(&self, sector: u64, nsectors: u64, write: bool) -> Option<DirectMap> {
+        if self.closed.load(Ordering::Acquire) || (write && self.info.read_only) {
+            return None;
+        }
+        check_sectors(sector, nsectors, self.info.size_sectors).ok()?;
+        self.file.aio_fd()?;
+        Some(DirectMap {
+            file: Arc::clone(&self.file),
+            offset: sector * SECTOR_SIZE,
+            cipher: None,
+        })
     }
 
     fn discard(&self, sector: u64, nsectors: u64) -> Result<(), ImageError> {

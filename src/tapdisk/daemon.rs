@@ -124,6 +124,9 @@ pub struct Config {
     /// Open images with `O_DIRECT` (`TAPDISK3_DIRECT_IO`; an OPEN's `NO_O_DIRECT` flag,
     /// tap-ctl's `-D`, turns it off for that image).
     pub direct_io: bool,
+    /// Submit reads and writes that need no metadata work with Linux AIO from the loop
+    /// (`TAPDISK3_AIO`; the worker threads otherwise).
+    pub aio: bool,
     pub opener: Arc<dyn ImageOpener>,
     /// Keys for OPENs without a key trailer (`TAPDISK3_CRYPTO_KEYDIR`).
     pub keys: KeySource,
@@ -143,6 +146,7 @@ impl Config {
             io_threads: super::io::DEFAULT_THREADS,
             inline_io: true,
             direct_io: true,
+            aio: true,
             opener: Arc::new(DefaultOpener),
             keys: KeySource::None,
             xen: Arc::new(DevXenOpener),
@@ -223,6 +227,7 @@ impl Tapdisk {
             source,
         })?;
         io.set_inline(cfg.inline_io);
+        io.set_aio(cfg.aio);
         let (ctl, ctl_rx) = CtlHandle::new().map_err(sys("eventfd"))?;
         let ticker = Ticker::new(Duration::from_secs(1)).map_err(sys("timerfd"))?;
         reactor

@@ -71,8 +71,8 @@ use super::format::*;
 use crate::image::crypto::{KeyHash, XtsCipher};
 use crate::image::file::{BlockFile, OsFile, SysOpener, XATTR_KEYHASH, XATTR_MARKER};
 use crate::image::{
-    check_range, check_sectors, check_usable, Extent, Image, ImageError, ImageFormat, ImageInfo,
-    LayerInfo, SECTOR_SIZE,
+    check_range, check_sectors, check_usable, DirectMap, Extent, Image, ImageError, ImageFormat,
+    ImageInfo, LayerInfo, SECTOR_SIZE,
 };
 
 /// Largest encrypted write served from the per-thread bounce buffer.
@@ -1435,6 +1435,39 @@ impl Image for VhdImage {
 
     fn memory_backed(&self) -> bool {
         self.file.memory_backed() && self.parent.as_ref().is_none_or(|p| p.memory_backed())
+    }
+
+    fn direct_map(&self, sector: u64, nsectors: u64, write: bool) -> Option<DirectMap> {
+        if nsectors == 0 || self.closed.load(Ordering::Acquire) || (write && self.read_only) {
+            return None;
+        }
+        check_sectors(sector, nsectors, self.size_sectors).ok()?;
+        self.file.aio_fd()?;
+        let offset = match self.geom {
+            None => sector * SECTOR_SIZE,
+            Some(g) => {
+                let spb = u64::from(g.spb);
+                let (blk, off) = (sector / spb, sector % spb);
+                if off + nsectors > spb {
+                    return None;
+                }
+                let blk = u32::try_from(blk).ok()?;
+                let m = self.lock();
+                let e = *m.bat.get(blk as usize)?;
+                // Only a cached bitmap: loading one is I/O, which the caller must not wait
+                // for. Every bit set: the data is here (no parent) and a write changes no
+                // metadata (invariant 2 holds: the bits are on disk already).
+                if e == BAT_UNUSED || !bits_all(m.bitmaps.get(&blk)?, off, nsectors, true) {
+                    return None;
+                }
+                (u64::from(e) + u64::from(g.bm_secs) + off) * SECTOR_SIZE
+            }
+        };
+        Some(DirectMap {
+            file: Arc::clone(&self.file),
+            offset,
+            cipher: self.cipher.clone(),
+        })
     }
 
     fn discard(&self, sector: u64, nsectors: u64) -> Result<(), ImageError> {
