@@ -1,38 +1,45 @@
-//! The I/O engine: a small pool of worker threads running blocking [`Image`] calls so the
-//! event loop never waits on a disk, and an inline path for images that have no disk.
+//! The I/O engine: Linux AIO submitted from the event loop for plain reads and writes, a
+//! small pool of worker threads for everything that needs blocking work, so the loop never
+//! waits on a disk.
 //!
 //! ```text
-//!  loop --submit(Job{tag, image, op})--> [queue] --> worker 1..N: image.read/write/...
-//!  loop <--Waker (eventfd)-- [completions] <--push(Completion{tag, result})--
+//!  loop --submit--> Image::direct_map? --yes--> [encrypt in place] io_submit (aio::Context)
+//!                         | no                                   |
+//!                         v                                      | kernel: eventfd
+//!                      [queue] --> worker 1..N: image.read/write_in_place/flush/...
+//!  loop <--eventfd (Waker)-- completions(): io_getevents (resubmit short, decrypt), workers'
 //! ```
 //!
-//! Images are `Send + Sync` with `&self` methods, so requests on one image run concurrently.
-//! The tag is opaque to the engine: the loop uses it to route the completion (an NBD
-//! connection and cookie, a VBD open, ...). Completions for things that went away meanwhile
-//! are simply dropped by the loop.
+//! AIO fast path: a read or a non-FUA write that the image maps onto one run of one file
+//! taking asynchronous I/O ([`Image::direct_map`]: raw images, and VHD blocks that are
+//! allocated with every bitmap bit of the range set, so nothing else has to happen) is
+//! submitted right away from the loop, its page-aligned buffer going to the `O_DIRECT`
+//! descriptor as it is; an encrypted layer's write is encrypted in place first and a read
+//! decrypted after completion, on the loop. Completions signal the engine's eventfd (the
+//! same the workers use) and are reaped by [`IoEngine::completions`]: a short transfer is
+//! resubmitted for the rest, no progress (end of file for a read, ENOSPC for a write) or a
+//! negative result is that request's error. Up to [`AIO_DEPTH`] requests are in flight;
+//! beyond that, or when `io_setup` fails (one warning) or `TAPDISK3_AIO=0`, requests go to
+//! the workers. Flush stays a worker `fdatasync`: a flush is started only after the writes
+//! it covers completed (the ring's drain point; NBD clients wait for replies), and an AIO
+//! write completes only once it is in the file.
+//!
+//! Workers: VHD allocation and partial bitmaps, reads through parents, FUA writes,
+//! discard, zeroing, block status, flush, and the OPEN/CLOSE tasks; all reads and writes of
+//! images whose files cannot take AIO (buffered, not memory-backed). Images are
+//! `Send + Sync` with `&self` methods, so requests on one image run concurrently. The tag is
+//! opaque to the engine: the loop uses it to route the completion (an NBD connection and
+//! cookie, a VBD open, ...). Completions for things that went away meanwhile are simply
+//! dropped by the loop.
 //!
 //! Inline path: reads and writes up to [`INLINE_MAX`] and flushes on an image whose whole
-//! chain is [memory-backed](Image::memory_backed) (tmpfs, ramfs) run on the submitting
-//! thread, the loop. Nothing there waits for a device, and the hand-off would cost two
-//! thread switches per request, more than the copy: with it, raw 4 KiB random I/O at QD1 on
-//! tmpfs ran at 0.94 of qemu-nbd; inline it runs at 1.3 with 40 % less CPU per request
-//! (scripts/bench-nbd.sh). `TAPDISK3_INLINE_IO=0` turns the path off.
+//! chain is [memory-backed](Image::memory_backed) (tmpfs, ramfs) and that AIO did not take
+//! run on the submitting thread, the loop (`TAPDISK3_INLINE_IO=0` turns it off). With AIO
+//! on, tmpfs raw images go through AIO (buffered AIO completes inside `io_submit`), so
+//! what is left inline is the VHD metadata-work cases and AIO-less setups.
 //!
-//! Pool size: [`DEFAULT_THREADS`] = 4, override with `TAPDISK3_IO_THREADS`. Measured with
-//! scripts/bench-nbd.sh (raw image on tmpfs, client and server pinned to one CPU, 2 reps,
-//! 2 s runs; tapdisk ÷ qemu-nbd in the same run):
-//!
-//! | threads | seq read 1M QD8 | randread QD1 | randread QD32 | randwrite QD32 | CPU/IO QD32 |
-//! |---|---|---|---|---|---|
-//! | 1 | 1.26 | 1.01 | 1.93 | 1.74 | 3.1 µs |
-//! | 2 | 1.67 | 0.87 | 2.21 | 2.07 | 2.6 µs |
-//! | 4 | 2.02 | 1.06 | 1.76 | 1.98 | 3.6 µs |
-//! | 8 | 1.55 | 1.01 | 1.68 | 1.63 | 3.9 µs |
-//!
-//! On one shared core the count hardly matters (the noise is larger than the spread); what
-//! more threads buy is outstanding requests in the kernel when the image sits on a real disk
-//! (buffered pread/pwrite block in the device), so the default keeps 4 in flight per process
-//! while costing little CPU when the data is cached.
+//! Pool size: [`DEFAULT_THREADS`] = 4, override with `TAPDISK3_IO_THREADS`: outstanding
+//! blocking requests in the kernel for the work AIO does not take.
 
 use std::collections::VecDeque;
 use std::os::fd::AsFd;
