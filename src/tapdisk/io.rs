@@ -443,6 +443,9 @@ impl<T: Send + 'static> IoEngine<T> {
 
 impl<T: Send + 'static> Drop for IoEngine<T> {
     fn drop(&mut self) {
+        // The AIO context first: its io_destroy waits for the requests in flight, which
+        // signal the waker's eventfd (dropped with `shared`).
+        self.aio = None;
         lock(&self.shared.jobs).1 = true;
         self.shared.cond.notify_all();
         for w in self.workers.drain(..) {
