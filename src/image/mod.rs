@@ -102,7 +102,7 @@ pub trait Image: Send + Sync + std::fmt::Debug {
     /// Where `nsectors` at `sector` live when a reader or writer may go to the file
     /// directly (asynchronous I/O from tapdisk's loop) and nothing else has to happen:
     /// one contiguous run in one file whose descriptor takes asynchronous I/O
-    /// ([`BlockFile::aio_fd`]), needing no metadata change and no parent. `None` (the
+    /// ([`file::BlockFile::aio_fd`]), needing no metadata change and no parent. `None` (the
     /// default) means "go through [`Image::read`] / [`Image::write`]". A raw image always
     /// maps; a VHD when the range lies in one allocated block whose cached bitmap has every
     /// bit of the range set. Answered from memory, without I/O.

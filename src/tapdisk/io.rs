@@ -268,7 +268,7 @@ impl<T: Send + 'static> IoEngine<T> {
     /// on the caller's thread: they cannot wait for a device, and handing them to a worker
     /// would cost two thread switches, more than the copy itself. Reads and writes the
     /// image maps ([`Image::direct_map`]) go out with Linux AIO from here
-    /// ([`IoEngine::try_aio`]). Everything else goes to the workers. Either way the result
+    /// (`try_aio`). Everything else goes to the workers. Either way the result
     /// comes back through [`IoEngine::completions`] (check [`IoEngine::has_inline`] after
     /// submitting: inline results do not fire the waker).
     pub fn submit(&self, tag: T, image: Arc<dyn Image>, op: Op) {
