@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::channel;
 use std::thread::JoinHandle;
 
-use blktap3::control::msg::{OpenRequest, Reply, Request};
+use blktap3::control::msg::{OpenFlags, OpenRequest, Reply, Request};
 use blktap3::image::chain::{open_vhd_chain, OpenOptions};
 use blktap3::image::vhd::ops::{create, CreateOptions};
 use blktap3::image::Image;
@@ -25,6 +25,10 @@ struct Daemon {
 
 impl Daemon {
     fn start(params: &str, aio: bool, direct: bool) -> Daemon {
+        Daemon::start_flags(params, aio, direct, OpenFlags::empty())
+    }
+
+    fn start_flags(params: &str, aio: bool, direct: bool, flags: OpenFlags) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = Config::new(dir.path());
         cfg.lock_markers = false;
@@ -40,7 +44,9 @@ impl Daemon {
         });
         let h = rx.recv().unwrap();
         assert_eq!(h.call(Request::Attach { minor: 3 }), Reply::Attach);
-        let r = h.call(Request::Open(OpenRequest::new(3, params)));
+        let mut o = OpenRequest::new(3, params);
+        o.flags = flags;
+        let r = h.call(Request::Open(o));
         assert!(matches!(r, Reply::Open(_)), "{r:?}");
         Daemon {
             h,
@@ -143,5 +149,42 @@ fn dynamic_vhd_over_nbd_allocates_and_serves_through_the_fast_path() {
         let mut all = vec![0u8; size];
         img.read(0, &mut all).unwrap();
         assert!(all == model, "aio {aio}: buffered reader disagrees");
+    }
+}
+
+/// Whether this process holds `path` open with `O_DIRECT` (`/proc/self/fdinfo` flags,
+/// octal); `None` when it does not hold it open.
+fn open_direct(path: &Path) -> Option<bool> {
+    for e in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        if std::fs::read_link(e.path()).ok().as_deref() != Some(path) {
+            continue;
+        }
+        let info = std::fs::read_to_string(format!(
+            "/proc/self/fdinfo/{}",
+            e.file_name().to_string_lossy()
+        ))
+        .ok()?;
+        let flags = info.lines().find_map(|l| l.strip_prefix("flags:"))?;
+        let v = u32::from_str_radix(flags.trim(), 8).ok()?;
+        return Some(v & libc::O_DIRECT as u32 != 0);
+    }
+    None
+}
+
+#[test]
+fn images_open_with_o_direct_unless_switched_off_or_refused_per_open() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let cases = [
+        ("default", true, OpenFlags::empty(), true),
+        ("env", false, OpenFlags::empty(), false),
+        ("flag", true, OpenFlags::NO_O_DIRECT, false),
+    ];
+    for (name, direct, flags, want) in cases {
+        let p = dir.path().join(format!("{name}.raw"));
+        std::fs::write(&p, vec![0u8; 1 << 20]).unwrap();
+        let d = Daemon::start_flags(&format!("aio:{}", p.display()), true, direct, flags);
+        assert_eq!(open_direct(&p), Some(want), "{name}");
+        d.stop();
+        assert_eq!(open_direct(&p), None, "{name}: closed");
     }
 }
