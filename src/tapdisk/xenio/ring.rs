@@ -19,6 +19,7 @@ use super::{MAX_INDIRECT_SEGMENTS, MAX_RING_BYTES};
 use crate::tapdisk::io::{IoEngine, Op, Output};
 use crate::tapdisk::tag::{Door, RingKind, RingTag, Tag};
 use crate::tapdisk::vbd::{Vbd, VDISK_READONLY};
+use crate::util::AlignedBuf;
 
 /// Buffers kept for re-use.
 const POOL_BUFFERS: usize = 64;
@@ -46,20 +47,16 @@ pub struct RingStats {
 
 /// Private data buffers, re-used across requests of all rings.
 #[derive(Debug, Default)]
-pub(super) struct BufPool(Vec<Vec<u8>>);
+pub(super) struct BufPool(Vec<AlignedBuf>);
 
 impl BufPool {
-    fn take(&mut self, len: usize) -> Vec<u8> {
+    fn take(&mut self, len: usize) -> AlignedBuf {
         let mut b = self.0.pop().unwrap_or_default();
-        if b.len() < len {
-            b.resize(len, 0);
-        } else {
-            b.truncate(len);
-        }
+        b.set_len(len);
         b
     }
 
-    fn give(&mut self, b: Vec<u8>) {
+    fn give(&mut self, b: AlignedBuf) {
         if self.0.len() < POOL_BUFFERS {
             self.0.push(b);
         }
@@ -89,7 +86,7 @@ struct SyncReq {
     id: u64,
     op: u8,
     sector: u64,
-    data: Option<Vec<u8>>,
+    data: Option<AlignedBuf>,
     submitted: bool,
 }
 
@@ -295,7 +292,7 @@ impl Ring {
 
     /// Copy a write's data from the guest into a private buffer (None: copy failed and the
     /// request was answered).
-    fn copy_in(&mut self, ctx: &mut Ctx<'_>, req: &Request) -> Option<Vec<u8>> {
+    fn copy_in(&mut self, ctx: &mut Ctx<'_>, req: &Request) -> Option<AlignedBuf> {
         // data_len <= 256 * 4096 (validated), fits usize.
         let mut buf = ctx.bufs.take(req.data_len() as usize);
         let segs = request_copy_segs(req, BufLayout::Packed);
