@@ -38,6 +38,11 @@ impl Rig {
     }
 
     pub fn start_with(f: impl FnOnce(&mut Config)) -> Rig {
+        Rig::start_with_xen(|_, cfg| f(cfg))
+    }
+
+    /// Like [`Rig::start_with`], the hook also seeing the rig's simulated Xen.
+    pub fn start_with_xen(f: impl FnOnce(&SimXen, &mut Config)) -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let xen = SimXen::new();
         let store = MemXenStore::new();
@@ -48,7 +53,7 @@ impl Rig {
             xen: xen.clone(),
             dom: BE,
         });
-        f(&mut cfg);
+        f(&xen, &mut cfg);
         let (tx, rx) = channel();
         let thread = std::thread::spawn(move || {
             let mut td = Tapdisk::new(cfg).unwrap();

@@ -342,15 +342,11 @@ impl Rings {
         for id in std::mem::take(&mut self.repoll) {
             self.service(id, io, vbds);
         }
-        let Some(env) = self.env.as_deref() else {
-            self.dirty.clear();
-            return;
-        };
         for id in std::mem::take(&mut self.dirty) {
-            if let Some(r) = self.rings.get_mut(&id) {
-                r.publish(env);
-            }
+            self.with_ring(id, io, |r, ctx| r.publish(ctx));
         }
+        // Publishing only writes the responses it makes visible.
+        self.dirty.clear();
     }
 
     /// Run `f` on ring `id` with its context borrowed from the set; `None` if there is no
