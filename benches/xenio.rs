@@ -110,6 +110,7 @@ fn run_ring(case: &Case, order: u32, dur: Duration) -> (u64, Duration) {
         port: port.0,
         poll_duration: 0,
         poll_idle_threshold: 0,
+        queue: 0,
     };
     assert_eq!(
         h.call(Request::XenblkifConnect { minor: 0, blkif }),

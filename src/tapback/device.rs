@@ -642,6 +642,7 @@ impl Device {
             port: ring.port,
             poll_duration: self.optional_u32(cx.xs, "polling-duration")?,
             poll_idle_threshold: self.optional_u32(cx.xs, "polling-idle-threshold")?,
+            queue: 0,
         };
         match cx.tap.connect(loc.pid, loc.minor, &blkif) {
             Ok(()) => log::info!(

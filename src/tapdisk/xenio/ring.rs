@@ -122,6 +122,8 @@ pub(super) struct Ring {
     pub minor: u16,
     pub domid: u32,
     pub devid: u32,
+    /// Queue index of a multi-queue device (0 otherwise).
+    pub queue: u32,
     dom: DomId,
     pub port: Port,
     ring: BackRing<RingMem>,
@@ -174,7 +176,7 @@ impl Ring {
     pub fn new(
         id: u64,
         minor: u16,
-        (domid, devid): (u32, u32),
+        (domid, devid, queue): (u32, u32, u32),
         dom: DomId,
         port: Port,
         ring: BackRing<RingMem>,
@@ -184,6 +186,7 @@ impl Ring {
             minor,
             domid,
             devid,
+            queue,
             dom,
             port,
             ring,
