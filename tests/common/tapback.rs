@@ -123,6 +123,17 @@ impl FakeTap {
     }
 }
 
+/// Remove every queue of `(domid, devid)`; whether there was one.
+fn remove_device(
+    rings: &mut BTreeMap<(u32, u32, u32), (i32, u16, Blkif)>,
+    domid: u32,
+    devid: u32,
+) -> bool {
+    let before = rings.len();
+    rings.retain(|k, _| (k.0, k.1) != (domid, devid));
+    rings.len() != before
+}
+
 impl TapdiskOps for FakeTap {
     fn list_pid(&self, pid: i32) -> Result<Vec<ListEntry>, ControlError> {
         let st = self.st();
@@ -196,11 +207,7 @@ impl TapdiskOps for FakeTap {
             libc::ECONNREFUSED
         } else if let Some(e) = st.disconnect_errors.pop_front() {
             e
-        } else if {
-            let before = st.rings.len();
-            st.rings.retain(|k, _| (k.0, k.1) != (domid, devid));
-            st.rings.len() != before
-        } {
+        } else if remove_device(&mut st.rings, domid, devid) {
             0
         } else {
             libc::ENODEV
