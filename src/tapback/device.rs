@@ -682,16 +682,25 @@ impl Device {
                 queue: q as u32,
             };
             match cx.tap.connect(loc.pid, loc.minor, &blkif) {
-                Ok(()) => log::info!(
-                    "{}: ring {q}/{nq} (order {}, port {port}, {:?}) connected to tapdisk {} \
-                     minor {} (via {})",
-                    self.id,
-                    ring.order,
-                    ring.proto,
-                    loc.pid,
-                    loc.minor,
-                    loc.source
-                ),
+                Ok(()) => {
+                    // "ring (order" for one queue (what the e2e tests look for), "ring Q/N
+                    // (order" for each queue of a multi-queue device.
+                    let which = if nq > 1 {
+                        format!("ring {q}/{nq}")
+                    } else {
+                        "ring".to_owned()
+                    };
+                    log::info!(
+                        "{}: {which} (order {}, port {port}, {:?}) connected to tapdisk {} \
+                         minor {} (via {})",
+                        self.id,
+                        ring.order,
+                        ring.proto,
+                        loc.pid,
+                        loc.minor,
+                        loc.source
+                    )
+                }
                 Err(e) if e.errno() == libc::EALREADY => log::info!(
                     "{}: tapdisk {} minor {} already has our ring {q}",
                     self.id,
