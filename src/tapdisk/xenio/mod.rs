@@ -28,9 +28,9 @@
 //!
 //! Multi-queue: a device whose blkfront uses N queues has N rings, each connected by its own
 //! XENBLKIF_CONNECT (same domid/devid, `queue` 0..N, same minor) with its own event channel.
-//! Every queue is a [`Ring`] of the VBD: serviced when its port fires, at most one ring's
-//! worth per service before it goes to the back of the re-poll list, so one busy queue
-//! cannot starve another (round robin over the rings with work). PAUSE and CLOSE are per
+//! Every queue is a ring (`ring.rs` `Ring`) of the VBD: serviced when its port fires, at
+//! most one ring's worth per service before it goes to the back of the re-poll list, so one
+//! busy queue cannot starve another (round robin over the rings with work). PAUSE and CLOSE are per
 //! VBD: no queue is serviced while the VBD does not accept I/O and the VBD's in-flight count
 //! covers every queue. A flush or barrier drains only its own queue, as in Linux blkback
 //! (each ring has its own in-flight count and flush wait): blk-mq gives the guest no
