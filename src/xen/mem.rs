@@ -255,3 +255,33 @@ impl SharedMem for MappedRegion {
         self.write_at(off, data)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every start offset and length around the word and unroll sizes copies exactly the
+    /// bytes asked for, both ways, and nothing next to them.
+    #[test]
+    fn copies_at_every_alignment_and_length_touch_only_their_bytes() {
+        let r = MappedRegion::anonymous(4096).unwrap();
+        let pattern: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
+        let lens = [0usize, 1, 7, 8, 15, 16, 17, 63, 64, 65, 127, 200, 1000];
+        for off in 0..48usize {
+            for &len in &lens {
+                r.write_at(0, &pattern);
+                let mut out = vec![0xEEu8; len + 2];
+                r.read_at(off, &mut out[1..=len]);
+                assert_eq!(&out[1..=len], &pattern[off..off + len], "read {off}+{len}");
+                assert_eq!((out[0], out[len + 1]), (0xEE, 0xEE));
+                let data: Vec<u8> = (0..len).map(|i| !(i as u8)).collect();
+                r.write_at(off, &data);
+                let mut all = vec![0u8; 4096];
+                r.read_at(0, &mut all);
+                assert_eq!(&all[off..off + len], &data[..], "write {off}+{len}");
+                assert_eq!(&all[..off], &pattern[..off]);
+                assert_eq!(&all[off + len..], &pattern[off + len..]);
+            }
+        }
+    }
+}
