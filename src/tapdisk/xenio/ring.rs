@@ -20,9 +20,10 @@ use crate::tapdisk::io::{IoEngine, Op, Output};
 use crate::tapdisk::tag::{Door, RingKind, RingTag, Tag};
 use crate::tapdisk::vbd::{Vbd, VDISK_READONLY};
 
-/// Buffer capacity kept for re-use: enough for every request of a busy ring (128 requests of
-/// 44 KiB are 5.5 MiB) without an allocation per request, little against MAX_RING_BYTES.
-const POOL_BYTES: usize = 8 << 20;
+/// Buffer capacity kept for re-use: what one ring may have in flight ([`MAX_RING_BYTES`]),
+/// so a busy ring (32 requests of 1 MiB, 128 of 44 KiB) allocates nothing per request. It
+/// used to be 64 buffers of any size, up to 64 MiB.
+const POOL_BYTES: usize = MAX_RING_BYTES;
 
 /// Per-ring counters (stats JSON `"xenbus"`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
