@@ -1114,7 +1114,14 @@ impl VhdImage {
                     .map_err(|e| ImageError::io(&self.path, "extend", e))?;
             }
             let mut f = self.lock().footer;
-            self.pwrite(&f.encode(), end_b, "write footer")?;
+            if let Err(e) = self.pwrite(&f.encode(), end_b, "write footer") {
+                // No valid footer at the new end: give the file its old end back, where
+                // the old footer still is (nothing has zeroed it yet).
+                if end_b + FOOTER_SIZE as u64 > len {
+                    let _ = self.file.set_len(len);
+                }
+                return Err(e);
+            }
         }
         // The alignment gaps before the new blocks may hold stale bytes of the old file,
         // typically the old footer at the old end of data: zero them as libvhd and
@@ -1308,7 +1315,12 @@ impl VhdImage {
             if let Some(b) = m.batmap.as_mut() {
                 if bit_test(&b.map, u64::from(blk)) {
                     bit_set(&mut b.map, u64::from(blk), false);
-                    self.write_batmap(b, curr)?;
+                    if let Err(err) = self.write_batmap(b, curr) {
+                        // The disk may still say "full": keep saying so here, so that the
+                        // next discard rewrites the batmap before it clears any bit.
+                        bit_set(&mut b.map, u64::from(blk), true);
+                        return Err(err);
+                    }
                     sync_needed = true;
                 }
             }
