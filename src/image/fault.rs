@@ -140,6 +140,8 @@ struct InjState {
     seen: BTreeMap<Point, u64>,
     /// Faults injected per point and kind.
     injected: BTreeMap<(Point, Fault), u64>,
+    /// AIO completions seen.
+    aio: u64,
 }
 
 /// The test's handle on the faults of one or more [`FaultFile`]s.
@@ -192,6 +194,11 @@ impl Injector {
     /// Calls seen at `point`, faulted or not.
     pub fn seen(&self, point: Point) -> u64 {
         self.lock().seen.get(&point).copied().unwrap_or(0)
+    }
+
+    /// Linux AIO completions seen (faulted or not).
+    pub fn aio_seen(&self) -> u64 {
+        self.lock().aio
     }
 
     /// Every (point, kind, count) injected so far.
@@ -495,6 +502,7 @@ impl BlockFile for FaultFile {
     }
 
     fn inject_aio(&self, write: bool, off: u64, len: usize, res: i64) -> i64 {
+        self.inj.lock().aio += 1;
         let point = if write {
             // AIO writes only go to mapped data; classify anyway (no buffer: not a footer).
             self.classify(off, &[])
@@ -506,7 +514,12 @@ impl BlockFile for FaultFile {
             Some(Fault::Eio) => -i64::from(libc::EIO),
             Some(Fault::Enospc) => -i64::from(libc::ENOSPC),
             Some(Fault::Short) => {
-                let n = i64::try_from(short_len(len)).unwrap_or(0);
+                // Direct I/O moves whole sectors: a single sector moves nothing.
+                let n = if len >= 2 * SECTOR_SIZE as usize {
+                    i64::try_from(short_len(len)).unwrap_or(0)
+                } else {
+                    0
+                };
                 if res < 0 {
                     res
                 } else {
