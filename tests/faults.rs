@@ -121,7 +121,11 @@ impl Daemon {
 
 fn pattern(n: usize, seed: u32) -> Vec<u8> {
     (0..n as u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(seed.wrapping_mul(97)) >> 11) as u8)
+        .map(|i| {
+            (i.wrapping_mul(2_654_435_761)
+                .wrapping_add(seed.wrapping_mul(97))
+                >> 11) as u8
+        })
         .collect()
 }
 
@@ -199,7 +203,10 @@ fn check_file(path: &Path, model: &Model, when: &str) {
         if e == BAT_UNUSED {
             continue;
         }
-        assert!(u64::from(e) * 512 + BLK < len, "{when}: BAT[{i}] past the end");
+        assert!(
+            u64::from(e) * 512 + BLK < len,
+            "{when}: BAT[{i}] past the end"
+        );
         if let Some(j) = seen.insert(e, i) {
             panic!("{when}: BAT[{i}] and BAT[{j}] both point at sector {e:#x}");
         }
@@ -497,7 +504,11 @@ fn fdatasync_failure_fails_every_later_flush_until_reopen() {
     let (e, off, len) = provoke(&mut r, How::AioWrite, 1);
     assert_eq!(e, 0);
     r.inj.arm_n(Point::Sync, Fault::Eio, 0, Some(1));
-    assert_eq!(simple(&mut r.c, CMD_FLUSH, 0, 0), NBD_EIO, "the failing flush");
+    assert_eq!(
+        simple(&mut r.c, CMD_FLUSH, 0, 0),
+        NBD_EIO,
+        "the failing flush"
+    );
     assert_eq!(r.inj.injected(Point::Sync), 1);
     let syncs = r.inj.seen(Point::Sync);
     for i in 0..3 {
@@ -524,7 +535,11 @@ fn fdatasync_failure_fails_every_later_flush_until_reopen() {
     healthy(&mut r.vhd2, &mut r.raw, 3);
     // Clearing the fault changes nothing: the image cannot know what was lost.
     r.inj.clear();
-    assert_eq!(simple(&mut r.c, CMD_FLUSH, 0, 0), NBD_EIO, "cleared, not reopened");
+    assert_eq!(
+        simple(&mut r.c, CMD_FLUSH, 0, 0),
+        NBD_EIO,
+        "cleared, not reopened"
+    );
     let closed = r.d.close(1);
     assert_ne!(closed, Reply::Close, "CLOSE reports the failed sync");
     check_file(&r.path, &r.model, "closed after the fdatasync failure");
@@ -551,7 +566,11 @@ fn fdatasync_failure_on_a_raw_image() {
     std::fs::write(&path, vec![0u8; (16 * MIB) as usize]).unwrap();
     let opener = Arc::new(FaultOpener::default());
     let inj = Injector::new();
-    opener.faulty.lock().unwrap().insert(path.clone(), Arc::clone(&inj));
+    opener
+        .faulty
+        .lock()
+        .unwrap()
+        .insert(path.clone(), Arc::clone(&inj));
     let d = Daemon::start(opener);
     let mut c = d.attach_open(1, &format!("aio:{}", path.display()));
     let data = pattern(65536, 7);

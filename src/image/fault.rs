@@ -564,7 +564,15 @@ mod tests {
         let mem = Arc::new(MemFile::from_bytes(std::fs::read(&p).unwrap()));
         let inj = Injector::new();
         let ff = Arc::new(FaultFile::new(mem.clone(), inj.clone()).unwrap());
-        let img = VhdImage::open_file(&p, ff.clone(), &VhdOpenOptions { read_only: false, ..VhdOpenOptions::default() }).unwrap();
+        let img = VhdImage::open_file(
+            &p,
+            ff.clone(),
+            &VhdOpenOptions {
+                read_only: false,
+                ..VhdOpenOptions::default()
+            },
+        )
+        .unwrap();
         img.write(4096 + 8, &[7u8; 1024]).unwrap();
         // One BAT sector, one data write, one bitmap write for the first allocation.
         assert_eq!(inj.seen(Point::Bat), 1);
