@@ -438,6 +438,13 @@ fn case(point: Point, fault: Fault, how: How, want: u32) {
     check_file(&r.path, &r.model, "after clearing");
     assert_eq!(r.d.close(1), Reply::Close);
     check_file(&r.path, &r.model, "after close");
+    if matches!(how, How::Discard) {
+        // Whatever the batmap says, the discarded sectors read as zeros.
+        let img = VhdImage::open(&r.path, &VhdOpenOptions::default()).unwrap();
+        let mut b = vec![1u8; 4096];
+        img.read(16, &mut b).unwrap();
+        assert!(b.iter().all(|&x| x == 0), "discarded sectors after reopen");
+    }
     eprintln!("{}", r.inj.summary());
     r.d.stop();
 }
