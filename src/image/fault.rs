@@ -352,7 +352,7 @@ impl Layout {
         let Some((bat_off, _)) = self.bat else {
             return;
         };
-        if !within(self.bat, off) || (off - bat_off) % 4 != 0 {
+        if !within(self.bat, off) || !(off - bat_off).is_multiple_of(4) {
             return;
         }
         let first = ((off - bat_off) / 4) as usize;
