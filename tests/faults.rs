@@ -598,3 +598,144 @@ fn fdatasync_failure_on_a_raw_image() {
     }
     d.stop();
 }
+
+/// xorshift64*: deterministic test randomness.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        let mut x = self.0 | 1;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d) % n.max(1)
+    }
+}
+
+/// Many faults at random points, kinds and moments under a random mix of writes (new
+/// blocks, extensions, partly written blocks, the mapped fast path), reads, discards and
+/// flushes. Every request that succeeds is right, every failure is EIO or ENOSPC, and
+/// after each round (fault cleared) the file passes the checks and the image serves I/O
+/// again; at the end, every sector reads its last acknowledged write, in the session and
+/// from the closed file.
+#[test]
+fn random_faults_sweep() {
+    let mut r = rig();
+    let mut rng = Rng(0x5eed_f417);
+    let points = [
+        Point::Data,
+        Point::Bitmap,
+        Point::Bat,
+        Point::Footer,
+        Point::Other,
+        Point::Batmap,
+        Point::Read,
+    ];
+    let faults = [Fault::Eio, Fault::Enospc, Fault::Short];
+    let rounds = 120;
+    let mut failures = 0;
+    let mut writes: Vec<(u64, usize)> = vec![(0, 65536), (BLK, 8192)];
+    for round in 0..rounds {
+        let point = points[rng.below(points.len() as u64) as usize];
+        let fault = faults[rng.below(3) as usize];
+        r.inj
+            .arm_n(point, fault, rng.below(3), Some(1 + rng.below(3)));
+        for k in 0..8 {
+            let seed = round * 100 + k + 1000;
+            let blk = rng.below(160);
+            let sec = rng.below(BLK / 512 - 64);
+            let off = blk * BLK + sec * 512;
+            let len = 512 * (1 + rng.below(32)) as usize;
+            match rng.below(10) {
+                0..=5 => {
+                    let d = pattern(len, seed as u32);
+                    let e = r.c.write(off, &d, false).unwrap();
+                    assert!(e == 0 || e == NBD_EIO || e == NBD_ENOSPC, "write: {e}");
+                    note(&mut r.model, e, off, &d);
+                    failures += u32::from(e != 0);
+                    writes.push((off, len));
+                }
+                6 | 7 => {
+                    // Mostly where something was written (else no file I/O happens).
+                    let (off, len) = match writes.len() {
+                        0 => (off, len),
+                        n if rng.below(4) != 0 => writes[rng.below(n as u64) as usize],
+                        _ => (off, len),
+                    };
+                    match r.c.read(off, len as u32).unwrap() {
+                        Ok(got) => {
+                            for (i, s) in got.chunks(512).enumerate() {
+                                let n = off / 512 + i as u64;
+                                let ok = match r.model.sectors.get(&n) {
+                                    Some(allowed) => allowed.iter().any(|a| a == s),
+                                    None => s.iter().all(|&b| b == 0),
+                                };
+                                assert!(ok, "round {round}: sector {n} read data never written");
+                            }
+                        }
+                        Err(e) => {
+                            assert!(e == NBD_EIO || e == NBD_ENOSPC, "read: {e}");
+                            failures += 1;
+                        }
+                    }
+                }
+                8 => {
+                    let e = simple(&mut r.c, CMD_TRIM, off, len as u32);
+                    let z = vec![0u8; len];
+                    note(&mut r.model, e, off, &z);
+                    failures += u32::from(e != 0);
+                }
+                _ => {
+                    let e = simple(&mut r.c, CMD_FLUSH, 0, 0);
+                    assert_eq!(e, 0, "no fdatasync fault is armed");
+                }
+            }
+        }
+        r.inj.clear();
+        if round % 10 == 0 {
+            healthy(&mut r.vhd2, &mut r.raw, round as u32);
+        }
+        check_file(&r.path, &r.model, &format!("round {round}"));
+    }
+    // Settle every sector a failed request left ambiguous, then everything reads back.
+    let ambiguous: Vec<u64> = r
+        .model
+        .sectors
+        .iter()
+        .filter(|(_, a)| a.len() > 1)
+        .map(|(&s, _)| s)
+        .collect();
+    for s in ambiguous {
+        let d = pattern(512, s as u32);
+        assert_eq!(r.c.write(s * 512, &d, false).unwrap(), 0);
+        r.model.acked(s * 512, &d);
+    }
+    assert_eq!(simple(&mut r.c, CMD_FLUSH, 0, 0), 0);
+    let mut written: Vec<u64> = r.model.sectors.keys().copied().collect();
+    written.sort_unstable();
+    for s in &written {
+        assert_eq!(
+            r.c.read(s * 512, 512).unwrap(),
+            Ok(r.model.exact(s * 512, 512)),
+            "sector {s}"
+        );
+    }
+    assert_eq!(r.d.close(1), Reply::Close);
+    check_file(&r.path, &r.model, "sweep, closed");
+    let img = VhdImage::open(&r.path, &VhdOpenOptions::default()).unwrap();
+    for s in &written {
+        let mut b = vec![0u8; 512];
+        img.read(*s, &mut b).unwrap();
+        assert_eq!(b, r.model.exact(s * 512, 512), "sector {s} after close");
+    }
+    let total: u64 = r.inj.counts().iter().map(|c| c.2).sum();
+    eprintln!("sweep: {rounds} rounds, {failures} requests failed, {total} faults injected");
+    eprintln!("{}", r.inj.summary());
+    assert!(
+        total >= u64::from(rounds as u32) / 2,
+        "too few faults hit: {total}"
+    );
+    assert!(failures > 0);
+    r.d.stop();
+}
