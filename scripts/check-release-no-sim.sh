@@ -1,6 +1,7 @@
 #!/bin/bash
 # check-release-no-sim.sh: prove that a release build holds none of the test simulations
-# (cargo feature `sim`: xen::sim, tapdisk's SimXenOpener and MemImage, SimKernelNbd).
+# (cargo feature `sim`: xen::sim, tapdisk's SimXenOpener and MemImage, SimKernelNbd,
+# image::fault's fault injection and its BlockFile::inject_aio hook).
 #
 #   scripts/check-release-no-sim.sh [--no-build] [--target TRIPLE] [--dir DIR]
 #
@@ -28,7 +29,7 @@ while [ $# -gt 0 ]; do
     --no-build) build=0 ;;
     --target) target=${2:?--target needs a triple}; shift ;;
     --dir) dir=${2:?--dir needs a directory}; shift ;;
-    -h | --help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "check-release-no-sim: unknown argument $1" >&2; exit 2 ;;
     esac
     shift
@@ -46,8 +47,8 @@ if [ "$build" = 1 ]; then
 fi
 
 # Source files of the simulations, and their symbols (demangled).
-sim_files='src/xen/sim/|src/tapdisk/mem\.rs'
-sim_syms='blktap3::xen::sim::|blktap3::tapdisk::mem::|SimXen|SimGrants|SimEvtchn|SimBlkfront|SimDomain|SimMapping|MemXenStore|MemXsConn|SimKernelNbd|MemImage'
+sim_files='src/xen/sim/|src/tapdisk/mem\.rs|src/image/fault\.rs'
+sim_syms='blktap3::xen::sim::|blktap3::tapdisk::mem::|SimXen|SimGrants|SimEvtchn|SimBlkfront|SimDomain|SimMapping|MemXenStore|MemXsConn|SimKernelNbd|MemImage|blktap3::image::fault::|FaultFile|inject_aio|open_wrapped'
 
 pass=0
 fail=0

@@ -94,6 +94,15 @@ pub trait BlockFile: Send + Sync + fmt::Debug {
     fn aio_fd(&self) -> Option<BorrowedFd<'_>> {
         None
     }
+    /// Test builds only: the result tapdisk's AIO completion path should see for a
+    /// transfer of `len` bytes at `off` that the kernel completed with `res` (bytes or
+    /// -errno). Fault injection ([`super::fault::FaultFile`]) replaces it; everything
+    /// else returns `res`.
+    #[cfg(any(test, feature = "sim"))]
+    fn inject_aio(&self, write: bool, off: u64, len: usize, res: i64) -> i64 {
+        let _ = (write, off, len);
+        res
+    }
 }
 
 /// What `O_DIRECT` asks of a file's I/O (`statx` `stx_dio_mem_align` and

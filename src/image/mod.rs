@@ -10,6 +10,8 @@
 
 pub mod chain;
 pub mod crypto;
+#[cfg(any(test, feature = "sim"))]
+pub mod fault;
 pub mod file;
 pub mod open;
 pub mod raw;

@@ -67,6 +67,26 @@ pub fn open(
     })
 }
 
+/// Test builds only: [`open`] with the leaf's file passed through `wrap` before any
+/// driver sees it (fault injection, [`super::fault::FaultFile`]). Parents are opened as
+/// usual.
+#[cfg(any(test, feature = "sim"))]
+pub fn open_wrapped(
+    path: &Path,
+    format: ImageFormat,
+    opts: &OpenOptions,
+    wrap: &dyn Fn(std::sync::Arc<dyn BlockFile>) -> std::io::Result<std::sync::Arc<dyn BlockFile>>,
+) -> Result<Box<dyn Image>, ImageError> {
+    use super::file::SysOpener;
+    let f = OsFile::open_with(path, !opts.read_only, opts.direct, &SysOpener)
+        .map_err(|e| ImageError::io(path, "open", e))?;
+    let f = wrap(std::sync::Arc::new(f)).map_err(|e| ImageError::io(path, "open", e))?;
+    Ok(match format {
+        ImageFormat::Raw => Box::new(RawImage::from_file(path, f, opts.read_only)?),
+        ImageFormat::Vhd => Box::new(super::chain::open_vhd_chain_file(path, f, opts)?),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::ImageFormat;

@@ -22,6 +22,8 @@ pub struct RawImage {
     info: ImageInfo,
     closed: AtomicBool,
     data_run: Mutex<DataRun>,
+    /// An `fdatasync` failed: every later one fails until reopened (see [`RawImage::sync`]).
+    sync_failed: AtomicBool,
 }
 
 /// The last data run `block_status` found, so that the next calls inside it need no `lseek`.
@@ -68,7 +70,28 @@ impl RawImage {
                 read_only,
             },
             closed: AtomicBool::new(false),
+            sync_failed: AtomicBool::new(false),
             data_run: Mutex::new(DataRun::default()),
+        })
+    }
+
+    /// `fdatasync`, failing for good once one has failed: a later success would not
+    /// cover the writes a writeback error dropped (as `VhdImage`'s sync, "fsyncgate").
+    fn sync(&self) -> Result<(), ImageError> {
+        if self.sync_failed.load(Ordering::Acquire) {
+            return Err(ImageError::io(
+                &self.path,
+                "fdatasync (an earlier one failed: durability unknown until reopened)",
+                std::io::Error::from_raw_os_error(libc::EIO),
+            ));
+        }
+        self.file.sync().map_err(|e| {
+            self.sync_failed.store(true, Ordering::Release);
+            log::error!(
+                "{}: fdatasync failed ({e}): every later flush fails until the image is reopened",
+                self.path.display()
+            );
+            ImageError::io(&self.path, "fdatasync", e)
         })
     }
 
@@ -124,9 +147,7 @@ impl Image for RawImage {
         if self.info.read_only {
             return Ok(());
         }
-        self.file
-            .sync()
-            .map_err(|e| ImageError::io(&self.path, "fdatasync", e))
+        self.sync()
     }
 
     fn memory_backed(&self) -> bool {
@@ -207,9 +228,7 @@ impl Image for RawImage {
         if self.closed.swap(true, Ordering::AcqRel) || self.info.read_only {
             return Ok(());
         }
-        self.file
-            .sync()
-            .map_err(|e| ImageError::io(&self.path, "fdatasync", e))
+        self.sync()
     }
 
     fn layers(&self) -> Vec<LayerInfo> {

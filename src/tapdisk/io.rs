@@ -365,6 +365,13 @@ impl<T: Send + 'static> IoEngine<T> {
         }
         for aio::Done { mut req, res } in done {
             let want = req.buf.len() - req.start;
+            // Test builds: let injected faults replace the kernel's result.
+            #[cfg(any(test, feature = "sim"))]
+            let res =
+                req.user
+                    .map
+                    .file
+                    .inject_aio(req.dir == aio::Dir::Write, req.offset, want, res);
             let err = match usize::try_from(res) {
                 Err(_) => Some(std::io::Error::from_raw_os_error(
                     i32::try_from(-res).unwrap_or(libc::EIO),

@@ -179,6 +179,8 @@ pub struct VhdImage {
     parent: Option<Box<dyn Image>>,
     cipher: Option<Arc<XtsCipher>>,
     closed: AtomicBool,
+    /// An `fdatasync` of the file failed: see [`VhdImage::sync`].
+    sync_failed: AtomicBool,
 }
 
 impl fmt::Debug for VhdImage {
@@ -329,6 +331,7 @@ impl VhdImage {
             parent: None,
             cipher: None,
             closed: AtomicBool::new(false),
+            sync_failed: AtomicBool::new(false),
         };
         if !img.read_only && footer_source != FooterSource::Primary {
             img.rewrite_primary_footer()?;
@@ -907,10 +910,29 @@ impl VhdImage {
             .map_err(|e| ImageError::io(&self.path, op, e))
     }
 
+    /// `fdatasync` the file. Once one has failed, every later one fails too (EIO) until
+    /// the image is reopened: after a writeback error Linux may have dropped the dirty
+    /// data and reports the error only once, so a later `fdatasync` that succeeds proves
+    /// nothing about the writes before it (PostgreSQL's "fsyncgate"). Hence no flush is
+    /// answered with success, no block is allocated (a reserve needs a trusted sync,
+    /// invariant 1) and close fails, while reads and writes to allocated sectors go on
+    /// (they claim no durability). A reopen reads the disk as it is.
     fn sync(&self) -> Result<(), ImageError> {
-        self.file
-            .sync()
-            .map_err(|e| ImageError::io(&self.path, "fdatasync", e))
+        if self.sync_failed.load(Ordering::Acquire) {
+            return Err(ImageError::io(
+                &self.path,
+                "fdatasync (an earlier one failed: durability unknown until reopened)",
+                std::io::Error::from_raw_os_error(libc::EIO),
+            ));
+        }
+        self.file.sync().map_err(|e| {
+            self.sync_failed.store(true, Ordering::Release);
+            log::error!(
+                "{}: fdatasync failed ({e}): every later flush fails until the image is reopened",
+                self.path.display()
+            );
+            ImageError::io(&self.path, "fdatasync", e)
+        })
     }
 
     fn live(&self) -> Result<(), ImageError> {
@@ -1014,7 +1036,14 @@ impl VhdImage {
                 // s <= end <= reserve_end <= MAX_SECTOR (checked when reserving).
                 m.bat[blk as usize] = s as u32;
                 if let Err(err) = self.write_bat_entry(&m, blk) {
+                    // The failed write may have landed, whole or in part: the BAT on disk
+                    // may point at `s`. Never give `s` to another block (two entries on
+                    // one block); skip it. Its bitmap is zero on disk, so an entry left
+                    // pointing at it reads as unwritten (invariant 1), and the next
+                    // allocation in this BAT sector rewrites the entry.
                     m.bat[blk as usize] = BAT_UNUSED;
+                    m.next_db = end;
+                    m.dirty = true;
                     return Err(err);
                 }
                 m.next_db = end;
@@ -1076,12 +1105,23 @@ impl VhdImage {
             }
         }
         let end_b = pos * SECTOR_SIZE;
-        if self.file.resizable() && end_b + FOOTER_SIZE as u64 > len {
-            self.file
-                .set_len(end_b + FOOTER_SIZE as u64)
-                .map_err(|e| ImageError::io(&self.path, "extend", e))?;
+        // `>=`: an earlier attempt that failed after extending the file left no footer at
+        // the end; write it now.
+        if self.file.resizable() && end_b + FOOTER_SIZE as u64 >= len {
+            if end_b + FOOTER_SIZE as u64 > len {
+                self.file
+                    .set_len(end_b + FOOTER_SIZE as u64)
+                    .map_err(|e| ImageError::io(&self.path, "extend", e))?;
+            }
             let mut f = self.lock().footer;
-            self.pwrite(&f.encode(), end_b, "write footer")?;
+            if let Err(e) = self.pwrite(&f.encode(), end_b, "write footer") {
+                // No valid footer at the new end: give the file its old end back, where
+                // the old footer still is (nothing has zeroed it yet).
+                if end_b + FOOTER_SIZE as u64 > len {
+                    let _ = self.file.set_len(len);
+                }
+                return Err(e);
+            }
         }
         // The alignment gaps before the new blocks may hold stale bytes of the old file,
         // typically the old footer at the old end of data: zero them as libvhd and
@@ -1275,7 +1315,12 @@ impl VhdImage {
             if let Some(b) = m.batmap.as_mut() {
                 if bit_test(&b.map, u64::from(blk)) {
                     bit_set(&mut b.map, u64::from(blk), false);
-                    self.write_batmap(b, curr)?;
+                    if let Err(err) = self.write_batmap(b, curr) {
+                        // The disk may still say "full": keep saying so here, so that the
+                        // next discard rewrites the batmap before it clears any bit.
+                        bit_set(&mut b.map, u64::from(blk), true);
+                        return Err(err);
+                    }
                     sync_needed = true;
                 }
             }
