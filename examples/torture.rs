@@ -13,8 +13,13 @@
 //! checksum, another sector's address, a generation never written there) is *garbage*.
 //! Writes in flight never overlap, so per sector the generations are ordered.
 //!
-//! This models process death (SIGKILL): what tapdisk handed to the kernel survives. It does not
-//! model power loss (see docs/reliability.md).
+//! By default this models process death (SIGKILL): what tapdisk handed to the kernel survives.
+//! With `--cut-cmd`/`--restore-cmd` it models a power cut: at the kill moment tapdisk is
+//! stopped (SIGSTOP, every thread out of its system calls, so no reply can follow the cut),
+//! the cut command makes the storage drop every later write (dm-flakey `drop_writes`), tapdisk
+//! is killed, and the restore command discards what the page cache held (sync into the dropped
+//! writes, unmount, allow writes, drop caches, mount): the image is then what had reached the
+//! device. `scripts/torture-powercut-vm.sh` runs this in a VM on ext4 over dm-flakey.
 //!
 //! Usage: `torture --bindir DIR --work DIR [--kills N] [--seed S] [--rounds-per-image N]
 //! [--inject N]` (run by `scripts/torture.sh`). `--inject N` is the driver's self-test: every
@@ -223,6 +228,13 @@ struct Opts {
     rounds_per_image: u64,
     /// Self-test: every this many kill points, write behind the model's back (must be caught).
     inject: u64,
+    /// Where the control directory and key files go (default: `work`); for power cuts, a
+    /// directory that the cut does not touch.
+    state: Option<PathBuf>,
+    /// Power-cut mode: run this (sh -c) with tapdisk stopped, then SIGKILL it ...
+    cut_cmd: Option<String>,
+    /// ... and this once it is dead, before checking and reopening the image.
+    restore_cmd: Option<String>,
 }
 
 fn parse_opts() -> R<Opts> {
@@ -233,6 +245,9 @@ fn parse_opts() -> R<Opts> {
         seed: 0,
         rounds_per_image: 20,
         inject: 0,
+        state: None,
+        cut_cmd: None,
+        restore_cmd: None,
     };
     let mut seed = None;
     let mut a = std::env::args().skip(1);
@@ -245,9 +260,12 @@ fn parse_opts() -> R<Opts> {
             "--seed" => seed = Some(v()?.parse().ctx("--seed")?),
             "--rounds-per-image" => o.rounds_per_image = v()?.parse().ctx("--rounds-per-image")?,
             "--inject" => o.inject = v()?.parse().ctx("--inject")?,
+            "--state" => o.state = Some(PathBuf::from(v()?)),
+            "--cut-cmd" => o.cut_cmd = Some(v()?),
+            "--restore-cmd" => o.restore_cmd = Some(v()?),
             "-h" | "--help" => {
                 println!(
-                    "usage: torture [--bindir DIR] [--work DIR] [--kills N] [--seed S] [--rounds-per-image N] [--inject N]"
+                    "usage: torture [--bindir DIR] [--work DIR] [--kills N] [--seed S] [--rounds-per-image N] [--inject N] [--state DIR --cut-cmd CMD --restore-cmd CMD]"
                 );
                 std::process::exit(0);
             }
@@ -564,6 +582,7 @@ fn workload(
     rng: &mut Rng,
     gen: &mut u32,
     st: &mut Stats,
+    cut: Option<&str>,
 ) -> R<bool> {
     let qd = 1 + rng.below(8) as usize;
     // Kill plan: after the k-th allocating write (with a 0..400 us delay), else on a timer.
@@ -581,8 +600,15 @@ fn workload(
     let mut flush_inflight = false;
     let mut sent = 0u64;
     let spawn_kill = |delay: Duration| {
+        let cut = cut.map(str::to_owned);
         std::thread::spawn(move || {
             std::thread::sleep(delay);
+            if let Some(cmd) = cut {
+                if let Err(e) = power_cut(pid, &cmd) {
+                    eprintln!("torture: power cut: {e}");
+                    std::process::exit(2);
+                }
+            }
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         })
     };
@@ -736,6 +762,47 @@ fn workload(
     Ok(alloc_kill && n_alloc >= kth_alloc)
 }
 
+/// Stops `pid` (all threads out of their system calls), then runs `cmd` (the cut).
+fn power_cut(pid: i32, cmd: &str) -> R<()> {
+    let _ = kill(Pid::from_raw(pid), Signal::SIGSTOP);
+    let t = Instant::now();
+    loop {
+        let mut all = true;
+        if let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+            for e in rd.flatten() {
+                let s = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+                let st = s
+                    .rsplit_once(')')
+                    .map(|(_, r)| r.trim_start().chars().next());
+                if !matches!(st, Some(Some('T' | 't' | 'Z' | 'X')) | None) {
+                    all = false;
+                }
+            }
+        }
+        if all {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(10) {
+            return Err(Fail(format!("tapdisk {pid} did not stop within 10 s")));
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    sh(cmd)
+}
+
+fn sh(cmd: &str) -> R<()> {
+    let ok = Command::new("sh")
+        .args(["-c", cmd])
+        .status()
+        .ctx(format!("running {cmd:?}"))?
+        .success();
+    if ok {
+        Ok(())
+    } else {
+        Err(Fail(format!("{cmd:?} failed")))
+    }
+}
+
 fn pick(set: &BTreeSet<u64>, rng: &mut Rng) -> Option<u64> {
     if set.is_empty() {
         return None;
@@ -790,8 +857,8 @@ fn real_main() -> R<bool> {
     o.work = std::fs::canonicalize(&o.work).ctx(format!("{}", o.work.display()))?;
     let env = Env {
         bindir,
-        ctl: o.work.join("ctl"),
-        keys: o.work.join("keys"),
+        ctl: o.state.as_ref().unwrap_or(&o.work).join("ctl"),
+        keys: o.state.as_ref().unwrap_or(&o.work).join("keys"),
     };
     std::fs::create_dir_all(&env.ctl).ctx("control dir")?;
     std::fs::create_dir_all(&env.keys).ctx("key dir")?;
@@ -830,6 +897,8 @@ fn real_main() -> R<bool> {
             cycle += 1;
             let kind = Kind::ALL[(cycle as usize - 1) % Kind::ALL.len()];
             img = Some(make_image(&env, &o.work, kind, cycle, &mut rng)?);
+            // The new files must be on the device before the first cut.
+            nix::unistd::sync();
             rounds = 0;
         }
         let Some(im) = img.as_mut() else {
@@ -847,9 +916,20 @@ fn real_main() -> R<bool> {
         if o.inject > 0 && (st.kills + 1).is_multiple_of(o.inject) {
             inject(&mut c, im, &mut rng, &mut gen)?;
         }
-        let at_alloc = workload(&mut c, pid, im, &mut rng, &mut gen, &mut st)?;
+        let at_alloc = workload(
+            &mut c,
+            pid,
+            im,
+            &mut rng,
+            &mut gen,
+            &mut st,
+            o.cut_cmd.as_deref(),
+        )?;
         drop(c);
         wait_gone(pid)?;
+        if let Some(r) = &o.restore_cmd {
+            sh(r)?;
+        }
         st.kills += 1;
         rounds += 1;
         *st.per_kind.entry(im.kind).or_insert(0) += 1;
@@ -885,7 +965,15 @@ fn real_main() -> R<bool> {
         remove_image(im)?;
     }
     let clean = st.lost == 0 && st.garbage == 0;
-    println!("== torture summary (seed {}) ==", o.seed);
+    println!(
+        "== torture summary (seed {}; {}) ==",
+        o.seed,
+        if o.cut_cmd.is_some() {
+            "power cuts: SIGSTOP, writes dropped, SIGKILL, page cache discarded"
+        } else {
+            "process death: SIGKILL"
+        }
+    );
     println!(
         "kill points survived: {} in {:.1} s ({} aimed just after an allocating write, {} on a \
          timer; {} with an allocating write unacknowledged when tapdisk died)",
