@@ -5,7 +5,11 @@
 //! buffers), the I/O worker pool and a RAM-disk image (one more memcpy), responses and
 //! notifications. Next to it: a plain memcpy of the same bytes per request, in this thread.
 //!
-//! `cargo bench --bench xenio` (about 1 s per case; `XENIO_BENCH_SECS=3` for longer).
+//! `cargo bench --bench xenio` (about 1 s per side and case, in 3 alternating slices;
+//! `XENIO_BENCH_SECS=3` for longer, `XENIO_BENCH_CASE="44 KiB write Pool"` for one row;
+//! `XENIO_BENCH_STATS=1` prints the VBD's stats JSON after each run). Each case runs twice:
+//! the requests walking the whole 256 MiB image (its side of every copy misses the caches)
+//! and walking only 32 requests' worth, the footprint of the memcpy side's pool.
 //! Reported: M requests/s, GB/s of guest data, and ring ÷ memcpy.
 
 use std::hint::black_box;
@@ -29,14 +33,35 @@ const BE: DomId = DomId(0);
 const FE: DomId = DomId(1);
 const DISK_SECTORS: u64 = 256 << 11; // 256 MiB
 const PAGE: usize = 4096;
+/// Alternating slices of each side per case.
+const REPS: u32 = 3;
 
 #[derive(Debug)]
 struct MemOpener;
 
 impl ImageOpener for MemOpener {
     fn open(&self, _spec: &OpenSpec) -> Result<Arc<dyn Image>, ImageError> {
-        Ok(Arc::new(MemImage::new(DISK_SECTORS, false)))
+        // Touch every page once, as a disk that was ever written: a fresh allocation would
+        // make the first write of each page a page fault (and reads of it the zero page).
+        let img = MemImage::new(DISK_SECTORS, false);
+        let chunk = vec![0u8; 1 << 20];
+        let per = (chunk.len() / 512) as u64;
+        for s in (0..DISK_SECTORS).step_by(per as usize) {
+            img.write(s, &chunk)?;
+        }
+        Ok(Arc::new(img))
     }
+}
+
+/// How much of the memory image the requests walk through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Span {
+    /// The whole 256 MiB: the image side of every copy misses the caches (a disk-sized
+    /// working set), while the memcpy side stays in them.
+    Disk,
+    /// As many requests as the memcpy side's pool (QD32): both sides copy within the same
+    /// footprint, so the ratio is the path's cost against memcpy's, not DRAM against cache.
+    Pool,
 }
 
 struct Case {
@@ -45,7 +70,7 @@ struct Case {
     write: bool,
 }
 
-fn run_ring(case: &Case, order: u32, dur: Duration) -> (u64, Duration) {
+fn run_ring(case: &Case, order: u32, span: Span, dur: Duration) -> (u64, Duration) {
     let dir = tempfile::tempdir().unwrap();
     let xen = SimXen::new();
     let mut cfg = Config::new(dir.path());
@@ -72,7 +97,8 @@ fn run_ring(case: &Case, order: u32, dur: Duration) -> (u64, Duration) {
 
     let abi = Abi::X86_64;
     let entries = abi.ring_entries(order).unwrap() as usize;
-    let depth = entries.min(if case.pages > 11 { 32 } else { entries });
+    // QD32 on every case: the depth of the memcpy side's buffer pool.
+    let depth = entries.min(32);
     let indirect = case.pages > 11;
     let per_slot = case.pages + usize::from(indirect);
     let npages = (1 << order) + depth * per_slot;
@@ -98,6 +124,7 @@ fn run_ring(case: &Case, order: u32, dur: Duration) -> (u64, Duration) {
         port: port.0,
         poll_duration: 0,
         poll_idle_threshold: 0,
+        queue: 0,
     };
     assert_eq!(
         h.call(Request::XenblkifConnect { minor: 0, blkif }),
@@ -128,6 +155,11 @@ fn run_ring(case: &Case, order: u32, dur: Duration) -> (u64, Duration) {
     }
     let opc = if case.write { op::WRITE } else { op::READ };
     let sectors_per_req = (case.pages * 8) as u64;
+    // The image range the requests walk through, sequentially and wrapping.
+    let walk = match span {
+        Span::Disk => DISK_SECTORS - sectors_per_req,
+        Span::Pool => depth as u64 * sectors_per_req,
+    };
     let mut next_sector = 0u64;
     let mut free: Vec<usize> = (0..depth).collect();
     let mut done = 0u64;
@@ -136,7 +168,7 @@ fn run_ring(case: &Case, order: u32, dur: Duration) -> (u64, Duration) {
         while let Some(s) = free.pop() {
             let (segs, ind) = &slots[s];
             let sector = next_sector;
-            next_sector = (next_sector + sectors_per_req) % (DISK_SECTORS - sectors_per_req);
+            next_sector = (next_sector + sectors_per_req) % walk;
             let r = match ind {
                 None => WireRequest::Direct {
                     op: opc,
@@ -183,6 +215,11 @@ fn run_ring(case: &Case, order: u32, dur: Duration) -> (u64, Duration) {
         }
     }
     let el = start.elapsed();
+    if std::env::var_os("XENIO_BENCH_STATS").is_some() {
+        if let Reply::Stats(j) = h.call(Request::Stats { minor: Some(0) }) {
+            eprintln!("{}", String::from_utf8_lossy(&j));
+        }
+    }
     (done, el)
 }
 
@@ -243,20 +280,43 @@ fn main() {
             write: false,
         },
     ];
-    println!("| request | dir | ring order | tapdisk path M req/s | GB/s | memcpy M req/s | GB/s | ratio |");
-    println!("|---|---|---|---|---|---|---|---|");
-    for c in &cases {
+    println!("| request | dir | ring order | image span | tapdisk path M req/s | GB/s | memcpy M req/s | GB/s | ratio |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let only = std::env::var("XENIO_BENCH_CASE").unwrap_or_default();
+    let runs = cases
+        .iter()
+        .flat_map(|c| [(c, Span::Disk), (c, Span::Pool)])
+        .filter(|(c, span)| {
+            let label = format!(
+                "{} {} {:?}",
+                c.name,
+                if c.write { "write" } else { "read" },
+                span
+            );
+            label.contains(only.as_str())
+        });
+    for (c, span) in runs {
         let order = if c.pages > 11 { 0 } else { 2 };
-        let (n, el) = run_ring(c, order, dur);
-        let (m, mel) = run_memcpy(c, dur);
+        // Alternate the two, REPS slices each, so both see the same machine load.
+        let slice = dur / REPS;
+        let (mut n, mut el, mut m, mut mel) = (0, Duration::ZERO, 0, Duration::ZERO);
+        for _ in 0..REPS {
+            let (a, b) = run_ring(c, order, span, slice);
+            let (x, y) = run_memcpy(c, slice);
+            (n, el, m, mel) = (n + a, el + b, m + x, mel + y);
+        }
         let bytes = (c.pages * PAGE) as f64;
         let rps = n as f64 / el.as_secs_f64();
         let mps = m as f64 / mel.as_secs_f64();
         println!(
-            "| {} | {} | {} | {:.3} | {:.2} | {:.3} | {:.2} | {:.3} |",
+            "| {} | {} | {} | {} | {:.3} | {:.2} | {:.3} | {:.2} | {:.3} |",
             c.name,
             if c.write { "write" } else { "read" },
             order,
+            match span {
+                Span::Disk => "256 MiB",
+                Span::Pool => "32 requests",
+            },
             rps / 1e6,
             rps * bytes / 1e9,
             mps / 1e6,

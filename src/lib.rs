@@ -16,9 +16,10 @@
 //!  xen         gntdev, evtchn, xenstore (raw ioctls, mmap, shared ring memory);
 //!              xen::sim, the in-process simulations, only with feature `sim` (tests, benches)
 //!  util        logging (syslog + stderr), error chains, tty detection, getopt
+//!  aio         Linux native AIO (io_submit/io_getevents + eventfd) for tapdisk's engine
 //! ```
 //!
-//! Only `xen` and `capi` may use unsafe_code (each block with a `// SAFETY:` comment); every
+//! Only `xen`, `capi` and `aio` may use unsafe_code (each block with a `// SAFETY:` comment); every
 //! other module is declared below with `#[forbid(unsafe_code)]`.
 //!
 //! Feature `sim` (off in releases; `cargo test` and `cargo bench` turn it on through the
@@ -34,9 +35,10 @@ pub const SECTOR_SIZE: u64 = 512;
 /// I/O buffers. The crate's only definition.
 pub const PAGE_SIZE: usize = 4096;
 
-// unsafe_code is allowed in `xen` (ioctls, mmap, shared ring memory) and `capi` (the C ABI)
-// only; every other module is compiled with `forbid(unsafe_code)`, set here so that no file
-// inside a module can lift it.
+// unsafe_code is allowed in `xen` (ioctls, mmap, shared ring memory), `capi` (the C ABI) and
+// `aio` (the Linux AIO system calls) only; every other module is compiled with
+// `forbid(unsafe_code)`, set here so that no file inside a module can lift it.
+pub mod aio;
 #[forbid(unsafe_code)]
 pub mod blkif;
 pub mod capi;

@@ -1,7 +1,10 @@
 //! Small helpers shared by the binaries and daemons.
 
+pub mod abuf;
 pub mod getopt;
 pub mod logging;
+
+pub use abuf::AlignedBuf;
 
 /// Whether standard output is a terminal (progress bars and TTY-only formats key off this).
 pub fn stdout_is_tty() -> bool {

@@ -101,6 +101,7 @@ fn error_replies_and_wrong_types() {
         port: 3,
         poll_duration: 0,
         poll_idle_threshold: 0,
+        queue: 0,
     };
     c.connect_xenblkif(600, 2, b.clone()).unwrap();
     for (i, g) in b.gref.iter_mut().enumerate() {

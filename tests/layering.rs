@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 const ALLOWED: &[(&str, &[&str])] = &[
     ("util", &[]),
     ("blkif", &[]),
+    ("aio", &["util"]),
     ("image", &["util"]),
     ("nbd", &["util"]),
     ("xen", &["blkif", "util"]),
@@ -17,7 +18,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("vhdutil", &["image", "util"]),
     (
         "tapdisk",
-        &["blkif", "control", "image", "nbd", "util", "xen"],
+        &["aio", "blkif", "control", "image", "nbd", "util", "xen"],
     ),
     ("tapback", &["blkif", "control", "nbd", "util", "xen"]),
     ("tapctl", &["control", "image", "nbd", "util"]),

@@ -380,6 +380,7 @@ fn control_tapdisks_over_real_sockets() {
         port: 3,
         poll_duration: 0,
         poll_idle_threshold: 0,
+        queue: 0,
     };
     let start = Instant::now();
     assert_eq!(

@@ -8,7 +8,7 @@ use proptest::prelude::*;
 
 use blktap3::blkif::XenbusState;
 use blktap3::control::msg::BlkifProto;
-use blktap3::tapback::{BackendConfig, MAX_RING_ORDER};
+use blktap3::tapback::{BackendConfig, DEFAULT_MAX_QUEUES, MAX_RING_ORDER};
 use blktap3::xen::xenstore::{Access, Perm, Tx, XenStore};
 use blktap3::xen::DomId;
 use common::tapback::*;
@@ -1163,4 +1163,109 @@ fn garbage_own_domid_is_a_clear_error() {
     let e = r.err().unwrap();
     assert_eq!(e.errno(), libc::EINVAL);
     assert!(e.to_string().contains("domid"), "{e}");
+}
+
+/// A frontend with `n` queues: `multi-queue-num-queues` and `queue-<i>/ring-ref` +
+/// `queue-<i>/event-channel` (refs 500+i, ports 20+i), as Linux blkfront writes them.
+fn mq_keys(n: u32) -> Vec<(String, String)> {
+    let mut kv = vec![("multi-queue-num-queues".to_owned(), n.to_string())];
+    for q in 0..n {
+        kv.push((format!("queue-{q}/ring-ref"), (500 + q).to_string()));
+        kv.push((format!("queue-{q}/event-channel"), (20 + q).to_string()));
+    }
+    kv.push(("protocol".to_owned(), "x86_64-abi".to_owned()));
+    kv.push(("state".to_owned(), "3".to_owned()));
+    kv
+}
+
+#[test]
+fn advertises_multi_queue_and_connects_every_queue() {
+    let (rig, v, mut b) = one();
+    assert_eq!(
+        rig.read(&v.b("multi-queue-max-queues")).as_deref(),
+        Some(DEFAULT_MAX_QUEUES.to_string().as_str())
+    );
+    fe_write_owned(&rig, &v, &mq_keys(3));
+    pump(&mut b);
+    assert_eq!(rig.bstate(&v).as_deref(), Some("4"), "{:?}", status(&b, &v));
+    for q in 0..3 {
+        let (pid, minor, blkif) = rig.tap.ring_q(5, 51712, q).unwrap();
+        assert_eq!((pid, minor), (PID, 3));
+        assert_eq!(blkif.queue, q);
+        assert_eq!(blkif.ring_refs(), &[500 + q]);
+        assert_eq!(blkif.port, 20 + q);
+        assert_eq!(blkif.proto, BlkifProto::X86_64);
+    }
+    assert!(rig.tap.ring_q(5, 51712, 3).is_none());
+    assert_eq!(status(&b, &v).ring.unwrap().queues, 3);
+    // Closing disconnects the device (every queue) once.
+    fe_step(&rig, &v, &mut b, 5, "5");
+    fe_step(&rig, &v, &mut b, 6, "6");
+    assert_eq!(rig.tap.disconnects().len(), 1);
+    assert!(rig.tap.st().rings.is_empty());
+}
+
+#[test]
+fn too_many_queues_fail_the_device() {
+    let (rig, v, mut b) = one();
+    fe_write_owned(&rig, &v, &mq_keys(DEFAULT_MAX_QUEUES + 1));
+    pump(&mut b);
+    let st = status(&b, &v);
+    assert!(
+        st.failed
+            .as_deref()
+            .unwrap()
+            .contains("multi-queue-num-queues"),
+        "{st:?}"
+    );
+    assert!(rig.tap.connects().is_empty());
+}
+
+#[test]
+fn a_queue_tapdisk_refuses_disconnects_the_queues_before_it() {
+    let (rig, v, mut b) = one();
+    // Queue 0 is accepted (0: no error), queue 1 refused with EINVAL (fatal).
+    rig.tap.st().connect_errors.extend([0, libc::EINVAL]);
+    fe_write_owned(&rig, &v, &mq_keys(2));
+    pump(&mut b);
+    let st = status(&b, &v);
+    assert!(st.failed.is_some(), "{st:?}");
+    assert!(st.ring.is_none(), "{st:?}");
+    let c = rig.tap.connects();
+    assert_eq!(c.len(), 2, "{c:?}");
+    // The device is not left half connected: one DISCONNECT (every queue) after queue 1.
+    assert!(
+        matches!(
+            rig.tap.calls().last(),
+            Some(Call::Disconnect {
+                domid: 5,
+                devid: 51712,
+                ..
+            })
+        ),
+        "{:?}",
+        rig.tap.calls()
+    );
+}
+
+#[test]
+fn a_bad_queue_key_fails_the_device_before_any_connect() {
+    let (rig, v, mut b) = one();
+    let mut kv = mq_keys(2);
+    for (k, val) in kv.iter_mut() {
+        if k == "queue-1/event-channel" {
+            *val = "0".to_owned();
+        }
+    }
+    fe_write_owned(&rig, &v, &kv);
+    pump(&mut b);
+    let st = status(&b, &v);
+    assert!(
+        st.failed
+            .as_deref()
+            .unwrap()
+            .contains("queue-1/event-channel"),
+        "{st:?}"
+    );
+    assert!(rig.tap.connects().is_empty());
 }

@@ -678,3 +678,71 @@ mod region_copies {
         r.read_at(4090, &mut b);
     }
 }
+
+#[test]
+fn grant_copy_batch_gives_each_copy_its_own_result() {
+    let xen = SimXen::new();
+    let d = xen.create_domain(GUEST, 16).unwrap();
+    let p = d.alloc_page().unwrap();
+    let g = d.grant(p, BACK, false);
+    let ro = d.grant(d.alloc_page().unwrap(), BACK, true);
+    let pattern: Vec<u8> = (0..4096).map(|i| (i * 13 % 251) as u8).collect();
+    d.mem().write_at(p * 4096, &pattern);
+    let grants = xen.grants(BACK);
+    let (mut a, mut b, mut c) = (vec![0u8; 1024], vec![0u8; 512], vec![0u8; 512]);
+    let out = vec![0x77u8; 256];
+    let s_a = [seg(g, 0, 512, 0), seg(g, 2048, 512, 512)];
+    let s_b = [seg(GrantRef(9999), 0, 512, 0)];
+    let s_c = [seg(g, 0, 1024, 0)]; // longer than its buffer
+    let s_out = [seg(ro, 0, 256, 0), seg(g, 3840, 256, 0)];
+    let mut copies = [
+        GuestCopy::new(&s_a, CopyBuf::FromGuest(&mut a)),
+        GuestCopy::new(&s_b, CopyBuf::FromGuest(&mut b)),
+        GuestCopy::new(&s_c, CopyBuf::FromGuest(&mut c)),
+        GuestCopy::new(&s_out, CopyBuf::ToGuest(&out)),
+    ];
+    grants.copy_batch(GUEST, &mut copies);
+    assert!(copies[0].result.is_ok());
+    assert!(matches!(
+        copies[1].result,
+        Err(CopyError::Segment {
+            index: 0,
+            status: GrantStatus::BadGntRef,
+            failed: 1
+        })
+    ));
+    assert!(matches!(
+        copies[2].result,
+        Err(CopyError::OutOfBounds { index: 0 })
+    ));
+    // The read-only grant refuses the write; the other segment of that copy went through.
+    assert!(matches!(
+        copies[3].result,
+        Err(CopyError::Segment {
+            index: 0,
+            status: GrantStatus::PermissionDenied,
+            failed: 1
+        })
+    ));
+    drop(copies);
+    assert_eq!(&a[..512], &pattern[..512]);
+    assert_eq!(&a[512..], &pattern[2048..2560]);
+    assert!(
+        c.iter().all(|&x| x == 0),
+        "an out-of-bounds copy copies nothing"
+    );
+    let mut tail = vec![0u8; 256];
+    d.mem().read_at(p * 4096 + 3840, &mut tail);
+    assert_eq!(tail, out);
+    // An unknown domain fails every copy.
+    let mut e = vec![0u8; 512];
+    let mut copies = [GuestCopy::new(&s_b, CopyBuf::FromGuest(&mut e))];
+    grants.copy_batch(DomId(77), &mut copies);
+    assert!(matches!(
+        copies[0].result,
+        Err(CopyError::Segment {
+            status: GrantStatus::BadDomain,
+            ..
+        })
+    ));
+}

@@ -32,6 +32,7 @@ fn blkif(domid: u32, devid: u32, order: u32) -> Blkif {
         port: 1,
         poll_duration: 0,
         poll_idle_threshold: 0,
+        queue: 0,
     }
 }
 

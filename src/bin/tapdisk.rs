@@ -43,7 +43,13 @@ use blktap3::util::logging::{self, LogOptions, Logger};
 #[derive(Parser, Debug)]
 #[command(
     name = "tapdisk",
-    about = "blktap3 disk daemon: serves VBDs (raw, VHD, encrypted VHD) to Xen guests over blkif rings and to dom0 over NBD"
+    about = "blktap3 disk daemon: serves VBDs (raw, VHD, encrypted VHD) to Xen guests over blkif rings and to dom0 over NBD",
+    after_help = "Environment:\n  \
+        TAPDISK3_DIRECT_IO=0   open images buffered (through dom0's page cache) instead of with O_DIRECT\n  \
+        TAPDISK3_AIO=0         hand every read and write to the worker threads instead of Linux AIO\n  \
+        TAPDISK3_IO_THREADS=N  I/O worker threads (default 4)\n  \
+        TAPDISK3_INLINE_IO=0   never run I/O of tmpfs/ramfs images on the event loop\n  \
+        TAPDISK3_CRYPTO_KEYDIR comma-separated key directories"
 )]
 struct Args {
     /// Do not daemonise; also log to stderr.
@@ -227,6 +233,8 @@ fn run(args: &Args) -> Result<(), MainError> {
         cfg.io_threads = n.clamp(1, 64);
     }
     cfg.inline_io = blktap3::util::switched_on(std::env::var_os("TAPDISK3_INLINE_IO").as_deref());
+    cfg.direct_io = blktap3::util::switched_on(std::env::var_os("TAPDISK3_DIRECT_IO").as_deref());
+    cfg.aio = blktap3::util::switched_on(std::env::var_os("TAPDISK3_AIO").as_deref());
     let pid = cfg.pid;
     let mut td = Tapdisk::new(cfg)?;
     td.set_signal_fd(sigfd)?;

@@ -59,6 +59,10 @@ pub mod keys {
     pub const RING_PAGE_ORDER: &str = "ring-page-order";
     pub const MAX_RING_PAGE_ORDER: &str = "max-ring-page-order";
     pub const EVENT_CHANNEL: &str = "event-channel";
+    /// Backend: how many queues (rings) a frontend may use.
+    pub const MULTI_QUEUE_MAX_QUEUES: &str = "multi-queue-max-queues";
+    /// Frontend: how many it uses (absent = 1, keys at the top level).
+    pub const MULTI_QUEUE_NUM_QUEUES: &str = "multi-queue-num-queues";
     pub const PROTOCOL: &str = "protocol";
     pub const FEATURE_BARRIER: &str = "feature-barrier";
     pub const FEATURE_FLUSH_CACHE: &str = "feature-flush-cache";
@@ -145,6 +149,16 @@ pub fn frontend_ring_order(backend_max: Option<&str>, frontend_max: u32) -> u32 
         .and_then(|v| parse_uint::<u32>(v).ok())
         .unwrap_or(0);
     b.min(frontend_max).min(MAX_RING_PAGE_ORDER)
+}
+
+/// The frontend subdirectory of queue `q` when `num_queues` > 1 (`queue-<q>/`), else the
+/// top level (`""`): where that queue's `ring-ref*` and `event-channel` are.
+pub fn queue_prefix(num_queues: u32, q: u32) -> String {
+    if num_queues > 1 {
+        format!("queue-{q}/")
+    } else {
+        String::new()
+    }
 }
 
 /// Key holding grant ref `i` of a ring of `2^order` pages: `ring-ref` for a single page,

@@ -16,7 +16,7 @@
 //! `response` (error i32@0, message\[256\]@4), `list` (count@0, minor@4, state@8, path\[256\]@12),
 //! `info` (type u16@0, cookie u16@2, length size_t@8 on LP64 / @4 on i686), `blkif` (domid@0,
 //! devid@4, gref\[8\]@8, order@40, proto@44, pool\[256\]@48, port@304, poll_duration@308,
-//! poll_idle_threshold@312).
+//! poll_idle_threshold@312; our extensions: gref_ext\[8\]@316, mq_magic@348, queue@352).
 //!
 //! # Extension: XENBLKIF_CONNECT with ring order 4
 //!
@@ -35,6 +35,23 @@
 //! exactly as before, and a message of ours with order ≤ 3 is byte-identical to C's. A C tapdisk
 //! never sees a problem either: it rejects order 4 with EINVAL before looking at any gref, and a
 //! C tap-ctl never sends order 4. Order > 4 is EINVAL on decode and on encode.
+//!
+//! # Extension: XENBLKIF_CONNECT for queue N of a multi-queue device
+//!
+//! A multi-queue blkfront (`multi-queue-num-queues` > 1) has one ring and event channel per
+//! queue. Each queue is connected by its own XENBLKIF_CONNECT with the same domid/devid and
+//! the queue index in two more spare words:
+//!
+//! ```text
+//!  union offset 348 ....... 352   u32 mq_magic = MQ_MAGIC ("mqXB"), only when queue != 0
+//!  union offset 352 ....... 356   u32 queue    (1..MAX_QUEUES)
+//! ```
+//!
+//! Without the magic the message is queue 0, so a C tap-ctl's message (and any garbage in the
+//! spare bytes) means what it always meant, and our queue-0 message stays byte-identical to
+//! C's. XENBLKIF_DISCONNECT is unchanged and disconnects every queue of the device. A C
+//! tapdisk does not know the extension: it would take queue 1 as a second connect of the same
+//! device and refuse it, so tapback only works multi-queue with this tapdisk.
 //!
 //! The codec works on a private copy of the bytes and validates everything: every string must
 //! be NUL-terminated within its field, every request must have a NUL inside `u.params.path`
@@ -72,6 +89,10 @@ pub const MAX_RING_PAGES: usize = 1 << MAX_RING_ORDER;
 pub const BLKIF_C_GREFS: usize = 8;
 /// The only order that uses the `gref_ext` extension.
 const EXT_ORDER: u32 = 4;
+/// Queues of one multi-queue device a XENBLKIF_CONNECT can name (`queue` 0..16).
+pub const MAX_QUEUES: u32 = 16;
+/// Marks the multi-queue extension in the spare union bytes (`"mqXB"` as a native u32).
+pub const MQ_MAGIC: u32 = 0x4258_716D;
 /// Upper bound on the STATS payload a client accepts.
 pub const MAX_STATS_LEN: u64 = 64 << 20;
 /// Upper bound on the LIST entries a client accepts in one reply.
@@ -247,6 +268,9 @@ pub mod wire {
     pub struct BlkifExt {
         pub blkif: Blkif,
         pub gref_ext: [U32; super::MAX_RING_PAGES - super::BLKIF_C_GREFS],
+        /// [`super::MQ_MAGIC`] when `queue` is meaningful (a queue other than 0).
+        pub mq_magic: U32,
+        pub queue: U32,
     }
 
     const _: () = assert!(size_of::<Head>() == 4);
@@ -257,7 +281,7 @@ pub mod wire {
     const _: () = assert!(size_of::<Info64>() == 16);
     const _: () = assert!(size_of::<Info32>() == 8);
     const _: () = assert!(size_of::<Blkif>() == 316);
-    const _: () = assert!(size_of::<BlkifExt>() == 348);
+    const _: () = assert!(size_of::<BlkifExt>() == 356);
     // Every member fits in the smallest union (i686: 532 bytes).
     const _: () = assert!(
         size_of::<BlkifExt>()
@@ -635,6 +659,10 @@ pub struct Blkif {
     pub poll_duration: u32,
     /// Polling idle threshold in percent.
     pub poll_idle_threshold: u32,
+    /// Queue index of a multi-queue device (0 for a single-queue device and for queue 0):
+    /// each queue's ring is connected by its own XENBLKIF_CONNECT with the same domid/devid.
+    /// On the wire only when non-zero (the `mq_magic`/`queue` extension).
+    pub queue: u32,
 }
 
 impl Blkif {
@@ -830,6 +858,13 @@ impl Request {
                 b.blkif.port = blkif.port.into();
                 b.blkif.poll_duration = blkif.poll_duration.into();
                 b.blkif.poll_idle_threshold = blkif.poll_idle_threshold.into();
+                if blkif.queue >= MAX_QUEUES {
+                    return Err(ControlError::invalid(format!("queue {}", blkif.queue)));
+                }
+                if blkif.queue != 0 {
+                    b.mq_magic = MQ_MAGIC.into();
+                    b.queue = blkif.queue.into();
+                }
                 m.set(&b);
             }
             Request::XenblkifDisconnect { domid, devid } => {
@@ -1024,6 +1059,14 @@ pub fn decode_request(buf: &[u8], layout: WireLayout) -> Result<Request> {
                     *g = w.get();
                 }
             }
+            let queue = if b.mq_magic.get() == MQ_MAGIC {
+                b.queue.get()
+            } else {
+                0
+            };
+            if queue >= MAX_QUEUES {
+                return Err(ControlError::invalid(format!("queue {queue}")));
+            }
             Request::XenblkifConnect {
                 minor: cookie,
                 blkif: Blkif {
@@ -1036,6 +1079,7 @@ pub fn decode_request(buf: &[u8], layout: WireLayout) -> Result<Request> {
                     port: b.blkif.port.get(),
                     poll_duration: b.blkif.poll_duration.get(),
                     poll_idle_threshold: b.blkif.poll_idle_threshold.get(),
+                    queue,
                 },
             }
         }

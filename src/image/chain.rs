@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::crypto::{resolve_chain_keys, KeyHash, KeySource, KeyWalkEntry};
-use super::file::{BlockFile, OsFile};
+use super::file::{BlockFile, OsFile, SysOpener};
 use super::raw::RawImage;
 use super::vhd::engine::{VhdImage, VhdOpenOptions, DEFAULT_PREALLOC_BLOCKS};
 use super::vhd::parent::resolve_parent;
@@ -43,6 +43,9 @@ pub struct OpenOptions {
     /// hold read as zeros); keys are resolved for the leaf only. For `vhd-util coalesce
     /// -x`, which reads only the sectors the leaf holds.
     pub leaf_only: bool,
+    /// Open every file of the chain with `O_DIRECT` where the filesystem allows it
+    /// (tapdisk; the tools keep buffered I/O). See [`super::file`].
+    pub direct: bool,
 }
 
 impl Default for OpenOptions {
@@ -55,6 +58,7 @@ impl Default for OpenOptions {
             max_depth: DEFAULT_MAX_DEPTH,
             stored_bytes: false,
             leaf_only: false,
+            direct: false,
         }
     }
 }
@@ -70,7 +74,8 @@ fn file_id(path: &Path) -> Option<(u64, u64)> {
 
 /// Open the VHD at `path` with its whole parent chain.
 pub fn open_vhd_chain(path: &Path, opts: &OpenOptions) -> Result<VhdImage, ImageError> {
-    let f = OsFile::open(path, !opts.read_only).map_err(|e| ImageError::io(path, "open", e))?;
+    let f = OsFile::open_with(path, !opts.read_only, opts.direct, &SysOpener)
+        .map_err(|e| ImageError::io(path, "open", e))?;
     open_vhd_chain_file(path, Arc::new(f), opts)
 }
 
@@ -84,6 +89,7 @@ pub fn open_vhd_chain_file(
         read_only: opts.read_only,
         use_backup_footer: opts.use_backup_footer,
         prealloc_blocks: opts.prealloc_blocks,
+        direct: opts.direct,
     };
     let leaf = VhdImage::open_file(path, file, &vo)?;
     let mut seen: HashSet<(u64, u64)> = HashSet::new();
@@ -119,7 +125,7 @@ pub fn open_vhd_chain_file(
             }
         }
         if p.raw {
-            let r = RawImage::open(&p.path, true)?;
+            let r = RawImage::open_with(&p.path, true, opts.direct)?;
             entries.push(KeyWalkEntry {
                 path: p.path.clone(),
                 keyhash: KeyHash::default(),
@@ -132,6 +138,7 @@ pub fn open_vhd_chain_file(
             &p.path,
             &VhdOpenOptions {
                 read_only: true,
+                direct: opts.direct,
                 ..Default::default()
             },
         )?;

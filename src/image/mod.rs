@@ -72,6 +72,12 @@ pub trait Image: Send + Sync + std::fmt::Debug {
     /// Write whole sectors. Returns only once the data and the metadata that makes it
     /// visible are written (not necessarily synced: see [`Image::flush`]).
     fn write(&self, sector: u64, buf: &[u8]) -> Result<(), ImageError>;
+    /// [`Image::write`] from a buffer the caller owns and gives up: afterwards its contents
+    /// are unspecified. An encrypted image encrypts in place instead of into a bounce
+    /// buffer (tapdisk's engine, whose request buffers are private). Defaults to `write`.
+    fn write_in_place(&self, sector: u64, buf: &mut [u8]) -> Result<(), ImageError> {
+        self.write(sector, buf)
+    }
     /// Make every acknowledged write durable (fdatasync of the files involved).
     fn flush(&self) -> Result<(), ImageError>;
     /// Drop the contents of a range. Afterwards the range reads as zeros (or, for a
@@ -93,6 +99,28 @@ pub trait Image: Send + Sync + std::fmt::Debug {
     fn memory_backed(&self) -> bool {
         false
     }
+    /// Where `nsectors` at `sector` live when a reader or writer may go to the file
+    /// directly (asynchronous I/O from tapdisk's loop) and nothing else has to happen:
+    /// one contiguous run in one file whose descriptor takes asynchronous I/O
+    /// ([`file::BlockFile::aio_fd`]), needing no metadata change and no parent. `None` (the
+    /// default) means "go through [`Image::read`] / [`Image::write`]". A raw image always
+    /// maps; a VHD when the range lies in one allocated block whose cached bitmap has every
+    /// bit of the range set. Answered from memory, without I/O.
+    fn direct_map(&self, sector: u64, nsectors: u64, write: bool) -> Option<DirectMap> {
+        let _ = (sector, nsectors, write);
+        None
+    }
+}
+
+/// The answer of [`Image::direct_map`]: the bytes are at `offset` in `file` (kept open by
+/// the `Arc` while the I/O runs); when `cipher` is set they are stored encrypted, with the
+/// request's first virtual sector as the first tweak (encrypt before writing, decrypt
+/// after reading).
+#[derive(Clone, Debug)]
+pub struct DirectMap {
+    pub file: std::sync::Arc<dyn file::BlockFile>,
+    pub offset: u64,
+    pub cipher: Option<std::sync::Arc<crypto::XtsCipher>>,
 }
 
 /// Errors of the image layer. `errno()` maps each to the errno that tapdisk reports.

@@ -62,7 +62,7 @@ pub fn open(
     opts: &OpenOptions,
 ) -> Result<Box<dyn Image>, ImageError> {
     Ok(match format {
-        ImageFormat::Raw => Box::new(RawImage::open(path, opts.read_only)?),
+        ImageFormat::Raw => Box::new(RawImage::open_with(path, opts.read_only, opts.direct)?),
         ImageFormat::Vhd => Box::new(open_vhd_chain(path, opts)?),
     })
 }

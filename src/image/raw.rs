@@ -8,10 +8,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::file::{BlockFile, OsFile};
+use super::file::{BlockFile, OsFile, SysOpener};
 use super::{
-    check_range, check_sectors, check_usable, Extent, Image, ImageError, ImageFormat, ImageInfo,
-    LayerInfo, SECTOR_SIZE,
+    check_range, check_sectors, check_usable, DirectMap, Extent, Image, ImageError, ImageFormat,
+    ImageInfo, LayerInfo, SECTOR_SIZE,
 };
 
 /// A raw disk image.
@@ -39,9 +39,16 @@ struct DataRun {
 }
 
 impl RawImage {
-    /// Open a raw file or block device.
+    /// Open a raw file or block device (buffered I/O).
     pub fn open(path: &Path, read_only: bool) -> Result<RawImage, ImageError> {
-        let f = OsFile::open(path, !read_only).map_err(|e| ImageError::io(path, "open", e))?;
+        RawImage::open_with(path, read_only, false)
+    }
+
+    /// Open a raw file or block device, with `O_DIRECT` where possible when `direct`
+    /// ([`OsFile::open_with`]).
+    pub fn open_with(path: &Path, read_only: bool, direct: bool) -> Result<RawImage, ImageError> {
+        let f = OsFile::open_with(path, !read_only, direct, &SysOpener)
+            .map_err(|e| ImageError::io(path, "open", e))?;
         RawImage::from_file(path, Arc::new(f), read_only)
     }
 
@@ -124,6 +131,19 @@ impl Image for RawImage {
 
     fn memory_backed(&self) -> bool {
         self.file.memory_backed()
+    }
+
+    fn direct_map(&self, sector: u64, nsectors: u64, write: bool) -> Option<DirectMap> {
+        if self.closed.load(Ordering::Acquire) || (write && self.info.read_only) {
+            return None;
+        }
+        check_sectors(sector, nsectors, self.info.size_sectors).ok()?;
+        self.file.aio_fd()?;
+        Some(DirectMap {
+            file: Arc::clone(&self.file),
+            offset: sector * SECTOR_SIZE,
+            cipher: None,
+        })
     }
 
     fn discard(&self, sector: u64, nsectors: u64) -> Result<(), ImageError> {

@@ -12,6 +12,7 @@ use std::os::unix::net::UnixStream;
 
 use super::proto::{self, Command, ExportInfo, Handshake, Negotiated, Outcome, RequestHeader};
 use super::NbdError;
+use crate::util::AlignedBuf;
 
 /// Input buffer size (headers and small payloads are read through it).
 const RBUF: usize = 64 << 10;
@@ -32,11 +33,12 @@ const POOL_MIN_BUF: usize = 4096;
 /// A decoded client request.
 #[derive(Debug)]
 pub enum Event {
-    /// A valid command; `data` is the payload of a WRITE.
+    /// A valid command; `data` is the payload of a WRITE, read from the socket straight
+    /// into a page-aligned buffer that can go to the disk as it is (direct I/O).
     Request {
         cookie: u64,
         cmd: Command,
-        data: Option<Vec<u8>>,
+        data: Option<AlignedBuf>,
     },
     /// NBD_CMD_DISC: finish what is in flight, then close.
     Disconnect,
@@ -57,7 +59,7 @@ enum Phase {
     Payload {
         cookie: u64,
         cmd: Command,
-        buf: Vec<u8>,
+        buf: AlignedBuf,
         filled: usize,
     },
     Skip {
@@ -70,9 +72,25 @@ enum Phase {
 
 #[derive(Debug)]
 struct OutChunk {
-    buf: Vec<u8>,
+    buf: OutBuf,
     start: usize,
     end: usize,
+}
+
+/// Queued output: protocol bytes, or a read's data buffer (recycled once written).
+#[derive(Debug)]
+enum OutBuf {
+    Proto(Vec<u8>),
+    Data(AlignedBuf),
+}
+
+impl OutBuf {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            OutBuf::Proto(v) => v,
+            OutBuf::Data(b) => b,
+        }
+    }
 }
 
 /// A client connection (handshake and transmission phases).
@@ -89,7 +107,7 @@ pub struct Connection {
     out_bytes: usize,
     /// Data buffers by length, for reuse without zeroing. Per connection, so a buffer only
     /// ever carries data this client could read anyway.
-    pool: HashMap<usize, Vec<Vec<u8>>>,
+    pool: HashMap<usize, Vec<AlignedBuf>>,
     pool_bytes: usize,
     /// The last socket read came up short: wait for epoll before reading again.
     drained: bool,
@@ -153,16 +171,16 @@ impl Connection {
     }
 
     /// A buffer of exactly `len` bytes (old contents if recycled: the caller overwrites it).
-    pub fn take_buf(&mut self, len: usize) -> Vec<u8> {
+    pub fn take_buf(&mut self, len: usize) -> AlignedBuf {
         if let Some(b) = self.pool.get_mut(&len).and_then(Vec::pop) {
             self.pool_bytes -= len;
             return b;
         }
-        vec![0u8; len]
+        AlignedBuf::zeroed(len)
     }
 
     /// Return a data buffer for reuse.
-    pub fn give_buf(&mut self, buf: Vec<u8>) {
+    pub fn give_buf(&mut self, buf: AlignedBuf) {
         let len = buf.len();
         if len >= POOL_MIN_BUF && self.pool_bytes + len <= POOL_MAX_BYTES {
             self.pool_bytes += len;
@@ -172,10 +190,10 @@ impl Connection {
 
     fn queue(&mut self, buf: Vec<u8>) {
         let end = buf.len();
-        self.queue_range(buf, 0, end);
+        self.queue_range(OutBuf::Proto(buf), 0, end);
     }
 
-    fn queue_range(&mut self, buf: Vec<u8>, start: usize, end: usize) {
+    fn queue_range(&mut self, buf: OutBuf, start: usize, end: usize) {
         if end > start {
             self.out_bytes += end - start;
             self.out.push_back(OutChunk { buf, start, end });
@@ -394,7 +412,14 @@ impl Connection {
 
     /// Reply to a READ at `offset` with `data[start..start + len]` (an EIO error reply if
     /// `data` is too short, rather than a panic when the queue is written).
-    pub fn reply_read(&mut self, cookie: u64, offset: u64, data: Vec<u8>, start: usize, len: u32) {
+    pub fn reply_read(
+        &mut self,
+        cookie: u64,
+        offset: u64,
+        data: AlignedBuf,
+        start: usize,
+        len: u32,
+    ) {
         let Some(end) = usize::try_from(len)
             .ok()
             .and_then(|l| start.checked_add(l))
@@ -412,7 +437,7 @@ impl Connection {
         } else {
             self.queue(proto::simple_reply(cookie, 0).to_vec());
         }
-        self.queue_range(data, start, end);
+        self.queue_range(OutBuf::Data(data), start, end);
     }
 
     /// Reply to BLOCK_STATUS with `(length, flags)` extents.
@@ -431,7 +456,7 @@ impl Connection {
                 .out
                 .iter()
                 .take(MAX_IOV)
-                .map(|c| IoSlice::new(&c.buf[c.start..c.end]))
+                .map(|c| IoSlice::new(&c.buf.bytes()[c.start..c.end]))
                 .collect();
             let n = match nix::sys::uio::writev(&self.stream, &iov) {
                 Ok(n) => n,
@@ -448,8 +473,12 @@ impl Connection {
                 let len = front.end - front.start;
                 if left >= len {
                     left -= len;
-                    if let Some(done) = self.out.pop_front() {
-                        self.give_buf(done.buf);
+                    if let Some(OutChunk {
+                        buf: OutBuf::Data(b),
+                        ..
+                    }) = self.out.pop_front()
+                    {
+                        self.give_buf(b);
                     }
                 } else {
                     front.start += left;
@@ -533,7 +562,14 @@ mod tests {
                         fua: false,
                     },
                 data: Some(d),
-            } => assert!(d.iter().all(|b| *b == 0x5a) && d.len() == 1024),
+            } => {
+                assert!(d.iter().all(|b| *b == 0x5a) && d.len() == 1024);
+                assert_eq!(
+                    d.as_ptr() as usize % crate::PAGE_SIZE,
+                    0,
+                    "payload page-aligned"
+                );
+            }
             e => panic!("{e:?}"),
         }
         assert!(matches!(
@@ -629,7 +665,7 @@ mod tests {
         let (mut c, mut peer) = pair(false);
         handshake(&mut c, &mut peer);
         let data: Vec<u8> = (0..1024u32).map(|i| i as u8).collect();
-        c.reply_read(9, 10, data, 10, 100);
+        c.reply_read(9, 10, data.into(), 10, 100);
         assert!(c.flush().unwrap());
         let mut rep = [0u8; 116];
         peer.read_exact(&mut rep).unwrap();
@@ -750,7 +786,7 @@ mod tests {
                             Command::Write { offset, len, .. } => {
                                 proptest::prop_assert!(!ro);
                                 proptest::prop_assert!(offset + u64::from(*len) <= 1 << 20);
-                                proptest::prop_assert_eq!(data.as_ref().map(Vec::len), Some(*len as usize));
+                                proptest::prop_assert_eq!(data.as_ref().map(|d| d.len()), Some(*len as usize));
                             }
                             Command::Read { offset, len } | Command::Trim { offset, len, .. } | Command::BlockStatus { offset, len, .. } => {
                                 proptest::prop_assert!(offset + u64::from(*len) <= 1 << 20);
@@ -774,7 +810,7 @@ mod tests {
     fn a_read_reply_with_too_little_data_is_an_error_not_a_panic() {
         let (mut c, mut peer) = pair(false);
         handshake(&mut c, &mut peer);
-        c.reply_read(4, 0, vec![0u8; 100], 10, 100);
+        c.reply_read(4, 0, AlignedBuf::zeroed(100), 10, 100);
         assert!(c.flush().unwrap());
         let mut rep = [0u8; 16];
         peer.read_exact(&mut rep).unwrap();
@@ -784,13 +820,13 @@ mod tests {
     #[test]
     fn buffers_are_recycled_by_length_within_limits() {
         let (mut c, _peer) = pair(false);
-        c.give_buf(vec![7u8; 8192]);
-        c.give_buf(vec![1u8; 100]); // too small to keep
+        c.give_buf(vec![7u8; 8192].into());
+        c.give_buf(vec![1u8; 100].into()); // too small to keep
         assert_eq!(c.take_buf(8192), vec![7u8; 8192]);
         assert_eq!(c.take_buf(8192), vec![0u8; 8192]);
         assert_eq!(c.take_buf(100), vec![0u8; 100]);
         for _ in 0..100 {
-            c.give_buf(vec![3u8; 1 << 20]);
+            c.give_buf(vec![3u8; 1 << 20].into());
         }
         assert_eq!(c.pool_bytes, POOL_MAX_BYTES);
         assert!(c.pool_bytes <= POOL_MAX_BYTES);

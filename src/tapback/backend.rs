@@ -12,7 +12,7 @@ use std::time::Instant;
 use crate::blkif::xenbus::parse_uint;
 use crate::tapback::device::{Ctx, Device, DeviceId, DeviceStatus, Outcome, FRONT_TOKEN_PREFIX};
 use crate::tapback::locate::TapdiskOps;
-use crate::tapback::{Result, TapbackError, DEFAULT_NAME, MAX_RING_ORDER};
+use crate::tapback::{Result, TapbackError, DEFAULT_MAX_QUEUES, DEFAULT_NAME, MAX_RING_ORDER};
 use crate::util::error_chain;
 use crate::xen::xenstore::{Tx, WatchEvent, XenStore, XsError};
 use crate::xen::DomId;
@@ -31,6 +31,8 @@ pub struct BackendConfig {
     pub barrier: bool,
     /// `max-ring-page-order` to advertise (and accept).
     pub max_ring_order: u32,
+    /// `multi-queue-max-queues` to advertise (and accept), 1..=[`MAX_QUEUES`](crate::control::msg::MAX_QUEUES).
+    pub max_queues: u32,
 }
 
 impl Default for BackendConfig {
@@ -40,6 +42,7 @@ impl Default for BackendConfig {
             only_domid: None,
             barrier: true,
             max_ring_order: MAX_RING_ORDER,
+            max_queues: DEFAULT_MAX_QUEUES,
         }
     }
 }
@@ -99,9 +102,11 @@ impl<X: XenStore, T: TapdiskOps> Backend<X, T> {
         };
         xs.watch(&root, ROOT_TOKEN)?;
         log::info!(
-            "tapback: domain {}, watching {root}, max-ring-page-order {}, barrier {}",
+            "tapback: domain {}, watching {root}, max-ring-page-order {}, \
+             multi-queue-max-queues {}, barrier {}",
             self_dom.0,
             cfg.max_ring_order,
+            cfg.max_queues,
             cfg.barrier
         );
         let mut b = Backend {

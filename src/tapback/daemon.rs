@@ -2,7 +2,7 @@
 //! poll loop around [`Backend`].
 //!
 //! ```text
-//! tapback [-d] [-v] [-n NAME] [-p PIDFILE] [-x DOMID] [-b] [-h]
+//! tapback [-d] [-v] [-n NAME] [-p PIDFILE] [-x DOMID] [-b] [-q N] [-h]
 //! ```
 //!
 //! | option | meaning |
@@ -13,6 +13,7 @@
 //! | `-p`, `--pidfile FILE` | write our pid there (removed on a clean exit) |
 //! | `-x`, `--domain DOMID` | serve only frontend domain DOMID |
 //! | `-b`, `--nobarrier` | advertise `feature-barrier=0` |
+//! | `-q`, `--max-queues N` | advertise `multi-queue-max-queues=N` (1..=16, default 4) |
 //! | `-h`, `--help` | usage |
 //!
 //! Environment: `XENSTORED_PATH` names the xenstored socket (or xenbus device) to use instead
@@ -44,8 +45,10 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 use crate::control::client::Client;
+use crate::control::msg::MAX_QUEUES;
 use crate::tapback::{
-    Backend, BackendConfig, ControlTapdisks, Result, TapbackError, DEFAULT_NAME, MAX_RING_ORDER,
+    Backend, BackendConfig, ControlTapdisks, Result, TapbackError, DEFAULT_MAX_QUEUES,
+    DEFAULT_NAME, MAX_RING_ORDER,
 };
 use crate::util::error_chain;
 use crate::util::logging::{self, LogOptions};
@@ -85,6 +88,10 @@ pub struct Options {
     /// Advertise feature-barrier=0.
     #[arg(short = 'b', long = "nobarrier")]
     pub nobarrier: bool,
+    /// Advertise multi-queue-max-queues=N (1..=16; 1: one ring per device).
+    #[arg(short = 'q', long = "max-queues", default_value_t = DEFAULT_MAX_QUEUES,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_QUEUES)))]
+    pub max_queues: u32,
     /// Start even without /dev/xen/gntdev (tests).
     #[arg(long = "no-gntdev-check", hide = true)]
     pub no_gntdev_check: bool,
@@ -98,6 +105,7 @@ impl Options {
             only_domid: self.domid,
             barrier: !self.nobarrier,
             max_ring_order: MAX_RING_ORDER,
+            max_queues: self.max_queues,
         }
     }
 }

@@ -18,7 +18,9 @@
 
 use std::time::{Duration, Instant};
 
-use crate::blkif::xenbus::{keys, negotiate_ring_order, parse_protocol, parse_uint, ring_ref_key};
+use crate::blkif::xenbus::{
+    keys, negotiate_ring_order, parse_protocol, parse_uint, queue_prefix, ring_ref_key,
+};
 use crate::blkif::{Abi, XenbusState};
 use crate::control::msg::{Blkif, BlkifProto, DiskInfo, MAX_RING_PAGES};
 use crate::control::ControlError;
@@ -54,8 +56,10 @@ impl std::fmt::Display for DeviceId {
 pub struct RingConn {
     pub pid: i32,
     pub minor: u16,
-    /// The blkif parameters it was connected with.
+    /// The blkif parameters it was connected with (queue 0's).
     pub blkif: Blkif,
+    /// Queues connected (`multi-queue-num-queues`, 1 without it).
+    pub queues: u32,
 }
 
 /// What a device looks like from outside (tests, logs).
@@ -133,8 +137,8 @@ enum Step {
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct FrontendRing {
     order: u32,
-    refs: Vec<u32>,
-    port: u32,
+    /// Per queue: the ring's grant refs and event channel (one entry without multi-queue).
+    queues: Vec<(Vec<u32>, u32)>,
     proto: BlkifProto,
 }
 
@@ -372,18 +376,25 @@ impl Device {
         // Checked every time (not just once) so that a device directory the toolstack
         // removed and re-created between two of our looks is advertised again.
         let order = cx.cfg.max_ring_order.to_string();
+        let queues = cx.cfg.max_queues.to_string();
         if !self.advertised
             || self.read_b(cx.xs, keys::MAX_RING_PAGE_ORDER)?.as_deref() != Some(order.as_str())
+            || self.read_b(cx.xs, keys::MULTI_QUEUE_MAX_QUEUES)?.as_deref() != Some(queues.as_str())
         {
-            let key = self.bkey(keys::MAX_RING_PAGE_ORDER);
+            let adverts = [
+                (self.bkey(keys::MAX_RING_PAGE_ORDER), order),
+                (self.bkey(keys::MULTI_QUEUE_MAX_QUEUES), queues),
+            ];
             let perms = self.perms(cx.self_dom);
             let b = &self.bpath;
             let alive = transaction(cx.xs, |tx| {
                 if cx.xs.read(tx, b)?.is_none() {
                     return Ok(false);
                 }
-                cx.xs.write(tx, &key, order.as_bytes())?;
-                cx.xs.set_perms(tx, &key, &perms)?;
+                for (key, v) in &adverts {
+                    cx.xs.write(tx, key, v.as_bytes())?;
+                    cx.xs.set_perms(tx, key, &perms)?;
+                }
                 Ok(true)
             })?;
             if !alive {
@@ -516,27 +527,49 @@ impl Device {
         &self,
         xs: &X,
         max_order: u32,
+        max_queues: u32,
     ) -> Result<FrontendRing> {
         let order_v = self.read_f(xs, keys::RING_PAGE_ORDER)?;
         let order = negotiate_ring_order(order_v.as_deref(), max_order)
             .map_err(|e| TapbackError::frontend(keys::RING_PAGE_ORDER, e.to_string()))?;
-        let mut refs = Vec::with_capacity(1 << order);
-        for i in 0..(1u32 << order) {
-            let key = ring_ref_key(order, i);
+        let nq = match self.read_f(xs, keys::MULTI_QUEUE_NUM_QUEUES)? {
+            None => 1,
+            Some(v) => {
+                let key = keys::MULTI_QUEUE_NUM_QUEUES;
+                let n = parse_uint::<u32>(&v)
+                    .map_err(|e| TapbackError::frontend(key, e.to_string()))?;
+                if n == 0 || n > max_queues {
+                    return Err(TapbackError::frontend(
+                        key,
+                        format!("{n} queues (1..={max_queues} advertised)"),
+                    ));
+                }
+                n
+            }
+        };
+        let mut queues = Vec::with_capacity(nq as usize);
+        for q in 0..nq {
+            let pre = queue_prefix(nq, q);
+            let mut refs = Vec::with_capacity(1 << order);
+            for i in 0..(1u32 << order) {
+                let key = format!("{pre}{}", ring_ref_key(order, i));
+                let v = self
+                    .read_f(xs, &key)?
+                    .ok_or_else(|| TapbackError::frontend(&key, "missing"))?;
+                let r = parse_uint::<u32>(&v)
+                    .map_err(|e| TapbackError::frontend(&key, e.to_string()))?;
+                refs.push(r);
+            }
+            let key = format!("{pre}{}", keys::EVENT_CHANNEL);
             let v = self
                 .read_f(xs, &key)?
                 .ok_or_else(|| TapbackError::frontend(&key, "missing"))?;
-            let r =
+            let port =
                 parse_uint::<u32>(&v).map_err(|e| TapbackError::frontend(&key, e.to_string()))?;
-            refs.push(r);
-        }
-        let v = self
-            .read_f(xs, keys::EVENT_CHANNEL)?
-            .ok_or_else(|| TapbackError::frontend(keys::EVENT_CHANNEL, "missing"))?;
-        let port = parse_uint::<u32>(&v)
-            .map_err(|e| TapbackError::frontend(keys::EVENT_CHANNEL, e.to_string()))?;
-        if port == 0 {
-            return Err(TapbackError::frontend(keys::EVENT_CHANNEL, "port 0"));
+            if port == 0 {
+                return Err(TapbackError::frontend(&key, "port 0"));
+            }
+            queues.push((refs, port));
         }
         let proto = match parse_protocol(self.read_f(xs, keys::PROTOCOL)?.as_deref()) {
             Ok(Abi::X86_32) => BlkifProto::X86_32,
@@ -562,8 +595,7 @@ impl Device {
         }
         Ok(FrontendRing {
             order,
-            refs,
-            port,
+            queues,
             proto,
         })
     }
@@ -626,46 +658,82 @@ impl Device {
         T: TapdiskOps + ?Sized,
     {
         let loc = self.locate(cx)?;
-        let ring = self.read_frontend_ring(cx.xs, cx.cfg.max_ring_order)?;
+        let ring = self.read_frontend_ring(cx.xs, cx.cfg.max_ring_order, cx.cfg.max_queues)?;
         let (read_only, cdrom) = self.read_mode(cx.xs)?;
-        let mut gref = [0u32; MAX_RING_PAGES];
-        for (slot, r) in gref.iter_mut().zip(&ring.refs) {
-            *slot = *r;
+        let poll_duration = self.optional_u32(cx.xs, "polling-duration")?;
+        let poll_idle_threshold = self.optional_u32(cx.xs, "polling-idle-threshold")?;
+        let nq = ring.queues.len() as u32;
+        let mut first = None;
+        for (q, (refs, port)) in ring.queues.iter().enumerate() {
+            let mut gref = [0u32; MAX_RING_PAGES];
+            for (slot, r) in gref.iter_mut().zip(refs) {
+                *slot = *r;
+            }
+            let blkif = Blkif {
+                domid: u32::from(self.id.domid),
+                devid: self.id.devid,
+                gref,
+                order: ring.order,
+                proto: ring.proto,
+                pool: String::new(),
+                port: *port,
+                poll_duration,
+                poll_idle_threshold,
+                queue: q as u32,
+            };
+            match cx.tap.connect(loc.pid, loc.minor, &blkif) {
+                Ok(()) => {
+                    // "ring (order" for one queue (what the e2e tests look for), "ring Q/N
+                    // (order" for each queue of a multi-queue device.
+                    let which = if nq > 1 {
+                        format!("ring {q}/{nq}")
+                    } else {
+                        "ring".to_owned()
+                    };
+                    log::info!(
+                        "{}: {which} (order {}, port {port}, {:?}) connected to tapdisk {} \
+                         minor {} (via {})",
+                        self.id,
+                        ring.order,
+                        ring.proto,
+                        loc.pid,
+                        loc.minor,
+                        loc.source
+                    )
+                }
+                Err(e) if e.errno() == libc::EALREADY => log::info!(
+                    "{}: tapdisk {} minor {} already has our ring {q}",
+                    self.id,
+                    loc.pid,
+                    loc.minor
+                ),
+                Err(e) => {
+                    if q > 0 {
+                        // Do not leave a device half connected: its first queues go too.
+                        if let Err(d) =
+                            cx.tap
+                                .disconnect(loc.pid, u32::from(self.id.domid), self.id.devid)
+                        {
+                            log::warn!(
+                                "{}: disconnecting queues 0..{q}: {}",
+                                self.id,
+                                error_chain(&d)
+                            );
+                        }
+                    }
+                    return Err(connect_error(e));
+                }
+            }
+            first.get_or_insert(blkif);
         }
-        let blkif = Blkif {
-            domid: u32::from(self.id.domid),
-            devid: self.id.devid,
-            gref,
-            order: ring.order,
-            proto: ring.proto,
-            pool: String::new(),
-            port: ring.port,
-            poll_duration: self.optional_u32(cx.xs, "polling-duration")?,
-            poll_idle_threshold: self.optional_u32(cx.xs, "polling-idle-threshold")?,
+        let Some(blkif) = first else {
+            return Err(TapbackError::frontend(keys::EVENT_CHANNEL, "no queue"));
         };
-        match cx.tap.connect(loc.pid, loc.minor, &blkif) {
-            Ok(()) => log::info!(
-                "{}: ring (order {}, port {}, {:?}) connected to tapdisk {} minor {} (via {})",
-                self.id,
-                ring.order,
-                ring.port,
-                ring.proto,
-                loc.pid,
-                loc.minor,
-                loc.source
-            ),
-            Err(e) if e.errno() == libc::EALREADY => log::info!(
-                "{}: tapdisk {} minor {} already has our ring",
-                self.id,
-                loc.pid,
-                loc.minor
-            ),
-            Err(e) => return Err(connect_error(e)),
-        }
         self.ring = Some(RingConn {
             pid: loc.pid,
             minor: loc.minor,
             blkif,
+            queues: nq,
         });
         self.inherited = false;
         let info = cx.tap.disk_info(loc.pid, loc.minor)?;

@@ -34,6 +34,12 @@
 //!   `XENBUS_MAX_RING_GRANT_ORDER`. Order 4 needs the control message's `gref_ext` extension
 //!   (see [`crate::control::msg`]), which only our tapdisk understands; a C tapdisk answers an
 //!   order-4 connect with EINVAL (a fatal device error, as for any ring tapdisk refuses).
+//! - `multi-queue-max-queues` is advertised ([`DEFAULT_MAX_QUEUES`], `-q N`; kernel blkback
+//!   does the same, the C tapback does not): a frontend that writes
+//!   `multi-queue-num-queues` N (1..=max) has each queue's `queue-<i>/ring-ref*` and
+//!   `queue-<i>/event-channel` read and connected by its own XENBLKIF_CONNECT (queue `i`);
+//!   `ring-page-order` and `protocol` stay at the top level. A failed queue disconnects the
+//!   queues already connected. N above the maximum, or 0, is a fatal frontend error.
 //! - `feature-flush-cache`, `feature-discard` (+ `discard-*`) and
 //!   `feature-max-indirect-segments` are advertised; `physical-sector-size` is written.
 //! - After a restart every existing device is re-linked from `physical-device-path`
@@ -78,6 +84,13 @@ pub const MAX_RING_ORDER: u32 = {
         b
     }
 };
+
+/// `multi-queue-max-queues` advertised by default (`-q` changes it): Linux blkfront's own
+/// default cap (`xen_blkif_max_queues` = 4). blkfront opens min(vCPUs, this) rings; tapdisk
+/// serves all of a VBD's rings on its one event loop, so more queues do not add dom0 threads
+/// (unlike blkback, one kernel thread per ring), they spare the guest's vCPUs the contention
+/// on one ring.
+pub const DEFAULT_MAX_QUEUES: u32 = 4;
 
 /// `feature-max-indirect-segments`: the limit the request parser applies by default.
 pub fn max_indirect_segments() -> u32 {

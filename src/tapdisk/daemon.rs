@@ -89,6 +89,8 @@ pub struct OpenSpec {
     pub path: PathBuf,
     pub read_only: bool,
     pub keys: KeySource,
+    /// Open the image files with `O_DIRECT` where the filesystem allows it.
+    pub direct: bool,
 }
 
 /// The opener used by the daemon: the image engine's factory (`aio:` raw files, `vhd:`
@@ -102,6 +104,7 @@ impl ImageOpener for DefaultOpener {
         let opts = ChainOptions {
             read_only: spec.read_only,
             keys: spec.keys.clone(),
+            direct: spec.direct,
             ..ChainOptions::default()
         };
         Ok(Arc::from(open_image(&spec.path, format, &opts)?))
@@ -118,6 +121,12 @@ pub struct Config {
     pub io_threads: usize,
     /// Run small I/O on memory-backed images on the loop itself (see [`IoEngine::submit`]).
     pub inline_io: bool,
+    /// Open images with `O_DIRECT` (`TAPDISK3_DIRECT_IO`; an OPEN's `NO_O_DIRECT` flag,
+    /// tap-ctl's `-D`, turns it off for that image).
+    pub direct_io: bool,
+    /// Submit reads and writes that need no metadata work with Linux AIO from the loop
+    /// (`TAPDISK3_AIO`; the worker threads otherwise).
+    pub aio: bool,
     pub opener: Arc<dyn ImageOpener>,
     /// Keys for OPENs without a key trailer (`TAPDISK3_CRYPTO_KEYDIR`).
     pub keys: KeySource,
@@ -136,6 +145,8 @@ impl Config {
             pid: i32::try_from(std::process::id()).unwrap_or(i32::MAX),
             io_threads: super::io::DEFAULT_THREADS,
             inline_io: true,
+            direct_io: true,
+            aio: true,
             opener: Arc::new(DefaultOpener),
             keys: KeySource::None,
             xen: Arc::new(DevXenOpener),
@@ -216,6 +227,7 @@ impl Tapdisk {
             source,
         })?;
         io.set_inline(cfg.inline_io);
+        io.set_aio(cfg.aio);
         let (ctl, ctl_rx) = CtlHandle::new().map_err(sys("eventfd"))?;
         let ticker = Ticker::new(Duration::from_secs(1)).map_err(sys("timerfd"))?;
         reactor

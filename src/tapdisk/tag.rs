@@ -9,8 +9,8 @@
 //! [`Vbd::begin_io`]: super::vbd::Vbd::begin_io
 //! [`Vbd::end_io`]: super::vbd::Vbd::end_io
 
+use crate::blkif::Segments;
 use crate::image::SECTOR_SIZE;
-use crate::xen::CopySeg;
 
 /// Routing of an I/O completion.
 #[derive(Debug)]
@@ -62,9 +62,9 @@ pub(crate) struct RingTag {
 
 #[derive(Debug)]
 pub(crate) enum RingKind {
-    /// The data goes to the guest through these grant-copy segments at completion.
+    /// The data goes to the guest at completion, into these segments (packed in the buffer).
     Read {
-        segs: Vec<CopySeg>,
+        segs: Segments,
         sectors: u64,
     },
     Write {

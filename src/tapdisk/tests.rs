@@ -686,6 +686,7 @@ fn blkif() -> Blkif {
         port: 5,
         poll_duration: 0,
         poll_idle_threshold: 0,
+        queue: 0,
     }
 }
 

@@ -15,8 +15,8 @@ use super::sys::{
     IOCTL_GNTDEV_GRANT_COPY, IOCTL_GNTDEV_MAP_GRANT_REF, IOCTL_GNTDEV_UNMAP_GRANT_REF,
 };
 use super::{
-    check_copy_segs, CopyError, CopySeg, DomId, GrantCopier, GrantMapper, GrantRef, GrantStatus,
-    XEN_PAGE_SIZE,
+    check_copy_segs, CopyBuf, CopyError, CopySeg, DomId, GrantCopier, GrantMapper, GrantRef,
+    GrantStatus, GuestCopy, MAX_BATCH_SEGS, XEN_PAGE_SIZE,
 };
 use crate::blkif::SharedMem;
 
@@ -54,35 +54,14 @@ impl GntDev {
         buf: *mut u8,
         to_guest: bool,
     ) -> Result<(), CopyError> {
-        let mut ksegs: Vec<GntdevGrantCopySegment> = segs
-            .iter()
-            .map(|s| {
-                let foreign = GntCopyPtr {
-                    foreign: GntCopyForeign {
-                        gref: s.gref.0,
-                        offset: s.page_off,
-                        domid: dom.0,
-                    },
-                };
-                // `buf_off + len <= buf.len()` was checked by the caller (check_copy_segs), so
-                // this stays inside the caller's buffer; wrapping_add avoids any UB question.
-                let local = GntCopyPtr {
-                    virt: buf.wrapping_add(s.buf_off).cast(),
-                };
-                let (source, dest, flags) = if to_guest {
-                    (local, foreign, GNTCOPY_DEST_GREF)
-                } else {
-                    (foreign, local, GNTCOPY_SOURCE_GREF)
-                };
-                GntdevGrantCopySegment {
-                    source,
-                    dest,
-                    len: s.len,
-                    flags,
-                    status: 0,
-                }
-            })
-            .collect();
+        let mut ksegs = Vec::with_capacity(segs.len());
+        push_ksegs(&mut ksegs, dom, segs, buf, to_guest);
+        self.ioctl_copy(&mut ksegs)?;
+        first_failure(ksegs.iter().map(|k| k.status))
+    }
+
+    /// One `IOCTL_GNTDEV_GRANT_COPY` over `ksegs` (statuses filled in).
+    fn ioctl_copy(&self, ksegs: &mut [GntdevGrantCopySegment]) -> Result<(), CopyError> {
         let count = u32::try_from(ksegs.len())
             .map_err(|_| CopyError::Io(io::Error::from(io::ErrorKind::InvalidInput)))?;
         let mut arg = IoctlGntdevGrantCopy {
@@ -90,14 +69,50 @@ impl GntDev {
             segments: ksegs.as_mut_ptr(),
         };
         // SAFETY: `arg` points at `count` initialised segments that live until the call returns;
-        // each local address lies inside the caller's buffer (bounds checked before), which is
-        // borrowed (mutably for reads from the guest) for the whole call.
+        // each local address lies inside a buffer of the caller (bounds checked before), which
+        // is borrowed (mutably for reads from the guest) for the whole call.
         let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), IOCTL_GNTDEV_GRANT_COPY, &mut arg) };
         if rc < 0 {
             return Err(CopyError::Io(io::Error::last_os_error()));
         }
-        first_failure(ksegs.iter().map(|k| k.status))
+        Ok(())
     }
+}
+
+/// Append the kernel segments of one copy (`buf`: the local buffer, bounds already checked).
+fn push_ksegs(
+    ksegs: &mut Vec<GntdevGrantCopySegment>,
+    dom: DomId,
+    segs: &[CopySeg],
+    buf: *mut u8,
+    to_guest: bool,
+) {
+    ksegs.extend(segs.iter().map(|s| {
+        let foreign = GntCopyPtr {
+            foreign: GntCopyForeign {
+                gref: s.gref.0,
+                offset: s.page_off,
+                domid: dom.0,
+            },
+        };
+        // `buf_off + len <= buf.len()` was checked by the caller (check_copy_segs), so
+        // this stays inside the caller's buffer; wrapping_add avoids any UB question.
+        let local = GntCopyPtr {
+            virt: buf.wrapping_add(s.buf_off).cast(),
+        };
+        let (source, dest, flags) = if to_guest {
+            (local, foreign, GNTCOPY_DEST_GREF)
+        } else {
+            (foreign, local, GNTCOPY_SOURCE_GREF)
+        };
+        GntdevGrantCopySegment {
+            source,
+            dest,
+            len: s.len,
+            flags,
+            status: 0,
+        }
+    }));
 }
 
 /// Turn per-segment statuses into a result (first failure reported).
@@ -135,6 +150,55 @@ impl GrantCopier for GntDev {
         check_copy_segs(segs, src.len())?;
         // The kernel only reads through this pointer (it is the copy source).
         self.copy(dom, segs, src.as_ptr().cast_mut(), true)
+    }
+
+    /// One ioctl for the whole batch (per [`MAX_BATCH_SEGS`] segments).
+    fn copy_batch(&self, dom: DomId, copies: &mut [GuestCopy<'_>]) {
+        let mut ksegs: Vec<GntdevGrantCopySegment> = Vec::new();
+        // Copies in the current call: (index, first kernel segment, segment count).
+        let mut spans: Vec<(usize, usize, usize)> = Vec::new();
+        let mut i = 0;
+        while i < copies.len() {
+            ksegs.clear();
+            spans.clear();
+            while i < copies.len() {
+                let c = &mut copies[i];
+                if !spans.is_empty() && ksegs.len() + c.segs.len() > MAX_BATCH_SEGS {
+                    break;
+                }
+                c.result = check_copy_segs(c.segs, c.buf.len());
+                if c.result.is_ok() {
+                    let (ptr, to_guest) = match &mut c.buf {
+                        CopyBuf::FromGuest(b) => (b.as_mut_ptr(), false),
+                        // The kernel only reads through this pointer (the copy source).
+                        CopyBuf::ToGuest(b) => (b.as_ptr().cast_mut(), true),
+                    };
+                    spans.push((i, ksegs.len(), c.segs.len()));
+                    push_ksegs(&mut ksegs, dom, c.segs, ptr, to_guest);
+                }
+                i += 1;
+            }
+            if ksegs.is_empty() {
+                continue;
+            }
+            match self.ioctl_copy(&mut ksegs) {
+                Ok(()) => {
+                    for &(ci, at, n) in &spans {
+                        copies[ci].result =
+                            first_failure(ksegs[at..at + n].iter().map(|k| k.status));
+                    }
+                }
+                Err(e) => {
+                    let errno = match &e {
+                        CopyError::Io(io) => io.raw_os_error().unwrap_or(libc::EIO),
+                        _ => libc::EIO,
+                    };
+                    for &(ci, _, _) in &spans {
+                        copies[ci].result = Err(CopyError::Io(io::Error::from_raw_os_error(errno)));
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -187,6 +187,69 @@ pub trait GrantCopier {
     ) -> Result<(), CopyError>;
     /// `src[seg.buf_off..][..seg.len]` → guest pages.
     fn copy_to_guest(&self, dom: DomId, segs: &[CopySeg], src: &[u8]) -> Result<(), CopyError>;
+    /// Several copies with `dom` at once, each with its own buffer, direction and result
+    /// (`GuestCopy::result`): the real device issues one `IOCTL_GNTDEV_GRANT_COPY` for all
+    /// of them (split only beyond [`MAX_BATCH_SEGS`] segments), so a ring's batch of requests
+    /// costs one call instead of one per request. A copy whose segments are out of bounds
+    /// fails alone, before anything is copied for it; the others go ahead. The default runs
+    /// them one by one.
+    fn copy_batch(&self, dom: DomId, copies: &mut [GuestCopy<'_>]) {
+        for c in copies.iter_mut() {
+            c.result = match &mut c.buf {
+                CopyBuf::FromGuest(b) => self.copy_from_guest(dom, c.segs, b),
+                CopyBuf::ToGuest(b) => self.copy_to_guest(dom, c.segs, b),
+            };
+        }
+    }
+}
+
+/// Segments per grant-copy call of [`GrantCopier::copy_batch`]: a batch with more is split
+/// (between copies; a single bigger copy goes alone). 4096 segments of 24/32 bytes is a
+/// 96/128 KiB argument array, 16 MiB of data.
+pub const MAX_BATCH_SEGS: usize = 4096;
+
+/// The local buffer of one copy in a batch, and the direction.
+#[derive(Debug)]
+pub enum CopyBuf<'a> {
+    /// Guest pages → this buffer.
+    FromGuest(&'a mut [u8]),
+    /// This buffer → guest pages.
+    ToGuest(&'a [u8]),
+}
+
+impl CopyBuf<'_> {
+    /// The buffer's length.
+    pub fn len(&self) -> usize {
+        match self {
+            CopyBuf::FromGuest(b) => b.len(),
+            CopyBuf::ToGuest(b) => b.len(),
+        }
+    }
+
+    /// Whether the buffer is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One copy of a [`GrantCopier::copy_batch`]: its segments (offsets into `buf`), its buffer
+/// and, after the call, its result.
+#[derive(Debug)]
+pub struct GuestCopy<'a> {
+    pub segs: &'a [CopySeg],
+    pub buf: CopyBuf<'a>,
+    pub result: Result<(), CopyError>,
+}
+
+impl<'a> GuestCopy<'a> {
+    /// A copy not yet done (`result` is `Ok` until the batch runs).
+    pub fn new(segs: &'a [CopySeg], buf: CopyBuf<'a>) -> GuestCopy<'a> {
+        GuestCopy {
+            segs,
+            buf,
+            result: Ok(()),
+        }
+    }
 }
 
 /// Grant mapping of ring pages (`IOCTL_GNTDEV_MAP_GRANT_REF` + `mmap`).

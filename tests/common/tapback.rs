@@ -39,8 +39,8 @@ pub enum Call {
 pub struct FakeState {
     pub vbds: BTreeMap<i32, Vec<ListEntry>>,
     pub info: BTreeMap<(i32, u16), DiskInfo>,
-    /// (domid, devid) → (pid, minor, blkif)
-    pub rings: BTreeMap<(u32, u32), (i32, u16, Blkif)>,
+    /// (domid, devid, queue) → (pid, minor, blkif)
+    pub rings: BTreeMap<(u32, u32, u32), (i32, u16, Blkif)>,
     pub connect_errors: VecDeque<i32>,
     pub disconnect_errors: VecDeque<i32>,
     pub dead: BTreeSet<i32>,
@@ -113,9 +113,25 @@ impl FakeTap {
             .collect()
     }
 
+    /// Queue 0 (the only one of a single-queue device).
     pub fn ring(&self, domid: u32, devid: u32) -> Option<(i32, u16, Blkif)> {
-        self.st().rings.get(&(domid, devid)).cloned()
+        self.ring_q(domid, devid, 0)
     }
+
+    pub fn ring_q(&self, domid: u32, devid: u32, queue: u32) -> Option<(i32, u16, Blkif)> {
+        self.st().rings.get(&(domid, devid, queue)).cloned()
+    }
+}
+
+/// Remove every queue of `(domid, devid)`; whether there was one.
+fn remove_device(
+    rings: &mut BTreeMap<(u32, u32, u32), (i32, u16, Blkif)>,
+    domid: u32,
+    devid: u32,
+) -> bool {
+    let before = rings.len();
+    rings.retain(|k, _| (k.0, k.1) != (domid, devid));
+    rings.len() != before
 }
 
 impl TapdiskOps for FakeTap {
@@ -164,7 +180,7 @@ impl TapdiskOps for FakeTap {
         {
             libc::ENODEV
         } else {
-            match st.rings.entry((blkif.domid, blkif.devid)) {
+            match st.rings.entry((blkif.domid, blkif.devid, blkif.queue)) {
                 std::collections::btree_map::Entry::Occupied(_) => libc::EALREADY,
                 std::collections::btree_map::Entry::Vacant(v) => {
                     v.insert((pid, minor, blkif.clone()));
@@ -191,7 +207,7 @@ impl TapdiskOps for FakeTap {
             libc::ECONNREFUSED
         } else if let Some(e) = st.disconnect_errors.pop_front() {
             e
-        } else if st.rings.remove(&(domid, devid)).is_some() {
+        } else if remove_device(&mut st.rings, domid, devid) {
             0
         } else {
             libc::ENODEV

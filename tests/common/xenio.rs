@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use blktap3::blkif::xenbus::{keys, ring_ref_key};
+use blktap3::blkif::xenbus::{keys, queue_prefix, ring_ref_key};
 use blktap3::blkif::Abi;
 use blktap3::control::msg::{Blkif, BlkifProto, DiskInfo, OpenRequest, Reply, Request};
 use blktap3::image::crypto::KeyHash;
@@ -38,6 +38,11 @@ impl Rig {
     }
 
     pub fn start_with(f: impl FnOnce(&mut Config)) -> Rig {
+        Rig::start_with_xen(|_, cfg| f(cfg))
+    }
+
+    /// Like [`Rig::start_with`], the hook also seeing the rig's simulated Xen.
+    pub fn start_with_xen(f: impl FnOnce(&SimXen, &mut Config)) -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let xen = SimXen::new();
         let store = MemXenStore::new();
@@ -48,7 +53,7 @@ impl Rig {
             xen: xen.clone(),
             dom: BE,
         });
-        f(&mut cfg);
+        f(&xen, &mut cfg);
         let (tx, rx) = channel();
         let thread = std::thread::spawn(move || {
             let mut td = Tapdisk::new(cfg).unwrap();
@@ -105,12 +110,6 @@ impl Rig {
         abi: Option<Abi>,
         max_order: u32,
     ) -> SimBlkfront<MemXsConn> {
-        let fe = DomId(domid);
-        if self.xen.domain(fe).is_none() {
-            self.xen.create_domain(fe, GUEST_PAGES).unwrap();
-        }
-        let xs0 = self.store.connect(BE).unwrap();
-        let (fpath, bpath) = toolstack_add_vbd(&xs0, "vbd3", BE, fe, devid, false).unwrap();
         let opts = BlkfrontOptions {
             abi: abi.unwrap_or(Abi::NATIVE),
             write_protocol: abi.is_some(),
@@ -118,6 +117,23 @@ impl Rig {
             timeout: Duration::from_secs(20),
             ..BlkfrontOptions::default()
         };
+        self.frontend_with(domid, devid, minor, opts)
+    }
+
+    /// [`Rig::frontend`] with every frontend option (e.g. `queues`).
+    pub fn frontend_with(
+        &self,
+        domid: u16,
+        devid: u32,
+        minor: u16,
+        opts: BlkfrontOptions,
+    ) -> SimBlkfront<MemXsConn> {
+        let fe = DomId(domid);
+        if self.xen.domain(fe).is_none() {
+            self.xen.create_domain(fe, GUEST_PAGES).unwrap();
+        }
+        let xs0 = self.store.connect(BE).unwrap();
+        let (fpath, bpath) = toolstack_add_vbd(&xs0, "vbd3", BE, fe, devid, false).unwrap();
         let mut front =
             SimBlkfront::new(&self.xen, fe, self.store.connect(fe).unwrap(), &fpath, opts).unwrap();
         let h = self.h.clone();
@@ -167,6 +183,7 @@ pub fn backend_negotiate(
         (keys::FEATURE_DISCARD, "1"),
         (keys::DISCARD_GRANULARITY, "4096"),
         (keys::FEATURE_MAX_INDIRECT_SEGMENTS, "256"),
+        (keys::MULTI_QUEUE_MAX_QUEUES, "4"),
         (keys::STATE, "2"),
     ] {
         wr(xs, &format!("{bpath}/{k}"), v);
@@ -179,34 +196,44 @@ pub fn backend_negotiate(
     let order: u32 = rd(xs, &format!("{fpath}/{}", keys::RING_PAGE_ORDER))
         .map(|v| v.parse().unwrap())
         .unwrap_or(0);
-    let mut gref = [0u32; 16];
-    for (i, g) in gref.iter_mut().enumerate().take(1 << order) {
-        let k = ring_ref_key(order, i as u32);
-        *g = rd(xs, &format!("{fpath}/{k}")).unwrap().parse().unwrap();
-    }
-    let port: u32 = rd(xs, &format!("{fpath}/{}", keys::EVENT_CHANNEL))
-        .unwrap()
-        .parse()
-        .unwrap();
     let proto = match rd(xs, &format!("{fpath}/{}", keys::PROTOCOL)).as_deref() {
         None => BlkifProto::Native,
         Some("x86_32-abi") => BlkifProto::X86_32,
         Some("x86_64-abi") => BlkifProto::X86_64,
         Some(p) => panic!("protocol {p}"),
     };
-    let blkif = Blkif {
-        domid: u32::from(domid),
-        devid,
-        gref,
-        order,
-        proto,
-        pool: String::new(),
-        port,
-        poll_duration: 0,
-        poll_idle_threshold: 0,
-    };
-    let r = h.call(Request::XenblkifConnect { minor, blkif });
-    assert_eq!(r, Reply::XenblkifConnect);
+    let nq: u32 = rd(xs, &format!("{fpath}/{}", keys::MULTI_QUEUE_NUM_QUEUES))
+        .map(|v| v.parse().unwrap())
+        .unwrap_or(1);
+    for q in 0..nq {
+        let pre = queue_prefix(nq, q);
+        let mut gref = [0u32; 16];
+        for (i, g) in gref.iter_mut().enumerate().take(1 << order) {
+            let k = ring_ref_key(order, i as u32);
+            *g = rd(xs, &format!("{fpath}/{pre}{k}"))
+                .unwrap()
+                .parse()
+                .unwrap();
+        }
+        let port: u32 = rd(xs, &format!("{fpath}/{pre}{}", keys::EVENT_CHANNEL))
+            .unwrap()
+            .parse()
+            .unwrap();
+        let blkif = Blkif {
+            domid: u32::from(domid),
+            devid,
+            gref,
+            order,
+            proto,
+            pool: String::new(),
+            port,
+            poll_duration: 0,
+            poll_idle_threshold: 0,
+            queue: q,
+        };
+        let r = h.call(Request::XenblkifConnect { minor, blkif });
+        assert_eq!(r, Reply::XenblkifConnect);
+    }
     wr(
         xs,
         &format!("{bpath}/{}", keys::SECTORS),

@@ -35,7 +35,8 @@ wait_for() {
 guest_gone() { ! xl domid "$1" >/dev/null 2>&1; }
 
 # start_guest NAME MEM_MB EXTRA_CMDLINE: a paused PV guest booting the busybox initramfs with
-# xen-blkfront, no disk in its config (the test writes the vbd3 nodes). Prints its domid.
+# xen-blkfront, no disk in its config (the test writes the vbd3 nodes), GUEST_VCPUS vCPUs
+# (default 1). Prints its domid.
 start_guest() {
     cat >"/tmp/$1.cfg" <<CFG
 name = "$1"
@@ -44,7 +45,7 @@ kernel = "/boot/vmlinuz"
 ramdisk = "/boot/domu.cpio"
 extra = "console=hvc0 rdinit=/init loglevel=7 $3"
 memory = $2
-vcpus = 1
+vcpus = ${GUEST_VCPUS:-1}
 on_poweroff = "destroy"
 on_crash = "destroy"
 CFG

@@ -223,6 +223,7 @@ fn all_requests() -> Vec<Request> {
                 port: 77,
                 poll_duration: 1000,
                 poll_idle_threshold: 50,
+                queue: 0,
             },
         },
         Request::XenblkifConnect {
@@ -237,6 +238,7 @@ fn all_requests() -> Vec<Request> {
                 port: 78,
                 poll_duration: 7,
                 poll_idle_threshold: 0xFFFF_FFFF,
+                queue: 3,
             },
         },
         Request::XenblkifDisconnect {
@@ -555,6 +557,7 @@ fn blkif_validation() {
             port: 0,
             poll_duration: 0,
             poll_idle_threshold: 0,
+            queue: 0,
         },
     };
     let wire = req.encode_with(layout).unwrap();
@@ -584,6 +587,7 @@ fn blkif_req(order: u32, gref: [u32; MAX_RING_PAGES]) -> Request {
             port: 0x1234_5678,
             poll_duration: 250,
             poll_idle_threshold: 60,
+            queue: 0,
         },
     }
 }
@@ -661,6 +665,51 @@ fn blkif_orders_0_to_3_keep_the_c_bytes_and_ignore_the_extension() {
                 other => panic!("{other:?}"),
             }
         }
+    }
+}
+
+#[test]
+fn blkif_queue_travels_after_the_extension_behind_its_magic() {
+    for layout in [WireLayout::LP64, WireLayout::I686] {
+        let u = layout.union_offset;
+        let mut gref = [0u32; MAX_RING_PAGES];
+        gref[0] = 9;
+        let mut req = blkif_req(0, gref);
+        // Queue 0: nothing in the spare bytes (a C tap-ctl's message).
+        let q0 = req.encode_with(layout).unwrap();
+        assert!(q0[u + 316..].iter().all(|&b| b == 0));
+        for q in [1u32, 2, MAX_QUEUES - 1] {
+            if let Request::XenblkifConnect { blkif, .. } = &mut req {
+                blkif.queue = q;
+            }
+            let wire = req.encode_with(layout).unwrap();
+            assert_eq!(word(&wire, u + 348), MQ_MAGIC);
+            assert_eq!(word(&wire, u + 352), q);
+            assert!(wire[u + 356..].iter().all(|&b| b == 0));
+            // Everything else is the queue-0 message.
+            assert_eq!(wire[..u + 348], q0[..u + 348]);
+            assert_eq!(
+                decode_request(&wire, layout).unwrap(),
+                req,
+                "{layout:?} {q}"
+            );
+        }
+        // A queue word without the magic is not a queue (garbage in a C message).
+        let mut stray = q0.to_vec();
+        stray[u + 352..u + 356].copy_from_slice(&5u32.to_ne_bytes());
+        match decode_request(&stray, layout).unwrap() {
+            Request::XenblkifConnect { blkif, .. } => assert_eq!(blkif.queue, 0),
+            other => panic!("{other:?}"),
+        }
+        // With the magic, a queue beyond MAX_QUEUES is refused both ways.
+        let mut bad = q0.to_vec();
+        bad[u + 348..u + 352].copy_from_slice(&MQ_MAGIC.to_ne_bytes());
+        bad[u + 352..u + 356].copy_from_slice(&MAX_QUEUES.to_ne_bytes());
+        assert_eq!(errno_of(decode_request(&bad, layout)), libc::EINVAL);
+        if let Request::XenblkifConnect { blkif, .. } = &mut req {
+            blkif.queue = MAX_QUEUES;
+        }
+        assert_eq!(req.encode_with(layout).unwrap_err().errno(), libc::EINVAL);
     }
 }
 

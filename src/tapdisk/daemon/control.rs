@@ -226,6 +226,7 @@ impl Tapdisk {
             path: target.path.clone(),
             read_only: flags & OpenFlags::RDONLY.0 != 0,
             keys,
+            direct: self.cfg.direct_io && flags & OpenFlags::NO_O_DIRECT.0 == 0,
         };
         let vbd = self.vbd_mut(minor)?;
         vbd.begin_open(target, flags, reply);
@@ -268,6 +269,7 @@ impl Tapdisk {
             });
         }
         let keys = self.cfg.keys.clone();
+        let direct = self.cfg.direct_io && r.flags.0 & OpenFlags::NO_O_DIRECT.0 == 0;
         let vbd = self.vbd_mut(minor)?;
         if vbd.is_busy() {
             return Err(VbdError::Busy(minor));
@@ -285,6 +287,7 @@ impl Tapdisk {
             path: target.path.clone(),
             read_only: vbd.read_only(),
             keys,
+            direct,
         };
         vbd.begin_resume(target, reply);
         let opener = Arc::clone(&self.cfg.opener);

@@ -6,6 +6,7 @@
 //! backlogged; otherwise its epoll interest drops EPOLLIN and the client waits in the socket.
 
 use super::*;
+use crate::util::AlignedBuf;
 
 /// Bytes one BLOCK_STATUS request describes at most (the reply may cover less than asked,
 /// NBD spec): bounds the extent list the image builds and the reply (a raw file fragmented
@@ -227,7 +228,7 @@ impl Tapdisk {
         minor: u16,
         cookie: u64,
         cmd: Command,
-        data: Option<Vec<u8>>,
+        data: Option<AlignedBuf>,
     ) {
         if self.vbds.get(&minor).is_none_or(|v| v.image().is_none()) {
             if let Some(c) = self.conns.get_mut(&id) {
@@ -242,7 +243,8 @@ impl Tapdisk {
                 let end = (offset + u64::from(len)).div_ceil(ss);
                 if len == 0 {
                     if let Some(c) = self.conns.get_mut(&id) {
-                        c.conn.reply_read(cookie, offset, Vec::new(), 0, 0);
+                        c.conn
+                            .reply_read(cookie, offset, AlignedBuf::default(), 0, 0);
                     }
                     return;
                 }

@@ -14,9 +14,29 @@
 //!          ├ DISCARD ─► IoEngine (Image::discard) ─► response
 //!          └ FLUSH / WRITE_BARRIER: stop taking requests; once every earlier request of the
 //!            ring has completed: (own data write +) Image::flush ─► response; take again
-//!   end of every loop iteration: re-poll rings whose requests completed, then one
+//!   end of every loop iteration: re-poll rings whose requests completed, copy the completed
+//!   reads to the guest (one grant-copy call per ring), then one
 //!   RING_PUSH_RESPONSES_AND_CHECK_NOTIFY (+ notify) per ring that has new responses
 //! ```
+//!
+//! Batching: a wake-up takes every request the ring holds (at most one ring's worth, up to
+//! the memory cap, and up to and including a flush or barrier); the indirect segment pages
+//! of the batch come in with one grant-copy call ([`GrantCopier::copy_batch`], one
+//! `IOCTL_GNTDEV_GRANT_COPY`), the data of all its writes with one more, and then every
+//! request goes to the engine in ring order. Responses are published and the guest notified
+//! once per ring per loop pass.
+//!
+//! Multi-queue: a device whose blkfront uses N queues has N rings, each connected by its own
+//! XENBLKIF_CONNECT (same domid/devid, `queue` 0..N, same minor) with its own event channel.
+//! Every queue is a ring (`ring.rs` `Ring`) of the VBD: serviced when its port fires, at
+//! most one ring's worth per service before it goes to the back of the re-poll list, so one
+//! busy queue cannot starve another (round robin over the rings with work). PAUSE and CLOSE are per
+//! VBD: no queue is serviced while the VBD does not accept I/O and the VBD's in-flight count
+//! covers every queue. A flush or barrier drains only its own queue, as in Linux blkback
+//! (each ring has its own in-flight count and flush wait): blk-mq gives the guest no
+//! ordering between hardware queues either, and the flush makes durable every write that
+//! completed before it, whichever queue carried it (the image's `flush` covers the file).
+//! XENBLKIF_DISCONNECT removes every queue of the device.
 //!
 //! Decisions (see also blktap-c-reference §6 and the project's "decisions already taken"):
 //! - Guest data is never mapped: writes are copied into private memory *before* they are
@@ -58,6 +78,8 @@ use log::{debug, info, warn};
 use crate::blkif::{Abi, BackRing};
 use crate::control::msg::{Blkif, BlkifProto, MAX_RING_ORDER};
 use crate::image::ImageError;
+#[cfg(doc)]
+use crate::xen::GrantCopier;
 use crate::xen::{DomId, GrantRef, Port};
 
 use super::io::{IoEngine, Output};
@@ -79,6 +101,8 @@ use ring::{push_unique, BufPool, Ctx, Drained, Ring};
 /// Private buffer bytes (read/write data) in flight per ring before the ring is left alone
 /// until completions free some (256 slots of 1 MiB would otherwise pin 256 MiB).
 pub const MAX_RING_BYTES: usize = 32 << 20;
+/// Queues (rings) one device may connect: the control message's limit.
+pub const MAX_QUEUES: u32 = crate::control::msg::MAX_QUEUES;
 /// Indirect segments advertised by tapback (`feature-max-indirect-segments`).
 pub const MAX_INDIRECT_SEGMENTS: u32 = 256;
 /// The only context name tapdisk has (`pool` is advisory).
@@ -92,8 +116,22 @@ const MAX_EVENTS_PER_WAKE: usize = 1024;
 /// Why XENBLKIF_CONNECT or XENBLKIF_DISCONNECT failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RingConnError {
-    #[error("ring {domid}/{devid} is already connected")]
-    AlreadyConnected { domid: u32, devid: u32 },
+    #[error("ring {domid}/{devid} queue {queue} is already connected")]
+    AlreadyConnected { domid: u32, devid: u32, queue: u32 },
+    #[error("ring {domid}/{devid}: its other queues are on minor {other}, not {minor}")]
+    QueueMinor {
+        domid: u32,
+        devid: u32,
+        minor: u16,
+        other: u16,
+    },
+    #[error("ring {domid}/{devid}: queue {queue} is beyond {max}")]
+    Queue {
+        domid: u32,
+        devid: u32,
+        queue: u32,
+        max: u32,
+    },
     #[error("ring page order {0} is above {MAX_RING_ORDER}")]
     Order(u32),
     #[error("domain id {0} out of range")]
@@ -134,9 +172,11 @@ impl RingConnError {
         let os = |e: &io::Error| e.raw_os_error().unwrap_or(libc::EIO);
         match self {
             RingConnError::AlreadyConnected { .. } => libc::EALREADY,
-            RingConnError::Order(_) | RingConnError::DomId(_) | RingConnError::Attach { .. } => {
-                libc::EINVAL
-            }
+            RingConnError::Order(_)
+            | RingConnError::DomId(_)
+            | RingConnError::Attach { .. }
+            | RingConnError::QueueMinor { .. }
+            | RingConnError::Queue { .. } => libc::EINVAL,
             RingConnError::OpenDevices(e) => os(e),
             RingConnError::Watch(e) => *e as i32,
             RingConnError::Map { source, .. } | RingConnError::Bind { source, .. } => os(source),
@@ -200,13 +240,34 @@ impl Rings {
         minor: u16,
         b: &Blkif,
     ) -> Result<(), RingConnError> {
-        let (domid, devid) = (b.domid, b.devid);
-        if self
-            .rings
-            .values()
-            .any(|r| !r.dead && r.domid == domid && r.devid == devid)
-        {
-            return Err(RingConnError::AlreadyConnected { domid, devid });
+        let (domid, devid, queue) = (b.domid, b.devid, b.queue);
+        if queue >= MAX_QUEUES {
+            return Err(RingConnError::Queue {
+                domid,
+                devid,
+                queue,
+                max: MAX_QUEUES,
+            });
+        }
+        for r in self.rings.values() {
+            if r.dead || r.domid != domid || r.devid != devid {
+                continue;
+            }
+            if r.queue == queue {
+                return Err(RingConnError::AlreadyConnected {
+                    domid,
+                    devid,
+                    queue,
+                });
+            }
+            if r.minor != minor {
+                return Err(RingConnError::QueueMinor {
+                    domid,
+                    devid,
+                    minor,
+                    other: r.minor,
+                });
+            }
         }
         if b.order > MAX_RING_ORDER {
             return Err(RingConnError::Order(b.order));
@@ -252,41 +313,50 @@ impl Rings {
         let id = self.next_id;
         self.next_id += 1;
         self.by_port.insert(port.0, id);
-        self.rings
-            .insert(id, Ring::new(id, minor, (domid, devid), dom, port, ring));
+        self.rings.insert(
+            id,
+            Ring::new(id, minor, (domid, devid, queue), dom, port, ring),
+        );
         self.repoll.push(id);
         info!(
-            "minor {minor}: ring {domid}/{devid} connected ({:?}, order {}, port {})",
+            "minor {minor}: ring {domid}/{devid} queue {queue} connected ({:?}, order {}, port {})",
             abi, b.order, port.0
         );
         Ok(())
     }
 
-    /// XENBLKIF_DISCONNECT.
+    /// XENBLKIF_DISCONNECT: every queue of the device.
     pub fn disconnect(&mut self, domid: u32, devid: u32) -> Result<(), RingConnError> {
-        let Some(r) = self
+        let ids: Vec<u64> = self
             .rings
-            .values_mut()
-            .find(|r| !r.dead && r.domid == domid && r.devid == devid)
-        else {
+            .values()
+            .filter(|r| !r.dead && r.domid == domid && r.devid == devid)
+            .map(|r| r.id)
+            .collect();
+        if ids.is_empty() {
             return Err(RingConnError::NotConnected { domid, devid });
-        };
-        if let Some(env) = &self.env {
-            if let Err(e) = env.evtchn().unbind(r.port) {
-                warn!("ring {domid}/{devid}: unbind: {e}");
-            }
         }
-        self.by_port.remove(&r.port.0);
-        r.kill();
-        if r.jobs == 0 {
-            let id = r.id;
-            self.rings.remove(&id);
-            info!("ring {domid}/{devid} disconnected");
-        } else {
-            info!(
-                "ring {domid}/{devid} disconnected with {} requests in flight",
-                r.jobs
-            );
+        for id in ids {
+            let Some(r) = self.rings.get_mut(&id) else {
+                continue;
+            };
+            let queue = r.queue;
+            if let Some(env) = &self.env {
+                if let Err(e) = env.evtchn().unbind(r.port) {
+                    warn!("ring {domid}/{devid} queue {queue}: unbind: {e}");
+                }
+            }
+            self.by_port.remove(&r.port.0);
+            r.kill();
+            if r.jobs == 0 {
+                self.rings.remove(&id);
+                info!("ring {domid}/{devid} queue {queue} disconnected");
+            } else {
+                info!(
+                    "ring {domid}/{devid} queue {queue} disconnected with {} requests in flight",
+                    r.jobs
+                );
+            }
         }
         Ok(())
     }
@@ -342,15 +412,11 @@ impl Rings {
         for id in std::mem::take(&mut self.repoll) {
             self.service(id, io, vbds);
         }
-        let Some(env) = self.env.as_deref() else {
-            self.dirty.clear();
-            return;
-        };
         for id in std::mem::take(&mut self.dirty) {
-            if let Some(r) = self.rings.get_mut(&id) {
-                r.publish(env);
-            }
+            self.with_ring(id, io, |r, ctx| r.publish(ctx));
         }
+        // Publishing only writes the responses it makes visible.
+        self.dirty.clear();
     }
 
     /// Run `f` on ring `id` with its context borrowed from the set; `None` if there is no
@@ -408,11 +474,16 @@ impl Rings {
         }
     }
 
-    /// Counters of the live ring `(domid, devid)` (tests, diagnostics).
+    /// Counters of the live ring `(domid, devid)`, queue 0 (tests, diagnostics).
     pub fn ring_stats(&self, domid: u32, devid: u32) -> Option<RingStats> {
+        self.queue_stats(domid, devid, 0)
+    }
+
+    /// Counters of queue `queue` of the live device `(domid, devid)`.
+    pub fn queue_stats(&self, domid: u32, devid: u32, queue: u32) -> Option<RingStats> {
         self.rings
             .values()
-            .find(|r| !r.dead && r.domid == domid && r.devid == devid)
+            .find(|r| !r.dead && r.domid == domid && r.devid == devid && r.queue == queue)
             .map(|r| r.stats)
     }
 }

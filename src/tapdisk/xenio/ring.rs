@@ -8,20 +8,23 @@ use std::collections::BTreeMap;
 use log::{debug, info, warn};
 
 use crate::blkif::{
-    BackRing, IndirectRequest, Operation, ParseConfig, Parsed, Request, RingError, Status, Taken,
+    BackRing, Operation, ParseConfig, Parsed, Request, RingError, Segments, Status,
 };
 use crate::image::ImageError;
-use crate::xen::{DomId, Port, XEN_PAGE_SIZE};
+use crate::xen::{CopyBuf, CopySeg, DomId, GuestCopy, Port, XEN_PAGE_SIZE};
 
 use super::env::{RingMem, XenEnv};
-use super::segs::{indirect_copy_segs, request_copy_segs, BufLayout};
+use super::segs::{push_copy_segs, push_indirect_copy_segs, BufLayout};
 use super::{MAX_INDIRECT_SEGMENTS, MAX_RING_BYTES};
 use crate::tapdisk::io::{IoEngine, Op, Output};
 use crate::tapdisk::tag::{Door, RingKind, RingTag, Tag};
 use crate::tapdisk::vbd::{Vbd, VDISK_READONLY};
+use crate::util::AlignedBuf;
 
-/// Buffers kept for re-use.
-const POOL_BUFFERS: usize = 64;
+/// Buffer capacity kept for re-use: what one ring may have in flight ([`MAX_RING_BYTES`]),
+/// so a busy ring (32 requests of 1 MiB, 128 of 44 KiB) allocates nothing per request. It
+/// used to be 64 buffers of any size, up to 64 MiB.
+const POOL_BYTES: usize = MAX_RING_BYTES;
 
 /// Per-ring counters (stats JSON `"xenbus"`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -46,22 +49,29 @@ pub struct RingStats {
 
 /// Private data buffers, re-used across requests of all rings.
 #[derive(Debug, Default)]
-pub(super) struct BufPool(Vec<Vec<u8>>);
+pub(super) struct BufPool {
+    bufs: Vec<AlignedBuf>,
+    /// Capacity held in `bufs`.
+    bytes: usize,
+}
 
 impl BufPool {
-    fn take(&mut self, len: usize) -> Vec<u8> {
-        let mut b = self.0.pop().unwrap_or_default();
-        if b.len() < len {
-            b.resize(len, 0);
-        } else {
-            b.truncate(len);
-        }
+    fn take(&mut self, len: usize) -> AlignedBuf {
+        let mut b = match self.bufs.pop() {
+            Some(b) => {
+                self.bytes -= b.capacity();
+                b
+            }
+            None => AlignedBuf::default(),
+        };
+        b.set_len(len);
         b
     }
 
-    fn give(&mut self, b: Vec<u8>) {
-        if self.0.len() < POOL_BUFFERS {
-            self.0.push(b);
+    fn give(&mut self, b: AlignedBuf) {
+        if self.bytes + b.capacity() <= POOL_BYTES {
+            self.bytes += b.capacity();
+            self.bufs.push(b);
         }
     }
 }
@@ -89,7 +99,7 @@ struct SyncReq {
     id: u64,
     op: u8,
     sector: u64,
-    data: Option<Vec<u8>>,
+    data: Option<AlignedBuf>,
     submitted: bool,
 }
 
@@ -110,6 +120,8 @@ pub(super) struct Ring {
     pub minor: u16,
     pub domid: u32,
     pub devid: u32,
+    /// Queue index of a multi-queue device (0 otherwise).
+    pub queue: u32,
     dom: DomId,
     pub port: Port,
     ring: BackRing<RingMem>,
@@ -121,6 +133,34 @@ pub(super) struct Ring {
     sync: Option<SyncReq>,
     overflow_logged: bool,
     pub stats: RingStats,
+    /// Reads whose data waits for the batched copy to the guest at publish.
+    done_reads: Vec<DoneRead>,
+    /// Re-used per-batch lists (a batch allocates nothing once they have grown).
+    scratch: Scratch,
+}
+
+/// A completed read: its data goes to the guest with the others of the loop pass.
+#[derive(Debug)]
+struct DoneRead {
+    id: u64,
+    op: u8,
+    segs: Segments,
+    buf: AlignedBuf,
+}
+
+/// The lists one batch works in.
+#[derive(Debug, Default)]
+struct Scratch {
+    parsed: Vec<Parsed>,
+    reqs: Vec<Request>,
+    /// Data buffers of the batch's requests (`reqs[i]` ↔ `bufs[i]`).
+    bufs: Vec<Option<AlignedBuf>>,
+    segs: Vec<CopySeg>,
+    /// `(first, end)` in `segs` per copy.
+    spans: Vec<(usize, usize)>,
+    /// Indirect segment pages of the batch, back to back.
+    pages: Vec<u8>,
+    ok: Vec<bool>,
 }
 
 /// Whether a completion left a dead ring with nothing in flight (it can go).
@@ -134,7 +174,7 @@ impl Ring {
     pub fn new(
         id: u64,
         minor: u16,
-        (domid, devid): (u32, u32),
+        (domid, devid, queue): (u32, u32, u32),
         dom: DomId,
         port: Port,
         ring: BackRing<RingMem>,
@@ -144,6 +184,7 @@ impl Ring {
             minor,
             domid,
             devid,
+            queue,
             dom,
             port,
             ring,
@@ -153,6 +194,8 @@ impl Ring {
             sync: None,
             overflow_logged: false,
             stats: RingStats::default(),
+            done_reads: Vec::new(),
+            scratch: Scratch::default(),
         }
     }
 
@@ -160,33 +203,90 @@ impl Ring {
     pub fn kill(&mut self) {
         self.dead = true;
         self.sync = None;
+        self.done_reads.clear();
     }
 
     /// Write a response into the ring (published later, at the end of the loop pass).
     fn respond(&mut self, ctx: &mut Ctx<'_>, id: u64, op: u8, status: Status) {
+        if self.write_response(id, op, status) {
+            push_unique(ctx.dirty, self.id);
+        }
+    }
+
+    /// Write a response into the ring; false if nothing was written.
+    fn write_response(&mut self, id: u64, op: u8, status: Status) -> bool {
         if self.dead {
-            return;
+            return false;
         }
         match self.ring.push_response(id, op, status) {
             Ok(()) => {
                 self.stats.reqs_out += 1;
-                push_unique(ctx.dirty, self.id);
+                true
             }
-            Err(e) => warn!("ring {}/{}: response: {e}", self.domid, self.devid),
+            Err(e) => {
+                warn!("ring {}/{}: response: {e}", self.domid, self.devid);
+                false
+            }
         }
     }
 
-    /// Make the written responses visible to the guest, notifying it if it asked to be.
-    pub fn publish(&mut self, env: &dyn XenEnv) {
+    /// End of the loop pass: copy the completed reads' data to the guest (one grant-copy
+    /// call for all of them), write their responses, make every written response visible
+    /// and notify the guest once if it asked to be.
+    pub fn publish(&mut self, ctx: &mut Ctx<'_>) {
         if self.dead {
             return;
         }
+        self.finish_reads(ctx);
         if self.ring.push_responses_and_check_notify() {
             self.stats.kicks_out += 1;
-            if let Err(e) = env.evtchn().notify(self.port) {
+            if let Err(e) = ctx.env.evtchn().notify(self.port) {
                 debug!("ring {}/{}: notify: {e}", self.domid, self.devid);
             }
         }
+    }
+
+    /// Copy the data of every completed read to the guest in one batch and respond.
+    fn finish_reads(&mut self, ctx: &mut Ctx<'_>) {
+        if self.done_reads.is_empty() {
+            return;
+        }
+        let mut done = std::mem::take(&mut self.done_reads);
+        let sc = &mut self.scratch;
+        sc.segs.clear();
+        sc.spans.clear();
+        for r in &done {
+            let a = sc.segs.len();
+            push_copy_segs(&mut sc.segs, r.segs.as_slice(), BufLayout::Packed);
+            sc.spans.push((a, sc.segs.len()));
+        }
+        let mut copies: Vec<GuestCopy<'_>> = done
+            .iter()
+            .zip(&sc.spans)
+            .map(|(r, &(a, b))| GuestCopy::new(&sc.segs[a..b], CopyBuf::ToGuest(&r.buf)))
+            .collect();
+        ctx.env.grants().copy_batch(self.dom, &mut copies);
+        sc.ok.clear();
+        sc.ok.extend(copies.iter().map(|c| {
+            if let Err(e) = &c.result {
+                debug!("ring {}/{}: read data: {e}", self.domid, self.devid);
+            }
+            c.result.is_ok()
+        }));
+        drop(copies);
+        let ok = std::mem::take(&mut self.scratch.ok);
+        for (r, &good) in done.drain(..).zip(&ok) {
+            let st = if good {
+                Status::Okay
+            } else {
+                self.stats.err_map += 1;
+                Status::Error
+            };
+            self.write_response(r.id, r.op, st);
+            ctx.bufs.give(r.buf);
+        }
+        self.scratch.ok = ok;
+        self.done_reads = done;
     }
 
     fn overflow(&mut self, e: &RingError) {
@@ -197,7 +297,9 @@ impl Ring {
         }
     }
 
-    /// Take and start requests while the VBD accepts I/O.
+    /// Take every request the ring has (up to one ring's worth, the memory cap or a
+    /// flush/barrier, which ends a batch) while the VBD accepts I/O, then start them as one
+    /// batch: [`start_batch`](Self::start_batch).
     pub fn service(&mut self, ctx: &mut Ctx<'_>, vbds: &mut BTreeMap<u16, Vbd>) {
         if self.dead {
             return;
@@ -212,101 +314,227 @@ impl Ring {
         let Some(cfg) = parse_config(vbd) else {
             return;
         };
+        if self.sync.is_some() {
+            self.try_sync(ctx, vbd);
+            return;
+        }
+        let mut parsed = std::mem::take(&mut self.scratch.parsed);
         // At most one ring's worth per call: a guest answering itself cannot hold the loop.
         let mut budget = self.ring.entries();
+        let mut bytes = self.bytes;
         loop {
             if budget == 0 {
                 push_unique(ctx.repoll, self.id);
-                return;
+                break;
+            }
+            if bytes >= MAX_RING_BYTES {
+                break; // re-polled when completions free memory
             }
             budget -= 1;
-            if self.sync.is_some() {
-                self.try_sync(ctx, vbd);
-                return;
-            }
-            if self.bytes >= MAX_RING_BYTES {
-                return; // re-polled when completions free memory
-            }
             let taken = match self.ring.next_request(&cfg) {
                 Ok(Some(t)) => t,
                 Ok(None) => match self.ring.final_check_for_requests() {
                     Ok(true) => continue,
-                    Ok(false) => return,
+                    Ok(false) => break,
                     Err(e) => {
                         self.overflow(&e);
-                        return;
+                        break;
                     }
                 },
                 Err(e) => {
                     self.overflow(&e);
-                    return;
+                    break;
                 }
             };
             self.stats.reqs_in += 1;
-            self.start(ctx, taken, &cfg, vbd);
-        }
-    }
-
-    fn start(&mut self, ctx: &mut Ctx<'_>, taken: Taken, cfg: &ParseConfig, vbd: &mut Vbd) {
-        let req = match taken {
-            Err(rej) => {
-                debug!("ring request rejected: {}", rej.error);
-                self.stats.err_msg += 1;
-                self.respond(ctx, rej.id, rej.op, rej.status());
-                return;
+            match taken {
+                Err(rej) => {
+                    debug!("ring request rejected: {}", rej.error);
+                    self.stats.err_msg += 1;
+                    self.respond(ctx, rej.id, rej.op, rej.status());
+                }
+                Ok(p) => {
+                    let (len, sync) = match &p {
+                        Parsed::Ready(r) => (
+                            r.data_len(),
+                            matches!(r.op, Operation::Flush | Operation::WriteBarrier),
+                        ),
+                        Parsed::Indirect(h) => {
+                            (u64::from(h.nr_segments) * XEN_PAGE_SIZE as u64, false)
+                        }
+                    };
+                    // data_len <= 256 * 4096 (validated), fits usize.
+                    bytes += len as usize;
+                    parsed.push(p);
+                    if sync {
+                        // Nothing after a flush or barrier is taken before it completed.
+                        break;
+                    }
+                }
             }
-            Ok(Parsed::Ready(req)) => req,
-            Ok(Parsed::Indirect(hdr)) => match self.indirect(ctx, &hdr, cfg) {
-                Some(req) => req,
-                None => return,
-            },
-        };
-        self.start_request(ctx, req, vbd);
+        }
+        self.start_batch(ctx, &mut parsed, &cfg, vbd);
+        parsed.clear();
+        self.scratch.parsed = parsed;
     }
 
-    /// Copy an indirect request's segment pages in and finish parsing.
-    fn indirect(
+    /// Start a batch in ring order: the indirect requests' segment pages come in with one
+    /// grant-copy call, then the data of every write (and barrier) with one more, then each
+    /// request goes to the VBD. A request whose copy failed is answered with an error alone.
+    fn start_batch(
         &mut self,
         ctx: &mut Ctx<'_>,
-        hdr: &IndirectRequest,
+        parsed: &mut Vec<Parsed>,
         cfg: &ParseConfig,
-    ) -> Option<Request> {
-        let segs = indirect_copy_segs(hdr);
-        let mut pages = vec![0u8; segs.len() * XEN_PAGE_SIZE];
-        if let Err(e) = ctx
-            .env
-            .grants()
-            .copy_from_guest(self.dom, &segs, &mut pages)
-        {
-            debug!("ring {}/{}: indirect pages: {e}", self.domid, self.devid);
-            self.stats.err_map += 1;
-            self.respond(ctx, hdr.id, hdr.op.wire_op(), Status::Error);
-            return None;
+        vbd: &mut Vbd,
+    ) {
+        if parsed.is_empty() {
+            return;
         }
-        match hdr.complete(&pages, cfg) {
-            Ok(req) => Some(req),
-            Err(rej) => {
-                self.stats.err_msg += 1;
-                self.respond(ctx, rej.id, rej.op, rej.status());
-                None
+        let mut reqs = std::mem::take(&mut self.scratch.reqs);
+        self.complete_indirect(ctx, parsed, cfg, &mut reqs);
+        let mut bufs = std::mem::take(&mut self.scratch.bufs);
+        self.copy_in(ctx, &reqs, &mut bufs);
+        for (req, buf) in reqs.drain(..).zip(bufs.drain(..)) {
+            let needs_data = req.op.is_write() && !req.segments().is_empty();
+            if needs_data && buf.is_none() {
+                continue; // copy failed, answered
             }
+            self.start_request(ctx, req, buf, vbd);
         }
+        self.scratch.reqs = reqs;
+        self.scratch.bufs = bufs;
     }
 
-    /// Copy a write's data from the guest into a private buffer (None: copy failed and the
-    /// request was answered).
-    fn copy_in(&mut self, ctx: &mut Ctx<'_>, req: &Request) -> Option<Vec<u8>> {
-        // data_len <= 256 * 4096 (validated), fits usize.
-        let mut buf = ctx.bufs.take(req.data_len() as usize);
-        let segs = request_copy_segs(req, BufLayout::Packed);
-        if let Err(e) = ctx.env.grants().copy_from_guest(self.dom, &segs, &mut buf) {
-            debug!("ring {}/{}: write data: {e}", self.domid, self.devid);
-            self.stats.err_map += 1;
-            ctx.bufs.give(buf);
-            self.respond(ctx, req.id, req.wire_op(), Status::Error);
-            return None;
+    /// Turn the batch into validated requests, in order: indirect ones get their segment
+    /// pages with one grant-copy call for all and are completed (failures are answered).
+    fn complete_indirect(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        parsed: &mut Vec<Parsed>,
+        cfg: &ParseConfig,
+        reqs: &mut Vec<Request>,
+    ) {
+        let sc = &mut self.scratch;
+        sc.segs.clear();
+        sc.spans.clear();
+        for p in parsed.iter() {
+            if let Parsed::Indirect(h) = p {
+                let a = sc.segs.len();
+                push_indirect_copy_segs(&mut sc.segs, h);
+                sc.spans.push((a, sc.segs.len()));
+            }
         }
-        Some(buf)
+        sc.ok.clear();
+        if !sc.spans.is_empty() {
+            let need = sc.segs.len() * XEN_PAGE_SIZE;
+            if sc.pages.len() < need {
+                sc.pages.resize(need, 0);
+            }
+            let mut rest = &mut sc.pages[..need];
+            let mut copies = Vec::with_capacity(sc.spans.len());
+            for &(a, b) in &sc.spans {
+                let (mine, tail) = rest.split_at_mut((b - a) * XEN_PAGE_SIZE);
+                rest = tail;
+                copies.push(GuestCopy::new(&sc.segs[a..b], CopyBuf::FromGuest(mine)));
+            }
+            ctx.env.grants().copy_batch(self.dom, &mut copies);
+            for c in &copies {
+                if let Err(e) = &c.result {
+                    debug!("ring {}/{}: indirect pages: {e}", self.domid, self.devid);
+                }
+            }
+            sc.ok.extend(copies.iter().map(|c| c.result.is_ok()));
+        }
+        let ok = std::mem::take(&mut self.scratch.ok);
+        let pages = std::mem::take(&mut self.scratch.pages);
+        let mut k = 0;
+        let mut at = 0;
+        for p in parsed.drain(..) {
+            let hdr = match p {
+                Parsed::Ready(r) => {
+                    reqs.push(r);
+                    continue;
+                }
+                Parsed::Indirect(h) => h,
+            };
+            let len = hdr.grefs.len() * XEN_PAGE_SIZE;
+            let mine = &pages[at..at + len];
+            at += len;
+            let good = ok.get(k).copied().unwrap_or(false);
+            k += 1;
+            if !good {
+                self.stats.err_map += 1;
+                self.respond(ctx, hdr.id, hdr.op.wire_op(), Status::Error);
+                continue;
+            }
+            match hdr.complete(mine, cfg) {
+                Ok(req) => reqs.push(req),
+                Err(rej) => {
+                    self.stats.err_msg += 1;
+                    self.respond(ctx, rej.id, rej.op, rej.status());
+                }
+            }
+        }
+        self.scratch.ok = ok;
+        self.scratch.pages = pages;
+    }
+
+    /// Copy the data of the batch's writes (and barriers/flushes with data) from the guest
+    /// into private buffers, one grant-copy call for all: `bufs[i]` is `reqs[i]`'s buffer,
+    /// `None` for a request without data or whose copy failed (answered here). From here on
+    /// the guest cannot change the data.
+    fn copy_in(&mut self, ctx: &mut Ctx<'_>, reqs: &[Request], bufs: &mut Vec<Option<AlignedBuf>>) {
+        bufs.clear();
+        let sc = &mut self.scratch;
+        sc.segs.clear();
+        sc.spans.clear();
+        for req in reqs {
+            if req.op.is_write() && !req.segments().is_empty() {
+                // data_len <= 256 * 4096 (validated), fits usize.
+                bufs.push(Some(ctx.bufs.take(req.data_len() as usize)));
+                let a = sc.segs.len();
+                push_copy_segs(&mut sc.segs, req.segments(), BufLayout::Packed);
+                sc.spans.push((a, sc.segs.len()));
+            } else {
+                bufs.push(None);
+            }
+        }
+        if sc.spans.is_empty() {
+            return;
+        }
+        let mut copies: Vec<GuestCopy<'_>> = bufs
+            .iter_mut()
+            .flatten()
+            .zip(&sc.spans)
+            .map(|(b, &(a, e))| GuestCopy::new(&sc.segs[a..e], CopyBuf::FromGuest(b)))
+            .collect();
+        ctx.env.grants().copy_batch(self.dom, &mut copies);
+        sc.ok.clear();
+        sc.ok.extend(copies.iter().map(|c| {
+            if let Err(e) = &c.result {
+                debug!("ring {}/{}: write data: {e}", self.domid, self.devid);
+            }
+            c.result.is_ok()
+        }));
+        drop(copies);
+        let ok = std::mem::take(&mut self.scratch.ok);
+        let mut k = 0;
+        for (req, slot) in reqs.iter().zip(bufs.iter_mut()) {
+            if slot.is_none() {
+                continue;
+            }
+            let good = ok.get(k).copied().unwrap_or(false);
+            k += 1;
+            if !good {
+                if let Some(b) = slot.take() {
+                    ctx.bufs.give(b);
+                }
+                self.stats.err_map += 1;
+                self.respond(ctx, req.id, req.wire_op(), Status::Error);
+            }
+        }
+        self.scratch.ok = ok;
     }
 
     /// Hand a request to the VBD ([`Vbd::begin_io`]); counted in this ring until it completes.
@@ -333,7 +561,15 @@ impl Ring {
         }
     }
 
-    fn start_request(&mut self, ctx: &mut Ctx<'_>, req: Request, vbd: &mut Vbd) {
+    /// Start one validated request; `data`: its guest data, already copied in (writes,
+    /// barriers and flushes with segments).
+    fn start_request(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        req: Request,
+        data: Option<AlignedBuf>,
+        vbd: &mut Vbd,
+    ) {
         let wire_op = req.wire_op();
         let tag = |ring: &Ring, kind, bytes| RingTag {
             ring: ring.id,
@@ -347,8 +583,8 @@ impl Ring {
                 let len = req.data_len() as usize;
                 let buf = ctx.bufs.take(len);
                 let kind = RingKind::Read {
-                    segs: request_copy_segs(&req, BufLayout::Packed),
                     sectors: req.nr_sectors(),
+                    segs: req.segments,
                 };
                 let t = tag(self, kind, len);
                 let op = Op::Read {
@@ -358,8 +594,8 @@ impl Ring {
                 self.submit(ctx, vbd, t, op);
             }
             Operation::Write => {
-                let Some(buf) = self.copy_in(ctx, &req) else {
-                    return;
+                let Some(buf) = data else {
+                    return; // not reached: writes carry at least one segment
                 };
                 let kind = RingKind::Write {
                     sectors: req.nr_sectors(),
@@ -373,14 +609,6 @@ impl Ring {
                 self.submit(ctx, vbd, t, op);
             }
             Operation::WriteBarrier | Operation::Flush => {
-                let data = if req.segments().is_empty() {
-                    None
-                } else {
-                    match self.copy_in(ctx, &req) {
-                        Some(b) => Some(b),
-                        None => return,
-                    }
-                };
                 self.sync = Some(SyncReq {
                     id: req.id,
                     op: wire_op,
@@ -474,18 +702,22 @@ impl Ring {
         if matches!(tag.kind, RingKind::Sync { .. }) {
             self.sync = None;
         }
+        push_unique(ctx.repoll, self.id);
         let status = match result {
             Ok(Output::Data(buf)) => {
-                let mut st = Status::Okay;
-                if let RingKind::Read { segs, .. } = &tag.kind {
-                    if let Err(e) = ctx.env.grants().copy_to_guest(self.dom, segs, &buf) {
-                        debug!("ring {}/{}: read data: {e}", self.domid, self.devid);
-                        self.stats.err_map += 1;
-                        st = Status::Error;
-                    }
+                if let RingKind::Read { segs, .. } = tag.kind {
+                    // Copied to the guest with the pass's other reads (publish).
+                    self.done_reads.push(DoneRead {
+                        id: tag.id,
+                        op: tag.op,
+                        segs,
+                        buf,
+                    });
+                    push_unique(ctx.dirty, self.id);
+                    return Drained::No;
                 }
                 ctx.bufs.give(buf);
-                st
+                Status::Okay
             }
             Ok(_) => Status::Okay,
             Err(e) => {
@@ -499,7 +731,6 @@ impl Ring {
             }
         };
         self.respond(ctx, tag.id, tag.op, status);
-        push_unique(ctx.repoll, self.id);
         Drained::No
     }
 

@@ -10,9 +10,15 @@
 //! 4. Wait for `B/state = 4`; read `sectors`, `info`, `sector-size` and the `feature-*` keys;
 //!    `F/state = 4`.
 //!
-//! Differences from Linux blkfront: no persistent grants, one ring (no multi-queue), data
-//! pages are granted per request and revoked at completion, segments always start at sector 0
-//! of their page.
+//! Multi-queue: with `BlkfrontOptions::queues` > 1 and a backend that advertises
+//! `multi-queue-max-queues`, `min(queues, max)` rings are set up, each with its own pages and
+//! event channel, written as `F/multi-queue-num-queues` and `F/queue-<i>/ring-ref*` +
+//! `F/queue-<i>/event-channel` (`ring-page-order` and `protocol` stay at the top level), as
+//! Linux blkfront does. Requests go to the queue chosen with
+//! [`SimBlkfront::set_queue`]; completions are taken from every queue.
+//!
+//! Differences from Linux blkfront: no persistent grants, data pages are granted per request
+//! and revoked at completion, segments always start at sector 0 of their page.
 
 use std::collections::HashMap;
 use std::io;
@@ -25,7 +31,9 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use super::{SimDomain, SimEvtchn, SimXen};
 use crate::blkif::request::{encode_indirect_segments, Response, Segment, WireRequest};
-use crate::blkif::xenbus::{frontend_ring_order, keys, parse_uint, ring_ref_key, XenbusState};
+use crate::blkif::xenbus::{
+    frontend_ring_order, keys, parse_uint, queue_prefix, ring_ref_key, XenbusState,
+};
 use crate::blkif::{op, Abi, FrontRing, RingError, SharedMem};
 use crate::xen::xenstore::{transaction, Access, Perm, Tx, XenStore, XsError};
 use crate::xen::{DomId, EventChannel, GrantRef, Port, XEN_PAGE_SIZE};
@@ -72,6 +80,9 @@ pub struct BlkfrontOptions {
     pub write_protocol: bool,
     /// How long to wait for each backend state change.
     pub timeout: Duration,
+    /// Queues wanted (used: the smaller of this and the backend's `multi-queue-max-queues`,
+    /// 1 when it advertises none).
+    pub queues: u32,
 }
 
 impl Default for BlkfrontOptions {
@@ -83,6 +94,7 @@ impl Default for BlkfrontOptions {
             start_index: 0,
             write_protocol: true,
             timeout: Duration::from_secs(10),
+            queues: 1,
         }
     }
 }
@@ -98,6 +110,8 @@ pub struct BlkfrontInfo {
     pub barrier: bool,
     pub flush: bool,
     pub discard: bool,
+    /// Queues (rings) in use.
+    pub queues: u32,
 }
 
 /// A finished request.
@@ -209,6 +223,14 @@ pub fn toolstack_add_vbd<X: XenStore + ?Sized>(
     Ok((fpath, bpath))
 }
 
+/// One queue: its ring, ring pages and event channel.
+#[derive(Debug)]
+struct FrontQueue {
+    ring: FrontRing<RingView>,
+    pages: Vec<(usize, GrantRef)>,
+    port: Port,
+}
+
 /// The simulated frontend. `X` is its own xenstore connection (acting as the guest domain).
 #[derive(Debug)]
 pub struct SimBlkfront<X: XenStore> {
@@ -219,9 +241,10 @@ pub struct SimBlkfront<X: XenStore> {
     be_path: String,
     be_dom: DomId,
     opts: BlkfrontOptions,
-    ring: Option<FrontRing<RingView>>,
-    ring_pages: Vec<(usize, GrantRef)>,
-    port: Option<Port>,
+    /// One per queue once connected.
+    queues: Vec<FrontQueue>,
+    /// The queue requests go to.
+    cur: usize,
     info: Option<BlkfrontInfo>,
     next_id: u64,
     inflight: HashMap<u64, Inflight>,
@@ -258,9 +281,8 @@ impl<X: XenStore> SimBlkfront<X> {
             be_path,
             be_dom: DomId(be_dom),
             opts,
-            ring: None,
-            ring_pages: Vec::new(),
-            port: None,
+            queues: Vec::new(),
+            cur: 0,
             info: None,
             next_id: 1,
             inflight: HashMap::new(),
@@ -287,9 +309,24 @@ impl<X: XenStore> SimBlkfront<X> {
     pub fn info(&self) -> Option<BlkfrontInfo> {
         self.info
     }
-    /// The front ring (after [`connect`](Self::connect)).
+    /// The front ring of the current queue (after [`connect`](Self::connect)).
     pub fn ring(&mut self) -> Option<&mut FrontRing<RingView>> {
-        self.ring.as_mut()
+        self.queues.get_mut(self.cur).map(|q| &mut q.ring)
+    }
+    /// Queues in use (0 before [`connect`](Self::connect)).
+    pub fn queue_count(&self) -> usize {
+        self.queues.len()
+    }
+    /// Send the next requests (and [`kick`](Self::kick)) on queue `q`.
+    pub fn set_queue(&mut self, q: usize) -> Result<(), BlkfrontError> {
+        if q >= self.queues.len() {
+            return Err(BlkfrontError::NotConnected);
+        }
+        self.cur = q;
+        Ok(())
+    }
+    fn cur_ring(&mut self) -> Result<&mut FrontRing<RingView>, BlkfrontError> {
+        self.ring().ok_or(BlkfrontError::NotConnected)
     }
     /// Requests submitted and not yet completed.
     pub fn in_flight(&self) -> usize {
@@ -356,36 +393,59 @@ impl<X: XenStore> SimBlkfront<X> {
 
         let max = self.backend_key(keys::MAX_RING_PAGE_ORDER)?;
         let order = frontend_ring_order(max.as_deref(), self.opts.max_ring_order);
+        let max_queues = self
+            .backend_key(keys::MULTI_QUEUE_MAX_QUEUES)?
+            .and_then(|v| parse_uint::<u32>(&v).ok())
+            .unwrap_or(1);
+        let nq = self.opts.queues.min(max_queues).max(1);
         let n = 1usize << order;
-        let first = self.alloc_contiguous(n)?;
-        for i in 0..n {
-            let g = self.dom.grant(first + i, self.be_dom, false);
-            self.ring_pages.push((first + i, g));
+        for _ in 0..nq {
+            let first = self.alloc_contiguous(n)?;
+            let mut pages = Vec::with_capacity(n);
+            for i in 0..n {
+                let g = self.dom.grant(first + i, self.be_dom, false);
+                pages.push((first + i, g));
+            }
+            let view = RingView {
+                dom: Arc::clone(&self.dom),
+                base: SimDomain::page_offset(first),
+                len: n * XEN_PAGE_SIZE,
+            };
+            let ring = FrontRing::init(view, self.opts.abi, order, self.opts.start_index)?;
+            let port = self.evt.alloc_unbound(self.be_dom)?;
+            self.queues.push(FrontQueue { ring, pages, port });
         }
-        let view = RingView {
-            dom: Arc::clone(&self.dom),
-            base: SimDomain::page_offset(first),
-            len: n * XEN_PAGE_SIZE,
-        };
-        self.ring = Some(FrontRing::init(
-            view,
-            self.opts.abi,
-            order,
-            self.opts.start_index,
-        )?);
-        let port = self.evt.alloc_unbound(self.be_dom)?;
-        self.port = Some(port);
+        self.cur = 0;
 
         let fe = self.fe_path.clone();
-        let refs: Vec<GrantRef> = self.ring_pages.iter().map(|p| p.1).collect();
+        let per_queue: Vec<(Vec<GrantRef>, Port)> = self
+            .queues
+            .iter()
+            .map(|q| (q.pages.iter().map(|p| p.1).collect(), q.port))
+            .collect();
         let abi = self.opts.abi;
         let write_protocol = self.opts.write_protocol;
         let multi = max.is_some();
         transaction(&self.xs, |tx| {
-            for (i, g) in refs.iter().enumerate() {
-                let key = ring_ref_key(order, i as u32);
-                self.xs
-                    .write(tx, &format!("{fe}/{key}"), g.0.to_string().as_bytes())?;
+            for (qi, (refs, port)) in per_queue.iter().enumerate() {
+                let pre = queue_prefix(nq, qi as u32);
+                for (i, g) in refs.iter().enumerate() {
+                    let key = ring_ref_key(order, i as u32);
+                    self.xs
+                        .write(tx, &format!("{fe}/{pre}{key}"), g.0.to_string().as_bytes())?;
+                }
+                self.xs.write(
+                    tx,
+                    &format!("{fe}/{pre}{}", keys::EVENT_CHANNEL),
+                    port.0.to_string().as_bytes(),
+                )?;
+            }
+            if nq > 1 {
+                self.xs.write(
+                    tx,
+                    &format!("{fe}/{}", keys::MULTI_QUEUE_NUM_QUEUES),
+                    nq.to_string().as_bytes(),
+                )?;
             }
             if multi {
                 self.xs.write(
@@ -394,11 +454,6 @@ impl<X: XenStore> SimBlkfront<X> {
                     order.to_string().as_bytes(),
                 )?;
             }
-            self.xs.write(
-                tx,
-                &format!("{fe}/{}", keys::EVENT_CHANNEL),
-                port.0.to_string().as_bytes(),
-            )?;
             if write_protocol {
                 self.xs.write(
                     tx,
@@ -436,6 +491,7 @@ impl<X: XenStore> SimBlkfront<X> {
             barrier: self.backend_flag(keys::FEATURE_BARRIER)?,
             flush: self.backend_flag(keys::FEATURE_FLUSH_CACHE)?,
             discard: self.backend_flag(keys::FEATURE_DISCARD)?,
+            queues: nq,
         };
         self.info = Some(info);
         self.set_state(XenbusState::Connected)?;
@@ -521,7 +577,7 @@ impl<X: XenStore> SimBlkfront<X> {
         }
         let id = self.next_id;
         self.next_id += 1;
-        let ring = self.ring.as_mut().ok_or(BlkfrontError::NotConnected)?;
+        let ring = self.cur_ring()?;
         if ring.free_requests() == 0 {
             self.release(&pages);
             return Err(RingError::Full.into());
@@ -544,7 +600,7 @@ impl<X: XenStore> SimBlkfront<X> {
                 );
             }
             let grefs: Vec<u32> = ipages.iter().map(|p| p.1 .0).collect();
-            let ring = self.ring.as_mut().ok_or(BlkfrontError::NotConnected)?;
+            let ring = self.cur_ring()?;
             let r = ring.push_request(&WireRequest::Indirect {
                 indirect_op: opcode,
                 nr_segments: nseg as u16,
@@ -556,7 +612,7 @@ impl<X: XenStore> SimBlkfront<X> {
             pages.extend(ipages);
             r
         } else {
-            let ring = self.ring.as_mut().ok_or(BlkfrontError::NotConnected)?;
+            let ring = self.cur_ring()?;
             ring.push_request(&WireRequest::Direct {
                 op: opcode,
                 nr_segments: nseg as u8,
@@ -603,7 +659,7 @@ impl<X: XenStore> SimBlkfront<X> {
         if data.is_empty() {
             let id = self.next_id;
             self.next_id += 1;
-            let ring = self.ring.as_mut().ok_or(BlkfrontError::NotConnected)?;
+            let ring = self.cur_ring()?;
             ring.push_request(&WireRequest::Direct {
                 op: opcode,
                 nr_segments: 0,
@@ -629,7 +685,7 @@ impl<X: XenStore> SimBlkfront<X> {
     pub fn submit_discard(&mut self, sector: u64, nr_sectors: u64) -> Result<u64, BlkfrontError> {
         let id = self.next_id;
         self.next_id += 1;
-        let ring = self.ring.as_mut().ok_or(BlkfrontError::NotConnected)?;
+        let ring = self.cur_ring()?;
         ring.push_request(&WireRequest::Discard {
             flag: 0,
             handle: 0,
@@ -650,7 +706,7 @@ impl<X: XenStore> SimBlkfront<X> {
 
     /// Queue raw slot bytes (hostile-frontend tests); `id` is what the response should echo.
     pub fn submit_raw(&mut self, id: u64, bytes: &[u8]) -> Result<(), BlkfrontError> {
-        let ring = self.ring.as_mut().ok_or(BlkfrontError::NotConnected)?;
+        let ring = self.cur_ring()?;
         ring.push_raw_request(bytes)?;
         self.inflight.insert(
             id,
@@ -666,20 +722,36 @@ impl<X: XenStore> SimBlkfront<X> {
     /// Publish queued requests and notify the backend if it asked for it. Returns whether a
     /// notification was sent.
     pub fn kick(&mut self) -> Result<bool, BlkfrontError> {
-        let ring = self.ring.as_mut().ok_or(BlkfrontError::NotConnected)?;
-        let notify = ring.push_requests_and_check_notify();
+        let q = self
+            .queues
+            .get_mut(self.cur)
+            .ok_or(BlkfrontError::NotConnected)?;
+        let notify = q.ring.push_requests_and_check_notify();
         if notify {
-            self.evt
-                .notify(self.port.ok_or(BlkfrontError::NotConnected)?)?;
+            self.evt.notify(q.port)?;
         }
         Ok(notify)
     }
 
     /// Take every available response (non-blocking), releasing grants and reading data.
     pub fn poll_completions(&mut self) -> Result<Vec<Completion>, BlkfrontError> {
+        if self.queues.is_empty() {
+            return Err(BlkfrontError::NotConnected);
+        }
         let mut out = Vec::new();
+        for q in 0..self.queues.len() {
+            self.poll_queue(q, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    fn poll_queue(&mut self, q: usize, out: &mut Vec<Completion>) -> Result<(), BlkfrontError> {
         loop {
-            let ring = self.ring.as_mut().ok_or(BlkfrontError::NotConnected)?;
+            let ring = &mut self
+                .queues
+                .get_mut(q)
+                .ok_or(BlkfrontError::NotConnected)?
+                .ring;
             let rsp: Response = match ring.take_response()? {
                 Some(r) => r,
                 None => {
@@ -710,7 +782,7 @@ impl<X: XenStore> SimBlkfront<X> {
                 data,
             });
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Wait until `n` completions have arrived (or the timeout passes).
@@ -747,12 +819,11 @@ impl<X: XenStore> SimBlkfront<X> {
         self.wait_backend("backend Closed", |s| {
             s == XenbusState::Closed || s == XenbusState::Unknown
         })?;
-        if let Some(p) = self.port.take() {
-            let _ = self.evt.unbind(p);
+        for q in std::mem::take(&mut self.queues) {
+            let _ = self.evt.unbind(q.port);
+            self.release(&q.pages);
         }
-        self.ring = None;
-        let pages = std::mem::take(&mut self.ring_pages);
-        self.release(&pages);
+        self.cur = 0;
         self.info = None;
         Ok(())
     }

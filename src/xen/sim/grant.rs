@@ -16,8 +16,8 @@ use crate::blkif::SharedMem;
 use crate::xen::gntdev::first_failure;
 use crate::xen::mem::MappedRegion;
 use crate::xen::{
-    check_copy_segs, CopyError, CopySeg, DomId, GrantCopier, GrantMapper, GrantRef, GrantStatus,
-    XEN_PAGE_SIZE,
+    check_copy_segs, CopyBuf, CopyError, CopySeg, DomId, GrantCopier, GrantMapper, GrantRef,
+    GrantStatus, GuestCopy, XEN_PAGE_SIZE,
 };
 
 /// First grant ref handed out (Linux reserves the first 8 entries).
@@ -134,9 +134,7 @@ impl SimDomain {
     }
 
     fn lookup(&self, gref: GrantRef) -> Option<GrantEntry> {
-        let t = lock(&self.table);
-        let i = gref.0.checked_sub(FIRST_GREF)? as usize;
-        t.get(i).copied().flatten()
+        lookup_in(&lock(&self.table), gref)
     }
 
     fn adjust_maps(&self, gref: GrantRef, delta: i32) {
@@ -149,6 +147,35 @@ impl SimDomain {
             e.maps = e.maps.saturating_add_signed(delta);
         }
     }
+}
+
+fn lookup_in(table: &[Option<GrantEntry>], gref: GrantRef) -> Option<GrantEntry> {
+    let i = gref.0.checked_sub(FIRST_GREF)? as usize;
+    table.get(i).copied().flatten()
+}
+
+/// Xen's checks of one copy segment against the granting domain's table: the ref is in use
+/// and granted to `me`, a read-only grant is never written, `off + len` stays in the page.
+/// The byte offset of the data in the domain's memory.
+fn check_grant(
+    table: &[Option<GrantEntry>],
+    me: DomId,
+    gref: GrantRef,
+    off: u16,
+    len: u16,
+    write: bool,
+) -> Result<usize, GrantStatus> {
+    let e = lookup_in(table, gref).ok_or(GrantStatus::BadGntRef)?;
+    if e.to != me {
+        return Err(GrantStatus::PermissionDenied);
+    }
+    if write && e.readonly {
+        return Err(GrantStatus::PermissionDenied);
+    }
+    if usize::from(off) + usize::from(len) > XEN_PAGE_SIZE {
+        return Err(GrantStatus::BadCopyArg);
+    }
+    Ok(e.page * XEN_PAGE_SIZE + usize::from(off))
 }
 
 /// One side of a simulated copy: a local buffer range or a foreign grant.
@@ -240,17 +267,8 @@ impl SimXen {
         write: bool,
     ) -> Result<(Arc<SimDomain>, usize), GrantStatus> {
         let d = self.domain(dom).ok_or(GrantStatus::BadDomain)?;
-        let e = d.lookup(gref).ok_or(GrantStatus::BadGntRef)?;
-        if e.to != me {
-            return Err(GrantStatus::PermissionDenied);
-        }
-        if write && e.readonly {
-            return Err(GrantStatus::PermissionDenied);
-        }
-        if usize::from(off) + usize::from(len) > XEN_PAGE_SIZE {
-            return Err(GrantStatus::BadCopyArg);
-        }
-        Ok((d, e.page * XEN_PAGE_SIZE + usize::from(off)))
+        let at = check_grant(&lock(&d.table), me, gref, off, len, write)?;
+        Ok((d, at))
     }
 
     fn copy_one(&self, me: DomId, op: &SimCopyOp, buf: &mut LocalBuf<'_>) -> GrantStatus {
@@ -365,6 +383,51 @@ impl GrantCopier for SimGrants {
     fn copy_to_guest(&self, dom: DomId, segs: &[CopySeg], src: &[u8]) -> Result<(), CopyError> {
         check_copy_segs(segs, src.len())?;
         self.run(dom, segs, LocalBuf::Ro(src), true)
+    }
+
+    /// Like one `GNTTABOP_copy` hypercall for the whole batch: the domain is looked up and
+    /// its grant table locked once, then every segment is checked and copied as Xen does.
+    fn copy_batch(&self, dom: DomId, copies: &mut [GuestCopy<'_>]) {
+        let Some(d) = self.xen.domain(dom) else {
+            for c in copies.iter_mut() {
+                c.result = check_copy_segs(c.segs, c.buf.len()).and_then(|()| {
+                    first_failure(c.segs.iter().map(|_| GrantStatus::BadDomain.to_i16()))
+                });
+            }
+            return;
+        };
+        let table = lock(&d.table);
+        for c in copies.iter_mut() {
+            c.result = check_copy_segs(c.segs, c.buf.len());
+            if c.result.is_err() {
+                continue;
+            }
+            let mut first: Option<(usize, GrantStatus)> = None;
+            let mut failed = 0;
+            for (i, s) in c.segs.iter().enumerate() {
+                let to_guest = matches!(c.buf, CopyBuf::ToGuest(_));
+                let len = usize::from(s.len);
+                let st = match check_grant(&table, self.me, s.gref, s.page_off, s.len, to_guest) {
+                    Ok(at) => {
+                        match &mut c.buf {
+                            CopyBuf::FromGuest(b) => d.mem.read_at(at, &mut b[s.buf_off..][..len]),
+                            CopyBuf::ToGuest(b) => d.mem.write_at(at, &b[s.buf_off..][..len]),
+                        }
+                        continue;
+                    }
+                    Err(st) => st,
+                };
+                failed += 1;
+                first.get_or_insert((i, st));
+            }
+            if let Some((index, status)) = first {
+                c.result = Err(CopyError::Segment {
+                    index,
+                    status,
+                    failed,
+                });
+            }
+        }
     }
 }
 
