@@ -179,6 +179,8 @@ struct Model {
     allocated: BTreeSet<u64>,
     /// Latest acknowledged generation per sector (since the last verification).
     acked: HashMap<u64, u32>,
+    /// Sectors already reported as a violation (each is counted once, not at every reopen).
+    reported: BTreeSet<u64>,
 }
 
 impl Model {
@@ -217,6 +219,8 @@ struct Stats {
     lost: u64,
     garbage: u64,
     violations: Vec<String>,
+    /// Violating sectors per image kind.
+    bad_by_kind: HashMap<Kind, u64>,
     reads_unflushed_new: u64,
     /// Kill points where an allocating write was still unacknowledged when tapdisk died.
     alloc_inflight_kills: u64,
@@ -528,13 +532,17 @@ fn verify(c: &mut Client, img: &mut Image, rng: &mut Rng, st: &mut Stats, when: 
                     }
                     observed.push((l, g));
                 }
+                Err(_) if img.model.reported.contains(&l) => {}
                 Err(lost) => {
+                    img.model.reported.insert(l);
                     if lost {
                         st.lost += 1;
                     } else {
                         st.garbage += 1;
                     }
-                    if st.violations.len() < 50 {
+                    let kind_bad = st.bad_by_kind.entry(img.kind).or_insert(0);
+                    *kind_bad += 1;
+                    if *kind_bad <= 16 {
                         st.violations.push(format!(
                             "{} {} {}: sector {l} read {seen:?}; allowed: stable gen {stable} \
                              (0 = {base:?}) or later {after:?} ({})",
@@ -904,6 +912,7 @@ fn real_main() -> R<bool> {
         lost: 0,
         garbage: 0,
         violations: Vec::new(),
+        bad_by_kind: HashMap::new(),
         reads_unflushed_new: 0,
         alloc_inflight_kills: 0,
         acked_missing: 0,
@@ -1035,6 +1044,14 @@ fn real_main() -> R<bool> {
     }
     println!("data lost (sectors): {}", st.lost);
     println!("garbage read (sectors): {}", st.garbage);
+    for k in Kind::ALL {
+        if let Some(n) = st.bad_by_kind.get(&k) {
+            println!(
+                "  violating sectors on {} images: {n} (first 16 listed)",
+                k.name()
+            );
+        }
+    }
     for v in &st.violations {
         println!("  VIOLATION {v}");
     }
