@@ -3,7 +3,7 @@
 # and a differencing leaf over NBD is SIGKILLed at random moments (often just after a write that
 # allocates a block); after each kill vhd-util check (or repair, recorded), tap-ctl create
 # again, and every sector is verified against the driver's model (examples/torture.rs).
-# Models process death only, not power loss: see docs/reliability.md.
+# Models process death; power cuts: scripts/torture-powercut-vm.sh. See docs/reliability.md.
 set -euo pipefail
 
 usage() {
