@@ -4,7 +4,7 @@
 # suite (OpenXT 8's dom0 is 32-bit), that a release build holds no test simulation, the
 # Yocto layer (oelint-adv, crate list, the recipe's build and install run outside bitbake for
 # i686), the SELinux module, the kernel config, the hotplug and init scripts, install-deps in
-# fresh Debian roots, and shellcheck. Installs what it needs first. Every step runs even
+# fresh Debian roots, the kill -9 torture (200 kill points), and shellcheck. Installs what it needs first. Every step runs even
 # when an earlier one failed; the exit status says whether all passed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +31,7 @@ run x86_64 cargo test
 run hostile cargo test --test xenio_hostile -- --ignored hostile_stream_million
 run i686 cargo test --target i686-unknown-linux-gnu
 run no-sim scripts/check-release-no-sim.sh
+run torture scripts/torture.sh --ci
 run nbd-vm scripts/nbd-kernel-vm.sh
 run xen-e2e scripts/xen-e2e.sh
 run layer scripts/test-layer.sh
@@ -59,7 +60,7 @@ for name in no-sim xen-e2e layer hotplug install-deps-roots; do
     p=$((p + ${a:-0})) f=$((f + ${b:-1}))
     a="" b=""
 done
-for name in nbd-vm selinux kernel-config toolstack-patch; do
+for name in torture nbd-vm selinux kernel-config toolstack-patch; do
     if printf '%s\n' "${failed_steps[@]}" | grep -q "^$name "; then f=$((f + 1)); else p=$((p + 1)); fi
 done
 if [ "${#failed_steps[@]}" -gt 0 ]; then
