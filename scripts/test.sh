@@ -4,8 +4,9 @@
 # suite (OpenXT 8's dom0 is 32-bit), that a release build holds no test simulation, the
 # Yocto layer (oelint-adv, crate list, the recipe's build and install run outside bitbake for
 # i686), the SELinux module, the kernel config, the hotplug and init scripts, install-deps in
-# fresh Debian roots, the kill -9 torture (200 kill points), and shellcheck. Installs what it needs first. Every step runs even
-# when an earlier one failed; the exit status says whether all passed.
+# fresh Debian roots, the kill -9 torture (200 kill points), and shellcheck. Installs what it
+# needs first. Every step runs even when an earlier one failed; the exit status says whether
+# all passed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
