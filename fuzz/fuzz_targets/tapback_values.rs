@@ -94,7 +94,9 @@ fuzz_target!(|data: &[u8]| {
         let Some(Call::Connect { blkif, errno, .. }) = c.last() else {
             panic!("Connected without a connect call: {c:?}");
         };
-        assert_eq!(*errno, 0);
+        // EALREADY: the tapdisk still holds the ring from before (a frontend that went
+        // Closing and back to Initialised without Closed); tapback treats it as connected.
+        assert!(*errno == 0 || *errno == libc::EALREADY, "errno {errno}");
         assert_ne!(blkif.port, 0);
         assert!(blkif.order <= MAX_RING_ORDER);
         assert_eq!(blkif.ring_refs().len(), 1usize << blkif.order);
