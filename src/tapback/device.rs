@@ -11,7 +11,7 @@
 //! | absent after being seen (frontend vanished) | disconnect the ring, Closed (the dir stays: it is the toolstack's) |
 //! | Unknown / InitWait | nothing |
 //! | Initialising | clear a device error; disconnect a ring left over from a frontend reset; InitWait (unless `online = 0`) |
-//! | Initialised / Connected | unless connected or failed or `online = 0`: locate the tapdisk, read and check the frontend's ring keys, XENBLKIF_CONNECT (`EALREADY` = fine), DISK_INFO, write the features in one transaction, Connected |
+//! | Initialised / Connected | unless connected or failed or `online = 0`: locate the tapdisk, read and check the frontend's ring keys, disconnect a different ring connected before, XENBLKIF_CONNECT (`EALREADY` = fine), DISK_INFO, write the features in one transaction, Connected |
 //! | Closing | Closing |
 //! | Closed | XENBLKIF_DISCONNECT (a dead tapdisk is fine), Closed |
 //! | Reconfiguring / Reconfigured | logged (EINVAL) |
@@ -643,6 +643,16 @@ impl Device {
             poll_duration: self.optional_u32(cx.xs, "polling-duration")?,
             poll_idle_threshold: self.optional_u32(cx.xs, "polling-idle-threshold")?,
         };
+        if self
+            .ring
+            .as_ref()
+            .is_some_and(|old| old.blkif != blkif || (old.pid, old.minor) != (loc.pid, loc.minor))
+        {
+            // We connected a different ring before (the frontend went Closing and straight
+            // back to Initialised with a new one): disconnect it first, or tapdisk answers
+            // EALREADY and keeps serving the stale ring.
+            self.disconnect(cx)?;
+        }
         match cx.tap.connect(loc.pid, loc.minor, &blkif) {
             Ok(()) => log::info!(
                 "{}: ring (order {}, port {}, {:?}) connected to tapdisk {} minor {} (via {})",
