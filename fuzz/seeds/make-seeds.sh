@@ -219,6 +219,8 @@ put("tapback_values", "connect-then-close", recs((1, b"5"), (7, b"3"), (0, b"3")
 put("tapback_values", "bad-values", recs((1, b"-1"), (7, b"0x10"), (8, b"arm-abi"), (6, b"99"), (0, b"3")))
 put("tapback_values", "cdrom-multiqueue", recs((10, b"cdrom"), (11, b"4"), (1, b"1"), (7, b"2"), (0, b"3")))
 put("tapback_values", "physical-device-text", b"ca:10\0")
+# The stale-ring bug this target found: Connected, Closing, then a new ring and Initialised.
+put("tapback_values", "closing-then-new-ring", recs((1, b"100"), (7, b"7"), (0, b"3"), (0, b"5"), (1, b"200"), (7, b"9"), (0, b"3")))
 PY
 echo "make-seeds.sh: seeds in $CORPUS:" >&2
 du -sh "$CORPUS"/* >&2
