@@ -200,6 +200,8 @@ else
 	done
 fi
 echo "fuzz.sh: summary in $SUMMARY" >&2
+# The line scripts/test.sh's summary counts.
+echo "fuzz: $((${#TARGETS[@]} - ${#FAILED[@]})) passed, ${#FAILED[@]} failed"
 if [ ${#FAILED[@]} -gt 0 ]; then
 	echo "fuzz.sh: FAILED: ${FAILED[*]} (crash inputs under $OUT/artifacts/)" >&2
 	exit 1

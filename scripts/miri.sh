@@ -9,7 +9,8 @@
 #                request codec), image::vhd::format (footer/header/BAT/batmap structs),
 #                image::crypto::keyhash
 #   blkif        tests/blkif_parse.rs, blkif_ring.rs, blkif_layout.rs, blkif_xenbus.rs: request
-#                parsing and BackRing/FrontRing over HeapMem (simulated shared memory)
+#                parsing and BackRing/FrontRing over HeapMem (simulated shared memory), less
+#                the spinning concurrent-scribbler test (too slow under Miri)
 #   xenstore     tests/xen_xenstore_wire.rs: the xenstored wire codec
 #   grant        tests/xen_sim.rs grant-copy and request-copy tests (SimXen over heap memory)
 # Proptest-based tests run with PROPTEST_CASES (default 4 here: Miri is ~1000x slower).
@@ -91,7 +92,10 @@ for s in "${SUITES[@]}"; do
 		run lib --lib -- control::msg nbd::proto image::vhd::format image::crypto::keyhash
 		;;
 	blkif)
-		run blkif --test blkif_parse --test blkif_ring --test blkif_layout --test blkif_xenbus
+		# concurrent_scribbling_thread_never_breaks_validation spins a writer thread against
+		# 200 ring rounds: over 5 minutes under Miri, so it is left to the native suite.
+		run blkif --test blkif_parse --test blkif_ring --test blkif_layout --test blkif_xenbus \
+			-- --skip concurrent_scribbling_thread_never_breaks_validation
 		;;
 	xenstore)
 		run xenstore --test xen_xenstore_wire
@@ -106,6 +110,8 @@ for s in "${SUITES[@]}"; do
 		;;
 	esac
 done
+# The line scripts/test.sh's summary counts.
+echo "miri: $((${#SUITES[@]} - ${#FAILED[@]})) passed, ${#FAILED[@]} failed"
 if [ ${#FAILED[@]} -gt 0 ]; then
 	echo "miri.sh: FAILED: ${FAILED[*]}" >&2
 	exit 1
