@@ -1269,3 +1269,25 @@ fn a_bad_queue_key_fails_the_device_before_any_connect() {
     );
     assert!(rig.tap.connects().is_empty());
 }
+
+/// Found by the `tapback_values` fuzz target: a frontend that goes Closing and then straight
+/// back to Initialised (without Closed or Initialising) with a new ring must get the new ring
+/// served. Before the fix tapback called XENBLKIF_CONNECT while tapdisk still held the old
+/// ring, took its EALREADY as success and went Connected on the stale ring. Now a ring that
+/// differs from the one connected before is disconnected first (blkback always disconnects
+/// before `connect_ring`).
+#[test]
+fn closing_then_initialised_with_a_new_ring_replaces_the_old_ring() {
+    let (rig, v, mut b) = connected_one();
+    fe_step(&rig, &v, &mut b, 5, "5");
+    rig.fe_write(
+        &v,
+        &[("ring-ref", "200"), ("event-channel", "9"), ("state", "3")],
+    );
+    pump(&mut b);
+    assert_eq!(rig.bstate(&v).as_deref(), Some("4"), "{:?}", status(&b, &v));
+    let (_, _, ring) = rig.tap.ring(5, 51712).expect("tapdisk holds a ring");
+    assert_eq!(ring.ring_refs(), &[200], "tapdisk must serve the new ring");
+    assert_eq!(ring.port, 9);
+    assert_eq!(rig.tap.disconnects().len(), 1, "{:?}", rig.tap.calls());
+}

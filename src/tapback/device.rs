@@ -11,7 +11,7 @@
 //! | absent after being seen (frontend vanished) | disconnect the ring, Closed (the dir stays: it is the toolstack's) |
 //! | Unknown / InitWait | nothing |
 //! | Initialising | clear a device error; disconnect a ring left over from a frontend reset; InitWait (unless `online = 0`) |
-//! | Initialised / Connected | unless connected or failed or `online = 0`: locate the tapdisk, read and check the frontend's ring keys, XENBLKIF_CONNECT (`EALREADY` = fine), DISK_INFO, write the features in one transaction, Connected |
+//! | Initialised / Connected | unless connected or failed or `online = 0`: locate the tapdisk, read and check the frontend's ring keys, disconnect a different ring connected before, XENBLKIF_CONNECT (`EALREADY` = fine), DISK_INFO, write the features in one transaction, Connected |
 //! | Closing | Closing |
 //! | Closed | XENBLKIF_DISCONNECT (a dead tapdisk is fine), Closed |
 //! | Reconfiguring / Reconfigured | logged (EINVAL) |
@@ -663,24 +663,43 @@ impl Device {
         let poll_duration = self.optional_u32(cx.xs, "polling-duration")?;
         let poll_idle_threshold = self.optional_u32(cx.xs, "polling-idle-threshold")?;
         let nq = ring.queues.len() as u32;
-        let mut first = None;
-        for (q, (refs, port)) in ring.queues.iter().enumerate() {
-            let mut gref = [0u32; MAX_RING_PAGES];
-            for (slot, r) in gref.iter_mut().zip(refs) {
-                *slot = *r;
+        let blkifs: Vec<Blkif> = ring
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(q, (refs, port))| {
+                let mut gref = [0u32; MAX_RING_PAGES];
+                for (slot, r) in gref.iter_mut().zip(refs) {
+                    *slot = *r;
+                }
+                Blkif {
+                    domid: u32::from(self.id.domid),
+                    devid: self.id.devid,
+                    gref,
+                    order: ring.order,
+                    proto: ring.proto,
+                    pool: String::new(),
+                    port: *port,
+                    poll_duration,
+                    poll_idle_threshold,
+                    queue: q as u32,
+                }
+            })
+            .collect();
+        if let (Some(old), Some(new0)) = (self.ring.as_ref(), blkifs.first()) {
+            if old.blkif != *new0
+                || old.queues != nq
+                || (old.pid, old.minor) != (loc.pid, loc.minor)
+            {
+                // We connected a different ring before (the frontend went Closing and straight
+                // back to Initialised with a new one): disconnect it first, or tapdisk answers
+                // EALREADY and keeps serving the stale ring.
+                self.disconnect(cx)?;
             }
-            let blkif = Blkif {
-                domid: u32::from(self.id.domid),
-                devid: self.id.devid,
-                gref,
-                order: ring.order,
-                proto: ring.proto,
-                pool: String::new(),
-                port: *port,
-                poll_duration,
-                poll_idle_threshold,
-                queue: q as u32,
-            };
+        }
+        let mut first = None;
+        for (q, blkif) in blkifs.into_iter().enumerate() {
+            let port = blkif.port;
             match cx.tap.connect(loc.pid, loc.minor, &blkif) {
                 Ok(()) => {
                     // "ring (order" for one queue (what the e2e tests look for), "ring Q/N
