@@ -2,7 +2,10 @@
 # Run the code Miri can interpret under Miri (undefined behaviour, out-of-bounds, data races,
 # uninitialised reads, leaks): the codecs and the ring logic over simulated memory.
 #
-#   scripts/miri.sh [--list] [--suite NAME]... [--help]
+#   scripts/miri.sh [--install] [--list] [--suite NAME]... [--help]
+#
+# --install: when Miri is missing, install it first (the rustup command below; it downloads
+# from static.rust-lang.org). scripts/test.sh passes it.
 #
 # Suites (each one `cargo +nightly miri test` invocation, names are libtest filters):
 #   lib          unit tests: control::msg (tap-ctl message codec), nbd::proto (NBD handshake and
@@ -30,8 +33,10 @@ usage() {
 }
 
 ALL=(lib blkif xenstore)
+INSTALL=0
 while [ $# -gt 0 ]; do
 	case "$1" in
+	--install) INSTALL=1 ;;
 	--suite)
 		[ $# -gt 1 ] || {
 			echo "miri.sh: --suite needs NAME" >&2
@@ -62,6 +67,10 @@ command -v rustup >/dev/null || {
 	exit 2
 }
 TC=${MIRI_TOOLCHAIN:-nightly}
+if ! cargo "+$TC" miri --version >/dev/null 2>&1 && [ "$INSTALL" = 1 ]; then
+	echo "miri.sh: installing Miri: rustup toolchain install $TC --profile minimal --component miri,rust-src" >&2
+	rustup toolchain install "$TC" --profile minimal --component miri,rust-src >&2
+fi
 if ! cargo "+$TC" miri --version >/dev/null 2>&1; then
 	echo "miri.sh: Miri is not installed; run:" >&2
 	echo "  rustup toolchain install $TC --profile minimal --component miri,rust-src" >&2

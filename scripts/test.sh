@@ -4,8 +4,8 @@
 # suite (OpenXT 8's dom0 is 32-bit), that a release build holds no test simulation, the
 # Yocto layer (oelint-adv, crate list, the recipe's build and install run outside bitbake for
 # i686), the SELinux module, the kernel config, the hotplug and init scripts, install-deps in
-# fresh Debian roots, the kill -9 torture (200 kill points), and shellcheck. Installs what it
-# needs first. Every step runs even when an earlier one failed; the exit status says whether
+# fresh Debian roots, the kill -9 torture (200 kill points), every fuzz target for 25 s, Miri
+# on the codecs, and shellcheck. Installs what it needs first. Every step runs even when an earlier one failed; the exit status says whether
 # all passed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,6 +33,9 @@ run hostile cargo test --test xenio_hostile -- --ignored hostile_stream_million
 run i686 cargo test --target i686-unknown-linux-gnu
 run no-sim scripts/check-release-no-sim.sh
 run torture scripts/torture.sh --ci
+run fuzz-fmt cargo fmt --manifest-path fuzz/Cargo.toml -- --check
+run fuzz scripts/fuzz.sh --ci 25
+run miri scripts/miri.sh --install --suite lib --suite xenstore
 run nbd-vm scripts/nbd-kernel-vm.sh
 run xen-e2e scripts/xen-e2e.sh
 run layer scripts/test-layer.sh
@@ -55,13 +58,13 @@ for name in x86_64 hostile i686; do
         "target/test-$name.log" | awk '{p+=$1; f+=$2} END {print p+0, f+0}')
     p=$((p + a)) f=$((f + b))
 done
-for name in no-sim xen-e2e layer hotplug install-deps-roots; do
+for name in no-sim xen-e2e layer hotplug install-deps-roots fuzz miri; do
     read -r a b < <(sed -n 's/^\([a-z0-9-]*: \)\{0,1\}\([0-9]*\) passed, \([0-9]*\) failed.*/\2 \3/p' \
         "target/test-$name.log" | tail -n1) || true
     p=$((p + ${a:-0})) f=$((f + ${b:-1}))
     a="" b=""
 done
-for name in torture nbd-vm selinux kernel-config toolstack-patch; do
+for name in torture fuzz-fmt nbd-vm selinux kernel-config toolstack-patch; do
     if printf '%s\n' "${failed_steps[@]}" | grep -q "^$name "; then f=$((f + 1)); else p=$((p + 1)); fi
 done
 if [ "${#failed_steps[@]}" -gt 0 ]; then
