@@ -1672,6 +1672,81 @@ mod tests {
         Arc::new(MemFile::from_bytes(std::fs::read(&p).unwrap()))
     }
 
+    /// Invariant 2: a write that sets new bits syncs its data first; when that fdatasync
+    /// fails the write fails, its bit stays clear (the data is unreferenced), and the
+    /// failure is sticky: no later flush or new bit, while writes to present sectors go on.
+    #[test]
+    fn failed_data_barrier_fails_the_write_leaves_the_bit_clear_and_sticks() {
+        use crate::image::fault::{Fault, FaultFile, Injector, Point};
+        let mem = mem_vhd(8 << 20);
+        let inj = Injector::new();
+        let ff: Arc<dyn BlockFile> = Arc::new(FaultFile::new(mem.clone(), inj.clone()).unwrap());
+        let ro = VhdOpenOptions {
+            read_only: false,
+            ..Default::default()
+        };
+        let img = VhdImage::open_file(Path::new("x.vhd"), ff, &ro).unwrap();
+        let a = vec![0xa5u8; 512];
+        let syncs = inj.seen(Point::Sync);
+        img.write(0, &a).unwrap();
+        assert!(
+            inj.seen(Point::Sync) > syncs,
+            "a new bit waits for an fdatasync"
+        );
+        assert_eq!(mem.pending_ops(), 1, "only the bitmap write is unsynced");
+        // Rewriting a present sector costs no sync.
+        let syncs = inj.seen(Point::Sync);
+        img.write(0, &a).unwrap();
+        assert_eq!(inj.seen(Point::Sync), syncs);
+        inj.arm_n(Point::Sync, Fault::Eio, 0, Some(1));
+        assert!(img.write(1, &[0x5au8; 512]).is_err(), "barrier failed");
+        assert_eq!(inj.injected(Point::Sync), 1);
+        let bm = img.block_bitmap(0).unwrap().unwrap();
+        assert_eq!(bm[0], 0x80, "sector 1's bit stays clear, sector 0's is set");
+        let mut b = vec![1u8; 512];
+        img.read(1, &mut b).unwrap();
+        assert!(b.iter().all(|&x| x == 0), "sector 1 reads as never written");
+        inj.clear();
+        let syncs = inj.seen(Point::Sync);
+        assert!(img.write(2, &a).is_err(), "no new bit after a failed sync");
+        assert!(img.flush().is_err(), "no flush after a failed sync");
+        assert_eq!(inj.seen(Point::Sync), syncs, "the file is not even asked");
+        img.write(0, &[0x33u8; 512]).unwrap();
+        img.read(0, &mut b).unwrap();
+        assert_eq!(b, vec![0x33u8; 512]);
+    }
+
+    /// Concurrent first writes to different sectors share fdatasyncs (group commit) and
+    /// all land.
+    #[test]
+    fn concurrent_new_bits_share_barriers() {
+        let mem = mem_vhd(8 << 20);
+        let ro = VhdOpenOptions {
+            read_only: false,
+            ..Default::default()
+        };
+        let img = Arc::new(VhdImage::open_file(Path::new("x.vhd"), mem.clone(), &ro).unwrap());
+        std::thread::scope(|sc| {
+            for t in 0..4u64 {
+                let img = img.clone();
+                sc.spawn(move || {
+                    for i in 0..50u64 {
+                        let lba = (t * 50 + i) * 3;
+                        img.write(lba, &[(t * 50 + i) as u8 | 1; 512]).unwrap();
+                    }
+                });
+            }
+        });
+        let mut b = vec![0u8; 512];
+        for k in 0..200u64 {
+            img.read(k * 3, &mut b).unwrap();
+            assert!(b.iter().all(|&x| x == (k as u8 | 1)), "sector {}", k * 3);
+        }
+        let g = img.gate.st.lock().unwrap();
+        assert!(!g.running && g.started == g.done && g.done >= 1);
+        assert!(g.done <= 200, "at most one sync per write: {}", g.done);
+    }
+
     #[test]
     fn alignment_puts_data_on_4k() {
         for bm in [1u32, 8, 9] {
