@@ -28,9 +28,21 @@
 //!    that is either zero (sectors read from the parent, i.e. the unflushed write is lost)
 //!    or was written by us after the data it covers. Stale bytes in the *data* area of a
 //!    reserve block are harmless: only sectors whose bit we set are ever read from it.
-//! 2. *A write is acknowledged only after the bitmap bits that make it visible are written*:
-//!    data pwrite, then bitmap sector pwrite, then return. `flush()` (fdatasync) makes all of
-//!    them durable at once, so every write acknowledged before a completed flush survives.
+//! 2. *A bitmap bit is set on disk only after its data is durable.* A write whose chunk
+//!    sets bits not yet set in its block's bitmap does: data pwrite, then a group-commit
+//!    barrier (`data_barrier`: wait, without the image lock, for an fdatasync that *started*
+//!    after the data write completed; concurrent writers share one), then under the lock
+//!    set the bits and pwrite the bitmap sector, then acknowledge. Without the barrier a
+//!    power cut could keep the bitmap write and lose the data (O_DIRECT into the reserve's
+//!    sparse data area is an unwritten extent converted by a journaled change; any device
+//!    may reorder): the sector would read the file's zeros, i.e. garbage through AES-XTS,
+//!    zeros instead of the parent's data on a differencing leaf, or a reused reserve's
+//!    old bytes. A failed barrier fails the write: the data stays unreferenced and the
+//!    bitmap unchanged, and the failure is sticky like a failed flush. Writes whose bits
+//!    are already set (including every AIO fast-path write, see `direct_map`) pay
+//!    nothing: their bits are durable already. `flush()` (fdatasync) then makes every
+//!    acknowledged write durable, so each write acknowledged before a completed flush
+//!    survives.
 //! 3. *There is always a valid footer at EOF-512 or at offset 0.* The footer's content does
 //!    not change when blocks are allocated (only its position), so the backup at 0 stays
 //!    valid; it is rewritten only by explicit metadata updates (hidden, resize), after the
@@ -46,14 +58,18 @@
 //!    full" and rewritten at close.
 //!
 //! Compared with the C driver there is no one-allocation-at-a-time BAT lock and no
-//! synchronous zero-fill of each 2 MiB block: one fdatasync covers `prealloc_blocks` blocks.
+//! synchronous zero-fill of each 2 MiB block: one fdatasync covers `prealloc_blocks` blocks,
+//! and the invariant 2 barrier orders data before bitmap where C relies on the zero-filled
+//! block plus O_DIRECT (which does not hold for a disk with a volatile cache).
 //! There is no "kill footer" on RW open either: the primary footer stays valid throughout a
 //! session (invariant 3), and the BAT, not the footer position, defines the end of data.
 //!
 //! `tests/vhd_crash.rs` checks these invariants against the simulated file
 //! ([`crate::image::file::MemFile`]): crash images made of the synced state plus any
 //! subset/prefix of the unsynced writes, and runs stopped after N writes, must open cleanly
-//! and return every write acknowledged before the last completed flush.
+//! and return every write acknowledged before the last completed flush; on encrypted and
+//! differencing images, crashes that lose any one unsynced write (among them a data write
+//! whose bitmap write survives) check invariant 2.
 //!
 //! # Discard
 //!
@@ -181,6 +197,25 @@ pub struct VhdImage {
     closed: AtomicBool,
     /// An `fdatasync` of the file failed: see [`VhdImage::sync`].
     sync_failed: AtomicBool,
+    /// Group commit for data writes that set new bitmap bits (invariant 2).
+    gate: SyncGate,
+}
+
+/// Group commit of `fdatasync`s: [`VhdImage::data_barrier`] waits for one that started
+/// after the call; concurrent callers share one.
+#[derive(Debug, Default)]
+struct SyncGate {
+    st: Mutex<GateState>,
+    cond: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    /// Sequence number of the last `fdatasync` started (the first is 1).
+    started: u64,
+    /// Sequence number of the last one finished (successfully or not).
+    done: u64,
+    running: bool,
 }
 
 impl fmt::Debug for VhdImage {
@@ -332,6 +367,7 @@ impl VhdImage {
             cipher: None,
             closed: AtomicBool::new(false),
             sync_failed: AtomicBool::new(false),
+            gate: SyncGate::default(),
         };
         if !img.read_only && footer_source != FooterSource::Primary {
             img.rewrite_primary_footer()?;
@@ -915,8 +951,9 @@ impl VhdImage {
     /// data and reports the error only once, so a later `fdatasync` that succeeds proves
     /// nothing about the writes before it (PostgreSQL's "fsyncgate"). Hence no flush is
     /// answered with success, no block is allocated (a reserve needs a trusted sync,
-    /// invariant 1) and close fails, while reads and writes to allocated sectors go on
-    /// (they claim no durability). A reopen reads the disk as it is.
+    /// invariant 1), no new bitmap bit is set (invariant 2) and close fails, while reads
+    /// and writes to sectors already marked present go on (they claim no durability). A
+    /// reopen reads the disk as it is.
     fn sync(&self) -> Result<(), ImageError> {
         if self.sync_failed.load(Ordering::Acquire) {
             return Err(ImageError::io(
@@ -933,6 +970,47 @@ impl VhdImage {
             );
             ImageError::io(&self.path, "fdatasync", e)
         })
+    }
+
+    /// Return once an `fdatasync` that *started after this call* has finished successfully,
+    /// so every write completed before the call is durable (invariant 2). Concurrent
+    /// callers share one `fdatasync`: a caller waits for the one running if it started
+    /// after the call, else for the next, which the first waiter to find none running
+    /// starts. No image lock is held. Fails if that sync (or any earlier one) failed:
+    /// [`VhdImage::sync`] makes the failure sticky.
+    fn data_barrier(&self) -> Result<(), ImageError> {
+        let gate = &self.gate;
+        let lock = || gate.st.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = lock();
+        let need = st.started + 1;
+        while st.done < need {
+            if st.running {
+                st = gate.cond.wait(st).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            // Nothing running and done < need: started == done < need, so the sync we
+            // start now has a sequence number >= need.
+            st.started += 1;
+            st.running = true;
+            let seq = st.started;
+            drop(st);
+            let r = self.sync();
+            st = lock();
+            st.done = seq;
+            st.running = false;
+            gate.cond.notify_all();
+            r?;
+        }
+        drop(st);
+        if self.sync_failed.load(Ordering::Acquire) {
+            // The sync we waited for, or a later one, failed: the data may not be durable.
+            return Err(ImageError::io(
+                &self.path,
+                "fdatasync before a bitmap update (one failed: durability unknown until reopened)",
+                std::io::Error::from_raw_os_error(libc::EIO),
+            ));
+        }
+        Ok(())
     }
 
     fn live(&self) -> Result<(), ImageError> {
@@ -1267,6 +1345,16 @@ impl VhdImage {
             let s = self.ensure_allocated(blk)?;
             let data0 = s + u64::from(g.bm_secs) + u64::from(off);
             self.pwrite(chunk, data0 * SECTOR_SIZE, "write")?;
+            {
+                let mut m = self.lock();
+                let bm = self.load_bitmap(&mut m, blk, s as u32)?;
+                if bits_all(bm, u64::from(off), cnt, true) {
+                    continue;
+                }
+            }
+            // New bits: the data must be durable before the bitmap sector that exposes it
+            // is written (invariant 2). On failure the data stays unreferenced.
+            self.data_barrier()?;
             let mut m = self.lock();
             let bm = self.load_bitmap(&mut m, blk, s as u32)?;
             if bits_all(bm, u64::from(off), cnt, true) {
@@ -1582,6 +1670,81 @@ mod tests {
         let p = d.path().join("x.vhd");
         super::super::ops::create(&p, &super::super::ops::CreateOptions::dynamic(size)).unwrap();
         Arc::new(MemFile::from_bytes(std::fs::read(&p).unwrap()))
+    }
+
+    /// Invariant 2: a write that sets new bits syncs its data first; when that fdatasync
+    /// fails the write fails, its bit stays clear (the data is unreferenced), and the
+    /// failure is sticky: no later flush or new bit, while writes to present sectors go on.
+    #[test]
+    fn failed_data_barrier_fails_the_write_leaves_the_bit_clear_and_sticks() {
+        use crate::image::fault::{Fault, FaultFile, Injector, Point};
+        let mem = mem_vhd(8 << 20);
+        let inj = Injector::new();
+        let ff: Arc<dyn BlockFile> = Arc::new(FaultFile::new(mem.clone(), inj.clone()).unwrap());
+        let ro = VhdOpenOptions {
+            read_only: false,
+            ..Default::default()
+        };
+        let img = VhdImage::open_file(Path::new("x.vhd"), ff, &ro).unwrap();
+        let a = vec![0xa5u8; 512];
+        let syncs = inj.seen(Point::Sync);
+        img.write(0, &a).unwrap();
+        assert!(
+            inj.seen(Point::Sync) > syncs,
+            "a new bit waits for an fdatasync"
+        );
+        assert_eq!(mem.pending_ops(), 1, "only the bitmap write is unsynced");
+        // Rewriting a present sector costs no sync.
+        let syncs = inj.seen(Point::Sync);
+        img.write(0, &a).unwrap();
+        assert_eq!(inj.seen(Point::Sync), syncs);
+        inj.arm_n(Point::Sync, Fault::Eio, 0, Some(1));
+        assert!(img.write(1, &[0x5au8; 512]).is_err(), "barrier failed");
+        assert_eq!(inj.injected(Point::Sync), 1);
+        let bm = img.block_bitmap(0).unwrap().unwrap();
+        assert_eq!(bm[0], 0x80, "sector 1's bit stays clear, sector 0's is set");
+        let mut b = vec![1u8; 512];
+        img.read(1, &mut b).unwrap();
+        assert!(b.iter().all(|&x| x == 0), "sector 1 reads as never written");
+        inj.clear();
+        let syncs = inj.seen(Point::Sync);
+        assert!(img.write(2, &a).is_err(), "no new bit after a failed sync");
+        assert!(img.flush().is_err(), "no flush after a failed sync");
+        assert_eq!(inj.seen(Point::Sync), syncs, "the file is not even asked");
+        img.write(0, &[0x33u8; 512]).unwrap();
+        img.read(0, &mut b).unwrap();
+        assert_eq!(b, vec![0x33u8; 512]);
+    }
+
+    /// Concurrent first writes to different sectors share fdatasyncs (group commit) and
+    /// all land.
+    #[test]
+    fn concurrent_new_bits_share_barriers() {
+        let mem = mem_vhd(8 << 20);
+        let ro = VhdOpenOptions {
+            read_only: false,
+            ..Default::default()
+        };
+        let img = Arc::new(VhdImage::open_file(Path::new("x.vhd"), mem.clone(), &ro).unwrap());
+        std::thread::scope(|sc| {
+            for t in 0..4u64 {
+                let img = img.clone();
+                sc.spawn(move || {
+                    for i in 0..50u64 {
+                        let lba = (t * 50 + i) * 3;
+                        img.write(lba, &[(t * 50 + i) as u8 | 1; 512]).unwrap();
+                    }
+                });
+            }
+        });
+        let mut b = vec![0u8; 512];
+        for k in 0..200u64 {
+            img.read(k * 3, &mut b).unwrap();
+            assert!(b.iter().all(|&x| x == (k as u8 | 1)), "sector {}", k * 3);
+        }
+        let g = img.gate.st.lock().unwrap();
+        assert!(!g.running && g.started == g.done && g.done >= 1);
+        assert!(g.done <= 200, "at most one sync per write: {}", g.done);
     }
 
     #[test]
