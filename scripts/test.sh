@@ -4,7 +4,8 @@
 # suite (OpenXT 8's dom0 is 32-bit), that a release build holds no test simulation, the
 # Yocto layer (oelint-adv, crate list, the recipe's build and install run outside bitbake for
 # i686), the SELinux module, the kernel config, the hotplug and init scripts, install-deps in
-# fresh Debian roots, the kill -9 torture (200 kill points), every fuzz target for 25 s, Miri
+# fresh Debian roots, the kill -9 torture (200 kill points) and 60 power cuts (dm-flakey in a
+# QEMU-booted Linux), every fuzz target for 25 s, Miri
 # on the codecs, and shellcheck. Installs what it needs first. Every step runs even when an earlier one failed; the exit status says whether
 # all passed.
 set -euo pipefail
@@ -37,6 +38,7 @@ run fuzz-fmt cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 run fuzz scripts/fuzz.sh --ci 25
 run miri scripts/miri.sh --install --suite lib --suite xenstore
 run nbd-vm scripts/nbd-kernel-vm.sh
+run powercut scripts/torture-powercut-vm.sh --cuts 60
 run xen-e2e scripts/xen-e2e.sh
 run layer scripts/test-layer.sh
 run selinux scripts/check-selinux.sh --no-install
@@ -64,7 +66,7 @@ for name in no-sim xen-e2e layer hotplug install-deps-roots fuzz miri; do
     p=$((p + ${a:-0})) f=$((f + ${b:-1}))
     a="" b=""
 done
-for name in torture fuzz-fmt nbd-vm selinux kernel-config toolstack-patch; do
+for name in torture fuzz-fmt nbd-vm powercut selinux kernel-config toolstack-patch; do
     if printf '%s\n' "${failed_steps[@]}" | grep -q "^$name "; then f=$((f + 1)); else p=$((p + 1)); fi
 done
 if [ "${#failed_steps[@]}" -gt 0 ]; then
