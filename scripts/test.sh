@@ -5,9 +5,9 @@
 # Yocto layer (oelint-adv, crate list, the recipe's build and install run outside bitbake for
 # i686), the SELinux module, the kernel config, the hotplug and init scripts, install-deps in
 # fresh Debian roots, the kill -9 torture (200 kill points) and 60 power cuts (dm-flakey in a
-# QEMU-booted Linux), every fuzz target for 25 s, Miri
-# on the codecs, and shellcheck. Installs what it needs first. Every step runs even when an earlier one failed; the exit status says whether
-# all passed.
+# QEMU-booted Linux), every fuzz target for 25 s, Miri on the codecs, and shellcheck.
+# Installs what it needs first. Every step runs even when an earlier one failed; the exit
+# status says whether all passed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
