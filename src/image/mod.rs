@@ -212,6 +212,33 @@ pub fn check_range(sector: u64, buf_len: usize, size: u64) -> Result<u64, ImageE
     Ok(nsectors)
 }
 
+/// `fdatasync` of an image's file that fails for good once one has failed: after a writeback
+/// error Linux may have dropped the dirty data and reports the error only once, so a later
+/// success would not cover the writes before it ("fsyncgate"). `failed` is the image's flag;
+/// only a reopen clears it.
+pub(crate) fn sticky_sync(
+    file: &dyn file::BlockFile,
+    path: &std::path::Path,
+    failed: &std::sync::atomic::AtomicBool,
+) -> Result<(), ImageError> {
+    use std::sync::atomic::Ordering;
+    if failed.load(Ordering::Acquire) {
+        return Err(ImageError::io(
+            path,
+            "fdatasync (an earlier one failed: durability unknown until reopened)",
+            io::Error::from_raw_os_error(libc::EIO),
+        ));
+    }
+    file.sync().map_err(|e| {
+        failed.store(true, Ordering::Release);
+        log::error!(
+            "{}: fdatasync failed ({e}): every later flush fails until the image is reopened",
+            path.display()
+        );
+        ImageError::io(path, "fdatasync", e)
+    })
+}
+
 /// Check that `nsectors` at `sector` fit a disk of `size` sectors.
 pub fn check_sectors(sector: u64, nsectors: u64, size: u64) -> Result<(), ImageError> {
     match sector.checked_add(nsectors) {

@@ -78,21 +78,7 @@ impl RawImage {
     /// `fdatasync`, failing for good once one has failed: a later success would not
     /// cover the writes a writeback error dropped (as `VhdImage`'s sync, "fsyncgate").
     fn sync(&self) -> Result<(), ImageError> {
-        if self.sync_failed.load(Ordering::Acquire) {
-            return Err(ImageError::io(
-                &self.path,
-                "fdatasync (an earlier one failed: durability unknown until reopened)",
-                std::io::Error::from_raw_os_error(libc::EIO),
-            ));
-        }
-        self.file.sync().map_err(|e| {
-            self.sync_failed.store(true, Ordering::Release);
-            log::error!(
-                "{}: fdatasync failed ({e}): every later flush fails until the image is reopened",
-                self.path.display()
-            );
-            ImageError::io(&self.path, "fdatasync", e)
-        })
+        super::sticky_sync(self.file.as_ref(), &self.path, &self.sync_failed)
     }
 
     /// The path the image was opened with.

@@ -955,21 +955,7 @@ impl VhdImage {
     /// and writes to sectors already marked present go on (they claim no durability). A
     /// reopen reads the disk as it is.
     fn sync(&self) -> Result<(), ImageError> {
-        if self.sync_failed.load(Ordering::Acquire) {
-            return Err(ImageError::io(
-                &self.path,
-                "fdatasync (an earlier one failed: durability unknown until reopened)",
-                std::io::Error::from_raw_os_error(libc::EIO),
-            ));
-        }
-        self.file.sync().map_err(|e| {
-            self.sync_failed.store(true, Ordering::Release);
-            log::error!(
-                "{}: fdatasync failed ({e}): every later flush fails until the image is reopened",
-                self.path.display()
-            );
-            ImageError::io(&self.path, "fdatasync", e)
-        })
+        crate::image::sticky_sync(self.file.as_ref(), &self.path, &self.sync_failed)
     }
 
     /// Return once an `fdatasync` that *started after this call* has finished successfully,
