@@ -147,13 +147,15 @@ impl<T> Context<T> {
     pub fn submit(
         &mut self,
         fd: BorrowedFd<'_>,
-        req: Request<T>,
+        mut req: Request<T>,
     ) -> Result<(), (Request<T>, io::Error)> {
         let Some(slot) = self.free.pop() else {
             return Err((req, io::Error::from_raw_os_error(libc::EAGAIN)));
         };
-        let (Some(data), Ok(fildes), Ok(offset)) = (
-            req.buf.get(req.start..),
+        // A mutable pointer: the kernel writes into the buffer of a read.
+        let start = req.start;
+        let (Some((buf_ptr, buf_len)), Ok(fildes), Ok(offset)) = (
+            req.buf.get_mut(start..).map(|d| (d.as_mut_ptr(), d.len())),
             u32::try_from(fd.as_raw_fd()),
             i64::try_from(req.offset),
         ) else {
@@ -167,8 +169,8 @@ impl<T> Context<T> {
                 Dir::Write => IOCB_CMD_PWRITE,
             },
             aio_fildes: fildes,
-            aio_buf: data.as_ptr() as usize as u64,
-            aio_nbytes: data.len() as u64,
+            aio_buf: buf_ptr as usize as u64,
+            aio_nbytes: buf_len as u64,
             aio_offset: offset,
             aio_flags: IOCB_FLAG_RESFD,
             aio_resfd: self.resfd,

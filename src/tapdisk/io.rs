@@ -374,7 +374,9 @@ impl<T: Send + 'static> IoEngine<T> {
                     .inject_aio(req.dir == aio::Dir::Write, req.offset, want, res);
             let err = match usize::try_from(res) {
                 Err(_) => Some(std::io::Error::from_raw_os_error(
-                    i32::try_from(-res).unwrap_or(libc::EIO),
+                    res.checked_neg()
+                        .and_then(|e| i32::try_from(e).ok())
+                        .unwrap_or(libc::EIO),
                 )),
                 // No progress: the end of the file (reads) or no space (writes).
                 Ok(0) => Some(std::io::Error::from_raw_os_error(match req.dir {

@@ -824,7 +824,7 @@ impl VhdImage {
                 self.sync()?;
             }
         }
-        self.pwrite(&nbm, u64::from(e) * SECTOR_SIZE, "write bitmap")?;
+        self.write_bitmap_or_forget(&mut m, blk, &nbm, e)?;
         m.bitmaps.insert(blk, nbm);
         self.sync()?;
         Ok(true)
@@ -898,12 +898,29 @@ impl VhdImage {
             for (b, &k) in nbm.iter_mut().zip(&mask) {
                 *b &= !k;
             }
-            self.pwrite(&nbm, u64::from(e) * SECTOR_SIZE, "write bitmap")?;
+            self.write_bitmap_or_forget(&mut m, blk, &nbm, e)?;
             m.bitmaps.insert(blk, nbm);
             n += 1;
         }
         self.sync()?;
         Ok(n)
+    }
+
+    /// Write block `blk`'s bitmap `nbm` (the block starts at sector `e`). On failure the
+    /// cached bitmap is dropped: the write may still have reached the disk, and a cache that
+    /// disagrees with the disk would let later writes skip the bitmap (or a discard skip
+    /// bits it must clear). The next access reads the bitmap back from the disk.
+    fn write_bitmap_or_forget(
+        &self,
+        m: &mut Meta,
+        blk: u32,
+        nbm: &[u8],
+        e: u32,
+    ) -> Result<(), ImageError> {
+        self.pwrite(nbm, u64::from(e) * SECTOR_SIZE, "write bitmap")
+            .inspect_err(|_| {
+                m.bitmaps.remove(&blk);
+            })
     }
 
     /// Write raw bytes into the metadata area (locators); used by snapshot/reparent.
@@ -1346,16 +1363,15 @@ impl VhdImage {
             if bits_all(bm, u64::from(off), cnt, true) {
                 continue;
             }
-            let old = bm.clone();
             for i in 0..cnt {
                 bit_set(bm, u64::from(off) + i, true);
             }
             let full = bits_all(bm, 0, u64::from(g.spb), true);
             let nbm = bm.clone();
             if let Err(e) = self.pwrite(&nbm, s * SECTOR_SIZE, "write bitmap") {
-                if let Some(b) = m.bitmaps.get_mut(&blk) {
-                    *b = old;
-                }
+                // A failed write may still have reached the disk: forget the cached bitmap,
+                // so that the next access reads what the disk really holds.
+                m.bitmaps.remove(&blk);
                 return Err(e);
             }
             if full {
@@ -1401,7 +1417,7 @@ impl VhdImage {
             if sync_needed {
                 self.sync()?;
             }
-            self.pwrite(&nbm, u64::from(e) * SECTOR_SIZE, "write bitmap")?;
+            self.write_bitmap_or_forget(&mut m, blk, &nbm, e)?;
             m.bitmaps.insert(blk, nbm);
         }
         Ok(())
@@ -1571,7 +1587,14 @@ impl Image for VhdImage {
                     return None;
                 }
                 let blk = u32::try_from(blk).ok()?;
-                let m = self.lock();
+                // The loop calls this: never wait for the metadata lock, which a worker may
+                // hold across disk I/O (a bitmap write, a discard's fdatasync). Busy: the
+                // request goes to the workers instead.
+                let m = match self.meta.try_lock() {
+                    Ok(m) => m,
+                    Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+                    Err(std::sync::TryLockError::WouldBlock) => return None,
+                };
                 let e = *m.bat.get(blk as usize)?;
                 // Only a cached bitmap: loading one is I/O, which the caller must not wait
                 // for. Every bit set: the data is here (no parent) and a write changes no
