@@ -46,3 +46,41 @@ fn a_non_utf8_pidfile_path_reaches_the_daemon() {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// A foreground tapdisk (`-D`, logging to stderr) whose stderr cannot be written (a file on
+/// a full disk, here `/dev/full`: every write fails with ENOSPC) keeps running: a failed log
+/// line is dropped, never a panic (eprintln! would panic and take every disk down with it).
+#[test]
+fn a_full_stderr_does_not_kill_a_foreground_tapdisk() {
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("pid");
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tapdisk"))
+        .arg("-D")
+        .arg("--debug")
+        .arg("--pidfile")
+        .arg(&pidfile)
+        .env("BLKTAP_CONTROL_DIR", dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(full)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !pidfile.exists() {
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!("tapdisk exited at start-up with {st:?}");
+        }
+        assert!(Instant::now() < deadline, "no pidfile");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // It logged (debug and info lines at start-up) and is still serving.
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(child.try_wait().unwrap().is_none(), "tapdisk died");
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::SIGTERM).unwrap();
+    let st = child.wait().unwrap();
+    assert!(st.success(), "{st:?}");
+}

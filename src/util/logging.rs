@@ -107,7 +107,14 @@ impl log::Log for Logger {
         }
         let msg = r.args().to_string();
         if self.stderr {
-            eprintln!("{}", self.stderr_line(r.level(), &msg));
+            // Not eprintln!, which panics when the write fails: a daemon whose stderr is a
+            // file on a full disk (or a closed pipe) must go on serving, not die logging.
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr().lock(),
+                "{}",
+                self.stderr_line(r.level(), &msg)
+            );
         }
         if let Some(s) = &self.syslog {
             let mut s = s.lock().unwrap_or_else(|e| e.into_inner());
