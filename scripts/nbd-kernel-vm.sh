@@ -159,10 +159,23 @@ pid=$(tap-ctl list | awk '{print $1}' | cut -d= -f2)
 minor=$(tap-ctl list | awk '{print $2}' | cut -d= -f2)
 check_link "$minor" "$dev"
 kill -9 "$pid"
-rc=0
-timeout 30 dd if="$dev" of=/dev/null bs=4k count=1 iflag=direct 2>/dev/null || rc=$?
-[ "$rc" != 0 ] && [ "$rc" != 124 ] || fail "I/O on $dev after SIGKILL: rc $rc (124 = hung)"
+# I/O on the dead tapdisk's device fails: at once when the kernel already saw the socket
+# close; a request sent before that waits in the kernel (the NBD device has no timeout) until
+# the next tap-ctl command reclaims the device, which fails it. dd in D state ignores
+# signals, so it runs in the background and must end once the device is reclaimed.
+dd if="$dev" of=/dev/null bs=4k count=1 iflag=direct 2>/dev/null &
+ddpid=$!
+sleep 1
 dev2=$(tap-ctl create -a vhd:/tmp/d.vhd) || fail "create after SIGKILL"
+i=0
+while kill -0 "$ddpid" 2>/dev/null; do
+    i=$((i + 1))
+    [ "$i" -le 30 ] || fail "I/O on $dev still hung 30 s after the dead tapdisk's device was reclaimed"
+    sleep 1
+done
+rc=0
+wait "$ddpid" || rc=$?
+[ "$rc" != 0 ] || fail "I/O on $dev after SIGKILL succeeded"
 case $dev2 in /dev/nbd[0-9]*) ;; *) fail "expected /dev/nbdN after SIGKILL, got '$dev2'" ;; esac
 grep -l "nbd$pid\." /sys/block/nbd*/backend 2>/dev/null && fail "a device of dead tapdisk $pid is still attached"
 minor2=$(tap-ctl list | grep -v "minor=$minor " | grep vhd:/tmp/d.vhd | awk '{print $2}' | cut -d= -f2)
