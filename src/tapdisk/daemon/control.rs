@@ -177,6 +177,12 @@ impl Tapdisk {
         }
     }
 
+    /// Whether an OPEN or RESUME with these flags opens its images with O_DIRECT: unless
+    /// the daemon's `TAPDISK3_DIRECT_IO=0` or the request's `NO_O_DIRECT` says otherwise.
+    fn direct_io(&self, flags: u32) -> bool {
+        self.cfg.direct_io && flags & OpenFlags::NO_O_DIRECT.0 == 0
+    }
+
     fn vbd_mut(&mut self, minor: u16) -> Result<&mut Vbd, VbdError> {
         self.vbds
             .get_mut(&minor)
@@ -226,7 +232,7 @@ impl Tapdisk {
             path: target.path.clone(),
             read_only: flags & OpenFlags::RDONLY.0 != 0,
             keys,
-            direct: self.cfg.direct_io && flags & OpenFlags::NO_O_DIRECT.0 == 0,
+            direct: self.direct_io(flags),
         };
         let vbd = self.vbd_mut(minor)?;
         vbd.begin_open(target, flags, reply);
@@ -269,7 +275,7 @@ impl Tapdisk {
             });
         }
         let keys = self.cfg.keys.clone();
-        let direct = self.cfg.direct_io && r.flags.0 & OpenFlags::NO_O_DIRECT.0 == 0;
+        let direct = self.direct_io(r.flags.0);
         let vbd = self.vbd_mut(minor)?;
         if vbd.is_busy() {
             return Err(VbdError::Busy(minor));
