@@ -1139,25 +1139,8 @@ mod tests {
         let before = e.aio_count();
         let mut model: std::collections::HashMap<u64, AlignedBuf> = Default::default();
         let mut tag = 1u64;
-        for round in 0..8u64 {
-            // Fast-path writes to block 0 go in first (the metadata lock is free, so
-            // direct_map answers) and are in flight on AIO ...
-            for k in 0..4u64 {
-                let s = round * 64 + k * 16;
-                e.submit(
-                    tag,
-                    img.clone(),
-                    Op::Write {
-                        sector: s,
-                        buf: pat(8192, tag),
-                        fua: false,
-                    },
-                );
-                model.insert(s, pat(8192, tag));
-                tag += 1;
-            }
-            // ... while an allocating write to block 1 + round runs on the workers.
-            let s = (1 + round) * 4096 + round * 8;
+        // Submit an 8 KiB write of pattern `tag` at sector `s` and record it in the model.
+        let mut write = |s: u64| {
             e.submit(
                 tag,
                 img.clone(),
@@ -1169,6 +1152,15 @@ mod tests {
             );
             model.insert(s, pat(8192, tag));
             tag += 1;
+        };
+        for round in 0..8u64 {
+            // Fast-path writes to block 0 go in first (the metadata lock is free, so
+            // direct_map answers) and are in flight on AIO ...
+            for k in 0..4u64 {
+                write(round * 64 + k * 16);
+            }
+            // ... while an allocating write to block 1 + round runs on the workers.
+            write((1 + round) * 4096 + round * 8);
             let c = wait_all(&e, 5);
             assert!(c.iter().all(|c| c.result.is_ok()));
         }
