@@ -25,7 +25,7 @@ use blktap3::image::open::open_wrapped;
 use blktap3::image::vhd::engine::{VhdImage, VhdOpenOptions};
 use blktap3::image::vhd::format::BAT_UNUSED;
 use blktap3::image::vhd::ops::{create, CreateOptions};
-use blktap3::image::{open as open_image, Image, ImageError, OpenOptions};
+use blktap3::image::{open as open_image, Image, ImageError};
 use blktap3::nbd::client::{Client, ClientReply};
 use blktap3::nbd::proto::{RequestHeader, CMD_FLUSH, CMD_TRIM, NBD_EIO, NBD_ENOSPC};
 use blktap3::tapdisk::{Config, CtlHandle, ImageOpener, OpenSpec, Tapdisk};
@@ -43,12 +43,7 @@ struct FaultOpener {
 
 impl ImageOpener for FaultOpener {
     fn open(&self, spec: &OpenSpec) -> Result<Arc<dyn Image>, ImageError> {
-        let opts = OpenOptions {
-            read_only: spec.read_only,
-            keys: spec.keys.clone(),
-            direct: spec.direct,
-            ..OpenOptions::default()
-        };
+        let opts = spec.chain_options();
         let fmt = spec.kind.format();
         let inj = self.faulty.lock().unwrap().get(&spec.path).cloned();
         Ok(Arc::from(match inj {

@@ -19,7 +19,7 @@ use blktap3::image::fault::{Fault, FaultFile, Injector, Point};
 use blktap3::image::file::BlockFile;
 use blktap3::image::open::open_wrapped;
 use blktap3::image::vhd::ops::{create, CreateOptions};
-use blktap3::image::{open as open_image, Image, ImageError, OpenOptions};
+use blktap3::image::{open as open_image, Image, ImageError};
 use blktap3::tapdisk::{ImageOpener, OpenSpec};
 use blktap3::xen::sim::{MemXsConn, SimBlkfront};
 use common::xenio::{wait, Rig};
@@ -38,12 +38,7 @@ struct FaultOpener {
 
 impl ImageOpener for FaultOpener {
     fn open(&self, spec: &OpenSpec) -> Result<Arc<dyn Image>, ImageError> {
-        let opts = OpenOptions {
-            read_only: spec.read_only,
-            keys: spec.keys.clone(),
-            direct: spec.direct,
-            ..OpenOptions::default()
-        };
+        let opts = spec.chain_options();
         let fmt = spec.kind.format();
         if spec.path != self.path {
             return Ok(Arc::from(open_image(&spec.path, fmt, &opts)?));

@@ -93,6 +93,18 @@ pub struct OpenSpec {
     pub direct: bool,
 }
 
+impl OpenSpec {
+    /// The image layer's options for this open (read-only, keys, O_DIRECT).
+    pub fn chain_options(&self) -> ChainOptions {
+        ChainOptions {
+            read_only: self.read_only,
+            keys: self.keys.clone(),
+            direct: self.direct,
+            ..ChainOptions::default()
+        }
+    }
+}
+
 /// The opener used by the daemon: the image engine's factory (`aio:` raw files, `vhd:`
 /// chains with their keys).
 #[derive(Debug, Default)]
@@ -101,13 +113,11 @@ pub struct DefaultOpener;
 impl ImageOpener for DefaultOpener {
     fn open(&self, spec: &OpenSpec) -> Result<Arc<dyn Image>, ImageError> {
         let format = spec.kind.format();
-        let opts = ChainOptions {
-            read_only: spec.read_only,
-            keys: spec.keys.clone(),
-            direct: spec.direct,
-            ..ChainOptions::default()
-        };
-        Ok(Arc::from(open_image(&spec.path, format, &opts)?))
+        Ok(Arc::from(open_image(
+            &spec.path,
+            format,
+            &spec.chain_options(),
+        )?))
     }
 }
 
