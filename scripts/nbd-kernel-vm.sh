@@ -51,27 +51,14 @@ root=$work/initramfs
 rm -rf "$root"
 mkdir -p "$root"/{bin,usr/bin,proc,sys,dev,run,tmp,etc}
 plain_module "$kdir" nbd "$root/nbd.ko"
-add_bin() { # $1 = binary, $2 = where in the initramfs; with the libraries it loads
-    strip_copy "$1" "$root$2"
-    { ldd "$1" 2>/dev/null || true; } | awk '/=> \// {print $3} /^[[:space:]]*\/[^ ]*ld-linux/ {print $1}' |
-        while read -r lib; do
-            mkdir -p "$root$(dirname "$lib")"
-            cp -L "$lib" "$root$lib"
-        done
-}
+add_bin() { initramfs_add_bin "$root" "$1" "$2"; }
 add_bin "$busybox_bin" /bin/busybox
 for b in tapdisk tap-ctl vhd-util; do
     add_bin "$bin/$b" "/usr/bin/$b"
 done
-cat >"$root/init" <<'EOF'
-#!/bin/busybox sh
-/bin/busybox --install -s /bin
-export PATH=/usr/bin:/bin
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-mount -t tmpfs run /run
-mount -t tmpfs tmp /tmp
+{
+    init_preamble
+    cat <<'EOF'
 export BLKTAP_CONTROL_DIR=/run/blktap-control
 fail() { echo "NBD-VM-FAIL: $*"; echo "NBD-VM-RESULT: FAIL"; poweroff -f; }
 step() { echo "NBD-VM-STEP: $*"; }
@@ -193,23 +180,11 @@ check_no_link "$minor2"
 echo "NBD-VM-RESULT: PASS"
 poweroff -f
 EOF
+} >"$root/init"
 chmod +x "$root/init"
 pack_cpio "$root" | gzip -1 >"$work/initramfs.cpio.gz"
 
-# TCG: on these machines /dev/kvm is kvm_pvm (a paravirtual KVM for PVM-aware guests), which
-# cannot run a stock kernel. NBD_VM_ACCEL=kvm opts in where real KVM exists.
-accel=(-accel "${NBD_VM_ACCEL:-tcg}" -cpu max)
 log=$work/console.log
-echo "nbd-kernel-vm: booting Linux $(debian_kernel_version "$kdir") (${accel[*]})" >&2
-rc=0
-timeout "$timeout_s" qemu-system-x86_64 "${accel[@]}" -m 1024 -smp 2 -nographic -no-reboot \
-    -kernel "$kdir/vmlinuz" -initrd "$work/initramfs.cpio.gz" \
-    -append "console=ttyS0 panic=-1 quiet rdinit=/init" </dev/null >"$log" 2>&1 || rc=$?
-grep -a 'NBD-VM-' "$log" >&2 || true
-if grep -aq 'NBD-VM-RESULT: PASS' "$log"; then
-    echo "nbd-kernel-vm: PASS" >&2
-    exit 0
-fi
-echo "nbd-kernel-vm: FAIL (qemu exit $rc); console log: $log" >&2
-tail -n 40 "$log" >&2
-exit 1
+echo "nbd-kernel-vm: booting Linux $(debian_kernel_version "$kdir") (${NBD_VM_ACCEL:-tcg})" >&2
+boot_kernel_vm NBD-VM "$kdir" "$work/initramfs.cpio.gz" "$log" "$timeout_s" 1024 "${NBD_VM_ACCEL:-tcg}"
+echo "nbd-kernel-vm: PASS" >&2

@@ -53,14 +53,7 @@ mkdir -p "$root"/{bin,usr/bin,opt/bin,proc,sys,dev,run,tmp,etc,mnt}
 for m in brd dm-mod dm-flakey crc16 crc32c_generic mbcache jbd2 ext4; do
     plain_module "$kdir" "$m" "$root/$m.ko"
 done
-add_bin() { # $1 = binary, $2 = where in the initramfs; with the libraries it loads
-    strip_copy "$1" "$root$2"
-    { ldd "$1" 2>/dev/null || true; } | awk '/=> \// {print $3} /^[[:space:]]*\/[^ ]*ld-linux/ {print $1}' |
-        while read -r lib; do
-            mkdir -p "$root$(dirname "$lib")"
-            cp -L "$lib" "$root$lib"
-        done
-}
+add_bin() { initramfs_add_bin "$root" "$1" "$2"; }
 add_bin "$(command -v busybox)" /bin/busybox
 add_bin "$(command -v dmsetup)" /usr/bin/dmsetup
 add_bin "$(command -v mke2fs)" /opt/bin/mke2fs
@@ -70,15 +63,9 @@ for b in tapdisk tap-ctl vhd-util; do
 done
 add_bin "$bin/examples/torture" /usr/bin/torture
 echo "$cuts ${seed}" >"$root/args"
-cat >"$root/init" <<'EOF'
-#!/bin/busybox sh
-/bin/busybox --install -s /bin
-export PATH=/usr/bin:/bin
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-mount -t tmpfs run /run
-mount -t tmpfs tmp /tmp
+{
+    init_preamble
+    cat <<'EOF'
 fail() { echo "POWERCUT-VM-FAIL: $*"; echo "POWERCUT-VM-RESULT: FAIL"; poweroff -f; }
 read -r cuts seed </args
 for m in brd dm-mod dm-flakey crc16 crc32c_generic mbcache jbd2 ext4; do
@@ -122,24 +109,16 @@ torture --bindir /usr/bin --work /mnt/img --state /run/state \
 echo "POWERCUT-VM-RESULT: PASS"
 poweroff -f
 EOF
+} >"$root/init"
 chmod +x "$root/init"
 pack_cpio "$root" | gzip -1 >"$work/initramfs.cpio.gz"
 
-accel=(-accel "${POWERCUT_VM_ACCEL:-tcg}" -cpu max)
 log=$work/console.log
-echo "torture-powercut-vm: booting Linux $(debian_kernel_version "$kdir") (${accel[*]}), $cuts cuts" >&2
+echo "torture-powercut-vm: booting Linux $(debian_kernel_version "$kdir") (${POWERCUT_VM_ACCEL:-tcg}), $cuts cuts" >&2
 start=$(date +%s)
 rc=0
-timeout "$timeout_s" nice -n 10 qemu-system-x86_64 "${accel[@]}" -m 1536 -smp 2 -nographic -no-reboot \
-    -kernel "$kdir/vmlinuz" -initrd "$work/initramfs.cpio.gz" \
-    -append "console=ttyS0 panic=-1 quiet rdinit=/init" </dev/null >"$log" 2>&1 || rc=$?
-# The driver's summary and the result lines.
+boot_kernel_vm POWERCUT-VM "$kdir" "$work/initramfs.cpio.gz" "$log" "$timeout_s" 1536 "${POWERCUT_VM_ACCEL:-tcg}" 10 || rc=$?
+# The driver's summary.
 sed -n '/^torture: seed/,/^result:/p' "$log" | tr -d '\r' >&2 || true
-grep -a 'POWERCUT-VM-' "$log" >&2 || true
-if grep -aq 'POWERCUT-VM-RESULT: PASS' "$log"; then
-    echo "torture-powercut-vm: PASS in $(($(date +%s) - start)) s" >&2
-    exit 0
-fi
-echo "torture-powercut-vm: FAIL (qemu exit $rc); console log: $log" >&2
-tail -n 40 "$log" >&2
-exit 1
+[ "$rc" = 0 ] || exit 1
+echo "torture-powercut-vm: PASS in $(($(date +%s) - start)) s" >&2

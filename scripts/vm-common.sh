@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# vm-common.sh: sourced by the VM test scripts (nbd-kernel-vm.sh, xen-e2e.sh).
+# vm-common.sh: sourced by the VM test scripts (nbd-kernel-vm.sh, torture-powercut-vm.sh,
+# xen-e2e.sh, bench-xen.sh).
 #   debian_kernel DIR        Debian's current amd64 kernel (the package linux-image-amd64
 #                            depends on), fetched once: DIR/vmlinuz and
 #                            DIR/root/lib/modules/<version>/ (kept across runs)
@@ -8,6 +9,13 @@
 #   apt_download PKG DIR     a package's .deb into DIR (refreshing stale package lists)
 #   strip_copy SRC DEST      a binary without its debug info (TCG unpacks every initramfs byte)
 #   pack_cpio DIR            DIR as a newc cpio archive on stdout
+#   initramfs_add_bin ROOT SRC DEST  SRC stripped into ROOT at DEST, with the shared
+#                            libraries it loads at their own paths
+#   init_preamble            the first lines of a busybox /init (applets, PATH, /proc, /sys,
+#                            /dev, tmpfs /run and /tmp), on stdout
+#   boot_kernel_vm TAG KDIR INITRD LOG TIMEOUT MEM_MB ACCEL [NICE]  boot KDIR's kernel with
+#                            INITRD in QEMU (console to LOG), print the guest's TAG- lines;
+#                            succeeds when the guest printed "TAG-RESULT: PASS"
 # shellcheck shell=bash
 
 # apt_download PKG DIR: the package's .deb into DIR; when the mirror no longer has the version
@@ -62,4 +70,41 @@ strip_copy() {
 
 pack_cpio() {
     (cd "$1" && find . | cpio -o -H newc --quiet)
+}
+
+initramfs_add_bin() {
+    local root=$1 src=$2 dest=$3
+    strip_copy "$src" "$root$dest"
+    { ldd "$src" 2>/dev/null || true; } | awk '/=> \// {print $3} /^[[:space:]]*\/[^ ]*ld-linux/ {print $1}' |
+        while read -r lib; do
+            mkdir -p "$root$(dirname "$lib")"
+            cp -L "$lib" "$root$lib"
+        done
+}
+
+init_preamble() {
+    cat <<'EOF'
+#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/usr/bin:/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mount -t tmpfs run /run
+mount -t tmpfs tmp /tmp
+EOF
+}
+
+# TCG by default: on these machines /dev/kvm is kvm_pvm (a paravirtual KVM for PVM-aware
+# guests), which cannot run a stock kernel; ACCEL=kvm opts in where real KVM exists.
+boot_kernel_vm() {
+    local tag=$1 kdir=$2 initrd=$3 log=$4 timeout_s=$5 mem=$6 accel=$7 nice=${8:-0} rc=0
+    timeout "$timeout_s" nice -n "$nice" qemu-system-x86_64 -accel "$accel" -cpu max -m "$mem" -smp 2 \
+        -nographic -no-reboot -kernel "$kdir/vmlinuz" -initrd "$initrd" \
+        -append "console=ttyS0 panic=-1 quiet rdinit=/init" </dev/null >"$log" 2>&1 || rc=$?
+    grep -a "$tag-" "$log" >&2 || true
+    grep -aq "$tag-RESULT: PASS" "$log" && return 0
+    echo "$(basename "$0" .sh): FAIL (qemu exit $rc); console log: $log" >&2
+    tail -n 40 "$log" >&2
+    return 1
 }
