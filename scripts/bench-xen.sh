@@ -11,6 +11,8 @@
 #                            on raw.img, dyn.vhd, enc.vhd
 #   qdisk                    QEMU's xen-block (xl backendtype=qdisk, libxl's defaults) on raw.img
 #   qdisk-vhd                the same on dyn.vhd (format=vhd; only when named in --backends)
+#   tap-raw-poll             tap-raw with ring polling (TAPDISK3_POLL_US=BENCH_POLL_US, default
+#                            1000; only when named in --backends)
 #   blkback                  kernel xen-blkback, xl phy: on a loop device of raw.img
 # Each guest runs every workload on /dev/xvda with blkbench (tests/xen-e2e/bench/blkbench.c,
 # built here with gcc -static: O_DIRECT, Linux native AIO, fio-like; fio's library closure is
@@ -46,13 +48,17 @@
 #   qemu-system-xen to the xen-e2e one, boot files, console.log), BENCH_DISK_DIR (default
 #   /var/tmp/blktap3-bench-xen: the ext4 image; must not be tmpfs), DEBIAN_KERNEL_DIR (default
 #   target/debian-kernel), BENCH_XEN_TIMEOUT (seconds, default: from the settings), QEMU_CPU
-#   (default qemu64), GUEST_MB (the guest's memory, default 128).
+#   (default qemu64 plus AES-NI, PCLMULQDQ, SSSE3, SSE4.1/4.2 and POPCNT: every CPU OpenXT runs
+#   on has AES-NI, and without it the encrypted rows would measure TCG emulating the
+#   software AES fallback), GUEST_MB (the guest's memory, default 128),
+#   BENCH_POLL_US (tap-raw-poll's polling window, default 1000).
 # Exits 0 when every backend produced every result (whether or not the targets are met),
 # 1 otherwise.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 work=${BENCH_XEN_WORK:-$here/target/bench-xen}
 disk_dir=${BENCH_DISK_DIR:-/var/tmp/blktap3-bench-xen}
+qemu_cpu=${QEMU_CPU:-qemu64,+aes,+pclmulqdq,+ssse3,+sse4.1,+sse4.2,+popcnt}
 rounds=3 secs=5 ramp=1 size=1024 pin=cross loop_dio=on out="" nice=-15
 backends="tap-raw tap-vhd tap-enc qdisk blkback"
 workloads="seqread:read:1M:8 seqwrite:write:1M:8 randread_qd1:randread:4k:1 randread_qd32:randread:4k:32 randwrite_qd1:randwrite:4k:1 randwrite_qd32:randwrite:4k:32"
@@ -101,8 +107,8 @@ done
 case $pin in cross | none) ;; *) echo "bench-xen: --pin cross|none, not '$pin'" >&2; exit 2 ;; esac
 case $loop_dio in on | off) ;; *) echo "bench-xen: --loop-dio on|off, not '$loop_dio'" >&2; exit 2 ;; esac
 for b in $backends; do
-    case $b in tap-raw | tap-vhd | tap-enc | qdisk | qdisk-vhd | blkback) ;;
-        *) echo "bench-xen: unknown backend '$b' (tap-raw tap-vhd tap-enc qdisk qdisk-vhd blkback)" >&2; exit 2 ;;
+    case $b in tap-raw | tap-raw-poll | tap-vhd | tap-enc | qdisk | qdisk-vhd | blkback) ;;
+        *) echo "bench-xen: unknown backend '$b' (tap-raw tap-raw-poll tap-vhd tap-enc qdisk qdisk-vhd blkback)" >&2; exit 2 ;;
     esac
 done
 # The workloads as the guest takes them: NAME:MODE:BYTES:QD,...
@@ -225,6 +231,7 @@ done
     echo "BENCH_WORKLOADS='$gw'"
     echo "BENCH_PIN=$pin"
     echo "BENCH_LOOP_DIO=$loop_dio"
+    echo "BENCH_POLL_US=${BENCH_POLL_US:-1000}"
     echo "GUEST_MB=${GUEST_MB:-128}"
 } >"$ov/xen-e2e/env"
 chmod +x "$ov/init" "$ov"/xen-e2e/tests/*.sh
@@ -260,7 +267,7 @@ timeout_s=${BENCH_XEN_TIMEOUT:-$((900 + rounds * nb * (120 + nw * (secs + ramp) 
 console=$work/console.log
 log "booting Xen $xen_series + Linux $kver (TCG), $rounds round(s) x $nb backends x $nw workloads x ${secs}+${ramp} s; timeout ${timeout_s}s; console: $console"
 set +e
-timeout "$timeout_s" nice -n "$nice" qemu-system-x86_64 -machine pc -accel tcg -cpu "${QEMU_CPU:-qemu64}" -smp 2 -m 2048 \
+timeout "$timeout_s" nice -n "$nice" qemu-system-x86_64 -machine pc -accel tcg -cpu "$qemu_cpu" -smp 2 -m 2048 \
     -display none -vga none -no-reboot -monitor none -serial stdio -net none \
     -drive "file=$disk_dir/dom0-disk.img,format=raw,if=virtio,cache=none,aio=native" \
     -kernel "$work/boot/xen" \
@@ -283,7 +290,7 @@ fi
 header=$(
     echo "date: $(date -u -d "@$t_start" '+%Y-%m-%d %H:%M') UTC; commit $commit$dirty (last change to src/: $src_commit); binaries: $bin"
     echo "host: $(nproc) CPUs; load at start: ${load_start#*load average: }; at end: ${load_end#*load average: }; run time $(((t_end - t_start) / 60)) min $(((t_end - t_start) % 60)) s"
-    echo "Xen $xen_series under QEMU/TCG ($(qemu-system-x86_64 --version | head -n1 | sed 's/.*version //')), dom0 Linux $kver, -cpu ${QEMU_CPU:-qemu64} -smp 2, nice $nice; pin=$pin; dom0 disk: virtio, ext4 image on $disk_fs ($disk_dir), QEMU cache=none"
+    echo "Xen $xen_series under QEMU/TCG ($(qemu-system-x86_64 --version | head -n1 | sed 's/.*version //')), dom0 Linux $kver, -cpu $qemu_cpu -smp 2, nice $nice; pin=$pin; dom0 disk: virtio, ext4 image on $disk_fs ($disk_dir), QEMU cache=none"
     echo "$rounds round(s), order rotated per round; ${secs} s counted + ${ramp} s ramp per workload; image ${size} MiB; guest: 1 vCPU, blkbench (O_DIRECT, Linux AIO)"
     tr -d '\r' <"$console" | sed -n 's/^XEN-BENCH-INFO: backend=//p'
 )

@@ -40,6 +40,9 @@ use blktap3::tapdisk::{Tapdisk, TapdiskError};
 use blktap3::util::error_chain;
 use blktap3::util::logging::{self, LogOptions, Logger};
 
+/// Upper bound of `TAPDISK3_POLL_US`: a longer window only burns more of dom0's CPU.
+const MAX_POLL_US: u64 = 10_000;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "tapdisk",
@@ -48,6 +51,7 @@ use blktap3::util::logging::{self, LogOptions, Logger};
         TAPDISK3_DIRECT_IO=0   open images buffered (through dom0's page cache) instead of with O_DIRECT\n  \
         TAPDISK3_AIO=0         hand every read and write to the worker threads instead of Linux AIO\n  \
         TAPDISK3_IO_THREADS=N  I/O worker threads (default 4)\n  \
+        TAPDISK3_POLL_US=N     poll each guest ring for N microseconds (at most 10000) after its last\n                         request instead of waiting for the guest's event (default 0: off)\n  \
         TAPDISK3_INLINE_IO=0   never run I/O of tmpfs/ramfs images on the event loop\n  \
         TAPDISK3_CRYPTO_KEYDIR comma-separated key directories"
 )]
@@ -235,6 +239,12 @@ fn run(args: &Args) -> Result<(), MainError> {
     cfg.inline_io = blktap3::util::switched_on(std::env::var_os("TAPDISK3_INLINE_IO").as_deref());
     cfg.direct_io = blktap3::util::switched_on(std::env::var_os("TAPDISK3_DIRECT_IO").as_deref());
     cfg.aio = blktap3::util::switched_on(std::env::var_os("TAPDISK3_AIO").as_deref());
+    if let Some(us) = std::env::var("TAPDISK3_POLL_US")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        cfg.ring_poll = std::time::Duration::from_micros(us.min(MAX_POLL_US));
+    }
     let pid = cfg.pid;
     let mut td = Tapdisk::new(cfg)?;
     td.set_signal_fd(sigfd)?;

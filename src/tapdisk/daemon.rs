@@ -146,6 +146,9 @@ pub struct Config {
     pub lock_markers: bool,
     /// Drop NBD clients that have not finished the handshake after this long.
     pub handshake_timeout: Duration,
+    /// Poll a blkif ring this long after its last request before re-arming it
+    /// (`TAPDISK3_POLL_US`; zero, the default, turns polling off). See [`Rings::set_poll`].
+    pub ring_poll: Duration,
 }
 
 impl Config {
@@ -162,6 +165,7 @@ impl Config {
             xen: Arc::new(DevXenOpener),
             lock_markers: true,
             handshake_timeout: HANDSHAKE_TIMEOUT,
+            ring_poll: Duration::ZERO,
         }
     }
 
@@ -250,7 +254,11 @@ impl Tapdisk {
             .add(&ticker, Token::Timer, Interest::READ)
             .map_err(sys("epoll_ctl"))?;
         Ok(Tapdisk {
-            rings: Rings::new(Arc::clone(&cfg.xen)),
+            rings: {
+                let mut r = Rings::new(Arc::clone(&cfg.xen));
+                r.set_poll(cfg.ring_poll);
+                r
+            },
             cfg,
             reactor,
             io,

@@ -72,6 +72,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::sync::Arc;
+use std::time::Duration;
 
 use log::{debug, info, warn};
 
@@ -197,6 +198,8 @@ pub struct Rings {
     /// Rings to service at the end of the loop pass (completions freed room, budget ran out).
     repoll: Vec<u64>,
     buffers: BufPool,
+    /// Ring polling after a request ([`Rings::set_poll`]).
+    poll: Duration,
 }
 
 impl std::fmt::Debug for Rings {
@@ -219,7 +222,16 @@ impl Rings {
             dirty: Vec::new(),
             repoll: Vec::new(),
             buffers: BufPool::default(),
+            poll: Duration::ZERO,
         }
+    }
+
+    /// Poll each ring for `d` after its last request before re-arming its `req_event`
+    /// (zero, the default: re-arm as soon as the ring is empty). While a ring is polled the
+    /// loop does not sleep, and the guest, seeing no new `req_event`, does not notify: CPU
+    /// in dom0 traded for fewer event-channel round trips (`TAPDISK3_POLL_US`).
+    pub fn set_poll(&mut self, d: Duration) {
+        self.poll = d;
     }
 
     /// Whether `minor` has a connected (live) ring.
@@ -436,6 +448,7 @@ impl Rings {
             bufs: &mut self.buffers,
             repoll: &mut self.repoll,
             dirty: &mut self.dirty,
+            poll: self.poll,
         };
         Some(f(r, &mut ctx))
     }

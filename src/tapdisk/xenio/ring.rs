@@ -4,6 +4,7 @@
 //! borrowed [`Ctx`].
 
 use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 
@@ -85,6 +86,9 @@ pub(super) struct Ctx<'a> {
     pub repoll: &'a mut Vec<u64>,
     /// Rings with responses to publish at the end of the loop pass.
     pub dirty: &'a mut Vec<u64>,
+    /// How long a ring is polled after its last request before it is re-armed
+    /// (`Rings::set_poll`; zero: re-arm at once).
+    pub poll: Duration,
 }
 
 pub(super) fn push_unique(v: &mut Vec<u64>, x: u64) {
@@ -137,6 +141,9 @@ pub(super) struct Ring {
     done_reads: Vec<DoneRead>,
     /// Re-used per-batch lists (a batch allocates nothing once they have grown).
     scratch: Scratch,
+    /// Polling: until then the ring is checked every loop pass instead of re-arming
+    /// `req_event`, so the guest need not notify (see [`Ctx::poll`]).
+    poll_until: Option<Instant>,
 }
 
 /// A completed read: its data goes to the guest with the others of the loop pass.
@@ -196,6 +203,7 @@ impl Ring {
             stats: RingStats::default(),
             done_reads: Vec::new(),
             scratch: Scratch::default(),
+            poll_until: None,
         }
     }
 
@@ -332,7 +340,18 @@ impl Ring {
             }
             budget -= 1;
             let taken = match self.ring.next_request(&cfg) {
-                Ok(Some(t)) => t,
+                Ok(Some(t)) => {
+                    if !ctx.poll.is_zero() {
+                        self.poll_until = Instant::now().checked_add(ctx.poll);
+                    }
+                    t
+                }
+                // Polling: look again next pass, leaving req_event where it is (the guest
+                // sees no request to notify about).
+                Ok(None) if self.poll_until.is_some_and(|t| Instant::now() < t) => {
+                    push_unique(ctx.repoll, self.id);
+                    break;
+                }
                 Ok(None) => match self.ring.final_check_for_requests() {
                     Ok(true) => continue,
                     Ok(false) => break,

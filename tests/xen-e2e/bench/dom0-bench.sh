@@ -122,13 +122,15 @@ run() {
     echo 3 >/proc/sys/vm/drop_caches
     tapdev="" loopdev="" be=""
     case $b in
-        tap-raw | tap-vhd | tap-enc)
+        tap-raw | tap-raw-poll | tap-vhd | tap-enc)
+            poll=0
             case $b in
                 tap-raw) params=aio:$raw ;;
+                tap-raw-poll) params=aio:$raw poll=${BENCH_POLL_US:-1000} ;;
                 tap-vhd) params=vhd:$d/dyn.vhd ;;
                 tap-enc) params=vhd:$d/enc.vhd ;;
             esac
-            tapdev=$(tap-ctl create -a "$params") || die "tap-ctl create $params"
+            tapdev=$(TAPDISK3_POLL_US=$poll tap-ctl create -a "$params") || die "tap-ctl create $params"
             start_tapback
             DOMID=$(bench_guest "$name") || die "xl create $name"
             write_vbd3 "$DOMID" 51712 xvda "$params" w physical-device "$(physical_device "$tapdev")" ||

@@ -82,6 +82,9 @@ def main():
     cols = [(t, p) for p in peers for t in taps]
     # qdisk-vhd is the like-for-like peer of the VHD variants only.
     cols = [(t, p) for t, p in cols if p != "qdisk-vhd" or t != "tap-raw"]
+    # Ring polling against the same image without it.
+    if "tap-raw-poll" in backends and "tap-raw" in backends:
+        cols.append(("tap-raw-poll", "tap-raw"))
     qcols = [c for c in cols if c[1] == "qdisk"]
     others = [c for c in cols if c[1] != "qdisk"]
     heads = [f"{t[4:]}/{p}" for t, p in qcols]
