@@ -1,7 +1,8 @@
 //! A tapdisk killed with SIGKILL leaves its control socket, its NBD socket and its minor's
 //! marker file behind. The real `tap-ctl` must recover: `list` still answers (showing the
 //! orphaned minor, without hanging on the dead socket), `free` releases the minor (the
-//! kernel dropped the dead process's flock), and `create` serves the disk again.
+//! kernel dropped the dead process's flock), and `create` serves the disk again; `destroy`
+//! of the dead tapdisk's VBDs frees them and removes the socket files it left.
 
 mod common;
 use common::cmd::{qemu_io, success, tap_ctl};
@@ -125,6 +126,91 @@ fn tap_ctl_recovers_after_tapdisk_is_killed() {
         ],
     );
     wait_dead(pid2);
+    let list = ok(&ctl, &["list"]);
+    assert!(list.trim().is_empty(), "left over after destroy: {list:?}");
+}
+
+#[test]
+fn destroy_of_a_killed_tapdisk_frees_its_minor_and_removes_its_sockets() {
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = dir.path().join("ctl");
+    let mut params = Vec::new();
+    for name in ["a.raw", "b.raw"] {
+        let img = dir.path().join(name);
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(4 << 20)
+            .unwrap();
+        params.push(format!("aio:{}", img.display()));
+    }
+    // One tapdisk with two VBDs: spawn, then attach and open the second minor in it.
+    ok(&ctl, &["create", "-a", &params[0]]);
+    let list = ok(&ctl, &["list"]);
+    let path0 = params[0].trim_start_matches("aio:");
+    let (pid, minor) = row_for(&list, path0).expect("row for the first disk");
+    let (pid, minor) = (pid.expect("pid"), minor.expect("minor"));
+    // allocate prints the new minor's tapdev path: the minor is its trailing number.
+    let dev2 = ok(&ctl, &["allocate"]);
+    let digits = dev2.trim().len()
+        - dev2
+            .trim()
+            .trim_end_matches(|c: char| c.is_ascii_digit())
+            .len();
+    let minor2: u16 = dev2.trim()[dev2.trim().len() - digits..]
+        .parse()
+        .unwrap_or_else(|e| panic!("allocate printed {dev2:?}: {e}"));
+    ok(
+        &ctl,
+        &["attach", "-p", &pid.to_string(), "-m", &minor2.to_string()],
+    );
+    ok(
+        &ctl,
+        &[
+            "open",
+            "-p",
+            &pid.to_string(),
+            "-m",
+            &minor2.to_string(),
+            "-a",
+            &params[1],
+        ],
+    );
+    let ctl_sock = ctl.join(format!("ctl{pid}"));
+    let nbd = |m: u16| ctl.join(format!("nbd{pid}.{m}"));
+    assert!(
+        nbd(minor).exists() && nbd(minor2).exists(),
+        "both exports listen"
+    );
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_dead(pid);
+
+    // The first destroy removes its export; the control socket stays while another export
+    // of the dead tapdisk is left.
+    ok(
+        &ctl,
+        &["destroy", "-p", &pid.to_string(), "-m", &minor.to_string()],
+    );
+    assert!(!nbd(minor).exists(), "the dead export's socket is left");
+    assert!(
+        nbd(minor2).exists(),
+        "another minor's socket went with the wrong destroy"
+    );
+    assert!(ctl_sock.exists());
+    // The last one removes the control socket too, and every minor is free.
+    ok(
+        &ctl,
+        &["destroy", "-p", &pid.to_string(), "-m", &minor2.to_string()],
+    );
+    assert!(!nbd(minor2).exists());
+    assert!(
+        !ctl_sock.exists(),
+        "the dead tapdisk's control socket is left"
+    );
     let list = ok(&ctl, &["list"]);
     assert!(list.trim().is_empty(), "left over after destroy: {list:?}");
 }

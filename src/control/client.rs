@@ -735,7 +735,9 @@ impl Client {
             if self.pid_of_minor(minor).is_none_or(|p| p == pid) {
                 self.remove_tapdev(minor, None);
             }
-            return self.free_when_released(minor);
+            self.free_when_released(minor)?;
+            self.remove_dead_sockets(pid, minor);
+            return Ok(());
         }
         self.close(pid, minor, force, timeout)?;
         self.detach(pid, minor)?;
@@ -780,6 +782,33 @@ impl Client {
             }
             // The device may go to the next VBD: its old name must not lead there.
             self.remove_tapdev(minor, Some(&kernel::device_path(index)));
+        }
+    }
+
+    /// The socket files a dead tapdisk `pid` left for `minor`: its NBD export, and its
+    /// control socket once no export of it is left (those of its other minors go with
+    /// their own destroy). Nothing listens on them any more; left behind they would only
+    /// accumulate, one pair per killed tapdisk.
+    fn remove_dead_sockets(&self, pid: i32, minor: u16) {
+        let nbd = nbd_socket_path(&self.dir, pid, minor);
+        if let Err(e) = std::fs::remove_file(&nbd) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                log::warn!("remove {}: {e}", nbd.display());
+            }
+        }
+        let others = std::fs::read_dir(&self.dir).map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().to_str().and_then(nbd_from_socket_name))
+                .any(|(p, _)| p == pid)
+        });
+        // Any doubt (an unreadable directory): keep it.
+        if let Ok(false) = others {
+            let ctl = socket_path(&self.dir, pid);
+            if let Err(e) = std::fs::remove_file(&ctl) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    log::warn!("remove {}: {e}", ctl.display());
+                }
+            }
         }
     }
 
