@@ -239,10 +239,7 @@ impl<T> Ring<T> {
         if p.features & NEEDED_FEATURES != NEEDED_FEATURES {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
-                format!(
-                    "io_uring older than Linux 5.6 (features {:#x})",
-                    p.features
-                ),
+                format!("io_uring older than Linux 5.6 (features {:#x})", p.features),
             ));
         }
         if p.sq_entries < depth || p.cq_entries < depth {
