@@ -23,12 +23,12 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use super::{Dir, Done, Request};
 
 /// `mmap` offsets of the rings (`IORING_OFF_SQ_RING`, `IORING_OFF_SQES`).
-const IORING_OFF_SQ_RING: libc::off_t = 0;
-const IORING_OFF_SQES: libc::off_t = 0x1000_0000;
+pub const IORING_OFF_SQ_RING: libc::off_t = 0;
+pub const IORING_OFF_SQES: libc::off_t = 0x1000_0000;
 /// `io_uring_enter` flag: wait for `min_complete` completions.
-const IORING_ENTER_GETEVENTS: u32 = 1;
+pub const IORING_ENTER_GETEVENTS: u32 = 1;
 /// `io_uring_register` opcode.
-const IORING_REGISTER_EVENTFD: u32 = 4;
+pub const IORING_REGISTER_EVENTFD: u32 = 4;
 /// Opcodes (5.6).
 pub const IORING_OP_READ: u8 = 22;
 pub const IORING_OP_WRITE: u8 = 23;
@@ -51,7 +51,7 @@ pub struct SqringOffsets {
     pub dropped: u32,
     pub array: u32,
     pub resv1: u32,
-    pub user_addr: u64,
+    pub resv2: u64,
 }
 
 /// `struct io_cqring_offsets`.
@@ -66,7 +66,7 @@ pub struct CqringOffsets {
     pub cqes: u32,
     pub flags: u32,
     pub resv1: u32,
-    pub user_addr: u64,
+    pub resv2: u64,
 }
 
 /// `struct io_uring_params`.

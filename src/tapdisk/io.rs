@@ -1,16 +1,16 @@
-//! The I/O engine: Linux AIO submitted from the event loop for plain reads and writes, a
-//! small pool of worker threads for everything that needs blocking work, so the loop never
-//! waits on a disk.
+//! The I/O engine: io_uring or Linux AIO submitted from the event loop for plain reads and
+//! writes, a small pool of worker threads for everything that needs blocking work, so the
+//! loop never waits on a disk.
 //!
 //! ```text
-//!  loop --submit--> Image::direct_map? --yes--> [encrypt in place] io_submit (aio::Context)
-//!                         | no                                   |
-//!                         v                                      | kernel: eventfd
+//!  loop --submit--> Image::direct_map? --yes--> [encrypt in place] submit (aio::Engine:
+//!                         | no                                    io_uring or Linux AIO)
+//!                         v                                                | kernel: eventfd
 //!                      [queue] --> worker 1..N: image.read/write_in_place/flush/...
-//!  loop <--eventfd (Waker)-- completions(): io_getevents (resubmit short, decrypt), workers'
+//!  loop <--eventfd (Waker)-- completions(): reap (resubmit short, decrypt), workers'
 //! ```
 //!
-//! AIO fast path: a read or a non-FUA write that the image maps onto one run of one file
+//! Fast path: a read or a non-FUA write that the image maps onto one run of one file
 //! taking asynchronous I/O ([`Image::direct_map`]: raw images, and VHD blocks that are
 //! allocated with every bitmap bit of the range set, so nothing else has to happen) is
 //! submitted right away from the loop, its page-aligned buffer going to the `O_DIRECT`
@@ -19,30 +19,38 @@
 //! same the workers use) and are reaped by [`IoEngine::completions`]: a short transfer is
 //! resubmitted for the rest, no progress (end of file for a read, ENOSPC for a write) or a
 //! negative result is that request's error. Up to [`AIO_DEPTH`] requests are in flight;
-//! beyond that, or when `io_setup` fails (one warning) or `TAPDISK3_AIO=0`, requests go to
-//! the workers. Flush stays a worker `fdatasync`: a flush is started only after the writes
-//! it covers completed (the ring's drain point; NBD clients wait for replies), and an AIO
-//! write completes only once it is in the file.
+//! beyond that, requests go to the workers. Flush stays a worker `fdatasync`: a flush is
+//! started only after the writes it covers completed (the ring's drain point; NBD clients
+//! wait for replies), and an asynchronous write completes only once it is in the file.
+//!
+//! Engine choice ([`EngineChoice`], `TAPDISK3_IO=uring|aio|threads|auto`, or
+//! `TAPDISK3_AIO=0` for `threads`): the interfaces of the choice are tried in order, io_uring
+//! (Linux 5.6 and later) then Linux AIO, and the first that sets up runs; when none does
+//! (`ENOSYS` on 4.14 for io_uring, `EPERM` where `kernel.io_uring_disabled` or seccomp
+//! forbids it), everything goes to the workers. One log line says which engine runs and why
+//! the others did not. The default ([`DEFAULT_ORDER`]) is Linux AIO: io_uring did not
+//! measure better on this path (ARCHITECTURE.md, "I/O engine").
 //!
 //! Workers: VHD allocation and partial bitmaps, reads through parents, FUA writes,
 //! discard, zeroing, block status, flush, and the OPEN/CLOSE tasks; all reads and writes of
-//! images whose files cannot take AIO (buffered, not memory-backed). Images are
-//! `Send + Sync` with `&self` methods, so requests on one image run concurrently. The tag is
-//! opaque to the engine: the loop uses it to route the completion (an NBD connection and
-//! cookie, a VBD open, ...). Completions for things that went away meanwhile are simply
+//! images whose files cannot take asynchronous I/O (buffered, not memory-backed). Images
+//! are `Send + Sync` with `&self` methods, so requests on one image run concurrently. The
+//! tag is opaque to the engine: the loop uses it to route the completion (an NBD connection
+//! and cookie, a VBD open, ...). Completions for things that went away meanwhile are simply
 //! dropped by the loop.
 //!
 //! Inline path: reads and writes up to [`INLINE_MAX`] and flushes on an image whose whole
 //! chain is [memory-backed](Image::memory_backed) (tmpfs, ramfs) run on the submitting
-//! thread, the loop, before AIO is considered (`TAPDISK3_INLINE_IO=0` turns it off; such
-//! images then use AIO, whose buffered submissions complete inside `io_submit`). It still
-//! earns its place on tmpfs: answered in the same loop pass with no eventfd round trip,
-//! raw 4 KiB reads at QD1 cost 5.2 us of tapdisk CPU each against 6.4 us through AIO, and
-//! ran at 2.2x against 1.4x qemu-nbd (scripts/bench-nbd.sh, /dev/shm, one shared CPU, 2
-//! reps, a loaded machine). On ext4 with `O_DIRECT` it never applies.
+//! thread, the loop, before the asynchronous engine is considered (`TAPDISK3_INLINE_IO=0`
+//! turns it off; such images then use the engine, whose buffered submissions complete
+//! inside the submission). It still earns its place on tmpfs: answered in the same loop
+//! pass with no eventfd round trip, raw 4 KiB reads at QD1 cost 5.2 us of tapdisk CPU each
+//! against 6.4 us through AIO, and ran at 2.2x against 1.4x qemu-nbd (scripts/bench-nbd.sh,
+//! /dev/shm, one shared CPU, 2 reps, a loaded machine). On ext4 with `O_DIRECT` it never
+//! applies.
 //!
 //! Pool size: [`DEFAULT_THREADS`] = 4, override with `TAPDISK3_IO_THREADS`: outstanding
-//! blocking requests in the kernel for the work AIO does not take.
+//! blocking requests in the kernel for the work the asynchronous engine does not take.
 
 use std::collections::VecDeque;
 use std::os::fd::AsFd;
