@@ -106,8 +106,14 @@ fn constants() -> Vec<(&'static str, i64)> {
             "IORING_FEAT_RW_CUR_POS",
             i64::from(uring::IORING_FEAT_RW_CUR_POS),
         ),
-        ("IORING_OFF_SQ_RING", i64::from(uring::IORING_OFF_SQ_RING)),
-        ("IORING_OFF_SQES", i64::from(uring::IORING_OFF_SQES)),
+        (
+            "IORING_OFF_SQ_RING",
+            i64::try_from(uring::IORING_OFF_SQ_RING).unwrap(),
+        ),
+        (
+            "IORING_OFF_SQES",
+            i64::try_from(uring::IORING_OFF_SQES).unwrap(),
+        ),
         (
             "IORING_ENTER_GETEVENTS",
             i64::from(uring::IORING_ENTER_GETEVENTS),

@@ -23,8 +23,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use super::{Dir, Done, Request};
 
 /// `mmap` offsets of the rings (`IORING_OFF_SQ_RING`, `IORING_OFF_SQES`).
-pub const IORING_OFF_SQ_RING: libc::off_t = 0;
-pub const IORING_OFF_SQES: libc::off_t = 0x1000_0000;
+pub const IORING_OFF_SQ_RING: u64 = 0;
+pub const IORING_OFF_SQES: u64 = 0x1000_0000;
 /// `io_uring_enter` flag: wait for `min_complete` completions.
 pub const IORING_ENTER_GETEVENTS: u32 = 1;
 /// `io_uring_register` opcode.
@@ -127,7 +127,9 @@ struct Map {
 }
 
 impl Map {
-    fn new(fd: BorrowedFd<'_>, len: usize, offset: libc::off_t) -> io::Result<Map> {
+    fn new(fd: BorrowedFd<'_>, len: usize, offset: u64) -> io::Result<Map> {
+        let offset = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
         // SAFETY: a new shared mapping chosen by the kernel (no address given), so it
         // overlaps nothing of ours; the kernel checks `len` and `offset` against the ring.
         let ptr = unsafe {
@@ -151,7 +153,9 @@ impl Map {
     fn at(&self, off: u32, size: usize, align: usize) -> io::Result<*mut u8> {
         let off = off as usize;
         let p = self.ptr.cast::<u8>().wrapping_add(off);
-        if off.checked_add(size).is_none_or(|end| end > self.len) || p as usize % align != 0 {
+        if off.checked_add(size).is_none_or(|end| end > self.len)
+            || !(p as usize).is_multiple_of(align)
+        {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 "io_uring: ring offset outside the mapping",

@@ -1496,7 +1496,15 @@ mod tests {
         let p = d.path().join("f.raw");
         std::fs::write(&p, pat(1 << 20, 9).to_vec()).unwrap();
         let img: Arc<dyn Image> = Arc::new(RawImage::open_with(&p, false, true).unwrap());
-        let cases: [(EngineChoice, &[aio::Kind], i32, Option<aio::Kind>, &str); 5] = [
+        /// The choice, the interfaces refused and with which errno, what runs, the line.
+        type Case = (
+            EngineChoice,
+            &'static [aio::Kind],
+            i32,
+            Option<aio::Kind>,
+            &'static str,
+        );
+        let cases: [Case; 5] = [
             (
                 EngineChoice::Uring,
                 &[aio::Kind::Uring],
