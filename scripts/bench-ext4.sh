@@ -31,6 +31,9 @@
 #                    fio on CPU 0; none: unpinned. As root everything runs at nice -n -15
 #   --cpu N          the CPU for --pin same (default 1)
 #   --tmpfs          add a raw image on /dev/shm as an extra row, reported only (no target)
+#   --engines LIST   comma-separated tapdisk I/O engines (TAPDISK3_IO values: uring, aio,
+#                    threads), each a server of its own in the same alternating run, with its
+#                    own rows (default: one tapdisk with the environment's TAPDISK3_IO)
 #   --bindir DIR     tapdisk, tap-ctl and vhd-util (default target/release, built when missing)
 #   -h, --help       this text
 # Environment: TAPDISK3_DIRECT_IO and the other TAPDISK3_* variables reach tapdisk (tap-ctl
@@ -57,7 +60,7 @@ die() { echo "$prog: $*" >&2; exit 1; }
 args="$*"
 usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; }
 
-DIR=/var/tmp SIZE="" REPS="" RUNTIME="" QUICK=0 IMAGES=raw,vhd,enc PIN=same CPU=1 TMPFS=0 QEMU_VHD=0
+DIR=/var/tmp SIZE="" REPS="" RUNTIME="" QUICK=0 IMAGES=raw,vhd,enc PIN=same CPU=1 TMPFS=0 QEMU_VHD=0 ENGINES=""
 BINDIR=$here/target/release
 WORKLOADS="seqread:read:1M:8 seqwrite:write:1M:8 randread_qd1:randread:4k:1 randread_qd32:randread:4k:32 randwrite_qd1:randwrite:4k:1 randwrite_qd32:randwrite:4k:32"
 while [ $# -gt 0 ]; do
@@ -72,6 +75,7 @@ while [ $# -gt 0 ]; do
         --pin) PIN=${2:?--pin needs same, cross or none}; shift ;;
         --cpu) CPU=${2:?--cpu needs a number}; shift ;;
         --tmpfs) TMPFS=1 ;;
+        --engines) ENGINES=${2:?--engines needs a list}; shift ;;
         --qemu-vhd) QEMU_VHD=1 ;;
         --bindir) BINDIR=${2:?--bindir needs a directory}; shift ;;
         -h | --help) usage; exit 0 ;;
@@ -93,6 +97,9 @@ for i in ${IMAGES//,/ }; do
     case $i in raw | vhd | enc) ;; *) die "unknown image $i (raw, vhd, enc)" ;; esac
 done
 want enc && ! want vhd && die "enc is compared with our plain VHD: --images must include vhd too"
+for e in ${ENGINES//,/ }; do
+    case $e in uring | aio | threads) ;; *) die "unknown engine $e (uring, aio, threads)" ;; esac
+done
 
 missing=""
 for t in qemu-nbd qemu-img fio nbdcopy nbdinfo openssl python3 taskset sha256sum numfmt stat; do
@@ -168,10 +175,11 @@ tapctl() {
     BLKTAP_CONTROL_DIR=$ctl BLKTAP_NBD_DEVICE=0 BLKTAP_TAPDISK=$TAPDISK TAPDISK3_CRYPTO_KEYDIR=$keys \
         "$TAPCTL" "$@"
 }
-start_tapdisk() { # $1 = TYPE:PATH
-    local out
+start_tapdisk() { # $1 = TYPE:PATH, $2 = TAPDISK3_IO (optional)
+    local out io=()
+    [ -n "${2:-}" ] && io=("TAPDISK3_IO=$2")
     # shellcheck disable=SC2086
-    out=$(BLKTAP_CONTROL_DIR=$ctl BLKTAP_NBD_DEVICE=0 BLKTAP_TAPDISK=$TAPDISK TAPDISK3_CRYPTO_KEYDIR=$keys \
+    out=$(env "${io[@]}" BLKTAP_CONTROL_DIR=$ctl BLKTAP_NBD_DEVICE=0 BLKTAP_TAPDISK=$TAPDISK TAPDISK3_CRYPTO_KEYDIR=$keys \
         $srv_pin "$TAPCTL" create -a "$1" 2>&1) || die "tap-ctl create -a $1 failed: $out"
     [[ $out =~ /nbd([0-9]+)\.[0-9]+$ ]] || die "tap-ctl create -a $1 printed '$out', not an NBD socket path"
     spid=${BASH_REMATCH[1]} sock=$out skind=tapdisk
@@ -250,9 +258,24 @@ if [ "$TMPFS" = 1 ]; then
     cells="$cells ceil_tmpfs:ceil:$shm/img.raw td_tmpfs:td:aio:$shm/img.raw qemu_tmpfs:qemu:raw:$shm/img.raw:${shm_cache// /,}"
 fi
 
+# --engines: every tapdisk cell once per engine (name td_X_ENGINE, kind td@ENGINE).
+if [ -n "$ENGINES" ]; then
+    more=""
+    for c in $cells; do
+        IFS=: read -r name kind spec <<<"$c"
+        if [ "$kind" = td ]; then
+            for e in ${ENGINES//,/ }; do more="$more ${name}_$e:td@$e:$spec"; done
+        else
+            more="$more $c"
+        fi
+    done
+    cells=${more# }
+fi
+
 start_cell() { # KIND SPEC
     case $1 in
         td) start_tapdisk "$2" ;;
+        td@*) start_tapdisk "$2" "${1#td@}" ;;
         qemu)
             local fmt file cache
             IFS=: read -r fmt file cache <<<"$2"
@@ -274,7 +297,7 @@ else
     echo "# page cache NOT dropped between runs (no permission to write /proc/sys/vm/drop_caches): reads may come from dom0's page cache"
 fi
 want vhd && echo "# dynamic VHD: $vhd_how; encrypted VHD: vhd-util create + vhd-util key -s + filled through tap-ctl create"
-echo "# tapdisk: $TAPCTL create -a TYPE:PATH (spawns $TAPDISK; TAPDISK3_DIRECT_IO=${TAPDISK3_DIRECT_IO-unset}); qemu-nbd: $(qemu-nbd --version | head -1 | awk '{print $2}') -t -e 8 --cache=none --aio=native; client $(fio --version), --ioengine=nbd; ceiling: fio --ioengine=libaio --direct=1 on img.raw"
+echo "# tapdisk: $TAPCTL create -a TYPE:PATH (spawns $TAPDISK; TAPDISK3_DIRECT_IO=${TAPDISK3_DIRECT_IO-unset}; TAPDISK3_IO=${ENGINES:+per engine: }${ENGINES:-${TAPDISK3_IO-unset}}); qemu-nbd: $(qemu-nbd --version | head -1 | awk '{print $2}') -t -e 8 --cache=none --aio=native; client $(fio --version), --ioengine=nbd; ceiling: fio --ioengine=libaio --direct=1 on img.raw"
 [ "$TMPFS" = 1 ] && echo "# tmpfs row (reported only): /dev/shm, qemu-nbd ${shm_cache}"
 
 # Correctness first: every export serves the raw file's bytes; and what each server's
@@ -340,9 +363,9 @@ EOF
 done
 echo "# end $(date -u '+%F %T') UTC; loadavg $(loadavg); foreign busy processes: $(foreign)"
 
-python3 - "$results" "$fsname" <<'EOF'
+python3 - "$results" "$fsname" "$ENGINES" <<'EOF'
 import sys, statistics
-path, fs = sys.argv[1:]
+path, fs, engines = sys.argv[1:]
 rows = [l.split() for l in open(path)]
 wls = []
 for r in rows:
@@ -360,6 +383,9 @@ images = [("raw", f"raw ({fs})", "td_raw", "qemu_raw", "ceil"),
           ("vhd", f"dynamic VHD ({fs})", "td_vhd", "qemu_vhd", "ceil"),
           ("enc", f"encrypted VHD ({fs}), peer = our plain VHD", "td_enc", "td_vhd", "ceil"),
           ("tmpfs", "raw (tmpfs, reported only)", "td_tmpfs", "qemu_tmpfs", "ceil_tmpfs")]
+if engines:  # one set of rows per engine, in the order given
+    images = [(k, f"{l} [{e}]", f"{t}_{e}", f"{p}_{e}" if p.startswith("td_") else p, c)
+              for k, l, t, p, c in images for e in engines.split(",")]
 print("| image | workload | tapdisk | peer | ceiling | tapdisk/peer | tapdisk/ceiling | CPU us/IO tapdisk | CPU us/IO peer | CPU us/IO ceiling | target | met |")
 print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 for key, label, td, peer, ceil in images:

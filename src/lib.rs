@@ -16,7 +16,7 @@
 //!  xen         gntdev, evtchn, xenstore (raw ioctls, mmap, shared ring memory);
 //!              xen::sim, the in-process simulations, only with feature `sim` (tests, benches)
 //!  util        logging (syslog + stderr), error chains, tty detection, getopt
-//!  aio         Linux native AIO (io_submit/io_getevents + eventfd) for tapdisk's engine
+//!  aio         io_uring and Linux native AIO (+ eventfd) for tapdisk's engine
 //! ```
 //!
 //! Only `xen`, `capi` and `aio` may use unsafe_code (each block with a `// SAFETY:` comment); every
@@ -36,7 +36,7 @@ pub const SECTOR_SIZE: u64 = 512;
 pub const PAGE_SIZE: usize = 4096;
 
 // unsafe_code is allowed in `xen` (ioctls, mmap, shared ring memory), `capi` (the C ABI) and
-// `aio` (the Linux AIO system calls) only; every other module is compiled with
+// `aio` (the io_uring and Linux AIO system calls) only; every other module is compiled with
 // `forbid(unsafe_code)`, set here so that no file inside a module can lift it.
 pub mod aio;
 #[forbid(unsafe_code)]

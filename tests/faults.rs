@@ -1,8 +1,8 @@
 //! Injected I/O faults on an in-process tapdisk serving three VBDs over NBD: a dynamic VHD
 //! whose file fails chosen calls ([`blktap3::image::fault`]: EIO, ENOSPC, short writes and
 //! reads, fdatasync failure, at data, bitmap, BAT, footer, batmap, reserve and read
-//! points, through the worker path and the Linux AIO fast path), a healthy VHD and a
-//! healthy raw image. For every fault: the request that hit it gets the NBD error for its
+//! points, through the worker path and the fast path on io_uring and on Linux AIO), a
+//! healthy VHD and a healthy raw image. For every fault: the request that hit it gets the NBD error for its
 //! errno, the other VBDs keep working, the file on disk passes `vhd-util check` and our
 //! own BAT checks at once (mid-session, as a crash would find it) and after close, and
 //! once the fault is cleared the same open image serves the request and the data reads
@@ -28,7 +28,21 @@ use blktap3::image::vhd::ops::{create, CreateOptions};
 use blktap3::image::{open as open_image, Image, ImageError};
 use blktap3::nbd::client::{Client, ClientReply};
 use blktap3::nbd::proto::{RequestHeader, CMD_FLUSH, CMD_TRIM, NBD_EIO, NBD_ENOSPC};
+use blktap3::tapdisk::io::{EngineChoice, IoEngine};
 use blktap3::tapdisk::{Config, CtlHandle, ImageOpener, OpenSpec, Tapdisk};
+
+/// The engines of the fast path: io_uring where this kernel sets it up, Linux AIO.
+fn async_engines() -> Vec<EngineChoice> {
+    let mut v = Vec::new();
+    let e = IoEngine::<u8>::with_engine(1, EngineChoice::Uring).unwrap();
+    if e.engine() == Some(blktap3::aio::Kind::Uring) {
+        v.push(EngineChoice::Uring);
+    } else {
+        eprintln!("io_uring unavailable here: not tested");
+    }
+    v.push(EngineChoice::Aio);
+    v
+}
 
 const MIB: u64 = 1 << 20;
 /// 512 MiB: more than 128 blocks, so two BAT sectors.
@@ -64,8 +78,13 @@ struct Daemon {
 
 impl Daemon {
     fn start(opener: Arc<FaultOpener>) -> Daemon {
+        Daemon::start_on(opener, EngineChoice::Auto)
+    }
+
+    fn start_on(opener: Arc<FaultOpener>, engine: EngineChoice) -> Daemon {
         let ctl = tempfile::tempdir().unwrap();
         let mut cfg = Config::new(ctl.path());
+        cfg.io_engine = engine;
         cfg.lock_markers = false;
         cfg.io_threads = 2;
         cfg.opener = opener;
@@ -265,6 +284,10 @@ struct Rig {
 }
 
 fn rig() -> Rig {
+    rig_on(EngineChoice::Auto)
+}
+
+fn rig_on(engine: EngineChoice) -> Rig {
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
     let path = dir.path().join("faulty.vhd");
     let good = dir.path().join("good.vhd");
@@ -279,7 +302,7 @@ fn rig() -> Rig {
         .lock()
         .unwrap()
         .insert(path.clone(), Arc::clone(&inj));
-    let d = Daemon::start(opener);
+    let d = Daemon::start_on(opener, engine);
     let mut c = d.attach_open(1, &format!("vhd:{}", path.display()));
     let vhd2 = d.attach_open(2, &format!("vhd:{}", good.display()));
     let raw = d.attach_open(3, &format!("aio:{}", raw.display()));
@@ -385,7 +408,19 @@ fn note(m: &mut Model, e: u32, off: u64, d: &[u8]) {
 /// short AIO transfer being resubmitted), everything else keeps working, the file stays
 /// consistent, and once cleared the same request succeeds on the same open image.
 fn case(point: Point, fault: Fault, how: How, want: u32) {
-    let mut r = rig();
+    case_on(EngineChoice::Auto, point, fault, how, want);
+}
+
+/// [`case`] with each engine of the fast path.
+fn async_case(point: Point, fault: Fault, how: How, want: u32) {
+    for engine in async_engines() {
+        eprintln!("engine {engine:?}");
+        case_on(engine, point, fault, how, want);
+    }
+}
+
+fn case_on(engine: EngineChoice, point: Point, fault: Fault, how: How, want: u32) {
+    let mut r = rig_on(engine);
     if want == 0 {
         // Absorbed by the engine (a short AIO transfer resubmitted): once. Armed for
         // good, the shorts would end in no progress, a failure.
@@ -454,10 +489,10 @@ fn data_write_faults_on_the_worker_path() {
 
 #[test]
 fn data_write_faults_on_the_aio_path() {
-    case(Point::Data, Fault::Eio, How::AioWrite, NBD_EIO);
-    case(Point::Data, Fault::Enospc, How::AioWrite, NBD_ENOSPC);
+    async_case(Point::Data, Fault::Eio, How::AioWrite, NBD_EIO);
+    async_case(Point::Data, Fault::Enospc, How::AioWrite, NBD_ENOSPC);
     // A short completion is resubmitted for the rest: the write succeeds, whole.
-    case(Point::Data, Fault::Short, How::AioWrite, 0);
+    async_case(Point::Data, Fault::Short, How::AioWrite, 0);
 }
 
 #[test]
@@ -489,8 +524,8 @@ fn batmap_write_faults() {
 
 #[test]
 fn read_faults() {
-    case(Point::Read, Fault::Eio, How::AioRead, NBD_EIO);
-    case(Point::Read, Fault::Short, How::AioRead, 0);
+    async_case(Point::Read, Fault::Eio, How::AioRead, NBD_EIO);
+    async_case(Point::Read, Fault::Short, How::AioRead, 0);
     case(Point::Read, Fault::Eio, How::WorkerRead, NBD_EIO);
     case(Point::Read, Fault::Short, How::WorkerRead, NBD_EIO);
 }

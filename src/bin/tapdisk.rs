@@ -36,6 +36,7 @@ use blktap3::control::server::{serve_connection, ControlServer, MAX_CONNECTIONS}
 use blktap3::control::{control_dir, minors, ControlError};
 use blktap3::image::crypto::KeySource;
 use blktap3::tapdisk::daemon::Config;
+use blktap3::tapdisk::io::EngineChoice;
 use blktap3::tapdisk::{Tapdisk, TapdiskError};
 use blktap3::util::error_chain;
 use blktap3::util::logging::{self, LogOptions, Logger};
@@ -49,7 +50,8 @@ const MAX_POLL_US: u64 = 10_000;
     about = "blktap3 disk daemon: serves VBDs (raw, VHD, encrypted VHD) to Xen guests over blkif rings and to dom0 over NBD",
     after_help = "Environment:\n  \
         TAPDISK3_DIRECT_IO=0   open images buffered (through dom0's page cache) instead of with O_DIRECT\n  \
-        TAPDISK3_AIO=0         hand every read and write to the worker threads instead of Linux AIO\n  \
+        TAPDISK3_IO=ENGINE     reads and writes from the event loop with uring (io_uring, falling back\n                         to aio), aio (Linux AIO) or threads (worker threads only); default aio.\n                         Where the kernel refuses one, the next runs (the log says which)\n  \
+        TAPDISK3_AIO=0         same as TAPDISK3_IO=threads (when TAPDISK3_IO is not set)\n  \
         TAPDISK3_IO_THREADS=N  I/O worker threads (default 4)\n  \
         TAPDISK3_POLL_US=N     poll each guest ring for N microseconds (at most 10000) after its last\n                         request instead of waiting for the guest's event (default 0: off)\n  \
         TAPDISK3_INLINE_IO=0   never run I/O of tmpfs/ramfs images on the event loop\n  \
@@ -238,7 +240,14 @@ fn run(args: &Args) -> Result<(), MainError> {
     }
     cfg.inline_io = blktap3::util::switched_on(std::env::var_os("TAPDISK3_INLINE_IO").as_deref());
     cfg.direct_io = blktap3::util::switched_on(std::env::var_os("TAPDISK3_DIRECT_IO").as_deref());
-    cfg.aio = blktap3::util::switched_on(std::env::var_os("TAPDISK3_AIO").as_deref());
+    cfg.io_engine = EngineChoice::from_env(
+        std::env::var_os("TAPDISK3_IO").as_deref(),
+        std::env::var_os("TAPDISK3_AIO").as_deref(),
+    )
+    .unwrap_or_else(|e| {
+        warn!("{e}: using the default engine");
+        EngineChoice::Auto
+    });
     if let Some(us) = std::env::var("TAPDISK3_POLL_US")
         .ok()
         .and_then(|v| v.parse::<u64>().ok())

@@ -36,7 +36,7 @@ use crate::nbd::proto::{self, Command, ExportInfo};
 use crate::nbd::server::{Connection, Event, ReadStatus};
 
 use super::ctl::{CtlHandle, CtlMsg};
-use super::io::{IoEngine, Op, Output};
+use super::io::{EngineChoice, IoEngine, Op, Output};
 use super::reactor::{Interest, Reactor, Ready, Ticker, Token};
 use super::tag::{Door, NbdReq, NbdTag, Tag};
 use super::vbd::{parse_params, DiskInfo, DiskType, OpenImage, Vbd, VDISK_READONLY};
@@ -134,9 +134,10 @@ pub struct Config {
     /// Open images with `O_DIRECT` (`TAPDISK3_DIRECT_IO`; an OPEN's `NO_O_DIRECT` flag,
     /// tap-ctl's `-D`, turns it off for that image).
     pub direct_io: bool,
-    /// Submit reads and writes that need no metadata work with Linux AIO from the loop
-    /// (`TAPDISK3_AIO`; the worker threads otherwise).
-    pub aio: bool,
+    /// Which engine submits reads and writes that need no metadata work from the loop:
+    /// io_uring or Linux AIO, falling back to the worker threads (`TAPDISK3_IO`,
+    /// `TAPDISK3_AIO`).
+    pub io_engine: EngineChoice,
     pub opener: Arc<dyn ImageOpener>,
     /// Keys for OPENs without a key trailer (`TAPDISK3_CRYPTO_KEYDIR`).
     pub keys: KeySource,
@@ -159,7 +160,7 @@ impl Config {
             io_threads: super::io::DEFAULT_THREADS,
             inline_io: true,
             direct_io: true,
-            aio: true,
+            io_engine: EngineChoice::Auto,
             opener: Arc::new(DefaultOpener),
             keys: KeySource::None,
             xen: Arc::new(DevXenOpener),
@@ -236,12 +237,13 @@ fn sys(op: &'static str) -> impl Fn(nix::Error) -> TapdiskError {
 impl Tapdisk {
     pub fn new(cfg: Config) -> Result<Self, TapdiskError> {
         let reactor = Reactor::new().map_err(sys("epoll_create"))?;
-        let mut io = IoEngine::new(cfg.io_threads).map_err(|source| TapdiskError::Sys {
-            op: "start i/o threads",
-            source,
+        let mut io = IoEngine::with_engine(cfg.io_threads, cfg.io_engine).map_err(|source| {
+            TapdiskError::Sys {
+                op: "start i/o threads",
+                source,
+            }
         })?;
         io.set_inline(cfg.inline_io);
-        io.set_aio(cfg.aio);
         let (ctl, ctl_rx) = CtlHandle::new().map_err(sys("eventfd"))?;
         let ticker = Ticker::new(Duration::from_secs(1)).map_err(sys("timerfd"))?;
         reactor

@@ -1,13 +1,11 @@
 //! Linux native AIO (`io_setup`, `io_submit`, `io_getevents`, `io_destroy`) with eventfd
-//! notification, for tapdisk's event loop: reads and writes are submitted from the loop
-//! and their completions reaped there, with no thread hand-off. It works on every kernel
-//! OpenXT ships (4.14 has no io_uring).
+//! notification: the engine of every kernel OpenXT ships (4.14 has no io_uring), and the
+//! fallback where io_uring cannot be set up.
 //!
-//! This is the crate's one I/O-syscall module allowed to use unsafe_code (besides `xen`
-//! and `capi`); every block says why it is sound. The API is safe: a [`Context`] owns the
-//! buffer of every request in flight (the kernel writes into it until the request
-//! completes), hands it back only with the request's completion, and its `Drop` calls
-//! `io_destroy`, which waits for every request in flight before the buffers are freed.
+//! The API is safe: a [`Context`] owns the buffer of every request in flight (the kernel
+//! writes into it until the request completes), hands it back only with the request's
+//! completion, and its `Drop` calls `io_destroy`, which waits for every request in flight
+//! before the buffers are freed.
 //!
 //! The structs follow `<linux/aio_abi.h>` (little-endian layout; every field is 64-bit
 //! even on 32-bit x86, so i686 and x86_64 share it); `tests/aio_layout.rs` checks them
@@ -16,10 +14,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
-use crate::util::AlignedBuf;
-
-#[cfg(target_endian = "big")]
-compile_error!("aio: the iocb layout is declared for little-endian targets only");
+use super::{Dir, Done, Request};
 
 /// `IOCB_CMD_PREAD`.
 const IOCB_CMD_PREAD: u16 = 0;
@@ -58,32 +53,6 @@ pub struct IoEvent {
 
 /// `aio_context_t`.
 type AioContext = libc::c_ulong;
-
-/// Read into or write from the buffer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Dir {
-    Read,
-    Write,
-}
-
-/// One request: `buf[start..]` read from or written to the file at `offset`.
-#[derive(Debug)]
-pub struct Request<T> {
-    pub dir: Dir,
-    pub buf: AlignedBuf,
-    pub start: usize,
-    pub offset: u64,
-    /// The caller's data, handed back with the completion.
-    pub user: T,
-}
-
-/// A finished request: its buffer and data back, and the kernel's result (bytes moved,
-/// or a negative errno).
-#[derive(Debug)]
-pub struct Done<T> {
-    pub req: Request<T>,
-    pub res: i64,
-}
 
 /// An AIO context with its requests in flight (see the module doc).
 #[derive(Debug)]
@@ -251,133 +220,5 @@ impl<T> Drop for Context<T> {
         unsafe {
             libc::syscall(libc::SYS_io_destroy, self.ctx);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use nix::sys::eventfd::{EfdFlags, EventFd};
-    use std::os::fd::AsFd;
-    use std::os::unix::fs::OpenOptionsExt;
-
-    fn wait_all(c: &mut Context<u32>, n: usize) -> Vec<Done<u32>> {
-        let mut out = Vec::new();
-        let start = std::time::Instant::now();
-        while out.len() < n {
-            assert!(start.elapsed().as_secs() < 10);
-            c.reap(&mut out).unwrap();
-        }
-        out
-    }
-
-    #[test]
-    fn direct_reads_and_writes_complete_with_their_buffers_and_signal_the_eventfd() {
-        let d = tempfile::tempdir_in("/var/tmp").unwrap();
-        let p = d.path().join("f");
-        std::fs::write(&p, vec![0u8; 64 << 10]).unwrap();
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&p)
-            .unwrap();
-        let efd = EventFd::from_flags(EfdFlags::EFD_NONBLOCK).unwrap();
-        let mut c: Context<u32> = Context::new(8, efd.as_fd()).unwrap();
-        for i in 0..4u32 {
-            let buf = AlignedBuf::from_slice(&[i as u8 + 1; 4096]);
-            let req = Request {
-                dir: Dir::Write,
-                buf,
-                start: 0,
-                offset: u64::from(i) * 8192,
-                user: i,
-            };
-            c.submit(f.as_fd(), req).unwrap();
-        }
-        let done = wait_all(&mut c, 4);
-        assert!(efd.read().unwrap() >= 1);
-        assert!(done.iter().all(|d| d.res == 4096));
-        let all = std::fs::read(&p).unwrap();
-        assert_eq!(all[3 * 8192..4 * 8192 - 4096], [4u8; 4096]);
-        // A read of a sub-range of the buffer, and one past the end (short: 0 bytes).
-        let req = Request {
-            dir: Dir::Read,
-            buf: AlignedBuf::zeroed(8192),
-            start: 4096,
-            offset: 8192,
-            user: 9,
-        };
-        c.submit(f.as_fd(), req).unwrap();
-        let req = Request {
-            dir: Dir::Read,
-            buf: AlignedBuf::zeroed(4096),
-            start: 0,
-            offset: 64 << 10,
-            user: 10,
-        };
-        c.submit(f.as_fd(), req).unwrap();
-        let mut done = wait_all(&mut c, 2);
-        done.sort_by_key(|d| d.req.user);
-        assert_eq!((done[0].req.user, done[0].res), (9, 4096));
-        assert_eq!(done[0].req.buf[4096..], [2u8; 4096]);
-        assert!(done[0].req.buf[..4096].iter().all(|&x| x == 0));
-        assert_eq!((done[1].req.user, done[1].res), (10, 0));
-        assert_eq!(c.in_flight(), 0);
-    }
-
-    #[test]
-    fn errors_come_back_with_their_request() {
-        let d = tempfile::tempdir_in("/var/tmp").unwrap();
-        let p = d.path().join("f");
-        std::fs::write(&p, vec![0u8; 8192]).unwrap();
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&p)
-            .unwrap();
-        let efd = EventFd::from_flags(EfdFlags::EFD_NONBLOCK).unwrap();
-        let mut c: Context<u32> = Context::new(1, efd.as_fd()).unwrap();
-        // A write on a read-only fd: refused at submission (EBADF) with the request back.
-        let req = Request {
-            dir: Dir::Write,
-            buf: AlignedBuf::zeroed(4096),
-            start: 0,
-            offset: 0,
-            user: 1,
-        };
-        let (back, e) = c.submit(f.as_fd(), req).unwrap_err();
-        assert_eq!((back.user, e.raw_os_error()), (1, Some(libc::EBADF)));
-        // A misaligned direct read: EINVAL, at submission or as the completion's result.
-        let req = Request {
-            dir: Dir::Read,
-            buf: AlignedBuf::zeroed(4096),
-            start: 1,
-            offset: 0,
-            user: 2,
-        };
-        match c.submit(f.as_fd(), req) {
-            Err((r, e)) => assert_eq!((r.user, e.raw_os_error()), (2, Some(libc::EINVAL))),
-            Ok(()) => {
-                let done = wait_all(&mut c, 1);
-                assert_eq!(
-                    (done[0].req.user, done[0].res),
-                    (2, -i64::from(libc::EINVAL))
-                );
-            }
-        }
-        // Full: the one slot is taken until reaped.
-        let ok = |user| Request {
-            dir: Dir::Read,
-            buf: AlignedBuf::zeroed(512),
-            start: 0,
-            offset: 0,
-            user,
-        };
-        c.submit(f.as_fd(), ok(3)).unwrap();
-        let (r, e) = c.submit(f.as_fd(), ok(4)).unwrap_err();
-        assert_eq!((r.user, e.raw_os_error()), (4, Some(libc::EAGAIN)));
-        assert_eq!(wait_all(&mut c, 1)[0].res, 512);
-        assert_eq!(c.room(), 1);
     }
 }
