@@ -171,40 +171,11 @@ gen_raw() { # $1 = path: deterministic incompressible data (AES-CTR keystream), 
 # environment), torn down by tap-ctl destroy. qemu-nbd: started directly.
 ctl=$work/ctl keys=$work/keys
 mkdir -p "$ctl" "$keys"
+# shellcheck source=scripts/nbd-servers.sh
+. "$here/scripts/nbd-servers.sh"
 tapctl() {
     BLKTAP_CONTROL_DIR=$ctl BLKTAP_NBD_DEVICE=0 BLKTAP_TAPDISK=$TAPDISK TAPDISK3_CRYPTO_KEYDIR=$keys \
         "$TAPCTL" "$@"
-}
-start_tapdisk() { # $1 = TYPE:PATH, $2 = TAPDISK3_IO (optional)
-    local out io=()
-    [ -n "${2:-}" ] && io=("TAPDISK3_IO=$2")
-    # shellcheck disable=SC2086
-    out=$(env "${io[@]}" BLKTAP_CONTROL_DIR=$ctl BLKTAP_NBD_DEVICE=0 BLKTAP_TAPDISK=$TAPDISK TAPDISK3_CRYPTO_KEYDIR=$keys \
-        $srv_pin "$TAPCTL" create -a "$1" 2>&1) || die "tap-ctl create -a $1 failed: $out"
-    [[ $out =~ /nbd([0-9]+)\.[0-9]+$ ]] || die "tap-ctl create -a $1 printed '$out', not an NBD socket path"
-    spid=${BASH_REMATCH[1]} sock=$out skind=tapdisk
-    [ -S "$sock" ] || die "tap-ctl create -a $1: no socket $sock"
-}
-start_qemu() { # $1 = format, $2 = file, $3 = cache options
-    sock=$work/q.sock skind=qemu
-    rm -f "$sock"
-    # shellcheck disable=SC2086
-    $srv_pin qemu-nbd -k "$sock" -f "$1" -t -e 8 $3 "$2" 2>"$work/qemu.log" &
-    spid=$!
-    for _ in $(seq 250); do [ -S "$sock" ] && break; sleep 0.02; done
-    [ -S "$sock" ] || { cat "$work/qemu.log" >&2; die "qemu-nbd -f $1 $3 $2 did not start"; }
-}
-stop_server() {
-    local pid=$spid
-    spid=""
-    if [ "$skind" = tapdisk ]; then
-        tapctl destroy -d "$sock" >/dev/null 2>&1 || kill "$pid" 2>/dev/null || true
-        for _ in $(seq 250); do [ -d "/proc/$pid" ] || break; sleep 0.02; done
-        if [ -d "/proc/$pid" ]; then kill "$pid" 2>/dev/null || true; fi
-    else
-        kill "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-    fi
 }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$spid/stat"; }
 uri() { echo "nbd+unix:///?socket=$sock"; }
@@ -232,7 +203,7 @@ make_vhd() { # PATH [KEYNAME]: vhd-util create (and key), filled in order throug
         head -c 64 /dev/urandom >"$keys/$2,aes-xts-plain,512.key"
         "$VHD_UTIL" key -s -n "$1" -k "$keys/$2,aes-xts-plain,512.key"
     fi
-    start_tapdisk "vhd:$1"
+    start_tapdisk "vhd:$1" TAPDISK3_CRYPTO_KEYDIR="$keys"
     nbdcopy -C 1 -R 1 "$raw" "$(uri)"
     stop_server
 }
@@ -274,13 +245,14 @@ fi
 
 start_cell() { # KIND SPEC
     case $1 in
-        td) start_tapdisk "$2" ;;
-        td@*) start_tapdisk "$2" "${1#td@}" ;;
+        td) start_tapdisk "$2" TAPDISK3_CRYPTO_KEYDIR="$keys" ;;
+        td@*) start_tapdisk "$2" TAPDISK3_CRYPTO_KEYDIR="$keys" TAPDISK3_IO="${1#td@}" ;;
         qemu)
             local fmt file cache
             IFS=: read -r fmt file cache <<<"$2"
             [ "$cache" = none ] && cache="--cache=none,--aio=native"
-            start_qemu "$fmt" "$file" "${cache//,/ }"
+            # shellcheck disable=SC2086
+            start_qemu "$fmt" "$file" ${cache//,/ }
             ;;
     esac
 }

@@ -92,7 +92,7 @@ DROP=0
 if sync && { echo 3 >/proc/sys/vm/drop_caches; } 2>/dev/null; then DROP=1; fi
 drop_caches() { if [ "$DROP" = 1 ]; then sync; echo 3 >/proc/sys/vm/drop_caches; fi; }
 prio=""; [ "$(id -u)" -eq 0 ] && prio="nice -n -15"
-pin="$prio${CPU:+ taskset -c $CPU}"
+pin="$prio${CPU:+ taskset -c $CPU}" srv_pin=$pin
 
 bytes=$(numfmt --from=iec "$SIZE")
 [ $((bytes % 2097152)) -eq 0 ] || die "--size must be a multiple of 2 MiB"
@@ -104,37 +104,8 @@ openssl enc -aes-128-ctr -pass pass:anchors -nosalt -pbkdf2 \
 
 ctl=$work/ctl
 mkdir -p "$ctl"
-start_tapdisk() { # $1 = TYPE:PATH, $2 = value for TAPDISK3_DIRECT_IO ("" = leave as is)
-    local out direct=()
-    if [ -n "$2" ]; then direct=("TAPDISK3_DIRECT_IO=$2"); fi
-    # shellcheck disable=SC2086
-    out=$(env "${direct[@]}" BLKTAP_CONTROL_DIR="$ctl" BLKTAP_NBD_DEVICE=0 BLKTAP_TAPDISK="$TAPDISK" \
-        $pin "$TAPCTL" create -a "$1" 2>&1) || die "tap-ctl create -a $1 failed: $out"
-    [[ $out =~ /nbd([0-9]+)\.[0-9]+$ ]] || die "tap-ctl create -a $1 printed '$out', not an NBD socket path"
-    spid=${BASH_REMATCH[1]} sock=$out skind=tapdisk
-}
-start_qemu() { # $1 = format, $2 = file
-    sock=$work/q.sock skind=qemu
-    rm -f "$sock"
-    # shellcheck disable=SC2086
-    $pin qemu-nbd -k "$sock" -f "$1" -t -e 8 --cache=none --aio=native "$2" 2>"$work/qemu.log" &
-    spid=$!
-    for _ in $(seq 250); do [ -S "$sock" ] && break; sleep 0.02; done
-    [ -S "$sock" ] || { cat "$work/qemu.log" >&2; die "qemu-nbd -f $1 $2 did not start"; }
-}
-stop_server() {
-    local pid=$spid
-    spid=""
-    if [ "$skind" = tapdisk ]; then
-        BLKTAP_CONTROL_DIR=$ctl BLKTAP_NBD_DEVICE=0 "$TAPCTL" destroy -d "$sock" >/dev/null 2>&1 ||
-            kill "$pid" 2>/dev/null || true
-        for _ in $(seq 250); do [ -d "/proc/$pid" ] || break; sleep 0.02; done
-        if [ -d "/proc/$pid" ]; then kill "$pid" 2>/dev/null || true; fi
-    else
-        kill "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-    fi
-}
+# shellcheck source=scripts/nbd-servers.sh
+. "$here/scripts/nbd-servers.sh"
 kib() { awk -v k="$1" '$1 == k":" {print $2}' "/proc/$spid/status"; }
 cached() { awk '$1 == "Cached:" {print $2}' /proc/meminfo; }
 resident() { fincore --bytes --noheadings --output RES "$1"; }
@@ -181,9 +152,9 @@ for img in ${IMAGES//,/ }; do
         drop_caches
         res0=$(resident "$file") c0=$(cached)
         case $srv in
-            tapdisk) start_tapdisk "$type:$file" ""; label="tapdisk (TAPDISK3_DIRECT_IO=${TAPDISK3_DIRECT_IO-unset})" ;;
-            tapdisk-buffered) start_tapdisk "$type:$file" 0; label="tapdisk (TAPDISK3_DIRECT_IO=0)" ;;
-            qemu-nbd) start_qemu "$fmt" "$file"; label="qemu-nbd --cache=none --aio=native" ;;
+            tapdisk) start_tapdisk "$type:$file"; label="tapdisk (TAPDISK3_DIRECT_IO=${TAPDISK3_DIRECT_IO-unset})" ;;
+            tapdisk-buffered) start_tapdisk "$type:$file" TAPDISK3_DIRECT_IO=0; label="tapdisk (TAPDISK3_DIRECT_IO=0)" ;;
+            qemu-nbd) start_qemu "$fmt" "$file" --cache=none --aio=native; label="qemu-nbd --cache=none --aio=native" ;;
         esac
         od=$(odirect "$file")
         rss0=$(kib VmRSS)
