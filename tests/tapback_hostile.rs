@@ -350,3 +350,344 @@ fn refuses_bad_ring_values_without_harming_others() {
         &format!("1 guest, {n} vbds"),
     );
 }
+
+/// Wait until the hostile device `devid` has a ring and its backend is Connected.
+fn wait_connected(r: &Rig, devid: u32, bpath: &str, queues: usize) {
+    until(
+        &format!("hostile {devid} connected"),
+        Duration::from_secs(20),
+        || r.hostile_rings(devid).len() == queues && r.env.bstate(bpath).as_deref() == Some("4"),
+    );
+}
+
+#[test]
+fn contradictory_values_change_nothing_connected() {
+    let mut r = Rig::new();
+    let probe = r.join_during(Duration::from_millis(100), |r| {
+        // Connected, then the guest rewrites its ring keys and re-announces its states; the
+        // toolstack moves or removes the backend's device keys. tapback keeps the ring it
+        // connected (like blkback, it reads them once per connection).
+        let (devid, fpath, bpath) = r.hostile_vbd();
+        r.publish(&fpath, &[]);
+        wait_connected(r, devid, &bpath, 1);
+        let ring = r.hostile_rings(devid);
+        for round in 0..50 {
+            r.gw(&fpath, "ring-ref0", &(5000 + round).to_string());
+            r.gw(&fpath, "event-channel", &(40 + round).to_string());
+            r.gw(&fpath, "ring-page-order", "0");
+            r.gw(&fpath, "multi-queue-num-queues", "4");
+            r.gw(&fpath, "protocol", "x86_32-abi");
+            r.gw(&fpath, "state", if round % 2 == 0 { "3" } else { "4" });
+            let b = |k: &str| format!("{bpath}/{k}");
+            let dom0 = &r.env.dom0;
+            match round % 4 {
+                0 => dom0
+                    .write(
+                        Tx::NONE,
+                        &b("physical-device-path"),
+                        r.env.nbd_path(499).as_bytes(),
+                    )
+                    .unwrap(),
+                1 => dom0.rm(Tx::NONE, &b("physical-device-path")).unwrap(),
+                2 => dom0
+                    .write(Tx::NONE, &b("physical-device"), b"fd:99")
+                    .unwrap(),
+                _ => dom0
+                    .write(Tx::NONE, &b("params"), b"/dev/elsewhere")
+                    .unwrap(),
+            }
+        }
+        // A good guest joining afterwards proves tapback has gone through those events.
+        let probe = r.good(5);
+        assert_eq!(
+            r.hostile_rings(devid),
+            ring,
+            "the ring changed while connected"
+        );
+        assert_eq!(r.hostile_events(devid), 1);
+        assert_eq!(r.env.bstate(&bpath).as_deref(), Some("4"));
+        // The guest closes and reconnects: now the values it publishes (and the toolstack's
+        // new device key) are used.
+        r.gw(&fpath, "state", "5");
+        r.gw(&fpath, "state", "6");
+        until("hostile closed", Duration::from_secs(20), || {
+            r.hostile_rings(devid).is_empty() && r.env.bstate(&bpath).as_deref() == Some("6")
+        });
+        r.env
+            .dom0
+            .write(
+                Tx::NONE,
+                &format!("{bpath}/physical-device-path"),
+                r.env.nbd_path(498).as_bytes(),
+            )
+            .unwrap();
+        r.gw(&fpath, "state", "1");
+        r.env.wait_bstate(&bpath, "2");
+        r.grm(&fpath, "multi-queue-num-queues");
+        r.publish(
+            &fpath,
+            &[("ring-ref0", s("777")), ("event-channel", s("33"))],
+        );
+        wait_connected(r, devid, &bpath, 1);
+        let now = r.hostile_rings(devid);
+        assert_eq!((now[0].gref[0], now[0].port), (777, 33));
+        assert!(r
+            .env
+            .tap()
+            .rings
+            .get(&(9, devid, 0))
+            .is_some_and(|(m, _)| *m == 498));
+
+        // Both `ring-ref` and `queue-0/ring-ref`: multi-queue-num-queues decides.
+        let (devid, fpath, bpath) = r.hostile_vbd();
+        for (k, v) in [
+            ("queue-0/ring-ref", "300"),
+            ("queue-0/event-channel", "30"),
+            ("queue-1/ring-ref", "301"),
+            ("queue-1/event-channel", "31"),
+        ] {
+            r.gw(&fpath, k, v);
+        }
+        r.publish(
+            &fpath,
+            &[
+                ("ring-page-order", None),
+                ("ring-ref0", None),
+                ("ring-ref1", None),
+                ("ring-ref2", None),
+                ("ring-ref3", None),
+                ("ring-ref", s("200")),
+            ],
+        );
+        wait_connected(r, devid, &bpath, 1);
+        let one = r.hostile_rings(devid);
+        assert_eq!((one[0].gref[0], one[0].port, one[0].order), (200, 17, 0));
+        let (devid, fpath, bpath) = r.hostile_vbd();
+        for (k, v) in [
+            ("queue-0/ring-ref", "300"),
+            ("queue-0/event-channel", "30"),
+            ("queue-1/ring-ref", "301"),
+            ("queue-1/event-channel", "31"),
+            ("multi-queue-num-queues", "2"),
+        ] {
+            r.gw(&fpath, k, v);
+        }
+        r.publish(
+            &fpath,
+            &[
+                ("ring-page-order", None),
+                ("ring-ref0", None),
+                ("ring-ref1", None),
+                ("ring-ref2", None),
+                ("ring-ref3", None),
+                ("ring-ref", s("200")),
+            ],
+        );
+        wait_connected(r, devid, &bpath, 2);
+        let two = r.hostile_rings(devid);
+        assert_eq!(
+            two.iter().map(|b| (b.gref[0], b.port)).collect::<Vec<_>>(),
+            vec![(300, 30), (301, 31)]
+        );
+        probe
+    });
+    r.goods.push(probe);
+    r.report(
+        "ring-ref / event-channel / order / queues / protocol rewritten while Connected, backend physical-device(-path) / params moved or removed while Connected, ring-ref and queue-0/ring-ref both given",
+        "1 guest, 3 vbds, 50 rewrite rounds",
+    );
+}
+
+#[test]
+fn state_flapping_converges() {
+    let mut r = Rig::new();
+    let (devid, fpath, bpath) = r.hostile_vbd();
+    let states = [
+        "1", "3", "4", "5", "6", "3", "2", "7", "8", "0", "99", "", "x",
+    ];
+    let rounds = 400;
+    r.join_during(Duration::from_millis(20), |r| {
+        r.publish(&fpath, &[]);
+        for i in 0..rounds {
+            for st in states {
+                r.gw(&fpath, "state", st);
+            }
+            if i % 50 == 0 {
+                thread::sleep(Duration::from_millis(1));
+            }
+        }
+    });
+    // Whatever tapback made of the flapping, a proper sequence from the guest now works.
+    r.gw(&fpath, "state", "1");
+    r.env.wait_bstate(&bpath, "2");
+    assert!(
+        r.hostile_rings(devid).is_empty(),
+        "stale ring after a reset"
+    );
+    r.gw(&fpath, "state", "3");
+    wait_connected(&r, devid, &bpath, 1);
+    let ring = r.hostile_rings(devid);
+    assert_eq!(
+        (ring[0].gref[..4].to_vec(), ring[0].port),
+        (vec![100, 101, 102, 103], 17)
+    );
+    r.gw(&fpath, "state", "5");
+    r.env.wait_bstate(&bpath, "5");
+    r.gw(&fpath, "state", "6");
+    until("hostile closed", Duration::from_secs(20), || {
+        r.hostile_rings(devid).is_empty() && r.env.bstate(&bpath).as_deref() == Some("6")
+    });
+    // Every connect of the hostile device was matched by a disconnect (or refused).
+    let st = r.env.tap();
+    let (mut c, mut d) = (0, 0);
+    for e in &st.events {
+        match e {
+            TapEvent::Connect {
+                blkif, errno: 0, ..
+            } if blkif.devid == devid => c += 1,
+            TapEvent::Disconnect {
+                devid: v, errno: 0, ..
+            } if *v == devid => d += 1,
+            _ => {}
+        }
+    }
+    drop(st);
+    assert_eq!(c, d, "connects vs disconnects");
+    r.report(
+        "frontend state flapping (Initialising / Initialised / Connected / Closing / Closed and invalid states in loops)",
+        &format!("1 guest, {} state writes", rounds * states.len()),
+    );
+}
+
+#[test]
+fn frontend_removed_mid_connect() {
+    let mut r = Rig::new();
+    let rounds = 30;
+    let devs = r.join_during(Duration::from_millis(20), |r| {
+        let mut devs = Vec::new();
+        for i in 0..rounds {
+            let (devid, fpath, bpath) = r.hostile_vbd();
+            r.publish(&fpath, &[]);
+            thread::sleep(Duration::from_micros(200 * (i % 10)));
+            r.guest.rm(Tx::NONE, &fpath).unwrap();
+            devs.push((devid, bpath));
+        }
+        devs
+    });
+    for (devid, bpath) in &devs {
+        until(
+            &format!("{bpath} closed without ring"),
+            Duration::from_secs(20),
+            || r.hostile_rings(*devid).is_empty() && r.env.bstate(bpath).as_deref() == Some("6"),
+        );
+    }
+    // The toolstack removes the backend directories: tapback forgets the devices.
+    for (_, bpath) in &devs {
+        r.env.dom0.rm(Tx::NONE, bpath).unwrap();
+    }
+    let probe = r.good(5);
+    r.goods.push(probe);
+    assert!(r.env.tap().rings.keys().all(|k| k.0 != 9));
+    r.report(
+        "frontend directory removed mid-connect",
+        &format!("1 guest, {rounds} vbds"),
+    );
+}
+
+#[test]
+fn watch_flood_many_nodes_and_long_values() {
+    let mut r = Rig::new();
+    let (devid, fpath, bpath) = r.hostile_vbd();
+    let writes = 300_000;
+    let nodes = 3000;
+    let flood = Instant::now();
+    r.join_during(Duration::from_millis(50), |r| {
+        let big = "z".repeat(4000);
+        // Many nodes with long values in the guest's own directory (nothing tapback reads).
+        for i in 0..nodes {
+            r.gw(&fpath, &format!("junk/{i}"), &big);
+        }
+        // Every write below `state` fires tapback's frontend watch; `state` itself gets long
+        // garbage too.
+        for i in 0..writes {
+            if i % 1000 == 0 {
+                r.gw(&fpath, "state", &big);
+            } else {
+                r.gw(&fpath, &format!("state/{}", i % 64), &big[..i % 4000]);
+            }
+        }
+    });
+    let took = flood.elapsed();
+    // The flood is over: the device still connects normally.
+    r.gw(&fpath, "state", "1");
+    r.env.wait_bstate(&bpath, "2");
+    r.publish(&fpath, &[]);
+    wait_connected(&r, devid, &bpath, 1);
+    eprintln!("flood of {writes} watch-firing writes and {nodes} nodes took {took:?}");
+    r.report(
+        "xenstore flood: 300 000 watch-firing writes, 3 000 nodes of 4 000 bytes, 4 000-byte state",
+        "1 guest, 1 vbd",
+    );
+}
+
+#[test]
+fn frontend_path_of_another_domain_is_refused() {
+    let mut r = Rig::new();
+    let victim = r.goods[0].domid;
+    let victim_f = format!("/local/domain/{victim}/device/vbd/{}", r.goods[0].devid);
+    let devid = r.devid();
+    let minor = r.minor();
+    // The toolstack (or whoever wrote the backend directory) names another domain's
+    // frontend for domain 9's device, or a path climbing out of domain 9's tree.
+    let (_, bpath) = r.env.add_vbd(HOSTILE, devid, minor);
+    r.env
+        .dom0
+        .write(Tx::NONE, &format!("{bpath}/frontend"), victim_f.as_bytes())
+        .unwrap();
+    let devid2 = r.devid();
+    let (_, bpath2) = r.env.add_vbd(HOSTILE, devid2, r.minor());
+    r.env
+        .dom0
+        .write(
+            Tx::NONE,
+            &format!("{bpath2}/frontend"),
+            format!("/local/domain/9/../{victim}/device/vbd/51712").as_bytes(),
+        )
+        .unwrap();
+    // The hostile guest points its own frontend's backend keys at the victim's backend
+    // and tries to write into the victim's frontend directory.
+    let (devid3, fpath3, bpath3) = r.hostile_vbd();
+    r.gw(&fpath3, "backend", &r.goods[0].bpath.clone());
+    r.gw(&fpath3, "backend-id", "1");
+    let denied = r
+        .guest
+        .write(Tx::NONE, &format!("{victim_f}/ring-ref"), b"1");
+    assert!(
+        denied.is_err(),
+        "the store let domain 9 write domain {victim}'s keys"
+    );
+    r.publish(&fpath3, &[]);
+    wait_connected(&r, devid3, &bpath3, 1);
+    // A new good guest connects: tapback has seen all of the above.
+    let probe = r.good(5);
+    r.goods.push(probe);
+    for (d, b) in [(devid, &bpath), (devid2, &bpath2)] {
+        assert!(r.hostile_rings(d).is_empty(), "{b}: ring connected");
+        assert_eq!(r.hostile_events(d), 0, "{b}: tapdisk was asked");
+        assert_ne!(r.env.bstate(b).as_deref(), Some("4"));
+    }
+    assert!(
+        r.tb.logged(&[&format!("9/{devid}"), "frontend", "not domain 9"]),
+        "{}",
+        r.tb.log_text()
+    );
+    assert!(
+        r.tb.logged(&[&format!("9/{devid2}"), "frontend", "bad path"]),
+        "{}",
+        r.tb.log_text()
+    );
+    r.report(
+        "device whose frontend path is another domain's (or climbs out of its own), frontend backend keys naming another domain's backend",
+        "1 guest, 3 vbds",
+    );
+}

@@ -96,11 +96,14 @@ pub fn fake_tapdisk(dir: &Path, pid: i32, minors: u16, st: Arc<Mutex<TapState>>)
                     let key = (blkif.domid, blkif.devid, blkif.queue);
                     let err = if minor >= minors {
                         libc::ENODEV
-                    } else if s.rings.contains_key(&key) {
-                        libc::EALREADY
                     } else {
-                        s.rings.insert(key, (minor, blkif.clone()));
-                        0
+                        match s.rings.entry(key) {
+                            std::collections::btree_map::Entry::Occupied(_) => libc::EALREADY,
+                            std::collections::btree_map::Entry::Vacant(v) => {
+                                v.insert((minor, blkif.clone()));
+                                0
+                            }
+                        }
                     };
                     s.events.push(TapEvent::Connect {
                         minor,
