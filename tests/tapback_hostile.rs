@@ -17,13 +17,13 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use blktap3::control::msg::Blkif;
 use blktap3::xen::sim::{BlkfrontOptions, MemXsConn, SimBlkfront};
-use blktap3::xen::xenstore::{Tx, XenStore};
+use blktap3::xen::xenstore::{Tx, XenStore, XsClient};
 use blktap3::xen::DomId;
 use common::tapback_bin::*;
 
@@ -690,4 +690,62 @@ fn frontend_path_of_another_domain_is_refused() {
         "device whose frontend path is another domain's (or climbs out of its own), frontend backend keys naming another domain's backend",
         "1 guest, 3 vbds",
     );
+}
+
+#[test]
+fn sigterm_is_handled_during_a_flood() {
+    let r = Rig::new();
+    let (_, fpath, _) = r.hostile_vbd();
+    // The guest's own xenstore connection over the wire: each write waits for its reply,
+    // as a real guest's do.
+    let sock = r.env.tmp.path().join("xenstored-9.sock");
+    fake_xenstored_as(&sock, r.env.store.clone(), HOSTILE);
+    let stop = AtomicBool::new(false);
+    let writes = AtomicU32::new(0);
+    thread::scope(|sc| {
+        for t in 0..2 {
+            let (fpath, stop, writes, sock) = (&fpath, &stop, &writes, &sock);
+            sc.spawn(move || {
+                let xs = XsClient::open_path(sock).unwrap();
+                let mut i = 0u32;
+                while !stop.load(Ordering::Acquire) {
+                    let p = format!("{fpath}/state/{t}-{}", i % 256);
+                    xs.write(Tx::NONE, &p, b"x").unwrap();
+                    i += 1;
+                    writes.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+        until("flood going", Duration::from_secs(20), || {
+            writes.load(Ordering::Relaxed) > 20_000
+        });
+        let pid = nix::unistd::Pid::from_raw(r.tb.pid());
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs(10);
+        let exited = loop {
+            if !common::proc::alive(pid.as_raw())
+                || std::fs::read_to_string(format!("/proc/{}/stat", pid.as_raw()))
+                    .is_ok_and(|s| s.contains(") Z"))
+            {
+                break true;
+            }
+            if Instant::now() > deadline {
+                break false;
+            }
+            thread::sleep(Duration::from_millis(5));
+        };
+        let during = !stop.load(Ordering::Acquire);
+        stop.store(true, Ordering::Release);
+        assert!(exited, "tapback ignored SIGTERM during a flood");
+        assert!(during);
+        eprintln!(
+            "tapback exited {:?} after SIGTERM during a flood of {} writes",
+            start.elapsed(),
+            writes.load(Ordering::Relaxed)
+        );
+    });
+    let mut r = r;
+    let st = r.tb.child.wait().unwrap();
+    assert!(st.success(), "{st:?}");
 }

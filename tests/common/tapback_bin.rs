@@ -144,13 +144,19 @@ pub fn fake_tapdisk(dir: &Path, pid: i32, minors: u16, st: Arc<Mutex<TapState>>)
 
 /// A fake xenstored on `sock`, serving `store` as dom0.
 pub fn fake_xenstored(sock: &Path, store: MemXenStore) {
+    fake_xenstored_as(sock, store, BE)
+}
+
+/// A fake xenstored on `sock`, serving `store` to domain `dom` (a guest's own connection:
+/// its writes are requests answered one at a time, as over a real guest's xenbus ring).
+pub fn fake_xenstored_as(sock: &Path, store: MemXenStore, dom: DomId) {
     let l = UnixListener::bind(sock).unwrap();
     thread::spawn(move || {
         for s in l.incoming() {
             let Ok(s) = s else { return };
             let store = store.clone();
             thread::spawn(move || {
-                let _ = serve_wire(&store, BE, s.into());
+                let _ = serve_wire(&store, dom, s.into());
             });
         }
     });
