@@ -45,7 +45,7 @@ if [ -z "$log" ]; then
     grep -E '^test result:|FAILED|panicked' "$log" | sed 's/^/  /' >&2
 fi
 
-rows=$(grep -E '^HOSTILE-XEN\|' "$log")
+rows=$(grep -oE 'HOSTILE-XEN\|.*' "$log")
 if [ -z "$rows" ]; then
     echo "hostile-xen: no scenario line found" >&2
     exit 1

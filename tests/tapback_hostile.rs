@@ -271,12 +271,10 @@ impl Rig {
         self.check_others();
         let peak = self.tb.peak_rss_kib();
         let slowest = self.joins.iter().map(|d| d.as_millis()).max().unwrap_or(0);
-        let others = format!(
-            "{} rings kept, 0 spurious (dis)connects; {} joined meanwhile in {} ms",
-            self.goods.len(),
-            self.joins.len(),
-            slowest
-        );
+        let mut others = format!("{} rings kept, 0 spurious (dis)connects", self.goods.len());
+        if !self.joins.is_empty() {
+            others += &format!("; {} joined meanwhile in {slowest} ms", self.joins.len());
+        }
         eprintln!(
             "HOSTILE-XEN|tapback: {scenario}|{hostile}|{others}|{:.1}|0",
             peak as f64 / 1024.0
