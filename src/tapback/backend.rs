@@ -68,7 +68,13 @@ pub struct Backend<X: XenStore, T: TapdiskOps> {
     /// What is watched: `base` or `base/<domid>`.
     root: String,
     devices: BTreeMap<DeviceId, Device>,
+    /// [`Backend::handle_events`] stopped with events possibly still queued.
+    more_events: bool,
 }
+
+/// Event batches [`Backend::handle_events`] handles before returning to its caller (so that
+/// a flood of watch events cannot keep the caller from its timers and signals).
+pub const MAX_EVENT_BATCHES: usize = 16;
 
 enum Work {
     ScanAll,
@@ -117,6 +123,7 @@ impl<X: XenStore, T: TapdiskOps> Backend<X, T> {
             base,
             root,
             devices: BTreeMap::new(),
+            more_events: false,
         };
         b.run(vec![Work::ScanAll], true, now);
         Ok(b)
@@ -157,17 +164,27 @@ impl<X: XenStore, T: TapdiskOps> Backend<X, T> {
         self.devices.values().filter_map(Device::retry_at).min()
     }
 
-    /// Take and handle watch events until none are queued. Returns how many were handled.
+    /// Take and handle watch events until none are queued, or [`MAX_EVENT_BATCHES`] batches
+    /// (then [`Backend::more_events`] says so). Returns how many were handled.
     pub fn handle_events(&mut self, now: Instant) -> Result<usize> {
         let mut total = 0;
-        loop {
+        self.more_events = true;
+        for _ in 0..MAX_EVENT_BATCHES {
             let evs = self.xs.take_watch_events()?;
             if evs.is_empty() {
-                return Ok(total);
+                self.more_events = false;
+                break;
             }
             total += evs.len();
             self.handle(&evs, now);
         }
+        Ok(total)
+    }
+
+    /// Whether the last [`Backend::handle_events`] left events to handle (poll without
+    /// waiting: some may be queued in the client, where polling its fd does not see them).
+    pub fn more_events(&self) -> bool {
+        self.more_events
     }
 
     /// Handle a batch of watch events.

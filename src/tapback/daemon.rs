@@ -340,6 +340,7 @@ pub fn serve<X: XenStore, T: crate::tapback::TapdiskOps>(
         backend.handle_events(Instant::now())?;
         backend.tick(Instant::now());
         let timeout = match backend.next_deadline() {
+            _ if backend.more_events() => PollTimeout::ZERO,
             None => PollTimeout::NONE,
             Some(t) => {
                 let ms = t.saturating_duration_since(Instant::now()).as_millis() + 1;

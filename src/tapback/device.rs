@@ -367,6 +367,16 @@ impl Device {
                     format!("bad path {f:?}"),
                 ));
             }
+            // The ring refs and event channel are read there and handed to tapdisk as
+            // this device's domain's: another domain's directory is not this device's
+            // frontend.
+            let home = format!("/local/domain/{}/", self.id.domid);
+            if !f.starts_with(&home) {
+                return Err(TapbackError::config(
+                    keys::FRONTEND,
+                    format!("{f:?} is not domain {}'s", self.id.domid),
+                ));
+            }
             let wpath = format!("{f}/{}", keys::STATE);
             let token = self.front_token();
             cx.xs.watch(&wpath, &token)?;

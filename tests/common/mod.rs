@@ -15,6 +15,8 @@ pub mod proc;
 #[allow(dead_code)]
 pub mod tapback;
 #[allow(dead_code)]
+pub mod tapback_bin;
+#[allow(dead_code)]
 pub mod vhd_util;
 #[allow(dead_code)]
 pub mod xenio;

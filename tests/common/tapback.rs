@@ -483,6 +483,9 @@ impl Rig {
 /// Pump the backend until no watch events are left.
 pub fn pump(b: &mut TestBackend) {
     b.handle_events(Instant::now()).unwrap();
+    while b.more_events() {
+        b.handle_events(Instant::now()).unwrap();
+    }
 }
 
 pub fn status(b: &TestBackend, v: &Vbd) -> DeviceStatus {

@@ -1,9 +1,13 @@
 //! Blocking xenstore client over the xenstored Unix socket or `/dev/xen/xenbus`.
 //!
 //! One request at a time (a mutex serialises callers). While waiting for a reply, `WATCH_EVENT`
-//! messages are queued, never mistaken for the reply and never dropped.
+//! messages are queued, never mistaken for the reply and never lost. The queue is bounded:
+//! past [`MAX_QUEUED_EVENT_BYTES`], further events are folded into one event per watch token
+//! whose path is the watched path itself ("something at or below here changed"), so a
+//! domain flooding xenstore with writes under a watched node cannot grow this process's
+//! memory without bound. Consumers re-read what they watch anyway, so nothing is missed.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::OpenOptions;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -32,11 +36,21 @@ pub fn xenstored_path_from_env() -> Option<std::path::PathBuf> {
         .map(std::path::PathBuf::from)
 }
 
+/// Bytes of event paths and tokens queued before further events are folded per token (and
+/// after which [`XenStore::take_watch_events`] stops reading the socket and returns a batch).
+pub const MAX_QUEUED_EVENT_BYTES: usize = 256 * 1024;
+
 #[derive(Debug)]
 struct Inner {
     next_req: u32,
     rbuf: Vec<u8>,
     events: VecDeque<WatchEvent>,
+    /// Path and token bytes in `events`.
+    queued_bytes: usize,
+    /// Registered watches: token → watched path.
+    watches: HashMap<String, String>,
+    /// Tokens whose folded event is queued.
+    folded: HashSet<String>,
 }
 
 /// A blocking xenstore connection.
@@ -87,6 +101,9 @@ impl XsClient {
                 next_req: 1,
                 rbuf: Vec::new(),
                 events: VecDeque::new(),
+                queued_bytes: 0,
+                watches: HashMap::new(),
+                folded: HashSet::new(),
             }),
         }
     }
@@ -125,15 +142,34 @@ impl XsClient {
         }
     }
 
-    fn queue_event(inner: &mut Inner, msg: &Message) -> Result<(), XsError> {
+    /// Queue an event; `fold`: past the byte budget, fold it into its token's folded event
+    /// (while waiting for a reply, when the stream cannot be left unread).
+    fn queue_event(inner: &mut Inner, msg: &Message, fold: bool) -> Result<(), XsError> {
         let parts = wire::split_strings(&msg.payload)?;
         if parts.len() < 2 {
             return Err(XsError::Protocol(wire::WireError::BadStrings));
         }
-        inner.events.push_back(WatchEvent {
-            path: parts[0].to_owned(),
-            token: parts[1].to_owned(),
-        });
+        let (path, token) = (parts[0], parts[1]);
+        let size = path.len() + token.len();
+        if !fold || inner.queued_bytes + size <= MAX_QUEUED_EVENT_BYTES {
+            inner.queued_bytes += size;
+            inner.events.push_back(WatchEvent {
+                path: path.to_owned(),
+                token: token.to_owned(),
+            });
+        } else if !inner.folded.contains(token) {
+            let path = inner
+                .watches
+                .get(token)
+                .cloned()
+                .unwrap_or_else(|| path.to_owned());
+            inner.queued_bytes += path.len() + token.len();
+            inner.folded.insert(token.to_owned());
+            inner.events.push_back(WatchEvent {
+                path,
+                token: token.to_owned(),
+            });
+        }
         Ok(())
     }
 
@@ -147,7 +183,7 @@ impl XsClient {
         loop {
             let msg = self.read_message(&mut inner)?;
             if msg.ty == MsgType::WatchEvent {
-                Self::queue_event(&mut inner, &msg)?;
+                Self::queue_event(&mut inner, &msg, true)?;
                 continue;
             }
             if msg.req_id != req_id {
@@ -233,8 +269,11 @@ impl XenStore for XsClient {
     }
 
     fn watch(&self, path: &str, token: &str) -> Result<(), XsError> {
-        self.call(MsgType::Watch, Tx::NONE, wire::join_strings(&[path, token]))
-            .map(drop)
+        self.call(MsgType::Watch, Tx::NONE, wire::join_strings(&[path, token]))?;
+        self.lock()
+            .watches
+            .insert(token.to_owned(), path.to_owned());
+        Ok(())
     }
 
     fn unwatch(&self, path: &str, token: &str) -> Result<(), XsError> {
@@ -242,8 +281,9 @@ impl XenStore for XsClient {
             MsgType::Unwatch,
             Tx::NONE,
             wire::join_strings(&[path, token]),
-        )
-        .map(drop)
+        )?;
+        self.lock().watches.remove(token);
+        Ok(())
     }
 
     fn take_watch_events(&self) -> Result<Vec<WatchEvent>, XsError> {
@@ -251,10 +291,14 @@ impl XenStore for XsClient {
         // Drain whatever is already readable without blocking. No request is outstanding
         // while we hold the lock, so only watch events can arrive.
         loop {
+            if inner.queued_bytes >= MAX_QUEUED_EVENT_BYTES {
+                // A full batch: leave the rest (buffered or in the socket) for the next call.
+                break;
+            }
             if let Some((msg, used)) = wire::decode(&inner.rbuf)? {
                 inner.rbuf.drain(..used);
                 if msg.ty == MsgType::WatchEvent {
-                    Self::queue_event(&mut inner, &msg)?;
+                    Self::queue_event(&mut inner, &msg, false)?;
                 } else {
                     log::warn!("xenstore: unexpected {:?} outside a request", msg.ty);
                 }
@@ -275,6 +319,8 @@ impl XenStore for XsClient {
                 Err(e) => return Err(XsError::Io(e.into())),
             }
         }
+        inner.queued_bytes = 0;
+        inner.folded.clear();
         Ok(inner.events.drain(..).collect())
     }
 }
