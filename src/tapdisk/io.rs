@@ -279,9 +279,52 @@ struct AioJob<T> {
     sector: u64,
 }
 
+/// The workers' queue: first-in first-out per image, round-robin between images, so a VBD
+/// that keeps many jobs queued (a guest flooding its ring) delays another VBD of the same
+/// tapdisk by at most one job per busy image, not by its whole backlog. Jobs without an
+/// image (tasks) form one more queue.
+#[derive(Debug)]
+struct FairQueue<J> {
+    /// Per key, in service order: the front one is served next, then goes to the back.
+    queues: VecDeque<(usize, VecDeque<J>)>,
+}
+
+impl<J> Default for FairQueue<J> {
+    fn default() -> Self {
+        FairQueue {
+            queues: VecDeque::new(),
+        }
+    }
+}
+
+impl<J> FairQueue<J> {
+    fn push(&mut self, key: usize, job: J) {
+        match self.queues.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, q)) => q.push_back(job),
+            None => self.queues.push_back((key, VecDeque::from([job]))),
+        }
+    }
+
+    fn pop(&mut self) -> Option<J> {
+        let (key, mut q) = self.queues.pop_front()?;
+        let job = q.pop_front();
+        if !q.is_empty() {
+            self.queues.push_back((key, q));
+        }
+        job
+    }
+}
+
+/// The fairness key of a job: its image (one per VBD), or 0 for a task.
+fn fair_key<T>(job: &Job<T>) -> usize {
+    job.image
+        .as_ref()
+        .map_or(0, |i| Arc::as_ptr(i).cast::<()>() as usize)
+}
+
 #[derive(Debug)]
 struct Shared<T> {
-    jobs: Mutex<(VecDeque<Job<T>>, bool)>,
+    jobs: Mutex<(FairQueue<Job<T>>, bool)>,
     cond: Condvar,
     done: Mutex<Vec<Completion<T>>>,
     waker: Waker,
@@ -315,7 +358,7 @@ impl<T: Send + 'static> IoEngine<T> {
     /// `choice` that sets up; one log line says which runs.
     pub fn with_engine(threads: usize, choice: EngineChoice) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
-            jobs: Mutex::new((VecDeque::new(), false)),
+            jobs: Mutex::new((FairQueue::default(), false)),
             cond: Condvar::new(),
             done: Mutex::new(Vec::new()),
             waker: Waker::new().map_err(std::io::Error::from)?,
@@ -551,8 +594,9 @@ impl<T: Send + 'static> IoEngine<T> {
     }
 
     fn push(&self, job: Job<T>) {
+        let key = fair_key(&job);
         let mut q = lock(&self.shared.jobs);
-        q.0.push_back(job);
+        q.0.push(key, job);
         drop(q);
         self.shared.cond.notify_one();
     }
@@ -596,7 +640,7 @@ fn worker<T: Send>(s: &Shared<T>) {
         let job = {
             let mut q = lock(&s.jobs);
             loop {
-                if let Some(j) = q.0.pop_front() {
+                if let Some(j) = q.0.pop() {
                     break j;
                 }
                 if q.1 {
@@ -1600,5 +1644,74 @@ mod tests {
                 "case {i}"
             );
         }
+    }
+
+    #[test]
+    fn the_fair_queue_takes_turns_between_keys_and_keeps_each_key_in_order() {
+        let mut q = FairQueue::default();
+        for i in 0..4 {
+            q.push(1, (1, i));
+        }
+        q.push(2, (2, 0));
+        q.push(2, (2, 1));
+        q.push(3, (3, 0));
+        let order: Vec<_> = std::iter::from_fn(|| q.pop()).collect();
+        assert_eq!(
+            order,
+            [(1, 0), (2, 0), (3, 0), (1, 1), (2, 1), (1, 2), (1, 3)]
+        );
+        assert!(q.pop().is_none());
+        // A key that comes back after its queue emptied joins at the back.
+        q.push(1, (1, 9));
+        q.push(2, (2, 9));
+        assert_eq!(q.pop(), Some((1, 9)));
+        assert_eq!(q.pop(), Some((2, 9)));
+    }
+
+    #[test]
+    fn a_backlog_on_one_image_does_not_hold_back_another_image() {
+        // One worker, held by a task until both images' jobs are queued: 16 reads of the
+        // flooding image, then one of the quiet one.
+        let mut e = IoEngine::with_engine(1, EngineChoice::Threads).unwrap();
+        e.set_inline(false);
+        let busy: Arc<dyn Image> = Arc::new(MemImage::new(64, false));
+        let quiet: Arc<dyn Image> = Arc::new(MemImage::new(64, false));
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        e.run(
+            0u32,
+            Box::new(move || {
+                let _ = held.recv();
+                Ok(Output::Done)
+            }),
+        );
+        let read = || Op::Read {
+            sector: 0,
+            buf: AlignedBuf::zeroed(512),
+        };
+        for i in 0..16 {
+            e.submit(100 + i, Arc::clone(&busy), read());
+        }
+        e.submit(200, Arc::clone(&quiet), read());
+        release.send(()).unwrap();
+        let done = wait_all(&e, 18);
+        let at = done.iter().position(|c| c.tag == 200).unwrap();
+        // The task, then one job of each image in turn: the quiet read is third (17th,
+        // last, in one first-in first-out queue).
+        assert_eq!(
+            at,
+            2,
+            "{:?}",
+            done.iter().map(|c| c.tag).collect::<Vec<_>>()
+        );
+        let busy_order: Vec<u32> = done
+            .iter()
+            .map(|c| c.tag)
+            .filter(|t| (100..200).contains(t))
+            .collect();
+        assert_eq!(
+            busy_order,
+            (100..116).collect::<Vec<_>>(),
+            "one image's jobs stay in order"
+        );
     }
 }
