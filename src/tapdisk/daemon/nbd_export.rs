@@ -112,6 +112,7 @@ impl Tapdisk {
                     interest,
                     ending: false,
                     since: Instant::now(),
+                    counted: 0,
                 },
             );
         }
@@ -127,6 +128,10 @@ impl Tapdisk {
 
     pub(super) fn drop_conn(&mut self, id: u64) {
         if let Some(c) = self.conns.remove(&id) {
+            // Its requests in flight keep their buffers until they complete (`nbd_done`):
+            // still counted, or reconnecting clients could pile them up without limit.
+            self.nbd_mem = self.nbd_mem.saturating_sub(c.counted) + c.inflight_bytes;
+            self.mem_waiters.remove(&id);
             let _ = self.reactor.delete(c.conn.stream());
             debug!("nbd client {id} closed");
         }
@@ -161,14 +166,20 @@ impl Tapdisk {
                 return;
             };
             let accepts = self.vbds.get(&c.minor).is_some_and(Vbd::accepts_io);
+            let allowance = mem_allowance(self.cfg.nbd_mem_limit, self.nbd_mem, c.counted);
             if c.ending
                 || !accepts
                 || c.inflight >= MAX_CONN_INFLIGHT
                 || c.inflight_bytes >= MAX_CONN_INFLIGHT_BYTES
                 || c.conn.backlogged()
+                || c.conn
+                    .waiting_for_memory()
+                    .is_some_and(|need| need as u64 > allowance)
             {
                 return;
             }
+            c.conn
+                .set_mem_allowance(usize::try_from(allowance).unwrap_or(usize::MAX));
             events.clear();
             let queued = c.conn.queued_bytes();
             let status = c.conn.on_readable(1, &mut events);
@@ -194,6 +205,7 @@ impl Tapdisk {
                     }
                 }
             }
+            self.account(id);
             if self.io.has_inline() && !self.reply_now(id) {
                 return;
             }
@@ -356,6 +368,67 @@ impl Tapdisk {
 
     /// Flush output, drop finished connections, and set epoll interest to match.
     pub(super) fn settle(&mut self, id: u64) {
+        self.settle_inner(id);
+        self.account(id);
+    }
+
+    /// Bring [`Tapdisk::nbd_mem`] up to date with connection `id`.
+    pub(super) fn account(&mut self, id: u64) {
+        if let Some(c) = self.conns.get_mut(&id) {
+            // Idle recycled buffers must not keep a waiting request waiting.
+            if !self.mem_waiters.is_empty() {
+                c.conn.clear_pool();
+            }
+            let now = c.held();
+            self.nbd_mem = self.nbd_mem.saturating_sub(c.counted) + now;
+            c.counted = now;
+        }
+    }
+
+    /// Settle the connections waiting for memory whose request now fits.
+    pub(super) fn retry_mem_waiters(&mut self) {
+        if self.mem_waiters.is_empty() {
+            return;
+        }
+        if std::mem::take(&mut self.trim_pools) {
+            self.clear_nbd_pools();
+        }
+        let ready: Vec<u64> = self
+            .mem_waiters
+            .iter()
+            .filter(|(id, need)| {
+                self.conns.get(id).is_none_or(|c| {
+                    **need <= mem_allowance(self.cfg.nbd_mem_limit, self.nbd_mem, c.counted)
+                })
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ready {
+            self.mem_waiters.remove(&id);
+            self.settle(id);
+        }
+    }
+
+    /// Over the memory limit: drop every connection's recycled buffers (once a second,
+    /// from the timer).
+    pub(super) fn trim_nbd_pools(&mut self) {
+        if self.nbd_mem > self.cfg.nbd_mem_limit {
+            self.clear_nbd_pools();
+        }
+    }
+
+    /// Drop every connection's recycled buffers.
+    fn clear_nbd_pools(&mut self) {
+        let ids: Vec<u64> = self.conns.keys().copied().collect();
+        for id in ids {
+            if let Some(c) = self.conns.get_mut(&id) {
+                c.conn.clear_pool();
+            }
+            self.account(id);
+        }
+    }
+
+    fn settle_inner(&mut self, id: u64) {
         // Requests already buffered in the connection (read from the socket earlier, left
         // unprocessed when a limit was hit) produce no epoll event: decode them here as soon
         // as the connection may take requests again. Bounded: each pass starts requests or
@@ -376,11 +449,31 @@ impl Tapdisk {
                 return;
             }
             let accepts = self.vbds.get(&c.minor).is_some_and(Vbd::accepts_io);
-            let read = !c.ending
+            let mut read = !c.ending
                 && accepts
                 && c.inflight < MAX_CONN_INFLIGHT
                 && c.inflight_bytes < MAX_CONN_INFLIGHT_BYTES
                 && !c.conn.backlogged();
+            // The next request waits for memory: stop reading (no busy loop on EPOLLIN)
+            // until [`Tapdisk::retry_mem_waiters`] or this connection's own progress.
+            let waiting = c.conn.waiting_for_memory().map(|n| n as u64);
+            if let Some(need) = waiting.filter(|_| read) {
+                if need > mem_allowance(self.cfg.nbd_mem_limit, self.nbd_mem, c.counted) {
+                    c.conn.clear_pool();
+                    read = false;
+                    if self.mem_waiters.insert(id, need).is_none() {
+                        // A new waiter: the other connections' idle buffers go first.
+                        self.trim_pools = true;
+                    }
+                } else {
+                    self.mem_waiters.remove(&id);
+                }
+            } else if waiting.is_none() {
+                self.mem_waiters.remove(&id);
+            }
+            let Some(c) = self.conns.get_mut(&id) else {
+                return;
+            };
             let want = Interest {
                 read,
                 write: c.conn.wants_write(),
@@ -406,7 +499,9 @@ impl Tapdisk {
             req,
         } = t;
         let Some(c) = self.conns.get_mut(&id) else {
-            return; // the client went away: drop the result
+            // The client went away: drop the result, and its buffer from the count.
+            self.nbd_mem = self.nbd_mem.saturating_sub(req.mem_bytes());
+            return;
         };
         c.inflight = c.inflight.saturating_sub(1);
         c.inflight_bytes = c.inflight_bytes.saturating_sub(req.mem_bytes());
