@@ -188,7 +188,13 @@ impl Config {
 struct Listener {
     sock: UnixListener,
     path: PathBuf,
+    /// In the epoll set.
     registered: bool,
+    /// The VBD takes new clients (not pausing or paused).
+    wanted: bool,
+    /// accept failed (out of file descriptors): out of the epoll set, or the level-triggered
+    /// listener would wake the loop for ever, until the next tick or a client leaves.
+    starved: bool,
 }
 
 #[derive(Debug)]
@@ -240,6 +246,8 @@ pub struct Tapdisk {
     mem_waiters: BTreeMap<u64, u64>,
     /// A connection started waiting for memory: drop the recycled buffers of all.
     trim_pools: bool,
+    /// Some listener is starved (see [`Listener::starved`]).
+    accept_starved: bool,
     rings: Rings,
     /// Connections and VBDs whose I/O completed while a connection was being read (inline
     /// I/O): settled and progressed once the loop pass is through with the reading.
@@ -300,6 +308,7 @@ impl Tapdisk {
             nbd_mem: 0,
             mem_waiters: BTreeMap::new(),
             trim_pools: false,
+            accept_starved: false,
             deferred: (Vec::new(), Vec::new()),
             next_conn: 1,
             exit: false,
@@ -480,6 +489,7 @@ impl Tapdisk {
             self.drop_conn(id);
         }
         self.trim_nbd_pools();
+        self.unstarve_listeners();
         for v in self.vbds.values_mut() {
             if let Some(idle) = v.stalled(WATCHDOG) {
                 warn!(

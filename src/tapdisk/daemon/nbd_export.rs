@@ -29,15 +29,26 @@ impl Tapdisk {
                 sock,
                 path,
                 registered: true,
+                wanted: true,
+                starved: false,
             },
         );
         Ok(())
     }
 
     pub(super) fn set_listening(&mut self, minor: u16, on: bool) {
+        if let Some(l) = self.listeners.get_mut(&minor) {
+            l.wanted = on;
+        }
+        self.apply_listening(minor);
+    }
+
+    /// Put the listener in the epoll set or take it out, as wanted and not starved.
+    fn apply_listening(&mut self, minor: u16) {
         let Some(l) = self.listeners.get_mut(&minor) else {
             return;
         };
+        let on = l.wanted && !l.starved;
         if l.registered == on {
             return;
         }
@@ -51,6 +62,26 @@ impl Tapdisk {
             warn!("minor {minor}: epoll_ctl on listener: {e}");
         }
         l.registered = on;
+    }
+
+    /// Listen again on the listeners an accept failure starved (from the timer and when a
+    /// client leaves, freeing its descriptor).
+    pub(super) fn unstarve_listeners(&mut self) {
+        if !std::mem::take(&mut self.accept_starved) {
+            return;
+        }
+        let minors: Vec<u16> = self
+            .listeners
+            .iter()
+            .filter(|(_, l)| l.starved)
+            .map(|(m, _)| *m)
+            .collect();
+        for m in minors {
+            if let Some(l) = self.listeners.get_mut(&m) {
+                l.starved = false;
+            }
+            self.apply_listening(m);
+        }
     }
 
     pub(super) fn remove_listener(&mut self, minor: u16) {
@@ -67,8 +98,18 @@ impl Tapdisk {
             let stream = match l.sock.accept() {
                 Ok((s, _)) => s,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => continue,
                 Err(e) => {
-                    warn!("minor {minor}: accept: {e}");
+                    // Out of descriptors (EMFILE, ENFILE) or memory: the client stays in
+                    // the backlog and the listener stays readable. Stop polling it until
+                    // the next tick or until a client leaves, rather than spin.
+                    warn!("minor {minor}: accept: {e}: not accepting for now");
+                    if let Some(l) = self.listeners.get_mut(&minor) {
+                        l.starved = true;
+                    }
+                    self.accept_starved = true;
+                    self.apply_listening(minor);
                     return;
                 }
             };
@@ -133,6 +174,8 @@ impl Tapdisk {
             self.nbd_mem = self.nbd_mem.saturating_sub(c.counted) + c.inflight_bytes;
             self.mem_waiters.remove(&id);
             let _ = self.reactor.delete(c.conn.stream());
+            drop(c);
+            self.unstarve_listeners();
             debug!("nbd client {id} closed");
         }
     }
