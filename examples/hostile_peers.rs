@@ -872,6 +872,61 @@ fn never_readers(vbds: &[Vbd], n: usize, rng: &mut Rng, hold: Duration) -> R<Pee
     Ok(p)
 }
 
+/// tapdisk out of file descriptors: its open-files limit is lowered (prlimit) to what it
+/// has open plus 16, and `n` clients connect. The connections beyond the limit wait in the
+/// listen backlog; tapdisk must neither spin nor stop serving the others. Then the limit is
+/// restored and the clients dropped; a new client must be served again. Returns the peers
+/// and tapdisk's CPU seconds during the hold.
+fn fd_limit(vbds: &[Vbd], pid: i32, n: usize, hold: Duration) -> R<(Peers, f64)> {
+    let mut p = Peers::default();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).ctx("limits")?;
+    let (soft, hard) = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some((f.get(3)?.to_string(), f.get(4)?.to_string()))
+        })
+        .ok_or_else(|| Fail("no open-files limit in /proc/PID/limits".into()))?;
+    let prlimit = |v: &str| -> R<()> {
+        let ok = Command::new("prlimit")
+            .args(["--pid", &pid.to_string(), &format!("--nofile={v}")])
+            .status()
+            .ctx("running prlimit")?
+            .success();
+        if ok {
+            Ok(())
+        } else {
+            Err(Fail(format!("prlimit --nofile={v} failed")))
+        }
+    };
+    prlimit(&format!("{}:{hard}", open_fds(pid) + 16))?;
+    let mut held = Vec::new();
+    for i in 0..n {
+        match UnixStream::connect(&vbds[i % vbds.len()].sock) {
+            Ok(s) => held.push(s),
+            Err(_) => break, // the backlog is full
+        }
+    }
+    let c0 = cpu_ticks(pid).unwrap_or(0);
+    std::thread::sleep(hold);
+    let cpu = cpu_ticks(pid).unwrap_or(0).saturating_sub(c0) as f64 / 100.0;
+    prlimit(&format!("{soft}:{hard}"))?;
+    p.count += held.len() as u64;
+    p.answered += held.len() as u64;
+    drop(held);
+    std::thread::sleep(Duration::from_millis(1500));
+    let r = connect(&vbds[1].sock).and_then(|mut s| {
+        s.write_all(&header(CMD_READ, 1, 0, 4096)).ctx("send")?;
+        simple_reply(&mut s).ctx("reply")
+    });
+    match r {
+        Ok((0, 1)) => p.ok(),
+        r => p.bad(format!("a client after the fd shortage: {r:?}")),
+    }
+    Ok((p, cpu))
+}
+
 /// One client pipelining writes and reads in its upper half as fast as it can (a second
 /// thread reads the replies); every reply must be a success.
 fn flood(vbds: &[Vbd], rng: &mut Rng, hold: Duration) -> R<(Peers, u64)> {
@@ -1053,6 +1108,7 @@ fn real_main() -> R<bool> {
         "disconnect",
         "never-read",
         "flood",
+        "fd-limit",
     ];
     let mut rows = Vec::new();
     let mut failures: Vec<String> = Vec::new();
@@ -1109,6 +1165,13 @@ fn real_main() -> R<bool> {
                 r
             }
             "never-read" => never_readers(&vbds, sc.never_readers, &mut rng, hold),
+            "fd-limit" => fd_limit(&vbds, pid, 64, hold).map(|(p, cpu)| {
+                notes = format!(
+                    "open-files limit = open + 16; tapdisk CPU {cpu:.1} s in the {:.0} s held",
+                    hold.as_secs_f64()
+                );
+                p
+            }),
             _ => flood(&vbds, &mut rng, hold).map(|(p, n)| {
                 notes = format!("{n} pipelined requests answered");
                 p
