@@ -14,7 +14,8 @@ usage: scripts/hostile-peers.sh [--ci | --long] [--release] [--seed S] [--work D
   --release    build and run the release binaries (default: debug)
   --seed S     seed (default: time-based; printed, rerun with it)
   --work DIR   scratch directory (default: a new one under /var/tmp, removed afterwards)
-Runs as root (it resets tapdisk's peak RSS through /proc/PID/clear_refs), under nice -n 10.
+Runs under nice -n 10 as the user tapdisk runs as (it resets tapdisk's peak RSS through
+/proc/PID/clear_refs and lowers its open-files limit with prlimit).
 Exit status 0 = every check of every scenario passed.
 USAGE
 }
