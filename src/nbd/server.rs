@@ -3,8 +3,9 @@
 //! The connection turns readable bytes into [`Event`]s (validated commands with their write
 //! payloads) and queues replies, which [`Connection::flush`] writes with `writev` as the
 //! socket accepts them. It never blocks: a slow client only grows its own output queue (the
-//! caller stops reading from it when [`Connection::backlogged`] says so). Images, in-flight
-//! accounting and the event loop are the caller's business (tapdisk's NBD glue).
+//! caller stops reading from it when [`Connection::backlogged`] says so), and the caller can
+//! bound the data buffers new requests take ([`Connection::set_mem_allowance`]). Images,
+//! in-flight accounting and the event loop are the caller's business (tapdisk's NBD glue).
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice, Read};

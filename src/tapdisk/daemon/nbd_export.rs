@@ -4,6 +4,13 @@
 //! A connection reads only while its VBD accepts I/O (not pausing, paused or closing), it has
 //! fewer than `MAX_CONN_INFLIGHT` requests in the engine and its output queue is not
 //! backlogged; otherwise its epoll interest drops EPOLLIN and the client waits in the socket.
+//! All connections together hold at most `NBD_MEM_LIMIT` of buffers (requests in flight,
+//! queued replies, WRITE payloads being received, recycled buffers, and the requests of
+//! connections already gone); past it a READ or WRITE starts only if it fits in what is left,
+//! or, for a connection holding under `NBD_MEM_FLOOR`, within that floor; otherwise it waits
+//! undecoded (`Connection::waiting_for_memory`) and `retry_mem_waiters` settles it once it fits.
+//! An `accept` that fails (out of descriptors) takes the listener out of the epoll set until
+//! the next tick or until a client leaves.
 
 use super::*;
 use crate::util::AlignedBuf;
