@@ -5,7 +5,8 @@
 # Yocto layer (oelint-adv, crate list, the recipe's build and install run outside bitbake for
 # i686), the SELinux module, the kernel config, the hotplug and init scripts, install-deps in
 # fresh Debian roots, the kill -9 torture (200 kill points) and 60 power cuts (dm-flakey in a
-# QEMU-booted Linux), every fuzz target for 25 s, Miri on the codecs, and shellcheck.
+# QEMU-booted Linux), hostile NBD and control peers against one tapdisk, every fuzz target
+# for 25 s, Miri on the codecs, and shellcheck.
 # Installs what it needs first. Every step runs even when an earlier one failed; the exit
 # status says whether all passed.
 set -euo pipefail
@@ -34,6 +35,7 @@ run hostile cargo test --test xenio_hostile -- --ignored hostile_stream_million
 run i686 cargo test --target i686-unknown-linux-gnu
 run no-sim scripts/check-release-no-sim.sh
 run torture scripts/torture.sh --ci
+run hostile-peers scripts/hostile-peers.sh --ci
 run fuzz-fmt cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 run fuzz scripts/fuzz.sh --ci 25
 run miri scripts/miri.sh --install --suite lib --suite xenstore
@@ -66,7 +68,7 @@ for name in no-sim xen-e2e layer hotplug install-deps-roots fuzz miri; do
     p=$((p + ${a:-0})) f=$((f + ${b:-1}))
     a="" b=""
 done
-for name in torture fuzz-fmt nbd-vm powercut selinux kernel-config toolstack-patch; do
+for name in torture hostile-peers fuzz-fmt nbd-vm powercut selinux kernel-config toolstack-patch; do
     if printf '%s\n' "${failed_steps[@]}" | grep -q "^$name "; then f=$((f + 1)); else p=$((p + 1)); fi
 done
 if [ "${#failed_steps[@]}" -gt 0 ]; then

@@ -3,8 +3,9 @@
 //! The connection turns readable bytes into [`Event`]s (validated commands with their write
 //! payloads) and queues replies, which [`Connection::flush`] writes with `writev` as the
 //! socket accepts them. It never blocks: a slow client only grows its own output queue (the
-//! caller stops reading from it when [`Connection::backlogged`] says so). Images, in-flight
-//! accounting and the event loop are the caller's business (tapdisk's NBD glue).
+//! caller stops reading from it when [`Connection::backlogged`] says so), and the caller can
+//! bound the data buffers new requests take ([`Connection::set_mem_allowance`]). Images,
+//! in-flight accounting and the event loop are the caller's business (tapdisk's NBD glue).
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice, Read};
@@ -111,6 +112,12 @@ pub struct Connection {
     pool_bytes: usize,
     /// The last socket read came up short: wait for epoll before reading again.
     drained: bool,
+    /// Buffer bytes the next requests may take (READ and WRITE lengths), set by the caller
+    /// before [`Connection::on_readable`]: a request needing more waits, undecoded.
+    mem_allowance: usize,
+    /// Buffer bytes the request at the head of the input needs, when it is waiting for
+    /// [`Connection::set_mem_allowance`] to allow them.
+    mem_wait: Option<usize>,
     /// Why the connection is ending, once it is.
     pub close_reason: Option<NbdError>,
 }
@@ -134,6 +141,8 @@ impl Connection {
             pool: HashMap::new(),
             pool_bytes: 0,
             drained: false,
+            mem_allowance: usize::MAX,
+            mem_wait: None,
             close_reason: None,
         };
         c.queue(greeting);
@@ -168,6 +177,34 @@ impl Connection {
     /// Bytes of output queued and not yet written.
     pub fn queued_bytes(&self) -> usize {
         self.out_bytes
+    }
+
+    /// Allow the next requests `bytes` of data buffers in total (default: no limit). A
+    /// READ or WRITE needing more stays undecoded ([`Connection::waiting_for_memory`]) until
+    /// a later allowance covers it; other requests are not held back.
+    pub fn set_mem_allowance(&mut self, bytes: usize) {
+        self.mem_allowance = bytes;
+    }
+
+    /// The buffer bytes the next request needs, if it is waiting for an allowance.
+    pub fn waiting_for_memory(&self) -> Option<usize> {
+        self.mem_wait
+    }
+
+    /// Memory this connection holds for its client: queued output, recycled buffers and a
+    /// WRITE payload being received (requests in the engine are the caller's to count).
+    pub fn held_bytes(&self) -> usize {
+        let payload = match &self.phase {
+            Phase::Payload { buf, .. } => buf.len(),
+            _ => 0,
+        };
+        self.out_bytes + self.pool_bytes + payload
+    }
+
+    /// Drop the recycled buffers.
+    pub fn clear_pool(&mut self) {
+        self.pool.clear();
+        self.pool_bytes = 0;
     }
 
     /// A buffer of exactly `len` bytes (old contents if recycled: the caller overwrites it).
@@ -223,7 +260,12 @@ impl Connection {
             if matches!(self.phase, Phase::Closed) {
                 return ReadStatus::Done;
             }
-            if budget == 0 || self.drained || self.backlogged() || read >= READ_BUDGET {
+            if budget == 0
+                || self.drained
+                || self.backlogged()
+                || self.mem_wait.is_some()
+                || read >= READ_BUDGET
+            {
                 return ReadStatus::Open;
             }
             // Large write payloads are read straight into their buffer.
@@ -311,9 +353,27 @@ impl Connection {
                     }
                     let mut h = [0u8; proto::REQUEST_LEN];
                     h.copy_from_slice(&self.rbuf[self.rstart..self.rstart + proto::REQUEST_LEN]);
-                    self.rstart += proto::REQUEST_LEN;
-                    let hdr = RequestHeader::parse(&h)?;
+                    let hdr = match RequestHeader::parse(&h) {
+                        Ok(hdr) => hdr,
+                        Err(e) => {
+                            self.rstart += proto::REQUEST_LEN;
+                            return Err(e);
+                        }
+                    };
                     let v = proto::validate(&hdr, &self.export, &self.neg);
+                    // The data buffer this request takes (its READ buffer is the caller's,
+                    // taken when the request starts).
+                    let need = match &v {
+                        Ok(Command::Read { len, .. } | Command::Write { len, .. }) => *len as usize,
+                        _ => 0,
+                    };
+                    if need > self.mem_allowance {
+                        self.mem_wait = Some(need);
+                        return Ok(());
+                    }
+                    self.mem_wait = None;
+                    self.mem_allowance -= need;
+                    self.rstart += proto::REQUEST_LEN;
                     if hdr.payload_len() > 0 {
                         match v {
                             Ok(cmd) => {
@@ -750,6 +810,61 @@ mod tests {
         let mut rep = [0u8; 16];
         peer.read_exact(&mut rep).unwrap();
         assert_eq!(rep, simple_reply(3, NBD_EPERM));
+    }
+
+    #[test]
+    fn a_request_needing_more_than_the_allowance_waits_undecoded() {
+        let (mut c, mut peer) = pair(false);
+        handshake(&mut c, &mut peer);
+        let r = RequestHeader {
+            flags: 0,
+            typ: CMD_READ,
+            cookie: 1,
+            offset: 0,
+            length: 8192,
+        };
+        let mut input = r.encode().to_vec();
+        input.extend_from_slice(&RequestHeader { cookie: 2, ..r }.encode());
+        peer.write_all(&input).unwrap();
+        c.set_mem_allowance(12288);
+        let mut ev = Vec::new();
+        assert_eq!(readable(&mut c, 16, &mut ev), ReadStatus::Open);
+        assert_eq!(
+            ev.len(),
+            1,
+            "the second 8 KiB read does not fit in the 4 KiB left"
+        );
+        assert_eq!(c.waiting_for_memory(), Some(8192));
+        assert!(c.has_buffered_input());
+        c.set_mem_allowance(8192);
+        assert_eq!(c.on_readable(16, &mut ev), ReadStatus::Open);
+        assert!(matches!(ev[1], Event::Request { cookie: 2, .. }));
+        assert_eq!(c.waiting_for_memory(), None);
+        // Requests without data buffers are not held back.
+        peer.write_all(
+            &RequestHeader {
+                typ: CMD_FLUSH,
+                cookie: 3,
+                length: 0,
+                ..r
+            }
+            .encode(),
+        )
+        .unwrap();
+        c.set_mem_allowance(0);
+        assert_eq!(readable(&mut c, 16, &mut ev), ReadStatus::Open);
+        assert!(matches!(ev[2], Event::Request { cookie: 3, .. }));
+        // A WRITE's payload buffer counts while it is being received.
+        let w = RequestHeader {
+            typ: CMD_WRITE,
+            cookie: 4,
+            ..r
+        };
+        peer.write_all(&w.encode()).unwrap();
+        peer.write_all(&[7u8; 100]).unwrap();
+        c.set_mem_allowance(8192);
+        assert_eq!(readable(&mut c, 16, &mut ev), ReadStatus::Open);
+        assert_eq!(c.held_bytes(), 8192);
     }
 
     proptest::proptest! {

@@ -56,6 +56,16 @@ const MAX_CONN_INFLIGHT: u32 = 128;
 /// Buffer bytes in flight per NBD connection before the loop stops reading from it (so 128
 /// reads of 32 MiB cannot make a client pin 4 GiB of dom0 memory).
 const MAX_CONN_INFLIGHT_BYTES: u64 = 64 << 20;
+/// Buffer memory all NBD connections together may hold (requests in flight, replies queued
+/// for clients that do not read them, WRITE payloads being received, recycled buffers)
+/// before a connection may start only requests that fit in what is left. Without it, every
+/// client that never reads its replies pins `MAX_CONN_INFLIGHT_BYTES` plus its queue, and
+/// every client that sends a 32 MiB WRITE header and stalls pins 32 MiB: RSS grew with
+/// the number of hostile connections (scripts/hostile-peers.sh).
+pub const NBD_MEM_LIMIT: u64 = 256 << 20;
+/// A connection holding at most this much may always start a request of up to the rest
+/// (so small-I/O clients keep being served while others exhaust `NBD_MEM_LIMIT`).
+const NBD_MEM_FLOOR: u64 = 1 << 20;
 /// Rounds of inline completions handled per loop pass before polling again.
 const INLINE_ROUNDS: usize = 4;
 /// Requests taken from one connection per readiness event before serving others.
@@ -150,6 +160,8 @@ pub struct Config {
     /// Poll a blkif ring this long after its last request before re-arming it
     /// (`TAPDISK3_POLL_US`; zero, the default, turns polling off). See [`Rings::set_poll`].
     pub ring_poll: Duration,
+    /// Buffer memory all NBD clients together may hold (default `NBD_MEM_LIMIT`).
+    pub nbd_mem_limit: u64,
 }
 
 impl Config {
@@ -167,6 +179,7 @@ impl Config {
             lock_markers: true,
             handshake_timeout: HANDSHAKE_TIMEOUT,
             ring_poll: Duration::ZERO,
+            nbd_mem_limit: NBD_MEM_LIMIT,
         }
     }
 
@@ -180,7 +193,13 @@ impl Config {
 struct Listener {
     sock: UnixListener,
     path: PathBuf,
+    /// In the epoll set.
     registered: bool,
+    /// The VBD takes new clients (not pausing or paused).
+    wanted: bool,
+    /// accept failed (out of file descriptors): out of the epoll set, or the level-triggered
+    /// listener would wake the loop for ever, until the next tick or a client leaves.
+    starved: bool,
 }
 
 #[derive(Debug)]
@@ -194,6 +213,23 @@ struct NbdConn {
     /// No more requests: DISC, EOF, protocol error or VBD closing.
     ending: bool,
     since: Instant,
+    /// What [`NbdConn::held`] was when last added to [`Tapdisk::nbd_mem`].
+    counted: u64,
+}
+
+impl NbdConn {
+    /// Buffer memory held for this client: requests in flight and the connection's own.
+    fn held(&self) -> u64 {
+        self.inflight_bytes + self.conn.held_bytes() as u64
+    }
+}
+
+/// The data buffer bytes a connection holding `held` may take for its next requests when
+/// all connections hold `total` of `limit`.
+fn mem_allowance(limit: u64, total: u64, held: u64) -> u64 {
+    limit
+        .saturating_sub(total)
+        .max(NBD_MEM_FLOOR.saturating_sub(held))
 }
 
 /// A tapdisk: any number of VBDs served by one event loop.
@@ -208,6 +244,15 @@ pub struct Tapdisk {
     listeners: HashMap<u16, Listener>,
     conns: HashMap<u64, NbdConn>,
     next_conn: u64,
+    /// Sum of every connection's [`NbdConn::counted`], plus the buffers of requests still
+    /// in flight for connections already gone.
+    nbd_mem: u64,
+    /// Connections whose next request waits for memory (`NBD_MEM_LIMIT`), with its need.
+    mem_waiters: BTreeMap<u64, u64>,
+    /// A connection started waiting for memory: drop the recycled buffers of all.
+    trim_pools: bool,
+    /// Some listener is starved (see [`Listener::starved`]).
+    accept_starved: bool,
     rings: Rings,
     /// Connections and VBDs whose I/O completed while a connection was being read (inline
     /// I/O): settled and progressed once the loop pass is through with the reading.
@@ -270,6 +315,10 @@ impl Tapdisk {
             vbds: BTreeMap::new(),
             listeners: HashMap::new(),
             conns: HashMap::new(),
+            nbd_mem: 0,
+            mem_waiters: BTreeMap::new(),
+            trim_pools: false,
+            accept_starved: false,
             deferred: (Vec::new(), Vec::new()),
             next_conn: 1,
             exit: false,
@@ -358,6 +407,7 @@ impl Tapdisk {
                 }
                 self.io_ready();
             }
+            self.retry_mem_waiters();
             // Re-poll rings and publish their responses: one notify per ring per iteration.
             self.rings.repoll_and_publish(&self.io, &mut self.vbds);
         }
@@ -448,6 +498,8 @@ impl Tapdisk {
             info!("nbd client {id}: handshake timed out");
             self.drop_conn(id);
         }
+        self.trim_nbd_pools();
+        self.unstarve_listeners();
         for v in self.vbds.values_mut() {
             if let Some(idle) = v.stalled(WATCHDOG) {
                 warn!(

@@ -4,6 +4,13 @@
 //! A connection reads only while its VBD accepts I/O (not pausing, paused or closing), it has
 //! fewer than `MAX_CONN_INFLIGHT` requests in the engine and its output queue is not
 //! backlogged; otherwise its epoll interest drops EPOLLIN and the client waits in the socket.
+//! All connections together hold at most `NBD_MEM_LIMIT` of buffers (requests in flight,
+//! queued replies, WRITE payloads being received, recycled buffers, and the requests of
+//! connections already gone); past it a READ or WRITE starts only if it fits in what is left,
+//! or, for a connection holding under `NBD_MEM_FLOOR`, within that floor; otherwise it waits
+//! undecoded (`Connection::waiting_for_memory`) and `retry_mem_waiters` settles it once it fits.
+//! An `accept` that fails (out of descriptors) takes the listener out of the epoll set until
+//! the next tick or until a client leaves.
 
 use super::*;
 use crate::util::AlignedBuf;
@@ -29,15 +36,26 @@ impl Tapdisk {
                 sock,
                 path,
                 registered: true,
+                wanted: true,
+                starved: false,
             },
         );
         Ok(())
     }
 
     pub(super) fn set_listening(&mut self, minor: u16, on: bool) {
+        if let Some(l) = self.listeners.get_mut(&minor) {
+            l.wanted = on;
+        }
+        self.apply_listening(minor);
+    }
+
+    /// Put the listener in the epoll set or take it out, as wanted and not starved.
+    fn apply_listening(&mut self, minor: u16) {
         let Some(l) = self.listeners.get_mut(&minor) else {
             return;
         };
+        let on = l.wanted && !l.starved;
         if l.registered == on {
             return;
         }
@@ -51,6 +69,26 @@ impl Tapdisk {
             warn!("minor {minor}: epoll_ctl on listener: {e}");
         }
         l.registered = on;
+    }
+
+    /// Listen again on the listeners an accept failure starved (from the timer and when a
+    /// client leaves, freeing its descriptor).
+    pub(super) fn unstarve_listeners(&mut self) {
+        if !std::mem::take(&mut self.accept_starved) {
+            return;
+        }
+        let minors: Vec<u16> = self
+            .listeners
+            .iter()
+            .filter(|(_, l)| l.starved)
+            .map(|(m, _)| *m)
+            .collect();
+        for m in minors {
+            if let Some(l) = self.listeners.get_mut(&m) {
+                l.starved = false;
+            }
+            self.apply_listening(m);
+        }
     }
 
     pub(super) fn remove_listener(&mut self, minor: u16) {
@@ -67,8 +105,18 @@ impl Tapdisk {
             let stream = match l.sock.accept() {
                 Ok((s, _)) => s,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => continue,
                 Err(e) => {
-                    warn!("minor {minor}: accept: {e}");
+                    // Out of descriptors (EMFILE, ENFILE) or memory: the client stays in
+                    // the backlog and the listener stays readable. Stop polling it until
+                    // the next tick or until a client leaves, rather than spin.
+                    warn!("minor {minor}: accept: {e}: not accepting for now");
+                    if let Some(l) = self.listeners.get_mut(&minor) {
+                        l.starved = true;
+                    }
+                    self.accept_starved = true;
+                    self.apply_listening(minor);
                     return;
                 }
             };
@@ -112,6 +160,7 @@ impl Tapdisk {
                     interest,
                     ending: false,
                     since: Instant::now(),
+                    counted: 0,
                 },
             );
         }
@@ -127,7 +176,13 @@ impl Tapdisk {
 
     pub(super) fn drop_conn(&mut self, id: u64) {
         if let Some(c) = self.conns.remove(&id) {
+            // Its requests in flight keep their buffers until they complete (`nbd_done`):
+            // still counted, or reconnecting clients could pile them up without limit.
+            self.nbd_mem = self.nbd_mem.saturating_sub(c.counted) + c.inflight_bytes;
+            self.mem_waiters.remove(&id);
             let _ = self.reactor.delete(c.conn.stream());
+            drop(c);
+            self.unstarve_listeners();
             debug!("nbd client {id} closed");
         }
     }
@@ -161,14 +216,20 @@ impl Tapdisk {
                 return;
             };
             let accepts = self.vbds.get(&c.minor).is_some_and(Vbd::accepts_io);
+            let allowance = mem_allowance(self.cfg.nbd_mem_limit, self.nbd_mem, c.counted);
             if c.ending
                 || !accepts
                 || c.inflight >= MAX_CONN_INFLIGHT
                 || c.inflight_bytes >= MAX_CONN_INFLIGHT_BYTES
                 || c.conn.backlogged()
+                || c.conn
+                    .waiting_for_memory()
+                    .is_some_and(|need| need as u64 > allowance)
             {
                 return;
             }
+            c.conn
+                .set_mem_allowance(usize::try_from(allowance).unwrap_or(usize::MAX));
             events.clear();
             let queued = c.conn.queued_bytes();
             let status = c.conn.on_readable(1, &mut events);
@@ -194,6 +255,7 @@ impl Tapdisk {
                     }
                 }
             }
+            self.account(id);
             if self.io.has_inline() && !self.reply_now(id) {
                 return;
             }
@@ -356,6 +418,67 @@ impl Tapdisk {
 
     /// Flush output, drop finished connections, and set epoll interest to match.
     pub(super) fn settle(&mut self, id: u64) {
+        self.settle_inner(id);
+        self.account(id);
+    }
+
+    /// Bring [`Tapdisk::nbd_mem`] up to date with connection `id`.
+    pub(super) fn account(&mut self, id: u64) {
+        if let Some(c) = self.conns.get_mut(&id) {
+            // Idle recycled buffers must not keep a waiting request waiting.
+            if !self.mem_waiters.is_empty() {
+                c.conn.clear_pool();
+            }
+            let now = c.held();
+            self.nbd_mem = self.nbd_mem.saturating_sub(c.counted) + now;
+            c.counted = now;
+        }
+    }
+
+    /// Settle the connections waiting for memory whose request now fits.
+    pub(super) fn retry_mem_waiters(&mut self) {
+        if self.mem_waiters.is_empty() {
+            return;
+        }
+        if std::mem::take(&mut self.trim_pools) {
+            self.clear_nbd_pools();
+        }
+        let ready: Vec<u64> = self
+            .mem_waiters
+            .iter()
+            .filter(|(id, need)| {
+                self.conns.get(id).is_none_or(|c| {
+                    **need <= mem_allowance(self.cfg.nbd_mem_limit, self.nbd_mem, c.counted)
+                })
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ready {
+            self.mem_waiters.remove(&id);
+            self.settle(id);
+        }
+    }
+
+    /// Over the memory limit: drop every connection's recycled buffers (once a second,
+    /// from the timer).
+    pub(super) fn trim_nbd_pools(&mut self) {
+        if self.nbd_mem > self.cfg.nbd_mem_limit {
+            self.clear_nbd_pools();
+        }
+    }
+
+    /// Drop every connection's recycled buffers.
+    fn clear_nbd_pools(&mut self) {
+        let ids: Vec<u64> = self.conns.keys().copied().collect();
+        for id in ids {
+            if let Some(c) = self.conns.get_mut(&id) {
+                c.conn.clear_pool();
+            }
+            self.account(id);
+        }
+    }
+
+    fn settle_inner(&mut self, id: u64) {
         // Requests already buffered in the connection (read from the socket earlier, left
         // unprocessed when a limit was hit) produce no epoll event: decode them here as soon
         // as the connection may take requests again. Bounded: each pass starts requests or
@@ -376,11 +499,31 @@ impl Tapdisk {
                 return;
             }
             let accepts = self.vbds.get(&c.minor).is_some_and(Vbd::accepts_io);
-            let read = !c.ending
+            let mut read = !c.ending
                 && accepts
                 && c.inflight < MAX_CONN_INFLIGHT
                 && c.inflight_bytes < MAX_CONN_INFLIGHT_BYTES
                 && !c.conn.backlogged();
+            // The next request waits for memory: stop reading (no busy loop on EPOLLIN)
+            // until [`Tapdisk::retry_mem_waiters`] or this connection's own progress.
+            let waiting = c.conn.waiting_for_memory().map(|n| n as u64);
+            if let Some(need) = waiting.filter(|_| read) {
+                if need > mem_allowance(self.cfg.nbd_mem_limit, self.nbd_mem, c.counted) {
+                    c.conn.clear_pool();
+                    read = false;
+                    if self.mem_waiters.insert(id, need).is_none() {
+                        // A new waiter: the other connections' idle buffers go first.
+                        self.trim_pools = true;
+                    }
+                } else {
+                    self.mem_waiters.remove(&id);
+                }
+            } else if waiting.is_none() {
+                self.mem_waiters.remove(&id);
+            }
+            let Some(c) = self.conns.get_mut(&id) else {
+                return;
+            };
             let want = Interest {
                 read,
                 write: c.conn.wants_write(),
@@ -406,7 +549,9 @@ impl Tapdisk {
             req,
         } = t;
         let Some(c) = self.conns.get_mut(&id) else {
-            return; // the client went away: drop the result
+            // The client went away: drop the result, and its buffer from the count.
+            self.nbd_mem = self.nbd_mem.saturating_sub(req.mem_bytes());
+            return;
         };
         c.inflight = c.inflight.saturating_sub(1);
         c.inflight_bytes = c.inflight_bytes.saturating_sub(req.mem_bytes());
