@@ -19,13 +19,15 @@
 //! Usage: `hostile_peers --bindir DIR --work DIR [--long] [--seed S]` (run by
 //! `scripts/hostile-peers.sh`, which documents the options).
 
+mod common;
+
 use blktap3::nbd::client::Client;
 use blktap3::nbd::proto::{
     RequestHeader, CMD_FLUSH, CMD_READ, CMD_WRITE, MAX_PAYLOAD, NBD_EINVAL, NBD_ENOSPC,
     REQUEST_MAGIC, SIMPLE_REPLY_MAGIC,
 };
+use common::{alive, seed_or_clock, Ctx, Env, Fail, Rng, R};
 use std::collections::HashMap;
-use std::fmt;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -50,52 +52,6 @@ const VERIFY_BYTES: u64 = 4 << 20;
 const MAX_LATENCY: Duration = Duration::from_secs(10);
 /// Socket timeout for verifiers and for peers waiting for an answer.
 const IO_TIMEOUT: Duration = Duration::from_secs(20);
-
-#[derive(Debug)]
-struct Fail(String);
-
-impl fmt::Display for Fail {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-type R<T> = Result<T, Fail>;
-
-trait Ctx<T> {
-    fn ctx(self, what: impl fmt::Display) -> R<T>;
-}
-
-impl<T, E: fmt::Display> Ctx<T> for Result<T, E> {
-    fn ctx(self, what: impl fmt::Display) -> R<T> {
-        self.map_err(|e| Fail(format!("{what}: {e}")))
-    }
-}
-
-/// splitmix64.
-#[derive(Clone)]
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        let mut v = Vec::with_capacity(n + 8);
-        while v.len() < n {
-            v.extend_from_slice(&self.next().to_le_bytes());
-        }
-        v.truncate(n);
-        v
-    }
-}
 
 /// The content of sector `lba` written by verifier `vid` with generation `gen`.
 fn stamp(lba: u64, gen: u64, vid: u32, out: &mut Vec<u8>) {
@@ -158,13 +114,7 @@ fn parse_opts() -> R<Opts> {
             _ => return Err(Fail(format!("unknown argument {k}"))),
         }
     }
-    o.seed = match seed {
-        Some(s) => s,
-        None => std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(1),
-    };
+    o.seed = seed_or_clock(seed);
     Ok(o)
 }
 
@@ -179,38 +129,6 @@ struct Scale {
     garbage_peers: usize,
     disconnects: usize,
     never_readers: usize,
-}
-
-struct Env {
-    bindir: PathBuf,
-    ctl: PathBuf,
-    keys: PathBuf,
-}
-
-impl Env {
-    fn cmd(&self, prog: &str) -> Command {
-        let mut c = Command::new(self.bindir.join(prog));
-        c.env("BLKTAP_CONTROL_DIR", &self.ctl)
-            .env("BLKTAP_TAPDISK", self.bindir.join("tapdisk"))
-            .env("BLKTAP_NBD_DEVICE", "0")
-            .env("TAPDISK3_CRYPTO_KEYDIR", &self.keys);
-        c
-    }
-
-    fn run_ok(&self, prog: &str, args: &[&str]) -> R<String> {
-        let out = self
-            .cmd(prog)
-            .args(args)
-            .output()
-            .ctx(format!("running {prog}"))?;
-        let mut s = String::from_utf8_lossy(&out.stdout).into_owned();
-        s.push_str(&String::from_utf8_lossy(&out.stderr));
-        if out.status.success() {
-            Ok(s)
-        } else {
-            Err(Fail(format!("{prog} {args:?} failed: {}", s.trim())))
-        }
-    }
 }
 
 fn s(p: &Path) -> R<&str> {
@@ -277,15 +195,6 @@ fn add_vbd(env: &Env, pid: i32, dir: &Path, i: usize, kind: Kind, rng: &mut Rng)
         sock,
         path,
     })
-}
-
-fn alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
 }
 
 /// A `/proc/PID/status` field in KiB.

@@ -26,12 +26,14 @@
 //! N-th kill point it writes behind the model's back (a generation never submitted, and zeros
 //! over a flushed sector) and the run must then report garbage and data lost.
 
+mod common;
+
 use blktap3::nbd::client::{Client, ClientReply};
 use blktap3::nbd::proto::{RequestHeader, CMD_FLUSH, CMD_WRITE};
+use common::{alive, seed_or_clock, Ctx, Env, Fail, Rng, R};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use std::collections::{BTreeSet, HashMap};
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -47,49 +49,6 @@ const DISK_SECTORS: u64 = DISK_MB * 2048;
 /// Generation stamped on the parent's sectors (differencing leaf).
 const PARENT_GEN: u32 = u32::MAX;
 const MAGIC: &[u8; 8] = b"TORTURE1";
-
-/// The driver's one error type: what failed, in words (a torture run reports, never panics).
-#[derive(Debug)]
-struct Fail(String);
-
-impl fmt::Display for Fail {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Fail {}
-
-type R<T> = Result<T, Fail>;
-
-trait Ctx<T> {
-    fn ctx(self, what: impl fmt::Display) -> R<T>;
-}
-
-impl<T, E: fmt::Display> Ctx<T> for Result<T, E> {
-    fn ctx(self, what: impl fmt::Display) -> R<T> {
-        self.map_err(|e| Fail(format!("{what}: {e}")))
-    }
-}
-
-/// splitmix64: small, seedable, good enough to choose offsets and delays.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
 
 fn fnv(data: &[u8]) -> u64 {
     data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
@@ -283,53 +242,11 @@ fn parse_opts() -> R<Opts> {
             _ => return Err(Fail(format!("unknown argument {k}"))),
         }
     }
-    o.seed = match seed {
-        Some(s) => s,
-        None => std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(1),
-    };
+    o.seed = seed_or_clock(seed);
     Ok(o)
 }
 
-struct Env {
-    bindir: PathBuf,
-    ctl: PathBuf,
-    keys: PathBuf,
-}
-
 impl Env {
-    fn cmd(&self, prog: &str) -> Command {
-        let mut c = Command::new(self.bindir.join(prog));
-        c.env("BLKTAP_CONTROL_DIR", &self.ctl)
-            .env("BLKTAP_TAPDISK", self.bindir.join("tapdisk"))
-            .env("BLKTAP_NBD_DEVICE", "0")
-            .env("TAPDISK3_CRYPTO_KEYDIR", &self.keys);
-        c
-    }
-
-    /// Runs `prog args`; (success, stdout+stderr).
-    fn run(&self, prog: &str, args: &[&str]) -> R<(bool, String)> {
-        let out = self
-            .cmd(prog)
-            .args(args)
-            .output()
-            .ctx(format!("running {prog}"))?;
-        let mut s = String::from_utf8_lossy(&out.stdout).into_owned();
-        s.push_str(&String::from_utf8_lossy(&out.stderr));
-        Ok((out.status.success(), s))
-    }
-
-    fn run_ok(&self, prog: &str, args: &[&str]) -> R<String> {
-        let (ok, s) = self.run(prog, args)?;
-        if ok {
-            Ok(s)
-        } else {
-            Err(Fail(format!("{prog} {args:?} failed: {}", s.trim())))
-        }
-    }
-
     /// `tap-ctl create -a vhd:IMG`: (tapdisk pid, minor, NBD socket).
     fn create(&self, img: &Path) -> R<(i32, u16, PathBuf)> {
         let params = format!("vhd:{}", img.display());
@@ -362,17 +279,6 @@ impl Env {
             }
         }
         Ok(())
-    }
-}
-
-/// Whether `pid` still runs: exists and is not a zombie (a SIGKILLed tapdisk's parent is
-/// init, which may reap it late; its files are closed once it is a zombie).
-fn alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
-        Err(_) => false,
     }
 }
 
