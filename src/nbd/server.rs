@@ -10,6 +10,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice, Read};
 use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
 
 use super::proto::{self, Command, ExportInfo, Handshake, Negotiated, Outcome, RequestHeader};
 use super::NbdError;
@@ -120,6 +121,9 @@ pub struct Connection {
     mem_wait: Option<usize>,
     /// Why the connection is ending, once it is.
     pub close_reason: Option<NbdError>,
+    /// When the client last moved bytes (we read from it or wrote to it), or the output
+    /// queue last ran empty: see [`Connection::stalled_for`].
+    last_progress: Instant,
 }
 
 impl Connection {
@@ -144,6 +148,7 @@ impl Connection {
             mem_allowance: usize::MAX,
             mem_wait: None,
             close_reason: None,
+            last_progress: Instant::now(),
         };
         c.queue(greeting);
         Ok(c)
@@ -172,6 +177,15 @@ impl Connection {
     /// Too much output queued: stop reading requests until it drains.
     pub fn backlogged(&self) -> bool {
         self.out_bytes > OUT_HIGH_WATER
+    }
+
+    /// How long the client has held us up: replies queued that it does not read, or a WRITE
+    /// payload it stopped sending part-way, with no byte moved for that long. `None` while
+    /// it owes us nothing (an idle client, or a request waiting for our memory).
+    pub fn stalled_for(&self, now: Instant) -> Option<Duration> {
+        let mid_payload = matches!(self.phase, Phase::Payload { .. });
+        (self.out_bytes > 0 || mid_payload)
+            .then(|| now.saturating_duration_since(self.last_progress))
     }
 
     /// Bytes of output queued and not yet written.
@@ -232,6 +246,10 @@ impl Connection {
 
     fn queue_range(&mut self, buf: OutBuf, start: usize, end: usize) {
         if end > start {
+            if self.out_bytes == 0 {
+                // The client owes us nothing until now: its time starts here.
+                self.last_progress = Instant::now();
+            }
             self.out_bytes += end - start;
             self.out.push_back(OutChunk { buf, start, end });
         }
@@ -302,7 +320,10 @@ impl Connection {
                     self.phase = Phase::Closed;
                     return ReadStatus::Done;
                 }
-                Ok(n) => read += n,
+                Ok(n) => {
+                    read += n;
+                    self.last_progress = Instant::now();
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.drained = true;
                     return ReadStatus::Open;
@@ -525,6 +546,9 @@ impl Connection {
                 Err(e) => return Err(io::Error::from(e)),
             };
             self.out_bytes -= n;
+            if n > 0 {
+                self.last_progress = Instant::now();
+            }
             let mut left = n;
             while left > 0 {
                 let Some(front) = self.out.front_mut() else {

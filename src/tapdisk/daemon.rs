@@ -73,6 +73,11 @@ const READ_BATCH: usize = 64;
 /// A client still negotiating after this long is dropped (default of
 /// [`Config::handshake_timeout`]; the C tapdisk tolerates 40 s during SXM).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
+/// A client that holds replies it does not read, or stops sending a WRITE payload part-way,
+/// for this long with no byte moved is dropped (default of [`Config::nbd_stall_timeout`]):
+/// what it holds counts against [`NBD_MEM_LIMIT`], which other clients' large requests
+/// wait for. A client that reads or sends anything at all keeps its connection.
+pub const NBD_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Requests pending this long without any completion on their VBD get logged (once).
 const WATCHDOG: Duration = Duration::from_secs(10);
 /// OPEN/RESUME flags we honour or that need nothing from us. The layers blktap stacks on
@@ -162,6 +167,8 @@ pub struct Config {
     pub ring_poll: Duration,
     /// Buffer memory all NBD clients together may hold (default `NBD_MEM_LIMIT`).
     pub nbd_mem_limit: u64,
+    /// Drop NBD clients stalled this long (default [`NBD_STALL_TIMEOUT`]).
+    pub nbd_stall_timeout: Duration,
 }
 
 impl Config {
@@ -180,6 +187,7 @@ impl Config {
             handshake_timeout: HANDSHAKE_TIMEOUT,
             ring_poll: Duration::ZERO,
             nbd_mem_limit: NBD_MEM_LIMIT,
+            nbd_stall_timeout: NBD_STALL_TIMEOUT,
         }
     }
 
@@ -496,6 +504,23 @@ impl Tapdisk {
             .collect();
         for id in stale {
             info!("nbd client {id}: handshake timed out");
+            self.drop_conn(id);
+        }
+        let now = Instant::now();
+        let stalled: Vec<(u64, Duration, usize)> = self
+            .conns
+            .iter()
+            .filter_map(|(id, c)| {
+                let t = c.conn.stalled_for(now)?;
+                (t > self.cfg.nbd_stall_timeout).then(|| (*id, t, c.conn.held_bytes()))
+            })
+            .collect();
+        for (id, t, held) in stalled {
+            warn!(
+                "nbd client {id}: no progress for {}s, holding {held} bytes (unread replies or a \
+                 part-sent write): dropped",
+                t.as_secs()
+            );
             self.drop_conn(id);
         }
         self.trim_nbd_pools();

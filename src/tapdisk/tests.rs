@@ -992,3 +992,107 @@ fn idle_recycled_buffers_do_not_keep_a_request_waiting_for_memory() {
     assert_eq!(c.read(4 << 20, 4 << 20).unwrap(), Ok(vec![0u8; 4 << 20]));
     drop((idle, stalled));
 }
+
+/// Wait (at most 30 s) for `t` to finish; its result.
+fn join_within<T>(t: std::thread::JoinHandle<T>, what: &str) -> T {
+    let start = std::time::Instant::now();
+    while !t.is_finished() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{what}: still waiting after 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    t.join().unwrap()
+}
+
+#[test]
+fn a_client_that_stops_sending_its_write_is_dropped_and_frees_the_memory() {
+    // Two clients send 4 MiB WRITE headers and a little payload, then stall, holding the
+    // whole 8 MiB limit: a large write of another client waited for as long as they cared.
+    let op = TableOpener::new();
+    op.add("/sw", 65536); // 32 MiB
+    let h = Harness::start_with(op, false, |c| {
+        c.nbd_mem_limit = 8 << 20;
+        c.nbd_stall_timeout = Duration::from_secs(1);
+    });
+    open_minor(&h, 0, "aio:/sw");
+    let mut stalled = Vec::new();
+    for i in 0..2u64 {
+        let mut c = Client::connect(&h.nbd(0), false).unwrap();
+        c.send(&nbd_header(proto::CMD_WRITE, i, 0, 4 << 20), &[1; 4096])
+            .unwrap();
+        stalled.push(c);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let mut big = Client::connect(&h.nbd(0), false).unwrap();
+    let t = std::thread::spawn(move || big.write(8 << 20, &vec![2u8; 4 << 20], false).unwrap());
+    // The stalled clients are still connected on our side: only tapdisk can free the memory.
+    assert_eq!(join_within(t, "the 4 MiB write"), 0);
+    for mut c in stalled {
+        let mut d = Vec::new();
+        assert!(
+            c.recv(None, &mut d).is_err(),
+            "a stalled client must have been disconnected"
+        );
+    }
+}
+
+#[test]
+fn a_client_that_never_reads_its_replies_is_dropped_and_frees_the_memory() {
+    let op = TableOpener::new();
+    op.add("/nr", 65536); // 32 MiB
+    let h = Harness::start_with(op, false, |c| {
+        c.nbd_mem_limit = 8 << 20;
+        c.nbd_stall_timeout = Duration::from_secs(1);
+    });
+    open_minor(&h, 0, "aio:/nr");
+    let mut deaf = Client::connect(&h.nbd(0), false).unwrap();
+    for i in 0..4 {
+        deaf.send(&nbd_header(proto::CMD_READ, i, 0, 4 << 20), &[])
+            .unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let mut big = Client::connect(&h.nbd(0), false).unwrap();
+    let t = std::thread::spawn(move || big.read(0, 4 << 20).unwrap());
+    assert_eq!(
+        join_within(t, "the 4 MiB read").map(|d| d.len()),
+        Ok(4 << 20)
+    );
+    // It gets what was already in its socket, then the end of the connection.
+    let mut d = Vec::new();
+    let mut replies = 0;
+    while let Ok(r) = deaf.recv(Some(4 << 20), &mut d) {
+        assert!(matches!(r, ClientReply::Simple { error: 0, .. }), "{r:?}");
+        replies += 1;
+    }
+    assert!(
+        replies < 4,
+        "the deaf client was served in full: not dropped"
+    );
+}
+
+#[test]
+fn a_client_that_reads_its_replies_slowly_keeps_its_connection() {
+    let op = TableOpener::new();
+    op.add("/slow", 65536); // 32 MiB
+    let h = Harness::start_with(op, false, |c| {
+        c.nbd_mem_limit = 8 << 20;
+        c.nbd_stall_timeout = Duration::from_secs(2);
+    });
+    open_minor(&h, 0, "aio:/slow");
+    let mut slow = Client::connect(&h.nbd(0), false).unwrap();
+    for i in 0..4 {
+        slow.send(&nbd_header(proto::CMD_READ, i, 0, 2 << 20), &[])
+            .unwrap();
+    }
+    // Four seconds of replies, taken a little at a time (well inside the timeout each).
+    let mut d = Vec::new();
+    for _ in 0..4 {
+        std::thread::sleep(Duration::from_millis(1000));
+        match slow.recv(Some(2 << 20), &mut d) {
+            Ok(ClientReply::Simple { error: 0, .. }) => {}
+            r => panic!("slow reader cut off: {r:?}"),
+        }
+    }
+}
