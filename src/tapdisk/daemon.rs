@@ -66,6 +66,8 @@ pub const NBD_MEM_LIMIT: u64 = 256 << 20;
 /// A connection holding at most this much may always start a request of up to the rest
 /// (so small-I/O clients keep being served while others exhaust `NBD_MEM_LIMIT`).
 const NBD_MEM_FLOOR: u64 = 1 << 20;
+/// What light connections may take past [`NBD_MEM_LIMIT`] together through the floor.
+const NBD_MEM_RESERVE: u64 = 32 << 20;
 /// Rounds of inline completions handled per loop pass before polling again.
 const INLINE_ROUNDS: usize = 4;
 /// Requests taken from one connection per readiness event before serving others.
@@ -233,11 +235,24 @@ impl NbdConn {
 }
 
 /// The data buffer bytes a connection holding `held` may take for its next requests when
-/// all connections hold `total` of `limit`.
+/// all connections hold `total` of `limit`: what is left of the limit, or, for a light
+/// connection, up to [`NBD_MEM_FLOOR`] out of a shared [`NBD_MEM_RESERVE`] above the limit
+/// (so the floor cannot multiply with the number of connections).
 fn mem_allowance(limit: u64, total: u64, held: u64) -> u64 {
+    let reserve_left = limit.saturating_add(NBD_MEM_RESERVE).saturating_sub(total);
     limit
         .saturating_sub(total)
-        .max(NBD_MEM_FLOOR.saturating_sub(held))
+        .max(NBD_MEM_FLOOR.saturating_sub(held).min(reserve_left))
+}
+
+/// Memory kept for the first connection waiting for it (by connection id, so the oldest),
+/// from everyone but that connection: a large request is not starved by others' smaller
+/// ones taking each freed byte first.
+fn reserved_for_waiter(waiters: &BTreeMap<u64, u64>, id: u64) -> u64 {
+    match waiters.first_key_value() {
+        Some((w, need)) if *w != id => *need,
+        _ => 0,
+    }
 }
 
 /// A tapdisk: any number of VBDs served by one event loop.
@@ -580,5 +595,37 @@ impl Drop for Tapdisk {
         for l in self.listeners.values() {
             let _ = std::fs::remove_file(&l.path);
         }
+    }
+}
+
+#[cfg(test)]
+mod mem_tests {
+    use super::*;
+
+    #[test]
+    fn the_floor_comes_out_of_one_shared_reserve() {
+        let lim = 256 << 20;
+        // Under the limit: what is left.
+        assert_eq!(mem_allowance(lim, 100 << 20, 0), 156 << 20);
+        // Past it, a light connection still gets its floor...
+        assert_eq!(mem_allowance(lim, lim, 0), NBD_MEM_FLOOR);
+        assert_eq!(mem_allowance(lim, lim, 256 << 10), NBD_MEM_FLOOR - (256 << 10));
+        // ...out of the reserve, which any number of connections cannot exceed together.
+        assert_eq!(mem_allowance(lim, lim + NBD_MEM_RESERVE - 4096, 0), 4096);
+        assert_eq!(mem_allowance(lim, lim + NBD_MEM_RESERVE, 0), 0);
+        assert_eq!(mem_allowance(lim, lim + 2 * NBD_MEM_RESERVE, 0), 0);
+        // A heavy connection gets nothing past the limit.
+        assert_eq!(mem_allowance(lim, lim, NBD_MEM_FLOOR), 0);
+    }
+
+    #[test]
+    fn the_first_waiter_is_reserved_its_need_from_everyone_else() {
+        let mut w = BTreeMap::new();
+        assert_eq!(reserved_for_waiter(&w, 1), 0);
+        w.insert(5, 4 << 20);
+        w.insert(9, 8 << 20);
+        assert_eq!(reserved_for_waiter(&w, 5), 0, "the first waiter itself");
+        assert_eq!(reserved_for_waiter(&w, 9), 4 << 20, "a later waiter queues behind it");
+        assert_eq!(reserved_for_waiter(&w, 2), 4 << 20, "a connection not waiting");
     }
 }
