@@ -949,6 +949,7 @@ fn own_domid_from_xenstore_and_other_name() {
         inner: rig.store.connect(DomId(3)).unwrap(),
         log: std::sync::Arc::clone(&rig.log),
         before_commit: std::sync::Arc::default(),
+        fail_dirs: std::sync::Arc::default(),
     };
     let mut b = blktap3::tapback::Backend::new(
         xs,
@@ -1290,4 +1291,27 @@ fn closing_then_initialised_with_a_new_ring_replaces_the_old_ring() {
     assert_eq!(ring.ring_refs(), &[200], "tapdisk must serve the new ring");
     assert_eq!(ring.port, 9);
     assert_eq!(rig.tap.disconnects().len(), 1, "{:?}", rig.tap.calls());
+}
+
+#[test]
+fn a_failed_scan_is_retried() {
+    // The start-up scan (a whole-root scan, like a folded flood of events) fails: the
+    // devices it would have found must come up on a retry, without any new event.
+    let rig = Rig::new();
+    rig.tap.add_vbd(PID, 3, "vhd:/images/a.vhd", 2048);
+    let v = rig.add_vbd(5, 51712, PID, 3);
+    rig.fail_dirs
+        .store(1000, std::sync::atomic::Ordering::SeqCst);
+    let mut b = rig.started();
+    assert!(b.devices().is_empty(), "the scan failed: {:?}", b.devices());
+    let again = b.next_deadline().expect("a failed scan schedules another");
+    rig.fail_dirs.store(0, std::sync::atomic::Ordering::SeqCst);
+    b.tick(again);
+    pump(&mut b);
+    assert_eq!(b.devices(), vec![v.id()]);
+    assert_eq!(rig.bstate(&v).as_deref(), Some("2"), "{:?}", status(&b, &v));
+    assert!(
+        b.next_deadline().is_none_or(|t| t > again),
+        "no rescan left pending"
+    );
 }

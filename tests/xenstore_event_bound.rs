@@ -143,3 +143,56 @@ fn a_flood_of_watch_events_is_folded_and_batched() {
     }
     drop(server.join().unwrap());
 }
+
+#[test]
+fn events_received_during_a_request_are_reported_pending_though_the_socket_is_empty() {
+    // tapback sleeps in poll() on the xenstore socket: an event the client already took off
+    // the socket (queued while waiting for a reply, or read together with it) must be
+    // reported, or a frontend's state change waits for unrelated traffic.
+    let (a, mut b) = UnixStream::pair().unwrap();
+    let server = thread::spawn(move || {
+        let mut buf = Vec::new();
+        let m = next_request(&mut b, &mut buf);
+        let reply = Message::new(MsgType::Watch, m.req_id, 0, b"OK\0".to_vec());
+        b.write_all(&reply.encode().unwrap()).unwrap();
+        // An event before the reply (queued during the call)...
+        let m = next_request(&mut b, &mut buf);
+        let mut out = event(FRONT, "front");
+        out.extend(
+            Message::new(MsgType::Read, m.req_id, 0, b"1".to_vec())
+                .encode()
+                .unwrap(),
+        );
+        b.write_all(&out).unwrap();
+        // ...and one sent with the reply, in the same write (read past the reply).
+        let m = next_request(&mut b, &mut buf);
+        let mut out = Message::new(MsgType::Read, m.req_id, 0, b"2".to_vec())
+            .encode()
+            .unwrap();
+        out.extend(event(FRONT, "front"));
+        b.write_all(&out).unwrap();
+        b
+    });
+    let c = XsClient::from_fd(a.into());
+    c.watch(FRONT, "front").unwrap();
+    assert!(!c.has_pending_events());
+    assert_eq!(c.read(Tx::NONE, "x").unwrap().as_deref(), Some(&b"1"[..]));
+    assert!(c.has_pending_events(), "an event queued during the read");
+    assert_eq!(c.take_watch_events().unwrap().len(), 1);
+    assert!(!c.has_pending_events());
+    assert_eq!(c.read(Tx::NONE, "y").unwrap().as_deref(), Some(&b"2"[..]));
+    let _b = server.join().unwrap();
+    // Whether the event arrived with the reply's bytes or after them, the client has it or
+    // the socket does: sleeping on the socket is safe only when the client has none.
+    let mut fds = [nix::poll::PollFd::new(
+        std::os::fd::AsFd::as_fd(&c),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    let readable = nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO).unwrap() > 0;
+    assert!(
+        c.has_pending_events() || readable,
+        "an event neither pending nor readable: a poll() would sleep on it"
+    );
+    assert_eq!(c.take_watch_events().unwrap().len(), 1);
+    assert!(!c.has_pending_events());
+}

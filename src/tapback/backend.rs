@@ -7,7 +7,7 @@
 //! ([`Backend::tick`]) until it exits.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::blkif::xenbus::parse_uint;
 use crate::tapback::device::{Ctx, Device, DeviceId, DeviceStatus, Outcome, FRONT_TOKEN_PREFIX};
@@ -70,7 +70,13 @@ pub struct Backend<X: XenStore, T: TapdiskOps> {
     devices: BTreeMap<DeviceId, Device>,
     /// [`Backend::handle_events`] stopped with events possibly still queued.
     more_events: bool,
+    /// A scan failed: scan everything again then (the events it stood for are gone, and
+    /// some may have been folded into it by the xenstore client).
+    rescan_at: Option<Instant>,
 }
+
+/// How long after a failed scan the next one runs.
+const RESCAN_DELAY: Duration = Duration::from_secs(1);
 
 /// Event batches [`Backend::handle_events`] handles before returning to its caller (so that
 /// a flood of watch events cannot keep the caller from its timers and signals).
@@ -124,6 +130,7 @@ impl<X: XenStore, T: TapdiskOps> Backend<X, T> {
             root,
             devices: BTreeMap::new(),
             more_events: false,
+            rescan_at: None,
         };
         b.run(vec![Work::ScanAll], true, now);
         Ok(b)
@@ -161,7 +168,11 @@ impl<X: XenStore, T: TapdiskOps> Backend<X, T> {
 
     /// The earliest retry due.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.devices.values().filter_map(Device::retry_at).min()
+        self.devices
+            .values()
+            .filter_map(Device::retry_at)
+            .chain(self.rescan_at)
+            .min()
     }
 
     /// Take and handle watch events until none are queued, or [`MAX_EVENT_BATCHES`] batches
@@ -200,12 +211,16 @@ impl<X: XenStore, T: TapdiskOps> Backend<X, T> {
 
     /// Re-evaluate every device whose retry is due.
     pub fn tick(&mut self, now: Instant) {
-        let due: Vec<Work> = self
+        let mut due: Vec<Work> = self
             .devices
             .values()
             .filter(|d| d.retry_at().is_some_and(|t| t <= now))
             .map(|d| Work::Device(d.id()))
             .collect();
+        if self.rescan_at.is_some_and(|t| t <= now) {
+            self.rescan_at = None;
+            due.push(Work::ScanAll);
+        }
         self.run(due, false, now);
     }
 
@@ -320,7 +335,13 @@ impl<X: XenStore, T: TapdiskOps> Backend<X, T> {
             Ok(())
         };
         if let Err(e) = scanned {
-            log::error!("scan of {} failed: {}", self.root, error_chain(&e));
+            log::error!(
+                "scan of {} failed: {} (again in {}s)",
+                self.root,
+                error_chain(&e),
+                RESCAN_DELAY.as_secs()
+            );
+            self.rescan_at = Some(now + RESCAN_DELAY);
         }
         for id in dirty {
             self.refresh(id, inherited, now);

@@ -340,7 +340,9 @@ pub fn serve<X: XenStore, T: crate::tapback::TapdiskOps>(
         backend.handle_events(Instant::now())?;
         backend.tick(Instant::now());
         let timeout = match backend.next_deadline() {
-            _ if backend.more_events() => PollTimeout::ZERO,
+            // Events already taken off the socket (during tick's xenstore calls) would not
+            // wake the poll below.
+            _ if backend.more_events() || backend.xs().has_pending_events() => PollTimeout::ZERO,
             None => PollTimeout::NONE,
             Some(t) => {
                 let ms = t.saturating_duration_since(Instant::now()).as_millis() + 1;

@@ -609,7 +609,10 @@ mod mem_tests {
         assert_eq!(mem_allowance(lim, 100 << 20, 0), 156 << 20);
         // Past it, a light connection still gets its floor...
         assert_eq!(mem_allowance(lim, lim, 0), NBD_MEM_FLOOR);
-        assert_eq!(mem_allowance(lim, lim, 256 << 10), NBD_MEM_FLOOR - (256 << 10));
+        assert_eq!(
+            mem_allowance(lim, lim, 256 << 10),
+            NBD_MEM_FLOOR - (256 << 10)
+        );
         // ...out of the reserve, which any number of connections cannot exceed together.
         assert_eq!(mem_allowance(lim, lim + NBD_MEM_RESERVE - 4096, 0), 4096);
         assert_eq!(mem_allowance(lim, lim + NBD_MEM_RESERVE, 0), 0);
@@ -625,7 +628,15 @@ mod mem_tests {
         w.insert(5, 4 << 20);
         w.insert(9, 8 << 20);
         assert_eq!(reserved_for_waiter(&w, 5), 0, "the first waiter itself");
-        assert_eq!(reserved_for_waiter(&w, 9), 4 << 20, "a later waiter queues behind it");
-        assert_eq!(reserved_for_waiter(&w, 2), 4 << 20, "a connection not waiting");
+        assert_eq!(
+            reserved_for_waiter(&w, 9),
+            4 << 20,
+            "a later waiter queues behind it"
+        );
+        assert_eq!(
+            reserved_for_waiter(&w, 2),
+            4 << 20,
+            "a connection not waiting"
+        );
     }
 }

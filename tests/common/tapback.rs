@@ -246,6 +246,8 @@ pub struct Rec<X> {
     pub inner: X,
     pub log: Arc<Mutex<Vec<Op>>>,
     pub before_commit: Hook,
+    /// This many next `directory` calls fail with EIO.
+    pub fail_dirs: Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl<X: AsFd> AsFd for Rec<X> {
@@ -273,6 +275,14 @@ impl<X: XenStore> XenStore for Rec<X> {
         self.inner.write(tx, path, value)
     }
     fn directory(&self, tx: Tx, path: &str) -> Result<Vec<String>, XsError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self
+            .fail_dirs
+            .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(XsError::Errno(nix::errno::Errno::EIO));
+        }
         self.inner.directory(tx, path)
     }
     fn mkdir(&self, tx: Tx, path: &str) -> Result<(), XsError> {
@@ -323,6 +333,9 @@ impl<X: XenStore> XenStore for Rec<X> {
     fn take_watch_events(&self) -> Result<Vec<WatchEvent>, XsError> {
         self.inner.take_watch_events()
     }
+    fn has_pending_events(&self) -> bool {
+        self.inner.has_pending_events()
+    }
 }
 
 pub type TestBackend = Backend<Rec<MemXsConn>, FakeTap>;
@@ -334,6 +347,8 @@ pub struct Rig {
     pub tap: FakeTap,
     pub log: Arc<Mutex<Vec<Op>>>,
     pub before_commit: Hook,
+    /// This many next `directory` calls of the backend's connection fail (EIO).
+    pub fail_dirs: Arc<std::sync::atomic::AtomicU32>,
 }
 
 /// A device as the toolstack set it up.
@@ -376,6 +391,7 @@ impl Rig {
             tap: FakeTap::default(),
             log: Arc::default(),
             before_commit: Arc::default(),
+            fail_dirs: Arc::default(),
         }
     }
 
@@ -384,6 +400,7 @@ impl Rig {
             inner: self.store.connect(BE).unwrap(),
             log: Arc::clone(&self.log),
             before_commit: Arc::clone(&self.before_commit),
+            fail_dirs: Arc::clone(&self.fail_dirs),
         };
         Backend::new(xs, self.tap.clone(), cfg, Instant::now()).unwrap()
     }

@@ -286,6 +286,11 @@ impl XenStore for XsClient {
         Ok(())
     }
 
+    fn has_pending_events(&self) -> bool {
+        let inner = self.lock();
+        !inner.events.is_empty() || !inner.rbuf.is_empty()
+    }
+
     fn take_watch_events(&self) -> Result<Vec<WatchEvent>, XsError> {
         let mut inner = self.lock();
         // Drain whatever is already readable without blocking. No request is outstanding

@@ -160,6 +160,14 @@ pub trait XenStore: AsFd {
     /// Take every queued watch event (non-blocking).
     fn take_watch_events(&self) -> Result<Vec<WatchEvent>, XsError>;
 
+    /// Watch events already received (queued while a request waited for its reply, or
+    /// bytes read past a reply) that the next [`XenStore::take_watch_events`] returns
+    /// although the descriptor may not be readable any more: a caller about to sleep on the
+    /// descriptor must not while this is true.
+    fn has_pending_events(&self) -> bool {
+        false
+    }
+
     /// Read a value as UTF-8 text (`None` if absent); bad UTF-8 is a protocol error.
     fn read_string(&self, tx: Tx, path: &str) -> Result<Option<String>, XsError> {
         match self.read(tx, path)? {
