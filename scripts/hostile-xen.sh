@@ -44,6 +44,10 @@ if [ -z "$log" ]; then
     done
     grep -E '^test result:|FAILED|panicked' "$log" | sed 's/^/  /' >&2
 fi
+# A saved log counts its failures too.
+if grep -qE '^test result: FAILED|panicked' "$log"; then
+    rc=1
+fi
 
 rows=$(grep -oE 'HOSTILE-XEN\|.*' "$log")
 if [ -z "$rows" ]; then

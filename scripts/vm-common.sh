@@ -74,6 +74,7 @@ pack_cpio() {
 
 initramfs_add_bin() {
     local root=$1 src=$2 dest=$3
+    mkdir -p "$(dirname "$root$dest")"
     strip_copy "$src" "$root$dest"
     { ldd "$src" 2>/dev/null || true; } | awk '/=> \// {print $3} /^[[:space:]]*\/[^ ]*ld-linux/ {print $1}' |
         while read -r lib; do

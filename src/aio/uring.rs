@@ -364,7 +364,10 @@ impl<T> Ring<T> {
         let Some(slot) = self.free.pop() else {
             return Err((req, io::Error::from_raw_os_error(libc::EAGAIN)));
         };
-        // A mutable pointer: the kernel writes into the buffer of a read.
+        // A mutable pointer: the kernel writes into the buffer of a read. It stays valid
+        // while the request is in flight: the buffer is a heap allocation (`AlignedBuf`)
+        // that does not move when `req` moves into `slots` below, and `slots` keeps it
+        // until the completion is reaped (or, on drop, until the kernel is done with it).
         let start = req.start;
         let (Some((buf_ptr, Ok(buf_len))), Ok(offset)) = (
             req.buf

@@ -248,11 +248,16 @@ fn run(args: &Args) -> Result<(), MainError> {
         warn!("{e}: using the default engine");
         EngineChoice::Auto
     });
-    if let Some(us) = std::env::var("TAPDISK3_POLL_US")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-    {
-        cfg.ring_poll = std::time::Duration::from_micros(us.min(MAX_POLL_US));
+    if let Ok(v) = std::env::var("TAPDISK3_POLL_US") {
+        match v.trim().parse::<u64>() {
+            Ok(us) => {
+                if us > MAX_POLL_US {
+                    warn!("TAPDISK3_POLL_US={us}: at most {MAX_POLL_US} is used");
+                }
+                cfg.ring_poll = std::time::Duration::from_micros(us.min(MAX_POLL_US));
+            }
+            Err(e) => warn!("TAPDISK3_POLL_US={v:?}: {e}: ring polling stays off"),
+        }
     }
     let pid = cfg.pid;
     let mut td = Tapdisk::new(cfg)?;

@@ -790,6 +790,11 @@ impl Client {
     /// their own destroy). Nothing listens on them any more; left behind they would only
     /// accumulate, one pair per killed tapdisk.
     fn remove_dead_sockets(&self, pid: i32, minor: u16) {
+        // `free` may have waited: a new process may have the pid by now, and its sockets
+        // are not ours to remove.
+        if process_exists(pid) {
+            return;
+        }
         let nbd = nbd_socket_path(&self.dir, pid, minor);
         if let Err(e) = std::fs::remove_file(&nbd) {
             if e.kind() != std::io::ErrorKind::NotFound {

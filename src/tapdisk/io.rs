@@ -392,7 +392,7 @@ impl<T: Send + 'static> IoEngine<T> {
     /// Replace the asynchronous engine (after the requests in flight on the old one
     /// completed: call it with none in flight) by the first of `choice` that sets up.
     /// Returns the line [`IoEngine::with_engine`] logs.
-    pub fn set_engine(&mut self, choice: EngineChoice) -> String {
+    fn set_engine(&mut self, choice: EngineChoice) -> String {
         self.set_engine_with(choice, &|kind, fd| aio::Engine::new(kind, AIO_DEPTH, fd))
     }
 
