@@ -31,35 +31,43 @@ GOOD_BE=$BE
 # The good guest's ring is up before the first hostile value.
 wait_for 60 backend_state "$GOOD_BE" 4 || die "the good guest's backend is $(xenstore-read "$GOOD_BE/state")"
 long=$(head -c 3000 /dev/zero | tr '\0' 7)
-# publish KEY VALUE...: the frontend's ring keys (order 0, an ungranted ref, port 3) with
-# the given keys overriding them, then Initialised; then back to Initialising for the next.
+# publish WANT [KEY VALUE]...: the frontend's ring keys (order 0, an ungranted ref, port 3)
+# with the given keys overriding them, then Initialised; tapback must refuse (Closing) with
+# an error node naming WANT ("" for values only tapdisk can refuse: any error); then back to
+# Initialising for the next.
 publish() {
+    want=$1
+    shift
     xenstore-rm "$HFE/multi-queue-num-queues" "$HFE/ring-page-order" "$HFE/protocol" 2>/dev/null || true
+    xenstore-rm "$HERR" 2>/dev/null || true
     xenstore-write "$HFE/ring-ref" 8 "$HFE/event-channel" 3 "$HFE/protocol" x86_64-abi "$@"
     xenstore-write "$HFE/state" 3
-    wait_for 20 backend_state "$HBE" 5 || echo "hostile: backend $(xenstore-read "$HBE/state") after $*"
-    [ "$round" -gt 0 ] || echo "hostile: $(xenstore-read "$HERR" 2>/dev/null | cut -c1-120)"
+    wait_for 20 backend_state "$HBE" 5 || die "hostile: backend $(xenstore-read "$HBE/state") after $*"
+    err=$(xenstore-read "$HERR" 2>/dev/null) || die "hostile: no error node after $*"
+    case $err in *"$want"*) ;; *) die "hostile: error '$(echo "$err" | cut -c1-160)' does not name $want" ;; esac
+    [ "$round" -gt 0 ] || echo "hostile: $(echo "$err" | cut -c1-120)"
     xenstore-write "$HFE/state" 1
     wait_for 20 backend_state "$HBE" 2 || die "hostile backend did not go back to InitWait"
 }
 # Rounds of hostile values until the good guest has finished its I/O (at least one).
 round=0
-while [ "$round" = 0 ] || xl domid e2e-good >/dev/null 2>&1; do
-    publish "$HFE/multi-queue-num-queues" 0
-    publish "$HFE/multi-queue-num-queues" 99
-    publish "$HFE/multi-queue-num-queues" two
-    publish "$HFE/ring-page-order" 9
-    publish "$HFE/protocol" x86_99-abi
-    publish "$HFE/protocol" "$long"
-    publish "$HFE/event-channel" "$long"
-    publish "$HFE/ring-ref" "$long"
+# At most 50 rounds: a good guest that hangs must end the test, not keep it looping.
+while [ "$round" = 0 ] || { [ "$round" -lt 50 ] && xl domid e2e-good >/dev/null 2>&1; }; do
+    publish multi-queue-num-queues "$HFE/multi-queue-num-queues" 0
+    publish multi-queue-num-queues "$HFE/multi-queue-num-queues" 99
+    publish multi-queue-num-queues "$HFE/multi-queue-num-queues" two
+    publish ring-page-order "$HFE/ring-page-order" 9
+    publish protocol "$HFE/protocol" x86_99-abi
+    publish protocol "$HFE/protocol" "$long"
+    publish event-channel "$HFE/event-channel" "$long"
+    publish ring-ref "$HFE/ring-ref" "$long"
     xenstore-rm "$HFE/event-channel"
     xenstore-write "$HFE/state" 3
     wait_for 20 backend_state "$HBE" 5 || die "no event-channel was not refused"
     xenstore-write "$HFE/state" 1
     wait_for 20 backend_state "$HBE" 2 || die "hostile backend did not go back to InitWait"
     # Plausible values tapdisk cannot map (the paused guest granted nothing).
-    publish
+    publish ""
     i=0
     while [ $i -lt 40 ]; do
         for s in 1 3 4 5 6 2 7 0 9; do xenstore-write "$HFE/state" $s; done
