@@ -6,9 +6,10 @@
 //! message: the member structs, plus [`WireLayout::LP64`] / [`WireLayout::I686`] for the
 //! message size, the union offset and the union size).
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::mem::{offset_of, size_of};
-use std::process::Command;
 
 use blktap3::control::msg::{wire, WireLayout};
 use blktap3::image::vhd::format::layout::{
@@ -284,27 +285,7 @@ fn c_program(layouts: &[Layout]) -> String {
 
 /// Compile `src` with `gcc <mflag>`, run it, and parse its `name value` lines.
 fn run_c(src: &str, mflag: &str) -> BTreeMap<String, usize> {
-    let dir = tempfile::tempdir().unwrap();
-    let c = dir.path().join("layout.c");
-    let exe = dir.path().join("layout");
-    std::fs::write(&c, src).unwrap();
-    let st = Command::new("gcc")
-        .args([mflag, "-std=c99", "-Wall", "-Werror", "-o"])
-        .arg(&exe)
-        .arg(&c)
-        .status()
-        .expect("gcc (with gcc-multilib for -m32) is needed for this test");
-    assert!(st.success(), "gcc {mflag} failed");
-    let out = Command::new(&exe).output().unwrap();
-    assert!(out.status.success());
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let (k, v) = l.rsplit_once(' ').unwrap();
-            (k.to_string(), v.parse().unwrap())
-        })
-        .collect()
+    common::cprog::run_c(src, mflag)
 }
 
 /// Every size and offset of `layouts` as the C program names them.

@@ -4,9 +4,10 @@
 //! fields, 64-bit ones at multiples of 8), so the Rust declarations, checked on whichever
 //! target runs the test, must equal both.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::mem::{offset_of, size_of};
-use std::process::Command;
 
 use blktap3::aio::uring::{self, Cqe, CqringOffsets, Params, Sqe, SqringOffsets};
 
@@ -139,27 +140,7 @@ fn c_values(mflag: &str) -> BTreeMap<String, i64> {
         src += &format!("printf(\"{c} %lld\\n\", (long long)({c}));\n");
     }
     src += "return 0; }\n";
-    let dir = tempfile::tempdir().unwrap();
-    let c = dir.path().join("uring.c");
-    let exe = dir.path().join("uring");
-    std::fs::write(&c, src).unwrap();
-    let st = Command::new("gcc")
-        .arg(mflag)
-        .arg("-o")
-        .arg(&exe)
-        .arg(&c)
-        .status()
-        .expect("gcc (with gcc-multilib for -m32) is needed for this test");
-    assert!(st.success(), "gcc {mflag} failed");
-    let out = Command::new(&exe).output().unwrap();
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let (k, v) = l.split_once(' ').unwrap();
-            (k.to_string(), v.parse().unwrap())
-        })
-        .collect()
+    common::cprog::run_c(&src, mflag)
 }
 
 fn rust_values() -> BTreeMap<String, i64> {

@@ -993,6 +993,19 @@ fn idle_recycled_buffers_do_not_keep_a_request_waiting_for_memory() {
     drop((idle, stalled));
 }
 
+/// A 32 MiB raw image at `path` on minor 0, NBD clients limited to 8 MiB together and
+/// dropped after `stall` without progress.
+fn stall_harness(path: &str, stall: Duration) -> Harness {
+    let op = TableOpener::new();
+    op.add(path, 65536);
+    let h = Harness::start_with(op, false, |c| {
+        c.nbd_mem_limit = 8 << 20;
+        c.nbd_stall_timeout = stall;
+    });
+    open_minor(&h, 0, &format!("aio:{path}"));
+    h
+}
+
 /// Wait (at most 30 s) for `t` to finish; its result.
 fn join_within<T>(t: std::thread::JoinHandle<T>, what: &str) -> T {
     let start = std::time::Instant::now();
@@ -1010,13 +1023,7 @@ fn join_within<T>(t: std::thread::JoinHandle<T>, what: &str) -> T {
 fn a_client_that_stops_sending_its_write_is_dropped_and_frees_the_memory() {
     // Two clients send 4 MiB WRITE headers and a little payload, then stall, holding the
     // whole 8 MiB limit: a large write of another client waited for as long as they cared.
-    let op = TableOpener::new();
-    op.add("/sw", 65536); // 32 MiB
-    let h = Harness::start_with(op, false, |c| {
-        c.nbd_mem_limit = 8 << 20;
-        c.nbd_stall_timeout = Duration::from_secs(1);
-    });
-    open_minor(&h, 0, "aio:/sw");
+    let h = stall_harness("/sw", Duration::from_secs(1));
     let mut stalled = Vec::new();
     for i in 0..2u64 {
         let mut c = Client::connect(&h.nbd(0), false).unwrap();
@@ -1040,13 +1047,7 @@ fn a_client_that_stops_sending_its_write_is_dropped_and_frees_the_memory() {
 
 #[test]
 fn a_client_that_never_reads_its_replies_is_dropped_and_frees_the_memory() {
-    let op = TableOpener::new();
-    op.add("/nr", 65536); // 32 MiB
-    let h = Harness::start_with(op, false, |c| {
-        c.nbd_mem_limit = 8 << 20;
-        c.nbd_stall_timeout = Duration::from_secs(1);
-    });
-    open_minor(&h, 0, "aio:/nr");
+    let h = stall_harness("/nr", Duration::from_secs(1));
     let mut deaf = Client::connect(&h.nbd(0), false).unwrap();
     for i in 0..4 {
         deaf.send(&nbd_header(proto::CMD_READ, i, 0, 4 << 20), &[])
@@ -1074,13 +1075,7 @@ fn a_client_that_never_reads_its_replies_is_dropped_and_frees_the_memory() {
 
 #[test]
 fn a_client_that_reads_its_replies_slowly_keeps_its_connection() {
-    let op = TableOpener::new();
-    op.add("/slow", 65536); // 32 MiB
-    let h = Harness::start_with(op, false, |c| {
-        c.nbd_mem_limit = 8 << 20;
-        c.nbd_stall_timeout = Duration::from_secs(2);
-    });
-    open_minor(&h, 0, "aio:/slow");
+    let h = stall_harness("/slow", Duration::from_secs(2));
     let mut slow = Client::connect(&h.nbd(0), false).unwrap();
     for i in 0..4 {
         slow.send(&nbd_header(proto::CMD_READ, i, 0, 2 << 20), &[])

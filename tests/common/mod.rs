@@ -5,6 +5,8 @@
 #[allow(dead_code)]
 pub mod cmd;
 #[allow(dead_code)]
+pub mod cprog;
+#[allow(dead_code)]
 pub mod data;
 #[allow(dead_code)]
 pub mod image;
