@@ -140,6 +140,12 @@ impl Client {
         self.stream.write_all(&v)
     }
 
+    /// Send bytes as they are (the rest of a payload sent in parts, or anything a test
+    /// peer wants to put on the wire).
+    pub fn send_raw(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.stream.write_all(bytes)
+    }
+
     /// Read one reply header; for a simple reply to a successful read of `read_len` bytes,
     /// pass the length to also consume its data (returned in `data`).
     pub fn recv(&mut self, read_len: Option<usize>, data: &mut Vec<u8>) -> io::Result<ClientReply> {

@@ -188,6 +188,15 @@ impl Connection {
             .then(|| now.saturating_duration_since(self.last_progress))
     }
 
+    /// We are not reading from this client for reasons of our own (its VBD paused, our
+    /// limits): the time it spends part-way through a WRITE payload is not its stall. Output
+    /// it does not read still counts.
+    pub fn hold_clock(&mut self, now: Instant) {
+        if self.out_bytes == 0 {
+            self.last_progress = now;
+        }
+    }
+
     /// Bytes of output queued and not yet written.
     pub fn queued_bytes(&self) -> usize {
         self.out_bytes

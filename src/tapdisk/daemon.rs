@@ -232,6 +232,21 @@ impl NbdConn {
     fn held(&self) -> u64 {
         self.inflight_bytes + self.conn.held_bytes() as u64
     }
+
+    /// Whether [`Tapdisk::read_conn`] reads from this client now: its VBD takes I/O
+    /// (`accepts`), it is within its limits, and a request waiting for memory fits in
+    /// `allowance`.
+    fn readable_by_us(&self, accepts: bool, allowance: u64) -> bool {
+        accepts
+            && !self.ending
+            && self.inflight < MAX_CONN_INFLIGHT
+            && self.inflight_bytes < MAX_CONN_INFLIGHT_BYTES
+            && !self.conn.backlogged()
+            && self
+                .conn
+                .waiting_for_memory()
+                .is_none_or(|need| need as u64 <= allowance)
+    }
 }
 
 /// The data buffer bytes a connection holding `held` may take for its next requests when
@@ -522,6 +537,12 @@ impl Tapdisk {
             self.drop_conn(id);
         }
         let now = Instant::now();
+        for c in self.conns.values_mut() {
+            let accepts = self.vbds.get(&c.minor).is_some_and(Vbd::accepts_io);
+            if !c.readable_by_us(accepts, 0) {
+                c.conn.hold_clock(now);
+            }
+        }
         let stalled: Vec<(u64, Duration, usize)> = self
             .conns
             .iter()

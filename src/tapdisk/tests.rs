@@ -1091,3 +1091,36 @@ fn a_client_that_reads_its_replies_slowly_keeps_its_connection() {
         }
     }
 }
+
+#[test]
+fn a_client_held_up_by_a_pause_is_not_dropped_as_stalled() {
+    // A WRITE whose payload is part-read when the VBD pauses: tapdisk stops reading until
+    // the resume, so the client waits for us, not we for it; a pause longer than the stall
+    // timeout must not cost it its connection (a /dev/nbdN would see I/O errors).
+    let h = stall_harness("/pz", Duration::from_secs(1));
+    let mut c = Client::connect(&h.nbd(0), false).unwrap();
+    let len = 4usize << 20;
+    let data: Vec<u8> = (0..len).map(|i| (i / 4096) as u8).collect();
+    c.send(
+        &nbd_header(proto::CMD_WRITE, 1, 0, len as u32),
+        &data[..64 << 10],
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(h.call(Request::Pause { minor: 0 }), Reply::Pause);
+    let rest = data[64 << 10..].to_vec();
+    let t = std::thread::spawn(move || {
+        c.send_raw(&rest).unwrap();
+        let mut d = Vec::new();
+        c.recv(None, &mut d)
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(matches!(h.resume(0, None), Reply::Resume));
+    match join_within(t, "the paused write") {
+        Ok(ClientReply::Simple {
+            cookie: 1,
+            error: 0,
+        }) => {}
+        r => panic!("the write across the pause: {r:?}"),
+    }
+}

@@ -218,15 +218,7 @@ impl Tapdisk {
             let accepts = self.vbds.get(&c.minor).is_some_and(Vbd::accepts_io);
             let total = self.nbd_mem + reserved_for_waiter(&self.mem_waiters, id);
             let allowance = mem_allowance(self.cfg.nbd_mem_limit, total, c.counted);
-            if c.ending
-                || !accepts
-                || c.inflight >= MAX_CONN_INFLIGHT
-                || c.inflight_bytes >= MAX_CONN_INFLIGHT_BYTES
-                || c.conn.backlogged()
-                || c.conn
-                    .waiting_for_memory()
-                    .is_some_and(|need| need as u64 > allowance)
-            {
+            if !c.readable_by_us(accepts, allowance) {
                 return;
             }
             c.conn
