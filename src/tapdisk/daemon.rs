@@ -250,13 +250,14 @@ impl NbdConn {
 }
 
 /// The data buffer bytes a connection holding `held` may take for its next requests when
-/// all connections hold `total` of `limit`: what is left of the limit, or, for a light
-/// connection, up to [`NBD_MEM_FLOOR`] out of a shared [`NBD_MEM_RESERVE`] above the limit
-/// (so the floor cannot multiply with the number of connections).
-fn mem_allowance(limit: u64, total: u64, held: u64) -> u64 {
+/// all connections hold `total` of `limit` and `reserved` of what is left is kept for a
+/// waiting connection: what is left of the limit, or, for a light connection, up to
+/// [`NBD_MEM_FLOOR`] out of a shared [`NBD_MEM_RESERVE`] above the limit (so the floor
+/// cannot multiply with the number of connections, and a waiter does not take it away).
+fn mem_allowance(limit: u64, total: u64, reserved: u64, held: u64) -> u64 {
     let reserve_left = limit.saturating_add(NBD_MEM_RESERVE).saturating_sub(total);
     limit
-        .saturating_sub(total)
+        .saturating_sub(total.saturating_add(reserved))
         .max(NBD_MEM_FLOOR.saturating_sub(held).min(reserve_left))
 }
 
@@ -627,19 +628,26 @@ mod mem_tests {
     fn the_floor_comes_out_of_one_shared_reserve() {
         let lim = 256 << 20;
         // Under the limit: what is left.
-        assert_eq!(mem_allowance(lim, 100 << 20, 0), 156 << 20);
+        assert_eq!(mem_allowance(lim, 100 << 20, 0, 0), 156 << 20);
         // Past it, a light connection still gets its floor...
-        assert_eq!(mem_allowance(lim, lim, 0), NBD_MEM_FLOOR);
+        assert_eq!(mem_allowance(lim, lim, 0, 0), NBD_MEM_FLOOR);
         assert_eq!(
-            mem_allowance(lim, lim, 256 << 10),
+            mem_allowance(lim, lim, 0, 256 << 10),
             NBD_MEM_FLOOR - (256 << 10)
         );
         // ...out of the reserve, which any number of connections cannot exceed together.
-        assert_eq!(mem_allowance(lim, lim + NBD_MEM_RESERVE - 4096, 0), 4096);
-        assert_eq!(mem_allowance(lim, lim + NBD_MEM_RESERVE, 0), 0);
-        assert_eq!(mem_allowance(lim, lim + 2 * NBD_MEM_RESERVE, 0), 0);
+        assert_eq!(mem_allowance(lim, lim + NBD_MEM_RESERVE - 4096, 0, 0), 4096);
+        assert_eq!(mem_allowance(lim, lim + NBD_MEM_RESERVE, 0, 0), 0);
+        assert_eq!(mem_allowance(lim, lim + 2 * NBD_MEM_RESERVE, 0, 0), 0);
+        // Memory kept for a waiter comes out of what is left of the limit, not the reserve.
+        assert_eq!(mem_allowance(lim, 100 << 20, 32 << 20, 0), 124 << 20);
+        assert_eq!(mem_allowance(lim, lim, 32 << 20, 0), NBD_MEM_FLOOR);
+        assert_eq!(
+            mem_allowance(lim, lim - (16 << 20), 32 << 20, 0),
+            NBD_MEM_FLOOR
+        );
         // A heavy connection gets nothing past the limit.
-        assert_eq!(mem_allowance(lim, lim, NBD_MEM_FLOOR), 0);
+        assert_eq!(mem_allowance(lim, lim, 0, NBD_MEM_FLOOR), 0);
     }
 
     #[test]

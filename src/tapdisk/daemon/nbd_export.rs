@@ -216,8 +216,9 @@ impl Tapdisk {
                 return;
             };
             let accepts = self.vbds.get(&c.minor).is_some_and(Vbd::accepts_io);
-            let total = self.nbd_mem + reserved_for_waiter(&self.mem_waiters, id);
-            let allowance = mem_allowance(self.cfg.nbd_mem_limit, total, c.counted);
+            let reserved = reserved_for_waiter(&self.mem_waiters, id);
+            let allowance =
+                mem_allowance(self.cfg.nbd_mem_limit, self.nbd_mem, reserved, c.counted);
             if !c.readable_by_us(accepts, allowance) {
                 return;
             }
@@ -441,8 +442,9 @@ impl Tapdisk {
             .iter()
             .filter(|(id, need)| {
                 self.conns.get(id).is_none_or(|c| {
-                    let total = self.nbd_mem + reserved_for_waiter(&self.mem_waiters, **id);
-                    **need <= mem_allowance(self.cfg.nbd_mem_limit, total, c.counted)
+                    let reserved = reserved_for_waiter(&self.mem_waiters, **id);
+                    **need
+                        <= mem_allowance(self.cfg.nbd_mem_limit, self.nbd_mem, reserved, c.counted)
                 })
             })
             .map(|(id, _)| *id)
@@ -502,8 +504,8 @@ impl Tapdisk {
             // until [`Tapdisk::retry_mem_waiters`] or this connection's own progress.
             let waiting = c.conn.waiting_for_memory().map(|n| n as u64);
             if let Some(need) = waiting.filter(|_| read) {
-                let total = self.nbd_mem + reserved_for_waiter(&self.mem_waiters, id);
-                if need > mem_allowance(self.cfg.nbd_mem_limit, total, c.counted) {
+                let reserved = reserved_for_waiter(&self.mem_waiters, id);
+                if need > mem_allowance(self.cfg.nbd_mem_limit, self.nbd_mem, reserved, c.counted) {
                     c.conn.clear_pool();
                     read = false;
                     if self.mem_waiters.insert(id, need).is_none() {
