@@ -281,7 +281,9 @@ impl<X: XenStore> XenStore for Rec<X> {
             .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
             .is_ok()
         {
-            return Err(XsError::Errno(nix::errno::Errno::EIO));
+            return Err(XsError::Io(std::io::Error::other(
+                "injected directory failure",
+            )));
         }
         self.inner.directory(tx, path)
     }
