@@ -342,7 +342,7 @@ fn refuses_bad_ring_values_without_harming_others() {
             r.refuse(ov, key);
         }
     });
-    assert!(r.tb.logged(&["device failed"]), "{}", r.tb.log_text());
+    r.tb.wait_logged(&["device failed"]);
     r.report(
         "bad ring values: num-queues 0 / max+1 / text / huge, order > max, event-channel missing / 0 / text, ring-ref missing / text, protocol garbage, 4000-byte values",
         &format!("1 guest, {n} vbds"),
@@ -674,16 +674,8 @@ fn frontend_path_of_another_domain_is_refused() {
         assert_eq!(r.hostile_events(d), 0, "{b}: tapdisk was asked");
         assert_ne!(r.env.bstate(b).as_deref(), Some("4"));
     }
-    assert!(
-        r.tb.logged(&[&format!("9/{devid}"), "frontend", "not domain 9"]),
-        "{}",
-        r.tb.log_text()
-    );
-    assert!(
-        r.tb.logged(&[&format!("9/{devid2}"), "frontend", "bad path"]),
-        "{}",
-        r.tb.log_text()
-    );
+    r.tb.wait_logged(&[&format!("9/{devid}"), "frontend", "not domain 9"]);
+    r.tb.wait_logged(&[&format!("9/{devid2}"), "frontend", "bad path"]);
     r.report(
         "device whose frontend path is another domain's (or climbs out of its own), frontend backend keys naming another domain's backend",
         "1 guest, 3 vbds",

@@ -309,6 +309,20 @@ impl Tapback {
             .any(|l| parts.iter().all(|p| l.contains(p)))
     }
 
+    /// Wait (at most 10 s) for a log line containing all of `parts`: tapback's stderr is
+    /// collected by a thread, so a line it wrote may not be here yet.
+    pub fn wait_logged(&self, parts: &[&str]) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.logged(parts) {
+            assert!(
+                Instant::now() < deadline,
+                "no log line with {parts:?} in:\n{}",
+                self.log_text()
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// `VmHWM` (peak resident set) in KiB.
     pub fn peak_rss_kib(&self) -> u64 {
         status_kib(self.pid(), "VmHWM:").unwrap()
