@@ -1077,14 +1077,15 @@ fn a_client_that_never_reads_its_replies_is_dropped_and_frees_the_memory() {
 fn a_client_that_reads_its_replies_slowly_keeps_its_connection() {
     let h = stall_harness("/slow", Duration::from_secs(2));
     let mut slow = Client::connect(&h.nbd(0), false).unwrap();
-    for i in 0..4 {
+    for i in 0..6 {
         slow.send(&nbd_header(proto::CMD_READ, i, 0, 2 << 20), &[])
             .unwrap();
     }
-    // Four seconds of replies, taken a little at a time (well inside the timeout each).
+    // 3.6 s of replies, longer than the timeout, taken a little at a time (each gap well
+    // inside it, with room for a loaded machine).
     let mut d = Vec::new();
-    for _ in 0..4 {
-        std::thread::sleep(Duration::from_millis(1000));
+    for _ in 0..6 {
+        std::thread::sleep(Duration::from_millis(600));
         match slow.recv(Some(2 << 20), &mut d) {
             Ok(ClientReply::Simple { error: 0, .. }) => {}
             r => panic!("slow reader cut off: {r:?}"),
