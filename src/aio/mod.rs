@@ -12,7 +12,7 @@
 //! runs, and the fallback to the worker threads, is chosen in `tapdisk::io`.
 //!
 //! This is the crate's one I/O-syscall module allowed to use unsafe_code (besides `xen`
-//! and `capi`); every block says why it is sound. The API is safe: an engine owns the
+//! and `capi`), all of it in `sys.rs`; every block says why it is sound. The API is safe: an engine owns the
 //! buffer of every request in flight (the kernel writes into it until the request
 //! completes), hands it back only with the request's completion, and does not let go of
 //! the buffers in its `Drop` before the kernel is done with them.
@@ -22,8 +22,9 @@ use std::os::fd::BorrowedFd;
 
 use crate::util::AlignedBuf;
 
-pub mod native;
-pub mod uring;
+mod sys;
+
+pub use sys::{native, uring};
 
 pub use native::{Context, IoEvent, Iocb};
 
