@@ -163,6 +163,21 @@ mod tests {
         v
     }
 
+    /// A file holding `content` on ext4 under /var/tmp (O_DIRECT needs a real filesystem),
+    /// opened with O_DIRECT, read-only or read-write; keep the directory while it is used.
+    fn direct_file(content: &[u8], write: bool) -> (tempfile::TempDir, std::fs::File) {
+        let d = tempfile::tempdir_in("/var/tmp").unwrap();
+        let p = d.path().join("f");
+        std::fs::write(&p, content).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(write)
+            .custom_flags(libc::O_DIRECT)
+            .open(&p)
+            .unwrap();
+        (d, f)
+    }
+
     fn wait_all(c: &mut Engine<u32>, n: usize) -> Vec<Done<u32>> {
         let mut out = Vec::new();
         let start = std::time::Instant::now();
@@ -176,15 +191,7 @@ mod tests {
     #[test]
     fn direct_reads_and_writes_complete_with_their_buffers_and_signal_the_eventfd() {
         for kind in kinds() {
-            let d = tempfile::tempdir_in("/var/tmp").unwrap();
-            let p = d.path().join("f");
-            std::fs::write(&p, vec![0u8; 64 << 10]).unwrap();
-            let f = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .custom_flags(libc::O_DIRECT)
-                .open(&p)
-                .unwrap();
+            let (d, f) = direct_file(&vec![0u8; 64 << 10], true);
             let efd = EventFd::from_flags(EfdFlags::EFD_NONBLOCK).unwrap();
             let mut c: Engine<u32> = Engine::new(kind, 8, efd.as_fd()).unwrap();
             assert_eq!(c.kind(), kind);
@@ -202,7 +209,7 @@ mod tests {
             let done = wait_all(&mut c, 4);
             assert!(efd.read().unwrap() >= 1, "{kind:?}");
             assert!(done.iter().all(|d| d.res == 4096), "{kind:?}");
-            let all = std::fs::read(&p).unwrap();
+            let all = std::fs::read(d.path().join("f")).unwrap();
             assert_eq!(all[3 * 8192..4 * 8192 - 4096], [4u8; 4096]);
             // A read of a sub-range of the buffer, and one past the end (short: 0 bytes).
             let req = Request {
@@ -246,14 +253,7 @@ mod tests {
     #[test]
     fn errors_come_back_with_their_request() {
         for kind in kinds() {
-            let d = tempfile::tempdir_in("/var/tmp").unwrap();
-            let p = d.path().join("f");
-            std::fs::write(&p, vec![0u8; 8192]).unwrap();
-            let f = std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_DIRECT)
-                .open(&p)
-                .unwrap();
+            let (_d, f) = direct_file(&vec![0u8; 8192], false);
             let efd = EventFd::from_flags(EfdFlags::EFD_NONBLOCK).unwrap();
             let mut c: Engine<u32> = Engine::new(kind, 1, efd.as_fd()).unwrap();
             // A write on a read-only fd: EBADF (AIO refuses it at submission, io_uring
@@ -298,14 +298,7 @@ mod tests {
     #[test]
     fn drop_with_requests_in_flight_and_reuse_of_slots() {
         for kind in kinds() {
-            let d = tempfile::tempdir_in("/var/tmp").unwrap();
-            let p = d.path().join("f");
-            std::fs::write(&p, vec![5u8; 1 << 20]).unwrap();
-            let f = std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_DIRECT)
-                .open(&p)
-                .unwrap();
+            let (_d, f) = direct_file(&vec![5u8; 1 << 20], false);
             let efd = EventFd::from_flags(EfdFlags::EFD_NONBLOCK).unwrap();
             let mut c: Engine<u32> = Engine::new(kind, 16, efd.as_fd()).unwrap();
             let read = |user: u32| Request {
