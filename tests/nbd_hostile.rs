@@ -3,12 +3,14 @@
 
 mod common;
 use common::cmd::{success, tap_ctl};
+use common::image::aio_raw;
 
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use blktap3::control::nbd_from_socket_name;
 use blktap3::nbd::client::Client;
 
 /// utime + stime of `pid`, in clock ticks.
@@ -39,24 +41,14 @@ fn out_of_descriptors_tapdisk_neither_spins_nor_stops_serving() {
     // loop woke for ever (half a core, a warning per wakeup) while clients waited.
     let dir = tempfile::tempdir().unwrap();
     let ctl = dir.path().join("ctl");
-    let img = dir.path().join("disk.raw");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(4 << 20)
-        .unwrap();
-    let params = format!("aio:{}", img.display());
+    let params = aio_raw(dir.path(), "disk.raw", 4 << 20);
     let out = tap_ctl(&ctl, env!("CARGO_BIN_EXE_tapdisk"))
         .env("BLKTAP_NBD_DEVICE", "0")
         .args(["create", "-a", &params])
         .output()
         .unwrap();
     let sock = success("tap-ctl create", &out).trim().to_string();
-    let name = Path::new(&sock).file_name().unwrap().to_str().unwrap();
-    let pid: i32 = name
-        .strip_prefix("nbd")
-        .and_then(|n| n.split_once('.'))
-        .and_then(|(p, _)| p.parse().ok())
-        .unwrap_or_else(|| panic!("socket {sock}"));
+    let (pid, _) = nbd_from_socket_name(&sock).unwrap_or_else(|| panic!("socket {sock}"));
     let mut served = Client::connect(Path::new(&sock), false).unwrap();
     prlimit_nofile(pid, open_fds(pid) + 2);
     let mut waiting = Vec::new();

@@ -6,6 +6,7 @@
 
 mod common;
 use common::cmd::{qemu_io, success, tap_ctl};
+use common::image::aio_raw;
 use common::proc::wait_gone;
 
 use std::path::Path;
@@ -134,15 +135,7 @@ fn tap_ctl_recovers_after_tapdisk_is_killed() {
 fn destroy_of_a_killed_tapdisk_frees_its_minor_and_removes_its_sockets() {
     let dir = tempfile::tempdir().unwrap();
     let ctl = dir.path().join("ctl");
-    let mut params = Vec::new();
-    for name in ["a.raw", "b.raw"] {
-        let img = dir.path().join(name);
-        std::fs::File::create(&img)
-            .unwrap()
-            .set_len(4 << 20)
-            .unwrap();
-        params.push(format!("aio:{}", img.display()));
-    }
+    let params = ["a.raw", "b.raw"].map(|name| aio_raw(dir.path(), name, 4 << 20));
     // One tapdisk with two VBDs: spawn, then attach and open the second minor in it.
     ok(&ctl, &["create", "-a", &params[0]]);
     let list = ok(&ctl, &["list"]);
