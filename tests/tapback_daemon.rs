@@ -3,6 +3,8 @@
 //! (the control server of `control::server` on `<BLKTAP_CONTROL_DIR>/ctl<pid>`), with the
 //! simulated blkfront as the guest.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -16,10 +18,11 @@ use blktap3::control::msg::{Blkif, DiskInfo, ListEntry, VbdState};
 use blktap3::control::server::{ControlServer, Reply, Request};
 use blktap3::tapback::{ControlTapdisks, TapdiskOps};
 use blktap3::xen::sim::{
-    serve_wire, toolstack_add_vbd, BlkfrontOptions, MemXenStore, MemXsConn, SimBlkfront, SimXen,
+    toolstack_add_vbd, BlkfrontOptions, MemXenStore, MemXsConn, SimBlkfront, SimXen,
 };
 use blktap3::xen::xenstore::{Tx, XenStore};
 use blktap3::xen::DomId;
+use common::tapback_bin::fake_xenstored;
 
 const BE: DomId = DomId(0);
 const FE: DomId = DomId(7);
@@ -84,20 +87,6 @@ fn fake_tapdisk(dir: &Path, pid: i32, st: Arc<Mutex<TapState>>) {
             }
         };
         let _ = server.run_concurrent(Arc::new(h));
-    });
-}
-
-/// A fake xenstored on `sock`, serving `store` as dom0.
-fn fake_xenstored(sock: &Path, store: MemXenStore) {
-    let l = UnixListener::bind(sock).unwrap();
-    thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(s) = s else { return };
-            let store = store.clone();
-            thread::spawn(move || {
-                let _ = serve_wire(&store, BE, s.into());
-            });
-        }
     });
 }
 
