@@ -20,7 +20,8 @@
 //!
 //! # What a fault does
 //!
-//! - [`Fault::Eio`], [`Fault::Enospc`]: the call fails with that errno; nothing lands.
+//! - [`Fault::Eio`], [`Fault::Enospc`], [`Fault::Eagain`]: the call fails with that errno;
+//!   nothing lands.
 //! - [`Fault::Short`]: half of the buffer (rounded down to whole sectors when it is at
 //!   least two) lands, then the call fails as `write_all` does when `pwrite` stops making
 //!   progress (`ErrorKind::WriteZero`, reported as EIO). A short read fills a prefix and
@@ -37,6 +38,13 @@
 //! asks [`BlockFile::inject_aio`] about every completion: the real kernel result is
 //! replaced by `-EIO`, `-ENOSPC` or a short count (half, whole sectors), so the engine's
 //! own handling of failed and short completions (error reply; resubmit the rest) runs.
+//!
+//! Before that, every asynchronous submission (the first, and the resubmission of a short
+//! transfer's rest) asks [`BlockFile::inject_aio_submit`]: a fault armed at
+//! [`Point::Submit`] makes the kernel refuse the submission with that errno
+//! ([`Fault::Eagain`]: EAGAIN, as `io_submit` and `io_uring_enter` answer when the kernel is
+//! short of resources; [`Fault::Short`] also gives EAGAIN, what tapdisk reports when
+//! `io_submit` took none of its one request), so the engine's handling of refusals runs.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -72,11 +80,14 @@ pub enum Point {
     Read,
     /// `fdatasync`.
     Sync,
+    /// An asynchronous submission (`io_submit`, `io_uring_enter`) of a read or write: a
+    /// fault here is the kernel refusing to take the request, not an I/O error.
+    Submit,
 }
 
 impl Point {
     /// Every point, in report order.
-    pub const ALL: [Point; 9] = [
+    pub const ALL: [Point; 10] = [
         Point::Data,
         Point::Bitmap,
         Point::Bat,
@@ -86,6 +97,7 @@ impl Point {
         Point::Other,
         Point::Read,
         Point::Sync,
+        Point::Submit,
     ];
 
     /// Lower-case name for reports.
@@ -100,6 +112,7 @@ impl Point {
             Point::Other => "other",
             Point::Read => "read",
             Point::Sync => "fdatasync",
+            Point::Submit => "submit",
         }
     }
 }
@@ -110,6 +123,8 @@ pub enum Fault {
     Eio,
     Enospc,
     Short,
+    /// EAGAIN: the kernel short of resources (meant for [`Point::Submit`]).
+    Eagain,
 }
 
 impl Fault {
@@ -119,6 +134,7 @@ impl Fault {
             Fault::Eio => "EIO",
             Fault::Enospc => "ENOSPC",
             Fault::Short => "short",
+            Fault::Eagain => "EAGAIN",
         }
     }
 }
@@ -404,6 +420,7 @@ fn errno(fault: Fault) -> io::Error {
         Fault::Eio => io::Error::from_raw_os_error(libc::EIO),
         Fault::Enospc => io::Error::from_raw_os_error(libc::ENOSPC),
         Fault::Short => io::Error::from(io::ErrorKind::WriteZero),
+        Fault::Eagain => io::Error::from_raw_os_error(libc::EAGAIN),
     }
 }
 
@@ -513,6 +530,7 @@ impl BlockFile for FaultFile {
             None => res,
             Some(Fault::Eio) => -i64::from(libc::EIO),
             Some(Fault::Enospc) => -i64::from(libc::ENOSPC),
+            Some(Fault::Eagain) => -i64::from(libc::EAGAIN),
             Some(Fault::Short) => {
                 // Direct I/O moves whole sectors: a single sector moves nothing.
                 let n = if len >= 2 * SECTOR_SIZE as usize {
@@ -527,6 +545,15 @@ impl BlockFile for FaultFile {
                 }
             }
         }
+    }
+
+    fn inject_aio_submit(&self, write: bool, off: u64, len: usize) -> Option<io::Error> {
+        let _ = (write, off, len);
+        self.inj.hit(Point::Submit).map(|f| match f {
+            // A submission moves nothing: "took none of it" is EAGAIN.
+            Fault::Short => io::Error::from_raw_os_error(libc::EAGAIN),
+            f => errno(f),
+        })
     }
 }
 

@@ -103,6 +103,16 @@ pub trait BlockFile: Send + Sync + fmt::Debug {
         let _ = (write, off, len);
         res
     }
+    /// Test builds only: the error with which the kernel should refuse tapdisk's
+    /// asynchronous submission (`io_submit`, `io_uring_enter`) of a transfer of `len`
+    /// bytes at `off`, or `None` to submit it for real. Fault injection
+    /// ([`super::fault::FaultFile`], [`super::fault::Point::Submit`]) chooses; everything
+    /// else returns `None`.
+    #[cfg(any(test, feature = "sim"))]
+    fn inject_aio_submit(&self, write: bool, off: u64, len: usize) -> Option<io::Error> {
+        let _ = (write, off, len);
+        None
+    }
 }
 
 /// What `O_DIRECT` asks of a file's I/O (`statx` `stx_dio_mem_align` and

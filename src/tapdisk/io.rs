@@ -4,9 +4,11 @@
 //!
 //! ```text
 //!  loop --submit--> Image::direct_map? --yes--> [encrypt in place] submit (aio::Engine:
-//!                         | no                                    io_uring or Linux AIO)
-//!                         v                                                | kernel: eventfd
-//!                      [queue] --> worker 1..N: image.read/write_in_place/flush/...
+//!                         | no                                  |  io_uring or Linux AIO)
+//!                         v                  refused for now    |           | kernel: eventfd
+//!                      [queue] <-- (EAGAIN, ...): the rest -----+           |
+//!                         +--> worker 1..N: image.read/write_in_place/flush/...,
+//!                              or a refused transfer's pread/pwrite at the mapped offset
 //!  loop <--eventfd (Waker)-- completions(): reap (resubmit short, decrypt), workers'
 //! ```
 //!
@@ -22,6 +24,15 @@
 //! beyond that, requests go to the workers. Flush stays a worker `fdatasync`: a flush is
 //! started only after the writes it covers completed (the ring's drain point; NBD clients
 //! wait for replies), and an asynchronous write completes only once it is in the file.
+//!
+//! Errors at submission: when the kernel refuses a submission for now (EAGAIN, ENOMEM,
+//! EBUSY, EINTR: short of resources; `refused_for_now`), be it a request's first or the
+//! rest of a short transfer, a worker does the transfer instead: it moves what is left of
+//! the prepared buffer at the mapped file offset with `pread`/`pwrite` (an encrypted
+//! write's buffer is already encrypted and is not encrypted again) and completes the
+//! request as the engine would (decrypting a read). A warning at the 1st, 10th, 100th, ...
+//! refusal of an engine says so. Any other submission error (EBADF, EINVAL, ...) is the
+//! request's error, as a failed completion is.
 //!
 //! Engine choice ([`EngineChoice`], `TAPDISK3_IO=uring|aio|threads|auto`, or
 //! `TAPDISK3_AIO=0` for `threads`): the interfaces of the choice are tried in order, io_uring
@@ -343,8 +354,12 @@ pub struct IoEngine<T: Send + 'static> {
     /// io_uring or Linux AIO from the submitting thread (None: neither could be set up,
     /// or switched off).
     aio: Option<Mutex<aio::Engine<AioJob<T>>>>,
-    /// Requests that went out through the asynchronous engine (tests and logs).
+    /// Reads and writes handed to the asynchronous engine (tests and logs), including
+    /// those it then refused.
     aio_count: std::sync::atomic::AtomicU64,
+    /// Submissions (first ones and short transfers' rests) the asynchronous engine
+    /// refused for now and the workers took (see [`IoEngine::aio_refused`]).
+    aio_refused: std::sync::atomic::AtomicU64,
 }
 
 impl<T: Send + 'static> IoEngine<T> {
@@ -379,6 +394,7 @@ impl<T: Send + 'static> IoEngine<T> {
             inline_done: Mutex::new(Vec::new()),
             aio: None,
             aio_count: 0.into(),
+            aio_refused: 0.into(),
         };
         let line = e.set_engine(choice);
         if line.contains("unavailable") {
@@ -401,6 +417,9 @@ impl<T: Send + 'static> IoEngine<T> {
         self.aio = None;
         let (engine, line) = start_async(choice.order(), self.shared.waker.as_fd(), setup);
         self.aio = engine.map(Mutex::new);
+        // A new engine logs its own refusals from the first one on.
+        self.aio_refused
+            .store(0, std::sync::atomic::Ordering::Relaxed);
         line
     }
 
@@ -414,9 +433,17 @@ impl<T: Send + 'static> IoEngine<T> {
         self.aio.as_ref().map(|a| lock(a).kind())
     }
 
-    /// Reads and writes submitted with the asynchronous engine so far.
+    /// Reads and writes submitted with the asynchronous engine so far (including those it
+    /// refused at submission and the workers then did).
     pub fn aio_count(&self) -> u64 {
         self.aio_count.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Submissions the asynchronous engine refused for now (EAGAIN and the like:
+    /// [`refused_for_now`]) whose transfers the workers did instead, since this engine
+    /// started.
+    pub fn aio_refused(&self) -> u64 {
+        self.aio_refused.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Allow (the default) or forbid running jobs on the submitting thread.
@@ -458,8 +485,9 @@ impl<T: Send + 'static> IoEngine<T> {
 
     /// The fast path: a read or a (non-FUA) write the image maps onto one run of a file
     /// that takes AIO ([`Image::direct_map`]) is submitted right here and completes through
-    /// the eventfd; a write to an encrypted image is encrypted in place first. Gives the
-    /// job back when it does not qualify.
+    /// the eventfd; a write to an encrypted image is encrypted in place first. A submission
+    /// the kernel refuses for now goes to the workers ([`IoEngine::fall_back`]), any other
+    /// submission error is the request's. Gives the job back when it does not qualify.
     fn try_aio(&self, tag: T, image: &Arc<dyn Image>, op: Op) -> Option<(T, Op)> {
         let Some(aio) = &self.aio else {
             return Some((tag, op));
@@ -508,18 +536,73 @@ impl<T: Send + 'static> IoEngine<T> {
         self.aio_count
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Err((req, e)) = submit_aio(&mut ctx, req) {
+            let kind = ctx.kind();
             drop(ctx);
-            let r = Err(aio_error(&req.user, req.dir, e));
-            lock(&self.inline_done).push(Completion {
-                tag: req.user.tag,
-                result: r,
-            });
+            if refused_for_now(&e) {
+                self.fall_back(kind, req, &e);
+            } else {
+                let r = Err(aio_error(&req.user.image, req.dir, e));
+                lock(&self.inline_done).push(Completion {
+                    tag: req.user.tag,
+                    result: r,
+                });
+            }
         }
         None
     }
 
-    /// Finish what AIO completed: resubmit the rest of short transfers, decrypt reads,
-    /// turn errors into the request's error.
+    /// Hand a request the asynchronous engine refused for now (at its first submission,
+    /// or at the resubmission of a short transfer's rest) to the workers, and log it (the
+    /// 1st, 10th, 100th, ... refusal of this engine, so that a kernel short of resources
+    /// for a long time does not flood the log).
+    ///
+    /// The worker does what the kernel would have done: it moves the rest of the transfer,
+    /// `buf[start..]`, at the mapped file offset ([`finish_direct`]), then completes the
+    /// request as [`IoEngine::completions`] does for the engine's (a read is decrypted
+    /// there). Not an [`Op::Read`] or [`Op::Write`] through the image: a write's buffer is
+    /// already encrypted in place (the image would encrypt it again, so it would first
+    /// have to be decrypted back), and after a short transfer part of it is already in the
+    /// file (or in the buffer, for a read, still encrypted), which the image path would
+    /// move again. The worker uses the mapping the engine would have used (the request
+    /// holds the file open), so it is as valid as for a request in flight on the engine.
+    fn fall_back(&self, kind: aio::Kind, req: aio::Request<AioJob<T>>, e: &std::io::Error) {
+        let n = self
+            .aio_refused
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        if power_of_ten(n) {
+            warn!(
+                "{}: the kernel refused a submission ({e}); the worker threads did it \
+                 instead ({n} so far, logged at 1, 10, 100, ...)",
+                kind.name()
+            );
+        }
+        let aio::Request {
+            dir,
+            buf,
+            start,
+            offset,
+            user:
+                AioJob {
+                    tag,
+                    image,
+                    map,
+                    sector,
+                },
+        } = req;
+        let job_image = Arc::clone(&image);
+        let task: Task =
+            Box::new(move || finish_direct(&image, &map, sector, dir, buf, start, offset));
+        self.push(Job {
+            tag,
+            image: Some(job_image),
+            op: Op::Task(task),
+        });
+    }
+
+    /// Finish what AIO completed: resubmit the rest of short transfers (to the workers
+    /// when the kernel refuses it for now), decrypt reads, turn errors into the request's
+    /// error.
     fn reap_aio(&self, out: &mut Vec<Completion<T>>) {
         let Some(aio) = &self.aio else {
             return;
@@ -555,6 +638,11 @@ impl<T: Send + 'static> IoEngine<T> {
                     req.offset += n as u64;
                     match submit_aio(&mut ctx, req) {
                         Ok(()) => continue,
+                        Err((r, e)) if refused_for_now(&e) => {
+                            // The workers move the rest (see fall_back).
+                            self.fall_back(ctx.kind(), r, &e);
+                            continue;
+                        }
                         Err((r, e)) => {
                             req = r;
                             Some(e)
@@ -567,13 +655,9 @@ impl<T: Send + 'static> IoEngine<T> {
                 dir, mut buf, user, ..
             } = req;
             let result = match err {
-                Some(e) => Err(aio_error(&user, dir, e)),
+                Some(e) => Err(aio_error(&user.image, dir, e)),
                 None => {
-                    if dir == aio::Dir::Read {
-                        if let Some(c) = &user.map.cipher {
-                            c.decrypt_sectors(user.sector, &mut buf);
-                        }
-                    }
+                    transferred(&user.map, user.sector, dir, &mut buf);
                     Ok(Output::Data(buf))
                 }
             };
@@ -671,6 +755,15 @@ fn submit_aio<T>(
     ctx: &mut aio::Engine<AioJob<T>>,
     req: aio::Request<AioJob<T>>,
 ) -> Result<(), (aio::Request<AioJob<T>>, std::io::Error)> {
+    // Test builds: let injected faults refuse the submission as the kernel would.
+    #[cfg(any(test, feature = "sim"))]
+    if let Some(e) = req.user.map.file.inject_aio_submit(
+        req.dir == aio::Dir::Write,
+        req.offset,
+        req.buf.len().saturating_sub(req.start),
+    ) {
+        return Err((req, e));
+    }
     let file = Arc::clone(&req.user.map.file);
     match file.aio_fd() {
         Some(fd) => ctx.submit(fd, req),
@@ -678,10 +771,69 @@ fn submit_aio<T>(
     }
 }
 
+/// Whether `n` is 1, 10, 100, ...
+fn power_of_ten(mut n: u64) -> bool {
+    while n >= 10 && n.is_multiple_of(10) {
+        n /= 10;
+    }
+    n == 1
+}
+
+/// Whether a submission error means the kernel could not take the request now, though
+/// it (or a worker) could do it later: EAGAIN (`io_submit`: not enough resources to queue
+/// it; `io_uring_enter`: no memory or other resources for it, or the engine's own "no
+/// free slot"), ENOMEM, EBUSY (`io_uring_enter`: completions must be reaped first) and
+/// EINTR. Such a request goes to the workers ([`IoEngine::fall_back`]). Every other
+/// error is the request's own: EBADF (the descriptor cannot do this, e.g. a write on a
+/// read-only file), EINVAL (misaligned or out-of-range for the interface), EFAULT and the
+/// like describe the request or the file, and a worker would meet the same or hide a bug;
+/// an interface refused for good (ENOSYS, EPERM) is a matter for the engine's setup,
+/// which already falls back to the workers for everything when it fails.
+fn refused_for_now(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EAGAIN | libc::ENOMEM | libc::EBUSY | libc::EINTR)
+    )
+}
+
+/// Complete a mapped read or write that moved all its bytes: a read of an encrypted
+/// image is decrypted in place (the first virtual sector is the first tweak).
+fn transferred(map: &DirectMap, sector: u64, dir: aio::Dir, buf: &mut AlignedBuf) {
+    if dir == aio::Dir::Read {
+        if let Some(c) = &map.cipher {
+            c.decrypt_sectors(sector, buf);
+        }
+    }
+}
+
+/// On a worker: the rest of a mapped read or write the asynchronous engine refused,
+/// `buf[start..]` at `offset` of the mapped file (the first `start` bytes were moved by
+/// the engine already, in a short transfer), with blocking positional I/O; then the same
+/// completion as the engine's ([`transferred`]). A write's buffer holds what goes to the
+/// file (already encrypted); a read that reaches the end of the file fails with EIO, as
+/// on the engine.
+fn finish_direct(
+    image: &Arc<dyn Image>,
+    map: &DirectMap,
+    sector: u64,
+    dir: aio::Dir,
+    mut buf: AlignedBuf,
+    start: usize,
+    offset: u64,
+) -> Result<Output, ImageError> {
+    let r = match (dir, buf.get_mut(start..)) {
+        (aio::Dir::Read, Some(rest)) => map.file.read_at(rest, offset),
+        (aio::Dir::Write, Some(rest)) => map.file.write_at(rest, offset),
+        (_, None) => Err(std::io::Error::from_raw_os_error(libc::EINVAL)),
+    };
+    r.map_err(|e| aio_error(image, dir, e))?;
+    transferred(map, sector, dir, &mut buf);
+    Ok(Output::Data(buf))
+}
+
 /// The error of a failed AIO request, named after its image.
-fn aio_error<T>(job: &AioJob<T>, dir: aio::Dir, e: std::io::Error) -> ImageError {
-    let path = job
-        .image
+fn aio_error(image: &Arc<dyn Image>, dir: aio::Dir, e: std::io::Error) -> ImageError {
+    let path = image
         .layers()
         .first()
         .map(|l| l.path.display().to_string())
@@ -1506,6 +1658,344 @@ mod tests {
             .status()
             .unwrap()
             .success());
+    }
+
+    // ---- submissions the kernel refuses (EAGAIN ...): the workers finish them ----
+
+    use crate::image::fault::{Fault, FaultFile, Injector, Point};
+    use crate::image::file::BlockFile;
+
+    /// A file that records the offsets and lengths of the positional reads and writes
+    /// (not the asynchronous ones) that reach it, passing everything on.
+    #[derive(Debug)]
+    struct Recorder {
+        inner: Arc<dyn BlockFile>,
+        /// (write, offset, length)
+        calls: Mutex<Vec<(bool, u64, usize)>>,
+    }
+
+    impl BlockFile for Recorder {
+        fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+            lock(&self.calls).push((false, off, buf.len()));
+            self.inner.read_at(buf, off)
+        }
+        fn write_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
+            lock(&self.calls).push((true, off, buf.len()));
+            self.inner.write_at(buf, off)
+        }
+        fn sync(&self) -> std::io::Result<()> {
+            self.inner.sync()
+        }
+        fn len(&self) -> std::io::Result<u64> {
+            self.inner.len()
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.inner.set_len(len)
+        }
+        fn resizable(&self) -> bool {
+            self.inner.resizable()
+        }
+        fn punch_hole(&self, off: u64, len: u64) -> std::io::Result<()> {
+            self.inner.punch_hole(off, len)
+        }
+        fn get_xattr(&self, name: &str) -> std::io::Result<Option<Vec<u8>>> {
+            self.inner.get_xattr(name)
+        }
+        fn set_xattr(&self, name: &str, value: &[u8]) -> std::io::Result<()> {
+            self.inner.set_xattr(name, value)
+        }
+        fn seek_extent(&self, off: u64, data: bool) -> std::io::Result<Option<u64>> {
+            self.inner.seek_extent(off, data)
+        }
+        fn dio_align(&self) -> Option<crate::image::file::DioAlign> {
+            self.inner.dio_align()
+        }
+        fn aio_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+            self.inner.aio_fd()
+        }
+        fn inject_aio(&self, write: bool, off: u64, len: usize, res: i64) -> i64 {
+            self.inner.inject_aio(write, off, len, res)
+        }
+        fn inject_aio_submit(&self, write: bool, off: u64, len: usize) -> Option<std::io::Error> {
+            self.inner.inject_aio_submit(write, off, len)
+        }
+    }
+
+    /// An image under test for refused submissions: O_DIRECT on ext4, its file behind a
+    /// [`FaultFile`] (the injector) behind a [`Recorder`].
+    struct Refusing {
+        img: Arc<dyn Image>,
+        inj: Arc<Injector>,
+        rec: Arc<Recorder>,
+        /// Sectors the fast path maps (within one allocated VHD block).
+        base: u64,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Refusing {
+        /// A raw image, or (`encrypted`) a dynamic VHD with a key whose first block is
+        /// allocated and written, so that its ranges map to the file.
+        fn open(encrypted: bool) -> Refusing {
+            use crate::image::crypto::KeySource;
+            use crate::image::open::{open_wrapped, ImageFormat};
+            let d = disk_dir();
+            let key = [0x5cu8; 64];
+            let (p, format, keys) = if encrypted {
+                let p = d.path().join("e.vhd");
+                encrypted_vhd(&p, &key);
+                (
+                    p,
+                    ImageFormat::Vhd,
+                    KeySource::Explicit(key.to_vec().into()),
+                )
+            } else {
+                let p = d.path().join("r.raw");
+                std::fs::write(&p, pat(4 << 20, 77).to_vec()).unwrap();
+                (p, ImageFormat::Raw, KeySource::default())
+            };
+            let inj = Injector::new();
+            let rec = Mutex::new(None);
+            let opts = ChainOptions {
+                read_only: false,
+                direct: true,
+                keys,
+                ..Default::default()
+            };
+            let img: Arc<dyn Image> = open_wrapped(&p, format, &opts, &|f| {
+                let ff: Arc<dyn BlockFile> = Arc::new(FaultFile::new(f, inj.clone())?);
+                let r = Arc::new(Recorder {
+                    inner: ff,
+                    calls: Mutex::new(Vec::new()),
+                });
+                *lock(&rec) = Some(r.clone());
+                Ok(r as Arc<dyn BlockFile>)
+            })
+            .unwrap()
+            .into();
+            let rec = lock(&rec).take().unwrap();
+            if encrypted {
+                // Block 0 written whole: allocated, every bit set, its bitmap cached.
+                img.write(0, &pat(2 << 20, 78)).unwrap();
+            }
+            let base = 64;
+            assert!(img.direct_map(base, 64, true).is_some());
+            assert_eq!(
+                img.direct_map(base, 1, false).unwrap().cipher.is_some(),
+                encrypted
+            );
+            lock(&rec.calls).clear();
+            Refusing {
+                img,
+                inj,
+                rec,
+                base,
+                _dir: d,
+            }
+        }
+
+        /// What the file holds for `n` bytes at virtual sector `sector` (read past the
+        /// injector), and what it must hold when `plain` was written there: `plain`
+        /// encrypted once with the image's cipher, or `plain` itself.
+        fn stored_and_expected(&self, sector: u64, plain: &[u8]) -> (Vec<u8>, Vec<u8>) {
+            let map = self.img.direct_map(sector, 1, false).unwrap();
+            let mut stored = AlignedBuf::zeroed(plain.len());
+            self.rec.inner.read_at(&mut stored, map.offset).unwrap();
+            let mut want = AlignedBuf::from_slice(plain);
+            if let Some(c) = &map.cipher {
+                c.encrypt_sectors(sector, &mut want);
+            }
+            (stored.to_vec(), want.to_vec())
+        }
+
+        /// The positional I/O calls since the last look.
+        fn calls(&self) -> Vec<(bool, u64, usize)> {
+            std::mem::take(&mut *lock(&self.rec.calls))
+        }
+
+        /// The file offset of virtual sector `sector`.
+        fn offset(&self, sector: u64) -> u64 {
+            self.img.direct_map(sector, 1, false).unwrap().offset
+        }
+    }
+
+    /// `p`: a new 32 MiB dynamic VHD whose key is `key`.
+    fn encrypted_vhd(p: &std::path::Path, key: &[u8; 64]) {
+        crate::image::vhd::ops::create(
+            p,
+            &crate::image::vhd::ops::CreateOptions::dynamic(32 << 20),
+        )
+        .unwrap();
+        let meta = crate::image::vhd::VhdImage::open(
+            p,
+            &crate::image::vhd::VhdOpenOptions {
+                read_only: false,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        meta.set_keyhash(&crate::image::crypto::KeyHash::for_key(key, &[7u8; 32]))
+            .unwrap();
+        meta.close().unwrap();
+    }
+
+    /// The one completion of `tag`, which must have succeeded, and its data.
+    fn data_of<T: Send + std::fmt::Debug + PartialEq + 'static>(
+        e: &IoEngine<T>,
+        tag: T,
+    ) -> AlignedBuf {
+        let mut c = wait_all(e, 1);
+        assert_eq!(c[0].tag, tag);
+        match c.pop().map(|c| c.result) {
+            Some(Ok(Output::Data(b))) => b,
+            r => panic!("{tag:?}: {r:?}"),
+        }
+    }
+
+    /// Reads and writes whose submission the kernel refuses with EAGAIN complete on the
+    /// workers with the right data, on a raw image and on an encrypted VHD: the file
+    /// holds the written bytes encrypted exactly once, a read comes back decrypted
+    /// exactly once, and the worker moved the whole transfer at the mapped offset.
+    #[test]
+    fn reads_and_writes_refused_at_submission_are_done_by_the_workers() {
+        for choice in async_engines() {
+            for encrypted in [false, true] {
+                let r = Refusing::open(encrypted);
+                let e = IoEngine::with_engine(2, choice).unwrap();
+                let what = format!("{choice:?} encrypted={encrypted}");
+                r.inj.arm(Point::Submit, Fault::Eagain);
+                let data = pat(16384, 5);
+                let write = Op::Write {
+                    sector: r.base,
+                    buf: data.clone(),
+                    fua: false,
+                };
+                e.submit(1u32, r.img.clone(), write);
+                data_of(&e, 1);
+                let (stored, want) = r.stored_and_expected(r.base, &data);
+                assert!(
+                    stored == want,
+                    "{what}: the file holds the write, encrypted once"
+                );
+                assert_eq!(r.calls(), [(true, r.offset(r.base), 16384)], "{what}");
+                let read = Op::Read {
+                    sector: r.base,
+                    buf: AlignedBuf::zeroed(16384),
+                };
+                e.submit(2, r.img.clone(), read);
+                assert!(data_of(&e, 2) == data, "{what}: read back decrypted once");
+                assert_eq!(r.calls(), [(false, r.offset(r.base), 16384)], "{what}");
+                assert_eq!(r.inj.injected(Point::Submit), 2, "{what}");
+                assert_eq!((e.aio_count(), e.aio_refused()), (2, 2), "{what}");
+                // Taken again once the kernel takes submissions: the engine, not the workers.
+                r.inj.clear();
+                let read = Op::Read {
+                    sector: r.base,
+                    buf: AlignedBuf::zeroed(16384),
+                };
+                e.submit(3, r.img.clone(), read);
+                assert!(data_of(&e, 3) == data, "{what}");
+                assert_eq!(r.calls(), [], "{what}");
+                assert_eq!((e.aio_count(), e.aio_refused()), (3, 2), "{what}");
+            }
+        }
+    }
+
+    /// A short completion whose rest the kernel refuses at resubmission: the workers move
+    /// the rest only (at its own offset: nothing moved twice), the request completes with
+    /// the right data, and an encrypted write is in the file encrypted once.
+    #[test]
+    fn a_short_transfer_whose_rest_is_refused_is_finished_by_the_workers() {
+        for choice in async_engines() {
+            for encrypted in [false, true] {
+                let r = Refusing::open(encrypted);
+                let e = IoEngine::with_engine(2, choice).unwrap();
+                let what = format!("{choice:?} encrypted={encrypted}");
+                // The write's completion moves half, its rest's submission is refused.
+                r.inj.arm_n(Point::Data, Fault::Short, 0, Some(1));
+                r.inj.arm_n(Point::Submit, Fault::Eagain, 1, Some(1));
+                let data = pat(16384, 6);
+                let write = Op::Write {
+                    sector: r.base + 32,
+                    buf: data.clone(),
+                    fua: false,
+                };
+                e.submit(1u32, r.img.clone(), write);
+                data_of(&e, 1);
+                assert_eq!(
+                    (r.inj.injected(Point::Data), r.inj.injected(Point::Submit)),
+                    (1, 1),
+                    "{what}"
+                );
+                let (stored, want) = r.stored_and_expected(r.base + 32, &data);
+                assert!(
+                    stored == want,
+                    "{what}: the file holds the write, encrypted once"
+                );
+                let rest = r.offset(r.base + 32) + 8192;
+                assert_eq!(r.calls(), [(true, rest, 8192)], "{what}");
+                // The same for a read.
+                r.inj.arm_n(Point::Read, Fault::Short, 0, Some(1));
+                r.inj.arm_n(Point::Submit, Fault::Eagain, 1, Some(1));
+                let read = Op::Read {
+                    sector: r.base + 32,
+                    buf: AlignedBuf::zeroed(16384),
+                };
+                e.submit(2, r.img.clone(), read);
+                assert!(data_of(&e, 2) == data, "{what}: read back decrypted once");
+                assert_eq!(r.inj.injected(Point::Read), 1, "{what}");
+                assert_eq!(r.inj.injected(Point::Submit), 2, "{what}");
+                assert_eq!(r.calls(), [(false, rest, 8192)], "{what}");
+                assert_eq!((e.aio_count(), e.aio_refused()), (2, 2), "{what}");
+            }
+        }
+    }
+
+    /// Only "not now" refusals go to the workers: a submission error that is not (EIO
+    /// here; EBADF for real in `aio_errors_and_short_transfers_reach_the_right_request`)
+    /// is its own request's error, while the refused request next to it completes.
+    #[test]
+    fn a_submission_error_that_is_not_for_now_fails_its_own_request() {
+        for choice in async_engines() {
+            let r = Refusing::open(true);
+            let e = IoEngine::with_engine(2, choice).unwrap();
+            r.inj.arm_n(Point::Submit, Fault::Eio, 0, Some(1));
+            r.inj.arm_n(Point::Submit, Fault::Eagain, 0, Some(1));
+            let read = |s| Op::Read {
+                sector: s,
+                buf: AlignedBuf::zeroed(4096),
+            };
+            e.submit(1u32, r.img.clone(), read(r.base));
+            e.submit(2, r.img.clone(), read(r.base + 8));
+            let mut c = wait_all(&e, 2);
+            c.sort_by_key(|c| c.tag);
+            match &c[0].result {
+                Err(err) => assert_eq!(err.errno(), libc::EIO, "{choice:?} {err}"),
+                r => panic!("{choice:?} {r:?}"),
+            }
+            let mut want = vec![0u8; 4096];
+            r.img.read(r.base + 8, &mut want).unwrap();
+            match &c[1].result {
+                Ok(Output::Data(b)) => assert!(b[..] == want[..], "{choice:?}"),
+                r => panic!("{choice:?} {r:?}"),
+            }
+            assert_eq!(r.inj.injected(Point::Submit), 2, "{choice:?}");
+            assert_eq!((e.aio_count(), e.aio_refused()), (2, 1), "{choice:?}");
+        }
+        let logged: Vec<u64> = (1..=1000).filter(|n| power_of_ten(*n)).collect();
+        assert_eq!(logged, [1, 10, 100, 1000]);
+        for (errno, now) in [
+            (libc::EAGAIN, true),
+            (libc::ENOMEM, true),
+            (libc::EBUSY, true),
+            (libc::EINTR, true),
+            (libc::EBADF, false),
+            (libc::EINVAL, false),
+            (libc::EIO, false),
+            (libc::ENOSYS, false),
+        ] {
+            let e = std::io::Error::from_raw_os_error(errno);
+            assert_eq!(refused_for_now(&e), now, "{e}");
+        }
     }
 
     #[test]
