@@ -5,9 +5,14 @@
 //! All I/O methods take `&self`. Metadata (BAT, cached sector bitmaps, batmap, allocation
 //! cursor) lives in one `Mutex<Meta>`; guest data is read and written with positional I/O
 //! *outside* that lock, so requests to different blocks (and to already allocated sectors of
-//! the same block) run in parallel. The small metadata writes (one 512-byte BAT sector, one
-//! bitmap sector) are issued while holding the lock, which keeps every metadata sector's
-//! on-disk content equal to the latest in-memory state without per-sector versioning.
+//! the same block) run in parallel. A BAT sector (512 bytes, once per new 2 MiB block) is
+//! written while holding the lock, which keeps its on-disk content equal to the latest
+//! in-memory state. Sector bitmaps, written at every first write to a sector, are written
+//! *outside* the lock: each cached bitmap carries a version, one thread at a time writes a
+//! block's bitmap with its latest bits, and a write waits until the disk holds a version
+//! with its own bits before it is acknowledged (`persist_bitmap`, a group commit per
+//! block). So a bitmap write holds up only writes to its own block, never other blocks'
+//! allocations and bitmaps nor the loop's fast path ([`Image::direct_map`]).
 //! Growing the allocation reserve (ftruncate + footer + fdatasync) runs outside the lock;
 //! allocations that need the new space wait on a `Condvar` meanwhile, everything else
 //! (reads, writes to allocated blocks, bitmap updates) proceeds.
@@ -32,15 +37,19 @@
 //!    sets bits not yet set in its block's bitmap does: data pwrite, then a group-commit
 //!    barrier (`data_barrier`: wait, without the image lock, for an fdatasync that *started*
 //!    after the data write completed; concurrent writers share one), then under the lock
-//!    set the bits and pwrite the bitmap sector, then acknowledge. Without the barrier a
+//!    set the bits in the cached bitmap, then (without the lock) wait until a bitmap write
+//!    carrying them has completed, then acknowledge. Only bits whose data is durable are
+//!    ever set in the cache, so every copy of it written is safe. Without the barrier a
 //!    power cut could keep the bitmap write and lose the data (O_DIRECT into the reserve's
 //!    sparse data area is an unwritten extent converted by a journaled change; any device
 //!    may reorder): the sector would read the file's zeros, i.e. garbage through AES-XTS,
 //!    zeros instead of the parent's data on a differencing leaf, or a reused reserve's
 //!    old bytes. A failed barrier fails the write: the data stays unreferenced and the
 //!    bitmap unchanged, and the failure is sticky like a failed flush. Writes whose bits
-//!    are already set (including every AIO fast-path write, see `direct_map`) pay
-//!    nothing: their bits are durable already. `flush()` (fdatasync) then makes every
+//!    are already set (including every AIO fast-path write, see `direct_map`) pay no
+//!    barrier: their data is durable already. They wait only while their block's bitmap
+//!    is not on disk as cached (a write of it running, or one that failed, which they
+//!    then redo); the fast path takes no write to such a block. `flush()` (fdatasync) then makes every
 //!    acknowledged write durable, so each write acknowledged before a completed flush
 //!    survives.
 //! 3. *There is always a valid footer at EOF-512 or at offset 0.* The footer's content does
@@ -159,7 +168,9 @@ struct Meta {
     header: Option<DynHeader>,
     bat: Vec<u32>,
     allocated: u32,
-    bitmaps: HashMap<u32, Vec<u8>>,
+    bitmaps: HashMap<u32, CachedBitmap>,
+    /// The last bitmap version handed out (see [`CachedBitmap`]).
+    bm_seq: u64,
     /// First sector after all metadata and allocated blocks.
     next_db: u64,
     /// End of the durable zeroed reserve (sector); `next_db <= reserve_end` when active.
@@ -168,6 +179,51 @@ struct Meta {
     batmap: Option<BatmapState>,
     /// Blocks were allocated or metadata changed: close must rewrite footer/batmap.
     dirty: bool,
+}
+
+/// One block's sector bitmap as this process knows it. `bits` is the latest state (reads
+/// and writes go by it); the disk may lag behind while a thread writes it outside the image
+/// lock, or after such a write failed. Every change bumps `version`; `on_disk` is the
+/// newest version a completed bitmap write carried. Versions come from one counter per
+/// image ([`Meta::bm_seq`]), so they stay ordered across eviction. An entry that is not
+/// [clean](CachedBitmap::clean) is never evicted.
+#[derive(Debug)]
+struct CachedBitmap {
+    bits: Vec<u8>,
+    version: u64,
+    on_disk: u64,
+    /// A thread is writing a copy of `bits` to the disk (the lock is not held meanwhile).
+    writing: bool,
+}
+
+impl CachedBitmap {
+    /// A bitmap the disk holds as it is (just read, or known zero); `seq` is
+    /// [`Meta::bm_seq`], so that no earlier change's version is newer than this entry.
+    fn loaded(bits: Vec<u8>, seq: u64) -> CachedBitmap {
+        CachedBitmap {
+            bits,
+            version: seq,
+            on_disk: seq,
+            writing: false,
+        }
+    }
+
+    /// Whether the disk holds `bits` (no change waiting to be written, no write running).
+    fn clean(&self) -> bool {
+        self.on_disk == self.version && !self.writing
+    }
+}
+
+impl Meta {
+    /// Apply `f` to block `blk`'s cached bitmap; returns the version the disk must reach
+    /// for the change to be on it ([`VhdImage::persist_bitmap`]), None when not cached.
+    fn change_bitmap(&mut self, blk: u32, f: impl FnOnce(&mut [u8])) -> Option<u64> {
+        let c = self.bitmaps.get_mut(&blk)?;
+        self.bm_seq += 1;
+        f(&mut c.bits);
+        c.version = self.bm_seq;
+        Some(self.bm_seq)
+    }
 }
 
 /// Static geometry of a dynamic/differencing disk.
@@ -336,6 +392,7 @@ impl VhdImage {
             bat: Vec::new(),
             allocated: 0,
             bitmaps: HashMap::new(),
+            bm_seq: 0,
             next_db: 0,
             reserve_end: 0,
             extending: false,
@@ -596,7 +653,7 @@ impl VhdImage {
     pub fn block_bitmap(&self, blk: u32) -> Result<Option<Vec<u8>>, ImageError> {
         let mut m = self.lock();
         match m.bat.get(blk as usize).copied() {
-            Some(e) if e != BAT_UNUSED => Ok(Some(self.load_bitmap(&mut m, blk, e)?.clone())),
+            Some(e) if e != BAT_UNUSED => Ok(Some(self.load_bitmap(&mut m, blk, e)?.bits.clone())),
             _ => Ok(None),
         }
     }
@@ -805,7 +862,7 @@ impl VhdImage {
         else {
             return Ok(false);
         };
-        let mut nbm = self.load_bitmap(&mut m, blk, e)?.clone();
+        let mut nbm = self.load_bitmap(&mut m, blk, e)?.bits.clone();
         let mut changed = false;
         for (b, &k) in nbm.iter_mut().zip(mask) {
             if *b & k != 0 {
@@ -824,8 +881,11 @@ impl VhdImage {
                 self.sync()?;
             }
         }
-        self.write_bitmap_or_forget(&mut m, blk, &nbm, e)?;
-        m.bitmaps.insert(blk, nbm);
+        let ver = m
+            .change_bitmap(blk, |bm| bm.copy_from_slice(&nbm))
+            .ok_or_else(|| corrupt(&self.path, "bitmap cache"))?;
+        let (_m, r) = self.persist_bitmap(m, blk, e, ver);
+        r?;
         self.sync()?;
         Ok(true)
     }
@@ -866,7 +926,7 @@ impl VhdImage {
             let Some(mask) = mask_of(blk)? else {
                 continue;
             };
-            let bm = self.load_bitmap(&mut m, blk, e)?;
+            let bm = &self.load_bitmap(&mut m, blk, e)?.bits;
             if !bm.iter().zip(&mask).any(|(&b, &k)| b & k != 0) {
                 continue;
             }
@@ -894,33 +954,83 @@ impl VhdImage {
             let Some(mask) = mask_of(blk)? else {
                 continue;
             };
-            let mut nbm = self.load_bitmap(&mut m, blk, e)?.clone();
-            for (b, &k) in nbm.iter_mut().zip(&mask) {
-                *b &= !k;
-            }
-            self.write_bitmap_or_forget(&mut m, blk, &nbm, e)?;
-            m.bitmaps.insert(blk, nbm);
+            self.load_bitmap(&mut m, blk, e)?;
+            let ver = m
+                .change_bitmap(blk, |bm| {
+                    bm.iter_mut().zip(&mask).for_each(|(b, &k)| *b &= !k);
+                })
+                .ok_or_else(|| corrupt(&self.path, "bitmap cache"))?;
+            let (g, r) = self.persist_bitmap(m, blk, e, ver);
+            m = g;
+            r?;
             n += 1;
         }
         self.sync()?;
         Ok(n)
     }
 
-    /// Write block `blk`'s bitmap `nbm` (the block starts at sector `e`). On failure the
-    /// cached bitmap is dropped: the write may still have reached the disk, and a cache that
-    /// disagrees with the disk would let later writes skip the bitmap (or a discard skip
-    /// bits it must clear). The next access reads the bitmap back from the disk.
-    fn write_bitmap_or_forget(
-        &self,
-        m: &mut Meta,
+    /// Return once the disk holds block `blk`'s bitmap (the block starts at sector
+    /// `entry`) at version `ver` or newer ([`CachedBitmap`]). The write runs without the
+    /// image lock, so reads, allocations, other blocks' bitmap updates and the loop's
+    /// [`Image::direct_map`] go on meanwhile. One write per block at a time, each carrying
+    /// the latest bits: callers that change the same bitmap meanwhile wait, and the next
+    /// write covers all of them (group commit per block); no older copy can land after a
+    /// newer one. A failed write leaves the entry dirty (the disk may hold either copy,
+    /// the sectors being written may even be torn): the next caller that needs the bitmap
+    /// on disk writes it again, as does close, and until then no write to those sectors
+    /// is acknowledged or takes the loop's fast path. A successful write of a full bitmap
+    /// marks the block full in the in-memory batmap (written at close, invariant 4).
+    fn persist_bitmap<'a>(
+        &'a self,
+        mut m: MutexGuard<'a, Meta>,
         blk: u32,
-        nbm: &[u8],
-        e: u32,
-    ) -> Result<(), ImageError> {
-        self.pwrite(nbm, u64::from(e) * SECTOR_SIZE, "write bitmap")
-            .inspect_err(|_| {
-                m.bitmaps.remove(&blk);
-            })
+        entry: u32,
+        ver: u64,
+    ) -> (MutexGuard<'a, Meta>, Result<(), ImageError>) {
+        loop {
+            // An entry is evicted only when clean, i.e. once a write reached its version.
+            let Some(c) = m.bitmaps.get_mut(&blk) else {
+                return (m, Ok(()));
+            };
+            if c.on_disk >= ver {
+                return (m, Ok(()));
+            }
+            if c.writing {
+                m = self.cond.wait(m).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            c.writing = true;
+            let (snap, v) = (c.bits.clone(), c.version);
+            drop(m);
+            let r = self.pwrite(&snap, u64::from(entry) * SECTOR_SIZE, "write bitmap");
+            m = self.lock();
+            if let Some(c) = m.bitmaps.get_mut(&blk) {
+                c.writing = false;
+                if r.is_ok() {
+                    c.on_disk = c.on_disk.max(v);
+                }
+            }
+            self.cond.notify_all();
+            if let Err(e) = r {
+                return (m, Err(e));
+            }
+            // Full on disk and still full here (a discard may have cleared bits since the
+            // copy was taken; it holds the lock from its batmap check to its change).
+            let spb = self.geom.map_or(0, |g| u64::from(g.spb));
+            let full_now = |m: &Meta| {
+                m.bitmaps
+                    .get(&blk)
+                    .is_some_and(|c| bits_all(&c.bits, 0, spb, true))
+            };
+            if bits_all(&snap, 0, spb, true) && full_now(&m) {
+                if let Some(b) = m.batmap.as_mut() {
+                    if !bit_test(&b.map, u64::from(blk)) {
+                        bit_set(&mut b.map, u64::from(blk), true);
+                        b.dirty = true;
+                    }
+                }
+            }
+        }
     }
 
     /// Write raw bytes into the metadata area (locators); used by snapshot/reparent.
@@ -1059,17 +1169,20 @@ impl VhdImage {
         m: &'a mut Meta,
         blk: u32,
         entry: u32,
-    ) -> Result<&'a mut Vec<u8>, ImageError> {
+    ) -> Result<&'a mut CachedBitmap, ImageError> {
         if !m.bitmaps.contains_key(&blk) {
             let g = self.geom_or_err()?;
             if m.bitmaps.len() >= BITMAP_CACHE {
-                if let Some(&k) = m.bitmaps.keys().next() {
+                // Only an entry the disk holds as it is: dropping another would lose a
+                // change, or a write's claim that its bits are on the way.
+                if let Some(k) = m.bitmaps.iter().find(|(_, c)| c.clean()).map(|(&k, _)| k) {
                     m.bitmaps.remove(&k);
                 }
             }
             let mut b = vec![0u8; g.bm_secs as usize * SECTOR_SIZE as usize];
             self.pread(&mut b, u64::from(entry) * SECTOR_SIZE, "read bitmap")?;
-            m.bitmaps.insert(blk, b);
+            let seq = m.bm_seq;
+            m.bitmaps.insert(blk, CachedBitmap::loaded(b, seq));
         }
         m.bitmaps
             .get_mut(&blk)
@@ -1131,8 +1244,9 @@ impl VhdImage {
                 m.allocated += 1;
                 m.dirty = true;
                 // The bitmap is known zero on disk.
-                m.bitmaps
-                    .insert(blk, vec![0u8; g.bm_secs as usize * SECTOR_SIZE as usize]);
+                let seq = m.bm_seq;
+                let zero = vec![0u8; g.bm_secs as usize * SECTOR_SIZE as usize];
+                m.bitmaps.insert(blk, CachedBitmap::loaded(zero, seq));
                 return Ok(s);
             }
             if m.extending {
@@ -1291,7 +1405,7 @@ impl VhdImage {
         if e == BAT_UNUSED {
             return Ok(None);
         }
-        let bm = self.load_bitmap(&mut m, blk, e)?;
+        let bm = &self.load_bitmap(&mut m, blk, e)?.bits;
         let mut runs = Vec::new();
         let mut i = 0u64;
         while i < cnt {
@@ -1346,40 +1460,38 @@ impl VhdImage {
             let chunk = &buf[done..done + nb];
             done += nb;
             let s = self.ensure_allocated(blk)?;
+            let entry = s as u32; // s <= MAX_SECTOR (a BAT entry)
             let data0 = s + u64::from(g.bm_secs) + u64::from(off);
             self.pwrite(chunk, data0 * SECTOR_SIZE, "write")?;
-            {
-                let mut m = self.lock();
-                let bm = self.load_bitmap(&mut m, blk, s as u32)?;
-                if bits_all(bm, u64::from(off), cnt, true) {
-                    continue;
-                }
-            }
-            // New bits: the data must be durable before the bitmap sector that exposes it
-            // is written (invariant 2). On failure the data stays unreferenced.
-            self.data_barrier()?;
+            let off = u64::from(off);
             let mut m = self.lock();
-            let bm = self.load_bitmap(&mut m, blk, s as u32)?;
-            if bits_all(bm, u64::from(off), cnt, true) {
-                continue;
-            }
-            for i in 0..cnt {
-                bit_set(bm, u64::from(off) + i, true);
-            }
-            let full = bits_all(bm, 0, u64::from(g.spb), true);
-            let nbm = bm.clone();
-            if let Err(e) = self.pwrite(&nbm, s * SECTOR_SIZE, "write bitmap") {
-                // A failed write may still have reached the disk: forget the cached bitmap,
-                // so that the next access reads what the disk really holds.
-                m.bitmaps.remove(&blk);
-                return Err(e);
-            }
-            if full {
-                if let Some(b) = m.batmap.as_mut() {
-                    bit_set(&mut b.map, u64::from(blk), true);
-                    b.dirty = true;
+            // Bits present already: their data is durable (they were set after a barrier),
+            // but their bitmap write may still be running or have failed: the version to
+            // wait for.
+            let present = |m: &mut Meta| -> Result<Option<u64>, ImageError> {
+                let c = self.load_bitmap(m, blk, entry)?;
+                Ok(bits_all(&c.bits, off, cnt, true).then_some(c.version))
+            };
+            let ver = match present(&mut m)? {
+                Some(v) => v,
+                None => {
+                    // New bits: the data must be durable before the bitmap sector that
+                    // exposes it is written (invariant 2). On failure the data stays
+                    // unreferenced.
+                    drop(m);
+                    self.data_barrier()?;
+                    m = self.lock();
+                    match present(&mut m)? {
+                        Some(v) => v,
+                        None => m
+                            .change_bitmap(blk, |bm| {
+                                (off..off + cnt).for_each(|i| bit_set(bm, i, true));
+                            })
+                            .ok_or_else(|| corrupt(&self.path, "bitmap cache"))?,
+                    }
                 }
-            }
+            };
+            self.persist_bitmap(m, blk, entry, ver).1?;
         }
         Ok(())
     }
@@ -1391,13 +1503,14 @@ impl VhdImage {
             if e == BAT_UNUSED {
                 continue;
             }
-            let bm = self.load_bitmap(&mut m, blk, e)?;
-            if bits_all(bm, u64::from(off), cnt, false) {
+            let off = u64::from(off);
+            let c = self.load_bitmap(&mut m, blk, e)?;
+            if bits_all(&c.bits, off, cnt, false) {
+                // Clear already; a bitmap write that failed may have left them set on
+                // the disk: write it again.
+                let ver = c.version;
+                self.persist_bitmap(m, blk, e, ver).1?;
                 continue;
-            }
-            let mut nbm = bm.clone();
-            for i in 0..cnt {
-                bit_set(&mut nbm, u64::from(off) + i, false);
             }
             // Invariant 4: the on-disk batmap must not claim "full" once bits are cleared.
             let mut sync_needed = false;
@@ -1417,8 +1530,12 @@ impl VhdImage {
             if sync_needed {
                 self.sync()?;
             }
-            self.write_bitmap_or_forget(&mut m, blk, &nbm, e)?;
-            m.bitmaps.insert(blk, nbm);
+            let ver = m
+                .change_bitmap(blk, |bm| {
+                    (off..off + cnt).for_each(|i| bit_set(bm, i, false));
+                })
+                .ok_or_else(|| corrupt(&self.path, "bitmap cache"))?;
+            self.persist_bitmap(m, blk, e, ver).1?;
         }
         Ok(())
     }
@@ -1448,6 +1565,19 @@ impl VhdImage {
         let mut m = self.lock();
         if self.kind == DiskType::Fixed {
             return self.sync();
+        }
+        // Bitmaps whose last write failed: write them again (the sync below covers them).
+        let unwritten: Vec<(u32, u64)> = m
+            .bitmaps
+            .iter()
+            .filter(|(_, c)| !c.clean())
+            .map(|(&blk, c)| (blk, c.version))
+            .collect();
+        for (blk, ver) in unwritten {
+            let e = m.bat[blk as usize];
+            let (g, r) = self.persist_bitmap(m, blk, e, ver);
+            m = g;
+            r?;
         }
         let dirty = m.dirty || m.batmap.as_ref().is_some_and(|b| b.dirty);
         if !dirty {
@@ -1598,8 +1728,14 @@ impl Image for VhdImage {
                 let e = *m.bat.get(blk as usize)?;
                 // Only a cached bitmap: loading one is I/O, which the caller must not wait
                 // for. Every bit set: the data is here (no parent) and a write changes no
-                // metadata (invariant 2 holds: the bits are on disk already).
-                if e == BAT_UNUSED || !bits_all(m.bitmaps.get(&blk)?, off, nsectors, true) {
+                // metadata. A write also needs the bitmap on disk as cached (invariant 2:
+                // the bits are on disk already), or it would be acknowledged before a
+                // bitmap write that is still running, or that failed, is done.
+                let c = m.bitmaps.get(&blk)?;
+                if e == BAT_UNUSED
+                    || !bits_all(&c.bits, off, nsectors, true)
+                    || (write && !c.clean())
+                {
                     return None;
                 }
                 (u64::from(e) + u64::from(g.bm_secs) + off) * SECTOR_SIZE
@@ -1673,6 +1809,7 @@ impl Image for VhdImage {
 mod tests {
     use super::*;
     use crate::image::file::MemFile;
+    use std::time::Duration;
 
     fn mem_vhd(size: u64) -> Arc<MemFile> {
         let d = tempfile::tempdir().unwrap();
@@ -1754,6 +1891,196 @@ mod tests {
         let g = img.gate.st.lock().unwrap();
         assert!(!g.running && g.started == g.done && g.done >= 1);
         assert!(g.done <= 200, "at most one sync per write: {}", g.done);
+    }
+
+    /// A file whose writes at one offset wait until released (the test's view of a slow
+    /// bitmap write); everything else goes straight to the file below.
+    #[derive(Debug)]
+    struct HoldFile {
+        inner: Arc<dyn BlockFile>,
+        /// (offset held, writes waiting there, released)
+        st: Mutex<(Option<u64>, usize, bool)>,
+        cond: Condvar,
+    }
+
+    impl HoldFile {
+        fn hold(&self, off: u64) {
+            *self.st.lock().unwrap() = (Some(off), 0, false);
+        }
+        fn wait_for_holders(&self, n: usize) {
+            let mut st = self.st.lock().unwrap();
+            while st.1 < n {
+                st = self.cond.wait(st).unwrap();
+            }
+        }
+        fn release(&self) {
+            self.st.lock().unwrap().2 = true;
+            self.cond.notify_all();
+        }
+    }
+
+    impl BlockFile for HoldFile {
+        fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+            self.inner.read_at(buf, off)
+        }
+        fn write_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
+            let mut st = self.st.lock().unwrap();
+            if st.0 == Some(off) && !st.2 {
+                st.1 += 1;
+                self.cond.notify_all();
+                while !st.2 {
+                    st = self.cond.wait(st).unwrap();
+                }
+            }
+            drop(st);
+            self.inner.write_at(buf, off)
+        }
+        fn sync(&self) -> std::io::Result<()> {
+            self.inner.sync()
+        }
+        fn len(&self) -> std::io::Result<u64> {
+            self.inner.len()
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.inner.set_len(len)
+        }
+        fn resizable(&self) -> bool {
+            self.inner.resizable()
+        }
+        fn punch_hole(&self, off: u64, len: u64) -> std::io::Result<()> {
+            self.inner.punch_hole(off, len)
+        }
+        fn get_xattr(&self, name: &str) -> std::io::Result<Option<Vec<u8>>> {
+            self.inner.get_xattr(name)
+        }
+        fn set_xattr(&self, name: &str, value: &[u8]) -> std::io::Result<()> {
+            self.inner.set_xattr(name, value)
+        }
+        fn aio_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+            self.inner.aio_fd()
+        }
+    }
+
+    /// A bitmap write runs without the image lock: while one block's bitmap write hangs,
+    /// a first write to another block (allocation, data, barrier, its own bitmap) and the
+    /// loop's fast path to a third go on. A second write setting bits in the held block
+    /// is not acknowledged before the held write is done; the bitmap that lands carries
+    /// the bits of both writes. (Before, the bitmap write held the image lock: everything
+    /// here but the fast-path read waited for it.)
+    #[test]
+    fn a_bitmap_write_holds_up_only_writes_to_its_own_block() {
+        let d = tempfile::tempdir_in("/var/tmp").unwrap();
+        let p = d.path().join("x.vhd");
+        super::super::ops::create(&p, &super::super::ops::CreateOptions::dynamic(8 << 20)).unwrap();
+        let hf = Arc::new(HoldFile {
+            inner: Arc::new(OsFile::open_with(&p, true, true, &SysOpener).unwrap()),
+            st: Mutex::new((None, 0, false)),
+            cond: Condvar::new(),
+        });
+        let rw = VhdOpenOptions {
+            read_only: false,
+            ..Default::default()
+        };
+        let img = Arc::new(VhdImage::open_file(&p, hf.clone(), &rw).unwrap());
+        let spb = u64::from(img.sectors_per_block());
+        img.write(0, &[1u8; 512]).unwrap(); // allocates block 0
+        img.write(2 * spb, &[2u8; 4096]).unwrap(); // block 2, sectors 0-7 present
+        let bm0 = u64::from(img.bat()[0]) * SECTOR_SIZE;
+        hf.hold(bm0);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let w = |sector: u64, byte: u8, tag: &'static str| {
+            let (img, tx) = (img.clone(), tx.clone());
+            std::thread::spawn(move || {
+                let r = img.write(sector, &[byte; 512]);
+                tx.send((tag, r.is_ok())).unwrap();
+            })
+        };
+        let t1 = w(1, 3, "block 0, sector 1");
+        hf.wait_for_holders(1);
+        let t2 = w(spb + 5, 4, "block 1, a new block");
+        let t3 = w(2, 5, "block 0, sector 2");
+        let first = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("a write finished");
+        assert_eq!(first, ("block 1, a new block", true));
+        assert!(
+            img.direct_map(2 * spb, 8, true).is_some(),
+            "fast path, block 2"
+        );
+        assert!(
+            img.direct_map(0, 1, false).is_some(),
+            "reads of block 0 go on"
+        );
+        assert!(
+            img.direct_map(0, 1, true).is_none(),
+            "no fast-path write while block 0's bitmap is being written"
+        );
+        assert!(
+            rx.recv_timeout(Duration::from_millis(300)).is_err(),
+            "nothing in block 0 is acknowledged before its bitmap write is done"
+        );
+        hf.release();
+        let mut rest = vec![rx.recv().unwrap(), rx.recv().unwrap()];
+        rest.sort();
+        assert_eq!(
+            rest,
+            vec![("block 0, sector 1", true), ("block 0, sector 2", true)]
+        );
+        for t in [t1, t2, t3] {
+            t.join().unwrap();
+        }
+        let mut ondisk = [0u8; 1];
+        hf.inner.read_at(&mut ondisk, bm0).unwrap();
+        assert_eq!(ondisk[0], 0xe0, "sectors 0, 1 and 2 present on disk");
+        assert!(img.direct_map(0, 3, true).is_some());
+        img.close().unwrap();
+    }
+
+    /// A bitmap write that failed is written again before any later write to those
+    /// sectors is acknowledged, although their bits are already set in the cache; until
+    /// then the fast path takes no write there. Close writes what is still unwritten.
+    #[test]
+    fn a_failed_bitmap_write_is_redone_before_the_next_write_is_acknowledged() {
+        use crate::image::fault::{Fault, FaultFile, Injector, Point};
+        let mem = mem_vhd(8 << 20);
+        let inj = Injector::new();
+        let ff: Arc<dyn BlockFile> = Arc::new(FaultFile::new(mem.clone(), inj.clone()).unwrap());
+        let rw = VhdOpenOptions {
+            read_only: false,
+            ..Default::default()
+        };
+        let img = VhdImage::open_file(Path::new("x.vhd"), ff, &rw).unwrap();
+        inj.arm_n(Point::Bitmap, Fault::Eio, 0, Some(1));
+        assert!(img.write(0, &[7u8; 512]).is_err(), "bitmap write failed");
+        inj.clear();
+        let before = inj.seen(Point::Bitmap);
+        img.write(0, &[8u8; 512]).unwrap();
+        assert_eq!(
+            inj.seen(Point::Bitmap),
+            before + 1,
+            "the bitmap is written again"
+        );
+        img.write(0, &[9u8; 512]).unwrap();
+        assert_eq!(inj.seen(Point::Bitmap), before + 1, "and then no more");
+        // A failed discard: close writes the bitmap that is still unwritten.
+        img.write(1, &[6u8; 512]).unwrap();
+        inj.arm_n(Point::Bitmap, Fault::Eio, 0, Some(1));
+        assert!(img.discard(1, 1).is_err());
+        inj.clear();
+        img.close().unwrap();
+        let reopened = VhdImage::open_file(
+            Path::new("x.vhd"),
+            Arc::new(MemFile::from_bytes(mem.contents())),
+            &rw,
+        )
+        .unwrap();
+        let mut b = vec![0u8; 1024];
+        reopened.read(0, &mut b).unwrap();
+        assert!(b[..512].iter().all(|&x| x == 9), "sector 0 present");
+        assert!(
+            b[512..].iter().all(|&x| x == 0),
+            "sector 1 discarded on disk"
+        );
     }
 
     #[test]
