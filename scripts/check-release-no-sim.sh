@@ -1,7 +1,8 @@
 #!/bin/bash
 # check-release-no-sim.sh: prove that a release build holds none of the test simulations
 # (cargo feature `sim`: xen::sim, tapdisk's SimXenOpener and MemImage, SimKernelNbd,
-# image::fault's fault injection and its BlockFile::inject_aio hook).
+# image::fault's fault injection and its BlockFile::inject_aio and inject_aio_submit hooks; the pattern
+# inject_aio below matches both).
 #
 #   scripts/check-release-no-sim.sh [--no-build] [--target TRIPLE] [--dir DIR]
 #
