@@ -134,24 +134,6 @@ impl<T> Engine<T> {
         }
     }
 
-    /// From now on [`Engine::submit`] only prepares requests, until [`Engine::unplug`]
-    /// gives them all to the kernel in one system call.
-    pub fn plug(&mut self) {
-        match self {
-            Engine::Uring(r) => r.plug(),
-            Engine::Aio(c) => c.plug(),
-        }
-    }
-
-    /// Submit what was prepared since [`Engine::plug`] and submit at once again from now
-    /// on; returns the requests the kernel refused, each with its error.
-    pub fn unplug(&mut self) -> Vec<(Request<T>, io::Error)> {
-        match self {
-            Engine::Uring(r) => r.unplug(),
-            Engine::Aio(c) => c.unplug(),
-        }
-    }
-
     /// Collect every completion waiting (never blocks) into `out`.
     pub fn reap(&mut self, out: &mut Vec<Done<T>>) -> io::Result<()> {
         match self {
@@ -265,94 +247,6 @@ mod tests {
                 let done = wait_all(c, 1);
                 assert_eq!((done[0].req.user, done[0].res), (user, -i64::from(errno)));
             }
-        }
-    }
-
-    /// Plugged, requests wait for `unplug` (the kernel never sees them before: nothing
-    /// completes however long we wait), then go in one batch. A request of the batch the
-    /// kernel refuses (a write on a read-only descriptor: AIO refuses it in `io_submit`,
-    /// io_uring completes it with the error) comes back alone; the requests before and
-    /// after it in the batch are done.
-    #[test]
-    fn a_plugged_batch_goes_to_the_kernel_at_unplug_and_a_refused_request_comes_back_alone() {
-        for kind in kinds() {
-            let data: Vec<u8> = (0..32u32 << 10).map(|i| (i % 251) as u8).collect();
-            let (d, rw) = direct_file(&data, true);
-            let ro = std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_DIRECT)
-                .open(d.path().join("f"))
-                .unwrap();
-            let efd = EventFd::from_flags(EfdFlags::EFD_NONBLOCK).unwrap();
-            let mut c: Engine<u32> = Engine::new(kind, 8, efd.as_fd()).unwrap();
-            c.plug();
-            let read = |user: u32| Request {
-                dir: Dir::Read,
-                buf: AlignedBuf::zeroed(4096),
-                start: 0,
-                offset: u64::from(user) * 4096,
-                user,
-            };
-            c.submit(rw.as_fd(), read(0)).unwrap();
-            let bad = Request {
-                dir: Dir::Write,
-                buf: AlignedBuf::zeroed(4096),
-                start: 0,
-                offset: 0,
-                user: 1,
-            };
-            c.submit(ro.as_fd(), bad).unwrap();
-            c.submit(rw.as_fd(), read(2)).unwrap();
-            let write = Request {
-                dir: Dir::Write,
-                buf: AlignedBuf::from_slice(&[0xeeu8; 4096]),
-                start: 0,
-                offset: 3 * 4096,
-                user: 3,
-            };
-            c.submit(rw.as_fd(), write).unwrap();
-            assert_eq!(c.in_flight(), 4, "{kind:?}: the slots are taken");
-            std::thread::sleep(std::time::Duration::from_millis(100));
-            let mut early = Vec::new();
-            c.reap(&mut early).unwrap();
-            assert!(
-                early.is_empty(),
-                "{kind:?}: nothing reaches the kernel while plugged"
-            );
-            assert!(efd.read().is_err(), "{kind:?}: no completion signalled");
-            let refused = c.unplug();
-            let mut results: Vec<(u32, i64)> = refused
-                .iter()
-                .map(|(r, e)| (r.user, -i64::from(e.raw_os_error().unwrap_or(0))))
-                .collect();
-            let done = wait_all(&mut c, 4 - refused.len());
-            for dn in &done {
-                results.push((dn.req.user, dn.res));
-                if dn.req.user == 0 || dn.req.user == 2 {
-                    let off = dn.req.user as usize * 4096;
-                    assert_eq!(dn.req.buf[..], data[off..off + 4096], "{kind:?}");
-                }
-            }
-            results.sort();
-            assert_eq!(
-                results,
-                vec![
-                    (0, 4096),
-                    (1, -i64::from(libc::EBADF)),
-                    (2, 4096),
-                    (3, 4096)
-                ],
-                "{kind:?}"
-            );
-            let all = std::fs::read(d.path().join("f")).unwrap();
-            assert_eq!(all[3 * 4096..4 * 4096], [0xeeu8; 4096], "{kind:?}");
-            // Unplugged again: a request is submitted at once.
-            c.submit(rw.as_fd(), read(4)).unwrap();
-            assert_eq!(wait_all(&mut c, 1)[0].res, 4096, "{kind:?}");
-            // Dropped while plugged with a request prepared: no hang, nothing leaks.
-            c.plug();
-            c.submit(rw.as_fd(), read(5)).unwrap();
-            drop(c);
         }
     }
 

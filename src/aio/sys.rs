@@ -5,9 +5,7 @@
 pub mod native {
     //! Linux native AIO (`io_setup`, `io_submit`, `io_getevents`, `io_destroy`) with eventfd
     //! notification: the engine of every kernel OpenXT ships (4.14 has no io_uring), and the
-    //! fallback where io_uring cannot be set up. Requests submitted while plugged
-    //! ([`Context::plug`]) go to the kernel together, in one `io_submit`, at
-    //! [`Context::unplug`].
+    //! fallback where io_uring cannot be set up.
     //!
     //! The API is safe: a [`Context`] owns the buffer of every request in flight (the kernel
     //! writes into it until the request completes), hands it back only with the request's
@@ -71,10 +69,6 @@ pub mod native {
         events: Vec<IoEvent>,
         /// The eventfd signalled at each completion.
         resfd: u32,
-        /// Requests prepared while plugged, not yet given to the kernel (their requests are
-        /// in `slots` already).
-        queued: Vec<Iocb>,
-        plugged: bool,
     }
 
     fn last_error() -> io::Error {
@@ -107,8 +101,6 @@ pub mod native {
                 free: (0..n).rev().collect(),
                 events: vec![IoEvent::default(); n],
                 resfd,
-                queued: Vec::new(),
-                plugged: false,
             })
         }
 
@@ -124,9 +116,7 @@ pub mod native {
 
         /// Submit `req` on `fd`. The buffer stays with the context until [`Context::reap`]
         /// returns it. On failure (no room: EAGAIN; or the kernel's refusal) the request comes
-        /// back with the error. While plugged ([`Context::plug`]) the request is only
-        /// prepared, and `fd` must stay open until [`Context::unplug`] (the engine's callers
-        /// keep the file in the request).
+        /// back with the error.
         #[allow(clippy::result_large_err)]
         pub fn submit(
             &mut self,
@@ -146,7 +136,7 @@ pub mod native {
                 self.free.push(slot);
                 return Err((req, io::Error::from_raw_os_error(libc::EINVAL)));
             };
-            let cb = Iocb {
+            let mut cb = Iocb {
                 aio_data: slot as u64,
                 aio_lio_opcode: match req.dir {
                     Dir::Read => IOCB_CMD_PREAD,
@@ -160,78 +150,32 @@ pub mod native {
                 aio_resfd: self.resfd,
                 ..Iocb::default()
             };
-            // The request waits in its slot: its buffer (a heap allocation) does not move
-            // with it, and stays there, untouched by us, until the completion is reaped, or
-            // until `Drop`'s io_destroy has waited for the request.
-            self.slots[slot] = Some(req);
-            self.queued.push(cb);
-            if self.plugged {
-                return Ok(());
-            }
-            match self.flush().pop() {
-                Some(refused) => Err(refused),
-                None => Ok(()),
-            }
-        }
-
-        /// From now on [`Context::submit`] only prepares requests; [`Context::unplug`] gives
-        /// them to the kernel in one `io_submit` (one block-layer plug: the device is
-        /// notified once for the batch, not once per request).
-        pub fn plug(&mut self) {
-            self.plugged = true;
-        }
-
-        /// Submit what was prepared since [`Context::plug`], and submit at once again from
-        /// now on. Returns the requests the kernel refused, each with its error (the others
-        /// are in flight and complete through [`Context::reap`]).
-        pub fn unplug(&mut self) -> Vec<(Request<T>, io::Error)> {
-            self.plugged = false;
-            self.flush()
-        }
-
-        /// `io_submit` every prepared iocb. The kernel takes a prefix of the list and
-        /// reports how many, or the error of the first one it refused: that one goes back
-        /// to its owner with the error, and the rest is offered again.
-        fn flush(&mut self) -> Vec<(Request<T>, io::Error)> {
-            let mut refused = Vec::new();
-            let mut list: Vec<*mut Iocb> =
-                self.queued.iter_mut().map(|cb| cb as *mut Iocb).collect();
-            let mut done = 0usize;
-            while done < list.len() {
-                let rest = &mut list[done..];
-                // SAFETY: io_submit reads `rest.len()` pointers from `rest` and the iocbs
-                // they point to (elements of `self.queued`, which is not touched until the
-                // call returns; the kernel copies each iocb it takes). Each iocb names the
-                // bytes of its request's buffer, which stay in place in `slots` until the
-                // completion is reaped or `Drop`'s io_destroy has waited for it. (Its
-                // descriptor is the caller's to keep open, see `submit`; a closed one makes
-                // the kernel refuse that iocb, it cannot reach memory.)
-                let r = unsafe {
-                    libc::syscall(
-                        libc::SYS_io_submit,
-                        self.ctx,
-                        rest.len() as libc::c_long,
-                        rest.as_mut_ptr(),
-                    )
-                };
-                if r > 0 {
-                    done += r as usize;
-                    continue;
-                }
+            let mut list = [&mut cb as *mut Iocb];
+            // SAFETY: io_submit reads one pointer from `list` and the iocb it points to (both
+            // live locals; the kernel copies the iocb before returning). The iocb names `fd`,
+            // open for the duration of this call (the kernel takes its own reference), and the
+            // bytes of `req.buf[req.start..]`: that heap allocation does not move when `req`
+            // moves into `self.slots` below, and it stays there, untouched by us, until the
+            // completion is reaped, or until `Drop`'s io_destroy has waited for the request.
+            let r = unsafe {
+                libc::syscall(
+                    libc::SYS_io_submit,
+                    self.ctx,
+                    1 as libc::c_long,
+                    list.as_mut_ptr(),
+                )
+            };
+            if r != 1 {
+                self.free.push(slot);
                 let e = if r < 0 {
                     last_error()
                 } else {
                     io::Error::from_raw_os_error(libc::EAGAIN)
                 };
-                let slot = self.queued[done].aio_data as usize;
-                if let Some(req) = self.slots.get_mut(slot).and_then(Option::take) {
-                    self.free.push(slot);
-                    refused.push((req, e));
-                }
-                done += 1;
+                return Err((req, e));
             }
-            self.queued.clear();
-            refused
+            self.slots[slot] = Some(req);
+            Ok(())
         }
 
         /// Collect every completion waiting (never blocks) into `out`.
@@ -291,11 +235,9 @@ pub mod uring {
     //! (`IORING_OP_READ`/`IORING_OP_WRITE`; older rings are refused at setup, checked through
     //! the 5.6 feature bit `IORING_FEAT_RW_CUR_POS`).
     //!
-    //! Each [`Ring::submit`] writes one submission entry and calls `io_uring_enter` at once,
-    //! or, plugged ([`Ring::plug`]), once for all the entries written until
-    //! [`Ring::unplug`]; the kernel picks up the requests (and the descriptors) during the
-    //! call, as `io_submit` does; completions are read from the shared completion ring with
-    //! no system call.
+    //! Each [`Ring::submit`] writes one submission entry and calls `io_uring_enter` at once, so
+    //! the kernel picks up the request (and the descriptor) during the call, as `io_submit`
+    //! does; completions are read from the shared completion ring with no system call.
     //! No `SQPOLL`, no registered buffers or files: nothing outlives the calls but the buffers
     //! of the requests in flight, which the ring owns until their completion is reaped; its
     //! `Drop` waits for every request in flight before the buffers are freed (closing an
@@ -497,10 +439,6 @@ pub mod uring {
         cq_tail: *const u32,
         cq_mask: u32,
         cqes: *const Cqe,
-        /// Slots of the entries written below the tail that the kernel has not been asked
-        /// to take yet (plugged), in ring order.
-        queued: Vec<usize>,
-        plugged: bool,
         /// The mappings the pointers above point into, then the ring itself (dropped last).
         _sqe_map: Map,
         _ring_map: Map,
@@ -605,8 +543,6 @@ pub mod uring {
                 cq_tail: word(p.cq_off.tail)?,
                 cq_mask,
                 cqes,
-                queued: Vec::new(),
-                plugged: false,
                 _sqe_map: sqe_map,
                 _ring_map: ring_map,
                 fd,
@@ -651,8 +587,7 @@ pub mod uring {
         /// Submit `req` on `fd`. The buffer stays with the ring until [`Ring::reap`] returns
         /// it. On failure (no room: EAGAIN; or the kernel's refusal before it took the entry)
         /// the request comes back with the error; errors of a request the kernel took come as
-        /// its completion. While plugged ([`Ring::plug`]) the entry is only written, and `fd`
-        /// must stay open until [`Ring::unplug`].
+        /// its completion.
         #[allow(clippy::result_large_err)]
         pub fn submit(
             &mut self,
@@ -705,74 +640,38 @@ pub mod uring {
             }
             store_release(self.sq_tail, tail.wrapping_add(1));
             // The buffer belongs to the ring from here on (the kernel may take the entry even
-            // when a call reports an error): the request moves into its slot, and out again
-            // only if the kernel did not take the entry.
+            // when the call below reports an error): the request moves into its slot, and out
+            // again only if the kernel did not take the entry.
             self.slots[slot] = Some(req);
-            self.queued.push(slot);
-            if self.plugged {
-                return Ok(());
-            }
-            match self.flush().pop() {
-                Some(refused) => Err(refused),
-                None => Ok(()),
-            }
-        }
-
-        /// From now on [`Ring::submit`] only writes entries; [`Ring::unplug`] asks the
-        /// kernel to take them all in one `io_uring_enter`.
-        pub fn plug(&mut self) {
-            self.plugged = true;
-        }
-
-        /// Submit what was written since [`Ring::plug`], and submit at once again from now
-        /// on. Returns the requests the kernel did not take, each with the error (the others
-        /// are in flight and complete through [`Ring::reap`]).
-        pub fn unplug(&mut self) -> Vec<(Request<T>, io::Error)> {
-            self.plugged = false;
-            self.flush()
-        }
-
-        /// `io_uring_enter` for every written entry. The kernel takes entries in ring order
-        /// (without SQPOLL, only during the call): those below its new head are in flight,
-        /// whatever the call returned; the rest are withdrawn (no other thread enters this
-        /// ring, so the kernel cannot read them from here on) and go back with the error.
-        fn flush(&mut self) -> Vec<(Request<T>, io::Error)> {
-            let n = self.queued.len();
-            if n == 0 {
-                return Vec::new();
-            }
-            // Every entry before the queued ones was taken or withdrawn: the first queued
-            // one sits at the kernel's head.
-            let head = load_acquire(self.sq_head);
             let r = loop {
-                match self.enter(n as u32, 0, false) {
+                match self.enter(1, 0, false) {
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {
                         if load_acquire(self.sq_head) == head {
                             continue;
                         }
-                        break Ok(0);
+                        break Ok(1);
                     }
                     r => break r,
                 }
             };
-            let taken = (load_acquire(self.sq_head).wrapping_sub(head) as usize).min(n);
-            if taken == n {
-                self.queued.clear();
-                return Vec::new();
+            // The kernel advanced its head past the entry: the request is in flight and
+            // completes through the completion ring, whatever the call returned.
+            if load_acquire(self.sq_head) != head {
+                return Ok(());
             }
-            store_release(self.sq_tail, head.wrapping_add(taken as u32));
-            let errno = match &r {
-                Err(e) => e.raw_os_error().unwrap_or(libc::EAGAIN),
-                Ok(_) => libc::EAGAIN,
+            // Not taken: withdraw the entry (no other thread enters this ring, so the kernel
+            // cannot read it from here on) and give the request back.
+            store_release(self.sq_tail, tail);
+            let e = match r {
+                Err(e) => e,
+                Ok(_) => io::Error::from_raw_os_error(libc::EAGAIN),
             };
-            let mut refused = Vec::new();
-            for slot in self.queued.drain(..).skip(taken) {
-                if let Some(req) = self.slots.get_mut(slot).and_then(Option::take) {
-                    self.free.push(slot);
-                    refused.push((req, io::Error::from_raw_os_error(errno)));
-                }
+            self.free.push(slot);
+            match self.slots[slot].take() {
+                Some(req) => Err((req, e)),
+                // Unreachable: the slot was filled above.
+                None => Ok(()),
             }
-            refused
         }
 
         /// Collect every completion waiting (never blocks) into `out`.
@@ -804,18 +703,6 @@ pub mod uring {
         fn drop(&mut self) {
             // Closing an io_uring cancels and waits asynchronously: wait here for every
             // request in flight, so no buffer is written by the kernel once it is freed.
-            // Entries never submitted (plugged) are withdrawn first: they would never
-            // complete.
-            if !self.queued.is_empty() {
-                let head = load_acquire(self.sq_head);
-                store_release(self.sq_tail, head);
-                for slot in std::mem::take(&mut self.queued) {
-                    if let Some(slot_req) = self.slots.get_mut(slot) {
-                        *slot_req = None;
-                        self.free.push(slot);
-                    }
-                }
-            }
             let mut done = Vec::new();
             while self.in_flight() > 0 {
                 let _ = self.reap(&mut done);

@@ -433,8 +433,6 @@ impl Tapdisk {
             self.reactor
                 .wait(timeout, &mut ready)
                 .map_err(sys("epoll_wait"))?;
-            // The requests this pass starts go to the kernel together, at its end.
-            self.io.plug();
             for r in &ready {
                 self.dispatch(*r);
             }
@@ -451,7 +449,6 @@ impl Tapdisk {
             self.retry_mem_waiters();
             // Re-poll rings and publish their responses: one notify per ring per iteration.
             self.rings.repoll_and_publish(&self.io, &mut self.vbds);
-            self.io.unplug();
         }
         self.shutdown();
         Ok(())

@@ -15,10 +15,8 @@
 //! Fast path: a read or a non-FUA write that the image maps onto one run of one file
 //! taking asynchronous I/O ([`Image::direct_map`]: raw images, and VHD blocks that are
 //! allocated with every bitmap bit of the range set, so nothing else has to happen) is
-//! submitted from the loop, its page-aligned buffer going to the `O_DIRECT` descriptor as
-//! it is. The loop plugs the engine for each pass ([`IoEngine::plug`]): the requests a
-//! pass starts reach the kernel together at its end, in one `io_submit` or
-//! `io_uring_enter` (one block-layer batch, one notification of the device); an encrypted layer's write is encrypted in place first and a read
+//! submitted right away from the loop, its page-aligned buffer going to the `O_DIRECT`
+//! descriptor as it is; an encrypted layer's write is encrypted in place first and a read
 //! decrypted after completion, on the loop. Completions signal the engine's eventfd (the
 //! same the workers use) and are reaped by [`IoEngine::completions`]: a short transfer is
 //! resubmitted for the rest, no progress (end of file for a read, ENOSPC for a write) or a
@@ -540,48 +538,17 @@ impl<T: Send + 'static> IoEngine<T> {
         if let Err((req, e)) = submit_aio(&mut ctx, req) {
             let kind = ctx.kind();
             drop(ctx);
-            self.refused(kind, req, e);
+            if refused_for_now(&e) {
+                self.fall_back(kind, req, &e);
+            } else {
+                let r = Err(aio_error(&req.user.image, req.dir, e));
+                lock(&self.inline_done).push(Completion {
+                    tag: req.user.tag,
+                    result: r,
+                });
+            }
         }
         None
-    }
-
-    /// A request the asynchronous engine refused at submission: to the workers when the
-    /// kernel refused it for now, else failed with the error.
-    fn refused(&self, kind: aio::Kind, req: aio::Request<AioJob<T>>, e: std::io::Error) {
-        if refused_for_now(&e) {
-            self.fall_back(kind, req, &e);
-        } else {
-            let r = Err(aio_error(&req.user.image, req.dir, e));
-            lock(&self.inline_done).push(Completion {
-                tag: req.user.tag,
-                result: r,
-            });
-        }
-    }
-
-    /// Batch the asynchronous engine's submissions until [`IoEngine::unplug`]. The loop
-    /// plugs at the start of a pass and unplugs at its end, so the requests one pass starts
-    /// reach the kernel in one system call, as one block-layer batch (one notification of
-    /// the device, not one per request).
-    pub fn plug(&self) {
-        if let Some(aio) = &self.aio {
-            lock(aio).plug();
-        }
-    }
-
-    /// Submit what was prepared since [`IoEngine::plug`], and submit at once again from
-    /// now on. Requests the kernel refuses go to the workers or fail, as at submission.
-    pub fn unplug(&self) {
-        let Some(aio) = &self.aio else {
-            return;
-        };
-        let mut ctx = lock(aio);
-        let kind = ctx.kind();
-        let refused = ctx.unplug();
-        drop(ctx);
-        for (req, e) in refused {
-            self.refused(kind, req, e);
-        }
     }
 
     /// Hand a request the asynchronous engine refused for now (at its first submission,
@@ -1881,49 +1848,6 @@ mod tests {
         match c.pop().map(|c| c.result) {
             Some(Ok(Output::Data(b))) => b,
             r => panic!("{tag:?}: {r:?}"),
-        }
-    }
-
-    /// Plugged, the engine holds the requests the loop starts until `unplug` gives them to
-    /// the kernel together: nothing completes before, everything right after.
-    #[test]
-    fn plugged_requests_go_to_the_kernel_together_at_unplug() {
-        for choice in async_engines() {
-            let r = Refusing::open(false);
-            let e = IoEngine::with_engine(2, choice).unwrap();
-            let data = pat(8 * 4096, 9);
-            e.submit(
-                0u32,
-                r.img.clone(),
-                Op::Write {
-                    sector: r.base,
-                    buf: data.clone(),
-                    fua: false,
-                },
-            );
-            data_of(&e, 0);
-            e.plug();
-            for i in 0..8u32 {
-                let read = Op::Read {
-                    sector: r.base + u64::from(i) * 8,
-                    buf: AlignedBuf::zeroed(4096),
-                };
-                e.submit(i + 1, r.img.clone(), read);
-            }
-            assert_eq!(e.aio_count(), 9, "{choice:?}: taken by the engine");
-            std::thread::sleep(Duration::from_millis(100));
-            assert!(e.completions().is_empty(), "{choice:?}: held while plugged");
-            e.unplug();
-            let mut done = wait_all(&e, 8);
-            done.sort_by_key(|c| c.tag);
-            for (i, c) in done.into_iter().enumerate() {
-                let off = i * 4096;
-                match c.result {
-                    Ok(Output::Data(b)) => assert!(b[..] == data[off..off + 4096], "{choice:?}"),
-                    r => panic!("{choice:?}: {r:?}"),
-                }
-            }
-            assert_eq!(r.calls(), [], "{choice:?}: no worker involved");
         }
     }
 
