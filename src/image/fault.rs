@@ -160,10 +160,22 @@ struct InjState {
     aio: u64,
 }
 
+/// A test's view of the I/O of a [`FaultFile`] (see [`Injector::watch`]).
+type Watcher = Arc<dyn Fn(Access) + Send + Sync>;
+
 /// The test's handle on the faults of one or more [`FaultFile`]s.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Injector {
     st: Mutex<InjState>,
+    watcher: Mutex<Option<Watcher>>,
+}
+
+impl fmt::Debug for Injector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Injector")
+            .field("st", &self.st)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Injector {
@@ -174,6 +186,25 @@ impl Injector {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, InjState> {
         self.st.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Show every positional read and write of the files (not the asynchronous ones, which
+    /// go to the kernel on [`BlockFile::aio_fd`]) to `watcher` before anything else
+    /// happens to it: tests record I/O with it, or hold a call (a slow disk) by blocking
+    /// in it.
+    pub fn watch(&self, watcher: impl Fn(Access) + Send + Sync + 'static) {
+        *self.watcher.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(watcher));
+    }
+
+    fn show(&self, a: Access) {
+        let w = self
+            .watcher
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(w) = w {
+            w(a);
+        }
     }
 
     /// Fail every call at `point` with `fault` until [`Injector::clear`].
@@ -447,6 +478,11 @@ impl FaultFile {
 
 impl BlockFile for FaultFile {
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        self.inj.show(Access {
+            write: false,
+            offset: off,
+            len: buf.len(),
+        });
         match self.inj.hit(Point::Read) {
             None => self.inner.read_at(buf, off),
             Some(Fault::Short) => {
@@ -459,6 +495,11 @@ impl BlockFile for FaultFile {
     }
 
     fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        self.inj.show(Access {
+            write: true,
+            offset: off,
+            len: buf.len(),
+        });
         let point = self.classify(off, buf);
         let landed = match self.inj.hit(point) {
             None => {
@@ -618,4 +659,12 @@ mod tests {
         assert_eq!(inj.seen(Point::Header), 0);
         assert_eq!(inj.counts(), vec![]);
     }
+}
+
+/// What an [`Injector`]'s watcher is told about each positional read or write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Access {
+    pub write: bool,
+    pub offset: u64,
+    pub len: usize,
 }

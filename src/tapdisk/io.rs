@@ -1662,71 +1662,18 @@ mod tests {
 
     // ---- submissions the kernel refuses (EAGAIN ...): the workers finish them ----
 
-    use crate::image::fault::{Fault, FaultFile, Injector, Point};
+    use crate::image::fault::{Access, Fault, FaultFile, Injector, Point};
     use crate::image::file::BlockFile;
 
-    /// A file that records the offsets and lengths of the positional reads and writes
-    /// (not the asynchronous ones) that reach it, passing everything on.
-    #[derive(Debug)]
-    struct Recorder {
-        inner: Arc<dyn BlockFile>,
-        /// (write, offset, length)
-        calls: Mutex<Vec<(bool, u64, usize)>>,
-    }
-
-    impl BlockFile for Recorder {
-        fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
-            lock(&self.calls).push((false, off, buf.len()));
-            self.inner.read_at(buf, off)
-        }
-        fn write_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
-            lock(&self.calls).push((true, off, buf.len()));
-            self.inner.write_at(buf, off)
-        }
-        fn sync(&self) -> std::io::Result<()> {
-            self.inner.sync()
-        }
-        fn len(&self) -> std::io::Result<u64> {
-            self.inner.len()
-        }
-        fn set_len(&self, len: u64) -> std::io::Result<()> {
-            self.inner.set_len(len)
-        }
-        fn resizable(&self) -> bool {
-            self.inner.resizable()
-        }
-        fn punch_hole(&self, off: u64, len: u64) -> std::io::Result<()> {
-            self.inner.punch_hole(off, len)
-        }
-        fn get_xattr(&self, name: &str) -> std::io::Result<Option<Vec<u8>>> {
-            self.inner.get_xattr(name)
-        }
-        fn set_xattr(&self, name: &str, value: &[u8]) -> std::io::Result<()> {
-            self.inner.set_xattr(name, value)
-        }
-        fn seek_extent(&self, off: u64, data: bool) -> std::io::Result<Option<u64>> {
-            self.inner.seek_extent(off, data)
-        }
-        fn dio_align(&self) -> Option<crate::image::file::DioAlign> {
-            self.inner.dio_align()
-        }
-        fn aio_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
-            self.inner.aio_fd()
-        }
-        fn inject_aio(&self, write: bool, off: u64, len: usize, res: i64) -> i64 {
-            self.inner.inject_aio(write, off, len, res)
-        }
-        fn inject_aio_submit(&self, write: bool, off: u64, len: usize) -> Option<std::io::Error> {
-            self.inner.inject_aio_submit(write, off, len)
-        }
-    }
-
     /// An image under test for refused submissions: O_DIRECT on ext4, its file behind a
-    /// [`FaultFile`] (the injector) behind a [`Recorder`].
+    /// [`FaultFile`], whose injector records the positional reads and writes (`calls`).
     struct Refusing {
         img: Arc<dyn Image>,
         inj: Arc<Injector>,
-        rec: Arc<Recorder>,
+        /// The positional reads and writes that reached the file (not the asynchronous ones).
+        calls: Arc<Mutex<Vec<Access>>>,
+        /// The image's file, below the injector (reads of it are not recorded).
+        below: Arc<dyn BlockFile>,
         /// Sectors the fast path maps (within one allocated VHD block).
         base: u64,
         _dir: tempfile::TempDir,
@@ -1754,7 +1701,8 @@ mod tests {
                 (p, ImageFormat::Raw, KeySource::default())
             };
             let inj = Injector::new();
-            let rec = Mutex::new(None);
+            let below = Mutex::new(None);
+            let calls: Arc<Mutex<Vec<Access>>> = Arc::default();
             let opts = ChainOptions {
                 read_only: false,
                 direct: true,
@@ -1762,17 +1710,14 @@ mod tests {
                 ..Default::default()
             };
             let img: Arc<dyn Image> = open_wrapped(&p, format, &opts, &|f| {
-                let ff: Arc<dyn BlockFile> = Arc::new(FaultFile::new(f, inj.clone())?);
-                let r = Arc::new(Recorder {
-                    inner: ff,
-                    calls: Mutex::new(Vec::new()),
-                });
-                *lock(&rec) = Some(r.clone());
-                Ok(r as Arc<dyn BlockFile>)
+                *lock(&below) = Some(f.clone());
+                Ok(Arc::new(FaultFile::new(f, inj.clone())?) as Arc<dyn BlockFile>)
             })
             .unwrap()
             .into();
-            let rec = lock(&rec).take().unwrap();
+            let below = lock(&below).take().unwrap();
+            let seen = calls.clone();
+            inj.watch(move |a| lock(&seen).push(a));
             if encrypted {
                 // Block 0 written whole: allocated, every bit set, its bitmap cached.
                 img.write(0, &pat(2 << 20, 78)).unwrap();
@@ -1783,11 +1728,12 @@ mod tests {
                 img.direct_map(base, 1, false).unwrap().cipher.is_some(),
                 encrypted
             );
-            lock(&rec.calls).clear();
+            lock(&calls).clear();
             Refusing {
                 img,
                 inj,
-                rec,
+                calls,
+                below,
                 base,
                 _dir: d,
             }
@@ -1799,7 +1745,7 @@ mod tests {
         fn stored_and_expected(&self, sector: u64, plain: &[u8]) -> (Vec<u8>, Vec<u8>) {
             let map = self.img.direct_map(sector, 1, false).unwrap();
             let mut stored = AlignedBuf::zeroed(plain.len());
-            self.rec.inner.read_at(&mut stored, map.offset).unwrap();
+            self.below.read_at(&mut stored, map.offset).unwrap();
             let mut want = AlignedBuf::from_slice(plain);
             if let Some(c) = &map.cipher {
                 c.encrypt_sectors(sector, &mut want);
@@ -1809,7 +1755,10 @@ mod tests {
 
         /// The positional I/O calls since the last look.
         fn calls(&self) -> Vec<(bool, u64, usize)> {
-            std::mem::take(&mut *lock(&self.rec.calls))
+            std::mem::take(&mut *lock(&self.calls))
+                .into_iter()
+                .map(|a| (a.write, a.offset, a.len))
+                .collect()
         }
 
         /// The file offset of virtual sector `sector`.

@@ -1808,6 +1808,7 @@ impl Image for VhdImage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::image::fault::{Access, FaultFile, Injector};
     use crate::image::file::MemFile;
     use std::time::Duration;
 
@@ -1893,17 +1894,16 @@ mod tests {
         assert!(g.done <= 200, "at most one sync per write: {}", g.done);
     }
 
-    /// A file whose writes at one offset wait until released (the test's view of a slow
-    /// bitmap write); everything else goes straight to the file below.
-    #[derive(Debug)]
-    struct HoldFile {
-        inner: Arc<dyn BlockFile>,
+    /// Writes at one offset wait, once held, until released (the test's view of a slow
+    /// bitmap write): an [`Injector`] watcher.
+    #[derive(Debug, Default)]
+    struct Hold {
         /// (offset held, writes waiting there, released)
         st: Mutex<(Option<u64>, usize, bool)>,
         cond: Condvar,
     }
 
-    impl HoldFile {
+    impl Hold {
         fn hold(&self, off: u64) {
             *self.st.lock().unwrap() = (Some(off), 0, false);
         }
@@ -1917,47 +1917,16 @@ mod tests {
             self.st.lock().unwrap().2 = true;
             self.cond.notify_all();
         }
-    }
-
-    impl BlockFile for HoldFile {
-        fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
-            self.inner.read_at(buf, off)
-        }
-        fn write_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
+        /// The watcher: a write at the held offset waits for `release`.
+        fn watch(&self, a: Access) {
             let mut st = self.st.lock().unwrap();
-            if st.0 == Some(off) && !st.2 {
+            if a.write && st.0 == Some(a.offset) && !st.2 {
                 st.1 += 1;
                 self.cond.notify_all();
                 while !st.2 {
                     st = self.cond.wait(st).unwrap();
                 }
             }
-            drop(st);
-            self.inner.write_at(buf, off)
-        }
-        fn sync(&self) -> std::io::Result<()> {
-            self.inner.sync()
-        }
-        fn len(&self) -> std::io::Result<u64> {
-            self.inner.len()
-        }
-        fn set_len(&self, len: u64) -> std::io::Result<()> {
-            self.inner.set_len(len)
-        }
-        fn resizable(&self) -> bool {
-            self.inner.resizable()
-        }
-        fn punch_hole(&self, off: u64, len: u64) -> std::io::Result<()> {
-            self.inner.punch_hole(off, len)
-        }
-        fn get_xattr(&self, name: &str) -> std::io::Result<Option<Vec<u8>>> {
-            self.inner.get_xattr(name)
-        }
-        fn set_xattr(&self, name: &str, value: &[u8]) -> std::io::Result<()> {
-            self.inner.set_xattr(name, value)
-        }
-        fn aio_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
-            self.inner.aio_fd()
         }
     }
 
@@ -1972,16 +1941,18 @@ mod tests {
         let d = tempfile::tempdir_in("/var/tmp").unwrap();
         let p = d.path().join("x.vhd");
         super::super::ops::create(&p, &super::super::ops::CreateOptions::dynamic(8 << 20)).unwrap();
-        let hf = Arc::new(HoldFile {
-            inner: Arc::new(OsFile::open_with(&p, true, true, &SysOpener).unwrap()),
-            st: Mutex::new((None, 0, false)),
-            cond: Condvar::new(),
-        });
+        let hf = Arc::new(Hold::default());
+        let file: Arc<dyn BlockFile> =
+            Arc::new(OsFile::open_with(&p, true, true, &SysOpener).unwrap());
+        let inj = Injector::new();
+        let h = hf.clone();
+        inj.watch(move |a| h.watch(a));
+        let watched = Arc::new(FaultFile::new(file.clone(), inj).unwrap());
         let rw = VhdOpenOptions {
             read_only: false,
             ..Default::default()
         };
-        let img = Arc::new(VhdImage::open_file(&p, hf.clone(), &rw).unwrap());
+        let img = Arc::new(VhdImage::open_file(&p, watched, &rw).unwrap());
         let spb = u64::from(img.sectors_per_block());
         img.write(0, &[1u8; 512]).unwrap(); // allocates block 0
         img.write(2 * spb, &[2u8; 4096]).unwrap(); // block 2, sectors 0-7 present
@@ -2030,7 +2001,7 @@ mod tests {
             t.join().unwrap();
         }
         let mut ondisk = [0u8; 1];
-        hf.inner.read_at(&mut ondisk, bm0).unwrap();
+        file.read_at(&mut ondisk, bm0).unwrap();
         assert_eq!(ondisk[0], 0xe0, "sectors 0, 1 and 2 present on disk");
         assert!(img.direct_map(0, 3, true).is_some());
         img.close().unwrap();
