@@ -21,8 +21,11 @@
 //! bounce buffer. A read of an unaligned range reads the enclosing aligned range; an
 //! unaligned write reads the enclosing range, patches it and writes it back
 //! (read-modify-write, not atomic against a concurrent write to the same aligned block).
-//! Only the VHD metadata path (footer, header, BAT, bitmaps, batmap, locators: serialised
-//! by the VHD's metadata lock) and the tools do unaligned I/O; the I/O engine moves whole
+//! Only the VHD metadata path (footer, header, BAT, bitmaps, batmap, locators) and the
+//! tools do unaligned I/O. The VHD's metadata lock serialises it, except bitmap writes,
+//! which run outside it one block at a time: each is whole 512-byte sectors at a sector
+//! offset, so with the offset alignments `O_DIRECT` is used with (512 bytes or less) the
+//! bounce buffer never reads, patches and writes back a neighbour's bytes; the I/O engine moves whole
 //! 512-byte sectors in page-aligned [`AlignedBuf`]s, which always go straight through.
 
 use std::collections::HashMap;

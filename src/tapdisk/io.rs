@@ -14,7 +14,8 @@
 //!
 //! Fast path: a read or a non-FUA write that the image maps onto one run of one file
 //! taking asynchronous I/O ([`Image::direct_map`]: raw images, and VHD blocks that are
-//! allocated with every bitmap bit of the range set, so nothing else has to happen) is
+//! allocated with every bitmap bit of the range set, so nothing else has to happen; for a
+//! write, with the block's bitmap on disk as cached, not being written) is
 //! submitted right away from the loop, its page-aligned buffer going to the `O_DIRECT`
 //! descriptor as it is; an encrypted layer's write is encrypted in place first and a read
 //! decrypted after completion, on the loop. Completions signal the engine's eventfd (the

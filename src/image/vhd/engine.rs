@@ -27,9 +27,10 @@
 //!    blocks it will hold that lies inside the old file (stale data from a crashed session,
 //!    an old footer), extend the file with `ftruncate` (the new range reads as zeros), write
 //!    a valid footer at the new end, zero the alignment gaps before the new blocks (where
-//!    the old footer usually is; libvhd and tapdisk zero them too), then **fdatasync**. Only after that sync returns are
-//!    BAT entries for reserve blocks published, and they need no further sync: whatever
-//!    subset of BAT/bitmap/data writes a crash keeps, a published entry points at a bitmap
+//!    the old footer usually is; libvhd and tapdisk zero them too), then **fdatasync**.
+//!    Only after that sync returns are BAT entries for reserve blocks published, and they
+//!    need no further sync: whatever subset of BAT/bitmap/data writes a crash keeps, a
+//!    published entry points at a bitmap
 //!    that is either zero (sectors read from the parent, i.e. the unflushed write is lost)
 //!    or was written by us after the data it covers. Stale bytes in the *data* area of a
 //!    reserve block are harmless: only sectors whose bit we set are ever read from it.
@@ -47,9 +48,10 @@
 //!    old bytes. A failed barrier fails the write: the data stays unreferenced and the
 //!    bitmap unchanged, and the failure is sticky like a failed flush. Writes whose bits
 //!    are already set (including every AIO fast-path write, see `direct_map`) pay no
-//!    barrier: their data is durable already. They wait only while their block's bitmap
-//!    is not on disk as cached (a write of it running, or one that failed, which they
-//!    then redo); the fast path takes no write to such a block. `flush()` (fdatasync) then makes every
+//!    barrier: the bit already guards durable data (old or new, either is a valid outcome
+//!    of an unflushed write). They wait only while their block's bitmap is not on disk as
+//!    cached (a write of it running, or one that failed, which they then redo); the fast
+//!    path takes no write to such a block. `flush()` (fdatasync) then makes every
 //!    acknowledged write durable, so each write acknowledged before a completed flush
 //!    survives.
 //! 3. *There is always a valid footer at EOF-512 or at offset 0.* The footer's content does
@@ -62,9 +64,10 @@
 //! 4. *The batmap is a hint that only ever understates fullness on disk.* It is written at
 //!    close after a sync (so the full bitmaps it summarises are durable first), and when a
 //!    discard (or `coalesce -a`, [`VhdImage::clear_bitmap_bits_batch`], for a whole layer at
-//!    once) clears bits of a block marked full, the batmap is rewritten and synced before
-//!    the bitmap changes. Its checksum is verified on open; a bad one is treated as "nothing
-//!    full" and rewritten at close.
+//!    once) clears bits of a block marked full, the batmap is rewritten between two syncs
+//!    before the bitmap changes (the first because the in-memory map marks a block full
+//!    once its full bitmap is written, not synced). Its checksum is verified on open; a bad
+//!    one is treated as "nothing full" and rewritten at close.
 //!
 //! Compared with the C driver there is no one-allocation-at-a-time BAT lock and no
 //! synchronous zero-fill of each 2 MiB block: one fdatasync covers `prealloc_blocks` blocks,
@@ -214,6 +217,25 @@ impl CachedBitmap {
     }
 }
 
+/// Clears a bitmap entry's `writing` flag and wakes its waiters should the write panic
+/// (a `BlockFile` that panics): they would wait for ever. Disarmed once the write returns.
+struct Writing<'a> {
+    img: &'a VhdImage,
+    blk: u32,
+    armed: bool,
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            if let Some(c) = self.img.lock().bitmaps.get_mut(&self.blk) {
+                c.writing = false;
+            }
+            self.img.bm_cond.notify_all();
+        }
+    }
+}
+
 impl Meta {
     /// Apply `f` to block `blk`'s cached bitmap; returns the version the disk must reach
     /// for the change to be on it ([`VhdImage::persist_bitmap`]), None when not cached.
@@ -247,7 +269,10 @@ pub struct VhdImage {
     footer_source: FooterSource,
     prealloc_blocks: u32,
     meta: Mutex<Meta>,
+    /// Allocations waiting for a reserve being extended.
     cond: Condvar,
+    /// Writes waiting for their block's bitmap write ([`VhdImage::persist_bitmap`]).
+    bm_cond: Condvar,
     parent: Option<Box<dyn Image>>,
     cipher: Option<Arc<XtsCipher>>,
     closed: AtomicBool,
@@ -420,6 +445,7 @@ impl VhdImage {
             prealloc_blocks: opts.prealloc_blocks.max(1),
             meta: Mutex::new(meta),
             cond: Condvar::new(),
+            bm_cond: Condvar::new(),
             parent: None,
             cipher: None,
             closed: AtomicBool::new(false),
@@ -877,8 +903,7 @@ impl VhdImage {
         if let Some(b) = m.batmap.as_mut() {
             if bit_test(&b.map, u64::from(blk)) {
                 bit_set(&mut b.map, u64::from(blk), false);
-                self.write_batmap(b, curr)?;
-                self.sync()?;
+                self.rewrite_batmap(b, curr)?;
             }
         }
         let ver = m
@@ -909,6 +934,9 @@ impl VhdImage {
     /// old sector as before. Bits are only ever cleared, never set, so no BAT/bitmap
     /// invariant (1) is at stake. An error mid-way can leave the in-memory batmap with
     /// bits cleared that are not on disk yet: it then understates fullness, which is safe.
+    /// For an image nobody writes meanwhile (`vhd-util coalesce` has it to itself): pass
+    /// 2 lets go of the lock while each bitmap is written, and a concurrent write filling
+    /// a block of `changed` could mark it full in the batmap again.
     pub fn clear_bitmap_bits_batch(
         &self,
         mask_of: &mut dyn FnMut(u32) -> Result<Option<Vec<u8>>, ImageError>,
@@ -944,9 +972,8 @@ impl VhdImage {
         if batmap_changed {
             let curr = m.footer.curr_size;
             if let Some(b) = m.batmap.as_mut() {
-                self.write_batmap(b, curr)?;
+                self.rewrite_batmap(b, curr)?;
             }
-            self.sync()?;
         }
         let mut n = 0u64;
         for &blk in &changed {
@@ -996,13 +1023,19 @@ impl VhdImage {
                 return (m, Ok(()));
             }
             if c.writing {
-                m = self.cond.wait(m).unwrap_or_else(|e| e.into_inner());
+                m = self.bm_cond.wait(m).unwrap_or_else(|e| e.into_inner());
                 continue;
             }
             c.writing = true;
             let (snap, v) = (c.bits.clone(), c.version);
             drop(m);
+            let mut unwind = Writing {
+                img: self,
+                blk,
+                armed: true,
+            };
             let r = self.pwrite(&snap, u64::from(entry) * SECTOR_SIZE, "write bitmap");
+            unwind.armed = false;
             m = self.lock();
             if let Some(c) = m.bitmaps.get_mut(&blk) {
                 c.writing = false;
@@ -1010,7 +1043,7 @@ impl VhdImage {
                     c.on_disk = c.on_disk.max(v);
                 }
             }
-            self.cond.notify_all();
+            self.bm_cond.notify_all();
             if let Err(e) = r {
                 return (m, Err(e));
             }
@@ -1213,6 +1246,17 @@ impl VhdImage {
         self.write_batmap_header(b, curr)?;
         b.dirty = false;
         Ok(())
+    }
+
+    /// Write the batmap before a bitmap loses bits (invariant 4): sync first, then write it,
+    /// then sync again. The first sync is there because the in-memory map may mark blocks
+    /// full whose full bitmaps were written but not synced yet ([`VhdImage::persist_bitmap`]
+    /// marks them once written): the bitmaps the batmap summarises must be durable before
+    /// it. The second makes the batmap durable before the caller clears any bit.
+    fn rewrite_batmap(&self, b: &mut BatmapState, curr: u64) -> Result<(), ImageError> {
+        self.sync()?;
+        self.write_batmap(b, curr)?;
+        self.sync()
     }
 
     /// Return the start sector of block `blk`, allocating it if needed (see module doc).
@@ -1513,22 +1557,17 @@ impl VhdImage {
                 continue;
             }
             // Invariant 4: the on-disk batmap must not claim "full" once bits are cleared.
-            let mut sync_needed = false;
             let curr = m.footer.curr_size;
             if let Some(b) = m.batmap.as_mut() {
                 if bit_test(&b.map, u64::from(blk)) {
                     bit_set(&mut b.map, u64::from(blk), false);
-                    if let Err(err) = self.write_batmap(b, curr) {
+                    if let Err(err) = self.rewrite_batmap(b, curr) {
                         // The disk may still say "full": keep saying so here, so that the
                         // next discard rewrites the batmap before it clears any bit.
                         bit_set(&mut b.map, u64::from(blk), true);
                         return Err(err);
                     }
-                    sync_needed = true;
                 }
-            }
-            if sync_needed {
-                self.sync()?;
             }
             let ver = m
                 .change_bitmap(blk, |bm| {
@@ -1974,16 +2013,23 @@ mod tests {
             .recv_timeout(Duration::from_secs(60))
             .expect("a write finished");
         assert_eq!(first, ("block 1, a new block", true));
+        // The loop's fast path never waits for the image lock: it passes (None) while
+        // another thread holds it for a moment, so ask until it answers.
+        let eventually = |what: &str, f: &dyn Fn() -> bool| {
+            let t0 = std::time::Instant::now();
+            while !f() {
+                assert!(t0.elapsed() < Duration::from_secs(60), "{what}");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        eventually("fast path, block 2", &|| {
+            img.direct_map(2 * spb, 8, true).is_some()
+        });
+        eventually("reads of block 0 go on", &|| {
+            img.direct_map(0, 1, false).is_some()
+        });
         assert!(
-            img.direct_map(2 * spb, 8, true).is_some(),
-            "fast path, block 2"
-        );
-        assert!(
-            img.direct_map(0, 1, false).is_some(),
-            "reads of block 0 go on"
-        );
-        assert!(
-            img.direct_map(0, 1, true).is_none(),
+            !img.lock().bitmaps[&0].clean() && img.direct_map(0, 1, true).is_none(),
             "no fast-path write while block 0's bitmap is being written"
         );
         assert!(
@@ -1991,7 +2037,11 @@ mod tests {
             "nothing in block 0 is acknowledged before its bitmap write is done"
         );
         hf.release();
-        let mut rest = vec![rx.recv().unwrap(), rx.recv().unwrap()];
+        let next = || {
+            rx.recv_timeout(Duration::from_secs(60))
+                .expect("acknowledged")
+        };
+        let mut rest = vec![next(), next()];
         rest.sort();
         assert_eq!(
             rest,
@@ -2003,8 +2053,74 @@ mod tests {
         let mut ondisk = [0u8; 1];
         file.read_at(&mut ondisk, bm0).unwrap();
         assert_eq!(ondisk[0], 0xe0, "sectors 0, 1 and 2 present on disk");
-        assert!(img.direct_map(0, 3, true).is_some());
+        assert!(img.lock().bitmaps[&0].clean());
+        eventually("fast path again", &|| img.direct_map(0, 3, true).is_some());
         img.close().unwrap();
+    }
+
+    /// Invariant 4 with the batmap's "full" marks set when a full bitmap is written (not
+    /// synced): a discard that rewrites the batmap must not let it reach the disk before
+    /// those bitmaps. A process that stops after any number of the discard's writes, then
+    /// a crash that drops any one unsynced write: wherever the batmap says "full", the
+    /// bitmap on disk is full. (Before the sync ahead of the batmap write, dropping block
+    /// 1's bitmap write left a valid batmap calling block 1 full over an empty bitmap.)
+    #[test]
+    fn a_discard_never_lets_the_batmap_claim_a_bitmap_the_disk_lacks() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("x.vhd");
+        let opts = super::super::ops::CreateOptions {
+            block_size: 1 << 20,
+            ..super::super::ops::CreateOptions::dynamic(4 << 20)
+        };
+        super::super::ops::create(&p, &opts).unwrap();
+        let rw = VhdOpenOptions {
+            read_only: false,
+            ..Default::default()
+        };
+        let spb = 2048u64;
+        // Block 0 full, closed: the batmap on disk says so.
+        let first = Arc::new(MemFile::from_bytes(std::fs::read(&p).unwrap()));
+        let img = VhdImage::open_file(&p, first.clone(), &rw).unwrap();
+        img.write(0, &vec![1u8; (spb * 512) as usize]).unwrap();
+        img.close().unwrap();
+        let closed = first.contents();
+        let mut checked = 0;
+        for stop in 0..8u64 {
+            let mem = Arc::new(MemFile::from_bytes(closed.clone()));
+            let img = VhdImage::open_file(&p, mem.clone(), &rw).unwrap();
+            img.write(spb, &vec![2u8; (spb * 512) as usize]).unwrap(); // block 1 full
+            mem.fail_after(stop);
+            let _ = img.discard(0, 1);
+            let n = mem.pending_ops();
+            for drop_one in (0..n).map(Some).chain([None]) {
+                let bytes = mem.crash_image(&mut |i| Some(i) != drop_one);
+                let ro = VhdOpenOptions::default();
+                let Ok(c) = VhdImage::open_file(&p, Arc::new(MemFile::from_bytes(bytes)), &ro)
+                else {
+                    continue;
+                };
+                let Some((_, map)) = c.batmap() else {
+                    panic!("the image has a batmap")
+                };
+                if c.batmap_valid() != Some(true) {
+                    continue;
+                }
+                for blk in 0..2u32 {
+                    if bit_test(&map, u64::from(blk)) {
+                        let bm = c.block_bitmap(blk).unwrap().unwrap();
+                        assert!(
+                            bits_all(&bm, 0, spb, true),
+                            "stop {stop}, dropped {drop_one:?}: batmap says block {blk} full"
+                        );
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert!(
+            checked > 0,
+            "some crash image had a batmap marking a block full"
+        );
     }
 
     /// A bitmap write that failed is written again before any later write to those
@@ -2023,6 +2139,10 @@ mod tests {
         let img = VhdImage::open_file(Path::new("x.vhd"), ff, &rw).unwrap();
         inj.arm_n(Point::Bitmap, Fault::Eio, 0, Some(1));
         assert!(img.write(0, &[7u8; 512]).is_err(), "bitmap write failed");
+        assert!(
+            !img.lock().bitmaps[&0].clean(),
+            "dirty: no fast-path write to block 0 until it is written again"
+        );
         inj.clear();
         let before = inj.seen(Point::Bitmap);
         img.write(0, &[8u8; 512]).unwrap();
@@ -2031,6 +2151,7 @@ mod tests {
             before + 1,
             "the bitmap is written again"
         );
+        assert!(img.lock().bitmaps[&0].clean());
         img.write(0, &[9u8; 512]).unwrap();
         assert_eq!(inj.seen(Point::Bitmap), before + 1, "and then no more");
         // A failed discard: close writes the bitmap that is still unwritten.
