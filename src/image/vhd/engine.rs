@@ -64,9 +64,9 @@
 //! 4. *The batmap is a hint that only ever understates fullness on disk.* It is written at
 //!    close after a sync (so the full bitmaps it summarises are durable first), and when a
 //!    discard (or `coalesce -a`, [`VhdImage::clear_bitmap_bits_batch`], for a whole layer at
-//!    once) clears bits of a block marked full, the batmap is rewritten between two syncs
-//!    before the bitmap changes (the first because the in-memory map marks a block full
-//!    once its full bitmap is written, not synced). Its checksum is verified on open; a bad
+//!    once) clears bits of a block marked full, the batmap is rewritten and synced before
+//!    the bitmap changes, and synced before it too when the in-memory map marks a block
+//!    full whose full bitmap was written since (it is marked once written, not synced). Its checksum is verified on open; a bad
 //!    one is treated as "nothing full" and rewritten at close.
 //!
 //! Compared with the C driver there is no one-allocation-at-a-time BAT lock and no
@@ -163,6 +163,9 @@ struct BatmapState {
     /// The checksum on disk verified.
     valid: bool,
     dirty: bool,
+    /// `map` marks a block full whose full bitmap was written since the last sync of
+    /// [`VhdImage::rewrite_batmap`]'s, so may not be durable yet.
+    ahead: bool,
 }
 
 #[derive(Debug)]
@@ -591,6 +594,7 @@ impl VhdImage {
                         map,
                         valid,
                         dirty: !valid,
+                        ahead: false,
                     });
                 } else if rule == Some(true) && !read_only {
                     return Err(corrupt(path, "bad batmap header"));
@@ -1060,6 +1064,7 @@ impl VhdImage {
                     if !bit_test(&b.map, u64::from(blk)) {
                         bit_set(&mut b.map, u64::from(blk), true);
                         b.dirty = true;
+                        b.ahead = true;
                     }
                 }
             }
@@ -1248,13 +1253,17 @@ impl VhdImage {
         Ok(())
     }
 
-    /// Write the batmap before a bitmap loses bits (invariant 4): sync first, then write it,
-    /// then sync again. The first sync is there because the in-memory map may mark blocks
-    /// full whose full bitmaps were written but not synced yet ([`VhdImage::persist_bitmap`]
-    /// marks them once written): the bitmaps the batmap summarises must be durable before
-    /// it. The second makes the batmap durable before the caller clears any bit.
+    /// Write the batmap before a bitmap loses bits (invariant 4), then sync, so that it is
+    /// durable before the caller clears any bit. When the in-memory map marks blocks full
+    /// whose full bitmaps were written but maybe not synced yet (`ahead`:
+    /// [`VhdImage::persist_bitmap`] marks them once written), sync first too: the bitmaps
+    /// the batmap summarises must be durable before it. The caller holds the image lock,
+    /// so no block is marked meanwhile.
     fn rewrite_batmap(&self, b: &mut BatmapState, curr: u64) -> Result<(), ImageError> {
-        self.sync()?;
+        if b.ahead {
+            self.sync()?;
+            b.ahead = false;
+        }
         self.write_batmap(b, curr)?;
         self.sync()
     }
