@@ -2,6 +2,17 @@
 //! ([`uring`]). Every block of unsafe_code the crate has outside `xen` and `capi` is in this
 //! one file, each with the reason it is sound; `aio` itself and everything above it is safe.
 
+use super::Request;
+
+/// What both engines hand the kernel for `req`: a pointer to the bytes still to move
+/// (mutable: a read fills them), their number, and the file offset in the ABIs' signed 64
+/// bits. None when the offset does not fit or `start` lies past the buffer.
+fn transfer<T>(req: &mut Request<T>) -> Option<(*mut u8, usize, i64)> {
+    let offset = i64::try_from(req.offset).ok()?;
+    let rest = req.buf.get_mut(req.start..)?;
+    Some((rest.as_mut_ptr(), rest.len(), offset))
+}
+
 pub mod native {
     //! Linux native AIO (`io_setup`, `io_submit`, `io_getevents`, `io_destroy`) with eventfd
     //! notification: the engine of every kernel OpenXT ships (4.14 has no io_uring), and the
@@ -126,13 +137,9 @@ pub mod native {
             let Some(slot) = self.free.pop() else {
                 return Err((req, io::Error::from_raw_os_error(libc::EAGAIN)));
             };
-            // A mutable pointer: the kernel writes into the buffer of a read.
-            let start = req.start;
-            let (Some((buf_ptr, buf_len)), Ok(fildes), Ok(offset)) = (
-                req.buf.get_mut(start..).map(|d| (d.as_mut_ptr(), d.len())),
-                u32::try_from(fd.as_raw_fd()),
-                i64::try_from(req.offset),
-            ) else {
+            let (Some((buf_ptr, buf_len, offset)), Ok(fildes)) =
+                (super::transfer(&mut req), u32::try_from(fd.as_raw_fd()))
+            else {
                 self.free.push(slot);
                 return Err((req, io::Error::from_raw_os_error(libc::EINVAL)));
             };
@@ -597,17 +604,13 @@ pub mod uring {
             let Some(slot) = self.free.pop() else {
                 return Err((req, io::Error::from_raw_os_error(libc::EAGAIN)));
             };
-            // A mutable pointer: the kernel writes into the buffer of a read. It stays valid
-            // while the request is in flight: the buffer is a heap allocation (`AlignedBuf`)
-            // that does not move when `req` moves into `slots` below, and `slots` keeps it
-            // until the completion is reaped (or, on drop, until the kernel is done with it).
-            let start = req.start;
-            let (Some((buf_ptr, Ok(buf_len))), Ok(offset)) = (
-                req.buf
-                    .get_mut(start..)
-                    .map(|d| (d.as_mut_ptr(), u32::try_from(d.len()))),
-                i64::try_from(req.offset),
-            ) else {
+            // The pointer stays valid while the request is in flight: the buffer is a heap
+            // allocation (`AlignedBuf`) that does not move when `req` moves into `slots`
+            // below, and `slots` keeps it until the completion is reaped (or, on drop, until
+            // the kernel is done with it).
+            let Some((buf_ptr, Ok(buf_len), offset)) =
+                super::transfer(&mut req).map(|(p, n, o)| (p, u32::try_from(n), o))
+            else {
                 self.free.push(slot);
                 return Err((req, io::Error::from_raw_os_error(libc::EINVAL)));
             };
