@@ -188,10 +188,10 @@ impl Injector {
         self.st.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Show every positional read and write of the files (not the asynchronous ones, which
-    /// go to the kernel on [`BlockFile::aio_fd`]) to `watcher` before anything else
-    /// happens to it: tests record I/O with it, or hold a call (a slow disk) by blocking
-    /// in it.
+    /// Show every positional read and write and every `fdatasync` of the files (not the
+    /// asynchronous reads and writes, which go to the kernel on [`BlockFile::aio_fd`]) to
+    /// `watcher` before anything else happens to it: tests record I/O with it, or hold a
+    /// call (a slow disk) by blocking in it.
     pub fn watch(&self, watcher: impl Fn(Access) + Send + Sync + 'static) {
         *self.watcher.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(watcher));
     }
@@ -482,6 +482,7 @@ impl BlockFile for FaultFile {
             write: false,
             offset: off,
             len: buf.len(),
+            sync: false,
         });
         match self.inj.hit(Point::Read) {
             None => self.inner.read_at(buf, off),
@@ -499,6 +500,7 @@ impl BlockFile for FaultFile {
             write: true,
             offset: off,
             len: buf.len(),
+            sync: false,
         });
         let point = self.classify(off, buf);
         let landed = match self.inj.hit(point) {
@@ -519,6 +521,12 @@ impl BlockFile for FaultFile {
     }
 
     fn sync(&self) -> io::Result<()> {
+        self.inj.show(Access {
+            write: false,
+            offset: 0,
+            len: 0,
+            sync: true,
+        });
         match self.inj.hit(Point::Sync) {
             None => self.inner.sync(),
             Some(f) => Err(match f {
@@ -661,10 +669,12 @@ mod tests {
     }
 }
 
-/// What an [`Injector`]'s watcher is told about each positional read or write.
+/// What an [`Injector`]'s watcher is told about each positional read or write, and each
+/// `fdatasync` (`sync`, with no offset or length).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Access {
     pub write: bool,
     pub offset: u64,
     pub len: usize,
+    pub sync: bool,
 }
