@@ -108,21 +108,38 @@ pub trait Image: Send + Sync + std::fmt::Debug {
     /// default) means "go through [`Image::read`] / [`Image::write`]". A raw image always
     /// maps; a VHD when the range lies in one allocated block whose cached bitmap has every
     /// bit of the range set. Answered from memory, without I/O.
+    ///
+    /// A write may also be mapped when something has to happen after its data is in the
+    /// file ([`DirectMap::commit`]): a VHD block that is allocated and whose bitmap is
+    /// cached, but whose bits for the range are not all set yet (or whose bitmap is not
+    /// on disk as cached). The writer then calls [`Image::commit_writes`] once the data
+    /// write has completed, and acknowledges the write only after that.
     fn direct_map(&self, sector: u64, nsectors: u64, write: bool) -> Option<DirectMap> {
         let _ = (sector, nsectors, write);
         None
+    }
+    /// Finish writes whose data went to the file through a [`DirectMap`] with `commit`
+    /// set, after each data write completed: `(sector, nsectors)` per write, as mapped.
+    /// One result per range, in order; a write is acknowledged only once its result is
+    /// `Ok`. Writes committed in one call share the work (a VHD syncs once for all of them,
+    /// then writes each block's bitmap once). The default has nothing to do.
+    fn commit_writes(&self, ranges: &[(u64, u64)]) -> Vec<Result<(), ImageError>> {
+        ranges.iter().map(|_| Ok(())).collect()
     }
 }
 
 /// The answer of [`Image::direct_map`]: the bytes are at `offset` in `file` (kept open by
 /// the `Arc` while the I/O runs); when `cipher` is set they are stored encrypted, with the
 /// request's first virtual sector as the first tweak (encrypt before writing, decrypt
-/// after reading).
+/// after reading); when `commit` is set a write must then be committed.
 #[derive(Clone, Debug)]
 pub struct DirectMap {
     pub file: std::sync::Arc<dyn file::BlockFile>,
     pub offset: u64,
     pub cipher: Option<std::sync::Arc<crypto::XtsCipher>>,
+    /// A write to this mapping is complete only after [`Image::commit_writes`] for it
+    /// (which runs blocking I/O: on a worker, never on the loop). Never set for a read.
+    pub commit: bool,
 }
 
 /// Errors of the image layer. `errno()` maps each to the errno that tapdisk reports.

@@ -150,6 +150,7 @@ impl Image for RawImage {
             file: Arc::clone(&self.file),
             offset: sector * SECTOR_SIZE,
             cipher: None,
+            commit: false,
         })
     }
 

@@ -10,6 +10,9 @@
 //!                         +--> worker 1..N: image.read/write_in_place/flush/...,
 //!                              or a refused transfer's pread/pwrite at the mapped offset
 //!  loop <--eventfd (Waker)-- completions(): reap (resubmit short, decrypt), workers'
+//!                         |  a write mapped with `commit` (VHD: new bitmap bits)
+//!                         +--> per image, one batch at a time --> worker: commit_writes
+//!                              (one fdatasync, one bitmap write per block) --> completions
 //! ```
 //!
 //! Fast path: a read or a non-FUA write that the image maps onto one run of one file
@@ -25,6 +28,19 @@
 //! beyond that, requests go to the workers. Flush stays a worker `fdatasync`: a flush is
 //! started only after the writes it covers completed (the ring's drain point; NBD clients
 //! wait for replies), and an asynchronous write completes only once it is in the file.
+//!
+//! Writes that need metadata after their data: a VHD write to an allocated block whose
+//! bitmap is cached but whose bits for the range are not all set (the first write to
+//! those sectors), or whose bitmap write is still running or failed, is mapped with
+//! [`DirectMap::commit`] set. Its data goes out from the loop like any other; once it
+//! completed it is not acknowledged but queued for its image's commit, and a worker runs
+//! [`Image::commit_writes`] for a batch: every such write of that image that completed
+//! meanwhile, with one `fdatasync` for all of them and then one bitmap write per block
+//! (crash-consistency invariant 2 in `image::vhd::engine`), and completes each write with
+//! its own result. One batch per image runs at a time; the writes that complete while it
+//! runs form the next, so under load one sync covers every write in flight. Only the
+//! commit is a blocking call on a worker: Linux AIO cannot submit an `fdatasync` for ext4
+//! before Linux 4.18 (OpenXT 8 runs 4.14), and it must come between data and bitmap.
 //!
 //! Errors at submission: when the kernel refuses a submission for now (EAGAIN, ENOMEM,
 //! EBUSY, EINTR: short of resources; `refused_for_now`), be it a request's first or the
@@ -43,9 +59,10 @@
 //! the others did not. The default ([`DEFAULT_ORDER`]) is Linux AIO: io_uring did not
 //! measure better on this path (ARCHITECTURE.md, "I/O engine").
 //!
-//! Workers: VHD allocation and partial bitmaps, reads through parents, FUA writes,
-//! discard, zeroing, block status, flush, and the OPEN/CLOSE tasks; all reads and writes of
-//! images whose files cannot take asynchronous I/O (buffered, not memory-backed). Images
+//! Workers: VHD allocation (a block's first write), commits, writes whose block's bitmap
+//! is not cached yet, reads through parents, FUA writes, discard, zeroing, block status,
+//! flush, and the OPEN/CLOSE tasks; all reads and writes of images whose files cannot
+//! take asynchronous I/O (buffered, not memory-backed). Images
 //! are `Send + Sync` with `&self` methods, so requests on one image run concurrently. The
 //! tag is opaque to the engine: the loop uses it to route the completion (an NBD connection
 //! and cookie, a VBD open, ...). Completions for things that went away meanwhile are simply
@@ -268,9 +285,36 @@ impl std::fmt::Debug for Output {
 
 #[derive(Debug)]
 struct Job<T> {
-    tag: T,
     image: Option<Arc<dyn Image>>,
-    op: Op,
+    work: Work<T>,
+}
+
+/// What a worker does for a job.
+#[derive(Debug)]
+enum Work<T> {
+    /// One operation, one completion.
+    One { tag: T, op: Op },
+    /// Commit a batch of writes the asynchronous engine moved ([`Image::commit_writes`]):
+    /// one completion per write.
+    Commit(Vec<Committing<T>>),
+}
+
+/// A write whose data the asynchronous engine moved to a mapping that needs a commit
+/// ([`DirectMap::commit`]), waiting for it.
+#[derive(Debug)]
+struct Committing<T> {
+    tag: T,
+    buf: AlignedBuf,
+    sector: u64,
+}
+
+/// One image's writes waiting for a commit, and whether a worker is committing a batch
+/// of its writes now.
+#[derive(Debug)]
+struct CommitQueue<T> {
+    image: Arc<dyn Image>,
+    waiting: Vec<Committing<T>>,
+    running: bool,
 }
 
 /// A finished job.
@@ -327,11 +371,14 @@ impl<J> FairQueue<J> {
     }
 }
 
-/// The fairness key of a job: its image (one per VBD), or 0 for a task.
+/// An image's identity while it is held (one per VBD).
+fn image_key(image: &Arc<dyn Image>) -> usize {
+    Arc::as_ptr(image).cast::<()>() as usize
+}
+
+/// The fairness key of a job: its image, or 0 for a task.
 fn fair_key<T>(job: &Job<T>) -> usize {
-    job.image
-        .as_ref()
-        .map_or(0, |i| Arc::as_ptr(i).cast::<()>() as usize)
+    job.image.as_ref().map_or(0, image_key)
 }
 
 #[derive(Debug)]
@@ -340,6 +387,74 @@ struct Shared<T> {
     cond: Condvar,
     done: Mutex<Vec<Completion<T>>>,
     waker: Waker,
+    /// Per image with writes to commit (see [`Shared::start_commits`]).
+    commits: Mutex<Vec<CommitQueue<T>>>,
+}
+
+impl<T> Shared<T> {
+    fn push(&self, job: Job<T>) {
+        let key = fair_key(&job);
+        let mut q = lock(&self.jobs);
+        q.0.push(key, job);
+        drop(q);
+        self.cond.notify_one();
+    }
+
+    /// Queue a write the asynchronous engine moved for its image's next commit batch.
+    fn queue_commit(&self, image: &Arc<dyn Image>, write: Committing<T>) {
+        let mut qs = lock(&self.commits);
+        let key = image_key(image);
+        match qs.iter_mut().find(|q| image_key(&q.image) == key) {
+            Some(q) => q.waiting.push(write),
+            None => qs.push(CommitQueue {
+                image: Arc::clone(image),
+                waiting: vec![write],
+                running: false,
+            }),
+        }
+    }
+
+    /// Start a commit batch on a worker for every image that has writes waiting and no
+    /// batch running. One batch per image at a time: the writes that complete while one
+    /// runs (its `fdatasync`, its bitmap writes) form the next, so that under load one
+    /// sync covers every write in flight, not the few one loop pass reaped.
+    fn start_commits(&self) {
+        let jobs: Vec<Job<T>> = lock(&self.commits)
+            .iter_mut()
+            .filter(|q| !q.running && !q.waiting.is_empty())
+            .map(|q| {
+                q.running = true;
+                Job {
+                    image: Some(Arc::clone(&q.image)),
+                    work: Work::Commit(std::mem::take(&mut q.waiting)),
+                }
+            })
+            .collect();
+        for j in jobs {
+            self.push(j);
+        }
+    }
+
+    /// A commit batch on `image` is done: the next one starts when writes arrived
+    /// meanwhile, else the image is forgotten here.
+    fn commit_done(&self, image: &Arc<dyn Image>) {
+        let mut qs = lock(&self.commits);
+        let key = image_key(image);
+        let Some(i) = qs.iter().position(|q| image_key(&q.image) == key) else {
+            return;
+        };
+        if qs[i].waiting.is_empty() {
+            qs.swap_remove(i);
+            return;
+        }
+        let q = &mut qs[i];
+        let job = Job {
+            image: Some(Arc::clone(&q.image)),
+            work: Work::Commit(std::mem::take(&mut q.waiting)),
+        };
+        drop(qs);
+        self.push(job);
+    }
 }
 
 /// The worker pool, plus the inline path for images that never wait for a device.
@@ -378,6 +493,7 @@ impl<T: Send + 'static> IoEngine<T> {
             cond: Condvar::new(),
             done: Mutex::new(Vec::new()),
             waker: Waker::new().map_err(std::io::Error::from)?,
+            commits: Mutex::new(Vec::new()),
         });
         let mut workers = Vec::new();
         for i in 0..threads.max(1) {
@@ -478,9 +594,8 @@ impl<T: Send + 'static> IoEngine<T> {
             Some(back) => back,
         };
         self.push(Job {
-            tag,
             image: Some(image),
-            op,
+            work: Work::One { tag, op },
         });
     }
 
@@ -595,9 +710,11 @@ impl<T: Send + 'static> IoEngine<T> {
         let task: Task =
             Box::new(move || finish_direct(&image, &map, sector, dir, buf, start, offset));
         self.push(Job {
-            tag,
             image: Some(job_image),
-            op: Op::Task(task),
+            work: Work::One {
+                tag,
+                op: Op::Task(task),
+            },
         });
     }
 
@@ -657,6 +774,18 @@ impl<T: Send + 'static> IoEngine<T> {
             } = req;
             let result = match err {
                 Some(e) => Err(aio_error(&user.image, dir, e)),
+                None if dir == aio::Dir::Write && user.map.commit => {
+                    // In the file: acknowledged once committed, by a worker.
+                    self.shared.queue_commit(
+                        &user.image,
+                        Committing {
+                            tag: user.tag,
+                            buf,
+                            sector: user.sector,
+                        },
+                    );
+                    continue;
+                }
                 None => {
                     transferred(&user.map, user.sector, dir, &mut buf);
                     Ok(Output::Data(buf))
@@ -667,23 +796,23 @@ impl<T: Send + 'static> IoEngine<T> {
                 result,
             });
         }
+        drop(ctx);
+        self.shared.start_commits();
     }
 
     /// Queue a task (no image involved).
     pub fn run(&self, tag: T, task: Task) {
         self.push(Job {
-            tag,
             image: None,
-            op: Op::Task(task),
+            work: Work::One {
+                tag,
+                op: Op::Task(task),
+            },
         });
     }
 
     fn push(&self, job: Job<T>) {
-        let key = fair_key(&job);
-        let mut q = lock(&self.shared.jobs);
-        q.0.push(key, job);
-        drop(q);
-        self.shared.cond.notify_one();
+        self.shared.push(job);
     }
 
     /// Whether jobs run inline have completions waiting.
@@ -734,13 +863,16 @@ fn worker<T: Send>(s: &Shared<T>) {
                 q = s.cond.wait(q).unwrap_or_else(|e| e.into_inner());
             }
         };
-        let result = execute(job.image.as_deref(), job.op);
+        let mut out = match job.work {
+            Work::One { tag, op } => vec![Completion {
+                tag,
+                result: execute(job.image.as_deref(), op),
+            }],
+            Work::Commit(writes) => commit(s, job.image, writes),
+        };
         let mut done = lock(&s.done);
         let was_empty = done.is_empty();
-        done.push(Completion {
-            tag: job.tag,
-            result,
-        });
+        done.append(&mut out);
         drop(done);
         // The loop resets the eventfd before taking the list, so waking only on the
         // empty -> non-empty transition never loses a completion.
@@ -748,6 +880,42 @@ fn worker<T: Send>(s: &Shared<T>) {
             s.waker.wake();
         }
     }
+}
+
+/// On a worker: commit a batch of writes the asynchronous engine moved to one image
+/// ([`Image::commit_writes`]), then start the image's next batch if writes arrived
+/// meanwhile. One completion per write: its buffer back, or its error.
+fn commit<T>(
+    s: &Shared<T>,
+    image: Option<Arc<dyn Image>>,
+    writes: Vec<Committing<T>>,
+) -> Vec<Completion<T>> {
+    let Some(image) = image else {
+        return writes
+            .into_iter()
+            .map(|w| Completion {
+                tag: w.tag,
+                result: Err(no_image()),
+            })
+            .collect();
+    };
+    let ranges: Vec<(u64, u64)> = writes
+        .iter()
+        .map(|w| (w.sector, w.buf.len() as u64 / SECTOR_SIZE))
+        .collect();
+    let mut results = image.commit_writes(&ranges).into_iter();
+    let out = writes
+        .into_iter()
+        .map(|w| Completion {
+            tag: w.tag,
+            result: results
+                .next()
+                .unwrap_or_else(|| Err(ImageError::Invalid("no commit result".into())))
+                .map(|()| Output::Data(w.buf)),
+        })
+        .collect();
+    s.commit_done(&image);
+    out
 }
 
 /// Submit `req` on the descriptor of its mapped file.
@@ -828,6 +996,11 @@ fn finish_direct(
         (_, None) => Err(std::io::Error::from_raw_os_error(libc::EINVAL)),
     };
     r.map_err(|e| aio_error(image, dir, e))?;
+    if dir == aio::Dir::Write && map.commit {
+        for r in image.commit_writes(&[(sector, buf.len() as u64 / SECTOR_SIZE)]) {
+            r?;
+        }
+    }
     transferred(map, sector, dir, &mut buf);
     Ok(Output::Data(buf))
 }
@@ -1377,6 +1550,7 @@ mod tests {
                 file: self.file.clone(),
                 offset: *self.at.get(&sector)?,
                 cipher: None,
+                commit: false,
             })
         }
     }
@@ -1666,12 +1840,14 @@ mod tests {
     use crate::image::fault::{Access, Fault, FaultFile, Injector, Point};
     use crate::image::file::BlockFile;
 
-    /// An image under test for refused submissions: O_DIRECT on ext4, its file behind a
-    /// [`FaultFile`], whose injector records the positional reads and writes (`calls`).
+    /// An image under test for the fast path's edge cases: O_DIRECT on ext4, its file
+    /// behind a [`FaultFile`], whose injector records the positional reads and writes and
+    /// the fdatasyncs (`calls`).
     struct Refusing {
         img: Arc<dyn Image>,
         inj: Arc<Injector>,
-        /// The positional reads and writes that reached the file (not the asynchronous ones).
+        /// The positional reads and writes and the fdatasyncs that reached the file (not
+        /// the asynchronous reads and writes).
         calls: Arc<Mutex<Vec<Access>>>,
         /// The image's file, below the injector (reads of it are not recorded).
         below: Arc<dyn BlockFile>,
@@ -1684,18 +1860,48 @@ mod tests {
         /// A raw image, or (`encrypted`) a dynamic VHD with a key whose first block is
         /// allocated and written, so that its ranges map to the file.
         fn open(encrypted: bool) -> Refusing {
+            let mut r = Refusing::wrapped(encrypted, encrypted);
+            if encrypted {
+                // Block 0 written whole: allocated, every bit set, its bitmap cached.
+                r.img.write(0, &pat(2 << 20, 78)).unwrap();
+            }
+            r.base = 64;
+            assert!(r
+                .img
+                .direct_map(r.base, 64, true)
+                .is_some_and(|m| !m.commit));
+            assert_eq!(
+                r.img.direct_map(r.base, 1, false).unwrap().cipher.is_some(),
+                encrypted
+            );
+            lock(&r.calls).clear();
+            r
+        }
+
+        /// A new 32 MiB dynamic VHD (`vhd`; with a key when `encrypted`) or a 4 MiB raw
+        /// image, opened below an injector whose watcher records every call.
+        fn wrapped(vhd: bool, encrypted: bool) -> Refusing {
             use crate::image::crypto::KeySource;
             use crate::image::open::{open_wrapped, ImageFormat};
             let d = disk_dir();
             let key = [0x5cu8; 64];
-            let (p, format, keys) = if encrypted {
+            let (p, format, keys) = if vhd {
                 let p = d.path().join("e.vhd");
-                encrypted_vhd(&p, &key);
-                (
-                    p,
-                    ImageFormat::Vhd,
-                    KeySource::Explicit(key.to_vec().into()),
-                )
+                if encrypted {
+                    encrypted_vhd(&p, &key);
+                } else {
+                    crate::image::vhd::ops::create(
+                        &p,
+                        &crate::image::vhd::ops::CreateOptions::dynamic(32 << 20),
+                    )
+                    .unwrap();
+                }
+                let keys = if encrypted {
+                    KeySource::Explicit(key.to_vec().into())
+                } else {
+                    KeySource::default()
+                };
+                (p, ImageFormat::Vhd, keys)
             } else {
                 let p = d.path().join("r.raw");
                 std::fs::write(&p, pat(4 << 20, 77).to_vec()).unwrap();
@@ -1719,23 +1925,12 @@ mod tests {
             let below = lock(&below).take().unwrap();
             let seen = calls.clone();
             inj.watch(move |a| lock(&seen).push(a));
-            if encrypted {
-                // Block 0 written whole: allocated, every bit set, its bitmap cached.
-                img.write(0, &pat(2 << 20, 78)).unwrap();
-            }
-            let base = 64;
-            assert!(img.direct_map(base, 64, true).is_some());
-            assert_eq!(
-                img.direct_map(base, 1, false).unwrap().cipher.is_some(),
-                encrypted
-            );
-            lock(&calls).clear();
             Refusing {
                 img,
                 inj,
                 calls,
                 below,
-                base,
+                base: 0,
                 _dir: d,
             }
         }
@@ -1945,6 +2140,205 @@ mod tests {
         ] {
             let e = std::io::Error::from_raw_os_error(errno);
             assert_eq!(refused_for_now(&e), now, "{e}");
+        }
+    }
+
+    // ---- writes that set new VHD bitmap bits: data from the loop, commit on a worker ----
+
+    /// Sectors per block of the test VHDs (2 MiB blocks).
+    const SPB: u64 = 4096;
+
+    /// A dynamic VHD whose blocks `blocks` are allocated with only their first sector
+    /// written: their bitmaps are cached, so a write to another of their sectors maps to
+    /// the file, to be committed.
+    fn partly_written(encrypted: bool, blocks: &[u64]) -> Refusing {
+        let r = Refusing::wrapped(true, encrypted);
+        for &b in blocks {
+            r.img.write(b * SPB, &pat(512, b)).unwrap();
+            let m = r.img.direct_map(b * SPB + 8, 8, true).unwrap();
+            assert!(m.commit, "new bits: mapped to be committed");
+        }
+        lock(&r.calls).clear();
+        r
+    }
+
+    /// A 4 KiB write of pattern `seed` at `sector`.
+    fn write4k(sector: u64, seed: u64) -> Op {
+        Op::Write {
+            sector,
+            buf: pat(4096, seed),
+            fua: false,
+        }
+    }
+
+    /// Writes to sectors whose bitmap bits are not set yet go out from the loop (their
+    /// data on the asynchronous engine), and none is acknowledged before a worker has
+    /// committed it: an fdatasync that started after its data landed (invariant 2), then
+    /// its block's bitmap. Writes that complete while a commit runs wait for the next, so
+    /// 16 writes take at most two fdatasyncs and two bitmap writes, in that order; the
+    /// bits and the data (encrypted once) are on disk.
+    #[test]
+    fn writes_to_new_sectors_go_out_from_the_loop_and_are_committed_in_batches() {
+        for choice in async_engines() {
+            for encrypted in [false, true] {
+                let what = format!("{choice:?} encrypted={encrypted}");
+                let r = partly_written(encrypted, &[1]);
+                let e = IoEngine::with_engine(2, choice).unwrap();
+                // Hold the first fdatasync until released, recording every call.
+                let gate = Arc::new((Mutex::new((false, false)), Condvar::new()));
+                let (g, seen) = (gate.clone(), r.calls.clone());
+                r.inj.watch(move |a| {
+                    lock(&seen).push(a);
+                    let mut st = lock(&g.0);
+                    if a.sync && !st.0 {
+                        st.0 = true;
+                        g.1.notify_all();
+                        while !st.1 {
+                            st = g.1.wait(st).unwrap();
+                        }
+                    }
+                });
+                let n = 16u64;
+                let sector = |k: u64| SPB + 8 + 8 * k;
+                for k in 0..n {
+                    e.submit(k, r.img.clone(), write4k(sector(k), 100 + k));
+                }
+                assert_eq!(
+                    e.aio_count(),
+                    n,
+                    "{what}: every write went out from the loop"
+                );
+                // Reap until the first commit's fdatasync is held and no data write is in
+                // flight any more: every write is in the file, none may be acknowledged.
+                let t0 = std::time::Instant::now();
+                let mut early = Vec::new();
+                loop {
+                    early.extend(e.completions());
+                    let idle = e.aio.as_ref().is_some_and(|a| lock(a).in_flight() == 0);
+                    if lock(&gate.0).0 && idle {
+                        break;
+                    }
+                    assert!(t0.elapsed() < std::time::Duration::from_secs(60), "{what}");
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                assert!(early.is_empty(), "{what}: acknowledged before committed");
+                lock(&gate.0).1 = true;
+                gate.1.notify_all();
+                let mut tags: Vec<u64> = wait_all(&e, n as usize)
+                    .into_iter()
+                    .map(|c| {
+                        assert!(c.result.is_ok(), "{what}: {:?}", c.result);
+                        c.tag
+                    })
+                    .collect();
+                tags.sort_unstable();
+                assert_eq!(tags, (0..n).collect::<Vec<_>>(), "{what}");
+                // The calls: (fdatasync, bitmap write) once or twice; no data write (the
+                // data went to the kernel asynchronously).
+                let calls = std::mem::take(&mut *lock(&r.calls));
+                let syncs = calls.iter().filter(|a| a.sync).count();
+                assert!((1..=2).contains(&syncs), "{what}: {calls:?}");
+                let bm = calls[1].offset;
+                for pair in calls.chunks(2) {
+                    assert!(pair[0].sync, "{what}: {calls:?}");
+                    assert_eq!((pair[1].write, pair[1].offset), (true, bm), "{what}");
+                }
+                // On disk: the bits of sector 0 and of the 16 writes, and the data.
+                let mut ondisk = AlignedBuf::zeroed(512);
+                r.below.read_at(&mut ondisk, bm).unwrap();
+                assert_eq!(ondisk[0], 0x80, "{what}");
+                assert!(ondisk[1..=n as usize].iter().all(|&b| b == 0xff), "{what}");
+                assert_eq!(ondisk[n as usize + 1], 0, "{what}");
+                for k in 0..n {
+                    let (stored, want) = r.stored_and_expected(sector(k), &pat(4096, 100 + k));
+                    assert!(stored == want, "{what}: write {k} in the file");
+                }
+                // Now a plain fast-path write: nothing to commit, no call.
+                e.submit(99, r.img.clone(), write4k(sector(0), 7));
+                data_of(&e, 99);
+                assert_eq!(r.calls(), [], "{what}");
+            }
+        }
+    }
+
+    /// A commit that fails fails only the writes it covers: a failed bitmap write those of
+    /// one block (the other block's writes succeed), a failed fdatasync those whose bits
+    /// it was to guard, which stay clear (the sectors still read from below).
+    #[test]
+    fn a_failed_commit_fails_only_the_writes_it_covers() {
+        for choice in async_engines() {
+            let r = partly_written(false, &[1, 2]);
+            let e = IoEngine::with_engine(2, choice).unwrap();
+            r.inj.arm_n(Point::Bitmap, Fault::Eio, 0, Some(1));
+            for k in 0..4u64 {
+                e.submit(k, r.img.clone(), write4k(SPB + 8 + 8 * k, k));
+                e.submit(10 + k, r.img.clone(), write4k(2 * SPB + 8 + 8 * k, k));
+            }
+            let failed: Vec<u64> = wait_all(&e, 8)
+                .into_iter()
+                .filter(|c| c.result.is_err())
+                .map(|c| c.tag)
+                .collect();
+            assert_eq!(r.inj.injected(Point::Bitmap), 1, "{choice:?}");
+            assert!(!failed.is_empty(), "{choice:?}");
+            assert!(
+                failed.iter().all(|t| *t < 10) || failed.iter().all(|t| *t >= 10),
+                "{choice:?}: one block's writes failed: {failed:?}"
+            );
+            r.inj.clear();
+            r.inj.arm_n(Point::Sync, Fault::Eio, 0, Some(1));
+            let fresh = [SPB + 512, 2 * SPB + 512];
+            for (t, s) in fresh.iter().enumerate() {
+                e.submit(20 + t as u64, r.img.clone(), write4k(*s, 5));
+            }
+            for c in wait_all(&e, 2) {
+                match c.result {
+                    Err(err) => assert_eq!(err.errno(), libc::EIO, "{choice:?}"),
+                    Ok(_) => panic!("{choice:?}: write {} acknowledged", c.tag),
+                }
+            }
+            for s in fresh {
+                assert!(
+                    r.img.direct_map(s, 8, false).is_none(),
+                    "{choice:?}: the bits of sector {s} stay clear"
+                );
+            }
+        }
+    }
+
+    /// A write to new sectors whose submission the kernel refuses for now: a worker moves
+    /// the data, then commits it as the loop would have (fdatasync, then the bitmap).
+    #[test]
+    fn a_refused_write_to_new_sectors_is_committed_by_the_worker() {
+        for choice in async_engines() {
+            for encrypted in [false, true] {
+                let what = format!("{choice:?} encrypted={encrypted}");
+                let r = partly_written(encrypted, &[1]);
+                let e = IoEngine::with_engine(2, choice).unwrap();
+                r.inj.arm(Point::Submit, Fault::Eagain);
+                let s = SPB + 64;
+                e.submit(1u32, r.img.clone(), write4k(s, 3));
+                data_of(&e, 1);
+                assert_eq!(e.aio_refused(), 1, "{what}");
+                r.inj.clear();
+                let data_at = r.offset(s);
+                let calls = std::mem::take(&mut *lock(&r.calls));
+                let kinds: Vec<_> = calls
+                    .iter()
+                    .map(|a| (a.sync, a.write, a.offset == data_at, a.len))
+                    .collect();
+                assert_eq!(
+                    kinds,
+                    [
+                        (false, true, true, 4096),
+                        (true, false, false, 0),
+                        (false, true, false, 512)
+                    ],
+                    "{what}: data, fdatasync, bitmap"
+                );
+                let (stored, want) = r.stored_and_expected(s, &pat(4096, 3));
+                assert!(stored == want, "{what}");
+            }
         }
     }
 

@@ -13,6 +13,14 @@
 //! with its own bits before it is acknowledged (`persist_bitmap`, a group commit per
 //! block). So a bitmap write holds up only writes to its own block, never other blocks'
 //! allocations and bitmaps nor the loop's fast path ([`Image::direct_map`]).
+//!
+//! A write to an allocated block whose bitmap is cached does not need a thread for its
+//! data: [`Image::direct_map`] maps it (flagged `commit` when it sets new bits, or its
+//! block's bitmap is not on disk as cached), tapdisk's loop submits the data with
+//! asynchronous I/O, and after it completed a worker calls [`Image::commit_writes`] for
+//! every such write that completed meanwhile (`commit_chunks`: one barrier for all, then
+//! each block's bitmap once). A worker's [`VhdImage::write`] runs the same
+//! `commit_chunks` after its own data pwrite, so both paths keep the same order.
 //! Growing the allocation reserve (ftruncate + footer + fdatasync) runs outside the lock;
 //! allocations that need the new space wait on a `Condvar` meanwhile, everything else
 //! (reads, writes to allocated blocks, bitmap updates) proceeds.
@@ -35,9 +43,11 @@
 //!    or was written by us after the data it covers. Stale bytes in the *data* area of a
 //!    reserve block are harmless: only sectors whose bit we set are ever read from it.
 //! 2. *A bitmap bit is set on disk only after its data is durable.* A write whose chunk
-//!    sets bits not yet set in its block's bitmap does: data pwrite, then a group-commit
-//!    barrier (`data_barrier`: wait, without the image lock, for an fdatasync that *started*
-//!    after the data write completed; concurrent writers share one), then under the lock
+//!    sets bits not yet set in its block's bitmap does: data write (a pwrite, or the loop's
+//!    asynchronous write, completed before its commit starts), then a group-commit barrier
+//!    (`data_barrier`: wait, without the image lock, for an fdatasync that *started* after
+//!    the data write completed; concurrent writers and the writes of one commit batch
+//!    share one), then under the lock
 //!    set the bits in the cached bitmap, then (without the lock) wait until a bitmap write
 //!    carrying them has completed, then acknowledge. Only bits whose data is durable are
 //!    ever set in the cache, so every copy of it written is safe. Without the barrier a
@@ -51,9 +61,9 @@
 //!    barrier: the bit already guards durable data (old or new, either is a valid outcome
 //!    of an unflushed write). They wait only while their block's bitmap is not on disk as
 //!    cached (a write of it running, or one that failed, which they then redo); the fast
-//!    path takes no write to such a block. `flush()` (fdatasync) then makes every
-//!    acknowledged write durable, so each write acknowledged before a completed flush
-//!    survives.
+//!    path maps a write to such a block only to be committed. `flush()` (fdatasync) then
+//!    makes every acknowledged write durable, so each write acknowledged before a
+//!    completed flush survives.
 //! 3. *There is always a valid footer at EOF-512 or at offset 0.* The footer's content does
 //!    not change when blocks are allocated (only its position), so the backup at 0 stays
 //!    valid; it is rewritten only by explicit metadata updates (hidden, resize), after the
@@ -249,6 +259,16 @@ impl Meta {
         c.version = self.bm_seq;
         Some(self.bm_seq)
     }
+}
+
+/// One block's part of a write: `cnt` sectors at `off` in block `blk`, whose BAT entry
+/// (first sector) is `entry`.
+#[derive(Clone, Copy, Debug)]
+struct Chunk {
+    blk: u32,
+    entry: u32,
+    off: u64,
+    cnt: u64,
 }
 
 /// Static geometry of a dynamic/differencing disk.
@@ -1009,8 +1029,9 @@ impl VhdImage {
     /// newer one. A failed write leaves the entry dirty (the disk may hold either copy,
     /// the sectors being written may even be torn): the next caller that needs the bitmap
     /// on disk writes it again, as does close, and until then no write to those sectors
-    /// is acknowledged or takes the loop's fast path. A successful write of a full bitmap
-    /// marks the block full in the in-memory batmap (written at close, invariant 4).
+    /// is acknowledged (the loop maps one only to be committed). A successful write of a
+    /// full bitmap marks the block full in the in-memory batmap (written at close,
+    /// invariant 4).
     fn persist_bitmap<'a>(
         &'a self,
         mut m: MutexGuard<'a, Meta>,
@@ -1516,37 +1537,119 @@ impl VhdImage {
             let entry = s as u32; // s <= MAX_SECTOR (a BAT entry)
             let data0 = s + u64::from(g.bm_secs) + u64::from(off);
             self.pwrite(chunk, data0 * SECTOR_SIZE, "write")?;
-            let off = u64::from(off);
-            let mut m = self.lock();
-            // Bits present already: their data is durable (they were set after a barrier),
-            // but their bitmap write may still be running or have failed: the version to
-            // wait for.
-            let present = |m: &mut Meta| -> Result<Option<u64>, ImageError> {
-                let c = self.load_bitmap(m, blk, entry)?;
-                Ok(bits_all(&c.bits, off, cnt, true).then_some(c.version))
+            let c = Chunk {
+                blk,
+                entry,
+                off: u64::from(off),
+                cnt,
             };
-            let ver = match present(&mut m)? {
-                Some(v) => v,
-                None => {
-                    // New bits: the data must be durable before the bitmap sector that
-                    // exposes it is written (invariant 2). On failure the data stays
-                    // unreferenced.
-                    drop(m);
-                    self.data_barrier()?;
-                    m = self.lock();
-                    match present(&mut m)? {
-                        Some(v) => v,
-                        None => m
-                            .change_bitmap(blk, |bm| {
-                                (off..off + cnt).for_each(|i| bit_set(bm, i, true));
-                            })
-                            .ok_or_else(|| corrupt(&self.path, "bitmap cache"))?,
-                    }
-                }
-            };
-            self.persist_bitmap(m, blk, entry, ver).1?;
+            for r in self.commit_chunks(&[c]) {
+                r?;
+            }
         }
         Ok(())
+    }
+
+    /// The second half of writes whose data is in the file (a worker's [`VhdImage::write`],
+    /// or the loop's asynchronous writes through [`Image::commit_writes`]): make each
+    /// chunk read as written, and return one result per chunk. Chunks whose bits are all
+    /// set already only wait until their block's bitmap is on disk as cached. For the
+    /// others, the data must be durable before the bitmap sector that exposes it is
+    /// written (invariant 2): one [`VhdImage::data_barrier`] for all of them, then their
+    /// bits are set in the cache (on failure the data stays unreferenced, the bits clear).
+    /// Then each block's bitmap is written once, carrying every chunk's bits
+    /// ([`VhdImage::persist_bitmap`]); a failed bitmap write fails the chunks of its
+    /// block only.
+    fn commit_chunks(&self, chunks: &[Chunk]) -> Vec<Result<(), ImageError>> {
+        enum St {
+            /// The bitmap version the disk must reach.
+            Ver(u64),
+            /// New bits, waiting for the barrier.
+            New,
+            Failed(ImageError),
+        }
+        // Bits present already: their data is durable (they were set after a barrier),
+        // but their bitmap write may still be running or have failed: the version to
+        // wait for.
+        let present = |m: &mut Meta, c: &Chunk| -> Result<Option<u64>, ImageError> {
+            let b = self.load_bitmap(m, c.blk, c.entry)?;
+            Ok(bits_all(&b.bits, c.off, c.cnt, true).then_some(b.version))
+        };
+        let mut m = self.lock();
+        let mut st: Vec<St> = chunks
+            .iter()
+            .map(|c| match present(&mut m, c) {
+                Ok(Some(v)) => St::Ver(v),
+                Ok(None) => St::New,
+                Err(e) => St::Failed(e),
+            })
+            .collect();
+        if st.iter().any(|s| matches!(s, St::New)) {
+            drop(m);
+            let mut barrier = self.data_barrier().err();
+            let errno = barrier.as_ref().map(ImageError::errno);
+            m = self.lock();
+            for (s, c) in st.iter_mut().zip(chunks) {
+                if !matches!(s, St::New) {
+                    continue;
+                }
+                *s =
+                    if let Some(errno) = errno {
+                        St::Failed(barrier.take().unwrap_or_else(|| {
+                            self.again(errno, "fdatasync before a bitmap update")
+                        }))
+                    } else {
+                        match present(&mut m, c) {
+                            Ok(Some(v)) => St::Ver(v),
+                            Ok(None) => match m.change_bitmap(c.blk, |bm| {
+                                (c.off..c.off + c.cnt).for_each(|i| bit_set(bm, i, true));
+                            }) {
+                                Some(v) => St::Ver(v),
+                                None => St::Failed(corrupt(&self.path, "bitmap cache")),
+                            },
+                            Err(e) => St::Failed(e),
+                        }
+                    };
+            }
+        }
+        // Each block's bitmap once, up to the newest version one of its chunks needs.
+        let mut blocks: Vec<(u32, u32, u64)> = Vec::new();
+        for (s, c) in st.iter().zip(chunks) {
+            if let St::Ver(v) = *s {
+                match blocks.iter_mut().find(|b| b.0 == c.blk) {
+                    Some(b) => b.2 = b.2.max(v),
+                    None => blocks.push((c.blk, c.entry, v)),
+                }
+            }
+        }
+        let mut failed: Vec<(u32, i32, Option<ImageError>)> = Vec::new();
+        for (blk, entry, ver) in blocks {
+            let (g, r) = self.persist_bitmap(m, blk, entry, ver);
+            m = g;
+            if let Err(e) = r {
+                failed.push((blk, e.errno(), Some(e)));
+            }
+        }
+        drop(m);
+        st.into_iter()
+            .zip(chunks)
+            .map(|(s, c)| match s {
+                St::Failed(e) => Err(e),
+                St::New => Err(corrupt(&self.path, "bitmap commit")),
+                St::Ver(_) => match failed.iter_mut().find(|f| f.0 == c.blk) {
+                    None => Ok(()),
+                    Some((_, errno, first)) => Err(first
+                        .take()
+                        .unwrap_or_else(|| self.again(*errno, "write bitmap"))),
+                },
+            })
+            .collect()
+    }
+
+    /// An I/O error like one already reported (`errno`), for the other requests the same
+    /// failed call (a shared sync or bitmap write) fails.
+    fn again(&self, errno: i32, op: &'static str) -> ImageError {
+        ImageError::io(&self.path, op, std::io::Error::from_raw_os_error(errno))
     }
 
     fn discard_dynamic(&self, sector: u64, n: u64) -> Result<(), ImageError> {
@@ -1756,6 +1859,7 @@ impl Image for VhdImage {
         }
         check_sectors(sector, nsectors, self.size_sectors).ok()?;
         self.file.aio_fd()?;
+        let mut commit = false;
         let offset = match self.geom {
             None => sector * SECTOR_SIZE,
             Some(g) => {
@@ -1775,17 +1879,20 @@ impl Image for VhdImage {
                 };
                 let e = *m.bat.get(blk as usize)?;
                 // Only a cached bitmap: loading one is I/O, which the caller must not wait
-                // for. Every bit set: the data is here (no parent) and a write changes no
-                // metadata. A write also needs the bitmap on disk as cached (invariant 2:
-                // the bits are on disk already), or it would be acknowledged before a
-                // bitmap write that is still running, or that failed, is done.
+                // for. A read needs every bit set: the data is here (no parent). A write
+                // changes no metadata when every bit is set and the bitmap is on disk as
+                // cached; else it is mapped to be committed after its data lands
+                // (`commit_writes`: the barrier and bitmap write of invariant 2, or the
+                // wait for a bitmap write still running, or the redo of one that failed).
                 let c = m.bitmaps.get(&blk)?;
-                if e == BAT_UNUSED
-                    || !bits_all(&c.bits, off, nsectors, true)
-                    || (write && !c.clean())
-                {
+                if e == BAT_UNUSED {
                     return None;
                 }
+                let all = bits_all(&c.bits, off, nsectors, true);
+                if !all && !write {
+                    return None;
+                }
+                commit = write && !(all && c.clean());
                 (u64::from(e) + u64::from(g.bm_secs) + off) * SECTOR_SIZE
             }
         };
@@ -1793,7 +1900,63 @@ impl Image for VhdImage {
             file: Arc::clone(&self.file),
             offset,
             cipher: self.cipher.clone(),
+            commit,
         })
+    }
+
+    /// Each range lies in one allocated block: [`Image::direct_map`] maps no other. One
+    /// that does not (a caller's mistake) fails; its data stays unreferenced.
+    fn commit_writes(&self, ranges: &[(u64, u64)]) -> Vec<Result<(), ImageError>> {
+        let mut out: Vec<Result<(), ImageError>> = ranges
+            .iter()
+            .map(|&(s, n)| {
+                self.writable()?;
+                check_sectors(s, n, self.size_sectors)
+            })
+            .collect();
+        if self.geom.is_none() {
+            return out; // a fixed disk has no metadata to change
+        }
+        let mut chunks = Vec::new();
+        let mut owner = Vec::new();
+        {
+            let m = self.lock();
+            for (i, &(s, n)) in ranges.iter().enumerate() {
+                if out[i].is_err() {
+                    continue;
+                }
+                let mut mine = self.chunks(s, n);
+                let one = match (mine.next(), mine.next()) {
+                    (Some((blk, off, cnt)), None) => m
+                        .bat
+                        .get(blk as usize)
+                        .filter(|&&e| e != BAT_UNUSED)
+                        .map(|&entry| Chunk {
+                            blk,
+                            entry,
+                            off: u64::from(off),
+                            cnt,
+                        }),
+                    _ => None,
+                };
+                match one {
+                    Some(c) => {
+                        chunks.push(c);
+                        owner.push(i);
+                    }
+                    None => {
+                        out[i] = Err(ImageError::Invalid(format!(
+                            "{}: commit of a write ({s}, +{n}) outside one allocated block",
+                            self.path.display()
+                        )))
+                    }
+                }
+            }
+        }
+        for (r, i) in self.commit_chunks(&chunks).into_iter().zip(owner) {
+            out[i] = r;
+        }
+        out
     }
 
     fn discard(&self, sector: u64, nsectors: u64) -> Result<(), ImageError> {
@@ -2032,15 +2195,15 @@ mod tests {
             }
         };
         eventually("fast path, block 2", &|| {
-            img.direct_map(2 * spb, 8, true).is_some()
+            img.direct_map(2 * spb, 8, true).is_some_and(|m| !m.commit)
         });
         eventually("reads of block 0 go on", &|| {
             img.direct_map(0, 1, false).is_some()
         });
-        assert!(
-            !img.lock().bitmaps[&0].clean() && img.direct_map(0, 1, true).is_none(),
-            "no fast-path write while block 0's bitmap is being written"
-        );
+        assert!(!img.lock().bitmaps[&0].clean());
+        eventually("block 0's writes map only to be committed", &|| {
+            img.direct_map(0, 1, true).is_some_and(|m| m.commit)
+        });
         assert!(
             rx.recv_timeout(Duration::from_millis(300)).is_err(),
             "nothing in block 0 is acknowledged before its bitmap write is done"
@@ -2063,7 +2226,9 @@ mod tests {
         file.read_at(&mut ondisk, bm0).unwrap();
         assert_eq!(ondisk[0], 0xe0, "sectors 0, 1 and 2 present on disk");
         assert!(img.lock().bitmaps[&0].clean());
-        eventually("fast path again", &|| img.direct_map(0, 3, true).is_some());
+        eventually("fast path again", &|| {
+            img.direct_map(0, 3, true).is_some_and(|m| !m.commit)
+        });
         img.close().unwrap();
     }
 
@@ -2134,7 +2299,8 @@ mod tests {
 
     /// A bitmap write that failed is written again before any later write to those
     /// sectors is acknowledged, although their bits are already set in the cache; until
-    /// then the fast path takes no write there. Close writes what is still unwritten.
+    /// then the loop maps a write there only to be committed. Close writes what is still
+    /// unwritten.
     #[test]
     fn a_failed_bitmap_write_is_redone_before_the_next_write_is_acknowledged() {
         use crate::image::fault::{Fault, FaultFile, Injector, Point};
@@ -2150,7 +2316,7 @@ mod tests {
         assert!(img.write(0, &[7u8; 512]).is_err(), "bitmap write failed");
         assert!(
             !img.lock().bitmaps[&0].clean(),
-            "dirty: no fast-path write to block 0 until it is written again"
+            "dirty: a write to block 0 must be committed until it is written again"
         );
         inj.clear();
         let before = inj.seen(Point::Bitmap);
