@@ -503,6 +503,7 @@ fn data_write_faults_on_the_aio_path() {
 fn bitmap_write_faults() {
     async_case(Point::Bitmap, Fault::Eio, How::PartialBlock, NBD_EIO);
     async_case(Point::Bitmap, Fault::Short, How::PartialBlock, NBD_EIO);
+    case(Point::Bitmap, Fault::Short, How::NewBlock, NBD_EIO);
     case(Point::Bitmap, Fault::Eio, How::NewBlock, NBD_EIO);
 }
 

@@ -122,7 +122,8 @@ pub trait Image: Send + Sync + std::fmt::Debug {
     /// set, after each data write completed: `(sector, nsectors)` per write, as mapped.
     /// One result per range, in order; a write is acknowledged only once its result is
     /// `Ok`. Writes committed in one call share the work (a VHD syncs once for all of them,
-    /// then writes each block's bitmap once). The default has nothing to do.
+    /// then writes each block's bitmap once). The default has nothing to do: an image
+    /// whose `direct_map` sets `commit` must implement it.
     fn commit_writes(&self, ranges: &[(u64, u64)]) -> Vec<Result<(), ImageError>> {
         ranges.iter().map(|_| Ok(())).collect()
     }

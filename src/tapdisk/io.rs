@@ -18,7 +18,8 @@
 //! Fast path: a read or a non-FUA write that the image maps onto one run of one file
 //! taking asynchronous I/O ([`Image::direct_map`]: raw images, and VHD blocks that are
 //! allocated with every bitmap bit of the range set, so nothing else has to happen; for a
-//! write, with the block's bitmap on disk as cached, not being written) is
+//! write, with the block's bitmap on disk as cached, not being written; or, flagged
+//! `commit`, a write that needs a commit afterwards: see below) is
 //! submitted right away from the loop, its page-aligned buffer going to the `O_DIRECT`
 //! descriptor as it is; an encrypted layer's write is encrypted in place first and a read
 //! decrypted after completion, on the loop. Completions signal the engine's eventfd (the
@@ -899,12 +900,15 @@ fn commit<T>(
             })
             .collect();
     };
+    // The image's next batch starts when this one ends, also should commit_writes panic
+    // (a panicking BlockFile): else its later writes would wait for ever.
+    let _next = BatchDone { s, image: &image };
     let ranges: Vec<(u64, u64)> = writes
         .iter()
         .map(|w| (w.sector, w.buf.len() as u64 / SECTOR_SIZE))
         .collect();
     let mut results = image.commit_writes(&ranges).into_iter();
-    let out = writes
+    writes
         .into_iter()
         .map(|w| Completion {
             tag: w.tag,
@@ -913,9 +917,19 @@ fn commit<T>(
                 .unwrap_or_else(|| Err(ImageError::Invalid("no commit result".into())))
                 .map(|()| Output::Data(w.buf)),
         })
-        .collect();
-    s.commit_done(&image);
-    out
+        .collect()
+}
+
+/// Ends a commit batch on drop ([`Shared::commit_done`]).
+struct BatchDone<'a, T> {
+    s: &'a Shared<T>,
+    image: &'a Arc<dyn Image>,
+}
+
+impl<T> Drop for BatchDone<'_, T> {
+    fn drop(&mut self) {
+        self.s.commit_done(self.image);
+    }
 }
 
 /// Submit `req` on the descriptor of its mapped file.
@@ -2262,8 +2276,9 @@ mod tests {
     }
 
     /// A commit that fails fails only the writes it covers: a failed bitmap write those of
-    /// one block (the other block's writes succeed), a failed fdatasync those whose bits
-    /// it was to guard, which stay clear (the sectors still read from below).
+    /// one block (the other block's writes succeed); a failed fdatasync the writes whose
+    /// bits it was to guard (and, the failure being sticky until a reopen, every later
+    /// write that sets new bits), whose bits stay clear (the sectors read from below).
     #[test]
     fn a_failed_commit_fails_only_the_writes_it_covers() {
         for choice in async_engines() {
@@ -2297,6 +2312,7 @@ mod tests {
                     Ok(_) => panic!("{choice:?}: write {} acknowledged", c.tag),
                 }
             }
+            assert_eq!(r.inj.injected(Point::Sync), 1, "{choice:?}");
             for s in fresh {
                 assert!(
                     r.img.direct_map(s, 8, false).is_none(),
@@ -2339,6 +2355,74 @@ mod tests {
                 let (stored, want) = r.stored_and_expected(s, &pat(4096, 3));
                 assert!(stored == want, "{what}");
             }
+        }
+    }
+
+    /// A raw image whose writes are all mapped to be committed, and whose first commit
+    /// panics (as a panicking `BlockFile` would in a VHD's bitmap write).
+    #[derive(Debug)]
+    struct PanicsOnce(RawImage, std::sync::atomic::AtomicBool);
+
+    impl Image for PanicsOnce {
+        fn info(&self) -> crate::image::ImageInfo {
+            self.0.info()
+        }
+        fn read(&self, sector: u64, buf: &mut [u8]) -> Result<(), ImageError> {
+            self.0.read(sector, buf)
+        }
+        fn write(&self, sector: u64, buf: &[u8]) -> Result<(), ImageError> {
+            self.0.write(sector, buf)
+        }
+        fn flush(&self) -> Result<(), ImageError> {
+            self.0.flush()
+        }
+        fn discard(&self, sector: u64, n: u64) -> Result<(), ImageError> {
+            self.0.discard(sector, n)
+        }
+        fn block_status(&self, sector: u64, n: u64) -> Result<Vec<Extent>, ImageError> {
+            self.0.block_status(sector, n)
+        }
+        fn close(&self) -> Result<(), ImageError> {
+            self.0.close()
+        }
+        fn direct_map(&self, sector: u64, n: u64, write: bool) -> Option<DirectMap> {
+            let mut m = self.0.direct_map(sector, n, write)?;
+            m.commit = write;
+            Some(m)
+        }
+        fn commit_writes(&self, ranges: &[(u64, u64)]) -> Vec<Result<(), ImageError>> {
+            if !self.1.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                panic!("test: the first commit panics");
+            }
+            ranges.iter().map(|_| Ok(())).collect()
+        }
+    }
+
+    /// A commit that panics takes its batch's completions and its worker with it (as any
+    /// panicking job does), but not the image's commit queue: the next write to be
+    /// committed still completes.
+    #[test]
+    fn a_panicking_commit_does_not_hold_up_the_next_one() {
+        for choice in async_engines() {
+            let d = disk_dir();
+            let p = d.path().join("p.raw");
+            std::fs::write(&p, vec![0u8; 1 << 20]).unwrap();
+            let raw = RawImage::open_with(&p, false, true).unwrap();
+            let panicky = Arc::new(PanicsOnce(raw, false.into()));
+            let img: Arc<dyn Image> = panicky.clone();
+            let e = IoEngine::with_engine(2, choice).unwrap();
+            e.submit(1u32, img.clone(), write4k(0, 1));
+            // The first batch panics: wait until it has run.
+            let ran = &panicky.1;
+            let t0 = Instant::now();
+            while !ran.load(std::sync::atomic::Ordering::SeqCst) {
+                assert!(e.completions().is_empty(), "{choice:?}");
+                assert!(t0.elapsed() < Duration::from_secs(10), "{choice:?}");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            e.submit(2, img.clone(), write4k(8, 2));
+            assert_eq!(data_of(&e, 2).len(), 4096, "{choice:?}");
+            assert_eq!(e.aio_count(), 2, "{choice:?}");
         }
     }
 

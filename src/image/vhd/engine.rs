@@ -249,6 +249,29 @@ impl Drop for Writing<'_> {
     }
 }
 
+/// Should the `fdatasync` of [`VhdImage::data_barrier`] panic (a `BlockFile` that panics),
+/// marks it finished and failed (sticky, like a failed sync: nothing it was to make durable
+/// is known to be) and wakes its waiters, who would otherwise wait for ever. Disarmed once
+/// the sync returns.
+struct SyncRunning<'a> {
+    img: &'a VhdImage,
+    seq: u64,
+    armed: bool,
+}
+
+impl Drop for SyncRunning<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.img.sync_failed.store(true, Ordering::Release);
+            let gate = &self.img.gate;
+            let mut st = gate.st.lock().unwrap_or_else(|e| e.into_inner());
+            st.done = self.seq;
+            st.running = false;
+            gate.cond.notify_all();
+        }
+    }
+}
+
 impl Meta {
     /// Apply `f` to block `blk`'s cached bitmap; returns the version the disk must reach
     /// for the change to be on it ([`VhdImage::persist_bitmap`]), None when not cached.
@@ -1166,7 +1189,13 @@ impl VhdImage {
             st.running = true;
             let seq = st.started;
             drop(st);
+            let mut unwind = SyncRunning {
+                img: self,
+                seq,
+                armed: true,
+            };
             let r = self.sync();
+            unwind.armed = false;
             st = lock();
             st.done = seq;
             st.running = false;
@@ -2072,6 +2101,44 @@ mod tests {
         img.write(0, &[0x33u8; 512]).unwrap();
         img.read(0, &mut b).unwrap();
         assert_eq!(b, vec![0x33u8; 512]);
+    }
+
+    /// An fdatasync that panics (a `BlockFile` that panics) in the barrier fails the
+    /// barriers waiting for it and later ones, as a failed sync does, instead of leaving
+    /// them waiting for ever.
+    #[test]
+    fn a_panicking_barrier_sync_fails_later_writes_instead_of_hanging_them() {
+        use crate::image::fault::{FaultFile, Injector};
+        let mem = mem_vhd(8 << 20);
+        let inj = Injector::new();
+        let ff: Arc<dyn BlockFile> = Arc::new(FaultFile::new(mem, inj.clone()).unwrap());
+        let rw = VhdOpenOptions {
+            read_only: false,
+            ..Default::default()
+        };
+        let img = Arc::new(VhdImage::open_file(Path::new("x.vhd"), ff, &rw).unwrap());
+        img.write(0, &[1u8; 512]).unwrap();
+        let armed = Arc::new(AtomicBool::new(true));
+        let a = armed.clone();
+        inj.watch(move |x| {
+            if x.sync && a.swap(false, Ordering::SeqCst) {
+                panic!("test: the fdatasync panics");
+            }
+        });
+        let i = img.clone();
+        let first = std::thread::spawn(move || i.write(1, &[2u8; 512]));
+        assert!(
+            first.join().is_err(),
+            "the first new bit's barrier panicked"
+        );
+        let (tx, rx) = std::sync::mpsc::channel();
+        let i = img.clone();
+        std::thread::spawn(move || tx.send(i.write(2, &[3u8; 512]).is_err()));
+        assert_eq!(
+            rx.recv_timeout(std::time::Duration::from_secs(10)),
+            Ok(true),
+            "the next new bit fails at once"
+        );
     }
 
     /// Concurrent first writes to different sectors share fdatasyncs (group commit) and
