@@ -11,7 +11,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("util", &[]),
     ("blkif", &[]),
     ("aio", &["util"]),
-    ("image", &["util"]),
+    ("image", &["aio", "util"]),
     ("nbd", &["util"]),
     ("xen", &["blkif", "util"]),
     ("control", &["image", "nbd", "util"]),

@@ -23,10 +23,12 @@
 //! (read-modify-write, not atomic against a concurrent write to the same aligned block).
 //! Only the VHD metadata path (footer, header, BAT, bitmaps, batmap, locators) and the
 //! tools do unaligned I/O. The VHD's metadata lock serialises it, except bitmap writes,
-//! which run outside it one block at a time: each is whole 512-byte sectors at a sector
+//! which run outside it (one writer per block at a time, several blocks at once in a
+//! commit batch, [`BlockFile::write_many`]): each is whole 512-byte sectors at a sector
 //! offset, so with the offset alignments `O_DIRECT` is used with (512 bytes or less) the
-//! bounce buffer never reads, patches and writes back a neighbour's bytes; the I/O engine moves whole
-//! 512-byte sectors in page-aligned [`AlignedBuf`]s, which always go straight through.
+//! bounce buffer never reads, patches and writes back a neighbour's bytes; the I/O engine
+//! moves whole 512-byte sectors in page-aligned [`AlignedBuf`]s, which always go straight
+//! through.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -39,6 +41,7 @@ use std::sync::Mutex;
 
 use log::warn;
 
+use crate::aio;
 use crate::util::AlignedBuf;
 
 /// xattr holding the 65-byte keyhash of images without a batmap.
@@ -89,6 +92,16 @@ pub trait BlockFile: Send + Sync + fmt::Debug {
     /// The direct-I/O alignment when the file is open with `O_DIRECT`.
     fn dio_align(&self) -> Option<DioAlign> {
         None
+    }
+    /// Write each buffer at its offset, as [`BlockFile::write_at`] does; one result per
+    /// write, in order. Where the file can, the writes go to the kernel together, so the
+    /// device works on them at once ([`OsFile`] with `O_DIRECT`: Linux AIO); the default
+    /// writes them one after another. Used for the bitmap writes of a VHD commit batch.
+    fn write_many(&self, writes: &[(&[u8], u64)]) -> Vec<io::Result<()>> {
+        writes
+            .iter()
+            .map(|(b, off)| self.write_at(b, *off))
+            .collect()
     }
     /// The descriptor for asynchronous I/O submitted by the caller (Linux AIO), when that
     /// never blocks the submitter: the file is open with `O_DIRECT`, or it is memory-backed
@@ -370,6 +383,104 @@ impl OsFile {
     }
 }
 
+/// Writes one [`aio_batch`] takes at most (more go in several rounds).
+const BATCH_DEPTH: usize = 64;
+
+#[cfg(any(test, feature = "sim"))]
+thread_local! {
+    /// Test builds: writes this thread's [`aio_batch`]es submitted.
+    static BATCHED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Test builds: writes this thread submitted in Linux AIO batches
+/// ([`BlockFile::write_many`]) so far.
+#[cfg(any(test, feature = "sim"))]
+pub fn batched_writes() -> u64 {
+    BATCHED.with(|b| b.get())
+}
+
+/// A thread's Linux AIO context for [`aio_batch`], with the eventfd it signals; `None` once
+/// setting one up failed (no AIO here: the writes then go one by one).
+type BatchCtx = Option<(aio::Context<usize>, nix::sys::eventfd::EventFd)>;
+
+thread_local! {
+    /// Set up at a thread's first batch (the VHD commit's worker threads).
+    static BATCH: std::cell::RefCell<Option<BatchCtx>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Write every `(bytes, offset)` on `fd` (`O_DIRECT`, each offset and length aligned) with
+/// Linux AIO, all submitted before waiting for any, and wait for them: per write the bytes
+/// written or the error. `None` when this thread cannot use Linux AIO (the caller writes
+/// them one by one); a submission the kernel refuses is that write's error.
+fn aio_batch(fd: BorrowedFd<'_>, writes: &[(&[u8], u64)]) -> Option<Vec<io::Result<usize>>> {
+    use nix::sys::eventfd::{EfdFlags, EventFd};
+    BATCH.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let ctx = slot.get_or_insert_with(|| {
+            let efd = EventFd::from_flags(EfdFlags::EFD_CLOEXEC).ok()?;
+            let ctx = aio::Context::new(BATCH_DEPTH as u32, efd.as_fd()).ok()?;
+            Some((ctx, efd))
+        });
+        let (c, efd) = ctx.as_mut()?;
+        let r = batch_on(c, efd, fd, writes);
+        if r.is_none() {
+            // Waiting failed: no more batches on this thread. Dropping the context waits
+            // for what is still in flight (io_destroy) before its buffers are freed.
+            *ctx = None;
+        }
+        r
+    })
+}
+
+/// [`aio_batch`] on one context: `None` when waiting for completions failed.
+fn batch_on(
+    ctx: &mut aio::Context<usize>,
+    efd: &nix::sys::eventfd::EventFd,
+    fd: BorrowedFd<'_>,
+    writes: &[(&[u8], u64)],
+) -> Option<Vec<io::Result<usize>>> {
+    let mut out: Vec<io::Result<usize>> = writes.iter().map(|_| Ok(0)).collect();
+    let mut done = Vec::new();
+    for (round, chunk) in writes.chunks(BATCH_DEPTH).enumerate() {
+        let base = round * BATCH_DEPTH;
+        let mut waiting = 0;
+        for (k, (b, off)) in chunk.iter().enumerate() {
+            let req = aio::Request {
+                dir: aio::Dir::Write,
+                buf: AlignedBuf::from_slice(b),
+                start: 0,
+                offset: *off,
+                user: base + k,
+            };
+            match ctx.submit(fd, req) {
+                Ok(()) => waiting += 1,
+                Err((_, e)) => out[base + k] = Err(e),
+            }
+            #[cfg(any(test, feature = "sim"))]
+            BATCHED.with(|b| b.set(b.get() + 1));
+        }
+        while waiting > 0 {
+            // Blocks until a completion signals the eventfd (reading resets its counter).
+            match efd.read() {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(_) => return None,
+            }
+            ctx.reap(&mut done).ok()?;
+            for aio::Done { req, res } in done.drain(..) {
+                waiting -= 1;
+                out[req.user] = usize::try_from(res).map_err(|_| {
+                    io::Error::from_raw_os_error(
+                        res.checked_neg()
+                            .and_then(|e| i32::try_from(e).ok())
+                            .unwrap_or(libc::EIO),
+                    )
+                });
+            }
+        }
+    }
+    Some(out)
+}
+
 impl BlockFile for OsFile {
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
         match self.dio {
@@ -389,6 +500,45 @@ impl BlockFile for OsFile {
     }
     fn sync(&self) -> io::Result<()> {
         self.file.sync_data()
+    }
+    /// With `O_DIRECT` and more than one write, each aligned write goes to the kernel in
+    /// one Linux AIO batch ([`aio_batch`]) and this thread waits for all of them; the
+    /// others (unaligned: read-modify-write) and all writes where AIO cannot be set up go
+    /// one after another.
+    fn write_many(&self, writes: &[(&[u8], u64)]) -> Vec<io::Result<()>> {
+        let Some(a) = self.dio.filter(|_| writes.len() > 1) else {
+            return writes
+                .iter()
+                .map(|(b, off)| self.write_at(b, *off))
+                .collect();
+        };
+        // Only whole aligned blocks at aligned offsets: the buffer is copied into an
+        // aligned one, so its address does not matter.
+        let batchable = |b: &[u8], off: u64| a.fits(0, b.len(), off) && !b.is_empty();
+        let picked: Vec<(usize, &[u8], u64)> = writes
+            .iter()
+            .enumerate()
+            .filter(|(_, (b, off))| batchable(b, *off))
+            .map(|(i, (b, off))| (i, *b, *off))
+            .collect();
+        let mut out: Vec<Option<io::Result<()>>> = writes.iter().map(|_| None).collect();
+        if picked.len() > 1 {
+            let batch: Vec<(&[u8], u64)> = picked.iter().map(|&(_, b, off)| (b, off)).collect();
+            if let Some(rs) = aio_batch(self.file.as_fd(), &batch) {
+                for ((i, b, off), r) in picked.iter().zip(rs) {
+                    out[*i] = Some(match r {
+                        // A short write: the rest one by one.
+                        Ok(n) if n < b.len() => self.write_at(&b[n..], off + n as u64),
+                        Ok(_) => Ok(()),
+                        Err(e) => Err(e),
+                    });
+                }
+            }
+        }
+        out.into_iter()
+            .zip(writes)
+            .map(|(r, (b, off))| r.unwrap_or_else(|| self.write_at(b, *off)))
+            .collect()
     }
     fn len(&self) -> io::Result<u64> {
         if self.blockdev {
@@ -775,6 +925,46 @@ mod tests {
         write_zeros(&f, 3, 5000).unwrap();
         model[3..5003].fill(0);
         assert_eq!(std::fs::read(&p).unwrap(), model);
+    }
+
+    /// Many writes at once on an `O_DIRECT` file: the aligned ones go out in Linux AIO
+    /// batches (more of them than one batch holds), an unaligned one and one that extends
+    /// the file on their own; the file ends as if they were written one by one. A buffered
+    /// file takes the same writes one by one.
+    #[test]
+    fn write_many_lands_every_write() {
+        let d = disk_dir();
+        for direct in [true, false] {
+            let p = d.path().join(format!("f{direct}"));
+            let mut model = pattern(1 << 20, 1);
+            std::fs::write(&p, &model).unwrap();
+            let f = OsFile::open_with(&p, true, direct, &SysOpener).unwrap();
+            assert_eq!(f.direct(), direct);
+            let mut writes: Vec<(u64, Vec<u8>)> = (0..100u64)
+                .map(|k| (k * 8192 + 512 * (k % 3), pattern(512 << (k % 2), k as u8)))
+                .collect();
+            writes.push((900_001, pattern(700, 200)));
+            writes.push(((1 << 20) + 4096, pattern(512, 201)));
+            for (off, b) in &writes {
+                let end = *off as usize + b.len();
+                if model.len() < end {
+                    model.resize(end, 0);
+                }
+                model[*off as usize..end].copy_from_slice(b);
+            }
+            let refs: Vec<(&[u8], u64)> = writes.iter().map(|(o, b)| (b.as_slice(), *o)).collect();
+            let before = batched_writes();
+            for (i, r) in f.write_many(&refs).into_iter().enumerate() {
+                assert!(r.is_ok(), "direct={direct} write {i}: {r:?}");
+            }
+            let batched = batched_writes() - before;
+            if direct {
+                assert_eq!(batched, 101, "direct: writes batched");
+            } else {
+                assert_eq!(batched, 0, "buffered: one by one");
+            }
+            assert!(std::fs::read(&p).unwrap() == model, "direct={direct}");
+        }
     }
 
     /// Refuses `O_DIRECT` as ramfs and older tmpfs do (open fails with EINVAL), or claims

@@ -12,7 +12,7 @@
 //!  loop <--eventfd (Waker)-- completions(): reap (resubmit short, decrypt), workers'
 //!                         |  a write mapped with `commit` (VHD: new bitmap bits)
 //!                         +--> per image, one batch at a time --> worker: commit_writes
-//!                              (one fdatasync, one bitmap write per block) --> completions
+//!                              (one fdatasync, then the bitmaps in one AIO batch) --> completions
 //! ```
 //!
 //! Fast path: a read or a non-FUA write that the image maps onto one run of one file
@@ -36,11 +36,12 @@
 //! [`DirectMap::commit`] set. Its data goes out from the loop like any other; once it
 //! completed it is not acknowledged but queued for its image's commit, and a worker runs
 //! [`Image::commit_writes`] for a batch: every such write of that image that completed
-//! meanwhile, with one `fdatasync` for all of them and then one bitmap write per block
-//! (crash-consistency invariant 2 in `image::vhd::engine`), and completes each write with
+//! meanwhile, with one `fdatasync` for all of them, then each block's bitmap once, all of
+//! them submitted together in one Linux AIO batch (`BlockFile::write_many`;
+//! crash-consistency invariant 2 in `image::vhd::engine`), and completes each write with
 //! its own result. One batch per image runs at a time; the writes that complete while it
 //! runs form the next, so under load one sync covers every write in flight. Only the
-//! commit is a blocking call on a worker: Linux AIO cannot submit an `fdatasync` for ext4
+//! commit runs on a worker: Linux AIO cannot submit an `fdatasync` for ext4
 //! before Linux 4.18 (OpenXT 8 runs 4.14), and it must come between data and bitmap.
 //!
 //! Errors at submission: when the kernel refuses a submission for now (EAGAIN, ENOMEM,

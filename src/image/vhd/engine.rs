@@ -19,7 +19,8 @@
 //! block's bitmap is not on disk as cached), tapdisk's loop submits the data with
 //! asynchronous I/O, and after it completed a worker calls [`Image::commit_writes`] for
 //! every such write that completed meanwhile (`commit_chunks`: one barrier for all, then
-//! each block's bitmap once). A worker's [`VhdImage::write`] runs the same
+//! each block's bitmap once, the bitmaps that no other thread is writing all at once in
+//! one Linux AIO batch, `persist_bitmaps`). A worker's [`VhdImage::write`] runs the same
 //! `commit_chunks` after its own data pwrite, so both paths keep the same order.
 //! Growing the allocation reserve (ftruncate + footer + fdatasync) runs outside the lock;
 //! allocations that need the new space wait on a `Condvar` meanwhile, everything else
@@ -230,20 +231,25 @@ impl CachedBitmap {
     }
 }
 
-/// Clears a bitmap entry's `writing` flag and wakes its waiters should the write panic
-/// (a `BlockFile` that panics): they would wait for ever. Disarmed once the write returns.
+/// Clears the `writing` flag of the bitmap entries being written and wakes their waiters
+/// should the write panic (a `BlockFile` that panics): they would wait for ever. Disarmed
+/// once the write returns.
 struct Writing<'a> {
     img: &'a VhdImage,
-    blk: u32,
+    blks: Vec<u32>,
     armed: bool,
 }
 
 impl Drop for Writing<'_> {
     fn drop(&mut self) {
         if self.armed {
-            if let Some(c) = self.img.lock().bitmaps.get_mut(&self.blk) {
-                c.writing = false;
+            let mut m = self.img.lock();
+            for blk in &self.blks {
+                if let Some(c) = m.bitmaps.get_mut(blk) {
+                    c.writing = false;
+                }
             }
+            drop(m);
             self.img.bm_cond.notify_all();
         }
     }
@@ -1079,7 +1085,7 @@ impl VhdImage {
             drop(m);
             let mut unwind = Writing {
                 img: self,
-                blk,
+                blks: vec![blk],
                 armed: true,
             };
             let r = self.pwrite(&snap, u64::from(entry) * SECTOR_SIZE, "write bitmap");
@@ -1095,24 +1101,99 @@ impl VhdImage {
             if let Err(e) = r {
                 return (m, Err(e));
             }
-            // Full on disk and still full here (a discard may have cleared bits since the
-            // copy was taken; it holds the lock from its batmap check to its change).
-            let spb = self.geom.map_or(0, |g| u64::from(g.spb));
-            let full_now = |m: &Meta| {
-                m.bitmaps
-                    .get(&blk)
-                    .is_some_and(|c| bits_all(&c.bits, 0, spb, true))
-            };
-            if bits_all(&snap, 0, spb, true) && full_now(&m) {
-                if let Some(b) = m.batmap.as_mut() {
-                    if !bit_test(&b.map, u64::from(blk)) {
-                        bit_set(&mut b.map, u64::from(blk), true);
-                        b.dirty = true;
-                        b.ahead = true;
-                    }
+            self.mark_if_full(&mut m, blk, &snap);
+        }
+    }
+
+    /// After `snap` was written as block `blk`'s bitmap: a full bitmap, and still full in
+    /// the cache (a discard may have cleared bits since the copy was taken; it holds the
+    /// lock from its batmap check to its change), marks the block full in the in-memory
+    /// batmap (written at close, invariant 4).
+    fn mark_if_full(&self, m: &mut Meta, blk: u32, snap: &[u8]) {
+        let spb = self.geom.map_or(0, |g| u64::from(g.spb));
+        let full_now = m
+            .bitmaps
+            .get(&blk)
+            .is_some_and(|c| bits_all(&c.bits, 0, spb, true));
+        if bits_all(snap, 0, spb, true) && full_now {
+            if let Some(b) = m.batmap.as_mut() {
+                if !bit_test(&b.map, u64::from(blk)) {
+                    bit_set(&mut b.map, u64::from(blk), true);
+                    b.dirty = true;
+                    b.ahead = true;
                 }
             }
         }
+    }
+
+    /// [`VhdImage::persist_bitmap`] for several blocks `(blk, entry, version)`, one result
+    /// each. The bitmaps that are neither on disk at their version nor being written by
+    /// another thread are all written at once ([`BlockFile::write_many`]: one Linux AIO
+    /// batch on an `O_DIRECT` file), each as `persist_bitmap` would write it; the others
+    /// go through `persist_bitmap`, which waits for the thread writing them.
+    fn persist_bitmaps<'a>(
+        &'a self,
+        mut m: MutexGuard<'a, Meta>,
+        blocks: &[(u32, u32, u64)],
+    ) -> (MutexGuard<'a, Meta>, Vec<Result<(), ImageError>>) {
+        let mut out: Vec<Option<Result<(), ImageError>>> = blocks.iter().map(|_| None).collect();
+        let free = |m: &Meta, blk: u32, ver: u64| {
+            m.bitmaps
+                .get(&blk)
+                .is_some_and(|c| c.on_disk < ver && !c.writing)
+        };
+        let n = blocks
+            .iter()
+            .filter(|&&(blk, _, ver)| free(&m, blk, ver))
+            .count();
+        if n > 1 {
+            // Claimed: (index in `blocks`, the copy written, its version).
+            let mut claimed: Vec<(usize, Vec<u8>, u64)> = Vec::new();
+            for (i, &(blk, _, ver)) in blocks.iter().enumerate() {
+                if !free(&m, blk, ver) {
+                    continue;
+                }
+                if let Some(c) = m.bitmaps.get_mut(&blk) {
+                    c.writing = true;
+                    claimed.push((i, c.bits.clone(), c.version));
+                }
+            }
+            drop(m);
+            let mut unwind = Writing {
+                img: self,
+                blks: claimed.iter().map(|c| blocks[c.0].0).collect(),
+                armed: true,
+            };
+            let writes: Vec<(&[u8], u64)> = claimed
+                .iter()
+                .map(|(i, snap, _)| (snap.as_slice(), u64::from(blocks[*i].1) * SECTOR_SIZE))
+                .collect();
+            let results = self.file.write_many(&writes);
+            unwind.armed = false;
+            m = self.lock();
+            for ((i, snap, v), r) in claimed.iter().zip(results) {
+                let blk = blocks[*i].0;
+                if let Some(c) = m.bitmaps.get_mut(&blk) {
+                    c.writing = false;
+                    if r.is_ok() {
+                        c.on_disk = c.on_disk.max(*v);
+                    }
+                }
+                match r {
+                    Ok(()) => self.mark_if_full(&mut m, blk, snap),
+                    Err(e) => out[*i] = Some(Err(ImageError::io(&self.path, "write bitmap", e))),
+                }
+            }
+            self.bm_cond.notify_all();
+        }
+        for (i, &(blk, entry, ver)) in blocks.iter().enumerate() {
+            if out[i].is_none() {
+                let (g, r) = self.persist_bitmap(m, blk, entry, ver);
+                m = g;
+                out[i] = Some(r);
+            }
+        }
+        (m, out.into_iter().map(|r| r.unwrap_or(Ok(()))).collect())
     }
 
     /// Write raw bytes into the metadata area (locators); used by snapshot/reparent.
@@ -1651,15 +1732,13 @@ impl VhdImage {
                 }
             }
         }
-        let mut failed: Vec<(u32, i32, Option<ImageError>)> = Vec::new();
-        for (blk, entry, ver) in blocks {
-            let (g, r) = self.persist_bitmap(m, blk, entry, ver);
-            m = g;
-            if let Err(e) = r {
-                failed.push((blk, e.errno(), Some(e)));
-            }
-        }
-        drop(m);
+        let (g, results) = self.persist_bitmaps(m, &blocks);
+        drop(g);
+        let mut failed: Vec<(u32, i32, Option<ImageError>)> = blocks
+            .iter()
+            .zip(results)
+            .filter_map(|(b, r)| r.err().map(|e| (b.0, e.errno(), Some(e))))
+            .collect();
         st.into_iter()
             .zip(chunks)
             .map(|(s, c)| match s {
@@ -2503,6 +2582,51 @@ mod tests {
         let mut raw = [0u8; 512];
         lf.read_at(&mut raw, (s + 1) * 512).unwrap();
         assert_eq!(raw, [9u8; 512], "plaintext leaf stores plaintext");
+    }
+
+    /// A commit of writes to four blocks on an `O_DIRECT` file writes their four bitmaps
+    /// in one Linux AIO batch; every bit reaches the disk (a reopen reads the data back).
+    #[test]
+    fn a_commit_writes_the_bitmaps_of_several_blocks_in_one_batch() {
+        use crate::image::chain::{open_vhd_chain, OpenOptions};
+        let d = tempfile::tempdir_in("/var/tmp").unwrap();
+        let p = d.path().join("c.vhd");
+        super::super::ops::create(&p, &super::super::ops::CreateOptions::dynamic(16 << 20))
+            .unwrap();
+        let opts = OpenOptions {
+            read_only: false,
+            direct: true,
+            ..Default::default()
+        };
+        let img = open_vhd_chain(&p, &opts).unwrap();
+        let spb = img.sectors_per_block() as u64;
+        let blocks = [0u64, 1, 3, 5];
+        for b in blocks {
+            img.write(b * spb, &[1u8; 512]).unwrap(); // allocated, bitmap cached
+        }
+        let data = |b: u64| vec![(b as u8) + 7; 4096];
+        let mut ranges = Vec::new();
+        for b in blocks {
+            let s = b * spb + 8;
+            let m = img.direct_map(s, 8, true).unwrap();
+            assert!(m.commit);
+            img.file().write_at(&data(b), m.offset).unwrap(); // the loop's data write
+            ranges.push((s, 8));
+        }
+        let before = crate::image::file::batched_writes();
+        assert!(img.commit_writes(&ranges).iter().all(|r| r.is_ok()));
+        assert_eq!(
+            crate::image::file::batched_writes(),
+            before + 4,
+            "the four bitmaps in one batch"
+        );
+        img.close().unwrap();
+        let back = open_vhd_chain(&p, &OpenOptions::default()).unwrap();
+        for b in blocks {
+            let mut got = vec![0u8; 4096];
+            back.read(b * spb + 8, &mut got).unwrap();
+            assert_eq!(got, data(b), "block {b}");
+        }
     }
 
     /// VHD metadata (footer, header, BAT, bitmaps, batmap, the short footer) through
