@@ -256,9 +256,14 @@ fn healthy(vhd: &mut Client, raw: &mut Client, round: u32) {
 /// How a case provokes its fault.
 #[derive(Clone, Copy, Debug)]
 enum How {
-    /// Write a new block (allocation, on a worker): block 3 in round 1, 4 in round 2, ...
-    /// (a block the last round allocated would take the asynchronous path).
+    /// Write a new block with FUA (allocation, on a worker: FUA writes never take the
+    /// loop's path): block 3 in round 1, 4 in round 2, ... (a block the last round
+    /// allocated would take the asynchronous path).
     NewBlock,
+    /// Write a new block without FUA: allocated on the loop (in memory), its data through
+    /// the asynchronous engine, its BAT sector and bitmap by the commit on a worker; blocks
+    /// as for `NewBlock`.
+    LoopNewBlock,
     /// Write inside the full block 0 (mapped: Linux AIO).
     AioWrite,
     /// Write unwritten sectors of the partly written block 1 (data through the loop's
@@ -333,10 +338,10 @@ fn rig_on(engine: EngineChoice) -> Rig {
 fn provoke(r: &mut Rig, how: How, round: u32) -> (u32, u64, usize) {
     let seed = 100 + round;
     match how {
-        How::NewBlock => {
+        How::NewBlock | How::LoopNewBlock => {
             let off = (2 + u64::from(round)) * BLK + 4096;
             let d = pattern(8192, seed);
-            let e = r.c.write(off, &d, false).unwrap();
+            let e = r.c.write(off, &d, matches!(how, How::NewBlock)).unwrap();
             note(&mut r.model, e, off, &d);
             (e, off, d.len())
         }
@@ -437,7 +442,10 @@ fn case_on(engine: EngineChoice, point: Point, fault: Fault, how: How, want: u32
         r.inj.injected(point) >= 1,
         "{point:?} was never hit by {how:?}"
     );
-    if matches!(how, How::AioWrite | How::AioRead | How::PartialBlock) {
+    if matches!(
+        how,
+        How::AioWrite | How::AioRead | How::PartialBlock | How::LoopNewBlock
+    ) {
         assert!(r.inj.aio_seen() >= 1, "{how:?} went through Linux AIO");
     }
     healthy(&mut r.vhd2, &mut r.raw, 1);
@@ -497,6 +505,8 @@ fn data_write_faults_on_the_aio_path() {
     // The same for a write whose bits are then set by a commit on a worker.
     async_case(Point::Data, Fault::Eio, How::PartialBlock, NBD_EIO);
     async_case(Point::Data, Fault::Short, How::PartialBlock, 0);
+    // And for a block's first write, allocated on the loop.
+    async_case(Point::Data, Fault::Eio, How::LoopNewBlock, NBD_EIO);
 }
 
 #[test]
@@ -504,6 +514,7 @@ fn bitmap_write_faults() {
     async_case(Point::Bitmap, Fault::Eio, How::PartialBlock, NBD_EIO);
     async_case(Point::Bitmap, Fault::Short, How::PartialBlock, NBD_EIO);
     case(Point::Bitmap, Fault::Short, How::NewBlock, NBD_EIO);
+    async_case(Point::Bitmap, Fault::Eio, How::LoopNewBlock, NBD_EIO);
     case(Point::Bitmap, Fault::Eio, How::NewBlock, NBD_EIO);
 }
 
@@ -512,6 +523,9 @@ fn bat_write_faults() {
     case(Point::Bat, Fault::Eio, How::NewBlock, NBD_EIO);
     case(Point::Bat, Fault::Enospc, How::NewBlock, NBD_ENOSPC);
     case(Point::Bat, Fault::Short, How::NewBlock, NBD_EIO);
+    // A block allocated on the loop: its BAT sector is written by the commit.
+    async_case(Point::Bat, Fault::Eio, How::LoopNewBlock, NBD_EIO);
+    async_case(Point::Bat, Fault::Short, How::LoopNewBlock, NBD_EIO);
 }
 
 #[test]

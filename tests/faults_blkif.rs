@@ -148,7 +148,7 @@ fn faults_answer_blkif_rsp_error_and_clear_without_reopen() {
             Point::Data,
             Fault::Eio,
             3 * BLK_SECTORS,
-            "data, new block (worker)",
+            "data, new block (allocated on the loop)",
         ),
         (Point::Data, Fault::Enospc, 64, "data, mapped (AIO)"),
         (Point::Bitmap, Fault::Short, BLK_SECTORS + 512, "bitmap"),

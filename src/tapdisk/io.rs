@@ -32,8 +32,9 @@
 //!
 //! Writes that need metadata after their data: a VHD write to an allocated block whose
 //! bitmap is cached but whose bits for the range are not all set (the first write to
-//! those sectors), or whose bitmap write is still running or failed, is mapped with
-//! [`DirectMap::commit`] set. Its data goes out from the loop like any other; once it
+//! those sectors), or whose bitmap or BAT sector write is still running or failed, and a
+//! block's first write while the reserve has room (the image allocates the block in
+//! memory), is mapped with [`DirectMap::commit`] set. Its data goes out from the loop like any other; once it
 //! completed it is not acknowledged but queued for its image's commit, and a worker runs
 //! [`Image::commit_writes`] for a batch: every such write of that image that completed
 //! meanwhile, with one `fdatasync` for all of them, then each block's bitmap once, all of
@@ -61,8 +62,8 @@
 //! the others did not. The default ([`DEFAULT_ORDER`]) is Linux AIO: io_uring did not
 //! measure better on this path (ARCHITECTURE.md, "I/O engine").
 //!
-//! Workers: VHD allocation (a block's first write), commits, writes whose block's bitmap
-//! is not cached yet, reads through parents, FUA writes, discard, zeroing, block status,
+//! Workers: VHD allocation that must grow the reserve, commits, writes whose block's
+//! bitmap is not cached yet, reads through parents, FUA writes, discard, zeroing, block status,
 //! flush, and the OPEN/CLOSE tasks; all reads and writes of images whose files cannot
 //! take asynchronous I/O (buffered, not memory-backed). Images
 //! are `Send + Sync` with `&self` methods, so requests on one image run concurrently. The
@@ -2272,6 +2273,64 @@ mod tests {
                 e.submit(99, r.img.clone(), write4k(sector(0), 7));
                 data_of(&e, 99);
                 assert_eq!(r.calls(), [], "{what}");
+            }
+        }
+    }
+
+    /// The first write to a block of the reserve is allocated on the loop (in memory, by
+    /// `direct_map`), its data goes out from the loop, and its commit writes the block's
+    /// bitmap and the BAT sector pointing at it, after the fdatasync: no positional data
+    /// write, no worker allocation. A reopen (buffered, no cache) finds the blocks and the
+    /// data.
+    #[test]
+    fn first_writes_to_blocks_are_allocated_on_the_loop() {
+        use crate::image::chain::open_vhd_chain;
+        use crate::image::crypto::KeySource;
+        for choice in async_engines() {
+            for encrypted in [false, true] {
+                let what = format!("{choice:?} encrypted={encrypted}");
+                // Block 0 by a worker: it grows the reserve (8 blocks).
+                let r = partly_written(encrypted, &[0]);
+                let e = IoEngine::with_engine(2, choice).unwrap();
+                let bat0 = r.inj.seen(Point::Bat);
+                for b in 1..4u64 {
+                    e.submit(b, r.img.clone(), write4k(b * SPB + 8, 50 + b));
+                }
+                for c in wait_all(&e, 3) {
+                    assert!(c.result.is_ok(), "{what}: {:?}", c.result);
+                }
+                assert_eq!(e.aio_count(), 3, "{what}: from the loop");
+                let bats = r.inj.seen(Point::Bat) - bat0;
+                assert!((1..=3).contains(&bats), "{what}: {bats} BAT writes");
+                // Positional writes: bitmaps and BAT sectors only (the data, 4 KiB each,
+                // went to the kernel asynchronously), each batch after its fdatasync.
+                let calls = std::mem::take(&mut *lock(&r.calls));
+                assert!(calls[0].sync, "{what}: the sync first: {calls:?}");
+                assert!(
+                    calls.iter().all(|a| a.sync || (a.write && a.len <= 512)),
+                    "{what}: {calls:?}"
+                );
+                r.img.close().unwrap();
+                let keys = if encrypted {
+                    KeySource::Explicit([0x5cu8; 64].to_vec().into())
+                } else {
+                    KeySource::default()
+                };
+                let p = r._dir.path().join("e.vhd");
+                let back = open_vhd_chain(
+                    &p,
+                    &ChainOptions {
+                        keys,
+                        ..Default::default()
+                    },
+                )
+                .unwrap();
+                assert_eq!(back.allocated_blocks(), 4, "{what}");
+                for b in 1..4u64 {
+                    let mut got = vec![0u8; 4096];
+                    back.read(b * SPB + 8, &mut got).unwrap();
+                    assert!(got[..] == pat(4096, 50 + b)[..], "{what}: block {b}");
+                }
             }
         }
     }

@@ -5,9 +5,11 @@
 //! All I/O methods take `&self`. Metadata (BAT, cached sector bitmaps, batmap, allocation
 //! cursor) lives in one `Mutex<Meta>`; guest data is read and written with positional I/O
 //! *outside* that lock, so requests to different blocks (and to already allocated sectors of
-//! the same block) run in parallel. A BAT sector (512 bytes, once per new 2 MiB block) is
-//! written while holding the lock, which keeps its on-disk content equal to the latest
-//! in-memory state. Sector bitmaps, written at every first write to a sector, are written
+//! the same block) run in parallel. A block allocated by a worker has its BAT sector (512
+//! bytes, once per new 2 MiB block) written right away while holding the lock; one
+//! allocated on the loop leaves it to its commit (below), which writes it outside the lock
+//! like a bitmap (a version per changed sector, [`Meta::bat_secs`], one writer at a time).
+//! Sector bitmaps, written at every first write to a sector, are written
 //! *outside* the lock: each cached bitmap carries a version, one thread at a time writes a
 //! block's bitmap with its latest bits, and a write waits until the disk holds a version
 //! with its own bits before it is acknowledged (`persist_bitmap`, a group commit per
@@ -15,13 +17,16 @@
 //! allocations and bitmaps nor the loop's fast path ([`Image::direct_map`]).
 //!
 //! A write to an allocated block whose bitmap is cached does not need a thread for its
-//! data: [`Image::direct_map`] maps it (flagged `commit` when it sets new bits, or its
-//! block's bitmap is not on disk as cached), tapdisk's loop submits the data with
-//! asynchronous I/O, and after it completed a worker calls [`Image::commit_writes`] for
-//! every such write that completed meanwhile (`commit_chunks`: one barrier for all, then
-//! each block's bitmap once, the bitmaps that no other thread is writing all at once in
-//! one Linux AIO batch, `persist_bitmaps`). A worker's [`VhdImage::write`] runs the same
-//! `commit_chunks` after its own data pwrite, so both paths keep the same order.
+//! data, nor does a block's first write while the reserve has room ([`Image::direct_map`]
+//! then allocates the block in memory: no I/O). `direct_map` maps it (flagged `commit`
+//! when it sets new bits, or its block's bitmap or BAT sector is not on disk as in
+//! memory), tapdisk's loop submits the data with asynchronous I/O, and after it completed
+//! a worker calls [`Image::commit_writes`] for every such write that completed meanwhile
+//! (`commit_chunks`: one barrier for all, then each block's bitmap and each changed BAT
+//! sector once, those no other thread is writing all at once in one Linux AIO batch,
+//! `persist_many`). A worker's [`VhdImage::write`] runs the same `commit_chunks` after its
+//! own data pwrite, so both paths keep the same order. A write is acknowledged only once
+//! the BAT on disk points at its block and its block's bitmap on disk has its bits.
 //! Growing the allocation reserve (ftruncate + footer + fdatasync) runs outside the lock;
 //! allocations that need the new space wait on a `Condvar` meanwhile, everything else
 //! (reads, writes to allocated blocks, bitmap updates) proceeds.
@@ -37,10 +42,11 @@
 //!    an old footer), extend the file with `ftruncate` (the new range reads as zeros), write
 //!    a valid footer at the new end, zero the alignment gaps before the new blocks (where
 //!    the old footer usually is; libvhd and tapdisk zero them too), then **fdatasync**.
-//!    Only after that sync returns are BAT entries for reserve blocks published, and they
-//!    need no further sync: whatever subset of BAT/bitmap/data writes a crash keeps, a
-//!    published entry points at a bitmap
-//!    that is either zero (sectors read from the parent, i.e. the unflushed write is lost)
+//!    Only after that sync returns are BAT entries for reserve blocks published (by a
+//!    worker before the block's data, or by the commit of the block's first write from the
+//!    loop, in any order with its bitmap), and they need no further sync: whatever
+//!    subset of BAT/bitmap/data writes a crash keeps, a published entry points at a
+//!    bitmap that is either zero (sectors read from the parent, i.e. the unflushed write is lost)
 //!    or was written by us after the data it covers. Stale bytes in the *data* area of a
 //!    reserve block are harmless: only sectors whose bit we set are ever read from it.
 //! 2. *A bitmap bit is set on disk only after its data is durable.* A write whose chunk
@@ -186,8 +192,13 @@ struct Meta {
     bat: Vec<u32>,
     allocated: u32,
     bitmaps: HashMap<u32, CachedBitmap>,
-    /// The last bitmap version handed out (see [`CachedBitmap`]).
+    /// The last bitmap or BAT sector version handed out (see [`CachedBitmap`]).
     bm_seq: u64,
+    /// BAT sectors (128 entries each, by index) changed this session whose write may not
+    /// be done: an allocation changes the in-memory BAT and leaves its sector to be
+    /// written with the commit of the block's first write ([`VhdImage::persist_many`]).
+    /// A sector not listed is on disk as in memory.
+    bat_secs: HashMap<u32, BatSector>,
     /// First sector after all metadata and allocated blocks.
     next_db: u64,
     /// End of the durable zeroed reserve (sector); `next_db <= reserve_end` when active.
@@ -231,12 +242,41 @@ impl CachedBitmap {
     }
 }
 
+/// One BAT sector's write state, as [`CachedBitmap`]'s for a bitmap: `version` is the
+/// last change of its entries ([`Meta::bm_seq`]), `on_disk` the newest version a completed
+/// write carried, `writing` while a thread writes it without the image lock.
+#[derive(Clone, Copy, Debug, Default)]
+struct BatSector {
+    version: u64,
+    on_disk: u64,
+    writing: bool,
+}
+
+impl BatSector {
+    fn clean(&self) -> bool {
+        self.on_disk == self.version && !self.writing
+    }
+}
+
+/// What [`VhdImage::persist_many`] gives back: the lock, and the results for the bitmaps
+/// and for the BAT sectors.
+type Persisted<'a> = (
+    MutexGuard<'a, Meta>,
+    Vec<Result<(), ImageError>>,
+    Vec<Result<(), ImageError>>,
+);
+
+/// BAT entries per BAT sector.
+const BAT_PER_SECTOR: u32 = 128;
+
 /// Clears the `writing` flag of the bitmap entries being written and wakes their waiters
 /// should the write panic (a `BlockFile` that panics): they would wait for ever. Disarmed
 /// once the write returns.
 struct Writing<'a> {
     img: &'a VhdImage,
     blks: Vec<u32>,
+    /// BAT sectors being written.
+    secs: Vec<u32>,
     armed: bool,
 }
 
@@ -247,6 +287,11 @@ impl Drop for Writing<'_> {
             for blk in &self.blks {
                 if let Some(c) = m.bitmaps.get_mut(blk) {
                     c.writing = false;
+                }
+            }
+            for sec in &self.secs {
+                if let Some(b) = m.bat_secs.get_mut(sec) {
+                    b.writing = false;
                 }
             }
             drop(m);
@@ -276,6 +321,40 @@ impl Drop for SyncRunning<'_> {
             gate.cond.notify_all();
         }
     }
+}
+
+/// Make room in the bitmap cache for one more entry: drop one the disk holds as it is
+/// (dropping another would lose a change, or a write's claim that its bits are on the way).
+fn make_room(m: &mut Meta) {
+    if m.bitmaps.len() >= BITMAP_CACHE {
+        if let Some(k) = m.bitmaps.iter().find(|(_, c)| c.clean()).map(|(&k, _)| k) {
+            m.bitmaps.remove(&k);
+        }
+    }
+}
+
+/// Allocate block `blk` from the reserve, in memory only: its BAT entry points at the next
+/// reserve block, whose bitmap is known zero on disk (invariant 1), and its BAT sector is
+/// left to be written (a new version in [`Meta::bat_secs`]). Returns the block's first
+/// sector, or `None` when the reserve has no room for it.
+fn take_reserve(m: &mut Meta, blk: u32, g: Geom) -> Option<u64> {
+    let s = align_block_start(m.next_db, g.bm_secs);
+    let end = s + u64::from(g.bm_secs) + u64::from(g.spb);
+    if end > m.reserve_end {
+        return None;
+    }
+    // s <= end <= reserve_end <= MAX_SECTOR (checked when reserving).
+    *m.bat.get_mut(blk as usize)? = s as u32;
+    m.next_db = end;
+    m.allocated += 1;
+    m.dirty = true;
+    m.bm_seq += 1;
+    let v = m.bm_seq;
+    m.bat_secs.entry(blk / BAT_PER_SECTOR).or_default().version = v;
+    make_room(m);
+    let zero = vec![0u8; g.bm_secs as usize * SECTOR_SIZE as usize];
+    m.bitmaps.insert(blk, CachedBitmap::loaded(zero, v));
+    Some(s)
 }
 
 impl Meta {
@@ -470,6 +549,7 @@ impl VhdImage {
             allocated: 0,
             bitmaps: HashMap::new(),
             bm_seq: 0,
+            bat_secs: HashMap::new(),
             next_db: 0,
             reserve_end: 0,
             extending: false,
@@ -921,6 +1001,7 @@ impl VhdImage {
         }
         let raw = encode_bat(&m.bat);
         self.pwrite(&raw, g.bat_off, "write BAT")?;
+        m.bat_secs.clear(); // the whole BAT is on disk as in memory
         m.dirty = true;
         self.sync()
     }
@@ -1086,6 +1167,7 @@ impl VhdImage {
             let mut unwind = Writing {
                 img: self,
                 blks: vec![blk],
+                secs: Vec::new(),
                 armed: true,
             };
             let r = self.pwrite(&snap, u64::from(entry) * SECTOR_SIZE, "write bitmap");
@@ -1126,74 +1208,145 @@ impl VhdImage {
         }
     }
 
-    /// [`VhdImage::persist_bitmap`] for several blocks `(blk, entry, version)`, one result
-    /// each. The bitmaps that are neither on disk at their version nor being written by
-    /// another thread are all written at once ([`BlockFile::write_many`]: one Linux AIO
-    /// batch on an `O_DIRECT` file), each as `persist_bitmap` would write it; the others
-    /// go through `persist_bitmap`, which waits for the thread writing them.
-    fn persist_bitmaps<'a>(
+    /// Return once the disk holds each bitmap `(blk, entry, version)` and each BAT sector
+    /// `(index, version)` at that version or newer, with one result each (bitmaps, then
+    /// BAT sectors), as [`VhdImage::persist_bitmap`] does for one bitmap. Every one of them
+    /// that is neither there yet nor being written by another thread is written, all at
+    /// once ([`BlockFile::write_many`]: one Linux AIO batch on an `O_DIRECT` file), each
+    /// from a copy of its latest state taken under the lock; then the ones another thread
+    /// was writing are waited for (and written again if that write did not reach their
+    /// version). A write that fails is that item's error (the entry stays dirty, to be
+    /// written again by the next caller that needs it, or at close). The order among the
+    /// writes does not matter: a BAT entry may point at its block before or after the
+    /// block's bitmap is written (invariant 1: a reserve block's bitmap is zero on disk,
+    /// and bits are set in the cache only after their data is durable, invariant 2).
+    fn persist_many<'a>(
         &'a self,
         mut m: MutexGuard<'a, Meta>,
-        blocks: &[(u32, u32, u64)],
-    ) -> (MutexGuard<'a, Meta>, Vec<Result<(), ImageError>>) {
-        let mut out: Vec<Option<Result<(), ImageError>>> = blocks.iter().map(|_| None).collect();
-        let free = |m: &Meta, blk: u32, ver: u64| {
-            m.bitmaps
-                .get(&blk)
-                .is_some_and(|c| c.on_disk < ver && !c.writing)
-        };
-        let n = blocks
-            .iter()
-            .filter(|&&(blk, _, ver)| free(&m, blk, ver))
-            .count();
-        if n > 1 {
-            // Claimed: (index in `blocks`, the copy written, its version).
-            let mut claimed: Vec<(usize, Vec<u8>, u64)> = Vec::new();
-            for (i, &(blk, _, ver)) in blocks.iter().enumerate() {
-                if !free(&m, blk, ver) {
+        bitmaps: &[(u32, u32, u64)],
+        secs: &[(u32, u64)],
+    ) -> Persisted<'a> {
+        let nb = bitmaps.len();
+        let mut res: Vec<Option<Result<(), ImageError>>> =
+            (0..nb + secs.len()).map(|_| None).collect();
+        loop {
+            // (item, the copy to write, its offset, its version)
+            let mut claimed: Vec<(usize, Vec<u8>, u64, u64)> = Vec::new();
+            let mut busy = false;
+            // BAT sectors first: the order does not matter to the disk, but a file that
+            // writes one after another (the simulation, fault injection) then knows the
+            // block before its bitmap.
+            for (k, &(sec, ver)) in secs.iter().enumerate() {
+                let i = nb + k;
+                if res[i].is_some() {
                     continue;
                 }
-                if let Some(c) = m.bitmaps.get_mut(&blk) {
-                    c.writing = true;
-                    claimed.push((i, c.bits.clone(), c.version));
+                let Some(b) = m.bat_secs.get(&sec).copied() else {
+                    res[i] = Some(Ok(()));
+                    continue;
+                };
+                if b.on_disk >= ver {
+                    res[i] = Some(Ok(()));
+                } else if b.writing {
+                    busy = true;
+                } else {
+                    match self.bat_sector(&m, sec) {
+                        Ok((bytes, off)) => {
+                            if let Some(b) = m.bat_secs.get_mut(&sec) {
+                                b.writing = true;
+                            }
+                            claimed.push((i, bytes, off, b.version));
+                        }
+                        Err(e) => res[i] = Some(Err(e)),
+                    }
                 }
+            }
+            for (i, &(blk, entry, ver)) in bitmaps.iter().enumerate() {
+                if res[i].is_some() {
+                    continue;
+                }
+                // An entry is evicted only when clean, i.e. once a write reached its version.
+                match m.bitmaps.get_mut(&blk) {
+                    Some(c) if c.on_disk < ver && c.writing => busy = true,
+                    Some(c) if c.on_disk < ver => {
+                        c.writing = true;
+                        let off = u64::from(entry) * SECTOR_SIZE;
+                        claimed.push((i, c.bits.clone(), off, c.version));
+                    }
+                    _ => res[i] = Some(Ok(())),
+                }
+            }
+            if claimed.is_empty() {
+                if !busy {
+                    break;
+                }
+                m = self.bm_cond.wait(m).unwrap_or_else(|e| e.into_inner());
+                continue;
             }
             drop(m);
             let mut unwind = Writing {
                 img: self,
-                blks: claimed.iter().map(|c| blocks[c.0].0).collect(),
+                blks: claimed
+                    .iter()
+                    .filter(|c| c.0 < nb)
+                    .map(|c| bitmaps[c.0].0)
+                    .collect(),
+                secs: claimed
+                    .iter()
+                    .filter(|c| c.0 >= nb)
+                    .map(|c| secs[c.0 - nb].0)
+                    .collect(),
                 armed: true,
             };
             let writes: Vec<(&[u8], u64)> = claimed
                 .iter()
-                .map(|(i, snap, _)| (snap.as_slice(), u64::from(blocks[*i].1) * SECTOR_SIZE))
+                .map(|(_, bytes, off, _)| (bytes.as_slice(), *off))
                 .collect();
             let results = self.file.write_many(&writes);
             unwind.armed = false;
             m = self.lock();
-            for ((i, snap, v), r) in claimed.iter().zip(results) {
-                let blk = blocks[*i].0;
-                if let Some(c) = m.bitmaps.get_mut(&blk) {
-                    c.writing = false;
+            for ((i, bytes, _, v), r) in claimed.iter().zip(results) {
+                if *i < nb {
+                    let blk = bitmaps[*i].0;
+                    if let Some(c) = m.bitmaps.get_mut(&blk) {
+                        c.writing = false;
+                        if r.is_ok() {
+                            c.on_disk = c.on_disk.max(*v);
+                        }
+                    }
                     if r.is_ok() {
-                        c.on_disk = c.on_disk.max(*v);
+                        self.mark_if_full(&mut m, blk, bytes);
+                    }
+                } else if let Some(b) = m.bat_secs.get_mut(&secs[*i - nb].0) {
+                    b.writing = false;
+                    if r.is_ok() {
+                        b.on_disk = b.on_disk.max(*v);
                     }
                 }
-                match r {
-                    Ok(()) => self.mark_if_full(&mut m, blk, snap),
-                    Err(e) => out[*i] = Some(Err(ImageError::io(&self.path, "write bitmap", e))),
+                if let Err(e) = r {
+                    let what = if *i < nb { "write bitmap" } else { "write BAT" };
+                    res[*i] = Some(Err(ImageError::io(&self.path, what, e)));
                 }
             }
             self.bm_cond.notify_all();
         }
-        for (i, &(blk, entry, ver)) in blocks.iter().enumerate() {
-            if out[i].is_none() {
-                let (g, r) = self.persist_bitmap(m, blk, entry, ver);
-                m = g;
-                out[i] = Some(r);
-            }
-        }
-        (m, out.into_iter().map(|r| r.unwrap_or(Ok(()))).collect())
+        // A BAT sector on disk as in memory needs no entry any more.
+        m.bat_secs.retain(|_, b| !b.clean());
+        let mut res = res.into_iter().map(|r| r.unwrap_or(Ok(())));
+        let rb: Vec<_> = res.by_ref().take(nb).collect();
+        (m, rb, res.collect())
+    }
+
+    /// BAT sector `sec` as it is in memory, and its offset in the file.
+    fn bat_sector(&self, m: &Meta, sec: u32) -> Result<(Vec<u8>, u64), ImageError> {
+        let g = self.geom_or_err()?;
+        let first = sec * BAT_PER_SECTOR;
+        let last = (first + BAT_PER_SECTOR).min(g.max_bat);
+        let entries = m
+            .bat
+            .get(first as usize..last as usize)
+            .ok_or_else(|| corrupt(&self.path, "BAT sector out of range"))?;
+        Ok((encode_bat(entries), g.bat_off + u64::from(first) * 4))
     }
 
     /// Write raw bytes into the metadata area (locators); used by snapshot/reparent.
@@ -1341,13 +1494,7 @@ impl VhdImage {
     ) -> Result<&'a mut CachedBitmap, ImageError> {
         if !m.bitmaps.contains_key(&blk) {
             let g = self.geom_or_err()?;
-            if m.bitmaps.len() >= BITMAP_CACHE {
-                // Only an entry the disk holds as it is: dropping another would lose a
-                // change, or a write's claim that its bits are on the way.
-                if let Some(k) = m.bitmaps.iter().find(|(_, c)| c.clean()).map(|(&k, _)| k) {
-                    m.bitmaps.remove(&k);
-                }
-            }
+            make_room(m);
             let mut b = vec![0u8; g.bm_secs as usize * SECTOR_SIZE as usize];
             self.pread(&mut b, u64::from(entry) * SECTOR_SIZE, "read bitmap")?;
             let seq = m.bm_seq;
@@ -1361,14 +1508,6 @@ impl VhdImage {
     fn geom_or_err(&self) -> Result<Geom, ImageError> {
         self.geom
             .ok_or_else(|| ImageError::Invalid("not a dynamic disk".into()))
-    }
-
-    fn write_bat_entry(&self, m: &Meta, blk: u32) -> Result<(), ImageError> {
-        let g = self.geom_or_err()?;
-        let first = (blk / 128) * 128;
-        let last = (first + 128).min(g.max_bat);
-        let b = encode_bat(&m.bat[first as usize..last as usize]);
-        self.pwrite(&b, g.bat_off + u64::from(first) * 4, "write BAT")
     }
 
     fn write_batmap_header(&self, b: &mut BatmapState, curr: u64) -> Result<(), ImageError> {
@@ -1399,7 +1538,9 @@ impl VhdImage {
         self.sync()
     }
 
-    /// Return the start sector of block `blk`, allocating it if needed (see module doc).
+    /// Return the start sector of block `blk`, allocating it if needed (see module doc):
+    /// from the reserve, growing it first when it has no room, and writing its BAT sector
+    /// (as allocations on the loop, [`Image::direct_map`], leave it to their commit).
     fn ensure_allocated(&self, blk: u32) -> Result<u64, ImageError> {
         let g = self.geom_or_err()?;
         let mut m = self.lock();
@@ -1408,30 +1549,37 @@ impl VhdImage {
             if e != BAT_UNUSED {
                 return Ok(u64::from(e));
             }
-            let s = align_block_start(m.next_db, g.bm_secs);
-            let end = s + u64::from(g.bm_secs) + u64::from(g.spb);
-            if end <= m.reserve_end {
-                // s <= end <= reserve_end <= MAX_SECTOR (checked when reserving).
-                m.bat[blk as usize] = s as u32;
-                if let Err(err) = self.write_bat_entry(&m, blk) {
-                    // The failed write may have landed, whole or in part: the BAT on disk
-                    // may point at `s`. Never give `s` to another block (two entries on
-                    // one block); skip it. Its bitmap is zero on disk, so an entry left
-                    // pointing at it reads as unwritten (invariant 1), and the next
-                    // allocation in this BAT sector rewrites the entry.
-                    m.bat[blk as usize] = BAT_UNUSED;
-                    m.next_db = end;
-                    m.dirty = true;
-                    return Err(err);
+            if let Some(s) = take_reserve(&mut m, blk, g) {
+                // On a worker the BAT sector is written right away, under the lock, before
+                // the data (unless another thread is writing it: then the commit does).
+                let sec = blk / BAT_PER_SECTOR;
+                if m.bat_secs.get(&sec).is_some_and(|b| b.writing) {
+                    return Ok(s);
                 }
-                m.next_db = end;
-                m.allocated += 1;
-                m.dirty = true;
-                // The bitmap is known zero on disk.
-                let seq = m.bm_seq;
-                let zero = vec![0u8; g.bm_secs as usize * SECTOR_SIZE as usize];
-                m.bitmaps.insert(blk, CachedBitmap::loaded(zero, seq));
-                return Ok(s);
+                let r = self
+                    .bat_sector(&m, sec)
+                    .and_then(|(bytes, off)| self.pwrite(&bytes, off, "write BAT"));
+                match r {
+                    Ok(()) => {
+                        m.bat_secs.remove(&sec); // on disk as in memory
+                        return Ok(s);
+                    }
+                    Err(err) => {
+                        // The failed write may have landed, whole or in part: the BAT on
+                        // disk may point at `s`. Never give `s` to another block (two
+                        // entries on one block); skip it. Its bitmap is zero on disk, so an
+                        // entry left pointing at it reads as unwritten (invariant 1), and
+                        // the sector stays dirty: the next commit in it, or close, writes it
+                        // again without the entry.
+                        m.bat[blk as usize] = BAT_UNUSED;
+                        m.allocated -= 1;
+                        m.bitmaps.remove(&blk);
+                        m.bm_seq += 1;
+                        let v = m.bm_seq;
+                        m.bat_secs.entry(sec).or_default().version = v;
+                        return Err(err);
+                    }
+                }
             }
             if m.extending {
                 m = self.cond.wait(m).unwrap_or_else(|e| e.into_inner());
@@ -1732,12 +1880,36 @@ impl VhdImage {
                 }
             }
         }
-        let (g, results) = self.persist_bitmaps(m, &blocks);
+        // And the BAT sector of each block, when an allocation changed it since it was last
+        // written: a write is acknowledged only once the BAT points at its block on disk.
+        let mut secs: Vec<(u32, u64)> = Vec::new();
+        for &(blk, _, _) in &blocks {
+            let sec = blk / BAT_PER_SECTOR;
+            if let Some(b) = m.bat_secs.get(&sec).filter(|b| !b.clean()) {
+                if !secs.iter().any(|s| s.0 == sec) {
+                    secs.push((sec, b.version));
+                }
+            }
+        }
+        let (g, results, sec_results) = self.persist_many(m, &blocks, &secs);
         drop(g);
-        let mut failed: Vec<(u32, i32, Option<ImageError>)> = blocks
+        // Per block: the error of its bitmap write, else of its BAT sector's write. The
+        // first chunk of a block gets the error itself, the others one like it.
+        let mut sec_errs: Vec<(u32, i32, Option<ImageError>)> = secs
+            .iter()
+            .zip(sec_results)
+            .filter_map(|(s, r)| r.err().map(|e| (s.0, e.errno(), Some(e))))
+            .collect();
+        let mut failed: Vec<(u32, i32, &'static str, Option<ImageError>)> = blocks
             .iter()
             .zip(results)
-            .filter_map(|(b, r)| r.err().map(|e| (b.0, e.errno(), Some(e))))
+            .filter_map(|(b, r)| match r {
+                Err(e) => Some((b.0, e.errno(), "write bitmap", Some(e))),
+                Ok(()) => sec_errs
+                    .iter_mut()
+                    .find(|f| f.0 == b.0 / BAT_PER_SECTOR)
+                    .map(|f| (b.0, f.1, "write BAT", f.2.take())),
+            })
             .collect();
         st.into_iter()
             .zip(chunks)
@@ -1746,9 +1918,9 @@ impl VhdImage {
                 St::New => Err(corrupt(&self.path, "bitmap commit")),
                 St::Ver(_) => match failed.iter_mut().find(|f| f.0 == c.blk) {
                     None => Ok(()),
-                    Some((_, errno, first)) => Err(first
-                        .take()
-                        .unwrap_or_else(|| self.again(*errno, "write bitmap"))),
+                    Some((_, errno, op, first)) => {
+                        Err(first.take().unwrap_or_else(|| self.again(*errno, op)))
+                    }
                 },
             })
             .collect()
@@ -1825,17 +1997,23 @@ impl VhdImage {
         if self.kind == DiskType::Fixed {
             return self.sync();
         }
-        // Bitmaps whose last write failed: write them again (the sync below covers them).
-        let unwritten: Vec<(u32, u64)> = m
+        // Bitmaps and BAT sectors not written yet, or whose last write failed: write them
+        // (the sync below covers them).
+        let unwritten: Vec<(u32, u32, u64)> = m
             .bitmaps
             .iter()
             .filter(|(_, c)| !c.clean())
-            .map(|(&blk, c)| (blk, c.version))
+            .map(|(&blk, c)| (blk, m.bat[blk as usize], c.version))
             .collect();
-        for (blk, ver) in unwritten {
-            let e = m.bat[blk as usize];
-            let (g, r) = self.persist_bitmap(m, blk, e, ver);
-            m = g;
+        let secs: Vec<(u32, u64)> = m
+            .bat_secs
+            .iter()
+            .filter(|(_, b)| !b.clean())
+            .map(|(&sec, b)| (sec, b.version))
+            .collect();
+        let (g, rb, rs) = self.persist_many(m, &unwritten, &secs);
+        m = g;
+        for r in rb.into_iter().chain(rs) {
             r?;
         }
         let dirty = m.dirty || m.batmap.as_ref().is_some_and(|b| b.dirty);
@@ -1980,12 +2158,18 @@ impl Image for VhdImage {
                 // The loop calls this: never wait for the metadata lock, which a worker may
                 // hold across disk I/O (a bitmap write, a discard's fdatasync). Busy: the
                 // request goes to the workers instead.
-                let m = match self.meta.try_lock() {
+                let mut m = match self.meta.try_lock() {
                     Ok(m) => m,
                     Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
                     Err(std::sync::TryLockError::WouldBlock) => return None,
                 };
-                let e = *m.bat.get(blk as usize)?;
+                let mut e = *m.bat.get(blk as usize)?;
+                if e == BAT_UNUSED && write {
+                    // A block's first write: allocated here, in memory, when the reserve
+                    // has room (growing it is I/O: a worker's `ensure_allocated`); its BAT
+                    // sector and bitmap are written by the commit.
+                    e = take_reserve(&mut m, blk, g)? as u32;
+                }
                 // Only a cached bitmap: loading one is I/O, which the caller must not wait
                 // for. A read needs every bit set: the data is here (no parent). A write
                 // changes no metadata when every bit is set and the bitmap is on disk as
@@ -2000,7 +2184,11 @@ impl Image for VhdImage {
                 if !all && !write {
                     return None;
                 }
-                commit = write && !(all && c.clean());
+                let bat_clean = m
+                    .bat_secs
+                    .get(&(blk / BAT_PER_SECTOR))
+                    .is_none_or(BatSector::clean);
+                commit = write && !(all && c.clean() && bat_clean);
                 (u64::from(e) + u64::from(g.bm_secs) + off) * SECTOR_SIZE
             }
         };
