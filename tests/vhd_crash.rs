@@ -673,6 +673,8 @@ fn run_loop_sequence(seed: u64, size: u64, block: u32, steps: usize) {
     let mut tag = 1u32;
     let mut pending: Vec<(u64, u64)> = Vec::new();
     let (mut mapped, mut allocated_here) = (0, 0);
+    // Requests of up to half a block (24 sectors at most): most lie in one block.
+    let max_n = (u64::from(block) / 1024).clamp(1, 24);
     for step in 0..steps {
         let r = rng.below(10);
         if r < 2 || (r < 5 && !pending.is_empty()) {
@@ -685,7 +687,7 @@ fn run_loop_sequence(seed: u64, size: u64, block: u32, steps: usize) {
                 model.flush();
             }
         } else {
-            let n = 1 + rng.below(24);
+            let n = 1 + rng.below(max_n);
             let lba = rng.below(nsec - n);
             let mut buf = Vec::with_capacity((n * 512) as usize);
             for i in 0..n {
@@ -743,4 +745,6 @@ fn run_loop_sequence(seed: u64, size: u64, block: u32, steps: usize) {
 fn crash_at_any_point_on_the_loops_path() {
     run_loop_sequence(1, 24 << 20, 2 << 20, 100);
     run_loop_sequence(11, 4 << 20, 64 << 10, 100);
+    // 256 blocks: two BAT sectors.
+    run_loop_sequence(21, 4 << 20, 16 << 10, 100);
 }

@@ -22,10 +22,11 @@
 //! unaligned write reads the enclosing range, patches it and writes it back
 //! (read-modify-write, not atomic against a concurrent write to the same aligned block).
 //! Only the VHD metadata path (footer, header, BAT, bitmaps, batmap, locators) and the
-//! tools do unaligned I/O. The VHD's metadata lock serialises it, except bitmap writes,
-//! which run outside it (one writer per block at a time, several blocks at once in a
-//! commit batch, [`BlockFile::write_many`]): each is whole 512-byte sectors at a sector
-//! offset, so with the offset alignments `O_DIRECT` is used with (512 bytes or less) the
+//! tools do unaligned I/O. The VHD's metadata lock serialises it, except bitmap and BAT
+//! sector writes, which run outside it (one writer per bitmap or BAT sector at a time,
+//! several at once in a commit batch, [`BlockFile::write_many`]): each is whole 512-byte
+//! sectors at a sector offset (a VHD whose BAT is not at one keeps its BAT writes under
+//! the lock), so with the offset alignments `O_DIRECT` is used with (512 bytes or less) the
 //! bounce buffer never reads, patches and writes back a neighbour's bytes; the I/O engine
 //! moves whole 512-byte sectors in page-aligned [`AlignedBuf`]s, which always go straight
 //! through.

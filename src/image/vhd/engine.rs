@@ -388,6 +388,17 @@ struct Geom {
     max_bat: u32,
 }
 
+impl Geom {
+    /// Whether BAT sectors may be written outside the image lock: each is then one whole
+    /// 512-byte unit of the file. A BAT at an offset that is not (no tool makes one) puts
+    /// every BAT sector across two units, which an `O_DIRECT` file writes by
+    /// read-modify-write, so two sectors written at once could undo each other: all its
+    /// BAT writes then stay under the lock (no allocation on the loop).
+    fn bat_aligned(&self) -> bool {
+        self.bat_off.is_multiple_of(SECTOR_SIZE)
+    }
+}
+
 /// One open VHD file. Unallocated sectors of a differencing disk read from `parent` (set
 /// by the chain opener), or as zeros when there is none.
 pub struct VhdImage {
@@ -1574,9 +1585,14 @@ impl VhdImage {
                         m.bat[blk as usize] = BAT_UNUSED;
                         m.allocated -= 1;
                         m.bitmaps.remove(&blk);
-                        m.bm_seq += 1;
-                        let v = m.bm_seq;
-                        m.bat_secs.entry(sec).or_default().version = v;
+                        if g.bat_aligned() {
+                            m.bm_seq += 1;
+                            let v = m.bm_seq;
+                            m.bat_secs.entry(sec).or_default().version = v;
+                        } else {
+                            // Written again, under the lock, by the next allocation in it.
+                            m.bat_secs.remove(&sec);
+                        }
                         return Err(err);
                     }
                 }
@@ -1997,6 +2013,9 @@ impl VhdImage {
         if self.kind == DiskType::Fixed {
             return self.sync();
         }
+        // No allocation from here on (the loop's `direct_map` could take the reserve while
+        // the writes below run without the lock; the footer goes after `next_db`).
+        m.reserve_end = m.next_db;
         // Bitmaps and BAT sectors not written yet, or whose last write failed: write them
         // (the sync below covers them).
         let unwritten: Vec<(u32, u32, u64)> = m
@@ -2164,7 +2183,7 @@ impl Image for VhdImage {
                     Err(std::sync::TryLockError::WouldBlock) => return None,
                 };
                 let mut e = *m.bat.get(blk as usize)?;
-                if e == BAT_UNUSED && write {
+                if e == BAT_UNUSED && write && g.bat_aligned() {
                     // A block's first write: allocated here, in memory, when the reserve
                     // has room (growing it is I/O: a worker's `ensure_allocated`); its BAT
                     // sector and bitmap are written by the commit.
