@@ -1368,32 +1368,40 @@ mod tests {
         }
     }
 
+    /// The `Image` methods a test wrapper passes on to the image in its field 0 as they
+    /// are (all the required ones but `block_status`).
+    macro_rules! pass_on_image {
+        () => {
+            fn info(&self) -> crate::image::ImageInfo {
+                self.0.info()
+            }
+            fn read(&self, sector: u64, buf: &mut [u8]) -> Result<(), ImageError> {
+                self.0.read(sector, buf)
+            }
+            fn write(&self, sector: u64, buf: &[u8]) -> Result<(), ImageError> {
+                self.0.write(sector, buf)
+            }
+            fn flush(&self) -> Result<(), ImageError> {
+                self.0.flush()
+            }
+            fn discard(&self, sector: u64, n: u64) -> Result<(), ImageError> {
+                self.0.discard(sector, n)
+            }
+            fn close(&self) -> Result<(), ImageError> {
+                self.0.close()
+            }
+        };
+    }
+
     /// Records the largest range `block_status` was asked about.
     #[derive(Debug)]
     struct Widest(MemImage, std::sync::atomic::AtomicU64);
 
     impl Image for Widest {
-        fn info(&self) -> crate::image::ImageInfo {
-            self.0.info()
-        }
-        fn read(&self, sector: u64, buf: &mut [u8]) -> Result<(), ImageError> {
-            self.0.read(sector, buf)
-        }
-        fn write(&self, sector: u64, buf: &[u8]) -> Result<(), ImageError> {
-            self.0.write(sector, buf)
-        }
-        fn flush(&self) -> Result<(), ImageError> {
-            self.0.flush()
-        }
-        fn discard(&self, sector: u64, n: u64) -> Result<(), ImageError> {
-            self.0.discard(sector, n)
-        }
+        pass_on_image!();
         fn block_status(&self, sector: u64, n: u64) -> Result<Vec<Extent>, ImageError> {
             self.1.fetch_max(n, std::sync::atomic::Ordering::Relaxed);
             self.0.block_status(sector, n)
-        }
-        fn close(&self) -> Result<(), ImageError> {
-            self.0.close()
         }
     }
 
@@ -2424,26 +2432,9 @@ mod tests {
     struct PanicsOnce(RawImage, std::sync::atomic::AtomicBool);
 
     impl Image for PanicsOnce {
-        fn info(&self) -> crate::image::ImageInfo {
-            self.0.info()
-        }
-        fn read(&self, sector: u64, buf: &mut [u8]) -> Result<(), ImageError> {
-            self.0.read(sector, buf)
-        }
-        fn write(&self, sector: u64, buf: &[u8]) -> Result<(), ImageError> {
-            self.0.write(sector, buf)
-        }
-        fn flush(&self) -> Result<(), ImageError> {
-            self.0.flush()
-        }
-        fn discard(&self, sector: u64, n: u64) -> Result<(), ImageError> {
-            self.0.discard(sector, n)
-        }
+        pass_on_image!();
         fn block_status(&self, sector: u64, n: u64) -> Result<Vec<Extent>, ImageError> {
             self.0.block_status(sector, n)
-        }
-        fn close(&self) -> Result<(), ImageError> {
-            self.0.close()
         }
         fn direct_map(&self, sector: u64, n: u64, write: bool) -> Option<DirectMap> {
             let mut m = self.0.direct_map(sector, n, write)?;
