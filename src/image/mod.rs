@@ -111,8 +111,9 @@ pub trait Image: Send + Sync + std::fmt::Debug {
     ///
     /// A write may also be mapped when something has to happen after its data is in the
     /// file ([`DirectMap::commit`]): a VHD block that is allocated and whose bitmap is
-    /// cached, but whose bits for the range are not all set yet (or whose bitmap is not
-    /// on disk as cached). The writer then calls [`Image::commit_writes`] once the data
+    /// cached, but whose bits for the range are not all set yet (or whose bitmap or BAT
+    /// sector is not on disk as in memory), and a block's first write, for which the VHD
+    /// allocates the block in memory here (no I/O) when its reserve has room. The writer then calls [`Image::commit_writes`] once the data
     /// write has completed, and acknowledges the write only after that.
     fn direct_map(&self, sector: u64, nsectors: u64, write: bool) -> Option<DirectMap> {
         let _ = (sector, nsectors, write);

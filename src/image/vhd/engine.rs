@@ -2191,10 +2191,11 @@ impl Image for VhdImage {
                 }
                 // Only a cached bitmap: loading one is I/O, which the caller must not wait
                 // for. A read needs every bit set: the data is here (no parent). A write
-                // changes no metadata when every bit is set and the bitmap is on disk as
-                // cached; else it is mapped to be committed after its data lands
-                // (`commit_writes`: the barrier and bitmap write of invariant 2, or the
-                // wait for a bitmap write still running, or the redo of one that failed).
+                // changes no metadata when every bit is set and the bitmap and the BAT
+                // sector are on disk as cached; else it is mapped to be committed after its
+                // data lands (`commit_writes`: the barrier and bitmap write of invariant 2,
+                // the BAT sector of a new block, or the wait for a write of them still
+                // running, or the redo of one that failed).
                 let c = m.bitmaps.get(&blk)?;
                 if e == BAT_UNUSED {
                     return None;
