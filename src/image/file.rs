@@ -100,10 +100,7 @@ pub trait BlockFile: Send + Sync + fmt::Debug {
     /// that overlap land in no fixed order; the default writes them one after another.
     /// Used for the bitmap writes of a VHD commit batch (one per block: no overlap).
     fn write_many(&self, writes: &[(&[u8], u64)]) -> Vec<io::Result<()>> {
-        writes
-            .iter()
-            .map(|(b, off)| self.write_at(b, *off))
-            .collect()
+        one_by_one(self, writes)
     }
     /// The descriptor for asynchronous I/O submitted by the caller (Linux AIO), when that
     /// never blocks the submitter: the file is open with `O_DIRECT`, or it is memory-backed
@@ -419,22 +416,15 @@ fn aio_batch(
     fd: BorrowedFd<'_>,
     writes: &[(&[u8], u64)],
 ) -> Option<Vec<Option<io::Result<usize>>>> {
-    use nix::sys::eventfd::{EfdFlags, EventFd};
     BATCH.with(|cell| {
         let mut slot = cell.borrow_mut();
-        let ctx = slot.get_or_insert_with(|| {
-            let efd = EventFd::from_flags(EfdFlags::EFD_CLOEXEC).ok()?;
-            let ctx = aio::Context::new(BATCH_DEPTH as u32, efd.as_fd()).ok()?;
-            Some((ctx, efd))
-        });
+        let ctx = slot.get_or_insert_with(new_batch_ctx);
         if ctx.as_ref().is_some_and(|(c, _)| c.in_flight() != 0) {
             // Left with requests in flight (a batch that did not finish): a fresh context,
             // once the old one's Drop has waited for them, so no stale completion is
             // taken for one of this batch.
             *ctx = None;
-            let efd = EventFd::from_flags(EfdFlags::EFD_CLOEXEC).ok()?;
-            let c = aio::Context::new(BATCH_DEPTH as u32, efd.as_fd()).ok()?;
-            *ctx = Some((c, efd));
+            *ctx = new_batch_ctx();
         }
         let (c, efd) = ctx.as_mut()?;
         let r = batch_on(c, efd, fd, writes);
@@ -445,6 +435,19 @@ fn aio_batch(
         }
         r
     })
+}
+
+/// A Linux AIO context for [`aio_batch`] and the eventfd it signals (`None`: no AIO here).
+fn new_batch_ctx() -> BatchCtx {
+    use nix::sys::eventfd::{EfdFlags, EventFd};
+    let efd = EventFd::from_flags(EfdFlags::EFD_CLOEXEC).ok()?;
+    let ctx = aio::Context::new(BATCH_DEPTH as u32, efd.as_fd()).ok()?;
+    Some((ctx, efd))
+}
+
+/// Each of `writes` with [`BlockFile::write_at`], one after another.
+fn one_by_one<F: BlockFile + ?Sized>(f: &F, writes: &[(&[u8], u64)]) -> Vec<io::Result<()>> {
+    writes.iter().map(|(b, off)| f.write_at(b, *off)).collect()
 }
 
 /// [`aio_batch`] on one context: `None` when waiting for completions failed.
@@ -521,10 +524,7 @@ impl BlockFile for OsFile {
     /// one after another.
     fn write_many(&self, writes: &[(&[u8], u64)]) -> Vec<io::Result<()>> {
         let Some(a) = self.dio.filter(|_| writes.len() > 1) else {
-            return writes
-                .iter()
-                .map(|(b, off)| self.write_at(b, *off))
-                .collect();
+            return one_by_one(self, writes);
         };
         // Only whole aligned blocks at aligned offsets: the buffer is copied into an
         // aligned one, so its address does not matter.

@@ -379,6 +379,16 @@ fn image_key(image: &Arc<dyn Image>) -> usize {
     Arc::as_ptr(image).cast::<()>() as usize
 }
 
+impl<T> CommitQueue<T> {
+    /// A worker's job committing every write waiting now.
+    fn next_batch(&mut self) -> Job<T> {
+        Job {
+            image: Some(Arc::clone(&self.image)),
+            work: Work::Commit(std::mem::take(&mut self.waiting)),
+        }
+    }
+}
+
 /// The fairness key of a job: its image, or 0 for a task.
 fn fair_key<T>(job: &Job<T>) -> usize {
     job.image.as_ref().map_or(0, image_key)
@@ -427,10 +437,7 @@ impl<T> Shared<T> {
             .filter(|q| !q.running && !q.waiting.is_empty())
             .map(|q| {
                 q.running = true;
-                Job {
-                    image: Some(Arc::clone(&q.image)),
-                    work: Work::Commit(std::mem::take(&mut q.waiting)),
-                }
+                q.next_batch()
             })
             .collect();
         for j in jobs {
@@ -450,11 +457,7 @@ impl<T> Shared<T> {
             qs.swap_remove(i);
             return;
         }
-        let q = &mut qs[i];
-        let job = Job {
-            image: Some(Arc::clone(&q.image)),
-            work: Work::Commit(std::mem::take(&mut q.waiting)),
-        };
+        let job = qs[i].next_batch();
         drop(qs);
         self.push(job);
     }

@@ -348,9 +348,7 @@ fn take_reserve(m: &mut Meta, blk: u32, g: Geom) -> Option<u64> {
     m.next_db = end;
     m.allocated += 1;
     m.dirty = true;
-    m.bm_seq += 1;
-    let v = m.bm_seq;
-    m.bat_secs.entry(blk / BAT_PER_SECTOR).or_default().version = v;
+    let v = m.bat_changed(blk / BAT_PER_SECTOR);
     make_room(m);
     let zero = vec![0u8; g.bm_secs as usize * SECTOR_SIZE as usize];
     m.bitmaps.insert(blk, CachedBitmap::loaded(zero, v));
@@ -358,6 +356,14 @@ fn take_reserve(m: &mut Meta, blk: u32, g: Geom) -> Option<u64> {
 }
 
 impl Meta {
+    /// BAT sector `sec` changed in memory: a new version for it in [`Meta::bat_secs`],
+    /// which the disk must reach ([`VhdImage::persist_many`]); returns it.
+    fn bat_changed(&mut self, sec: u32) -> u64 {
+        self.bm_seq += 1;
+        self.bat_secs.entry(sec).or_default().version = self.bm_seq;
+        self.bm_seq
+    }
+
     /// Apply `f` to block `blk`'s cached bitmap; returns the version the disk must reach
     /// for the change to be on it ([`VhdImage::persist_bitmap`]), None when not cached.
     fn change_bitmap(&mut self, blk: u32, f: impl FnOnce(&mut [u8])) -> Option<u64> {
@@ -1152,50 +1158,16 @@ impl VhdImage {
     /// on disk writes it again, as does close, and until then no write to those sectors
     /// is acknowledged (the loop maps one only to be committed). A successful write of a
     /// full bitmap marks the block full in the in-memory batmap (written at close,
-    /// invariant 4).
+    /// invariant 4). [`VhdImage::persist_many`] for one bitmap.
     fn persist_bitmap<'a>(
         &'a self,
-        mut m: MutexGuard<'a, Meta>,
+        m: MutexGuard<'a, Meta>,
         blk: u32,
         entry: u32,
         ver: u64,
     ) -> (MutexGuard<'a, Meta>, Result<(), ImageError>) {
-        loop {
-            // An entry is evicted only when clean, i.e. once a write reached its version.
-            let Some(c) = m.bitmaps.get_mut(&blk) else {
-                return (m, Ok(()));
-            };
-            if c.on_disk >= ver {
-                return (m, Ok(()));
-            }
-            if c.writing {
-                m = self.bm_cond.wait(m).unwrap_or_else(|e| e.into_inner());
-                continue;
-            }
-            c.writing = true;
-            let (snap, v) = (c.bits.clone(), c.version);
-            drop(m);
-            let mut unwind = Writing {
-                img: self,
-                blks: vec![blk],
-                secs: Vec::new(),
-                armed: true,
-            };
-            let r = self.pwrite(&snap, u64::from(entry) * SECTOR_SIZE, "write bitmap");
-            unwind.armed = false;
-            m = self.lock();
-            if let Some(c) = m.bitmaps.get_mut(&blk) {
-                c.writing = false;
-                if r.is_ok() {
-                    c.on_disk = c.on_disk.max(v);
-                }
-            }
-            self.bm_cond.notify_all();
-            if let Err(e) = r {
-                return (m, Err(e));
-            }
-            self.mark_if_full(&mut m, blk, &snap);
-        }
+        let (m, mut r, _) = self.persist_many(m, &[(blk, entry, ver)], &[]);
+        (m, r.pop().unwrap_or(Ok(())))
     }
 
     /// After `snap` was written as block `blk`'s bitmap: a full bitmap, and still full in
@@ -1586,9 +1558,7 @@ impl VhdImage {
                         m.allocated -= 1;
                         m.bitmaps.remove(&blk);
                         if g.bat_aligned() {
-                            m.bm_seq += 1;
-                            let v = m.bm_seq;
-                            m.bat_secs.entry(sec).or_default().version = v;
+                            m.bat_changed(sec);
                         } else {
                             // Written again, under the lock, by the next allocation in it.
                             m.bat_secs.remove(&sec);
@@ -1831,9 +1801,9 @@ impl VhdImage {
     /// others, the data must be durable before the bitmap sector that exposes it is
     /// written (invariant 2): one [`VhdImage::data_barrier`] for all of them, then their
     /// bits are set in the cache (on failure the data stays unreferenced, the bits clear).
-    /// Then each block's bitmap is written once, carrying every chunk's bits
-    /// ([`VhdImage::persist_bitmap`]); a failed bitmap write fails the chunks of its
-    /// block only.
+    /// Then each block's bitmap is written once, carrying every chunk's bits, with the BAT
+    /// sector of each block a loop allocation changed ([`VhdImage::persist_many`]); a
+    /// failed write fails the chunks of its block (or BAT sector) only.
     fn commit_chunks(&self, chunks: &[Chunk]) -> Vec<Result<(), ImageError>> {
         enum St {
             /// The bitmap version the disk must reach.
